@@ -1,0 +1,1 @@
+"""Checkpoint formats shared by training, generation and serving."""

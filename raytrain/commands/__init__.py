@@ -1,0 +1,1 @@
+"""One module per `raytrain` command; see `raytrain/cli.py` for the contract."""

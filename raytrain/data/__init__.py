@@ -1,0 +1,1 @@
+"""Data: tokenizers, corpora and Ray Data pipelines that feed the trainers."""

@@ -1,0 +1,205 @@
+"""Text corpora on Ray Data: read, split, tokenize and chunk into fixed-length training sequences.
+
+Inputs are a directory, glob or file of .txt (one document per file), .jsonl (one document per line, field
+`text_field`) or .parquet (column `text_field`); with no path, the embedded corpus (`corpus.py`). Chunking follows
+OpenELM's `general_lm` rules (spec section 3): split each document into pieces of `words_per_piece` words, drop
+pieces under `min_chars` normalised characters, tokenize with BOS and EOS, drop pieces under `min_tokens` tokens,
+then truncate or pad to `seq_len + 1` tokens. `packing=true` instead concatenates the pieces of a batch and cuts
+them into full sequences (no padding; logged as a deviation from the reference).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import random
+import re
+import string
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from raytrain.config import RaytrainError
+from raytrain.data import corpus
+from raytrain.data.tokenizer import TokenizerFiles, fingerprint, from_files
+
+log = logging.getLogger(__name__)
+
+FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
+_PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
+
+
+class DataError(RaytrainError):
+    pass
+
+
+@dataclass
+class TextDataConfig:
+    path: str | None = None  # directory, glob or file; None = the embedded corpus
+    format: str = "auto"  # txt | jsonl | parquet | auto (by file extension)
+    text_field: str = "text"  # jsonl field / parquet column holding the document
+    seq_len: int = 2048
+    words_per_piece: int = 2048
+    min_chars: int = 200
+    min_tokens: int = 256
+    packing: bool = False
+    shuffle_seed: int = 0  # file-order shuffle; per-epoch local shuffles derive from it
+    shuffle_buffer: int = 0  # rows in each worker's local shuffle buffer (0 = off)
+    tokenizer: str | None = None  # existing tokenizer directory; None = train a BPE on the corpus
+    vocab_size: int = 32000  # size of the BPE to train
+    tokenizer_train_chars: int = 50_000_000  # characters of the corpus the BPE is trained on
+
+    def __post_init__(self) -> None:
+        if self.format not in ("auto", *FORMATS.values()):
+            raise ValueError(f"format={self.format!r}; expected auto, txt, jsonl or parquet")
+        if self.seq_len < 2 or self.words_per_piece < 1:
+            raise ValueError("seq_len must be >= 2 and words_per_piece >= 1")
+
+
+# ---- pure functions: the chunking rules ------------------------------------------------------------------------
+
+def split_document(text: str, words_per_piece: int) -> list[str]:
+    """Split on single spaces into pieces of `words_per_piece` words (the reference keeps newlines in words)."""
+    words = text.split(" ")
+    return [" ".join(words[i:i + words_per_piece]) for i in range(0, len(words), words_per_piece)]
+
+
+def normalized_length(piece: str) -> int:
+    """Length after lowercasing, removing punctuation and collapsing whitespace."""
+    return len(" ".join(_PUNCTUATION.sub("", piece.lower()).split()))
+
+
+def to_sequences(pieces: list[list[int]], cfg: TextDataConfig, bos: int, eos: int, pad: int) -> np.ndarray:
+    """Token lists of usable pieces -> (n, seq_len + 1) int32 sequences."""
+    width = cfg.seq_len + 1
+    framed = [[bos, *ids, eos] for ids in pieces]
+    framed = [t for t in framed if len(t) >= cfg.min_tokens]
+    if cfg.packing:
+        stream = [tok for t in framed for tok in t]
+        n = len(stream) // width
+        return np.asarray(stream[:n * width], dtype=np.int32).reshape(n, width)
+    out = np.full((len(framed), width), pad, dtype=np.int32)
+    for row, t in zip(out, framed):
+        t = t[:width]
+        row[:len(t)] = t
+    return out
+
+
+# ---- files -----------------------------------------------------------------------------------------------------
+
+def resolve_files(path: str, fmt: str = "auto") -> tuple[list[str], str]:
+    """Expand a directory, glob or file into a sorted file list of one format."""
+    if any(ch in path for ch in "*?["):
+        candidates = sorted(glob.glob(path, recursive=True))
+        if not candidates:
+            raise DataError(f"data.path={path}: the pattern matches no files")
+    else:
+        p = Path(path)
+        if not p.exists():
+            raise DataError(f"data.path={path}: no such file or directory")
+        candidates = sorted(str(f) for f in p.rglob("*")) if p.is_dir() else [str(p)]
+    files = [f for f in candidates if Path(f).is_file() and Path(f).suffix in FORMATS]
+    if not files:
+        raise DataError(f"data.path={path}: no .txt, .jsonl or .parquet files there")
+    formats = {FORMATS[Path(f).suffix] for f in files} if fmt == "auto" else {fmt}
+    if len(formats) > 1:
+        raise DataError(f"data.path={path}: mixes formats {sorted(formats)}; set data.format or narrow the path")
+    fmt = formats.pop()
+    files = [f for f in files if FORMATS[Path(f).suffix] == fmt]
+    if all(Path(f).stat().st_size == 0 for f in files):
+        raise DataError(f"data.path={path}: every file is empty")
+    return files, fmt
+
+
+def _decode_txt(batch: dict[str, Any]) -> dict[str, Any]:
+    return {"text": [b.decode("utf-8", errors="replace") for b in batch["bytes"]]}
+
+
+def _parse_jsonl(batch: dict[str, Any], field: str) -> dict[str, Any]:
+    texts, bad = [], 0
+    for line in batch["text"]:
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line).get(field)
+        except (json.JSONDecodeError, AttributeError):
+            value = None
+        if isinstance(value, str):
+            texts.append(value)
+        else:
+            bad += 1
+    if bad:
+        log.warning("skipped %d jsonl records that are not JSON objects with a string field %r", bad, field)
+    return {"text": texts}
+
+
+def read_documents(cfg: TextDataConfig) -> Any:
+    """A Ray Dataset with one column, "text", one row per document, in a seeded file order."""
+    import ray.data
+
+    if cfg.path is None:
+        return ray.data.from_items([{"text": t} for t in corpus.documents()])
+    files, fmt = resolve_files(cfg.path, cfg.format)
+    random.Random(cfg.shuffle_seed).shuffle(files)  # the reference shuffles the file list, not documents
+    if fmt == "txt":
+        return ray.data.read_binary_files(files).map_batches(_decode_txt, batch_format="numpy")
+    if fmt == "jsonl":
+        return ray.data.read_text(files).map_batches(_parse_jsonl, fn_kwargs={"field": cfg.text_field})
+    _check_parquet_column(files[0], cfg.text_field)
+    return ray.data.read_parquet(files, columns=[cfg.text_field]).rename_columns({cfg.text_field: "text"})
+
+
+def _check_parquet_column(file: str, column: str) -> None:
+    import pyarrow.parquet as pq
+
+    names = pq.read_schema(file).names
+    if column not in names:
+        raise DataError(f"data.text_field={column}: {file} has no such column (columns: {', '.join(names)})")
+
+
+# ---- tokenization on Ray Data ----------------------------------------------------------------------------------
+
+_TOKENIZERS: dict[str, Any] = {}  # per worker process: Ray Data reuses processes across tasks
+
+
+def _cached_tokenizer(key: str, files_json: str) -> Any:
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = from_files(json.loads(files_json))
+    return _TOKENIZERS[key]
+
+
+def _tokenize_batch(batch: dict[str, Any], cfg: TextDataConfig, files_json: str, key: str) -> dict[str, Any]:
+    tok = _cached_tokenizer(key, files_json)
+    pieces = [p for doc in batch["text"] for p in split_document(str(doc), cfg.words_per_piece)
+              if normalized_length(p) >= cfg.min_chars]
+    ids = tok(pieces, add_special_tokens=False)["input_ids"] if pieces else []
+    return {"tokens": to_sequences(ids, cfg, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)}
+
+
+def build_dataset(cfg: TextDataConfig, tokenizer_files: TokenizerFiles) -> Any:
+    """Documents -> (seq_len + 1)-token rows in column "tokens"; raises if the corpus yields none."""
+    if cfg.packing:
+        log.info("data.packing=true: sequences are packed across documents (the OpenELM reference pads instead)")
+    ds = read_documents(cfg).map_batches(
+        _tokenize_batch, batch_size=64, batch_format="numpy",
+        fn_kwargs={"cfg": cfg, "files_json": json.dumps(tokenizer_files), "key": fingerprint(tokenizer_files)})
+    if ds.limit(1).count() == 0:
+        where = cfg.path or "the embedded corpus"
+        raise DataError(f"no usable documents in {where}: no piece reaches data.min_chars={cfg.min_chars} "
+                        f"characters and data.min_tokens={cfg.min_tokens} tokens (is data.text_field right?)")
+    return ds
+
+
+def tokenizer_texts(cfg: TextDataConfig) -> Iterator[str]:
+    """Documents for training the BPE, up to `tokenizer_train_chars` characters."""
+    budget = cfg.tokenizer_train_chars
+    for row in read_documents(cfg).iter_rows():
+        text = str(row["text"])
+        yield text[:budget]
+        budget -= len(text)
+        if budget <= 0:
+            return

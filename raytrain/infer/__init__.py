@@ -1,0 +1,1 @@
+"""Inference (plain PyTorch, no Ray): KV-cached generation and sampling, shared by the CLI and serving."""

@@ -1,0 +1,299 @@
+"""Decoder-only transformer family (plain PyTorch, no Ray).
+
+One configurable architecture covers OpenELM and the AFM presets: pre-norm RMSNorm blocks, fused QKV projection with
+per-head QK RMSNorm applied before rotary embeddings, grouped-query attention through
+`scaled_dot_product_attention`, SwiGLU feed-forward and tied input/output embeddings. Per-layer widths come either
+from OpenELM's layer-wise scaling (`LayerScaling`, with the reference rounding) or from explicit head/FFN sizes.
+Presets live in `conf/model/*.yaml`; see `../shared/specs/openelm.md` for the rules implemented here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raytrain.models.kv_cache import KVCache
+
+
+@dataclass
+class LayerScaling:
+    """OpenELM layer-wise scaling: attention and FFN widths grow linearly from the first layer to the last."""
+
+    qkv: list[float] = field(default_factory=lambda: [0.5, 1.0])  # alpha_min, alpha_max
+    ffn: list[float] = field(default_factory=lambda: [0.5, 4.0])  # beta_min, beta_max
+    gqa_group: int = 4  # query heads per KV head (corenet's "num_gqa_groups")
+    ffn_divisor: int = 256
+
+
+@dataclass
+class DecoderConfig:
+    """Shape and numerics of one decoder. `q_heads`, `kv_heads`, `ffn_dim` take an int (every layer) or a list (one
+    entry per layer); leave them unset to derive all three from `layer_scaling`."""
+
+    name: str = "decoder"
+    vocab_size: int = 32000
+    vocab_rows: int | None = None  # embedding rows, >= vocab_size (OpenELM trains with 32128); None = vocab_size
+    d_model: int = 512
+    n_layers: int = 8
+    head_dim: int = 64
+    q_heads: Any = None
+    kv_heads: Any = None
+    ffn_dim: Any = None
+    layer_scaling: LayerScaling | None = None
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+    rope_cache_len: int | None = None  # positions precomputed for RoPE; None = 2 * max_seq_len (reference)
+    norm_eps: float = 1e-6
+    qk_norm: bool = True
+    tie_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        if self.layer_scaling is None and None in (self.q_heads, self.kv_heads, self.ffn_dim):
+            raise ValueError(f"model {self.name}: set q_heads, kv_heads and ffn_dim, or layer_scaling")
+        shapes = self.layer_shapes()
+        for i, s in enumerate(shapes):
+            if s.q_heads % s.kv_heads:
+                raise ValueError(f"model {self.name}: layer {i} has {s.q_heads} query heads, "
+                                 f"not a multiple of its {s.kv_heads} KV heads")
+        if self.rows < self.vocab_size:
+            raise ValueError(f"model {self.name}: vocab_rows={self.vocab_rows} is below vocab_size={self.vocab_size}")
+
+    @property
+    def max_positions(self) -> int:
+        return self.rope_cache_len or 2 * self.max_seq_len
+
+    @property
+    def rows(self) -> int:
+        return self.vocab_rows or self.vocab_size
+
+    def layer_shapes(self) -> list[LayerShape]:
+        if self.layer_scaling is not None and None in (self.q_heads, self.kv_heads, self.ffn_dim):
+            return layerwise_scaling(self.d_model, self.n_layers, self.head_dim, self.layer_scaling)
+        q, kv, f = (_per_layer(v, self.n_layers, k) for k, v in
+                    (("q_heads", self.q_heads), ("kv_heads", self.kv_heads), ("ffn_dim", self.ffn_dim)))
+        return [LayerShape(*s) for s in zip(q, kv, f)]
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    q_heads: int
+    kv_heads: int
+    ffn_dim: int
+
+
+def _per_layer(value: Any, n_layers: int, key: str) -> list[int]:
+    if isinstance(value, int):
+        return [value] * n_layers
+    values = [int(v) for v in value]
+    if len(values) != n_layers:
+        raise ValueError(f"{key} has {len(values)} entries for {n_layers} layers")
+    return values
+
+
+def make_divisible(value: float, divisor: int) -> int:
+    """corenet's rounding: nearest multiple of `divisor` (half up), at least `divisor`, never >10% below `value`."""
+    rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    if rounded < 0.9 * value:
+        rounded += divisor
+    return rounded
+
+
+def layerwise_scaling(d_model: int, n_layers: int, head_dim: int, scaling: LayerScaling) -> list[LayerShape]:
+    """Per-layer (query heads, KV heads, FFN width) exactly as the OpenELM reference discretises them."""
+
+    def ramp(lo: float, hi: float) -> list[float]:
+        # the reference rounds numpy.linspace to 2 decimals first; that rounding decides the shapes
+        return [round(float(x), 2) for x in np.linspace(lo, hi, n_layers)]
+
+    shapes = []
+    for alpha, beta in zip(ramp(*scaling.qkv), ramp(*scaling.ffn)):
+        q = make_divisible(d_model * alpha, head_dim * scaling.gqa_group) // head_dim
+        shapes.append(LayerShape(q, q // scaling.gqa_group, make_divisible(beta * d_model, scaling.ffn_divisor)))
+    return shapes
+
+
+class RMSNorm(nn.Module):
+    """Normalises in fp32 and casts back to the input dtype before the gain, as the reference does."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.type_as(x)
+
+
+class Linear(nn.Linear):
+    """Bias-free linear layer drawn from N(0, std^2) in its own constructor, so that `deepspeed.zero.Init`, which
+    partitions each module as soon as it is built, partitions initialised weights."""
+
+    def __init__(self, d_in: int, d_out: int, std: float) -> None:
+        self.std = std
+        super().__init__(d_in, d_out, bias=False)
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=self.std)
+
+
+class Embedding(nn.Embedding):
+    def __init__(self, rows: int, dim: int, std: float) -> None:
+        self.std = std
+        super().__init__(rows, dim)
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=self.std)
+
+
+def rope_tables(head_dim: int, positions: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of shape (positions, head_dim) in fp32, rotate-half layout."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(positions, dtype=torch.float32), inv_freq)  # (P, hd/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (P, hd)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, T, hd); cos/sin: (B or 1, 1, T, hd). Rotation in fp32: x*cos + [-x2, x1]*sin."""
+    x32 = x.float()
+    x1, x2 = x32.chunk(2, dim=-1)
+    return (x32 * cos + torch.cat([-x2, x1], dim=-1) * sin).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DecoderConfig, shape: LayerShape) -> None:
+        super().__init__()
+        d, hd = cfg.d_model, cfg.head_dim
+        self.n_q, self.n_kv, self.head_dim = shape.q_heads, shape.kv_heads, hd
+        residual_std = (d ** -0.5) * ((2 * cfg.n_layers) ** -0.5)
+        self.qkv_proj = Linear(d, (self.n_q + 2 * self.n_kv) * hd, std=d ** -0.5)
+        self.q_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.out_proj = Linear(self.n_q * hd, d, std=residual_std)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
+                layer: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        qkv = self.qkv_proj(x).view(B, T, self.n_q + 2 * self.n_kv, self.head_dim).transpose(1, 2)
+        q, k, v = qkv.split([self.n_q, self.n_kv, self.n_kv], dim=1)  # (B, H, T, hd) each
+        q = apply_rope(self.q_norm(q), cos, sin)
+        k = apply_rope(self.k_norm(k), cos, sin)
+        past = 0
+        if cache is not None:
+            past = cache.length(layer)
+            k, v = cache.update(layer, k, v)  # (B, n_kv, past + T, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=_causal_mask(T, past, x.device),
+                                           is_causal=past == 0 and T > 1, enable_gqa=self.n_q != self.n_kv)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, self.n_q * self.head_dim))
+
+
+def _causal_mask(q_len: int, past: int, device: torch.device) -> torch.Tensor | None:
+    """Boolean mask for queries that follow `past` cached keys; None where SDPA's own causal flag (past == 0) or no
+    mask at all (a single query sees every cached key) is exact."""
+    if past == 0 or q_len == 1:
+        return None
+    keys = torch.arange(past + q_len, device=device)
+    return keys[None, :] <= (past + torch.arange(q_len, device=device))[:, None]
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: proj_1 yields (gate, up) halves; out = proj_2(silu(gate) * up)."""
+
+    def __init__(self, cfg: DecoderConfig, ffn_dim: int) -> None:
+        super().__init__()
+        self.proj_1 = Linear(cfg.d_model, 2 * ffn_dim, std=cfg.d_model ** -0.5)
+        self.proj_2 = Linear(ffn_dim, cfg.d_model, std=(cfg.d_model ** -0.5) * ((2 * cfg.n_layers) ** -0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.proj_1(x).chunk(2, dim=-1)
+        return self.proj_2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: DecoderConfig, shape: LayerShape) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg, shape)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = FeedForward(cfg, shape.ffn_dim)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
+                layer: int) -> torch.Tensor:
+        h = x + self.attn(self.attn_norm(x), cos, sin, cache, layer)
+        return h + self.ffn(self.ffn_norm(h))
+
+
+class Decoder(nn.Module):
+    """tokens (B, T) -> logits (B, T, vocab_rows). With a `KVCache`, keys/values are appended to it and positions
+    continue from the tokens it has seen."""
+
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = Embedding(cfg.rows, cfg.d_model, std=cfg.d_model ** -0.5)
+        self.layers = nn.ModuleList(Block(cfg, s) for s in cfg.layer_shapes())
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.head = Linear(cfg.d_model, cfg.rows, std=cfg.d_model ** -0.5)
+        self.tie_weights()
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.init_buffers()
+        self.activation_checkpointing = False
+
+    def init_buffers(self) -> None:
+        """(Re)compute the fp32 RoPE tables: after building on the meta device, or after casting the model."""
+        cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_positions, self.cfg.rope_theta)
+        device = self.embed.weight.device
+        self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
+
+    def tie_weights(self) -> None:
+        if self.cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        T = tokens.shape[1]
+        if positions is None:  # contiguous positions: a slice of the tables, no gather
+            start = cache.seen if cache is not None else 0
+            cos, sin = self.rope_cos[None, None, start:start + T], self.rope_sin[None, None, start:start + T]
+        else:  # (B, T) explicit positions, e.g. left-padded batches
+            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
+        x = self.embed(tokens)  # (B, T, d)
+        for i, block in enumerate(self.layers):
+            if self.activation_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, cache, i, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, cache, i)
+        if cache is not None:
+            cache.advance(T)
+        return self.head(self.norm(x))  # (B, T, vocab_rows)
+
+    def param_counts(self) -> dict[str, int]:
+        total = sum(p.numel() for p in self.parameters())
+        embedding = self.embed.weight.numel()
+        return {"params_total": total, "params_embedding": embedding, "params_non_embedding": total - embedding}
+
+
+def training_flops_per_token(cfg: DecoderConfig, seq_len: int) -> float:
+    """Forward + backward FLOPs per token: 6 per weight that multiplies activations (every layer weight and the
+    output head; the embedding lookup is free) plus attention scores and values, 12 * T * n_q * hd per layer
+    (PaLM appendix B; causal masking not discounted)."""
+    d, hd = cfg.d_model, cfg.head_dim
+    weights = sum(d * (s.q_heads + 2 * s.kv_heads) * hd + s.q_heads * hd * d + 3 * d * s.ffn_dim
+                  for s in cfg.layer_shapes()) + cfg.rows * d
+    attention = sum(12 * seq_len * s.q_heads * hd for s in cfg.layer_shapes())
+    return 6 * weights + attention
+
+
+def build_decoder(cfg: DecoderConfig, device: torch.device | str | None = None) -> Decoder:
+    """Build on `device` ("meta" builds shapes only, instantly, whatever the size)."""
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        return Decoder(cfg)

@@ -1,0 +1,45 @@
+"""Model families by name: turns a model config mapping (a `conf/model/*.yaml` preset or a checkpoint's
+`config.json`) into a typed config and a module. Later families (ViT, CLIP, VLM) register here."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from raytrain.config import ConfigError, to_dataclass
+from raytrain.models.decoder import DecoderConfig, build_decoder
+
+
+@dataclass(frozen=True)
+class Family:
+    config_cls: type
+    build: Callable[[Any, Any], nn.Module]
+
+
+FAMILIES: dict[str, Family] = {"decoder": Family(DecoderConfig, build_decoder)}
+
+
+def model_config(node: Mapping[str, Any], key: str = "model") -> Any:
+    """`node` carries `family` (default "decoder") plus that family's config fields."""
+    fields = dict(node)
+    family = fields.pop("family", "decoder")
+    if family not in FAMILIES:
+        raise ConfigError(f"{key}.family={family!r} is unknown; known: {', '.join(sorted(FAMILIES))}")
+    return to_dataclass(FAMILIES[family].config_cls, fields, key)
+
+
+def family_of(cfg: Any) -> str:
+    return next(name for name, fam in FAMILIES.items() if isinstance(cfg, fam.config_cls))
+
+
+def config_dict(cfg: Any) -> dict[str, Any]:
+    """The mapping `model_config` accepts back (what `config.json` stores)."""
+    return {"family": family_of(cfg), **asdict(cfg)}
+
+
+def build_model(cfg: Any, device: torch.device | str | None = None) -> nn.Module:
+    return FAMILIES[family_of(cfg)].build(cfg, device)

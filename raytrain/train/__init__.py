@@ -1,0 +1,1 @@
+"""Training on Ray Train with DeepSpeed: the driver (`trainer.py`) and the per-worker loop (`loop.py`)."""

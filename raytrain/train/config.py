@@ -1,0 +1,93 @@
+"""Typed configs of a training job, one dataclass per Hydra group (`conf/trainer`, `conf/optim`, ...)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from raytrain.data.text import TextDataConfig
+from raytrain.data.tokenizer import TokenizerFiles
+
+
+@dataclass
+class TrainerConfig:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    micro_batch_size: int = 8  # sequences per worker per forward
+    grad_accum: int = 1
+    grad_clip: float = 1.0  # global-norm clip; 0 disables
+    max_steps: int = 200  # optimizer steps of the whole run (also the schedule length unless set there)
+    stop_after_steps: int | None = None  # end this invocation after this step; rerun the run name to continue
+    checkpoint_every: int = 100
+    keep_checkpoints: int | None = 3
+    max_failures: int = 0  # Ray Train restarts from the last checkpoint this many times
+    log_every: int = 10
+    seed: int = 0
+    z_loss: float = 1e-4
+    activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile each decoder block
+    peak_tflops: float | None = None  # per-device peak for MFU; None = 989 (H100/H200 bf16 dense) on GPU, no MFU on CPU
+    storage_path: str = "outputs/runs"
+    run_name: str | None = None  # None = a fresh "<model>-<timestamp>"; an existing name resumes that run
+    init_from: str | None = None  # Hugging Face layout checkpoint whose weights start the run
+    dist_timeout_s: int = 1800
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage={self.zero_stage}; expected 0, 1, 2 or 3")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision={self.precision!r}; expected auto, bf16 or fp32")
+        for key in ("num_workers", "micro_batch_size", "grad_accum", "max_steps", "checkpoint_every", "log_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}={getattr(self, key)} must be >= 1")
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 5.3e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # torch style: multiplied by the LR; 1-D tensors (norms) never decay
+    decay_embeddings: bool = True
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "cosine"
+    warmup_steps: int = 5000
+    init_lr: float = 1e-6  # warmup starts here
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of the peak
+    total_steps: int | None = None  # None = trainer.max_steps
+
+
+@dataclass
+class TrackingConfig:
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "raytrain"
+    entity: str | None = None
+    dir: str = "outputs/wandb"
+    tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("offline", "online", "disabled"):
+            raise ValueError(f"mode={self.mode!r}; expected offline, online or disabled")
+
+
+@dataclass
+class TrainJob:
+    """Everything a worker needs; built by the driver, shipped to every Ray Train worker."""
+
+    model: Any
+    data: TextDataConfig
+    trainer: TrainerConfig
+    optim: OptimConfig
+    schedule: ScheduleConfig
+    tracking: TrackingConfig
+    run_name: str
+    tokenizer_files: TokenizerFiles
+    pad_id: int  # label positions holding it are ignored by the loss
+    snapshot: dict[str, Any]  # the resolved Hydra config, for W&B and checkpoint metadata

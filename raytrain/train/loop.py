@@ -1,0 +1,195 @@
+"""The per-worker training loop that Ray Train runs on every rank.
+
+Each rank builds the model, hands it with a torch optimizer and LR schedule to DeepSpeed, resumes from the latest
+registered checkpoint if there is one (weights, optimizer, schedule, data position, RNG), and trains on its shard
+of the Ray Dataset. Every `checkpoint_every` steps all ranks save and report together; rank 0 logs progress to the
+console and to W&B. A non-finite loss ends the run before anything is saved, so the last good checkpoint stays.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from raytrain.data.text import DataError
+from raytrain.models.decoder import training_flops_per_token
+from raytrain.models.registry import build_model
+from raytrain.train import checkpoint
+from raytrain.train.checkpoint import Progress
+from raytrain.train.config import TrainJob
+from raytrain.train.engine import deepspeed_config, initialize, model_init_context, resolve_precision
+from raytrain.train.objectives import IGNORE_INDEX, lm_loss
+from raytrain.train.optim import build_optimizer, build_scheduler
+from raytrain.train.tracking import Tracker
+
+log = logging.getLogger("raytrain.train")
+GPU_PEAK_TFLOPS = 989.0  # H100/H200 dense bf16
+
+
+def train_loop(job: TrainJob) -> dict[str, Any]:
+    import ray.train
+    import ray.train.torch
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    t = job.trainer
+    precision = resolve_precision(t.precision, t.use_gpu)
+    ds_config = deepspeed_config(t, precision)
+
+    torch.manual_seed(t.seed)  # the same initial weights on every rank
+    model = _build(job, ds_config, device)
+    optimizer = build_optimizer(model, job.optim, fused=t.use_gpu)
+    scheduler = build_scheduler(optimizer, job.optim.lr, job.schedule, job.schedule.total_steps or t.max_steps)
+    engine = initialize(model, optimizer, scheduler, ds_config)
+
+    progress = Progress()
+    if (ckpt := ray.train.get_checkpoint()) is not None:
+        with ckpt.as_directory() as d:
+            progress = checkpoint.restore(engine, d, job, rank, world)
+        if rank == 0:
+            log.info("resumed run %s at step %d", job.run_name, progress.step)
+
+    tracker = Tracker(job.tracking, job.run_name, job.snapshot, rank)
+    try:
+        return _train(engine, model, job, progress, tracker, rank, world, device)
+    finally:
+        tracker.finish()
+
+
+def _build(job: TrainJob, ds_config: dict[str, Any], device: torch.device) -> torch.nn.Module:
+    if job.trainer.init_from:
+        from raytrain.checkpoint.hf import load_pretrained
+
+        model = load_pretrained(job.trainer.init_from).model.train()
+        if model.cfg != job.model:
+            raise checkpoint.CheckpointError(f"trainer.init_from={job.trainer.init_from} holds model "
+                                             f"{model.cfg.name}, not the configured {job.model.name}")
+    else:
+        with model_init_context(ds_config):
+            model = build_model(job.model, device)
+    model.activation_checkpointing = job.trainer.activation_checkpointing
+    if job.trainer.compile:
+        for block in model.layers:
+            block.compile()
+    return model.to(device)
+
+
+def _train(engine: Any, model: torch.nn.Module, job: TrainJob, progress: Progress, tracker: Tracker, rank: int,
+           world: int, device: torch.device) -> dict[str, Any]:
+    import ray.train
+
+    t = job.trainer
+    stop_at = min(t.max_steps, t.stop_after_steps or t.max_steps)
+    tokens_per_step = t.micro_batch_size * t.grad_accum * job.data.seq_len * world
+    batches = _batches(ray.train.get_dataset_shard("train"), job, progress, device)
+    meter = _Throughput(job, world)
+    while progress.step < stop_at:
+        sums = torch.zeros(3, device=device)
+        for _ in range(t.grad_accum):
+            inputs, labels = next(batches)
+            loss, ce, z = lm_loss(engine(inputs), labels, t.z_loss)
+            engine.backward(loss)
+            engine.step()
+            sums += torch.stack([loss.detach(), ce, z])
+        progress.step += 1
+        progress.tokens += tokens_per_step
+        torch.distributed.all_reduce(sums)
+        loss, ce, z = (sums / (t.grad_accum * world)).tolist()
+        if not math.isfinite(loss):
+            if rank == 0:
+                log.error("loss is %s at step %d; stopping without saving", loss, progress.step)
+            return {"status": "non_finite_loss", "step": progress.step}
+        metrics = {"loss": loss, "ce": ce, "z_loss": z, "lr": engine.get_lr()[0]}
+        if progress.step % t.log_every == 0 or progress.step == stop_at:
+            metrics.update(meter.measure(progress.step), grad_norm=_grad_norm(engine))
+            if rank == 0:
+                log.info(_format(progress.step, t.max_steps, metrics))
+            tracker.log(metrics, progress.step)
+        if progress.step % t.checkpoint_every == 0 or progress.step == stop_at:
+            _save_and_report(engine, model, job, progress, metrics, rank, world)
+    status = "finished" if progress.step >= t.max_steps else "stopped"
+    return {"status": status, "step": progress.step}
+
+
+def _save_and_report(engine: Any, model: torch.nn.Module, job: TrainJob, progress: Progress,
+                     metrics: dict[str, float], rank: int, world: int) -> None:
+    import ray.train
+
+    directory = checkpoint.save(engine, model, job, progress, rank, world, job.trainer.zero_stage == 3)
+    ray.train.report({"step": progress.step, "loss": metrics["loss"]},
+                     checkpoint=ray.train.Checkpoint.from_directory(directory),
+                     checkpoint_dir_name=checkpoint.checkpoint_name(progress.step))
+
+
+def _batches(shard: Any, job: TrainJob, progress: Progress,
+             device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(inputs, labels) micro-batches forever, epoch after epoch; on resume, skips what the checkpoint consumed.
+    Ray Train splits the dataset equally and in order, so every rank sees the same number of batches."""
+    skip = progress.epoch_batches
+    while True:
+        buffer = job.data.shuffle_buffer or None
+        seen = 0
+        for batch in shard.iter_torch_batches(batch_size=job.trainer.micro_batch_size, drop_last=True,
+                                              dtypes=torch.int64, device=device, local_shuffle_buffer_size=buffer,
+                                              local_shuffle_seed=job.data.shuffle_seed + progress.epoch
+                                              if buffer else None):
+            seen += 1
+            if skip:
+                skip -= 1
+                continue
+            progress.epoch_batches += 1
+            tokens = batch["tokens"]  # (B, seq_len + 1)
+            labels = tokens[:, 1:].clone()
+            labels[labels == job.pad_id] = IGNORE_INDEX
+            yield tokens[:, :-1], labels
+        if seen == 0:
+            raise DataError(f"the dataset has fewer than trainer.micro_batch_size={job.trainer.micro_batch_size} "
+                            f"sequences per worker")
+        progress.epoch += 1
+        progress.epoch_batches = 0
+
+
+def _grad_norm(engine: Any) -> float:
+    norm = engine.get_global_grad_norm()
+    return float(norm) if norm is not None else float("nan")
+
+
+class _Throughput:
+    """Tokens/s and model FLOPs utilisation over the steps since the last measurement."""
+
+    def __init__(self, job: TrainJob, world: int) -> None:
+        t = job.trainer
+        self.tokens_per_step = t.micro_batch_size * t.grad_accum * job.data.seq_len * world
+        self.flops_per_token = training_flops_per_token(job.model, job.data.seq_len)
+        peak = t.peak_tflops or (GPU_PEAK_TFLOPS if t.use_gpu else None)
+        self.peak_flops = peak * 1e12 * world if peak else None
+        self.last_time, self.last_step = time.perf_counter(), None
+
+    def measure(self, step: int) -> dict[str, float]:
+        now = time.perf_counter()
+        steps = step - self.last_step if self.last_step is not None else None
+        elapsed, self.last_time, self.last_step = now - self.last_time, now, step
+        if not steps:  # the first interval includes start-up; report nothing rather than a wrong figure
+            return {}
+        tokens_per_s = steps * self.tokens_per_step / elapsed
+        out = {"tokens_per_s": tokens_per_s}
+        if self.peak_flops:
+            out["mfu"] = tokens_per_s * self.flops_per_token / self.peak_flops
+        return out
+
+
+def _format(step: int, max_steps: int, m: dict[str, float]) -> str:
+    parts = [f"step {step}/{max_steps}", f"loss {m['loss']:.4f}", f"lr {m['lr']:.2e}",
+             f"grad_norm {m.get('grad_norm', float('nan')):.3f}"]
+    if "tokens_per_s" in m:
+        parts.append(f"tokens/s {m['tokens_per_s']:,.0f}")
+    if "mfu" in m:
+        parts.append(f"mfu {100 * m['mfu']:.1f}%")
+    return " | ".join(parts)
