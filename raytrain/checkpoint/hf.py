@@ -110,13 +110,10 @@ def load_pretrained(path: str | Path, device: torch.device | str = "cpu", dtype:
                     tokenizer: str | Path | None = None) -> Pretrained:
     """Load weights (and the tokenizer, if the checkpoint has one or `tokenizer` points at one)."""
     path = resolve_checkpoint(path)
-    raw = _read_json(path / CONFIG)
-    if raw.get("model_type") == "openelm":
-        cfg, state = openelm_config(raw), {_openelm_name(k): v for k, v in read_weights(path).items()}
-    else:
-        cfg = model_config({k: v for k, v in raw.items() if k not in ("model_type", "architectures", "torch_dtype")},
-                           key=f"{path / CONFIG}")
-        state = read_weights(path)
+    cfg = read_model_config(path)
+    state = read_weights(path)
+    if _read_json(path / CONFIG).get("model_type") == "openelm":
+        state = {_openelm_name(k): v for k, v in state.items()}
     model = build_model(cfg, "meta")
     check_state(model, state, path)
     model.to_empty(device=device)
@@ -129,6 +126,16 @@ def load_pretrained(path: str | Path, device: torch.device | str = "cpu", dtype:
     tok = load_tokenizer(tok_dir) if tokenizer or (path / "tokenizer.json").is_file() else None
     meta = _read_json(path / META) if (path / META).is_file() else {}
     return Pretrained(model.eval(), cfg, tok, meta, path)
+
+
+def read_model_config(path: str | Path) -> Any:
+    """The model config of a checkpoint (raytrain or official OpenELM `config.json`)."""
+    path = resolve_checkpoint(path)
+    raw = _read_json(path / CONFIG)
+    if raw.get("model_type") == "openelm":
+        return openelm_config(raw)
+    fields = {k: v for k, v in raw.items() if k not in ("model_type", "architectures", "torch_dtype")}
+    return model_config(fields, key=str(path / CONFIG))
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -35,7 +35,8 @@ def typed_parts(cfg: DictConfig) -> dict[str, Any]:
     return parts
 
 
-def run(cfg: DictConfig) -> None:
+def run(cfg: DictConfig) -> Any:
+    """Returns Ray Train's `Result` of the run."""
     import ray
     import ray.data
 
@@ -43,10 +44,12 @@ def run(cfg: DictConfig) -> None:
     name = trainer.run_name(parts["trainer"], parts["model"].name)
     storage = trainer.storage_root(parts["trainer"].storage_path)
     run_dir = os.path.join(storage, name)
+    trainer.check_init_from(parts["trainer"], parts["model"])
     params = sampling_params(cfg.sample, "sample") if cfg.sample.prompt else None
     parts["tracking"].dir = os.path.abspath(parts["tracking"].dir)
-    ray.init(address=cfg.ray.address, num_cpus=_local_cpus(cfg, parts["trainer"]),
-             include_dashboard=cfg.ray.dashboard)
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray.address, num_cpus=_local_cpus(cfg, parts["trainer"]),
+                 include_dashboard=cfg.ray.dashboard)
     ray.data.DataContext.get_current().enable_progress_bars = False  # per-operator bars flood worker logs
     files = trainer.prepare_tokenizer(parts["data"], run_dir, parts["model"].vocab_size)
     job = TrainJob(**parts, run_name=name, tokenizer_files=files, pad_id=from_files(files).pad_token_id,
@@ -54,10 +57,12 @@ def run(cfg: DictConfig) -> None:
     resume_step = trainer.check_resume(run_dir, job)
     log.info("run %s in %s (%s); rerun with trainer.run_name=%s to resume", name, run_dir,
              f"resuming at step {resume_step}" if resume_step is not None else "new", name)
-    model_dir = trainer.fit(job, storage)
+    result = trainer.fit(job, storage)
+    model_dir = os.path.join(result.checkpoint.path, "model")
     log.info("final checkpoint: %s", model_dir)
     if params is not None:
         _print_sample(model_dir, cfg.sample.prompt, params)
+    return result
 
 
 def _local_cpus(cfg: DictConfig, t: TrainerConfig) -> int | None:

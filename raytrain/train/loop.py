@@ -64,13 +64,10 @@ def train_loop(job: TrainJob) -> dict[str, Any]:
 
 
 def _build(job: TrainJob, ds_config: dict[str, Any], device: torch.device) -> torch.nn.Module:
-    if job.trainer.init_from:
+    if job.trainer.init_from:  # the driver checked that it holds this model
         from raytrain.checkpoint.hf import load_pretrained
 
         model = load_pretrained(job.trainer.init_from).model.train()
-        if model.cfg != job.model:
-            raise checkpoint.CheckpointError(f"trainer.init_from={job.trainer.init_from} holds model "
-                                             f"{model.cfg.name}, not the configured {job.model.name}")
     else:
         with model_init_context(ds_config):
             model = build_model(job.model, device)

@@ -15,7 +15,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from raytrain.checkpoint.hf import latest_run_checkpoint
+from raytrain.checkpoint.hf import latest_run_checkpoint, read_model_config
 from raytrain.config import ConfigError, RaytrainError
 from raytrain.data import text
 from raytrain.data.tokenizer import TokenizerFiles, from_files, load_tokenizer, to_files, train_bpe
@@ -111,8 +111,17 @@ def check_resume(run_dir: str, job: TrainJob) -> int | None:
     return manifest["step"]
 
 
-def fit(job: TrainJob, storage: str) -> str:
-    """Run training; returns the directory of the final checkpoint's Hugging Face export."""
+def check_init_from(t: TrainerConfig, model: Any) -> None:
+    """`trainer.init_from` must hold the configured model (checked before any worker starts)."""
+    if t.init_from:
+        found = read_model_config(t.init_from)
+        if found != model:
+            raise ConfigError(f"trainer.init_from={t.init_from} holds model {found.name} with another shape or "
+                              f"config than model={model.name}")
+
+
+def fit(job: TrainJob, storage: str) -> Any:
+    """Run training; returns Ray Train's `Result` (its checkpoint is the final one, with the export in model/)."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -143,7 +152,7 @@ def fit(job: TrainJob, storage: str) -> str:
                             f"checkpoint: {last}). Lower optim.lr or enable trainer.grad_clip")
     if result.checkpoint is None:
         raise TrainingError("training ended without a checkpoint")
-    return os.path.join(result.checkpoint.path, "model")
+    return result
 
 
 def root_cause(error: BaseException) -> str:

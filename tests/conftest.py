@@ -1,0 +1,55 @@
+"""Shared fixtures: Hydra composition, a tiny model and tokenizer, and one local Ray cluster per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from omegaconf import DictConfig
+
+from raytrain.cli import CONF_DIR
+from raytrain.models.decoder import DecoderConfig, LayerScaling
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def compose(config_name: str, overrides: list[str] | None = None) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=overrides or [])
+
+
+@pytest.fixture
+def micro_cfg() -> DecoderConfig:
+    """A 2-layer decoder with layer-wise scaling and GQA (layer 0: 2 query / 1 KV head; layer 1: 4 / 2)."""
+    return DecoderConfig(name="micro", vocab_size=97, d_model=64, n_layers=2, head_dim=16, max_seq_len=64,
+                         layer_scaling=LayerScaling(gqa_group=2, ffn_divisor=32))
+
+
+@pytest.fixture
+def micro_model(micro_cfg: DecoderConfig) -> torch.nn.Module:
+    from raytrain.models.decoder import build_decoder
+
+    torch.manual_seed(0)
+    return build_decoder(micro_cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from raytrain.data.corpus import documents
+    from raytrain.data.tokenizer import train_bpe
+
+    return train_bpe(documents()[:20], vocab_size=512)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True)
+    yield ray
+    ray.shutdown()
