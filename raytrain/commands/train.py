@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 
 from raytrain.commands.generate import print_stream, sampling_params
 from raytrain.config import ConfigError, plain, to_dataclass
-from raytrain.data.text import TextDataConfig
+from raytrain.data.text import TextDataConfig, resolve_files
 from raytrain.data.tokenizer import from_files
 from raytrain.infer.sampling import SamplingParams
 from raytrain.models.registry import model_config
@@ -45,6 +45,8 @@ def run(cfg: DictConfig) -> Any:
     storage = trainer.storage_root(parts["trainer"].storage_path)
     run_dir = os.path.join(storage, name)
     trainer.check_init_from(parts["trainer"], parts["model"])
+    if parts["data"].path is not None:
+        resolve_files(parts["data"].path, parts["data"].format)  # fail before starting Ray
     params = sampling_params(cfg.sample, "sample") if cfg.sample.prompt else None
     parts["tracking"].dir = os.path.abspath(parts["tracking"].dir)
     if not ray.is_initialized():

@@ -7,6 +7,7 @@ JIT-compile FusedAdam); the LR scheduler is stepped by the engine at each accumu
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -48,8 +49,9 @@ def model_init_context(ds_config: dict[str, Any]) -> contextlib.AbstractContextM
     return deepspeed.zero.Init(config_dict_or_path=ds_config)
 
 
-def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-               ds_config: dict[str, Any]) -> Any:
+def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               scheduler: Callable[[torch.optim.Optimizer], Any], ds_config: dict[str, Any]) -> Any:
+    """`scheduler` builds the LR schedule on DeepSpeed's wrapped optimizer (whose groups ZeRO may rearrange)."""
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,

@@ -46,8 +46,9 @@ def train_loop(job: TrainJob) -> dict[str, Any]:
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     model = _build(job, ds_config, device)
     optimizer = build_optimizer(model, job.optim, fused=t.use_gpu)
-    scheduler = build_scheduler(optimizer, job.optim.lr, job.schedule, job.schedule.total_steps or t.max_steps)
-    engine = initialize(model, optimizer, scheduler, ds_config)
+    total = job.schedule.total_steps or t.max_steps
+    engine = initialize(model, optimizer, lambda opt: build_scheduler(opt, job.optim.lr, job.schedule, total),
+                        ds_config)
 
     progress = Progress()
     if (ckpt := ray.train.get_checkpoint()) is not None:

@@ -19,7 +19,8 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     for p in model.parameters():  # tied weights appear once
         if not p.requires_grad:
             continue
-        exempt = p.ndim < 2 or (id(p) in embedding_ids and not cfg.decay_embeddings)
+        ndim = len(getattr(p, "ds_shape", p.shape))  # ZeRO-3 partitions are flat; ds_shape is the real shape
+        exempt = ndim < 2 or (id(p) in embedding_ids and not cfg.decay_embeddings)
         (no_decay if exempt else decay).append(p)
     return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 

@@ -114,7 +114,10 @@ def check_resume(run_dir: str, job: TrainJob) -> int | None:
 def check_init_from(t: TrainerConfig, model: Any) -> None:
     """`trainer.init_from` must hold the configured model (checked before any worker starts)."""
     if t.init_from:
-        found = read_model_config(t.init_from)
+        try:
+            found = read_model_config(t.init_from)
+        except RaytrainError as e:
+            raise ConfigError(f"trainer.init_from: {e}") from None
         if found != model:
             raise ConfigError(f"trainer.init_from={t.init_from} holds model {found.name} with another shape or "
                               f"config than model={model.name}")

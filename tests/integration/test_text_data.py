@@ -1,0 +1,43 @@
+"""The Ray Data text pipeline on each input format, with bad records skipped rather than fatal."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from raytrain.data.text import DataError, TextDataConfig, build_dataset
+from raytrain.data.tokenizer import to_files
+
+pytestmark = pytest.mark.integration
+DOC = " ".join(["the if statement selects exactly one of the suites by evaluating the expressions"] * 8)
+
+
+def rows(path, tokenizer, fmt: str = "auto", field: str = "text") -> np.ndarray:
+    cfg = TextDataConfig(path=str(path), format=fmt, text_field=field, seq_len=32, words_per_piece=40,
+                         min_chars=50, min_tokens=8)
+    ds = build_dataset(cfg, to_files(tokenizer))
+    return np.stack([r["tokens"] for r in ds.take_all()])
+
+
+def test_jsonl_skips_malformed_records(ray_cluster, tmp_path, tokenizer) -> None:
+    lines = [json.dumps({"text": DOC}), "{not json", json.dumps({"body": DOC}), json.dumps([1]), "",
+             json.dumps({"text": DOC})]
+    (tmp_path / "a.jsonl").write_text("\n".join(lines))
+    out = rows(tmp_path / "a.jsonl", tokenizer)
+    assert out.shape == (2 * 3, 33)  # 2 good documents x 3 pieces (DOC has 104 words: 40 + 40 + 24)
+    assert (out[:, 0] == tokenizer.bos_token_id).all()
+
+
+def test_txt_files_are_documents_and_parquet_reads_its_column(ray_cluster, tmp_path, tokenizer) -> None:
+    (tmp_path / "txt").mkdir()
+    for i in range(3):
+        (tmp_path / "txt" / f"{i}.txt").write_text(DOC)
+    assert len(rows(tmp_path / "txt", tokenizer)) == 3 * 3
+    pq.write_table(pa.table({"content": [DOC, DOC], "id": [1, 2]}), tmp_path / "d.parquet")
+    assert len(rows(tmp_path / "d.parquet", tokenizer, field="content")) == 2 * 3
+    with pytest.raises(DataError, match="data.text_field=text: .* has no such column \\(columns: content, id\\)"):
+        rows(tmp_path / "d.parquet", tokenizer)
