@@ -40,6 +40,15 @@ def deepspeed_config(t: TrainerConfig, precision: str) -> dict[str, Any]:
     }
 
 
+def apply_model_options(model: torch.nn.Module, t: TrainerConfig) -> None:
+    """Activation checkpointing and torch.compile, both per decoder block (layers differ in width, so each block is
+    its own compiled graph and its own recompute unit)."""
+    model.activation_checkpointing = t.activation_checkpointing
+    if t.compile:
+        for block in model.layers:
+            block.compile()
+
+
 def model_init_context(ds_config: dict[str, Any]) -> contextlib.AbstractContextManager:
     """Under ZeRO-3, build the model partitioned from the start so no rank holds the whole of it."""
     if ds_config["zero_optimization"]["stage"] != 3:

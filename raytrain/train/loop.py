@@ -22,7 +22,8 @@ from raytrain.models.registry import build_model
 from raytrain.train import checkpoint
 from raytrain.train.checkpoint import Progress
 from raytrain.train.config import TrainJob
-from raytrain.train.engine import deepspeed_config, initialize, model_init_context, resolve_precision
+from raytrain.train.engine import (apply_model_options, deepspeed_config, initialize, model_init_context,
+                                   resolve_precision)
 from raytrain.train.objectives import IGNORE_INDEX, lm_loss
 from raytrain.train.optim import build_optimizer, build_scheduler
 from raytrain.train.tracking import Tracker
@@ -72,10 +73,7 @@ def _build(job: TrainJob, ds_config: dict[str, Any], device: torch.device) -> to
     else:
         with model_init_context(ds_config):
             model = build_model(job.model, device)
-    model.activation_checkpointing = job.trainer.activation_checkpointing
-    if job.trainer.compile:
-        for block in model.layers:
-            block.compile()
+    apply_model_options(model, job.trainer)
     return model.to(device)
 
 

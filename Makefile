@@ -1,0 +1,26 @@
+# raytrain: `make run` sets up .venv and trains the default model end to end; `make test` runs the test suite.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+
+.PHONY: setup run test clean
+
+# torch first and pinned (a later resolver would pull a multi-GB CUDA build); DeepSpeed builds against it.
+$(INSTALLED): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install --no-build-isolation deepspeed==0.19.8
+	$(BIN)/pip install -e '.[dev]'
+	touch $@
+
+setup: $(INSTALLED)
+
+run: setup
+	$(BIN)/raytrain train
+
+test: setup
+	WANDB_MODE=disabled $(BIN)/pytest -q
+
+clean:
+	rm -rf $(VENV) outputs
