@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from raytrain.models.decoder import DecoderConfig, training_flops_per_token  # noqa: E402
 from raytrain.models.registry import build_model, model_config  # noqa: E402
 from raytrain.train.config import OptimConfig, TrainerConfig  # noqa: E402
-from raytrain.train.engine import apply_model_options, deepspeed_config  # noqa: E402
+from raytrain.train.engine import apply_model_options, deepspeed_config, loss_function  # noqa: E402
 from raytrain.train.objectives import lm_loss  # noqa: E402
 from raytrain.train.optim import build_optimizer  # noqa: E402
 
@@ -48,6 +48,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--parallel", action="store_true", help="ZeRO-2 vs DDP; run under torchrun")
+    p.add_argument("--profile", action="store_true", help="print the top GPU kernels of one raytrain step to stderr")
     args = p.parse_args()
     cfg = model_config(OmegaConf.load(CONF / f"{args.model}.yaml"))
     (parallel if args.parallel else single)(args, cfg)
@@ -58,8 +59,12 @@ def single(args: argparse.Namespace, cfg: DecoderConfig) -> None:
     batch = random_batch(args, cfg.rows, device)
     torch.manual_seed(0)
     ours = build_model(cfg, device)
-    apply_model_options(ours, TrainerConfig(compile=not args.no_compile))
-    result = timed(autocast_step(ours, ours, batch, device), args, device)
+    options = TrainerConfig(compile=not args.no_compile)
+    apply_model_options(ours, options)
+    step = autocast_step(ours, ours, batch, device, loss_function(options))
+    result = timed(step, args, device)
+    if args.profile:
+        profile(step)
     result.update(mfu(result, training_flops_per_token(cfg, args.seq), args.device),
                   params=ours.param_counts()["params_total"])
     del ours
@@ -79,7 +84,8 @@ def random_batch(args: argparse.Namespace, vocab: int, device: torch.device) -> 
 
 
 def autocast_step(model: torch.nn.Module, forward: Callable[[torch.Tensor], torch.Tensor],
-                  batch: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> Callable[[], None]:
+                  batch: tuple[torch.Tensor, torch.Tensor], device: torch.device,
+                  loss_fn: Callable = lm_loss) -> Callable[[], None]:
     """One training step: bf16 autocast forward, fp32 loss, backward, fused AdamW on fp32 weights."""
     optimizer = build_optimizer(model, OptimConfig(lr=1e-4), fused=device.type == "cuda")
     inputs, labels = batch
@@ -87,7 +93,7 @@ def autocast_step(model: torch.nn.Module, forward: Callable[[torch.Tensor], torc
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = forward(inputs)
-        loss, _, _ = lm_loss(logits, labels, 1e-4)
+        loss, _, _ = loss_fn(logits, labels, 1e-4)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -158,6 +164,7 @@ def parallel(args: argparse.Namespace, cfg: DecoderConfig) -> None:
     torch.cuda.set_device(device)
     trainer_cfg = TrainerConfig(compile=not args.no_compile, micro_batch_size=args.batch, zero_stage=2)
     inputs, labels = random_batch(args, cfg.rows, device)
+    loss_fn = loss_function(trainer_cfg)
 
     torch.manual_seed(0)
     model = build_model(cfg, device)
@@ -167,7 +174,7 @@ def parallel(args: argparse.Namespace, cfg: DecoderConfig) -> None:
         config=deepspeed_config(trainer_cfg, "bf16"))
 
     def zero2_step() -> None:  # what the trainer's loop does per micro-batch
-        loss, _, _ = lm_loss(engine(inputs), labels, 1e-4)
+        loss, _, _ = loss_fn(engine(inputs), labels, 1e-4)
         engine.backward(loss)
         engine.step()
 
@@ -179,7 +186,7 @@ def parallel(args: argparse.Namespace, cfg: DecoderConfig) -> None:
     model = build_model(cfg, device)
     apply_model_options(model, trainer_cfg)
     ddp = DistributedDataParallel(model, device_ids=[device.index])
-    plain_ddp = timed(autocast_step(ddp, ddp, (inputs, labels), device), args, device)
+    plain_ddp = timed(autocast_step(ddp, ddp, (inputs, labels), device, loss_fn), args, device)
     if rank == 0:
         flops = training_flops_per_token(cfg, args.seq)
         results = [{**r, **mfu(r, flops, "cuda"), "tokens_per_s": r["tokens_per_s"] * world, "gpus": world}
@@ -189,7 +196,19 @@ def parallel(args: argparse.Namespace, cfg: DecoderConfig) -> None:
     torch.distributed.destroy_process_group()
 
 
+def profile(step: Callable[[], None]) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), file=sys.stderr)
+
+
 def free(device: torch.device) -> None:
+    """Release the previous model's memory and compiled graphs, so the next model compiles all of its own."""
+    torch._dynamo.reset()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from raytrain.train.config import TrainerConfig
+from raytrain.train.objectives import lm_loss
 
 
 def resolve_precision(precision: str, use_gpu: bool) -> str:
@@ -45,8 +46,17 @@ def apply_model_options(model: torch.nn.Module, t: TrainerConfig) -> None:
     its own compiled graph and its own recompute unit)."""
     model.activation_checkpointing = t.activation_checkpointing
     if t.compile:
+        # every block shares one forward code object but has its own widths: keep one graph per layer rather
+        # than letting Dynamo fall back to eager after its default 8 recompilations
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, len(model.layers))
         for block in model.layers:
             block.compile()
+
+
+def loss_function(t: TrainerConfig) -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """`lm_loss`, compiled when `trainer.compile` is on: fuses the fp32 upcast, logsumexp and gather over the
+    (tokens x vocabulary) logits, which are otherwise several passes over the largest activation."""
+    return torch.compile(lm_loss) if t.compile else lm_loss
 
 
 def model_init_context(ds_config: dict[str, Any]) -> contextlib.AbstractContextManager:

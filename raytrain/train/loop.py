@@ -22,9 +22,9 @@ from raytrain.models.registry import build_model
 from raytrain.train import checkpoint
 from raytrain.train.checkpoint import Progress
 from raytrain.train.config import TrainJob
-from raytrain.train.engine import (apply_model_options, deepspeed_config, initialize, model_init_context,
-                                   resolve_precision)
-from raytrain.train.objectives import IGNORE_INDEX, lm_loss
+from raytrain.train.engine import (apply_model_options, deepspeed_config, initialize, loss_function,
+                                   model_init_context, resolve_precision)
+from raytrain.train.objectives import IGNORE_INDEX
 from raytrain.train.optim import build_optimizer, build_scheduler
 from raytrain.train.tracking import Tracker
 
@@ -85,12 +85,13 @@ def _train(engine: Any, model: torch.nn.Module, job: TrainJob, progress: Progres
     stop_at = min(t.max_steps, t.stop_after_steps or t.max_steps)
     tokens_per_step = t.micro_batch_size * t.grad_accum * job.data.seq_len * world
     batches = _batches(ray.train.get_dataset_shard("train"), job, progress, device)
+    loss_fn = loss_function(t)
     meter = _Throughput(job, world)
     while progress.step < stop_at:
         sums = torch.zeros(3, device=device)
         for _ in range(t.grad_accum):
             inputs, labels = next(batches)
-            loss, ce, z = lm_loss(engine(inputs), labels, t.z_loss)
+            loss, ce, z = loss_fn(engine(inputs), labels, t.z_loss)
             engine.backward(loss)
             engine.step()
             sums += torch.stack([loss.detach(), ce, z])
