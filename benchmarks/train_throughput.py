@@ -123,13 +123,12 @@ def timed(step: Callable[[], None], args: argparse.Namespace, device: torch.devi
 
 
 def hf_llama_like(cfg: DecoderConfig) -> torch.nn.Module:
-    """A Llama with the same width, depth, head size and vocabulary, and (within one 64-wide FFN step) the same
-    non-embedding parameter count: uniform layers at the mean query-head count, GQA 4:1, tied embeddings."""
+    """A standard Llama of the same width, depth, head size and vocabulary (d_model / head_dim query heads, GQA
+    4:1, tied embeddings) whose FFN width gives the same non-embedding parameter count within one 64-wide step."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    shapes = cfg.layer_shapes()
     d, hd, n = cfg.d_model, cfg.head_dim, cfg.n_layers
-    heads = round(sum(s.q_heads for s in shapes) / n / 4) * 4
+    heads = d // hd
     attention = d * (heads + 2 * heads // 4) * hd + heads * hd * d
     non_embedding = build_model(cfg, "meta").param_counts()["params_non_embedding"]
     ffn = round((non_embedding / n - attention - 2 * d) / (3 * d) / 64) * 64

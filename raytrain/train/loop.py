@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -37,6 +38,8 @@ def train_loop(job: TrainJob) -> dict[str, Any]:
     import ray.train.torch
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # DeepSpeed calls collectives that torch has renamed; the warnings repeat on every step of every rank
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
