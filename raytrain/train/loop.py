@@ -82,40 +82,53 @@ def _build(job: TrainJob, ds_config: dict[str, Any], device: torch.device) -> to
 
 def _train(engine: Any, model: torch.nn.Module, job: TrainJob, progress: Progress, tracker: Tracker, rank: int,
            world: int, device: torch.device) -> dict[str, Any]:
+    """Optimizer steps until `max_steps` (or `stop_after_steps`). Losses stay on the device and are reduced across
+    ranks only at log and checkpoint steps, so the host never waits on the GPU in between; a non-finite mean at
+    such a step ends the run before anything is saved."""
     import ray.train
 
     t = job.trainer
     stop_at = min(t.max_steps, t.stop_after_steps or t.max_steps)
-    tokens_per_step = t.micro_batch_size * t.grad_accum * job.data.seq_len * world
     batches = _batches(ray.train.get_dataset_shard("train"), job, progress, device)
     loss_fn = loss_function(t)
     meter = _Throughput(job, world)
+    window, window_steps = torch.zeros(3, device=device), 0
     while progress.step < stop_at:
-        sums = torch.zeros(3, device=device)
         for _ in range(t.grad_accum):
             inputs, labels = next(batches)
             loss, ce, z = loss_fn(engine(inputs), labels, t.z_loss)
             engine.backward(loss)
             engine.step()
-            sums += torch.stack([loss.detach(), ce, z])
+            window += torch.stack([loss.detach(), ce, z])
         progress.step += 1
-        progress.tokens += tokens_per_step
-        torch.distributed.all_reduce(sums)
-        loss, ce, z = (sums / (t.grad_accum * world)).tolist()
+        progress.tokens += tokens_per_step(job, world)
+        window_steps += 1
+        log_now, save_now = (progress.step % every == 0 or progress.step == stop_at
+                             for every in (t.log_every, t.checkpoint_every))
+        if not (log_now or save_now):
+            continue
+        torch.distributed.all_reduce(window)
+        loss, ce, z = (window / (window_steps * t.grad_accum * world)).tolist()
+        window, window_steps = torch.zeros(3, device=device), 0
         if not math.isfinite(loss):
             if rank == 0:
                 log.error("loss is %s at step %d; stopping without saving", loss, progress.step)
             return {"status": "non_finite_loss", "step": progress.step}
         metrics = {"loss": loss, "ce": ce, "z_loss": z, "lr": engine.get_lr()[0]}
-        if progress.step % t.log_every == 0 or progress.step == stop_at:
+        if log_now:
             metrics.update(meter.measure(progress.step), grad_norm=_grad_norm(engine))
             if rank == 0:
                 log.info(_format(progress.step, t.max_steps, metrics))
             tracker.log(metrics, progress.step)
-        if progress.step % t.checkpoint_every == 0 or progress.step == stop_at:
+        if save_now:
             _save_and_report(engine, model, job, progress, metrics, rank, world)
     status = "finished" if progress.step >= t.max_steps else "stopped"
     return {"status": status, "step": progress.step}
+
+
+def tokens_per_step(job: TrainJob, world: int) -> int:
+    t = job.trainer
+    return t.micro_batch_size * t.grad_accum * job.data.seq_len * world
 
 
 def _save_and_report(engine: Any, model: torch.nn.Module, job: TrainJob, progress: Progress,
@@ -166,7 +179,7 @@ class _Throughput:
 
     def __init__(self, job: TrainJob, world: int) -> None:
         t = job.trainer
-        self.tokens_per_step = t.micro_batch_size * t.grad_accum * job.data.seq_len * world
+        self.tokens_per_step = tokens_per_step(job, world)
         self.flops_per_token = training_flops_per_token(job.model, job.data.seq_len)
         peak = t.peak_tflops or (GPU_PEAK_TFLOPS if t.use_gpu else None)
         self.peak_flops = peak * 1e12 * world if peak else None

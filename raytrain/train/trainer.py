@@ -73,12 +73,11 @@ def prepare_tokenizer(data: text.TextDataConfig, run_dir: str, vocab_size: int) 
 
 
 def _read_files(run_dir: str, sub: str) -> TokenizerFiles:
-    fs, root = _filesystem(run_dir)
     import pyarrow.fs as pafs
 
-    infos = fs.get_file_info(pafs.FileSelector(f"{root}/{sub}", allow_not_found=True))
+    fs, root = pafs.FileSystem.from_uri(run_dir)
     out = {}
-    for info in infos:
+    for info in fs.get_file_info(pafs.FileSelector(f"{root}/{sub}", allow_not_found=True)):
         if info.type == pafs.FileType.File:
             with fs.open_input_stream(info.path) as f:
                 out[info.base_name] = f.read().decode()
@@ -86,17 +85,16 @@ def _read_files(run_dir: str, sub: str) -> TokenizerFiles:
 
 
 def _write_files(run_dir: str, sub: str, files: TokenizerFiles) -> None:
-    fs, root = _filesystem(run_dir)
-    fs.create_dir(f"{root}/{sub}", recursive=True)
-    for name, content in files.items():
-        with fs.open_output_stream(f"{root}/{sub}/{name}") as f:
-            f.write(content.encode())
-
-
-def _filesystem(uri: str) -> tuple[Any, str]:
+    """Write into a temporary sibling, then move it into place, so a crash never leaves half a tokenizer."""
     import pyarrow.fs as pafs
 
-    return pafs.FileSystem.from_uri(uri)
+    fs, root = pafs.FileSystem.from_uri(run_dir)
+    tmp = f"{root}/.{sub}-{uuid.uuid4().hex}"
+    fs.create_dir(tmp, recursive=True)
+    for name, content in files.items():
+        with fs.open_output_stream(f"{tmp}/{name}") as f:
+            f.write(content.encode())
+    fs.move(tmp, f"{root}/{sub}")
 
 
 def check_resume(run_dir: str, job: TrainJob) -> int | None:
