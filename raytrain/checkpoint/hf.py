@@ -1,9 +1,9 @@
 """Model checkpoints in Hugging Face layout: `config.json`, `model.safetensors`, tokenizer files, `raytrain.json`.
 
 `save_pretrained` writes a directory atomically (a temporary sibling renamed into place, never over an existing
-checkpoint). `load_pretrained` reads raytrain checkpoints and the official OpenELM layout (`OpenELMForCausalLM`
-parameter names and `config.json`, e.g. `apple/OpenELM-270M`), checks every tensor's shape against the model the
-config describes, and accepts a checkpoint directory, a training checkpoint (`step*/` with `model/`) or a whole run
+checkpoint). `load_pretrained` reads raytrain checkpoints and, converted on load by `foreign.py`, the official
+OpenELM layout and Hugging Face Llama checkpoints; it checks every tensor's shape against the model the config
+describes, and accepts a checkpoint directory, a training checkpoint (`step*/` with `model/`) or a whole run
 directory (its latest registered checkpoint).
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -22,9 +21,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from raytrain.checkpoint.foreign import FORMATS
 from raytrain.config import RaytrainError
 from raytrain.data.tokenizer import TokenizerFiles, load_tokenizer, write_files
-from raytrain.models.decoder import DecoderConfig, make_divisible
 from raytrain.models.registry import build_model, config_dict, model_config
 
 CONFIG, WEIGHTS, META = "config.json", "model.safetensors", "raytrain.json"
@@ -112,8 +111,9 @@ def load_pretrained(path: str | Path, device: torch.device | str = "cpu", dtype:
     path = resolve_checkpoint(path)
     cfg = read_model_config(path)
     state = read_weights(path)
-    if _read_json(path / CONFIG).get("model_type") == "openelm":
-        state = {_openelm_name(k): v for k, v in state.items()}
+    model_type = _read_json(path / CONFIG).get("model_type")
+    if model_type in FORMATS:
+        state = FORMATS[model_type][1](state, cfg)
     model = build_model(cfg, "meta")
     check_state(model, state, path)
     model.to_empty(device=device)
@@ -132,8 +132,15 @@ def read_model_config(path: str | Path) -> Any:
     """The model config of a checkpoint (raytrain or official OpenELM `config.json`)."""
     path = resolve_checkpoint(path)
     raw = _read_json(path / CONFIG)
-    if raw.get("model_type") == "openelm":
-        return openelm_config(raw)
+    model_type = raw.get("model_type", "raytrain")
+    if model_type in FORMATS:
+        try:
+            return FORMATS[model_type][0](raw)
+        except KeyError as e:
+            raise CheckpointError(f"{path / CONFIG}: no {e} for a {model_type} config") from None
+    if model_type != "raytrain":
+        raise CheckpointError(f"{path / CONFIG}: model_type {model_type!r} is not supported "
+                              f"(supported: raytrain, {', '.join(FORMATS)})")
     fields = {k: v for k, v in raw.items() if k not in ("model_type", "architectures", "torch_dtype")}
     return model_config(fields, key=str(path / CONFIG))
 
@@ -176,24 +183,3 @@ def _read_json(path: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: unreadable JSON ({e})") from None
-
-
-# ---- the official OpenELM layout -------------------------------------------------------------------------------
-
-def openelm_config(raw: dict[str, Any]) -> DecoderConfig:
-    """`OpenELMConfig` (Hugging Face `apple/OpenELM-*` config.json) -> DecoderConfig with explicit layer lists."""
-    d = raw["model_dim"]
-    ffn = [make_divisible(m * d, raw.get("ffn_dim_divisor", 256)) for m in raw["ffn_multipliers"]]
-    return DecoderConfig(
-        name=raw.get("_name_or_path", "openelm").split("/")[-1], vocab_size=raw["vocab_size"], d_model=d,
-        n_layers=raw["num_transformer_layers"], head_dim=raw["head_dim"], q_heads=list(raw["num_query_heads"]),
-        kv_heads=list(raw["num_kv_heads"]), ffn_dim=ffn, rope_theta=float(raw.get("rope_freq_constant", 10000)),
-        max_seq_len=raw.get("max_context_length", 2048), rope_cache_len=raw.get("rope_max_length", 4096),
-        qk_norm=raw.get("normalize_qk_projections", True),
-        tie_embeddings=raw.get("share_input_output_layers", True))
-
-
-def _openelm_name(name: str) -> str:
-    """`transformer.layers.3.attn.qkv_proj.weight` -> `layers.3.attn.qkv_proj.weight`, and so on."""
-    name = re.sub(r"^transformer\.", "", name)
-    return {"token_embeddings.weight": "embed.weight", "lm_head.weight": "head.weight"}.get(name, name)

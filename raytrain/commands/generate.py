@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import fields
 from typing import Any
 
 import torch
 from omegaconf import DictConfig
 
-from raytrain.checkpoint.hf import load_pretrained
 from raytrain.config import ConfigError, plain, to_dataclass
-from raytrain.infer.generate import stream_text
+from raytrain.infer.engine import Engine, EngineConfig, Request
 from raytrain.infer.sampling import SamplingParams
 
 CONFIG_NAME = "generate"
-HELP = "sample text from a checkpoint with a KV cache, streaming to stdout"
+HELP = "sample text from a checkpoint with the generation engine, streaming to stdout"
 
 
 def sampling_params(node: Mapping[str, Any], key: str) -> SamplingParams:
@@ -29,16 +28,16 @@ def run(cfg: DictConfig) -> None:
     if cfg.checkpoint is None:
         raise ConfigError("checkpoint=PATH is required (a checkpoint directory or a training run directory)")
     params = sampling_params(cfg, "generate")
+    engine_cfg = to_dataclass(EngineConfig, cfg.generation, "generation")
     device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device.replace("auto", "cpu")
-    pretrained = load_pretrained(cfg.checkpoint, device=device, tokenizer=cfg.tokenizer)
-    if pretrained.tokenizer is None:
-        raise ConfigError(f"{pretrained.path} has no tokenizer files; pass tokenizer=DIR")
-    print_stream(stream_text(pretrained.model, pretrained.tokenizer, cfg.prompt, params), cfg.prompt)
+    engine = Engine.from_checkpoint(cfg.checkpoint, engine_cfg, device=device, tokenizer=cfg.tokenizer)
+    print_completion(engine, cfg.prompt, params)
 
 
-def print_stream(pieces: Iterable[str], prompt: str) -> None:
+def print_completion(engine: Engine, prompt: str, params: SamplingParams) -> None:
+    """Stream one completion of `prompt` to stdout after the prompt itself."""
     sys.stdout.write(prompt)
-    for piece in pieces:
-        sys.stdout.write(piece)
+    for delta in engine.stream([Request(prompt, params)]):
+        sys.stdout.write(delta.text)
         sys.stdout.flush()
     sys.stdout.write("\n")

@@ -8,10 +8,11 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from raytrain.commands.generate import print_stream, sampling_params
+from raytrain.commands.generate import print_completion, sampling_params
 from raytrain.config import ConfigError, plain, to_dataclass
 from raytrain.data.text import TextDataConfig, resolve_files
 from raytrain.data.tokenizer import from_files
+from raytrain.infer.engine import Engine
 from raytrain.infer.sampling import SamplingParams
 from raytrain.models.registry import model_config
 from raytrain.train import trainer
@@ -76,9 +77,5 @@ def _local_cpus(cfg: DictConfig, t: TrainerConfig) -> int | None:
 
 
 def _print_sample(model_dir: str, prompt: str, params: SamplingParams) -> None:
-    from raytrain.checkpoint.hf import load_pretrained
-    from raytrain.infer.generate import stream_text
-
-    pretrained = load_pretrained(model_dir)
     log.info("sample from %s:", model_dir)
-    print_stream(stream_text(pretrained.model, pretrained.tokenizer, prompt, params), prompt)
+    print_completion(Engine.from_checkpoint(model_dir), prompt, params)

@@ -1,4 +1,4 @@
-"""Sampling parameters and next-token selection: greedy, temperature, top-k, top-p (nucleus)."""
+"""Sampling parameters and next-token selection: greedy, temperature, top-k, top-p (nucleus), repetition penalty."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ class SamplingParams:
     temperature: float = 1.0  # 0 = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or output (CTRL's rule); 1 = off
     stop: list[str] = field(default_factory=list)  # generation ends before the first of these strings
     seed: int | None = None
 
@@ -27,6 +28,8 @@ class SamplingParams:
             raise ConfigError(f"top_k={self.top_k} must be >= 0")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p={self.top_p} must be in (0, 1]")
+        if self.repetition_penalty <= 0:
+            raise ConfigError(f"repetition_penalty={self.repetition_penalty} must be > 0")
         if any(not s for s in self.stop):
             raise ConfigError("stop strings must be non-empty")
 
@@ -51,9 +54,20 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
-def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """logits (B, V) -> token ids (B,)."""
+def penalize_repetition(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """logits (V,), seen (n,) token ids: divide positive logits of seen tokens by `penalty`, multiply negative ones."""
+    if penalty == 1.0 or seen.numel() == 0:
+        return logits
+    picked = logits[seen]
+    return logits.scatter(0, seen, torch.where(picked > 0, picked / penalty, picked * penalty))
+
+
+def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
+               seen: torch.Tensor | None = None) -> int:
+    """logits (V,) of one sequence -> the next token id."""
+    if seen is not None:
+        logits = penalize_repetition(logits, seen, params.repetition_penalty)
     if params.greedy:
-        return logits.argmax(-1)
-    logits = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p)
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+        return int(logits.argmax())
+    logits = filter_logits(logits.float()[None] / params.temperature, params.top_k, params.top_p)
+    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))

@@ -179,29 +179,25 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
         self.out_proj = Linear(self.n_q * hd, d, std=residual_std)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
-                layer: int) -> torch.Tensor:
+    def project(self, x: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, d) -> q (B, n_q, T, hd), k and v (B, n_kv, T, hd); q and k normalised, then rotated."""
         B, T, _ = x.shape
         qkv = self.qkv_proj(x).view(B, T, self.n_q + 2 * self.n_kv, self.head_dim).transpose(1, 2)
-        q, k, v = qkv.split([self.n_q, self.n_kv, self.n_kv], dim=1)  # (B, H, T, hd) each
-        q = apply_rope(self.q_norm(q), cos, sin)
-        k = apply_rope(self.k_norm(k), cos, sin)
-        past = 0
-        if cache is not None:
-            past = cache.length(layer)
-            k, v = cache.update(layer, k, v)  # (B, n_kv, past + T, hd)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=_causal_mask(T, past, x.device),
-                                           is_causal=past == 0 and T > 1, enable_gqa=self.n_q != self.n_kv)
+        q, k, v = qkv.split([self.n_q, self.n_kv, self.n_kv], dim=1)
+        return apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin), v
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Any, layer: int) -> torch.Tensor:
+        """`cache` (a `KVCache` or any object with its `update`) decides which keys the queries see."""
+        B, T, _ = x.shape
+        q, k, v = self.project(x, cos, sin)
+        if cache is None:
+            mask, causal = None, T > 1
+        else:
+            k, v, mask, causal = cache.update(layer, q, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           enable_gqa=self.n_q != self.n_kv)  # (B, n_q, T, hd)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, self.n_q * self.head_dim))
-
-
-def _causal_mask(q_len: int, past: int, device: torch.device) -> torch.Tensor | None:
-    """Boolean mask for queries that follow `past` cached keys; None where SDPA's own causal flag (past == 0) or no
-    mask at all (a single query sees every cached key) is exact."""
-    if past == 0 or q_len == 1:
-        return None
-    keys = torch.arange(past + q_len, device=device)
-    return keys[None, :] <= (past + torch.arange(q_len, device=device))[:, None]
 
 
 class FeedForward(nn.Module):
@@ -225,8 +221,7 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = FeedForward(cfg, shape.ffn_dim)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
-                layer: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Any, layer: int) -> torch.Tensor:
         h = x + self.attn(self.attn_norm(x), cos, sin, cache, layer)
         return h + self.ffn(self.ffn_norm(h))
 
@@ -261,11 +256,13 @@ class Decoder(nn.Module):
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None,
                 positions: torch.Tensor | None = None) -> torch.Tensor:
         T = tokens.shape[1]
+        if positions is None and cache is not None:
+            positions = cache.positions(T)
         if positions is None:  # contiguous positions: a slice of the tables, no gather
             start = cache.seen if cache is not None else 0
             cos, sin = self.rope_cos[None, None, start:start + T], self.rope_sin[None, None, start:start + T]
-        else:  # (B, T) explicit positions, e.g. left-padded batches
-            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
+        else:
+            cos, sin = self.rope(positions)
         x = self.embed(tokens)  # (B, T, d)
         for i, block in enumerate(self.layers):
             if self.activation_checkpointing and self.training:
@@ -274,7 +271,14 @@ class Decoder(nn.Module):
                 x = block(x, cos, sin, cache, i)
         if cache is not None:
             cache.advance(T)
-        return self.head(self.norm(x))  # (B, T, vocab_rows)
+        return self.logits(x)  # (B, T, vocab_rows)
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape (B, 1, T, hd) for explicit (B, T) position ids (padded batches, pruned token sets)."""
+        return self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(x))
 
     def param_counts(self) -> dict[str, int]:
         total = sum(p.numel() for p in self.parameters())

@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from raytrain.checkpoint.hf import CheckpointError, load_pretrained, model_state, openelm_config, save_pretrained
+from raytrain.checkpoint.foreign import openelm_config
+from raytrain.checkpoint.hf import CheckpointError, load_pretrained, model_state, save_pretrained
 from raytrain.data.tokenizer import to_files
 from raytrain.models.decoder import DecoderConfig, LayerScaling, build_decoder
 

@@ -1,0 +1,201 @@
+"""The generation engine: one interface for raytrain decoders and Hugging Face Llama checkpoints (converted on load
+into the same decoder family), used by `raytrain generate`, the pipelines and Ray Serve.
+
+Requests are batched (up to `max_batch_size`): prompts are left-padded, so every row's last prompt token sits in the
+same column and decoding appends one column per step; padded keys are masked and positions count from each row's
+first real token. Each request has its own sampling parameters, stop strings and token budget. `stream` yields text
+deltas as they become final; `generate` collects them. With `lazy.enabled`, long prompts run through LazyLLM
+(`lazyllm.py`) one request at a time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from raytrain.config import RaytrainError
+from raytrain.infer.lazyllm import LazyConfig, LazySequence
+from raytrain.infer.sampling import SamplingParams, next_token
+from raytrain.infer.text import TextStream
+from raytrain.models.decoder import Decoder
+from raytrain.models.kv_cache import KVCache
+
+
+@dataclass
+class EngineConfig:
+    max_batch_size: int = 8
+    lazy: bool = False  # LazyLLM for prompts of at least lazyllm.min_prompt_tokens tokens
+    lazyllm: LazyConfig = field(default_factory=LazyConfig)
+
+
+@dataclass
+class Request:
+    prompt: str | list[int]  # text (BOS is prepended) or token ids (used as given)
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (EOS or a stop string) | "length"
+    prompt_tokens: int
+    ttft_s: float  # wall time from the start of the request's batch to its first token
+    prompt_fraction_computed: float = 1.0  # share of prompt (token, layer) pairs computed (< 1 with LazyLLM)
+
+
+@dataclass
+class Delta:
+    """A streaming event: new final text of request `index`; its last event also carries the `completion`."""
+
+    index: int
+    text: str
+    completion: Completion | None = None
+
+
+class Engine:
+    def __init__(self, model: Decoder, tokenizer: Any, config: EngineConfig | None = None) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = config or EngineConfig()
+        self.device = model.embed.weight.device
+        if self.config.lazy:
+            self.config.lazyllm.schedule(len(model.layers))  # a bad schedule fails here, before any request
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, config: EngineConfig | None = None, device: str = "cpu",
+                        dtype: torch.dtype | None = None, tokenizer: str | None = None) -> Engine:
+        from raytrain.checkpoint.hf import load_pretrained
+
+        pretrained = load_pretrained(path, device=device, dtype=dtype, tokenizer=tokenizer)
+        if pretrained.tokenizer is None:
+            raise RaytrainError(f"{pretrained.path} has no tokenizer files; pass a tokenizer directory")
+        return cls(pretrained.model, pretrained.tokenizer, config)
+
+    # ---- public API -----------------------------------------------------------------------------------------
+
+    def encode(self, request: Request) -> list[int]:
+        """Prompt token ids, checked against the context window before any compute."""
+        if isinstance(request.prompt, str):
+            ids = self.tokenizer.encode(request.prompt, add_special_tokens=False)
+            if not ids:
+                raise RaytrainError("the prompt is empty")
+            ids = [self.tokenizer.bos_token_id, *ids] if self.tokenizer.bos_token_id is not None else ids
+        else:
+            ids = list(request.prompt)
+            if not ids:
+                raise RaytrainError("the prompt is empty")
+        window = self.model.cfg.max_seq_len
+        if len(ids) + request.params.max_new_tokens > window:
+            raise RaytrainError(f"prompt ({len(ids)} tokens) + max_new_tokens ({request.params.max_new_tokens}) "
+                                f"exceeds the model's context window of {window} tokens")
+        return ids
+
+    def generate(self, requests: list[Request]) -> list[Completion]:
+        done = {d.index: d.completion for d in self.stream(requests) if d.completion is not None}
+        return [done[i] for i in range(len(requests))]
+
+    def stream(self, requests: list[Request]) -> Iterator[Delta]:
+        """Deltas of all requests, interleaved by step; each request's last delta carries its `Completion`."""
+        prompts = [self.encode(r) for r in requests]  # validate every request before computing any
+        for group in self._groups(prompts):
+            yield from self._run(group, [requests[i] for i in group], [prompts[i] for i in group])
+
+    # ---- batching -------------------------------------------------------------------------------------------
+
+    def _groups(self, prompts: list[list[int]]) -> list[list[int]]:
+        """Batches of request indices; with LazyLLM, each long prompt runs alone (the paper's batch size 1)."""
+        long = {i for i, p in enumerate(prompts) if self._lazy(p)}
+        rest = [i for i in range(len(prompts)) if i not in long]
+        size = self.config.max_batch_size
+        return [[i] for i in sorted(long)] + [rest[i:i + size] for i in range(0, len(rest), size)]
+
+    def _lazy(self, prompt: list[int]) -> bool:
+        return self.config.lazy and len(prompt) >= self.config.lazyllm.min_prompt_tokens
+
+    def _run(self, indices: list[int], requests: list[Request], prompts: list[list[int]]) -> Iterator[Delta]:
+        start = time.perf_counter()
+        max_new = max(r.params.max_new_tokens for r in requests)
+        if self._lazy(prompts[0]):
+            runner = LazySequence(self.model, prompts[0], self.config.lazyllm, len(prompts[0]) + max_new)
+        else:
+            runner = _PlainBatch(self.model, prompts, max_new)
+        rows = [_Row(self.tokenizer, r.params, p, self.device) for r, p in zip(requests, prompts)]
+        logits, ttft = runner.prefill(), None  # (B, V)
+        while True:
+            tokens = [row.last if row.done else row.sample(logits[b, :self.model.cfg.vocab_size])
+                      for b, row in enumerate(rows)]
+            ttft = ttft if ttft is not None else time.perf_counter() - start
+            for b, row in enumerate(rows):
+                if row.done:
+                    continue
+                text = row.advance(tokens[b], self.tokenizer.eos_token_id)
+                completion = None
+                if row.done:
+                    fraction = runner.prompt_fraction_computed() if isinstance(runner, LazySequence) else 1.0
+                    completion = Completion(row.stream.text, row.ids, row.finish_reason, len(prompts[b]), ttft,
+                                            fraction)
+                if text or completion:
+                    yield Delta(indices[b], text, completion)
+            if all(row.done for row in rows):
+                return
+            logits = runner.decode(torch.tensor(tokens, device=self.device))
+
+
+class _PlainBatch:
+    """Left-padded batch over a dense `KVCache`."""
+
+    def __init__(self, model: Decoder, prompts: list[list[int]], max_new_tokens: int) -> None:
+        self.model = model
+        device = model.embed.weight.device
+        width = max(len(p) for p in prompts)
+        pad = torch.tensor([width - len(p) for p in prompts], device=device)
+        self.tokens = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
+        self.cache = KVCache(len(model.layers), width + max_new_tokens, pad=pad if bool(pad.any()) else None)
+
+    @torch.inference_mode()
+    def prefill(self) -> torch.Tensor:
+        return self.model(self.tokens, cache=self.cache)[:, -1]
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model(tokens[:, None], cache=self.cache)[:, -1]
+
+
+class _Row:
+    """One request's sampling, stopping and detokenization state."""
+
+    def __init__(self, tokenizer: Any, params: SamplingParams, prompt: list[int], device: torch.device) -> None:
+        self.params = params
+        self.stream = TextStream(tokenizer, params.stop)
+        self.seen = torch.tensor(prompt, device=device)
+        self.generator = (torch.Generator(device=device).manual_seed(params.seed)
+                          if params.seed is not None else None)
+        self.ids: list[int] = []
+        self.last = 0
+        self.done = False
+        self.finish_reason = "length"
+
+    def sample(self, logits: torch.Tensor) -> int:
+        seen = torch.cat([self.seen, torch.tensor(self.ids, dtype=torch.long, device=self.seen.device)])
+        return next_token(logits, self.params, self.generator, seen)
+
+    def advance(self, token: int, eos: int | None) -> str:
+        """Take the sampled token; return the text it makes final. Sets `done` and `finish_reason` at the end."""
+        self.last = token
+        if token == eos:
+            self.done, self.finish_reason = True, "stop"
+            return self.stream.flush()
+        self.ids.append(token)
+        text = self.stream.push(token)
+        if self.stream.stopped:
+            self.done, self.finish_reason = True, "stop"
+        elif len(self.ids) >= self.params.max_new_tokens:
+            self.done = True
+            text += self.stream.flush()
+        return text
