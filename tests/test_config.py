@@ -11,7 +11,8 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from raytrain.cli import CONF_DIR
 from raytrain.commands.generate import sampling_params
 from raytrain.commands.train import typed_parts
-from raytrain.config import ConfigError
+from raytrain.config import ConfigError, to_dataclass
+from raytrain.infer.engine import EngineConfig
 from raytrain.models.registry import build_model, model_config
 from tests.conftest import compose
 
@@ -21,11 +22,14 @@ PRIMARY = sorted(f.stem for f in CONF_DIR.glob("*.yaml") if f.stem != "base")
 
 
 def test_every_config_file_is_covered() -> None:
-    assert GROUPS == ["data", "experiment", "model", "optim", "schedule", "tracking", "trainer"]
+    assert GROUPS == ["data", "experiment", "generation", "model", "optim", "schedule", "tracking", "trainer"]
     assert PRIMARY == ["generate", "model_info", "train"]
 
 
-@pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+TRAIN_OPTIONS = [(g, o) for g, o in OPTIONS if g != "generation"]
+
+
+@pytest.mark.parametrize("group, option", TRAIN_OPTIONS, ids=[f"{g}={o}" for g, o in TRAIN_OPTIONS])
 def test_train_composes_with_each_option(group: str, option: str) -> None:
     overrides = [f"{group}={option}"]
     if (group, option) == ("data", "text"):
@@ -41,6 +45,13 @@ def test_train_composes_with_each_option(group: str, option: str) -> None:
 @pytest.mark.parametrize("option", [o for g, o in OPTIONS if g == "model"])
 def test_model_info_composes_each_model(option: str) -> None:
     build_model(model_config(compose("model_info", [f"model={option}"]).model), "meta")
+
+
+@pytest.mark.parametrize("option", [o for g, o in OPTIONS if g == "generation"])
+def test_generate_composes_each_generation_option(option: str) -> None:
+    engine = to_dataclass(EngineConfig, compose("generate", [f"generation={option}"]).generation, "generation")
+    assert engine.lazy == (option == "lazy")
+    assert engine.lazyllm.schedule(32) == {9: 0.7, 19: 0.7, 28: 0.7}  # the spec's layers for L = 32
 
 
 def test_generate_and_sample_configs_compose() -> None:
