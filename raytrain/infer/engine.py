@@ -124,7 +124,7 @@ class Engine:
         if self._lazy(prompts[0]):
             runner = LazySequence(self.model, prompts[0], self.config.lazyllm, len(prompts[0]) + max_new)
         else:
-            runner = _PlainBatch(self.model, prompts, max_new)
+            runner = DenseBatch(self.model, prompts, max_new)
         rows = [_Row(self.tokenizer, r.params, p, self.device) for r, p in zip(requests, prompts)]
         logits, ttft = runner.prefill(), None  # (B, V)
         while True:
@@ -147,7 +147,7 @@ class Engine:
             logits = runner.decode(torch.tensor(tokens, device=self.device))
 
 
-class _PlainBatch:
+class DenseBatch:
     """Left-padded batch over a dense `KVCache`."""
 
     def __init__(self, model: Decoder, prompts: list[list[int]], max_new_tokens: int) -> None:
@@ -160,7 +160,7 @@ class _PlainBatch:
 
     @torch.inference_mode()
     def prefill(self) -> torch.Tensor:
-        return self.model(self.tokens, cache=self.cache)[:, -1]
+        return self.model(self.tokens, cache=self.cache, last_only=True)[:, -1]
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:

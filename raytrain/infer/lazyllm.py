@@ -28,7 +28,7 @@ from raytrain.models.decoder import Decoder
 
 @dataclass
 class LazyConfig:
-    boundaries: list[float] | None = None  # fractions of depth, layer floor(f * L); None = [0.3, 0.6, 0.9]
+    boundaries: list[float] | None = None  # fractions of depth, layer max(1, floor(f * L)); None = [0.3, 0.6, 0.9]
     keep: Any = 0.7  # keep ratio at each boundary (a float, or one per boundary), relative to the incoming tokens
     layers: dict[int, float] | None = None  # explicit {layer: keep ratio}; replaces boundaries/keep
     min_prompt_tokens: int = 1024  # shorter prompts run the plain engine (scoring would cost more than it saves)
@@ -43,7 +43,11 @@ class LazyConfig:
             ratios = self.keep if isinstance(self.keep, list) else [self.keep] * len(fractions)
             if len(ratios) != len(fractions):
                 raise ConfigError(f"lazy.keep has {len(ratios)} ratios for {len(fractions)} boundaries")
-            plan = {math.floor(f * n_layers): float(r) for f, r in zip(fractions, ratios)}
+            layers = [max(1, math.floor(f * n_layers)) for f in fractions]  # layer 0 has no previous layer
+            if len(set(layers)) < len(layers):
+                raise ConfigError(f"lazy boundaries {fractions} map to layers {layers} of a {n_layers}-layer model; "
+                                  "use fewer or farther apart boundaries, or an explicit layers map")
+            plan = dict(zip(layers, map(float, ratios)))
         for layer, r in plan.items():
             if not 1 <= layer < n_layers:
                 raise ConfigError(f"lazy boundary at layer {layer}: must be within 1..{n_layers - 1}")

@@ -253,8 +253,9 @@ class Decoder(nn.Module):
         if self.cfg.tie_embeddings:
             self.head.weight = self.embed.weight
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, positions: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """`last_only` computes the logits of the final position alone (all a prefill needs)."""
         T = tokens.shape[1]
         if positions is None and cache is not None:
             positions = cache.positions(T)
@@ -271,7 +272,7 @@ class Decoder(nn.Module):
                 x = block(x, cos, sin, cache, i)
         if cache is not None:
             cache.advance(T)
-        return self.logits(x)  # (B, T, vocab_rows)
+        return self.logits(x[:, -1:] if last_only else x)  # (B, T or 1, vocab_rows)
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape (B, 1, T, hd) for explicit (B, T) position ids (padded batches, pruned token sets)."""

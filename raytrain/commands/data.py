@@ -1,0 +1,38 @@
+"""`raytrain data make=NAME out=DIR`: generate a data set (`retrieval`: the long-context multi-document QA task)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from raytrain.config import ConfigError
+from raytrain.data import retrieval
+
+CONFIG_NAME = "make_data"
+HELP = "generate a data set: make=retrieval (long-context multi-document QA)"
+log = logging.getLogger("raytrain")
+
+
+def run(cfg: DictConfig) -> None:
+    makers = {"retrieval": make_retrieval}
+    if cfg.make not in makers:
+        raise ConfigError(f"make={cfg.make!r} is unknown; known: {', '.join(makers)}")
+    counts = makers[cfg.make](cfg, Path(cfg.out))
+    print(json.dumps({"make": cfg.make, "out": str(cfg.out), "records": counts}))
+
+
+def make_retrieval(cfg: DictConfig, out: Path) -> dict[str, int]:
+    r = cfg.retrieval
+    shape = dict(facts_per_doc=r.facts_per_doc, filler_words=r.filler_words, questions=r.questions)
+    lo, hi = r.train_words
+    counts = {"train.jsonl": retrieval.write_jsonl(out / "train.jsonl", (
+        {"text": t} for t in retrieval.training_texts(r.train, retrieval.RetrievalConfig(lo, hi, **shape), cfg.seed)))}
+    for i, words in enumerate(r.eval_words):
+        name = f"eval_{words}.jsonl"
+        counts[name] = retrieval.write_jsonl(out / name, retrieval.eval_records(
+            r.eval, retrieval.RetrievalConfig(words, None, **shape), cfg.seed + 1 + i))
+        log.info("wrote %s", out / name)
+    return counts

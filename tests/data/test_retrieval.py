@@ -1,0 +1,45 @@
+"""The procedural multi-document QA task: determined answers, controllable length, the `raytrain data` command."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import subprocess
+import sys
+
+from raytrain.data.retrieval import RetrievalConfig, eval_records, example, training_texts, _words
+from tests.conftest import REPO
+
+
+def test_every_asked_code_is_stated_once_in_exactly_one_document() -> None:
+    for record in eval_records(20, RetrievalConfig(words=800), seed=3):
+        key = re.search(r"What is the code of the (.+)\?", record["prompt"]).group(1)
+        docs = record["prompt"].split("\n\nQuestion:")[0].split("\n\n")
+        holders = [d for d in docs if f"The code of the {key} is" in d]
+        assert len(holders) == 1
+        assert f"The code of the {key} is{record['answer']}." in holders[0]
+        assert record["prompt"].endswith("\nAnswer:") and re.fullmatch(r" \d{4}", record["answer"])
+
+
+def test_prompt_length_follows_the_word_budget() -> None:
+    filler = _words()
+    lengths = {w: len(example(random.Random(0), RetrievalConfig(words=w), filler)[0].split()) for w in (500, 4000)}
+    assert 400 < lengths[500] <= 600 and 3600 < lengths[4000] <= 4200
+
+
+def test_training_text_appends_answered_questions() -> None:
+    text = next(training_texts(1, RetrievalConfig(words=600, questions=3), seed=0))
+    answers = re.findall(r"What is the code of the (.+)\?\nAnswer: (\d{4})", text)
+    assert len(answers) == 3 and all(f"The code of the {k} is {v}." in text for k, v in answers)
+
+
+def test_data_command_writes_the_task(tmp_path) -> None:
+    out = subprocess.run([sys.executable, "-m", "raytrain", "data", "make=retrieval", f"out={tmp_path}",
+                          "retrieval.train=5", "retrieval.eval=2", "retrieval.eval_words=[400]"],
+                         capture_output=True, text=True, timeout=120, cwd=REPO, check=True)
+    assert json.loads(out.stdout)["records"] == {"train.jsonl": 5, "eval_400.jsonl": 2}
+    assert len((tmp_path / "train.jsonl").read_text().splitlines()) == 5
+    bad = subprocess.run([sys.executable, "-m", "raytrain", "data", "make=nope", f"out={tmp_path}"],
+                         capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert bad.returncode == 2 and "make='nope' is unknown" in bad.stderr
