@@ -52,8 +52,11 @@ class DecoderConfig:
     norm_eps: float = 1e-6
     qk_norm: bool = True
     tie_embeddings: bool = True
+    output_init: str = "depth_scaled"  # out/down projections: depth_scaled (OpenELM) | fan_in (AFM, axlearn)
 
     def __post_init__(self) -> None:
+        if self.output_init not in ("depth_scaled", "fan_in"):
+            raise ValueError(f"model {self.name}: output_init={self.output_init!r}; expected depth_scaled or fan_in")
         if self.layer_scaling is None and None in (self.q_heads, self.kv_heads, self.ffn_dim):
             raise ValueError(f"model {self.name}: set q_heads, kv_heads and ffn_dim, or layer_scaling")
         shapes = self.layer_shapes()
@@ -71,6 +74,13 @@ class DecoderConfig:
     @property
     def rows(self) -> int:
         return self.vocab_rows or self.vocab_size
+
+    def output_std(self, fan_in: int) -> float:
+        """Init std of the attention output and FFN down projections: OpenELM's d^-1/2 (2 L)^-1/2, or AFM's
+        fan_in^-1/2 like every other linear layer."""
+        if self.output_init == "fan_in":
+            return fan_in ** -0.5
+        return (self.d_model ** -0.5) * ((2 * self.n_layers) ** -0.5)
 
     def layer_shapes(self) -> list[LayerShape]:
         if self.layer_scaling is not None and None in (self.q_heads, self.kv_heads, self.ffn_dim):
@@ -173,11 +183,10 @@ class Attention(nn.Module):
         super().__init__()
         d, hd = cfg.d_model, cfg.head_dim
         self.n_q, self.n_kv, self.head_dim = shape.q_heads, shape.kv_heads, hd
-        residual_std = (d ** -0.5) * ((2 * cfg.n_layers) ** -0.5)
         self.qkv_proj = Linear(d, (self.n_q + 2 * self.n_kv) * hd, std=d ** -0.5)
         self.q_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
-        self.out_proj = Linear(self.n_q * hd, d, std=residual_std)
+        self.out_proj = Linear(self.n_q * hd, d, std=cfg.output_std(self.n_q * hd))
 
     def project(self, x: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -206,7 +215,7 @@ class FeedForward(nn.Module):
     def __init__(self, cfg: DecoderConfig, ffn_dim: int) -> None:
         super().__init__()
         self.proj_1 = Linear(cfg.d_model, 2 * ffn_dim, std=cfg.d_model ** -0.5)
-        self.proj_2 = Linear(ffn_dim, cfg.d_model, std=(cfg.d_model ** -0.5) * ((2 * cfg.n_layers) ** -0.5))
+        self.proj_2 = Linear(ffn_dim, cfg.d_model, std=cfg.output_std(ffn_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.proj_1(x).chunk(2, dim=-1)

@@ -47,12 +47,21 @@ class TrainerConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"
-    lr: float = 5.3e-3
+    name: str = "adamw"  # adamw | adastar
+    lr: float = 5.3e-3  # peak LR
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    weight_decay: float = 0.1  # torch style: multiplied by the LR; 1-D tensors (norms) never decay
+    eps: float = 1e-8  # adamw: added to sqrt(v); adastar: added to g^2 inside the square root
+    weight_decay: float = 0.1  # adamw: multiplied by the LR (torch style); adastar: by the schedule only (decoupled)
     decay_embeddings: bool = True
+    decay_norms: bool = False  # weight decay on 1-D tensors (norm gains)
+    update_clip: float = 1.0  # adastar: per-tensor clip of the raw update (0 = off)
+    update_clip_by: str = "rms"  # adastar: rms (axlearn) | norm (the paper's wording)
+    mup_base_dim: int | None = None  # adastar: block matrices' updates x min(mup_base_dim / d_model, 1); None = off
+    skip_grad_norm: float | None = None  # adastar: a step whose global gradient norm is not below this is skipped
+
+    def __post_init__(self) -> None:
+        if self.update_clip_by not in ("rms", "norm"):
+            raise ValueError(f"update_clip_by={self.update_clip_by!r}; expected rms or norm")
 
 
 @dataclass
@@ -62,6 +71,11 @@ class ScheduleConfig:
     init_lr: float = 1e-6  # warmup starts here
     min_lr_ratio: float = 0.1  # cosine floor as a fraction of the peak
     total_steps: int | None = None  # None = trainer.max_steps
+    convention: str = "corenet"  # corenet (steps from 0, period total - warmup + 1) | axlearn (from 1, exact floor)
+
+    def __post_init__(self) -> None:
+        if self.convention not in ("corenet", "axlearn"):
+            raise ValueError(f"convention={self.convention!r}; expected corenet or axlearn")
 
 
 @dataclass

@@ -1,7 +1,9 @@
 """DeepSpeed inside a Ray Train worker: the engine config from `TrainerConfig`, and building the engine.
 
 The optimizer is always a torch optimizer handed to `deepspeed.initialize` (a DeepSpeed `optimizer` block would
-JIT-compile FusedAdam); the LR scheduler is stepped by the engine at each accumulation boundary.
+JIT-compile FusedAdam); the LR scheduler is stepped by the engine at each accumulation boundary. ZeRO hands that
+optimizer flat fp32 partitions instead of tensors; an optimizer that reduces over whole tensors (adastar) is told
+after `initialize` which slice of each partition belongs to which tensor (`zero_layouts`).
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ from typing import Any
 
 import torch
 
+from raytrain.config import ConfigError
 from raytrain.train.config import TrainerConfig
 from raytrain.train.objectives import lm_loss
+from raytrain.train.optim import FlatLayout, Segment
 
 
 def resolve_precision(precision: str, use_gpu: bool) -> str:
@@ -75,7 +79,82 @@ def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
+    if hasattr(optimizer, "attach"):
+        zero = engine.optimizer
+        if zero is optimizer:
+            raise ConfigError("optim.name=adastar needs trainer.zero_stage >= 1 (its step skipping reads the "
+                              "global gradient norm that DeepSpeed's ZeRO optimizers compute)")
+        layouts = zero_layouts(zero)
+        check_coverage(layouts)
+        optimizer.attach(lambda: zero._global_grad_norm, layouts)
     return engine
+
+
+def zero_layouts(zero: Any) -> dict[torch.Tensor, FlatLayout]:
+    """The layout of each flat fp32 partition DeepSpeed's ZeRO optimizer steps, read from its bookkeeping:
+    ZeRO-1/2 flatten a parameter group (with per-parameter alignment padding) and give each rank one contiguous
+    slice; ZeRO-3 gives each rank a slice of every parameter and concatenates those slices per sub-group."""
+    import deepspeed.comm as dist
+
+    def place(group: Any) -> dict[str, Any]:
+        return {"rank": dist.get_rank(group=group), "world": dist.get_world_size(group=group), "group": group}
+
+    layouts = {}
+    if hasattr(zero, "round_robin_bit16_offsets"):  # DeepSpeedZeroOptimizer (stages 1 and 2)
+        for i, flat in enumerate(zero.single_partition_of_fp32_groups):
+            numels = [meta.numel() for meta in zero.round_robin_bit16_meta[i]]
+            layouts[flat] = contiguous_layout(zero.round_robin_bit16_offsets[i], numels, zero.partition_size[i],
+                                              **place(zero.real_dp_process_group[i]))
+    elif hasattr(zero, "fp32_partitioned_groups_flat"):  # DeepSpeedZeroOptimizer_Stage3
+        for i, flat in enumerate(zero.fp32_partitioned_groups_flat):
+            params = zero.fp16_groups[i]
+            layouts[flat] = partitioned_layout([p.ds_numel for p in params], [p.partition_numel() for p in params],
+                                               **place(zero.sub_group_process_groups[i]))
+    elif hasattr(zero, "fp32_groups_flat_partition"):  # BF16_Optimizer (ZeRO-1 with bf16 weights)
+        for i, flat in enumerate(zero.fp32_groups_flat_partition):
+            numels = [p.numel() for p in zero.bf16_groups[i]]
+            offsets = [sum(numels[:k]) for k in range(len(numels))]
+            layouts[flat] = contiguous_layout(offsets, numels, flat.numel(), **place(zero.real_dp_process_group[i]))
+    else:
+        raise ConfigError(f"optim.name=adastar does not know DeepSpeed's {type(zero).__name__} partition layout")
+    return layouts
+
+
+def contiguous_layout(offsets: list[int], numels: list[int], size: int, rank: int, world: int = 1,
+                      group: Any = None) -> FlatLayout:
+    """Tensors laid end to end at `offsets` in one flat buffer cut into `world` slices of `size`; this is `rank`'s."""
+    start, segments = rank * size, []
+    for k, (offset, numel) in enumerate(zip(offsets, numels)):
+        lo, hi = max(offset, start), min(offset + numel, start + size)
+        if lo < hi:
+            segments.append(Segment(lo - start, hi - lo, k))
+    return FlatLayout(segments, numels, group, world)
+
+
+def partitioned_layout(numels: list[int], partition_numels: list[int], rank: int, world: int = 1,
+                       group: Any = None) -> FlatLayout:
+    """Each tensor cut into `world` equal padded partitions; `rank`'s partitions concatenated."""
+    segments, start = [], 0
+    for k, (numel, part) in enumerate(zip(numels, partition_numels)):
+        valid = max(0, min(part, numel - rank * part))
+        if valid:
+            segments.append(Segment(start, valid, k))
+        start += part
+    return FlatLayout(segments, numels, group, world)
+
+
+def check_coverage(layouts: dict[torch.Tensor, FlatLayout]) -> None:
+    """Across ranks, the segments of every layout must cover each tensor exactly once (collective), so a DeepSpeed
+    release that lays partitions out differently fails here rather than clipping the wrong elements."""
+    for flat, layout in layouts.items():
+        covered = torch.zeros(len(layout.numels), dtype=torch.float64, device=flat.device)
+        for s in layout.segments:
+            covered[s.tensor] += s.length
+        if layout.world > 1:
+            torch.distributed.all_reduce(covered, group=layout.group)
+        if covered.tolist() != [float(n) for n in layout.numels]:
+            raise RuntimeError("DeepSpeed's ZeRO partitions do not tile the parameters as adastar's layout "
+                               f"expects (covered {covered.tolist()[:4]} of {layout.numels[:4]} elements)")
 
 
 def gathered(params: list[torch.nn.Parameter], zero3: bool) -> contextlib.AbstractContextManager:

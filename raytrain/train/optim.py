@@ -1,9 +1,21 @@
-"""Optimizers and LR schedules (plain PyTorch): AdamW with OpenELM's decay groups, corenet's warmup + cosine."""
+"""Optimizers and LR schedules (plain PyTorch).
+
+`adamw`: torch AdamW with OpenELM's decay groups. `adastar`: AFM's optimizer (axlearn `adastar`, spec section 2.2),
+RMSProp with momentum on per-tensor clipped updates, no bias correction of the momentum, weight decay decoupled
+from the LR, and steps skipped when the global gradient norm is too large. Schedules: linear warmup + cosine to a
+floor, in corenet's or axlearn's convention.
+
+Under DeepSpeed ZeRO the optimizer sees flat fp32 partitions, not tensors. `AdaStar.attach` takes, for each flat
+partition, a `FlatLayout` saying which slice belongs to which whole tensor, so the per-tensor clip reduces over
+whole tensors (across ranks), and the global gradient norm DeepSpeed computed before calling the optimizer.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -11,40 +23,199 @@ from torch import nn
 from raytrain.config import ConfigError
 from raytrain.train.config import OptimConfig, ScheduleConfig
 
+OPTIMIZERS = ("adamw", "adastar")
+
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
-    """Matrices decay, vectors (norm gains) don't; the embedding decays unless `decay_embeddings` is off."""
+    """Three kinds of tensor: block matrices (attention and FFN weights) always decay; the embedding (and an
+    untied head) unless `decay_embeddings` is off; vectors (norm gains) only with `decay_norms`. adastar scales the
+    block matrices' updates by `min(mup_base_dim / d_model, 1)` (axlearn's "mup-simple")."""
     embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay = [], []
-    for p in model.parameters():  # tied weights appear once
+    kinds: dict[str, list[nn.Parameter]] = {"blocks": [], "embedding": [], "vectors": []}
+    for name, p in model.named_parameters():  # tied weights appear once
         if not p.requires_grad:
             continue
         ndim = len(getattr(p, "ds_shape", p.shape))  # ZeRO-3 partitions are flat; ds_shape is the real shape
-        exempt = ndim < 2 or (id(p) in embedding_ids and not cfg.decay_embeddings)
-        (no_decay if exempt else decay).append(p)
-    return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if ndim < 2:
+            kinds["vectors"].append(p)
+        elif id(p) in embedding_ids or not name.startswith("layers."):
+            kinds["embedding"].append(p)
+        else:
+            kinds["blocks"].append(p)
+    decays = {"blocks": True, "embedding": cfg.decay_embeddings, "vectors": cfg.decay_norms}
+    groups = []
+    for kind, params in kinds.items():
+        if not params:
+            continue
+        group = {"params": params, "kind": kind, "weight_decay": cfg.weight_decay if decays[kind] else 0.0}
+        if cfg.name == "adastar":
+            group["update_scale"] = _mup_scale(model, cfg) if kind == "blocks" else 1.0
+        groups.append(group)
+    return groups
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool = False) -> torch.optim.Optimizer:
-    if cfg.name != "adamw":
-        raise ConfigError(f"optim.name={cfg.name!r} is unknown; known: adamw")
-    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                             fused=fused or None)
+def _mup_scale(model: nn.Module, cfg: OptimConfig) -> float:
+    d_model = getattr(getattr(model, "cfg", None), "d_model", None)
+    if cfg.mup_base_dim is None or d_model is None:
+        return 1.0
+    return min(cfg.mup_base_dim / d_model, 1.0)
 
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool = False,
+                    grad_clip: float = 1.0) -> torch.optim.Optimizer:
+    """`grad_clip` is adastar's own global-norm clip when it runs without DeepSpeed (under DeepSpeed the engine
+    clips with the same value before the optimizer sees the gradients)."""
+    check_optim(cfg)
+    groups = param_groups(model, cfg)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
+    return AdaStar(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, update_clip=cfg.update_clip,
+                   update_clip_by=cfg.update_clip_by, skip_grad_norm=cfg.skip_grad_norm, grad_clip=grad_clip)
+
+
+def check_optim(cfg: OptimConfig) -> None:
+    if cfg.name not in OPTIMIZERS:
+        raise ConfigError(f"optim.name={cfg.name!r} is unknown; known: {', '.join(OPTIMIZERS)}")
+    if cfg.name == "adamw" and cfg.skip_grad_norm is not None:
+        raise ConfigError("optim.skip_grad_norm is an adastar option; set optim.name=adastar or leave it null")
+
+
+# ---- adastar ---------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Segment:
+    """`length` elements at `start` of a flat tensor belong to whole tensor number `tensor` of its layout."""
+
+    start: int
+    length: int
+    tensor: int
+
+
+@dataclass
+class FlatLayout:
+    """Which whole tensors a flat tensor holds pieces of: `segments` (elements outside every segment are padding),
+    `numels` (each whole tensor's size), and the process group of `world` ranks whose flat tensors hold the other
+    pieces (world 1: every piece is here)."""
+
+    segments: list[Segment]
+    numels: list[int]
+    group: Any = None
+    world: int = 1
+
+
+class AdaStar(torch.optim.Optimizer):
+    """AFM's "RMSProp with momentum" (axlearn `adastar`), per step t = 1, 2, ... (spec section 2.2):
+
+        G = global gradient norm; skip the step (no change at all) unless G < skip_grad_norm
+        g = g * min(1, grad_clip / G)
+        v = b2 v + (1 - b2) (g^2 + eps);   u = g / sqrt(v / (1 - b2^t))
+        u = u / max(1, rms(u) / update_clip)            per whole tensor (or its L2 norm: update_clip_by="norm")
+        m = b1 m + (1 - b1) u                           no bias correction
+        p = p - lr_t * update_scale * m - (lr_t / lr_peak) * weight_decay * p
+
+    `lr_t` is the group's scheduled LR and `lr_peak` the LR it was built with, so the decay follows the schedule
+    but not the peak LR (decoupled). Groups may carry `update_scale` (mup-simple) and `weight_decay`.
+    """
+
+    def __init__(self, params: Any, lr: float = 0.01, betas: tuple[float, float] = (0.95, 0.95), eps: float = 1e-30,
+                 weight_decay: float = 0.0, update_clip: float = 1.0, update_clip_by: str = "rms",
+                 skip_grad_norm: float | None = 100.0, grad_clip: float = 1.0, update_scale: float = 1.0) -> None:
+        if update_clip_by not in ("rms", "norm"):
+            raise ValueError(f"update_clip_by={update_clip_by!r}; expected rms or norm")
+        defaults = dict(lr=lr, peak_lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                        update_scale=update_scale)
+        super().__init__(params, defaults)
+        self.update_clip, self.update_clip_by = update_clip, update_clip_by
+        self.skip_grad_norm, self.grad_clip = skip_grad_norm, grad_clip
+        self.layouts: dict[torch.Tensor, FlatLayout] = {}
+        self.external_grad_norm: Callable[[], float] | None = None
+
+    def attach(self, grad_norm: Callable[[], float], layouts: dict[torch.Tensor, FlatLayout]) -> None:
+        """Run inside a DeepSpeed ZeRO optimizer: `grad_norm` returns the global norm DeepSpeed computed (and
+        clipped by) before calling `step`; `layouts` maps each flat fp32 partition to the tensors it holds."""
+        self.external_grad_norm, self.layouts = grad_norm, layouts
+
+    def skips(self, grad_norm: float) -> bool:
+        """The skip rule; a NaN or infinite norm is skipped too."""
+        return self.skip_grad_norm is not None and not grad_norm < self.skip_grad_norm
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> None:
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if self.external_grad_norm is not None:
+            grad_norm, clip = float(self.external_grad_norm()), 1.0
+        else:
+            grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in params])).item() \
+                if params else 0.0
+            clip = min(1.0, self.grad_clip / grad_norm) if self.grad_clip > 0 and grad_norm > 0 else 1.0
+        if self.skips(grad_norm):
+            return None
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            lr, peak = group["lr"], group["peak_lr"]
+            decay = group["weight_decay"] * lr / peak if peak > 0 else 0.0
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad.float() * clip if clip != 1.0 else p.grad.float()
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["v"] = torch.zeros_like(p, dtype=torch.float32)
+                    state["m"] = torch.zeros_like(p, dtype=torch.float32)
+                state["step"] += 1
+                v, m = state["v"], state["m"]
+                v.mul_(b2).add_(g.square().add_(group["eps"]), alpha=1 - b2)
+                u = g / (v / (1 - b2 ** state["step"])).sqrt()
+                self._clip_per_tensor(u, self.layouts.get(p) or _whole(p))
+                m.mul_(b1).add_(u, alpha=1 - b1)
+                p.mul_(1 - decay).add_(m.to(p.dtype), alpha=-lr * group["update_scale"])
+        return None
+
+    def _clip_per_tensor(self, u: torch.Tensor, layout: FlatLayout) -> None:
+        """u /= max(1, size(u) / update_clip) for each whole tensor, reducing over all of its pieces."""
+        if self.update_clip <= 0:
+            return
+        flat = u.view(-1)
+        pieces = [flat.narrow(0, s.start, s.length) for s in layout.segments]
+        index = torch.tensor([s.tensor for s in layout.segments], device=u.device)
+        sums = torch.zeros(len(layout.numels), device=u.device, dtype=torch.float32)
+        sums.index_add_(0, index, torch.stack([piece.square().sum() for piece in pieces]))
+        if layout.world > 1:
+            torch.distributed.all_reduce(sums, group=layout.group)
+        size = sums.sqrt()
+        if self.update_clip_by == "rms":
+            size = size / torch.tensor(layout.numels, device=u.device, dtype=torch.float32).sqrt()
+        scale = 1.0 / (size / self.update_clip).clamp_min(1.0)
+        for piece, segment in zip(pieces, layout.segments):
+            piece.mul_(scale[segment.tensor])
+
+
+def _whole(p: torch.Tensor) -> FlatLayout:
+    return FlatLayout([Segment(0, p.numel(), 0)], [p.numel()])
+
+
+# ---- schedules -------------------------------------------------------------------------------------------------
 
 def cosine_lr(step: int, peak: float, cfg: ScheduleConfig, total_steps: int) -> float:
-    """corenet's schedule: linear warmup from `init_lr`, then cosine to `min_lr_ratio * peak` over a period of
-    `total - warmup + 1` steps (the +1 is the reference's)."""
+    """Linear warmup from `init_lr` over `warmup_steps`, then cosine to `min_lr_ratio * peak` at `total_steps`.
+    corenet's cosine period is `total - warmup + 1` (the reference's +1); axlearn's (`cosine_with_linear_warmup`) is
+    `total - warmup`, so the floor is reached exactly. Past the end the LR stays at the floor."""
     warmup, floor = cfg.warmup_steps, cfg.min_lr_ratio * peak
     if step < warmup:
         return cfg.init_lr + step * (peak - cfg.init_lr) / warmup
-    progress = (step - warmup) / (total_steps - warmup + 1)
+    period = total_steps - warmup + (1 if cfg.convention == "corenet" else 0)
+    progress = min((step - warmup) / max(period, 1), 1.0)
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, peak: float, cfg: ScheduleConfig,
                     total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """LambdaLR calls the factor with 0 for the first update. corenet's schedule is indexed from 0; axlearn's from
+    1 (its first update already uses s(1) = 1 / warmup)."""
     if cfg.name != "cosine":
         raise ConfigError(f"schedule.name={cfg.name!r} is unknown; known: cosine")
-    factor: Callable[[int], float] = lambda step: cosine_lr(step, peak, cfg, total_steps) / peak  # noqa: E731
+    offset = 1 if cfg.convention == "axlearn" else 0
+    factor: Callable[[int], float] = lambda step: (  # noqa: E731
+        cosine_lr(step + offset, peak, cfg, total_steps) / peak if peak > 0 else 0.0)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -32,12 +32,13 @@ def test_scheduler_drives_the_optimizer_lr(micro_model) -> None:
 @pytest.mark.parametrize("decay_embeddings", [True, False])
 def test_norm_gains_never_decay(micro_cfg, decay_embeddings: bool) -> None:
     model = build_decoder(micro_cfg)
-    decay, no_decay = param_groups(model, OptimConfig(decay_embeddings=decay_embeddings))
+    groups = {g["kind"]: g for g in param_groups(model, OptimConfig(decay_embeddings=decay_embeddings))}
     names = {id(p): n for n, p in model.named_parameters()}
-    assert all("norm" in names[id(p)] for p in no_decay["params"] if id(p) != id(model.embed.weight))
-    assert (id(model.embed.weight) in {id(p) for p in decay["params"]}) == decay_embeddings
-    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.1
-    total = sum(p.numel() for g in (decay, no_decay) for p in g["params"])
+    assert all("norm" in names[id(p)] for p in groups["vectors"]["params"])
+    assert [id(p) for p in groups["embedding"]["params"]] == [id(model.embed.weight)]
+    assert groups["vectors"]["weight_decay"] == 0.0 and groups["blocks"]["weight_decay"] == 0.1
+    assert groups["embedding"]["weight_decay"] == (0.1 if decay_embeddings else 0.0)
+    total = sum(p.numel() for g in groups.values() for p in g["params"])
     assert total == sum(p.numel() for p in model.parameters())  # the tied head is counted once
 
 

@@ -1,0 +1,248 @@
+"""AFM's adastar optimizer (spec 2.2 and 5.2): golden values, a by-hand reference, skipping, decoupled decay, the
+axlearn schedule, and the same updates on ZeRO-style flat partitions spread over two processes."""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from raytrain.train.config import OptimConfig, ScheduleConfig
+from raytrain.train.engine import check_coverage, contiguous_layout, partitioned_layout
+from raytrain.train.optim import AdaStar, build_optimizer, build_scheduler, cosine_lr, param_groups
+
+AFM_SCHEDULE = ScheduleConfig(warmup_steps=5000, init_lr=0.0, min_lr_ratio=0.005, convention="axlearn")
+
+
+def scalar_run(grads: list[float], **kwargs) -> tuple[torch.nn.Parameter, AdaStar]:
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = AdaStar([p], **{"lr": 0.01, "weight_decay": 0.0, **kwargs})
+    for g in grads:
+        p.grad = torch.tensor([g])
+        opt.step()
+    return p, opt
+
+
+@pytest.mark.parametrize("t, momentum", [(1, 0.05), (10, 0.401263), (100, 0.994079)])
+def test_constant_gradient_gives_unit_updates_and_undebiased_momentum(t: int, momentum: float) -> None:
+    _, opt = scalar_run([0.5] * t)
+    state = next(iter(opt.state.values()))
+    assert state["m"].item() == pytest.approx(1 - 0.95 ** t, abs=1e-6)  # fp32 state
+    assert state["m"].item() == pytest.approx(momentum, abs=1e-6)
+
+
+def test_raw_update_above_rms_one_is_clipped_to_exactly_one() -> None:
+    _, unclipped = scalar_run([0.0, 1.0], update_clip=0.0)
+    _, clipped = scalar_run([0.0, 1.0])
+    # v_2 = 0.05, v_hat = 0.05 / (1 - 0.95^2), u = 1 / sqrt(v_hat) = 1.396424; m_2 = 0.05 u
+    assert next(iter(unclipped.state.values()))["m"].item() == pytest.approx(0.05 * 1.396424, rel=1e-6)
+    assert next(iter(clipped.state.values()))["m"].item() == pytest.approx(0.05 * 1.0, rel=1e-7)
+
+
+def test_first_update_uses_s1_of_the_axlearn_schedule() -> None:
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = AdaStar([p], lr=0.01, weight_decay=0.0)
+    build_scheduler(opt, 0.01, AFM_SCHEDULE, 750_000)
+    p.grad = torch.tensor([0.3])
+    opt.step()
+    assert abs(p.item()) == pytest.approx(1e-7, rel=1e-6)  # s(1) * 0.01 * 0.05, s(1) = 1 / 5000
+
+
+@pytest.mark.parametrize("grad", [100.0, 250.0, float("nan")])
+def test_a_step_whose_gradient_norm_is_not_below_100_changes_nothing(grad: float) -> None:
+    p, opt = scalar_run([0.5, 0.5], weight_decay=0.1)
+    before_p, before = p.detach().clone(), {k: v if isinstance(v, int) else v.clone()
+                                             for k, v in next(iter(opt.state.values())).items()}
+    p.grad = torch.tensor([grad])
+    opt.step()
+    assert torch.equal(p.detach(), before_p)
+    state = next(iter(opt.state.values()))
+    assert state["step"] == before["step"] == 2
+    assert torch.equal(state["m"], before["m"]) and torch.equal(state["v"], before["v"])
+    assert opt.skips(grad) and not opt.skips(99.9)
+
+
+def test_weight_decay_follows_the_schedule_not_the_peak_lr() -> None:
+    """At s = 1 decay alone scales p by (1 - 3.16e-4), whatever the peak LR; at s = 0.5 by (1 - 1.58e-4)."""
+    for peak in (0.01, 1e-4):
+        p = torch.nn.Parameter(torch.full((3,), 2.0))
+        opt = AdaStar([p], lr=peak, weight_decay=3.16e-4)
+        p.grad = torch.zeros(3)
+        opt.step()
+        torch.testing.assert_close(p.detach(), torch.full((3,), 2.0 * (1 - 3.16e-4)), rtol=0, atol=1e-7)
+        opt.param_groups[0]["lr"] = peak / 2
+        opt.step()
+        torch.testing.assert_close(p.detach(), torch.full((3,), 2.0 * (1 - 3.16e-4) * (1 - 1.58e-4)), rtol=0,
+                                   atol=1e-7)
+
+
+def reference_adastar(params: list[torch.Tensor], grads: list[list[torch.Tensor]], lr: float, wd: float,
+                      scales: list[float], clip: float, b1: float = 0.95, b2: float = 0.95) -> list[torch.Tensor]:
+    """The spec's pseudo-code, element by element in float64 with Python loops."""
+    ps = [p.double().clone() for p in params]
+    vs, ms = [torch.zeros_like(p) for p in ps], [torch.zeros_like(p) for p in ps]
+    for t, step_grads in enumerate(grads, start=1):
+        norm = math.sqrt(sum(float(g.double().square().sum()) for g in step_grads))
+        for i, g in enumerate(step_grads):
+            g = g.double() * min(1.0, 1.0 / norm)
+            u = torch.empty_like(g)
+            for j in range(g.numel()):
+                vs[i].view(-1)[j] = b2 * vs[i].view(-1)[j] + (1 - b2) * (g.view(-1)[j] ** 2 + 1e-30)
+                u.view(-1)[j] = g.view(-1)[j] / math.sqrt(vs[i].view(-1)[j] / (1 - b2 ** t))
+            rms = math.sqrt(float(u.square().sum()) / u.numel())
+            u = u / max(1.0, rms / clip)
+            ms[i] = b1 * ms[i] + (1 - b1) * u  # no bias correction
+            ps[i] = ps[i] - (lr * scales[i] * ms[i] + wd * ps[i])
+    return ps
+
+
+def test_update_matches_the_spec_computed_by_hand() -> None:
+    torch.manual_seed(0)
+    w, b = torch.randn(2, 3), torch.randn(3)
+    grads = [[torch.randn(2, 3) * 0.8, torch.randn(3) * 0.8] for _ in range(4)]
+    grads[1][0][0, 0] = 5.0  # a global-norm clip and a per-tensor clip on the second step
+    pw, pb = torch.nn.Parameter(w.clone()), torch.nn.Parameter(b.clone())
+    opt = AdaStar([{"params": [pw], "update_scale": 0.25}, {"params": [pb]}], lr=0.01, weight_decay=3.16e-4,
+                  update_clip=0.5)
+    for step_grads in grads:
+        pw.grad, pb.grad = step_grads
+        opt.step()
+    ew, eb = reference_adastar([w, b], grads, lr=0.01, wd=3.16e-4, scales=[0.25, 1.0], clip=0.5)
+    torch.testing.assert_close(pw.detach().double(), ew, rtol=0, atol=1e-6)  # fp32 vs float64
+    torch.testing.assert_close(pb.detach().double(), eb, rtol=0, atol=1e-6)
+
+
+def test_adastar_groups_scale_block_matrices_and_decay_everything(micro_cfg) -> None:
+    from raytrain.models.decoder import build_decoder
+
+    model = build_decoder(micro_cfg)
+    cfg = OptimConfig(name="adastar", lr=0.01, weight_decay=3.16e-4, decay_norms=True, mup_base_dim=16)
+    groups = {g["kind"]: g for g in param_groups(model, cfg)}
+    assert groups["blocks"]["update_scale"] == 0.25 and groups["embedding"]["update_scale"] == 1.0
+    assert {g["weight_decay"] for g in groups.values()} == {3.16e-4}
+    assert [id(p) for p in groups["embedding"]["params"]] == [id(model.embed.weight)]
+    opt = build_optimizer(model, cfg)
+    assert isinstance(opt, AdaStar) and opt.skip_grad_norm is None
+
+
+@pytest.mark.parametrize("step, s", [(0, 0.0), (2500, 0.5), (5000, 1.0), (377_500, 0.5025), (750_000, 0.005)])
+def test_axlearn_schedule_values(step: int, s: float) -> None:
+    assert cosine_lr(step, 1.0, AFM_SCHEDULE, 750_000) == pytest.approx(s, abs=1e-12)
+    assert cosine_lr(750_000, 0.01, AFM_SCHEDULE, 750_000) == pytest.approx(5e-5, rel=1e-9)
+
+
+# ---- flat partitions spread over two ranks ---------------------------------------------------------------------
+
+SHAPES = [(3, 5), (7,), (3, 3)]
+NUMELS = [15, 7, 9]
+
+
+def _tensors(seed: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen) for s in SHAPES]
+
+
+def _flatten_at(tensors: list[torch.Tensor], offsets: list[int], total: int) -> torch.Tensor:
+    flat = torch.zeros(total)
+    for t, o in zip(tensors, offsets):
+        flat[o:o + t.numel()] = t.reshape(-1)
+    return flat
+
+
+def _zero2(rank: int) -> tuple[Any, Any]:
+    """End to end with alignment gaps, 34 elements cut into 2 x 17: tensor 1 straddles the two ranks."""
+    offsets, size = [0, 16, 24], 17
+    return (lambda ts: _flatten_at(ts, offsets, 2 * size)[rank * size:(rank + 1) * size],
+            contiguous_layout(offsets, NUMELS, size, rank, world=2))
+
+
+def _zero3(rank: int) -> tuple[Any, Any]:
+    """Every tensor cut into 2 padded halves; this rank's halves concatenated."""
+    parts = [math.ceil(n / 2) for n in NUMELS]
+    return (lambda ts: torch.cat([F.pad(t.reshape(-1), (0, 2 * p - t.numel()))[rank * p:(rank + 1) * p]
+                                  for t, p in zip(ts, parts)]),
+            partitioned_layout(NUMELS, parts, rank, world=2))
+
+
+@pytest.fixture
+def two_ranks(monkeypatch):
+    """Run a function as 2 ranks in 2 threads whose `torch.distributed.all_reduce` sums across the threads."""
+    slots, barrier, local = [None, None], threading.Barrier(2), threading.local()
+
+    def all_reduce(tensor: torch.Tensor, group: Any = None) -> None:
+        slots[local.rank] = tensor.clone()
+        barrier.wait()
+        total = slots[0] + slots[1]
+        barrier.wait()
+        tensor.copy_(total)
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+
+    def run(fn: Any) -> list[Any]:
+        results: list[Any] = [None, None]
+
+        def target(rank: int) -> None:
+            local.rank = rank
+            results[rank] = fn(rank)
+
+        threads = [threading.Thread(target=target, args=(r,)) for r in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        return results
+
+    return run
+
+
+def _whole_tensor_steps(update_clip: float) -> list[torch.Tensor]:
+    whole = [torch.nn.Parameter(t) for t in _tensors(0)]
+    opt = AdaStar(whole, lr=0.01, weight_decay=0.1, update_clip=update_clip, grad_clip=0.0)
+    for seed in (1, 2, 3):
+        for p, g in zip(whole, _tensors(seed)):
+            p.grad = g
+        opt.step()
+    return [p.detach() for p in whole]
+
+
+@pytest.mark.parametrize("kind", ["zero2", "zero3"])
+def test_flat_partitions_over_two_ranks_step_like_whole_tensors(kind: str, two_ranks) -> None:
+    def rank_steps(rank: int) -> torch.Tensor:
+        flat_of, layout = (_zero2 if kind == "zero2" else _zero3)(rank)
+        flat = torch.nn.Parameter(flat_of(_tensors(0)))
+        check_coverage({flat: layout})
+        opt = AdaStar([flat], lr=0.01, weight_decay=0.1, update_clip=0.3)
+        opt.attach(lambda: 1.0, {flat: layout})
+        for seed in (1, 2, 3):
+            flat.grad = flat_of(_tensors(seed))
+            opt.step()
+        return flat.detach()
+
+    parts = two_ranks(rank_steps)
+    whole, unclipped = (_whole_tensor_steps(clip) for clip in (0.3, 0.0))
+    assert all((a - b).abs().max() > 1e-4 for a, b in zip(whole, unclipped))  # the clip is active in every tensor
+    if kind == "zero2":
+        got = torch.cat(parts)
+        pieces = [got[o:o + n] for o, n in zip([0, 16, 24], NUMELS)]
+    else:
+        halves = [torch.split(part, [math.ceil(n / 2) for n in NUMELS]) for part in parts]
+        pieces = [torch.cat([halves[0][k], halves[1][k]])[:n] for k, n in enumerate(NUMELS)]
+    for p, piece in zip(whole, pieces):
+        torch.testing.assert_close(piece, p.detach().reshape(-1), rtol=0, atol=1e-6)
+
+
+def test_a_layout_that_misses_elements_is_refused(two_ranks) -> None:
+    def rank_check(rank: int) -> str:
+        _, layout = _zero2(rank)
+        layout.segments = layout.segments[:-1]  # a DeepSpeed layout we misread
+        try:
+            check_coverage({torch.zeros(17): layout})
+        except RuntimeError as e:
+            return str(e)
+        return ""
+
+    assert all("do not tile the parameters" in message for message in two_ranks(rank_check))
