@@ -106,14 +106,17 @@ def latest_run_checkpoint(run_dir: Path) -> Path | None:
 
 
 def load_pretrained(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-                    tokenizer: str | Path | None = None) -> Pretrained:
-    """Load weights (and the tokenizer, if the checkpoint has one or `tokenizer` points at one)."""
+                    tokenizer: str | Path | None = None, config: Any = None) -> Pretrained:
+    """Load weights (and the tokenizer, if the checkpoint has one or `tokenizer` points at one). `config` builds
+    another model config than the checkpoint's around the same parameter shapes (e.g. a new RoPE base or context
+    length for the next stage of a recipe)."""
     path = resolve_checkpoint(path)
-    cfg = read_model_config(path)
+    saved = read_model_config(path)
+    cfg = config if config is not None else saved
     state = read_weights(path)
     model_type = _read_json(path / CONFIG).get("model_type")
     if model_type in FORMATS:
-        state = FORMATS[model_type][1](state, cfg)
+        state = FORMATS[model_type][1](state, saved)
     model = build_model(cfg, "meta")
     check_state(model, state, path)
     model.to_empty(device=device)

@@ -43,3 +43,13 @@ def config_dict(cfg: Any) -> dict[str, Any]:
 
 def build_model(cfg: Any, device: torch.device | str | None = None) -> nn.Module:
     return FAMILIES[family_of(cfg)].build(cfg, device)
+
+
+def shape_mismatch(a: Any, b: Any) -> str | None:
+    """None when models `a` and `b` have the same parameters with the same shapes (so weights of one load into
+    the other, whatever their RoPE base or context length); else the first difference, in words."""
+    shapes = [{k: tuple(v.shape) for k, v in build_model(cfg, "meta").named_parameters()} for cfg in (a, b)]
+    for name in sorted(set(shapes[0]) | set(shapes[1])):
+        if shapes[0].get(name) != shapes[1].get(name):
+            return f"{name} is {shapes[0].get(name)} in {a.name}, {shapes[1].get(name)} in {b.name}"
+    return None

@@ -39,6 +39,7 @@ class Progress:
     epoch: int = 0
     epoch_batches: int = 0  # micro-batches each rank consumed in the current epoch
     tokens: int = 0  # tokens trained on, all ranks together
+    skipped_steps: int = 0  # optimizer steps that changed nothing (gradient norm too large or not finite)
 
 
 def checkpoint_name(step: int) -> str:
@@ -55,10 +56,11 @@ def save(engine: Any, model: torch.nn.Module, job: TrainJob, progress: Progress,
     torch.save(_rng_state(), d / "rng" / f"rank{rank:05d}.pt")
     state = _gather_state(model, rank, zero3)
     if rank == 0:
-        meta = {"run": job.run_name, "step": progress.step, "tokens": progress.tokens, "model": job.model.name}
+        meta = {"run": job.run_name, "step": progress.step, "tokens": progress.tokens, "model": job.model.name,
+                "seq_len": job.data.seq_len}
         save_pretrained(d / "model", job.model, state, job.tokenizer_files, meta)
         manifest = {"tag": tag, "step": progress.step, "world_size": world,
-                    "zero_stage": job.trainer.zero_stage, "model": config_dict(job.model),
+                    "zero_stage": job.trainer.zero_stage, "optim": job.optim.name, "model": config_dict(job.model),
                     "tokenizer": fingerprint(job.tokenizer_files), "run": job.run_name}
         (d / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return str(d)
@@ -111,6 +113,20 @@ def restore(engine: Any, directory: str, job: TrainJob, rank: int, world: int) -
         raise CheckpointError(f"checkpoint {directory}: DeepSpeed found no state under ds/{manifest['tag']}")
     _set_rng_state(torch.load(Path(directory) / "rng" / f"rank{rank:05d}.pt", weights_only=False))
     return Progress(**client["progress"])
+
+
+def load_optimizer(engine: Any, optimizer: torch.optim.Optimizer, directory: str, world: int) -> None:
+    """Start from another run's training checkpoint: its weights and optimizer state (moments, step counts), but
+    this run's hyperparameters (LR, decay, betas) and a fresh schedule and data position. The driver checked that
+    world size, ZeRO stage, optimizer and parameter shapes match."""
+    manifest = read_manifest(directory, world)
+    hyperparameters = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    path, _ = engine.load_checkpoint(str(Path(directory) / "ds"), tag=manifest["tag"], load_optimizer_states=True,
+                                     load_lr_scheduler_states=False)
+    if path is None:
+        raise CheckpointError(f"checkpoint {directory}: DeepSpeed found no state under ds/{manifest['tag']}")
+    for group, saved in zip(optimizer.param_groups, hyperparameters):  # loading restored the old run's values
+        group.update(saved)
 
 
 def _rng_state() -> dict[str, Any]:

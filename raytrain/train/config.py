@@ -32,7 +32,8 @@ class TrainerConfig:
     peak_tflops: float | None = None  # per-device peak for MFU; None = 989 (H100/H200 bf16 dense) on GPU, no MFU on CPU
     storage_path: str = "outputs/runs"
     run_name: str | None = None  # None = a fresh "<model>-<timestamp>"; an existing name resumes that run
-    init_from: str | None = None  # Hugging Face layout checkpoint whose weights start the run
+    init_from: str | None = None  # checkpoint whose weights start the run (same shapes; config from model=)
+    init_optimizer: bool = False  # also take the optimizer state of init_from, a training checkpoint (step*/)
     dist_timeout_s: int = 1800
 
     def __post_init__(self) -> None:
@@ -79,6 +80,24 @@ class ScheduleConfig:
 
 
 @dataclass
+class ObjectiveConfig:
+    name: str = "lm"  # lm (cross-entropy + z-loss) | distill (AFM's teacher/label mix)
+    teacher: str | None = None  # distill: teacher checkpoint (same tokenizer); in a recipe, also an earlier stage
+    target: str = "top1"  # distill: top1 (the teacher's argmax, AFM) | kl (the teacher's full distribution)
+    teacher_weight: float = 0.9  # distill: the teacher's share of the target; the label gets the rest
+
+    def __post_init__(self) -> None:
+        if self.name not in ("lm", "distill"):
+            raise ValueError(f"name={self.name!r}; expected lm or distill")
+        if self.target not in ("top1", "kl"):
+            raise ValueError(f"target={self.target!r}; expected top1 or kl")
+        if not 0.0 <= self.teacher_weight <= 1.0:
+            raise ValueError(f"teacher_weight={self.teacher_weight} is not in [0, 1]")
+        if self.name == "distill" and not self.teacher:
+            raise ValueError("name=distill needs a teacher checkpoint (objective.teacher)")
+
+
+@dataclass
 class TrackingConfig:
     mode: str = "offline"  # offline | online | disabled
     project: str = "raytrain"
@@ -101,6 +120,7 @@ class TrainJob:
     optim: OptimConfig
     schedule: ScheduleConfig
     tracking: TrackingConfig
+    objective: ObjectiveConfig
     run_name: str
     tokenizer_files: TokenizerFiles
     pad_id: int  # label positions holding it are ignored by the loss

@@ -9,14 +9,15 @@ after `initialize` which slice of each partition belongs to which tensor (`zero_
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from raytrain.config import ConfigError
-from raytrain.train.config import TrainerConfig
-from raytrain.train.objectives import lm_loss
+from raytrain.train.config import ObjectiveConfig, TrainerConfig
+from raytrain.train.objectives import distill_loss, lm_loss
 from raytrain.train.optim import FlatLayout, Segment
 
 
@@ -57,10 +58,21 @@ def apply_model_options(model: torch.nn.Module, t: TrainerConfig) -> None:
             block.compile()
 
 
-def loss_function(t: TrainerConfig) -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """`lm_loss`, compiled when `trainer.compile` is on: fuses the fp32 upcast, logsumexp and gather over the
-    (tokens x vocabulary) logits, which are otherwise several passes over the largest activation."""
-    return torch.compile(lm_loss) if t.compile else lm_loss
+def loss_function(t: TrainerConfig, objective: ObjectiveConfig) -> Callable[..., tuple[torch.Tensor, ...]]:
+    """`(logits, labels, teacher_logits) -> (total, *parts)`, parts named by `METRICS[objective.name]`; compiled
+    when `trainer.compile` is on: fuses the fp32 upcast, logsumexp and gathers over the (tokens x vocabulary)
+    logits, which are otherwise several passes over the largest activation."""
+    if objective.name == "distill":
+        loss = functools.partial(distill_loss, z_loss=t.z_loss, teacher_weight=objective.teacher_weight,
+                                 target=objective.target)
+    else:
+        loss = functools.partial(_lm_loss, z_loss=t.z_loss)
+    return torch.compile(loss) if t.compile else loss
+
+
+def _lm_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_logits: None,
+             z_loss: float) -> tuple[torch.Tensor, ...]:
+    return lm_loss(logits, labels, z_loss)
 
 
 def model_init_context(ds_config: dict[str, Any]) -> contextlib.AbstractContextManager:

@@ -2,8 +2,10 @@
 
 Each rank builds the model, hands it with a torch optimizer and LR schedule to DeepSpeed, resumes from the latest
 registered checkpoint if there is one (weights, optimizer, schedule, data position, RNG), and trains on its shard
-of the Ray Dataset. Every `checkpoint_every` steps all ranks save and report together; rank 0 logs progress to the
-console and to W&B. A non-finite loss ends the run before anything is saved, so the last good checkpoint stays.
+of the Ray Dataset. A distillation objective also loads a frozen teacher on every rank. Every `checkpoint_every`
+steps all ranks save and report together; rank 0 logs progress to the console and to W&B. A non-finite loss ends
+the run before anything is saved, so the last good checkpoint stays. Steps the optimizer skipped (adastar's
+gradient-norm rule, or DeepSpeed's on a non-finite gradient) are counted and logged.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from raytrain.train.checkpoint import Progress
 from raytrain.train.config import TrainJob
 from raytrain.train.engine import (apply_model_options, deepspeed_config, initialize, loss_function,
                                    model_init_context, resolve_precision)
-from raytrain.train.objectives import IGNORE_INDEX
+from raytrain.train.objectives import IGNORE_INDEX, METRICS
 from raytrain.train.optim import build_optimizer, build_scheduler
 from raytrain.train.tracking import Tracker
 
@@ -49,7 +51,7 @@ def train_loop(job: TrainJob) -> dict[str, Any]:
 
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     model = _build(job, ds_config, device)
-    optimizer = build_optimizer(model, job.optim, fused=t.use_gpu)
+    optimizer = build_optimizer(model, job.optim, fused=t.use_gpu, grad_clip=t.grad_clip)
     total = job.schedule.total_steps or t.max_steps
     engine = initialize(model, optimizer, lambda opt: build_scheduler(opt, job.optim.lr, job.schedule, total),
                         ds_config)
@@ -60,19 +62,24 @@ def train_loop(job: TrainJob) -> dict[str, Any]:
             progress = checkpoint.restore(engine, d, job, rank, world)
         if rank == 0:
             log.info("resumed run %s at step %d", job.run_name, progress.step)
+    elif t.init_from and t.init_optimizer:
+        checkpoint.load_optimizer(engine, optimizer, t.init_from, world)
+        if rank == 0:
+            log.info("weights and optimizer state from %s", t.init_from)
 
+    teacher = _teacher(job, device, precision)
     tracker = Tracker(job.tracking, job.run_name, job.snapshot, rank)
     try:
-        return _train(engine, model, job, progress, tracker, rank, world, device)
+        return _train(engine, model, optimizer, teacher, job, progress, tracker, rank, world, device)
     finally:
         tracker.finish()
 
 
 def _build(job: TrainJob, ds_config: dict[str, Any], device: torch.device) -> torch.nn.Module:
-    if job.trainer.init_from:  # the driver checked that it holds this model
+    if job.trainer.init_from:  # the driver checked that its parameters have this model's shapes
         from raytrain.checkpoint.hf import load_pretrained
 
-        model = load_pretrained(job.trainer.init_from).model.train()
+        model = load_pretrained(job.trainer.init_from, config=job.model).model.train()
     else:
         with model_init_context(ds_config):
             model = build_model(job.model, device)
@@ -80,8 +87,19 @@ def _build(job: TrainJob, ds_config: dict[str, Any], device: torch.device) -> to
     return model.to(device)
 
 
-def _train(engine: Any, model: torch.nn.Module, job: TrainJob, progress: Progress, tracker: Tracker, rank: int,
-           world: int, device: torch.device) -> dict[str, Any]:
+def _teacher(job: TrainJob, device: torch.device, precision: str) -> torch.nn.Module | None:
+    """The frozen distillation teacher, whole on every rank (it never enters DeepSpeed), in the compute dtype."""
+    if job.objective.name != "distill":
+        return None
+    from raytrain.checkpoint.hf import load_pretrained
+
+    dtype = torch.bfloat16 if precision == "bf16" else None
+    return load_pretrained(job.objective.teacher, device=device, dtype=dtype).model.requires_grad_(False).eval()
+
+
+def _train(engine: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer, teacher: torch.nn.Module | None,
+           job: TrainJob, progress: Progress, tracker: Tracker, rank: int, world: int,
+           device: torch.device) -> dict[str, Any]:
     """Optimizer steps until `max_steps` (or `stop_after_steps`). Losses stay on the device and are reduced across
     ranks only at log and checkpoint steps, so the host never waits on the GPU in between; a non-finite mean at
     such a step ends the run before anything is saved."""
@@ -90,16 +108,21 @@ def _train(engine: Any, model: torch.nn.Module, job: TrainJob, progress: Progres
     t = job.trainer
     stop_at = min(t.max_steps, t.stop_after_steps or t.max_steps)
     batches = _batches(ray.train.get_dataset_shard("train"), job, progress, device)
-    loss_fn = loss_function(t)
+    loss_fn = loss_function(t, job.objective)
+    names = ("loss", *METRICS[job.objective.name])
+    skips = getattr(optimizer, "skips", None)
     meter = _Throughput(job, world)
-    window, window_steps = torch.zeros(3, device=device), 0
+    window, window_steps = torch.zeros(len(names), device=device), 0
     while progress.step < stop_at:
         for _ in range(t.grad_accum):
             inputs, labels = next(batches)
-            loss, ce, z = loss_fn(engine(inputs), labels, t.z_loss)
+            teacher_logits = _no_grad(teacher, inputs) if teacher is not None else None
+            loss, *parts = loss_fn(engine(inputs), labels, teacher_logits)
             engine.backward(loss)
             engine.step()
-            window += torch.stack([loss.detach(), ce, z])
+            window += torch.stack([loss.detach(), *parts])
+        if not engine.was_step_applied() or (skips is not None and skips(_grad_norm(engine))):
+            progress.skipped_steps += 1
         progress.step += 1
         progress.tokens += tokens_per_step(job, world)
         window_steps += 1
@@ -108,13 +131,13 @@ def _train(engine: Any, model: torch.nn.Module, job: TrainJob, progress: Progres
         if not (log_now or save_now):
             continue
         torch.distributed.all_reduce(window)
-        loss, ce, z = (window / (window_steps * t.grad_accum * world)).tolist()
-        window, window_steps = torch.zeros(3, device=device), 0
-        if not math.isfinite(loss):
+        metrics = dict(zip(names, (window / (window_steps * t.grad_accum * world)).tolist()))
+        window, window_steps = torch.zeros(len(names), device=device), 0
+        if not math.isfinite(metrics["loss"]):
             if rank == 0:
-                log.error("loss is %s at step %d; stopping without saving", loss, progress.step)
+                log.error("loss is %s at step %d; stopping without saving", metrics["loss"], progress.step)
             return {"status": "non_finite_loss", "step": progress.step}
-        metrics = {"loss": loss, "ce": ce, "z_loss": z, "lr": engine.get_lr()[0]}
+        metrics.update(lr=engine.get_lr()[0], skipped_steps=progress.skipped_steps)
         if log_now:
             metrics.update(meter.measure(progress.step), grad_norm=_grad_norm(engine))
             if rank == 0:
@@ -124,6 +147,11 @@ def _train(engine: Any, model: torch.nn.Module, job: TrainJob, progress: Progres
             _save_and_report(engine, model, job, progress, metrics, rank, world)
     status = "finished" if progress.step >= t.max_steps else "stopped"
     return {"status": status, "step": progress.step}
+
+
+@torch.no_grad()
+def _no_grad(module: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    return module(inputs)
 
 
 def tokens_per_step(job: TrainJob, world: int) -> int:
@@ -205,4 +233,8 @@ def _format(step: int, max_steps: int, m: dict[str, float]) -> str:
         parts.append(f"tokens/s {m['tokens_per_s']:,.0f}")
     if "mfu" in m:
         parts.append(f"mfu {100 * m['mfu']:.1f}%")
+    if "distill" in m:
+        parts.append(f"distill {m['distill']:.4f}")
+    if m.get("skipped_steps"):
+        parts.append(f"skipped {m['skipped_steps']}")
     return " | ".join(parts)

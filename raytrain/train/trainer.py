@@ -17,6 +17,7 @@ from typing import Any
 
 from raytrain.checkpoint.hf import latest_run_checkpoint, read_model_config
 from raytrain.config import ConfigError, RaytrainError
+from raytrain.models.registry import shape_mismatch
 from raytrain.data import text
 from raytrain.data.tokenizer import TokenizerFiles, from_files, load_tokenizer, to_files, train_bpe
 from raytrain.train import checkpoint
@@ -109,16 +110,36 @@ def check_resume(run_dir: str, job: TrainJob) -> int | None:
     return manifest["step"]
 
 
-def check_init_from(t: TrainerConfig, model: Any) -> None:
-    """`trainer.init_from` must hold the configured model (checked before any worker starts)."""
-    if t.init_from:
+def check_init_from(job: TrainJob) -> None:
+    """`trainer.init_from` must hold parameters of the configured model's shapes; with `trainer.init_optimizer` it
+    must be a training checkpoint written by as many workers, the same ZeRO stage and optimizer (checked before any
+    worker starts)."""
+    t = job.trainer
+    if not t.init_from:
+        return
+    try:
+        found = read_model_config(t.init_from)
+    except RaytrainError as e:
+        raise ConfigError(f"trainer.init_from: {e}") from None
+    if (difference := shape_mismatch(found, job.model)) is not None:
+        raise ConfigError(f"trainer.init_from={t.init_from} holds model {found.name}, whose parameters do not fit "
+                          f"model={job.model.name}: {difference}")
+    if t.init_optimizer:
+        directory = training_checkpoint(t.init_from)
         try:
-            found = read_model_config(t.init_from)
+            manifest = checkpoint.read_manifest(directory, t.num_workers)
         except RaytrainError as e:
-            raise ConfigError(f"trainer.init_from: {e}") from None
-        if found != model:
-            raise ConfigError(f"trainer.init_from={t.init_from} holds model {found.name} with another shape or "
-                              f"config than model={model.name}")
+            raise ConfigError(f"trainer.init_optimizer: {e}") from None
+        for key, ours in (("zero_stage", t.zero_stage), ("optim", job.optim.name)):
+            if manifest.get(key) != ours:
+                raise ConfigError(f"trainer.init_optimizer: {directory} has {key}={manifest.get(key)}, this run "
+                                  f"{ours}; its optimizer state cannot be loaded")
+
+
+def training_checkpoint(path: str) -> str:
+    """A training checkpoint directory (`step*/` with `ds/` and a manifest): the path, or a run's latest."""
+    run_latest = latest_run_checkpoint(Path(path))
+    return str(run_latest if run_latest is not None else Path(path))
 
 
 def fit(job: TrainJob, storage: str) -> Any:
