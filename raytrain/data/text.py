@@ -1,11 +1,16 @@
 """Text corpora on Ray Data: read, split, tokenize and chunk into fixed-length training sequences.
 
 Inputs are a directory, glob or file of .txt (one document per file), .jsonl (one document per line, field
-`text_field`) or .parquet (column `text_field`); with no path, the embedded corpus (`corpus.py`). Chunking follows
-OpenELM's `general_lm` rules (spec section 3): split each document into pieces of `words_per_piece` words, drop
-pieces under `min_chars` normalised characters, tokenize with BOS and EOS, drop pieces under `min_tokens` tokens,
-then truncate or pad to `seq_len + 1` tokens. `packing=true` instead concatenates the pieces of a batch and cuts
-them into full sequences (no padding; logged as a deviation from the reference).
+`text_field`) or .parquet (column `text_field`), or `embedded:<name>` (a source of `corpus.py`); with no path, the
+embedded corpus. Chunking follows OpenELM's `general_lm` rules (spec section 3): split each document into pieces
+of `words_per_piece` words, drop pieces under `min_chars` normalised characters, tokenize with BOS and EOS, drop
+pieces under `min_tokens` tokens, then truncate or pad to `seq_len + 1` tokens. `packing=true` instead
+concatenates the pieces of a batch and cuts them into full sequences (no padding; logged as a deviation from the
+reference).
+
+Several `sources` with `mixture` weights form a data mixture: each source is tokenized and counted, then sampled
+(repeated where its weight asks for more rows than it has) so that one epoch of the mixture holds as many rows as
+all sources together, in the weights' proportions, and globally shuffled with a fixed seed.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import math
 import random
 import re
 import string
@@ -30,6 +36,7 @@ from raytrain.data.tokenizer import TokenizerFiles, fingerprint, from_files
 log = logging.getLogger(__name__)
 
 FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
+EMBEDDED = "embedded:"
 _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
 
 
@@ -39,7 +46,9 @@ class DataError(RaytrainError):
 
 @dataclass
 class TextDataConfig:
-    path: str | None = None  # directory, glob or file; None = the embedded corpus
+    path: str | None = None  # directory, glob, file or embedded:<name>; None = the embedded corpus
+    sources: dict[str, str] | None = None  # several named paths (like `path`) mixed by `mixture`; replaces `path`
+    mixture: dict[str, float] | None = None  # source name -> sampling weight (absent = 0); None = natural sizes
     format: str = "auto"  # txt | jsonl | parquet | auto (by file extension)
     text_field: str = "text"  # jsonl field / parquet column holding the document
     seq_len: int = 2048
@@ -58,6 +67,30 @@ class TextDataConfig:
             raise ValueError(f"format={self.format!r}; expected auto, txt, jsonl or parquet")
         if self.seq_len < 2 or self.words_per_piece < 1:
             raise ValueError("seq_len must be >= 2 and words_per_piece >= 1")
+        if self.sources is not None and self.path is not None:
+            raise ValueError("set path or sources, not both")
+        if self.mixture is not None:
+            mixture_weights(self)
+
+    def paths(self) -> dict[str, str | None]:
+        """Source name -> path: the `sources`, or the single `path` as source "text"."""
+        return dict(self.sources) if self.sources else {"text": self.path}
+
+
+def mixture_weights(cfg: TextDataConfig) -> dict[str, float]:
+    """Each source's share of the mixture (summing to 1); sources the mixture leaves out get 0."""
+    names = list(cfg.paths())
+    weights = dict(cfg.mixture) if cfg.mixture is not None else {name: 1.0 for name in names}
+    unknown = sorted(set(weights) - set(names))
+    if unknown:
+        raise ValueError(f"mixture names {unknown}, which are not in sources ({', '.join(names)})")
+    negative = {k: v for k, v in weights.items() if v < 0}
+    if negative:
+        raise ValueError(f"mixture weights must not be negative: {negative}")
+    total = sum(weights.values())
+    if not total > 0:
+        raise ValueError(f"mixture weights must sum to a positive value (they sum to {total})")
+    return {name: weights.get(name, 0.0) / total for name in names}
 
 
 # ---- pure functions: the chunking rules ------------------------------------------------------------------------
@@ -90,6 +123,19 @@ def to_sequences(pieces: list[list[int]], cfg: TextDataConfig, bos: int, eos: in
 
 
 # ---- files -----------------------------------------------------------------------------------------------------
+
+def check_paths(cfg: TextDataConfig) -> None:
+    """Every source path resolves to files (or names an embedded source), checked before Ray starts."""
+    for name, path in cfg.paths().items():
+        if path is None:
+            continue
+        if path.startswith(EMBEDDED):
+            if path.removeprefix(EMBEDDED) not in corpus.SOURCES:
+                where = "data.path" if cfg.sources is None else f"data.sources.{name}"
+                raise DataError(f"{where}={path}: no such embedded source (known: {', '.join(corpus.SOURCES)})")
+        else:
+            resolve_files(path, cfg.format)
+
 
 def resolve_files(path: str, fmt: str = "auto") -> tuple[list[str], str]:
     """Expand a directory, glob or file into a sorted file list of one format."""
@@ -137,13 +183,15 @@ def _parse_jsonl(batch: dict[str, Any], field: str) -> dict[str, Any]:
     return {"text": texts}
 
 
-def read_documents(cfg: TextDataConfig) -> Any:
-    """A Ray Dataset with one column, "text", one row per document, in a seeded file order."""
+def read_documents(cfg: TextDataConfig, path: str | None) -> Any:
+    """A Ray Dataset with one column, "text", one row per document of `path`, in a seeded file order."""
     import ray.data
 
-    if cfg.path is None:
+    if path is None:
         return ray.data.from_items([{"text": t} for t in corpus.documents()])
-    files, fmt = resolve_files(cfg.path, cfg.format)
+    if path.startswith(EMBEDDED):
+        return ray.data.from_items([{"text": t} for t in corpus.source(path.removeprefix(EMBEDDED))])
+    files, fmt = resolve_files(path, cfg.format)
     random.Random(cfg.shuffle_seed).shuffle(files)  # the reference shuffles the file list, not documents
     if fmt == "txt":
         return ray.data.read_binary_files(files).map_batches(_decode_txt, batch_format="numpy")
@@ -172,34 +220,72 @@ def _cached_tokenizer(key: str, files_json: str) -> Any:
     return _TOKENIZERS[key]
 
 
-def _tokenize_batch(batch: dict[str, Any], cfg: TextDataConfig, files_json: str, key: str) -> dict[str, Any]:
-    tok = _cached_tokenizer(key, files_json)
-    pieces = [p for doc in batch["text"] for p in split_document(str(doc), cfg.words_per_piece)
+def tokenize_documents(docs: list[str], cfg: TextDataConfig, tok: Any) -> np.ndarray:
+    """Documents -> (n, seq_len + 1) training sequences with the chunking rules (also used in-process, for eval)."""
+    pieces = [p for doc in docs for p in split_document(str(doc), cfg.words_per_piece)
               if normalized_length(p) >= cfg.min_chars]
     ids = tok(pieces, add_special_tokens=False)["input_ids"] if pieces else []
-    return {"tokens": to_sequences(ids, cfg, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)}
+    return to_sequences(ids, cfg, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+
+
+def _tokenize_batch(batch: dict[str, Any], cfg: TextDataConfig, files_json: str, key: str) -> dict[str, Any]:
+    return {"tokens": tokenize_documents(list(batch["text"]), cfg, _cached_tokenizer(key, files_json))}
 
 
 def build_dataset(cfg: TextDataConfig, tokenizer_files: TokenizerFiles) -> Any:
-    """Documents -> (seq_len + 1)-token rows in column "tokens"; raises if the corpus yields none."""
+    """Documents -> (seq_len + 1)-token rows in column "tokens"; raises if a source yields none."""
     if cfg.packing:
         log.info("data.packing=true: sequences are packed across documents (the OpenELM reference pads instead)")
-    ds = read_documents(cfg).map_batches(
+    if cfg.mixture is None and len(cfg.paths()) == 1:
+        return _tokenized(cfg, next(iter(cfg.paths().values())), tokenizer_files, check=True)
+    return _mixture(cfg, tokenizer_files)
+
+
+def _tokenized(cfg: TextDataConfig, path: str | None, tokenizer_files: TokenizerFiles, check: bool) -> Any:
+    ds = read_documents(cfg, path).map_batches(
         _tokenize_batch, batch_size=64, batch_format="numpy",
         fn_kwargs={"cfg": cfg, "files_json": json.dumps(tokenizer_files), "key": fingerprint(tokenizer_files)})
-    if ds.limit(1).count() == 0:
-        where = cfg.path or "the embedded corpus"
-        raise DataError(f"no usable documents in {where}: no piece reaches data.min_chars={cfg.min_chars} "
-                        f"characters and data.min_tokens={cfg.min_tokens} tokens (is data.text_field right?)")
+    if check and ds.limit(1).count() == 0:
+        raise _no_usable_documents(cfg, path)
     return ds
 
 
+def _no_usable_documents(cfg: TextDataConfig, path: str | None) -> DataError:
+    return DataError(f"no usable documents in {path or 'the embedded corpus'}: no piece reaches data.min_chars="
+                     f"{cfg.min_chars} characters and data.min_tokens={cfg.min_tokens} tokens (is data.text_field "
+                     "right?)")
+
+
+def _mixture(cfg: TextDataConfig, tokenizer_files: TokenizerFiles) -> Any:
+    """One epoch of the weighted mixture: as many rows as all sources hold, source i contributing weight_i of them
+    (its rows in order, cycled if it has fewer), globally shuffled with `shuffle_seed`. Sources are tokenized once
+    and held in the object store (Ray Data materialize) to be counted and cycled."""
+    weights = mixture_weights(cfg) if cfg.mixture is not None else None
+    parts = {name: _tokenized(cfg, path, tokenizer_files, check=False).materialize()
+             for name, path in cfg.paths().items() if weights is None or weights[name] > 0}
+    counts = {name: ds.count() for name, ds in parts.items()}
+    for name, count in counts.items():
+        if count == 0:
+            raise _no_usable_documents(cfg, cfg.paths()[name])
+    total = sum(counts.values())
+    sampled, rows = [], {}
+    for name, ds in parts.items():
+        rows[name] = round(weights[name] * total) if weights is not None else counts[name]
+        repeats = math.ceil(rows[name] / counts[name])
+        sampled.append((ds.union(*[ds] * (repeats - 1)) if repeats > 1 else ds).limit(rows[name]))
+    log.info("data mixture of %d rows per epoch: %s", sum(rows.values()),
+             ", ".join(f"{name} {rows[name]} ({rows[name] / counts[name]:.2f}x its {counts[name]})" for name in rows))
+    mixed = sampled[0].union(*sampled[1:]) if len(sampled) > 1 else sampled[0]
+    return mixed.random_shuffle(seed=cfg.shuffle_seed)
+
+
 def tokenizer_texts(cfg: TextDataConfig) -> Iterator[str]:
-    """Documents for training the BPE, up to `tokenizer_train_chars` characters."""
+    """Documents of every source, in turn, for training the BPE, up to `tokenizer_train_chars` characters."""
     budget = cfg.tokenizer_train_chars
-    for row in read_documents(cfg).iter_rows():
-        text = str(row["text"])
-        yield text[:budget]
-        budget -= len(text)
-        if budget <= 0:
-            return
+    for path in cfg.paths().values():
+        for row in read_documents(cfg, path).iter_rows():
+            text = str(row["text"])
+            yield text[:budget]
+            budget -= len(text)
+            if budget <= 0:
+                return

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from raytrain.checkpoint.hf import CheckpointError, model_state, save_pretrained
+from raytrain.checkpoint.hf import CheckpointError, latest_run_checkpoint, model_state, save_pretrained
 from raytrain.data.tokenizer import fingerprint
 from raytrain.models.registry import config_dict
 from raytrain.train.config import TrainJob
@@ -57,7 +57,8 @@ def save(engine: Any, model: torch.nn.Module, job: TrainJob, progress: Progress,
     state = _gather_state(model, rank, zero3)
     if rank == 0:
         meta = {"run": job.run_name, "step": progress.step, "tokens": progress.tokens, "model": job.model.name,
-                "seq_len": job.data.seq_len}
+                "seq_len": job.data.seq_len, "skipped_steps": progress.skipped_steps,
+                "init_from": job.trainer.init_from, "teacher": job.objective.teacher}
         save_pretrained(d / "model", job.model, state, job.tokenizer_files, meta)
         manifest = {"tag": tag, "step": progress.step, "world_size": world,
                     "zero_stage": job.trainer.zero_stage, "optim": job.optim.name, "model": config_dict(job.model),
@@ -115,10 +116,17 @@ def restore(engine: Any, directory: str, job: TrainJob, rank: int, world: int) -
     return Progress(**client["progress"])
 
 
-def load_optimizer(engine: Any, optimizer: torch.optim.Optimizer, directory: str, world: int) -> None:
+def training_checkpoint(path: str | Path) -> Path:
+    """A training checkpoint directory (`step*/` with `ds/` and a manifest): the path itself, or a run's latest."""
+    latest = latest_run_checkpoint(Path(path))
+    return latest if latest is not None else Path(path)
+
+
+def load_optimizer(engine: Any, optimizer: torch.optim.Optimizer, path: str, world: int) -> None:
     """Start from another run's training checkpoint: its weights and optimizer state (moments, step counts), but
     this run's hyperparameters (LR, decay, betas) and a fresh schedule and data position. The driver checked that
     world size, ZeRO stage, optimizer and parameter shapes match."""
+    directory = training_checkpoint(path)
     manifest = read_manifest(directory, world)
     hyperparameters = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     path, _ = engine.load_checkpoint(str(Path(directory) / "ds"), tag=manifest["tag"], load_optimizer_states=True,

@@ -27,7 +27,7 @@ from raytrain.train.checkpoint import Progress
 from raytrain.train.config import TrainJob
 from raytrain.train.engine import (apply_model_options, deepspeed_config, initialize, loss_function,
                                    model_init_context, resolve_precision)
-from raytrain.train.objectives import IGNORE_INDEX, METRICS
+from raytrain.train.objectives import METRICS, next_token_pairs
 from raytrain.train.optim import build_optimizer, build_scheduler
 from raytrain.train.tracking import Tracker
 
@@ -186,10 +186,7 @@ def _batches(shard: Any, job: TrainJob, progress: Progress,
                 skip -= 1
                 continue
             progress.epoch_batches += 1
-            tokens = batch["tokens"]  # (B, seq_len + 1)
-            labels = tokens[:, 1:].clone()
-            labels[labels == job.pad_id] = IGNORE_INDEX
-            yield tokens[:, :-1], labels
+            yield next_token_pairs(batch["tokens"], job.pad_id)  # rows of seq_len + 1 tokens
         if seen == 0:
             raise DataError(f"the dataset has fewer than trainer.micro_batch_size={job.trainer.micro_batch_size} "
                             f"sequences per worker")

@@ -14,6 +14,13 @@ METRICS = {"lm": ("ce", "z_loss"), "distill": ("ce", "z_loss", "distill")}
 TARGETS = ("top1", "kl")
 
 
+def next_token_pairs(tokens: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows (B, T + 1) -> inputs (B, T) and next-token labels (B, T), pad labels ignored."""
+    labels = tokens[:, 1:].clone()
+    labels[labels == pad_id] = IGNORE_INDEX
+    return tokens[:, :-1], labels
+
+
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, z_loss: float) -> tuple[torch.Tensor, torch.Tensor,
                                                                                    torch.Tensor]:
     """Next-token cross-entropy plus z-loss, `z_loss * mean(logsumexp(logits)^2)`, both over positions whose label

@@ -15,13 +15,14 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from raytrain.checkpoint.hf import latest_run_checkpoint, read_model_config
+from raytrain.checkpoint.hf import latest_run_checkpoint, read_model_config, resolve_checkpoint
 from raytrain.config import ConfigError, RaytrainError
-from raytrain.models.registry import shape_mismatch
 from raytrain.data import text
-from raytrain.data.tokenizer import TokenizerFiles, from_files, load_tokenizer, to_files, train_bpe
+from raytrain.data.tokenizer import TokenizerFiles, fingerprint, from_files, load_tokenizer, to_files, train_bpe
+from raytrain.models.registry import shape_mismatch
 from raytrain.train import checkpoint
-from raytrain.train.config import TrainJob, TrainerConfig
+from raytrain.train.config import OptimConfig, TrainJob, TrainerConfig
+from raytrain.train.optim import check_optim
 
 log = logging.getLogger("raytrain.train")
 PASSED_ENV = re.compile(r"^(WANDB_|HF_|NCCL_|TORCH_|DS_|CUDA_LAUNCH_BLOCKING$)")
@@ -98,6 +99,52 @@ def _write_files(run_dir: str, sub: str, files: TokenizerFiles) -> None:
     fs.move(tmp, f"{root}/{sub}")
 
 
+def check_parts(parts: dict[str, Any], where: str = "") -> None:
+    """The typed config groups of a training job fit together (nothing read from disk); `where` prefixes errors."""
+    data, model, optim = parts["data"], parts["model"], parts["optim"]
+    try:
+        if data.seq_len > model.max_seq_len:
+            raise ConfigError(f"data.seq_len={data.seq_len} exceeds model.max_seq_len={model.max_seq_len}")
+        check_optim(optim)
+        if optim.name == "adastar" and parts["trainer"].zero_stage == 0:
+            raise ConfigError("optim.name=adastar needs trainer.zero_stage >= 1 (its step skipping reads the global "
+                              "gradient norm DeepSpeed's ZeRO optimizers compute)")
+    except ConfigError as e:
+        raise ConfigError(f"{where}{e}") from None
+
+
+def check_teacher(path: str, files: TokenizerFiles, model: Any, seq_len: int, key: str) -> None:
+    """A distillation teacher: a readable checkpoint with the run's tokenizer and vocabulary, long enough RoPE."""
+    try:
+        directory = resolve_checkpoint(path)
+        teacher = read_model_config(directory)
+    except RaytrainError as e:
+        raise ConfigError(f"{key}: {e}") from None
+    if not (directory / "tokenizer.json").is_file():
+        raise ConfigError(f"{key}={path} holds no tokenizer.json, so it cannot be checked to share the run's "
+                          "tokenizer")
+    if fingerprint({"tokenizer.json": (directory / "tokenizer.json").read_text()}) != fingerprint(files):
+        raise ConfigError(f"{key}={path} uses another tokenizer than this run; distillation compares "
+                          "distributions over the same vocabulary, so the teacher must share the run's tokenizer")
+    if teacher.rows != model.rows:
+        raise ConfigError(f"{key}={path} has {teacher.rows} vocabulary rows, model={model.name} {model.rows}")
+    if teacher.max_positions < seq_len:
+        raise ConfigError(f"{key}={path} has RoPE tables for {teacher.max_positions} positions, fewer than "
+                          f"data.seq_len={seq_len}")
+
+
+def launch(job: TrainJob, storage: str) -> Any:
+    """Check the checkpoints a job starts from, then run it (resuming `{storage}/{run_name}` if it exists)."""
+    check_init_from(job.trainer, job.model, job.optim)
+    if job.objective.name == "distill":
+        check_teacher(job.objective.teacher, job.tokenizer_files, job.model, job.data.seq_len, "objective.teacher")
+    run_dir = os.path.join(storage, job.run_name)
+    resume_step = check_resume(run_dir, job)
+    log.info("run %s in %s (%s); rerun with trainer.run_name=%s to resume", job.run_name, run_dir,
+             f"resuming at step {resume_step}" if resume_step is not None else "new", job.run_name)
+    return fit(job, storage)
+
+
 def check_resume(run_dir: str, job: TrainJob) -> int | None:
     """The step a local run would resume from, after checking it fits this job; None for a new run."""
     if "://" in run_dir:
@@ -110,36 +157,29 @@ def check_resume(run_dir: str, job: TrainJob) -> int | None:
     return manifest["step"]
 
 
-def check_init_from(job: TrainJob) -> None:
+def check_init_from(t: TrainerConfig, model: Any, optim: OptimConfig) -> None:
     """`trainer.init_from` must hold parameters of the configured model's shapes; with `trainer.init_optimizer` it
     must be a training checkpoint written by as many workers, the same ZeRO stage and optimizer (checked before any
     worker starts)."""
-    t = job.trainer
     if not t.init_from:
         return
     try:
         found = read_model_config(t.init_from)
     except RaytrainError as e:
         raise ConfigError(f"trainer.init_from: {e}") from None
-    if (difference := shape_mismatch(found, job.model)) is not None:
+    if (difference := shape_mismatch(found, model)) is not None:
         raise ConfigError(f"trainer.init_from={t.init_from} holds model {found.name}, whose parameters do not fit "
-                          f"model={job.model.name}: {difference}")
+                          f"model={model.name}: {difference}")
     if t.init_optimizer:
-        directory = training_checkpoint(t.init_from)
+        directory = checkpoint.training_checkpoint(t.init_from)
         try:
             manifest = checkpoint.read_manifest(directory, t.num_workers)
         except RaytrainError as e:
             raise ConfigError(f"trainer.init_optimizer: {e}") from None
-        for key, ours in (("zero_stage", t.zero_stage), ("optim", job.optim.name)):
+        for key, ours in (("zero_stage", t.zero_stage), ("optim", optim.name)):
             if manifest.get(key) != ours:
                 raise ConfigError(f"trainer.init_optimizer: {directory} has {key}={manifest.get(key)}, this run "
                                   f"{ours}; its optimizer state cannot be loaded")
-
-
-def training_checkpoint(path: str) -> str:
-    """A training checkpoint directory (`step*/` with `ds/` and a manifest): the path, or a run's latest."""
-    run_latest = latest_run_checkpoint(Path(path))
-    return str(run_latest if run_latest is not None else Path(path))
 
 
 def fit(job: TrainJob, storage: str) -> Any:
