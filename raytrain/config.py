@@ -29,7 +29,9 @@ def to_dataclass(cls: type[T], node: Mapping[str, Any] | DictConfig, key: str) -
         merged = OmegaConf.merge(OmegaConf.structured(cls), plain(node))
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
-        full_key = getattr(e, "full_key", None)
+        full_key = getattr(e, "full_key", None) or ""
+        if full_key.startswith(f"{key}."):  # a node of the composed config already carries its full path
+            full_key = full_key.removeprefix(f"{key}.")
         where = f"{key}.{full_key}" if full_key else key
         raise ConfigError(f"{where}: {getattr(e, 'msg', str(e)).splitlines()[0]}") from None
     except (ValueError, TypeError) as e:

@@ -53,3 +53,12 @@ def ray_cluster():
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True)
     yield ray
     ray.shutdown()
+
+
+def preset(name: str):
+    """A model preset of conf/model/ as its typed config."""
+    from omegaconf import OmegaConf
+
+    from raytrain.models.registry import model_config
+
+    return model_config(OmegaConf.load(CONF_DIR / "model" / f"{name}.yaml"))

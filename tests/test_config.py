@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
 import subprocess
 import sys
 
@@ -13,8 +16,9 @@ from raytrain.commands.generate import sampling_params
 from raytrain.commands.train import typed_parts
 from raytrain.config import ConfigError, to_dataclass
 from raytrain.infer.engine import EngineConfig
-from raytrain.models.registry import build_model, model_config
-from tests.conftest import compose
+from raytrain.models.registry import build_model, config_dict, model_config
+from raytrain.train.recipe import RecipeConfig, plan
+from tests.conftest import compose, preset
 
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
 OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF_DIR / g).glob("*.yaml"))]
@@ -22,24 +26,56 @@ PRIMARY = sorted(f.stem for f in CONF_DIR.glob("*.yaml") if f.stem != "base")
 
 
 def test_every_config_file_is_covered() -> None:
-    assert GROUPS == ["data", "experiment", "generation", "model", "optim", "schedule", "tracking", "trainer"]
+    assert GROUPS == ["data", "experiment", "generation", "model", "objective", "optim", "recipe", "schedule",
+                      "tracking", "trainer"]
     assert PRIMARY == ["average", "generate", "make_data", "model_info", "train"]
 
 
 TRAIN_OPTIONS = [(g, o) for g, o in OPTIONS if g != "generation"]
+AFM_3B_INPUTS = [f"data.sources.{s}=/corpus/{s}" for s in ("web", "licensed", "code", "math", "long_qa")]
 
 
 @pytest.mark.parametrize("group, option", TRAIN_OPTIONS, ids=[f"{g}={o}" for g, o in TRAIN_OPTIONS])
 def test_train_composes_with_each_option(group: str, option: str) -> None:
     overrides = [f"{group}={option}"]
     if group == "data":  # a long-context model fits every data option's sequence length
-        overrides += ["model=retrieval_lm", "data.path=/corpus"]
+        overrides += ["model=retrieval_lm"] + (["data.path=/corpus"] if option != "afm_mix" else [])
     if group == "experiment":
         overrides.append("data.path=/corpus")
+    if (group, option) == ("objective", "distill"):
+        overrides.append("objective.teacher=/ckpt")
+    if (group, option) == ("recipe", "afm_3b"):
+        overrides += AFM_3B_INPUTS
     parts = typed_parts(compose("train", overrides))
     build_model(parts["model"], "meta")
     if group == "experiment":  # each experiment is a GPU recipe for a model other than the local default
         assert parts["model"].name != "openelm_tiny" and parts["trainer"].use_gpu
+
+
+@pytest.mark.parametrize("option", [o for g, o in OPTIONS if g == "recipe"])
+def test_each_recipe_plans_its_stages_with_context_lengthening(option: str, tmp_path) -> None:
+    """afm_3b is planned with its larger model given as a checkpoint (a config.json is enough for the checks);
+    the CPU recipes train theirs in a first stage."""
+    overrides = [f"recipe={option}"]
+    if option == "afm_3b":
+        larger = tmp_path / "larger"
+        larger.mkdir()
+        wide = dataclasses.replace(preset("afm_3b"), name="afm_6b", ffn_dim=4 * 8064)
+        (larger / "config.json").write_text(json.dumps(config_dict(wide)))
+        overrides += [*AFM_3B_INPUTS, f"recipe.checkpoints.larger={larger}"]
+    cfg = compose("train", overrides)
+    stages = plan(to_dataclass(RecipeConfig, cfg.recipe, "recipe"), typed_parts(cfg), "run")
+    train = [s for s in stages if s.kind == "train"]
+    assert [s.name for s in stages][-4:] == ["prune", "core", "continued", "context"]
+    assert [s.parts["objective"].name for s in train][-3:] == ["distill", "lm", "lm"]
+    seq = [s.parts["data"].seq_len for s in train][-3:]
+    rope = [s.parts["model"].rope_theta for s in train][-3:]
+    assert seq[0] < seq[1] < seq[2] and rope == [500_000, 500_000, 6_315_089]
+    assert all(s.parts["model"].max_seq_len >= s.parts["data"].seq_len for s in train)
+    if option == "afm_3b":
+        assert [s.parts["trainer"].max_steps for s in train] == [
+            math.ceil(6.3e12 / (2048 * 4096)), math.ceil(1e12 / (2048 * 4096)), math.ceil(1e11 / (256 * 32768))]
+        assert seq == [4096, 8192, 32768] and stages[0].source == str(larger)
 
 
 @pytest.mark.parametrize("option", [o for g, o in OPTIONS if g == "model"])

@@ -70,6 +70,7 @@ class RecipeConfig:
     name: str = "recipe"
     stages: dict[str, StageConfig] = field(default_factory=dict)  # run in this order
     models: dict[str, Any] = field(default_factory=dict)  # further model configs for stages (${recipe.models.X})
+    checkpoints: dict[str, str] = field(default_factory=dict)  # named inputs for stages (${recipe.checkpoints.X})
 
 
 @dataclass

@@ -18,8 +18,7 @@ from raytrain.config import ConfigError
 from raytrain.data.corpus import documents
 from raytrain.data.tokenizer import to_files, train_bpe
 from raytrain.models.decoder import build_decoder
-from tests.conftest import compose
-from tests.train.test_prune import preset
+from tests.conftest import compose, preset
 
 pytestmark = pytest.mark.integration
 

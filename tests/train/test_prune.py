@@ -7,19 +7,13 @@ import dataclasses
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from raytrain.checkpoint.hf import load_pretrained, save_pretrained
-from raytrain.cli import CONF_DIR
 from raytrain.models.decoder import build_decoder
-from raytrain.models.registry import model_config
 from raytrain.train.objectives import lm_loss
 from raytrain.train.prune import (PruneConfig, check_target, hard_masks, learn_masks, magnitude_keep, masked,
                                   prune_state, soft_top_k)
-
-
-def preset(name: str):
-    return model_config(OmegaConf.load(CONF_DIR / "model" / f"{name}.yaml"))
+from tests.conftest import preset
 
 
 @pytest.fixture(scope="module")
