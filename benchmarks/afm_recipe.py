@@ -76,12 +76,13 @@ def main() -> None:
     args = parser.parse_args()
     storage = os.path.abspath(args.storage)
     use_gpu = args.device == "cuda"
-    steps = [f"recipe.stages.core.steps={args.core_steps}", f"recipe.stages.teacher.steps={args.teacher_steps}"]
+    core = f"recipe.stages.core.steps={args.core_steps}"
 
-    times = {"distilled": run(recipe("afm-ref", storage, *steps), use_gpu)}
+    times = {"distilled": run(recipe("afm-ref", storage, core, f"recipe.stages.teacher.steps={args.teacher_steps}"),
+                              use_gpu)}
     teacher, pruned = final(storage, "afm-ref", "teacher"), final(storage, "afm-ref", "prune")
     given = ["~recipe.stages.teacher", "~recipe.stages.prune", f"recipe.stages.core.objective.teacher={teacher}",
-             f"recipe.stages.core.init={pruned}", *steps]
+             f"recipe.stages.core.init={pruned}", core]
     times["undistilled"] = run(recipe("afm-nodistill", storage, *given, "recipe.stages.core.objective.name=lm"),
                                use_gpu)
     times["random_init"] = run(recipe("afm-random", storage, *given, "recipe.stages.core.init=none"), use_gpu)

@@ -94,7 +94,9 @@ def _teacher(job: TrainJob, device: torch.device, precision: str) -> torch.nn.Mo
     from raytrain.checkpoint.hf import load_pretrained
 
     dtype = torch.bfloat16 if precision == "bf16" else None
-    return load_pretrained(job.objective.teacher, device=device, dtype=dtype).model.requires_grad_(False).eval()
+    teacher = load_pretrained(job.objective.teacher, device=device, dtype=dtype).model.requires_grad_(False)
+    apply_model_options(teacher, job.trainer)  # compiled like the student when trainer.compile is on
+    return teacher.eval()
 
 
 def _train(engine: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer, teacher: torch.nn.Module | None,
@@ -121,8 +123,8 @@ def _train(engine: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer
             engine.backward(loss)
             engine.step()
             window += torch.stack([loss.detach(), *parts])
-        if not engine.was_step_applied() or (skips is not None and skips(_grad_norm(engine))):
-            progress.skipped_steps += 1
+        if not engine.was_step_applied() or (skips is not None and skips(_grad_norm(engine))):  # adastar reads
+            progress.skipped_steps += 1  # the same norm on the host inside its step, so this adds no GPU wait
         progress.step += 1
         progress.tokens += tokens_per_step(job, world)
         window_steps += 1

@@ -23,13 +23,6 @@ from tests.conftest import compose, preset
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory, tokenizer) -> str:
-    path = tmp_path_factory.mktemp("tokenizer")
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
 def recipe_overrides(storage: Path, tokenizer_dir: str, *extra: str) -> list[str]:
     return ["recipe=afm_micro", "tracking=disabled", "sample.prompt=null", f"trainer.storage_path={storage}",
             "trainer.run_name=afm", f"data.tokenizer={tokenizer_dir}", *extra]

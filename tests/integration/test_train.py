@@ -26,13 +26,6 @@ from tests.conftest import REPO, compose
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory, tokenizer) -> str:
-    path = tmp_path_factory.mktemp("tokenizer")
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
 def overrides(storage: Path, tokenizer_dir: str, name: str, *extra: str) -> list[str]:
     return ["model=openelm_micro", "tracking=disabled", "sample.prompt=null", f"trainer.storage_path={storage}",
             f"trainer.run_name={name}", f"data.tokenizer={tokenizer_dir}", "data.seq_len=64",
