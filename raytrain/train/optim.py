@@ -141,54 +141,76 @@ class AdaStar(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> None:
-        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
-        if self.external_grad_norm is not None:
-            grad_norm, clip = float(self.external_grad_norm()), 1.0
-        else:
-            grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in params])).item() \
-                if params else 0.0
-            clip = min(1.0, self.grad_clip / grad_norm) if self.grad_clip > 0 and grad_norm > 0 else 1.0
+        """One update of every group with `torch._foreach_*` kernels (a handful of launches per group, not per
+        tensor), in fp32."""
+        grad_norm, clip = self._grad_norm()
         if self.skips(grad_norm):
             return None
         for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
             b1, b2 = group["betas"]
             lr, peak = group["lr"], group["peak_lr"]
-            decay = group["weight_decay"] * lr / peak if peak > 0 else 0.0
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad.float() * clip if clip != 1.0 else p.grad.float()
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["v"] = torch.zeros_like(p, dtype=torch.float32)
-                    state["m"] = torch.zeros_like(p, dtype=torch.float32)
-                state["step"] += 1
-                v, m = state["v"], state["m"]
-                v.mul_(b2).add_(g.square().add_(group["eps"]), alpha=1 - b2)
-                u = g / (v / (1 - b2 ** state["step"])).sqrt()
-                self._clip_per_tensor(u, self.layouts.get(p) or _whole(p))
-                m.mul_(b1).add_(u, alpha=1 - b1)
-                p.mul_(1 - decay).add_(m.to(p.dtype), alpha=-lr * group["update_scale"])
+            grads = [p.grad.float() for p in params]
+            if clip != 1.0:
+                grads = torch._foreach_mul(grads, clip)
+            states = [self._state(p) for p in params]
+            v, m = [s["v"] for s in states], [s["m"] for s in states]
+            torch._foreach_mul_(v, b2)
+            torch._foreach_addcmul_(v, grads, grads, value=1 - b2)
+            torch._foreach_add_(v, (1 - b2) * group["eps"])
+            denominators = torch._foreach_div(v, [1 - b2 ** s["step"] for s in states])  # bias-corrected v
+            torch._foreach_sqrt_(denominators)
+            updates = torch._foreach_div(grads, denominators)
+            self._clip_per_tensor(updates, params)
+            torch._foreach_mul_(m, b1)
+            torch._foreach_add_(m, updates, alpha=1 - b1)
+            if group["weight_decay"] and peak > 0:
+                torch._foreach_mul_(params, 1 - group["weight_decay"] * lr / peak)
+            torch._foreach_add_(params, [x.to(p.dtype) for x, p in zip(m, params)], alpha=-lr * group["update_scale"])
         return None
 
-    def _clip_per_tensor(self, u: torch.Tensor, layout: FlatLayout) -> None:
-        """u /= max(1, size(u) / update_clip) for each whole tensor, reducing over all of its pieces."""
+    def _grad_norm(self) -> tuple[float, float]:
+        """The global gradient norm and the factor that clips the gradients to `grad_clip` (1 when DeepSpeed
+        computed the norm: it has clipped already)."""
+        if self.external_grad_norm is not None:
+            return float(self.external_grad_norm()), 1.0
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).item() if grads else 0.0
+        return norm, min(1.0, self.grad_clip / norm) if self.grad_clip > 0 and norm > 0 else 1.0
+
+    def _state(self, p: torch.Tensor) -> dict[str, Any]:
+        state = self.state[p]
+        if not state:
+            state.update(step=0, v=torch.zeros_like(p, dtype=torch.float32), m=torch.zeros_like(p, dtype=torch.float32))
+        state["step"] += 1
+        return state
+
+    def _clip_per_tensor(self, updates: list[torch.Tensor], params: list[torch.Tensor]) -> None:
+        """u /= max(1, size(u) / update_clip) for each whole tensor, summing the squares of all its pieces (across
+        ranks for partitioned ones)."""
         if self.update_clip <= 0:
             return
-        flat = u.view(-1)
-        pieces = [flat.narrow(0, s.start, s.length) for s in layout.segments]
-        index = torch.tensor([s.tensor for s in layout.segments], device=u.device)
-        sums = torch.zeros(len(layout.numels), device=u.device, dtype=torch.float32)
-        sums.index_add_(0, index, torch.stack([piece.square().sum() for piece in pieces]))
-        if layout.world > 1:
-            torch.distributed.all_reduce(sums, group=layout.group)
+        pieces, index, numels, shared = [], [], [], []
+        for u, p in zip(updates, params):
+            layout, base, flat = self.layouts.get(p) or _whole(p), len(numels), u.view(-1)
+            pieces += [flat.narrow(0, s.start, s.length) for s in layout.segments]
+            index += [base + s.tensor for s in layout.segments]
+            numels += layout.numels
+            if layout.world > 1:
+                shared.append((base, len(layout.numels), layout.group))
+        device = updates[0].device
+        index_t = torch.tensor(index, device=device)
+        sums = torch.zeros(len(numels), device=device)
+        sums.index_add_(0, index_t, torch.stack(torch._foreach_norm(pieces)).square())
+        for base, count, group in shared:
+            torch.distributed.all_reduce(sums[base:base + count], group=group)
         size = sums.sqrt()
         if self.update_clip_by == "rms":
-            size = size / torch.tensor(layout.numels, device=u.device, dtype=torch.float32).sqrt()
-        scale = 1.0 / (size / self.update_clip).clamp_min(1.0)
-        for piece, segment in zip(pieces, layout.segments):
-            piece.mul_(scale[segment.tensor])
+            size = size / torch.tensor(numels, device=device, dtype=torch.float32).sqrt()
+        scale = (size / self.update_clip).clamp_min(1.0).reciprocal()[index_t]
+        torch._foreach_mul_(pieces, list(scale.unbind()))
 
 
 def _whole(p: torch.Tensor) -> FlatLayout:

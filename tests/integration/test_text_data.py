@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -41,3 +42,23 @@ def test_txt_files_are_documents_and_parquet_reads_its_column(ray_cluster, tmp_p
     assert len(rows(tmp_path / "d.parquet", tokenizer, field="content")) == 2 * 3
     with pytest.raises(DataError, match="data.text_field=text: .* has no such column \\(columns: content, id\\)"):
         rows(tmp_path / "d.parquet", tokenizer)
+
+
+def test_a_weighted_mixture_has_the_weights_proportions_and_cycles_a_small_source(ray_cluster, tokenizer) -> None:
+    """A 65-token recall row always holds a whole record line, so a hyphenated key like "quartz-kelp"; arithmetic
+    rows never do. With weights 1:3 one epoch holds as many rows as both sources, 3/4 of them arithmetic, which is
+    smaller than that share and repeats."""
+    cfg = TextDataConfig(sources={"recall": "embedded:recall", "math": "embedded:arithmetic"},
+                         mixture={"recall": 1.0, "math": 3.0}, seq_len=64, words_per_piece=256, min_chars=20,
+                         min_tokens=8, packing=True)
+    natural = TextDataConfig(**{**cfg.__dict__, "mixture": None})
+    counts = [len(build_dataset(TextDataConfig(**{**cfg.__dict__, "sources": {n: p}, "mixture": None}),
+                                to_files(tokenizer)).take_all()) for n, p in cfg.sources.items()]
+    mixed = np.stack([r["tokens"] for r in build_dataset(cfg, to_files(tokenizer)).take_all()])
+    texts = tokenizer.batch_decode(mixed.tolist())
+    is_recall = [re.search(r"[a-z]+-[a-z]+", t) is not None for t in texts]
+    recall = sum(is_recall)
+    assert len(mixed) == sum(counts) == len(build_dataset(natural, to_files(tokenizer)).take_all())
+    assert recall == round(0.25 * sum(counts))
+    math_rows = {tuple(row) for row, r in zip(mixed.tolist(), is_recall) if not r}
+    assert len(math_rows) < len(mixed) - recall  # some arithmetic rows appear twice
