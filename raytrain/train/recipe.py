@@ -95,36 +95,42 @@ def plan(recipe: RecipeConfig, base: dict[str, Any], run: str) -> list[Stage]:
     stages: list[Stage] = []
     for name, cfg in recipe.stages.items():
         key = f"recipe.stages.{name}"
-        parts = _stage_parts(cfg, base, key)
-        stage = Stage(name, cfg.kind, f"{run}.{name}", parts, carry_optimizer=cfg.carry_optimizer)
-        earlier = {s.name: s for s in stages}
-        if cfg.kind == "prune":
-            stage.prune = _typed(PruneConfig, {}, cfg.prune, f"{key}.prune")
-            if stage.prune.source is None:
-                raise ConfigError(f"{key}.prune.source: name the model to prune (an earlier stage or a checkpoint)")
-            stage.source = _reference(stage.prune.source, earlier, f"{key}.prune.source")
-            source_model = _model_of(stage.source, f"{key}.prune.source")
-            try:
-                check_target(source_model, parts["model"], stage.prune.heads)
-            except ValueError as e:
-                raise ConfigError(f"{key}: {e}") from None
-        else:
-            stage.init = _initial(cfg.init, stages, earlier, key)
-            if stage.init is not None:
-                _check_fits(stage, _model_of(stage.init, f"{key}.init"), f"{key}.init")
-            if cfg.carry_optimizer:
-                _check_carry(stage, key)
-            objective = parts["objective"]
-            if objective.name == "distill":
-                stage.teacher = _reference(objective.teacher, earlier, f"{key}.objective.teacher")
-                _model_of(stage.teacher, f"{key}.objective.teacher")
-        trainer.check_parts(parts, f"{key}: ")
+        stage = Stage(name, cfg.kind, f"{run}.{name}", _stage_parts(cfg, base, key),
+                      carry_optimizer=cfg.carry_optimizer)
+        (_plan_prune if cfg.kind == "prune" else _plan_train)(stage, cfg, stages, key)
+        trainer.check_parts(stage.parts, f"{key}: ")
         stages.append(stage)
     vocabularies = {s.parts["model"].vocab_size for s in stages}
     if len(vocabularies) > 1:
         raise ConfigError(f"recipe {recipe.name}: stages use vocabularies of sizes {sorted(vocabularies)}; every "
                           "stage shares one tokenizer")
     return stages
+
+
+def _plan_prune(stage: Stage, cfg: StageConfig, stages: list[Stage], key: str) -> None:
+    """The model to cut down, and a target it can be cut down to."""
+    stage.prune = _typed(PruneConfig, {}, cfg.prune, f"{key}.prune")
+    if stage.prune.source is None:
+        raise ConfigError(f"{key}.prune.source: name the model to prune (an earlier stage or a checkpoint)")
+    stage.source = _reference(stage.prune.source, stages, f"{key}.prune.source")
+    try:
+        check_target(_model_of(stage.source, f"{key}.prune.source"), stage.parts["model"], stage.prune.heads)
+    except ValueError as e:
+        raise ConfigError(f"{key}: {e}") from None
+
+
+def _plan_train(stage: Stage, cfg: StageConfig, stages: list[Stage], key: str) -> None:
+    """What the stage starts from (shapes that fit, optimizer state that can move) and its teacher."""
+    if cfg.init == PREVIOUS and not stages:
+        raise ConfigError(f"{key}.init=previous, but it is the first stage; use none or a checkpoint path")
+    if cfg.init != SCRATCH:
+        stage.init = stages[-1] if cfg.init == PREVIOUS else _reference(cfg.init, stages, f"{key}.init")
+        _check_fits(stage, _model_of(stage.init, f"{key}.init"), f"{key}.init")
+    if cfg.carry_optimizer:
+        _check_carry(stage, key)
+    if stage.parts["objective"].name == "distill":
+        stage.teacher = _reference(stage.parts["objective"].teacher, stages, f"{key}.objective.teacher")
+        _model_of(stage.teacher, f"{key}.objective.teacher")
 
 
 def _stage_parts(cfg: StageConfig, base: dict[str, Any], key: str) -> dict[str, Any]:
@@ -159,18 +165,9 @@ def _typed(cls: type, base: Any, changes: dict[str, Any], key: str) -> Any:
     return to_dataclass(cls, OmegaConf.merge(start, changes), key)
 
 
-def _initial(init: str, stages: list[Stage], earlier: dict[str, Stage], key: str) -> Stage | str | None:
-    if init == SCRATCH:
-        return None
-    if init == PREVIOUS:
-        if not stages:
-            raise ConfigError(f"{key}.init=previous, but it is the first stage; use none or a checkpoint path")
-        return stages[-1]
-    return _reference(init, earlier, f"{key}.init")
-
-
-def _reference(value: str, earlier: dict[str, Stage], key: str) -> Stage | str:
+def _reference(value: str, stages: list[Stage], key: str) -> Stage | str:
     """An earlier stage by name, or a checkpoint path that exists."""
+    earlier = {s.name: s for s in stages}
     if value in earlier:
         return earlier[value]
     if not Path(value).exists():
