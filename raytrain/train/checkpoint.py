@@ -94,13 +94,16 @@ def read_manifest(directory: str | Path, world: int) -> dict[str, Any]:
 
 
 def check_compatible(manifest: dict[str, Any], job: TrainJob, where: str) -> None:
-    """A resumed run must train the same model with the same tokenizer."""
+    """A resumed run must train the same model with the same tokenizer, optimizer and ZeRO stage."""
     if manifest["model"] != config_dict(job.model):
         raise CheckpointError(f"run {job.run_name} was started with model {manifest['model'].get('name')} of "
                               f"another shape or config ({where}); pick a new trainer.run_name for this model")
     if manifest["tokenizer"] != fingerprint(job.tokenizer_files):
         raise CheckpointError(f"run {job.run_name} was trained with another tokenizer ({where}); "
                               "pick a new trainer.run_name")
+    if manifest.get("optim", job.optim.name) != job.optim.name:
+        raise CheckpointError(f"run {job.run_name} was trained with optim.name={manifest['optim']} ({where}); its "
+                              f"optimizer state cannot resume optim.name={job.optim.name}")
     if manifest["zero_stage"] != job.trainer.zero_stage:
         raise CheckpointError(f"run {job.run_name} used ZeRO stage {manifest['zero_stage']} ({where}); "
                               f"trainer.zero_stage={job.trainer.zero_stage} cannot load its shards")
