@@ -57,7 +57,8 @@ def save_pretrained(out_dir: str | Path, model_cfg: Any, state: dict[str, torch.
         tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
         save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
         dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
-        config = {"model_type": "raytrain", "architectures": ["RaytrainDecoder"], "torch_dtype": dtype,
+        architecture = "Raytrain" + type(model_cfg).__name__.removesuffix("Config")
+        config = {"model_type": "raytrain", "architectures": [architecture], "torch_dtype": dtype,
                   **config_dict(model_cfg)}
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         (tmp / META).write_text(json.dumps(meta or {}, indent=2) + "\n")
@@ -73,8 +74,10 @@ def save_pretrained(out_dir: str | Path, model_cfg: Any, state: dict[str, torch.
 
 
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Parameters by name, each tied tensor once (safetensors stores no aliases)."""
-    return dict(model.named_parameters())
+    """Parameters and persistent buffers (BatchNorm statistics) by name, each tied tensor once (safetensors stores
+    no aliases)."""
+    persistent = model.state_dict(keep_vars=True)
+    return {**dict(model.named_parameters()), **{k: b for k, b in model.named_buffers() if k in persistent}}
 
 
 # ---- reading ---------------------------------------------------------------------------------------------------
@@ -165,7 +168,7 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 def check_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
     """Every parameter present with the model's shape, and nothing else; the error names the first mismatch."""
     expected = {k: tuple(v.shape) for k, v in model_state(model).items()}
-    if getattr(model, "cfg", None) is not None and model.cfg.tie_embeddings:
+    if getattr(getattr(model, "cfg", None), "tie_embeddings", False):
         state.pop("head.weight", None)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
