@@ -2,7 +2,7 @@
 
 Each rank builds the model, hands it with a torch optimizer and LR schedule to DeepSpeed, resumes from the latest
 registered checkpoint if there is one (weights, optimizer, schedule, data position, RNG), and trains on its shard
-of the Ray Dataset. Every `checkpoint_every` steps all ranks save and report together; rank 0 logs progress to the
+of the Ray Dataset; the job's task (`tasks.py`) turns batches into inputs and a loss. Every `checkpoint_every` steps all ranks save and report together; rank 0 logs progress to the
 console and to W&B. A non-finite loss ends the run before anything is saved, so the last good checkpoint stays.
 """
 
@@ -13,19 +13,17 @@ import math
 import time
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from raytrain.data.text import DataError
-from raytrain.models.decoder import training_flops_per_token
 from raytrain.models.registry import build_model
-from raytrain.train import checkpoint
+from raytrain.train import checkpoint, tasks
 from raytrain.train.checkpoint import Progress
 from raytrain.train.config import TrainJob
-from raytrain.train.engine import (apply_model_options, deepspeed_config, initialize, loss_function,
-                                   model_init_context, resolve_precision)
-from raytrain.train.objectives import IGNORE_INDEX
+from raytrain.train.engine import apply_model_options, deepspeed_config, initialize, model_init_context, resolve_precision
 from raytrain.train.optim import build_optimizer, build_scheduler
 from raytrain.train.tracking import Tracker
 
@@ -49,6 +47,7 @@ def train_loop(job: TrainJob) -> dict[str, Any]:
 
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     model = _build(job, ds_config, device)
+    work = tasks.worker(job, model, torch.bfloat16 if precision == "bf16" else torch.float32)
     optimizer = build_optimizer(model, job.optim, fused=t.use_gpu)
     total = job.schedule.total_steps or t.max_steps
     engine = initialize(model, optimizer, lambda opt: build_scheduler(opt, job.optim.lr, job.schedule, total),
@@ -58,12 +57,13 @@ def train_loop(job: TrainJob) -> dict[str, Any]:
     if (ckpt := ray.train.get_checkpoint()) is not None:
         with ckpt.as_directory() as d:
             progress = checkpoint.restore(engine, d, job, rank, world)
+            work.restore(Path(d) / "model")
         if rank == 0:
             log.info("resumed run %s at step %d", job.run_name, progress.step)
 
     tracker = Tracker(job.tracking, job.run_name, job.snapshot, rank)
     try:
-        return _train(engine, model, job, progress, tracker, rank, world, device)
+        return _train(engine, model, work, job, progress, tracker, rank, world, device)
     finally:
         tracker.finish()
 
@@ -80,8 +80,8 @@ def _build(job: TrainJob, ds_config: dict[str, Any], device: torch.device) -> to
     return model.to(device)
 
 
-def _train(engine: Any, model: torch.nn.Module, job: TrainJob, progress: Progress, tracker: Tracker, rank: int,
-           world: int, device: torch.device) -> dict[str, Any]:
+def _train(engine: Any, model: torch.nn.Module, work: tasks.Worker, job: TrainJob, progress: Progress,
+           tracker: Tracker, rank: int, world: int, device: torch.device) -> dict[str, Any]:
     """Optimizer steps until `max_steps` (or `stop_after_steps`). Losses stay on the device and are reduced across
     ranks only at log and checkpoint steps, so the host never waits on the GPU in between; a non-finite mean at
     such a step ends the run before anything is saved."""
@@ -89,68 +89,69 @@ def _train(engine: Any, model: torch.nn.Module, job: TrainJob, progress: Progres
 
     t = job.trainer
     stop_at = min(t.max_steps, t.stop_after_steps or t.max_steps)
-    batches = _batches(ray.train.get_dataset_shard("train"), job, progress, device)
-    loss_fn = loss_function(t)
-    meter = _Throughput(job, world)
-    window, window_steps = torch.zeros(3, device=device), 0
+    batches = _batches(ray.train.get_dataset_shard("train"), job, progress, device, work)
+    meter = _Throughput(job, work, world)
+    window, window_steps = torch.zeros(len(work.metrics), device=device), 0
     while progress.step < stop_at:
         for _ in range(t.grad_accum):
-            inputs, labels = next(batches)
-            loss, ce, z = loss_fn(engine(inputs), labels, t.z_loss)
+            loss, parts = work.loss(engine, next(batches))
             engine.backward(loss)
             engine.step()
-            window += torch.stack([loss.detach(), ce, z])
+            window += parts
+        work.after_step()
         progress.step += 1
-        progress.tokens += tokens_per_step(job, world)
+        progress.tokens += units_per_step(job, work, world)
         window_steps += 1
         log_now, save_now = (progress.step % every == 0 or progress.step == stop_at
                              for every in (t.log_every, t.checkpoint_every))
         if not (log_now or save_now):
             continue
         torch.distributed.all_reduce(window)
-        loss, ce, z = (window / (window_steps * t.grad_accum * world)).tolist()
-        window, window_steps = torch.zeros(3, device=device), 0
+        values = dict(zip(work.metrics, (window / (window_steps * t.grad_accum * world)).tolist()))
+        window, window_steps = torch.zeros(len(work.metrics), device=device), 0
+        loss = values["loss"]
         if not math.isfinite(loss):
             if rank == 0:
                 log.error("loss is %s at step %d; stopping without saving", loss, progress.step)
             return {"status": "non_finite_loss", "step": progress.step}
-        metrics = {"loss": loss, "ce": ce, "z_loss": z, "lr": engine.get_lr()[0]}
+        metrics = {**values, "lr": engine.get_lr()[0]}
         if log_now:
             metrics.update(meter.measure(progress.step), grad_norm=_grad_norm(engine))
             if rank == 0:
                 log.info(_format(progress.step, t.max_steps, metrics))
             tracker.log(metrics, progress.step)
         if save_now:
-            _save_and_report(engine, model, job, progress, metrics, rank, world)
+            _save_and_report(engine, model, work, job, progress, metrics, rank, world)
     status = "finished" if progress.step >= t.max_steps else "stopped"
     return {"status": status, "step": progress.step}
 
 
-def tokens_per_step(job: TrainJob, world: int) -> int:
+def units_per_step(job: TrainJob, work: tasks.Worker, world: int) -> int:
+    """Tokens (language modelling) or images trained on per optimizer step, all ranks together."""
     t = job.trainer
-    return t.micro_batch_size * t.grad_accum * job.data.seq_len * world
+    return t.micro_batch_size * t.grad_accum * work.units_per_sample() * world
 
 
-def _save_and_report(engine: Any, model: torch.nn.Module, job: TrainJob, progress: Progress,
+def _save_and_report(engine: Any, model: torch.nn.Module, work: tasks.Worker, job: TrainJob, progress: Progress,
                      metrics: dict[str, float], rank: int, world: int) -> None:
     import ray.train
 
-    directory = checkpoint.save(engine, model, job, progress, rank, world, job.trainer.zero_stage == 3)
+    directory = checkpoint.save(engine, model, job, progress, rank, world, job.trainer.zero_stage == 3,
+                                work.export_state())
     ray.train.report({"step": progress.step, "loss": metrics["loss"]},
                      checkpoint=ray.train.Checkpoint.from_directory(directory),
                      checkpoint_dir_name=checkpoint.checkpoint_name(progress.step))
 
 
-def _batches(shard: Any, job: TrainJob, progress: Progress,
-             device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(inputs, labels) micro-batches forever, epoch after epoch; on resume, skips what the checkpoint consumed.
+def _batches(shard: Any, job: TrainJob, progress: Progress, device: torch.device, work: tasks.Worker) -> Iterator[Any]:
+    """The task's inputs, a micro-batch at a time, epoch after epoch; on resume, skips what the checkpoint consumed.
     Ray Train splits the dataset equally and in order, so every rank sees the same number of batches."""
     skip = progress.epoch_batches
     while True:
         buffer = job.data.shuffle_buffer or None
         seen = 0
         for batch in shard.iter_torch_batches(batch_size=job.trainer.micro_batch_size, drop_last=True,
-                                              dtypes=torch.int64, device=device, local_shuffle_buffer_size=buffer,
+                                              dtypes=work.dtypes, device=device, local_shuffle_buffer_size=buffer,
                                               local_shuffle_seed=job.data.shuffle_seed + progress.epoch
                                               if buffer else None):
             seen += 1
@@ -158,13 +159,10 @@ def _batches(shard: Any, job: TrainJob, progress: Progress,
                 skip -= 1
                 continue
             progress.epoch_batches += 1
-            tokens = batch["tokens"]  # (B, seq_len + 1)
-            labels = tokens[:, 1:].clone()
-            labels[labels == job.pad_id] = IGNORE_INDEX
-            yield tokens[:, :-1], labels
+            yield work.inputs(batch)
         if seen == 0:
             raise DataError(f"the dataset has fewer than trainer.micro_batch_size={job.trainer.micro_batch_size} "
-                            f"sequences per worker")
+                            f"samples per worker")
         progress.epoch += 1
         progress.epoch_batches = 0
 
@@ -175,12 +173,13 @@ def _grad_norm(engine: Any) -> float:
 
 
 class _Throughput:
-    """Tokens/s and model FLOPs utilisation over the steps since the last measurement."""
+    """Tokens/s (or images/s) and model FLOPs utilisation over the steps since the last measurement."""
 
-    def __init__(self, job: TrainJob, world: int) -> None:
+    def __init__(self, job: TrainJob, work: tasks.Worker, world: int) -> None:
         t = job.trainer
-        self.tokens_per_step = tokens_per_step(job, world)
-        self.flops_per_token = training_flops_per_token(job.model, job.data.seq_len)
+        self.unit = work.unit
+        self.tokens_per_step = units_per_step(job, work, world)
+        self.flops_per_token = work.flops_per_unit()
         peak = t.peak_tflops or (GPU_PEAK_TFLOPS if t.use_gpu else None)
         self.peak_flops = peak * 1e12 * world if peak else None
         self.last_time, self.last_step = time.perf_counter(), None
@@ -192,8 +191,8 @@ class _Throughput:
         if not steps:  # the first interval includes start-up; report nothing rather than a wrong figure
             return {}
         tokens_per_s = steps * self.tokens_per_step / elapsed
-        out = {"tokens_per_s": tokens_per_s}
-        if self.peak_flops:
+        out = {f"{self.unit}_per_s": tokens_per_s}
+        if self.peak_flops and self.flops_per_token:
             out["mfu"] = tokens_per_s * self.flops_per_token / self.peak_flops
         return out
 
@@ -201,8 +200,9 @@ class _Throughput:
 def _format(step: int, max_steps: int, m: dict[str, float]) -> str:
     parts = [f"step {step}/{max_steps}", f"loss {m['loss']:.4f}", f"lr {m['lr']:.2e}",
              f"grad_norm {m.get('grad_norm', float('nan')):.3f}"]
-    if "tokens_per_s" in m:
-        parts.append(f"tokens/s {m['tokens_per_s']:,.0f}")
+    for unit in ("tokens", "images"):
+        if f"{unit}_per_s" in m:
+            parts.append(f"{unit}/s {m[f'{unit}_per_s']:,.0f}")
     if "mfu" in m:
         parts.append(f"mfu {100 * m['mfu']:.1f}%")
     return " | ".join(parts)

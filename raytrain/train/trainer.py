@@ -58,13 +58,13 @@ def prepare_tokenizer(data: text.TextDataConfig, run_dir: str, vocab_size: int) 
     if data.tokenizer:
         files = to_files(load_tokenizer(data.tokenizer))
     else:
-        saved = _read_files(run_dir, "tokenizer")
+        saved = read_run_files(run_dir, "tokenizer")
         if saved:
             files = saved
         else:
             log.info("training a %d-token byte-level BPE on the corpus", data.vocab_size)
             files = to_files(train_bpe(text.tokenizer_texts(data), data.vocab_size))
-            _write_files(run_dir, "tokenizer", files)
+            write_run_files(run_dir, "tokenizer", files)
     size = len(from_files(files))
     if size > vocab_size:
         raise ConfigError(f"the tokenizer has {size} tokens but model.vocab_size={vocab_size}; set "
@@ -72,7 +72,7 @@ def prepare_tokenizer(data: text.TextDataConfig, run_dir: str, vocab_size: int) 
     return files
 
 
-def _read_files(run_dir: str, sub: str) -> TokenizerFiles:
+def read_run_files(run_dir: str, sub: str) -> TokenizerFiles:
     import pyarrow.fs as pafs
 
     fs, root = pafs.FileSystem.from_uri(run_dir)
@@ -84,7 +84,7 @@ def _read_files(run_dir: str, sub: str) -> TokenizerFiles:
     return out
 
 
-def _write_files(run_dir: str, sub: str, files: TokenizerFiles) -> None:
+def write_run_files(run_dir: str, sub: str, files: TokenizerFiles) -> None:
     """Write into a temporary sibling, then move it into place, so a crash never leaves half a tokenizer."""
     import pyarrow.fs as pafs
 
@@ -121,7 +121,7 @@ def check_init_from(t: TrainerConfig, model: Any) -> None:
                               f"config than model={model.name}")
 
 
-def fit(job: TrainJob, storage: str) -> Any:
+def fit(job: TrainJob, storage: str, datasets: dict[str, Any]) -> Any:
     """Run training; returns Ray Train's `Result` (its checkpoint is the final one, with the export in model/)."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -129,11 +129,10 @@ def fit(job: TrainJob, storage: str) -> Any:
     from raytrain.train.loop import train_loop
 
     t = job.trainer
-    dataset = text.build_dataset(job.data, job.tokenizer_files)
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True  # the same rows reach the same rank in the same order on every run and resume
     trainer = TorchTrainer(
-        train_loop, train_loop_config=job, datasets={"train": dataset},
+        train_loop, train_loop_config=job, datasets=datasets,
         dataset_config=DataConfig(execution_options=ingest, enable_shard_locality=False),
         torch_config=TorchConfig(timeout_s=t.dist_timeout_s),
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
