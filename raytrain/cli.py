@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import logging
 import pkgutil
+import re
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -18,6 +19,7 @@ from types import ModuleType
 import raytrain.commands
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+_OVERRIDE = re.compile(r"^[+~]{0,2}[A-Za-z_][\w.@/-]*=")
 
 
 def commands() -> dict[str, ModuleType]:
@@ -43,7 +45,22 @@ def main(argv: list[str] | None = None) -> None:
     if name not in available:
         print(f"raytrain: unknown command {name!r}\n\n{usage(available)}", file=sys.stderr)
         sys.exit(2)
+    positional = getattr(available[name], "POSITIONAL", None)
+    if positional:
+        overrides = positional_override(positional, overrides)
     run_command(available[name], f"raytrain {name}", overrides)
+
+
+def positional_override(key: str, args: list[str]) -> list[str]:
+    """Leading arguments that are not `key=value` overrides (or flags) become one quoted `key='...'` override, so
+    free text such as a caption reaches the command verbatim."""
+    n = 0
+    while n < len(args) and not _OVERRIDE.match(args[n]) and not args[n].startswith("-"):
+        n += 1
+    if n == 0:
+        return args
+    text = " ".join(args[:n]).replace("\\", "\\\\").replace("'", "\\'")
+    return [f"{key}='{text}'", *args[n:]]
 
 
 def run_command(command: ModuleType, prog: str, overrides: list[str]) -> None:

@@ -1,4 +1,5 @@
-"""`raytrain data make=NAME out=DIR`: generate a data set (`retrieval`: the long-context multi-document QA task)."""
+"""`raytrain data make=NAME out=DIR`: generate a data set (`retrieval`: the long-context multi-document QA task;
+`shapes`: the procedural image-text world as webdataset shards, generated in parallel by Ray Data)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,12 @@ from raytrain.config import ConfigError
 from raytrain.data import retrieval
 
 CONFIG_NAME = "make_data"
-HELP = "generate a data set: make=retrieval (long-context multi-document QA)"
+HELP = "generate a data set: make=retrieval (long-context multi-document QA), make=shapes (image-text shards)"
 log = logging.getLogger("raytrain")
 
 
 def run(cfg: DictConfig) -> None:
-    makers = {"retrieval": make_retrieval}
+    makers = {"retrieval": make_retrieval, "shapes": make_shapes}
     if cfg.make not in makers:
         raise ConfigError(f"make={cfg.make!r} is unknown; known: {', '.join(makers)}")
     counts = makers[cfg.make](cfg, Path(cfg.out))
@@ -36,3 +37,24 @@ def make_retrieval(cfg: DictConfig, out: Path) -> dict[str, int]:
             r.eval, retrieval.RetrievalConfig(words, None, **shape), cfg.seed + 1 + i))
         log.info("wrote %s", out / name)
     return counts
+
+
+def make_shapes(cfg: DictConfig, out: Path) -> dict[str, int]:
+    """`n` records of the procedural world as tar shards: `<key>.png`, `<key>.txt` (caption), `<key>.json` (the
+    scene record), `shapes.shard_size` records a shard, written by Ray Data tasks in parallel."""
+    import ray
+
+    from raytrain.config import to_dataclass
+    from raytrain.data.imagetext import write_shapes_shards
+    from raytrain.data.shapes import WorldConfig
+
+    if cfg.n is None or cfg.n < 1:
+        raise ConfigError("make=shapes needs n=<records> (>= 1)")
+    if out.exists() and any(out.glob("*.tar")):
+        raise ConfigError(f"out={out} already holds shards; choose an empty directory")
+    world = to_dataclass(WorldConfig, cfg.shapes.world, "shapes.world")
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False)
+    shards = write_shapes_shards(out, cfg.n, cfg.shapes.start, cfg.seed, world, cfg.shapes.shard_size)
+    log.info("wrote %d shards to %s", shards, out)
+    return {"samples": cfg.n, "shards": shards}

@@ -55,6 +55,7 @@ class ImageTextDataConfig:
     seed: int = 0
     world: shapes.WorldConfig = field(default_factory=shapes.WorldConfig)
     shuffle_buffer: int = 1024  # rows in each worker's local shuffle buffer (0 = off)
+    shuffle_seed: int = 0  # per-epoch local shuffles derive from it
     caption_tokens: int = 32  # CLIP: captions are cut or padded to this many tokens
 
     def __post_init__(self) -> None:
@@ -302,3 +303,36 @@ def decoded(ds: Any, cfg: ImageTextDataConfig, train: bool, counter: Any = None)
     """`ds` with its images decoded, cropped (randomly when `train`) and flipped, in Ray Data."""
     return ds.map_batches(decode_batch, fn_kwargs={"cfg": cfg, "train": train, "counter": counter},
                           batch_size=64, batch_format="numpy")
+
+
+# ---- writing the procedural world ------------------------------------------------------------------------------
+
+def _shard_of(batch: dict[str, Any], seed: int, world: shapes.WorldConfig, out: str) -> dict[str, Any]:
+    """Write records `batch["start"][0] .. + batch["count"][0]` as one tar shard, atomically."""
+    start, count = int(batch["start"][0]), int(batch["count"][0])
+    path = os.path.join(out, f"shard-{start:09d}.tar")
+    tmp = f"{path}.tmp"
+    with tarfile.open(tmp, "w") as tar:
+        for index in range(start, start + count):
+            record = shapes.sample(index, seed, world)
+            for ext, data in (("png", record["image"]), ("txt", record["caption"].encode()),
+                              ("json", json.dumps(record["scene"]).encode())):
+                info = tarfile.TarInfo(f"{record['key']}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    os.replace(tmp, path)
+    return {"shard": [path]}
+
+
+def write_shapes_shards(out: Any, n: int, start: int, seed: int, world: shapes.WorldConfig,
+                        shard_size: int) -> int:
+    """Records `start .. start+n-1` of the procedural world as webdataset shards under `out`, one Ray task a
+    shard; returns the number of shards."""
+    import ray.data
+
+    os.makedirs(out, exist_ok=True)
+    starts = list(range(start, start + n, shard_size))
+    plan = [{"start": s, "count": min(shard_size, start + n - s)} for s in starts]
+    written = ray.data.from_items(plan, override_num_blocks=len(plan)).map_batches(
+        _shard_of, batch_size=1, fn_kwargs={"seed": seed, "world": world, "out": str(out)})
+    return written.count()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -27,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from raytrain.config import RaytrainError
+
+log = logging.getLogger(__name__)
 
 DEBIAN_WORDNET = Path("/usr/share/wordnet")
 WORDNET_FILES = [f"{kind}.{pos}" for kind in ("data", "index") for pos in ("noun", "verb", "adj", "adv")] + [
@@ -283,3 +286,16 @@ def label_report(captions: Sequence[str], vocab: Vocabulary) -> dict[str, float]
     labels = [vocab.labels(c) for c in captions]
     n = max(len(labels), 1)
     return {"covered": sum(bool(x) for x in labels) / n, "mean_labels": sum(map(len, labels)) / n}
+
+
+def check_source(vocab: Vocabulary, sample: Sequence[str], source: str, vocab_path: str, data_name: str) -> None:
+    """A vocabulary counted on other data than `sample` (by fingerprint) is reported with its coverage, and refused
+    when it labels none of the sampled captions (training would see only zero targets)."""
+    if vocab.source == source:
+        return
+    covered = label_report(sample, vocab)["covered"]
+    if covered == 0:
+        raise VocabularyError(f"vocabulary {vocab_path} labels none of {len(sample)} sampled captions of "
+                              f"{data_name}: it was built on another data set")
+    log.warning("vocabulary %s was built on another data set than %s; it labels %.0f%% of sampled captions",
+                vocab_path, data_name, 100 * covered)

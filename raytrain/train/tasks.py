@@ -152,14 +152,7 @@ def catlip_vocabulary(task: CatlipTaskConfig, data: imagetext.ImageTextDataConfi
                                          task.counting)
         vocab.save(saved)
         log.info("vocabulary: %d synsets, saved to %s", len(vocab), saved)
-    if vocab.source != source:
-        report = synsets.label_report(sample, vocab)
-        if report["covered"] == 0:
-            raise synsets.VocabularyError(
-                f"vocabulary {task.vocab or saved} labels none of {len(sample)} sampled captions of "
-                f"{data.path or 'the procedural world'}: it was built on another data set")
-        log.warning("vocabulary %s was built on another data set than %s; it labels %.0f%% of sampled captions",
-                    task.vocab or saved, data.path or "the procedural world", 100 * report["covered"])
+    synsets.check_source(vocab, sample, source, str(task.vocab or saved), data.path or "the procedural world")
     return vocab
 
 
