@@ -31,7 +31,8 @@ def test_tar_shard_samples_incomplete_and_truncated(tmp_path) -> None:
     rows = list(imagetext.tar_samples(io.BytesIO(data), "a.tar", counter))
     assert [r["key"] for r in rows] == ["k0", "k2", "k3"] and rows[0]["caption"] == "a dog"
     assert counter.counts == {"incomplete_samples": 1}
-    cut = data[:len(data) // 2]
+    png_block = 512 + -(-len(image) // 512) * 512  # header + padded data
+    cut = data[:png_block + 3 * 1024 + 600]  # k0.png, k0.txt, k1.txt, then into k2.png's data
     rows = list(imagetext.tar_samples(io.BytesIO(cut), "cut.tar", counter))
     assert [r["key"] for r in rows] == ["k0"]  # what precedes the damage is kept
     assert counter.counts["truncated_shards"] == 1
