@@ -22,18 +22,24 @@ PRIMARY = sorted(f.stem for f in CONF_DIR.glob("*.yaml") if f.stem != "base")
 
 
 def test_every_config_file_is_covered() -> None:
-    assert GROUPS == ["data", "experiment", "generation", "model", "optim", "schedule", "tracking", "trainer"]
-    assert PRIMARY == ["generate", "make_data", "model_info", "train"]
+    assert GROUPS == ["data", "experiment", "generation", "job", "model", "optim", "schedule", "tracking", "trainer"]
+    assert PRIMARY == ["generate", "labels", "make_data", "model_info", "train"]
 
 
 TRAIN_OPTIONS = [(g, o) for g, o in OPTIONS if g != "generation"]
+IMAGE_DATA = ("shapes", "imagetext")
+IMAGE_JOB = {"vit": "catlip", "clip": "clip"}
 
 
 @pytest.mark.parametrize("group, option", TRAIN_OPTIONS, ids=[f"{g}={o}" for g, o in TRAIN_OPTIONS])
 def test_train_composes_with_each_option(group: str, option: str) -> None:
     overrides = [f"{group}={option}"]
-    if group == "data":  # a long-context model fits every data option's sequence length
+    if group == "data" and option in IMAGE_DATA:
+        overrides += ["job=catlip", "data.path=/shards"]
+    elif group == "data":  # a long-context model fits every data option's sequence length
         overrides += ["model=retrieval_lm", "data.path=/corpus"]
+    if group == "model" and option.split("_")[0] in IMAGE_JOB:
+        overrides.append(f"job={IMAGE_JOB[option.split('_')[0]]}")
     if group == "experiment":
         overrides.append("data.path=/corpus")
     parts = typed_parts(compose("train", overrides))
@@ -54,9 +60,25 @@ def test_generate_composes_each_generation_option(option: str) -> None:
     assert engine.lazyllm.schedule(32) == {9: 0.7, 19: 0.7, 28: 0.7}  # the spec's layers for L = 32
 
 
-def test_make_data_composes() -> None:
+def test_make_data_and_labels_compose() -> None:
     cfg = compose("make_data", ["make=retrieval", "out=/tmp/x"])
     assert list(cfg.retrieval.eval_words) == [1350, 2700, 5400]
+    assert compose("make_data", ["make=shapes", "n=10", "out=/tmp/x"]).shapes.world.image_size == 64
+    assert compose("labels", ["text='a dog'"]).text == "a dog"
+
+
+@pytest.mark.parametrize("job, task, model", [("catlip", "CatlipTaskConfig", "vit_tiny"),
+                                              ("clip", "ClipTaskConfig", "clip_tiny"),
+                                              ("probe", "ClassifyTaskConfig", "vit_tiny")])
+def test_image_jobs_compose_with_the_train_config(job: str, task: str, model: str) -> None:
+    parts = typed_parts(compose("train", [f"job={job}", "trainer.num_workers=1"]))
+    assert type(parts["task"]).__name__ == task and parts["model"].name == model
+    assert parts["data"].path is None and parts["trainer"].num_workers == 1
+
+
+def test_a_vision_model_without_an_image_job_is_named() -> None:
+    with pytest.raises(ConfigError, match="model=vit_tiny is not a language model"):
+        typed_parts(compose("train", ["model=vit_tiny"]))
 
 
 def test_generate_and_sample_configs_compose() -> None:

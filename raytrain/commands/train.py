@@ -26,15 +26,15 @@ log = logging.getLogger("raytrain")
 
 def typed_parts(cfg: DictConfig) -> dict[str, Any]:
     """The validated, typed config groups of a training job."""
-    task = tasks.task_config(plain(cfg.get("task")))
-    parts = {"task": task, "model": model_config(cfg.model), "data": tasks.data_config(task, cfg.data),
+    task, model = tasks.task_config(plain(cfg.get("task"))), model_config(cfg.model)
+    if isinstance(task, tasks.LMTaskConfig) and not hasattr(model, "max_seq_len"):
+        raise ConfigError(f"model={model.name} is not a language model; pick a job for it (job=catlip, job=clip, "
+                          "job=probe)")
+    parts = {"task": task, "model": model, "data": tasks.data_config(task, cfg.data),
              "trainer": to_dataclass(TrainerConfig, cfg.trainer, "trainer"),
              "optim": to_dataclass(OptimConfig, cfg.optim, "optim"),
              "schedule": to_dataclass(ScheduleConfig, cfg.schedule, "schedule"),
              "tracking": to_dataclass(TrackingConfig, cfg.tracking, "tracking")}
-    if isinstance(task, tasks.LMTaskConfig) and not hasattr(parts["model"], "max_seq_len"):
-        raise ConfigError(f"model={parts['model'].name} is not a language model; pick a job for it (job=catlip, "
-                          "job=clip, job=probe)")
     if isinstance(task, tasks.LMTaskConfig) and parts["data"].seq_len > parts["model"].max_seq_len:
         raise ConfigError(f"data.seq_len={parts['data'].seq_len} exceeds model.max_seq_len="
                           f"{parts['model'].max_seq_len}")
