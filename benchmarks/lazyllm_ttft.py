@@ -61,7 +61,11 @@ def accuracy(args: argparse.Namespace, device: str) -> dict[str, dict]:
     out: dict[str, dict] = {name: {} for name in runs}
     params = SamplingParams(max_new_tokens=6, temperature=0, stop=["\n"])
     for path in sorted(Path(args.eval_dir).glob("eval_*.jsonl"), key=lambda p: int(p.stem.split("_")[1])):
-        records = [json.loads(line) for line in path.read_text().splitlines()][:args.eval_examples]
+        window = model_engine.model.cfg.max_seq_len - params.max_new_tokens
+        encoded = [(r, model_engine.tokenizer.encode(r["prompt"])) for r in
+                   (json.loads(line) for line in path.read_text().splitlines())]
+        kept = [(r, ids) for r, ids in encoded if len(ids) + 1 <= window][:args.eval_examples]  # +1: BOS
+        records = [r for r, _ in kept]
         prompts = [model_engine.encode(Request(r["prompt"], params)) for r in records]
         tokens = int(statistics.mean(len(p) for p in prompts))
         for name, engine in runs.items():
@@ -71,7 +75,13 @@ def accuracy(args: argparse.Namespace, device: str) -> dict[str, dict]:
             out[name][f"{tokens}_tokens"] = {
                 "accuracy": correct / len(records), "ttft_ms": 1e3 * statistics.median(c.ttft_s for c in done),
                 "prompt_fraction_computed": statistics.mean(c.prompt_fraction_computed for c in done)}
+            progress("accuracy", name, tokens, out[name][f"{tokens}_tokens"])
     return out
+
+
+def progress(part: str, name: str, tokens: int, cell: dict) -> None:
+    """Each measured cell goes to stderr at once, so a run cut short still leaves its figures."""
+    print(json.dumps({"part": part, "schedule": name, "tokens": tokens, **cell}), file=sys.stderr, flush=True)
 
 
 def ttft_7b(args: argparse.Namespace, device: str) -> dict[str, dict]:
@@ -88,6 +98,7 @@ def ttft_7b(args: argparse.Namespace, device: str) -> dict[str, dict]:
                 first_token_s(model, prompt, schedule)
             times = [first_token_s(model, prompt, schedule) for _ in range(args.repeats)]
             out[name][f"{length}_tokens"] = {"ttft_ms": 1e3 * statistics.median(times)}
+            progress("ttft_7b", name, length, out[name][f"{length}_tokens"])
     return out
 
 
@@ -129,8 +140,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
+    timing = ttft_7b(args, args.device)  # first: it is the headline figure and needs no trained model
     acc = accuracy(args, args.device) if args.checkpoint else {}
-    timing = ttft_7b(args, args.device)
     longest = f"{max(args.lengths)}_tokens"
     best, ratio = best_ratio(acc, timing, longest)
     print(json.dumps({

@@ -23,7 +23,7 @@ PRIMARY = sorted(f.stem for f in CONF_DIR.glob("*.yaml") if f.stem != "base")
 
 def test_every_config_file_is_covered() -> None:
     assert GROUPS == ["data", "experiment", "generation", "job", "model", "optim", "schedule", "tracking", "trainer"]
-    assert PRIMARY == ["generate", "labels", "make_data", "model_info", "train"]
+    assert PRIMARY == ["average", "generate", "labels", "make_data", "model_info", "train"]
 
 
 TRAIN_OPTIONS = [(g, o) for g, o in OPTIONS if g != "generation"]
@@ -58,6 +58,10 @@ def test_generate_composes_each_generation_option(option: str) -> None:
     engine = to_dataclass(EngineConfig, compose("generate", [f"generation={option}"]).generation, "generation")
     assert engine.lazy == (option == "lazy")
     assert engine.lazyllm.schedule(32) == {9: 0.7, 19: 0.7, 28: 0.7}  # the spec's layers for L = 32
+
+
+def test_average_composes() -> None:
+    assert compose("average", ["checkpoint=/run", "out=/avg"]).k == 5
 
 
 def test_make_data_and_labels_compose() -> None:

@@ -81,15 +81,12 @@ class Engine:
 
     def encode(self, request: Request) -> list[int]:
         """Prompt token ids, checked against the context window before any compute."""
-        if isinstance(request.prompt, str):
-            ids = self.tokenizer.encode(request.prompt, add_special_tokens=False)
-            if not ids:
-                raise RaytrainError("the prompt is empty")
-            ids = [self.tokenizer.bos_token_id, *ids] if self.tokenizer.bos_token_id is not None else ids
-        else:
-            ids = list(request.prompt)
-            if not ids:
-                raise RaytrainError("the prompt is empty")
+        text = isinstance(request.prompt, str)
+        ids = self.tokenizer.encode(request.prompt, add_special_tokens=False) if text else list(request.prompt)
+        if not ids:
+            raise RaytrainError("the prompt is empty")
+        if text and self.tokenizer.bos_token_id is not None:
+            ids = [self.tokenizer.bos_token_id, *ids]
         window = self.model.cfg.max_seq_len
         if len(ids) + request.params.max_new_tokens > window:
             raise RaytrainError(f"prompt ({len(ids)} tokens) + max_new_tokens ({request.params.max_new_tokens}) "
@@ -137,9 +134,8 @@ class Engine:
                 text = row.advance(tokens[b], self.tokenizer.eos_token_id)
                 completion = None
                 if row.done:
-                    fraction = runner.prompt_fraction_computed() if isinstance(runner, LazySequence) else 1.0
                     completion = Completion(row.stream.text, row.ids, row.finish_reason, len(prompts[b]), ttft,
-                                            fraction)
+                                            runner.prompt_fraction_computed())
                 if text or completion:
                     yield Delta(indices[b], text, completion)
             if all(row.done for row in rows):
@@ -165,6 +161,9 @@ class DenseBatch:
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(tokens[:, None], cache=self.cache)[:, -1]
+
+    def prompt_fraction_computed(self) -> float:
+        return 1.0  # every prompt token at every layer
 
 
 class _Row:

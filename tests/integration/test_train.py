@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from raytrain.checkpoint.hf import CheckpointError, load_pretrained
 from raytrain.commands import train
 from raytrain.data.text import DataError
-from raytrain.infer.generate import generate_text
+from raytrain.infer.engine import Engine, Request
 from raytrain.infer.sampling import SamplingParams
 from raytrain.train.trainer import TrainingError
 from tests.conftest import REPO, compose
@@ -69,7 +69,8 @@ def test_zero2_loss_falls_checkpoints_are_complete_and_nan_keeps_the_last_good_o
 
     model = load_pretrained(tmp_path / "z2")  # the run directory resolves to its latest checkpoint
     assert model.meta["step"] == 24
-    text = generate_text(model.model, model.tokenizer, "The if", SamplingParams(max_new_tokens=8, temperature=0))
+    request = Request("The if", SamplingParams(max_new_tokens=8, temperature=0))
+    text = Engine(model.model, model.tokenizer).generate([request])[0].text
     assert text.strip()
     cli = subprocess.run([sys.executable, "-m", "raytrain", "generate", f"checkpoint={tmp_path / 'z2'}",
                           "prompt=The if", "temperature=0", "max_new_tokens=8"], capture_output=True, text=True,
