@@ -52,7 +52,8 @@ class Clip(nn.Module):
         self.text.head = nn.Identity()  # hidden states out: final RMSNorm, no vocabulary projection
         self.image_proj = nn.Linear(cfg.image.d_model, cfg.embed_dim, bias=False)
         self.text_proj = nn.Linear(cfg.text.d_model, cfg.embed_dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / cfg.init_temperature)))
+        # shape (1,), not a 0-dim tensor: DeepSpeed's ZeRO flattening cannot view 0-dim parameters
+        self.logit_scale = nn.Parameter(torch.tensor([math.log(1 / cfg.init_temperature)]))
         nn.init.normal_(self.image_proj.weight, std=cfg.image.d_model ** -0.5)
         nn.init.normal_(self.text_proj.weight, std=cfg.text.d_model ** -0.5)
 
@@ -85,7 +86,7 @@ class Clip(nn.Module):
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor,
                 lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        scale = self.logit_scale.clamp(max=math.log(self.cfg.max_logit_scale)).exp()
+        scale = self.logit_scale.clamp(max=math.log(self.cfg.max_logit_scale)).exp().squeeze(0)  # ()
         return self.encode_image(images), self.encode_text(tokens, lengths), scale
 
     def param_counts(self) -> dict[str, int]:
