@@ -24,25 +24,20 @@ LAZY = ("+serve.models.lazy={checkpoint:${checkpoint},engine:{max_batch_size:2,l
 
 
 def train_tiny(tokenizer, out: Path, steps: int = 150) -> Path:
-    """A few AdamW steps of a 4-layer decoder on the embedded corpus (one thread: the CPU is shared)."""
+    """A few AdamW steps of a 4-layer decoder on the embedded corpus: enough for corpus-like, prompt-dependent text."""
     cfg = DecoderConfig(name="serve_test", vocab_size=512, d_model=64, n_layers=4, head_dim=16, max_seq_len=2048,
                         layer_scaling=LayerScaling(gqa_group=2, ffn_divisor=32))
     torch.manual_seed(0)
     model = build_decoder(cfg)
     ids = torch.tensor([t for d in documents()[:20] for t in tokenizer.encode(d)])
     opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for _ in range(steps):
-            starts = torch.randint(0, len(ids) - 65, (8,))
-            batch = torch.stack([ids[s:s + 65] for s in starts])
-            loss = lm_loss(model(batch[:, :-1]), batch[:, 1:], 0.0)[0]
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    finally:
-        torch.set_num_threads(threads)
+    for _ in range(steps):
+        starts = torch.randint(0, len(ids) - 65, (8,))
+        batch = torch.stack([ids[s:s + 65] for s in starts])
+        loss = lm_loss(model(batch[:, :-1]), batch[:, 1:], 0.0)[0]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
     return save_pretrained(out, cfg, model_state(model), to_files(tokenizer))
 
 
@@ -52,8 +47,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory, tokenizer) -> Path:
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Reference generations here run beside the replicas on a shared CPU, where a second torch thread only waits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(one_thread, tmp_path_factory, tokenizer) -> Path:
     return train_tiny(tokenizer, tmp_path_factory.mktemp("serve") / "tiny")
 
 
