@@ -80,7 +80,7 @@ class ModelSpec:
     dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu | float32 | bfloat16 | float16
     chat_template: str | None = None  # Jinja; null: the tokenizer's own, else a plain "role: content" template
     engine: EngineConfig = field(default_factory=EngineConfig)  # batching and decoding mode (plain or LazyLLM)
-    batch_wait_timeout_s: float = 0.01  # how long a replica waits to fill an engine batch
+    batch_wait_timeout_s: float = 0.01  # how long an idle replica waits for a request to get company in a batch
     limits: Limits = field(default_factory=Limits)
     deployment: Deployment = field(default_factory=Deployment)
 

@@ -1,15 +1,13 @@
 """The model deployment: each replica holds one `Engine` (the project's generation engine) for one model.
 
 A request is tokenized (chat messages through the model's chat template) and checked against the model's limits on
-its own, so one bad request never fails a batch; then `@serve.batch` gathers the requests that arrive together into
-one engine batch, which runs in the engine's thread (`Engine.astream`) while the replica keeps accepting requests.
+its own, so one bad request never fails a batch; then the `Batcher` gathers the requests waiting for the engine into
+its next batch, which runs in the engine's thread (`Engine.astream`) while the replica keeps accepting requests.
 A request whose caller goes away (client disconnect, timeout) is cancelled in the engine at its next step.
 """
 
 from __future__ import annotations
 
-import threading
-from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,7 +16,8 @@ from jinja2 import TemplateError
 from ray import serve
 
 from raytrain.config import RaytrainError
-from raytrain.infer.engine import Completion, Delta, Engine, Request
+from raytrain.infer.batcher import Batcher
+from raytrain.infer.engine import Completion, Engine, Request
 from raytrain.infer.sampling import SamplingParams
 from serving.config import ModelSpec, model_spec
 
@@ -57,9 +56,7 @@ class ModelServer:
         self.engine = load_engine(self.spec)
         self.chat_template = (self.spec.chat_template or getattr(self.engine.tokenizer, "chat_template", None)
                               or PLAIN_CHAT_TEMPLATE)
-        self._batched.set_max_batch_size(self.spec.engine.max_batch_size)
-        self._batched.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
-        self.batch_sizes: Counter[int] = Counter()
+        self.batcher = Batcher(self.engine, self.spec.batch_wait_timeout_s)
 
     # ---- called by the ingress ------------------------------------------------------------------------------
 
@@ -70,7 +67,7 @@ class ModelServer:
             request = self.prepare(job)
         except RequestError as e:
             return {"error": e.args}
-        async for delta in self._deltas(request):
+        async for delta in self.batcher.stream(request):
             if delta.completion is not None:
                 return {"text": delta.completion.text, **_counts(delta.completion)}
         raise RuntimeError("the engine ended without a completion")
@@ -84,7 +81,7 @@ class ModelServer:
             yield {"error": e.args}
             return
         yield {"prompt_tokens": len(request.prompt)}
-        async for delta in self._deltas(request):
+        async for delta in self.batcher.stream(request):
             yield {"text": delta.text, **(_counts(delta.completion) if delta.completion else {})}
 
     def info(self) -> dict[str, Any]:
@@ -93,7 +90,7 @@ class ModelServer:
 
     def stats(self) -> dict[str, Any]:
         """How many engine batches of each size this replica ran."""
-        return {"batch_sizes": dict(self.batch_sizes)}
+        return {"batch_sizes": dict(self.batcher.batch_sizes)}
 
     # ---- request preparation ----------------------------------------------------------------------------------
 
@@ -120,7 +117,7 @@ class ModelServer:
             sampling = SamplingParams(max_new_tokens=max_tokens, **params)
         except RaytrainError as e:
             raise RequestError(str(e)) from None
-        return Request(ids, sampling, threading.Event())
+        return Request(ids, sampling)
 
     def _prompt_ids(self, job: dict[str, Any], param: str) -> list[int]:
         tokenizer = self.engine.tokenizer
@@ -134,31 +131,6 @@ class ModelServer:
             raise RequestError(f"messages: the chat template rejected them ({e})", "messages") from None
         except RaytrainError as e:
             raise RequestError(f"{param}: {e}", param) from None
-
-    # ---- batching ---------------------------------------------------------------------------------------------
-
-    async def _deltas(self, request: Request) -> AsyncIterator[Delta]:
-        """This request's deltas out of its shared batch; leaving early (client gone, timeout) cancels it."""
-        try:
-            async for deltas in self._batched(request):
-                for delta in deltas:
-                    yield delta
-                    if delta.completion is not None:
-                        return
-        finally:
-            request.cancel.set()
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)  # both reset from the model's config in __init__
-    async def _batched(self, requests: list[Request]) -> AsyncIterator[list[list[Delta] | type[StopIteration]]]:
-        """One engine batch; each yield gives every request its new deltas (StopIteration once it finished)."""
-        self.batch_sizes[len(requests)] += 1
-        finished = [False] * len(requests)
-        async for deltas in self.engine.astream(requests):
-            out: list[list[Delta] | type[StopIteration]] = [StopIteration if f else [] for f in finished]
-            for delta in deltas:
-                out[delta.index].append(delta)
-                finished[delta.index] = finished[delta.index] or delta.completion is not None
-            yield out
 
 
 def _counts(c: Completion) -> dict[str, Any]:
