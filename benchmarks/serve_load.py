@@ -6,12 +6,13 @@ model replica). For each concurrency level, `--requests` streamed completions of
 exactly `--max-tokens` output tokens (greedy, `ignore_eos`) are sent by that many closed-loop clients; the run stops
 by itself. Every request ends as an answer, a 503 (the bounded queue is full) or an error, and all three are
 counted, so nothing is lost silently. The baseline is the same engine called directly in this process, in batches
-of the same concurrency: the ratio is the Serve overhead. Prints one JSON line:
-requests/s, tokens/s, p50/p99 latency and time to first token per level, and the replica's mean batch size.
+of the same concurrency, level by level between the Serve runs (so a change in machine load hits both alike): the
+ratio is Serve's tokens/s over the engine's at the highest level without 503s. Prints one JSON line: requests/s,
+tokens/s, p50/p99 latency and time to first token per level, and the replica's mean engine batch size.
 
-    python benchmarks/serve_load.py --device cpu
-    python benchmarks/serve_load.py --device cuda --model openelm_1_1b --max-batch-size 32 --requests 256 \\
-        --concurrency 1,8,32,128 --prompt-tokens 256 --max-tokens 128
+    python benchmarks/serve_load.py --device cpu --requests 64
+    python benchmarks/serve_load.py --device cuda --model openelm_1_1b --max-batch-size 32 --max-queued 64 \\
+        --requests 96 --concurrency 1,8,32,256 --prompt-tokens 256 --max-tokens 64
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import gc
 import json
 import os
 import socket
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +64,7 @@ def main() -> None:
     p.add_argument("--max-queued", type=int, default=16, help="replica queue per caller; beyond it: 503")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads of the engine (and replica CPUs)")
     args = p.parse_args()
+    stdout, sys.stdout = sys.stdout, sys.stderr  # stdout carries the JSON line alone; Ray's messages go to stderr
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = Path(args.checkpoint) if args.checkpoint else build_checkpoint(args, Path(tmp) / "model")
@@ -69,14 +72,13 @@ def main() -> None:
         engine = Engine.from_checkpoint(checkpoint, EngineConfig(max_batch_size=args.max_batch_size),
                                         device=args.device, dtype=dtype)
         prompts = make_prompts(engine, args.prompt_tokens, args.requests)
-        baseline = {c: direct(engine, prompts, args.max_tokens, c) for c in args.concurrency}
         info = {"params": sum(p.numel() for p in engine.model.parameters()), "vocab": engine.model.cfg.vocab_size,
                 "prompt_tokens": float(np.mean([len(engine.tokenize(p)) for p in prompts]))}
-        del engine
-        gc.collect()
-        if args.device == "cuda":
-            torch.cuda.empty_cache()
-        served = serve_levels(args, checkpoint, prompts)
+        baseline, served = {}, {}
+        with serving(args, checkpoint) as level:
+            for c in args.concurrency:  # interleaved, so a change in machine load hits both sides alike
+                baseline[c] = direct(engine, prompts, args.max_tokens, c)
+                served[c] = level(prompts, c)
     ratios = {c: served[c]["tokens_per_s"] / baseline[c]["tokens_per_s"] for c in args.concurrency}
     unloaded = [c for c in args.concurrency if served[c]["rejected_503"] == 0]
     reference = max(unloaded) if unloaded else min(args.concurrency)
@@ -93,7 +95,7 @@ def main() -> None:
         "results": {"serve": served, "reference_concurrency": reference},
         "baseline": {"engine_direct": baseline},
         "ratio": ratios[reference],
-        "command": " ".join(["python", *sys.argv]), "time": time.strftime("%Y-%m-%d %H:%M")}))
+        "command": " ".join(["python", *sys.argv]), "time": time.strftime("%Y-%m-%d %H:%M")}), file=stdout)
 
 
 # ---- the model ----------------------------------------------------------------------------------------------------
@@ -137,7 +139,9 @@ def direct(engine: Engine, prompts: list[str], max_tokens: int, concurrency: int
 
 # ---- the Serve endpoint -------------------------------------------------------------------------------------------
 
-def serve_levels(args: argparse.Namespace, checkpoint: Path, prompts: list[str]) -> dict[int, dict[str, Any]]:
+@contextmanager
+def serving(args: argparse.Namespace, checkpoint: Path) -> Iterator[Callable[[list[str], int], dict[str, Any]]]:
+    """One model replica served as `raytrain serve` serves it; yields a function running one load level."""
     import ray
     from ray import serve
 
@@ -162,13 +166,14 @@ def serve_levels(args: argparse.Namespace, checkpoint: Path, prompts: list[str])
         handle = serve.get_deployment_handle(deployment_name(MODEL), spec.app_name)
         body = {"model": MODEL, "max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True,
                 "stream": True, "stream_options": {"include_usage": True}}
-        asyncio.run(load(url, body, prompts[:1], 1))  # warm-up
-        out = {}
-        for c in args.concurrency:
+
+        def level(prompts: list[str], concurrency: int) -> dict[str, Any]:
             before = handle.stats.remote().result()["batch_sizes"]
-            out[c] = asyncio.run(load(url, body, prompts, c))
-            out[c]["mean_batch_size"] = mean_batch(before, handle.stats.remote().result()["batch_sizes"])
-        return out
+            out = asyncio.run(load(url, body, prompts, concurrency))
+            return {**out, "mean_batch_size": mean_batch(before, handle.stats.remote().result()["batch_sizes"])}
+
+        asyncio.run(load(url, body, ["warm-up"], 1))
+        yield level
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -102,14 +102,17 @@ class ModelServer:
         if len(ids) > limits.max_prompt_tokens:
             raise RequestError(f"{prompt_param}: the prompt has {len(ids)} tokens; model {self.name!r} accepts at "
                                f"most {limits.max_prompt_tokens}", prompt_param, "context_length_exceeded")
-        params = dict(job["params"])
         room = window - len(ids)
+        if room < 1:
+            raise RequestError(f"{prompt_param}: the prompt's {len(ids)} tokens fill the context window of model "
+                               f"{self.name!r} ({window} tokens)", prompt_param, "context_length_exceeded")
+        params = dict(job["params"])
         max_tokens = params.pop("max_tokens")
         max_tokens = min(limits.max_output_tokens, room) if max_tokens is None else max_tokens
         if max_tokens > limits.max_output_tokens:
             raise RequestError(f"max_tokens={max_tokens} exceeds the limit of model {self.name!r}, "
                                f"{limits.max_output_tokens} tokens", "max_tokens", "invalid_value")
-        if max_tokens > room or room < 1:
+        if max_tokens > room:
             raise RequestError(f"max_tokens: the context window of model {self.name!r} is {window} tokens; the "
                                f"prompt has {len(ids)} and max_tokens asks for {max_tokens} more", "max_tokens",
                                "context_length_exceeded")

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
-
 from raytrain.config import RaytrainError
 from raytrain.infer.batcher import Batcher
 from raytrain.infer.engine import Engine, EngineConfig, Request
