@@ -79,12 +79,15 @@ def compose(config_name: str, overrides: list[str]) -> Any:
     composition errors become a `ConfigError` naming the override)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     from raytrain.config import ConfigError
 
     try:
+        if GlobalHydra.instance().is_initialized():  # inside a command run by `run_command`: same config dir
+            return hydra_compose(config_name=config_name, overrides=list(overrides))
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             return hydra_compose(config_name=config_name, overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as e:

@@ -11,7 +11,8 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from raytrain.cli import CONF_DIR
 from raytrain.commands.generate import sampling_params
 from raytrain.commands.train import typed_parts
-from raytrain.config import ConfigError
+from raytrain.cluster.jobs import SubmitConfig
+from raytrain.config import ConfigError, to_dataclass
 from raytrain.models.registry import build_model, model_config
 from tests.conftest import compose
 
@@ -22,7 +23,7 @@ PRIMARY = sorted(f.stem for f in CONF_DIR.glob("*.yaml") if f.stem != "base")
 
 def test_every_config_file_is_covered() -> None:
     assert GROUPS == ["data", "experiment", "model", "optim", "schedule", "tracking", "trainer"]
-    assert PRIMARY == ["generate", "model_info", "train"]
+    assert PRIMARY == ["cluster_check", "generate", "model_info", "submit", "train"]
 
 
 @pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
@@ -46,6 +47,12 @@ def test_model_info_composes_each_model(option: str) -> None:
 def test_generate_and_sample_configs_compose() -> None:
     assert sampling_params(compose("generate"), "generate").top_k == 40
     assert sampling_params(compose("train").sample, "sample").max_new_tokens == 48
+
+
+def test_submit_and_cluster_check_configs_compose() -> None:
+    submit = to_dataclass(SubmitConfig, compose("submit", ["pass_env=[AWS_*]", "entrypoint_num_gpus=1"]), "submit")
+    assert submit.pass_env == ["AWS_*"] and submit.entrypoint_num_gpus == 1 and submit.python == "python"
+    assert compose("cluster_check").path is None
 
 
 def test_misspelt_key_and_group_are_named_by_hydra() -> None:
