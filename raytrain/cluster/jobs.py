@@ -136,21 +136,21 @@ def run_of(job_id: str) -> str:
     return m["run"] if m else job_id
 
 
-def auth_headers() -> dict[str, str]:
+def auth_headers(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
     """A bearer header with the cluster token, found where Ray looks for it: RAY_AUTH_TOKEN, then the file
     RAY_AUTH_TOKEN_PATH, then ~/.ray/auth_token. None when RAY_AUTH_MODE=disabled or no token exists (clusters
     without token authentication)."""
-    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+    if environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
         return {}
-    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
-    if not token and (path := os.environ.get("RAY_AUTH_TOKEN_PATH")):
+    token = environ.get("RAY_AUTH_TOKEN", "").strip()
+    if not token and (path := environ.get("RAY_AUTH_TOKEN_PATH")):
         try:
             token = Path(path).expanduser().read_text().strip()
         except OSError as e:
             raise ConfigError(f"RAY_AUTH_TOKEN_PATH={path}: {e.strerror}") from None
         if not token:
             raise ConfigError(f"RAY_AUTH_TOKEN_PATH={path} is empty")
-    default = Path.home() / ".ray" / "auth_token"
+    default = Path(environ.get("HOME") or Path.home()) / ".ray" / "auth_token"
     if not token and default.is_file():
         token = default.read_text().strip()
     return {"Authorization": f"Bearer {token}"} if token else {}

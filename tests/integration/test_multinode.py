@@ -3,22 +3,16 @@ DeepSpeed job through `raytrain train`, one worker on each node, and the checkpo
 
 from __future__ import annotations
 
-import socket
 import tempfile
 
 import pytest
 
+from raytrain.cluster.local_head import free_ports
 from raytrain.commands import train
 from tests.conftest import compose
 from tests.integration.test_train import overrides, tokenizer_dir  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.integration
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -32,8 +26,9 @@ def two_nodes(monkeypatch):
         ray.shutdown()
     # Ray records the newest cluster in $RAY_TMPDIR/ray; a private directory keeps other processes' ray.init() off it
     monkeypatch.setenv("RAY_TMPDIR", tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
+    dashboard, agent = free_ports(2)
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 3, "dashboard_port": free_port(), "dashboard_agent_listen_port": free_port(),
+        "num_cpus": 3, "dashboard_port": dashboard, "dashboard_agent_listen_port": agent,
         "object_store_memory": 200 * 2**20})
     cluster.add_node(num_cpus=2, object_store_memory=200 * 2**20)
     cluster.wait_for_nodes()

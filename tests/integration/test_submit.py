@@ -7,22 +7,19 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import requests
 
 from raytrain.cli import main
 from raytrain.cluster.jobs import JobClient
+from raytrain.cluster.local_head import LocalHead, free_ports
 from tests.conftest import REPO
-from tests.integration.test_multinode import free_port
 from tests.integration.test_train import overrides, registered_step, tokenizer_dir  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.integration
@@ -35,42 +32,15 @@ class Head:
 
 
 @pytest.fixture(scope="module")
-def head() -> Iterator[Head]:
-    """The head runs in a private RAY_TMPDIR (so no other process's `ray.init()` finds it) with its own token file,
-    and is ended by SIGTERM to the `ray start --block` process this fixture started."""
-    tmp = Path(tempfile.mkdtemp(prefix="rh-", dir="/tmp"))
-    token_path = tmp / "token"
+def head(tmp_path_factory) -> Iterator[Head]:
+    """A head with token authentication and its own token file (`raytrain.cluster.local_head`: explicit ports,
+    private temp dir, ended by SIGTERM to the process it started)."""
+    token_path = tmp_path_factory.mktemp("head") / "token"
     token_path.write_text(secrets.token_hex(16))
-    dashboard = free_port()
-    ports = {"port": free_port(), "dashboard-port": dashboard, "ray-client-server-port": free_port(),
-             "node-manager-port": free_port(), "object-manager-port": free_port(),
-             "dashboard-agent-listen-port": free_port(), "dashboard-agent-grpc-port": free_port(),
-             "runtime-env-agent-port": free_port(), "metrics-export-port": free_port()}
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
-    env.update(RAY_TMPDIR=str(tmp), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path))
-    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus=4",
-           "--dashboard-host=127.0.0.1", "--disable-usage-stats", f"--object-store-memory={200 * 2**20}",
-           *(f"--{k}={v}" for k, v in ports.items())]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{dashboard}"
-    try:
-        _wait_for_jobs_api(url, token_path.read_text(), proc)
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path))
+    with LocalHead(num_cpus=4, object_store_bytes=200 * 2**20, env=env) as url:
         yield Head(url, token_path)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=120)
-
-
-def _wait_for_jobs_api(url: str, token: str, proc: subprocess.Popen, timeout_s: float = 180) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if requests.get(f"{url}/api/jobs/", headers={"Authorization": f"Bearer {token}"}, timeout=5).ok:
-                return
-        except requests.ConnectionError:
-            pass
-        time.sleep(1)
-    raise RuntimeError(f"the test head at {url} did not come up (exit status {proc.poll()})")
 
 
 @pytest.fixture
@@ -144,7 +114,7 @@ def test_cluster_errors_are_one_line(client_env, tmp_path, monkeypatch) -> None:
     assert f"no job 'nope-a1' on {url}" in fails("status", "nope-a1", "--address", url)
     assert "no job 'nope-a1'" in fails("stop", "nope-a1", "--address", url)
     assert "no job of run 'nope'" in fails("resume", "nope", "--address", url)
-    unreachable = f"http://127.0.0.1:{free_port()}"
+    unreachable = f"http://127.0.0.1:{free_ports(1)[0]}"
     assert f"cannot reach the Ray dashboard at {unreachable}" in fails("list", "--address", unreachable)
     assert "rejected the token" in fails("list", "--address", url, env={"RAY_AUTH_TOKEN": "wrong"})
     monkeypatch.delenv("RAY_AUTH_TOKEN_PATH")
