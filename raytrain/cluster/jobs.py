@@ -118,16 +118,21 @@ def working_dir(cfg: SubmitConfig) -> Path:
     return root
 
 
+def attempts(jobs: list[Any], run: str) -> dict[int, Any]:
+    """The jobs of `run` (`<run>-a<n>`) by attempt number."""
+    return {int(m["attempt"]): job for job in jobs
+            if job.submission_id and (m := ATTEMPT.match(job.submission_id)) and m["run"] == run}
+
+
 def next_submission_id(jobs: list[Any], run: str) -> str:
     """`<run>-a<n+1>` after the run's last attempt on this cluster; refused while an attempt is still active,
     since two jobs writing one run would corrupt its checkpoints."""
-    attempts = [(int(m["attempt"]), job) for job in jobs
-                if job.submission_id and (m := ATTEMPT.match(job.submission_id)) and m["run"] == run]
-    for _, job in attempts:
+    mine = attempts(jobs, run)
+    for job in mine.values():
         if str(job.status) in ACTIVE:
             raise ClusterError(f"run {run} is still {job.status} as job {job.submission_id}; stop it first "
                                f"(raytrain submit stop {job.submission_id}) or pick another trainer.run_name")
-    return f"{run}-a{max((n for n, _ in attempts), default=0) + 1}"
+    return f"{run}-a{max(mine, default=0) + 1}"
 
 
 def run_of(job_id: str) -> str:
@@ -205,26 +210,26 @@ class JobClient:
         """Submit `job`; training runs get the next attempt id of their run."""
         with self.errors():
             submission_id = next_submission_id(self.client.list_jobs(), job.run_name) if job.run_name else None
-            return self.client.submit_job(
-                entrypoint=entrypoint(cfg, job), submission_id=submission_id,
-                runtime_env=runtime_env(cfg, environ),
-                metadata={"raytrain_command": job.command, "raytrain_run": job.run_name or ""},
-                entrypoint_num_cpus=cfg.entrypoint_num_cpus, entrypoint_num_gpus=cfg.entrypoint_num_gpus,
-                entrypoint_resources=dict(cfg.entrypoint_resources) or None)
+        return self._submit(cfg, entrypoint(cfg, job), submission_id, environ,
+                            {"raytrain_command": job.command, "raytrain_run": job.run_name or ""})
 
     def resubmit(self, cfg: SubmitConfig, run: str, environ: Mapping[str, str]) -> str:
         """A new attempt of `run` with the command line of its last attempt (it resumes from its checkpoints)."""
         with self.errors():
             jobs = self.client.list_jobs()
-        mine = [j for j in jobs if j.submission_id and run_of(j.submission_id) == run and ATTEMPT.match(j.submission_id)]
+        mine = attempts(jobs, run)
         if not mine:
             raise ClusterError(f"no job of run {run!r} on {self.url} (`raytrain submit list` shows the jobs there)")
-        last = max(mine, key=lambda j: int(ATTEMPT.match(j.submission_id)["attempt"]))
+        last = mine[max(mine)]
+        return self._submit(cfg, last.entrypoint, next_submission_id(jobs, run), environ, dict(last.metadata or {}))
+
+    def _submit(self, cfg: SubmitConfig, command: str, submission_id: str | None, environ: Mapping[str, str],
+                metadata: dict[str, str]) -> str:
         with self.errors():
             return self.client.submit_job(
-                entrypoint=last.entrypoint, submission_id=next_submission_id(jobs, run),
-                runtime_env=runtime_env(cfg, environ), metadata=dict(last.metadata or {}),
-                entrypoint_num_cpus=cfg.entrypoint_num_cpus, entrypoint_num_gpus=cfg.entrypoint_num_gpus,
+                entrypoint=command, submission_id=submission_id, runtime_env=runtime_env(cfg, environ),
+                metadata=metadata, entrypoint_num_cpus=cfg.entrypoint_num_cpus,
+                entrypoint_num_gpus=cfg.entrypoint_num_gpus,
                 entrypoint_resources=dict(cfg.entrypoint_resources) or None)
 
     def info(self, job_id: str) -> Any:

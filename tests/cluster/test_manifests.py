@@ -57,7 +57,8 @@ def test_images_and_setup_pin_the_package_versions() -> None:
     for name in ("launcher/aws.yaml", "launcher/gcp.yaml"):
         doc = load(name)
         assert doc["docker"]["image"].startswith(f"rayproject/ray:{pins['ray']}-")
-        assert f"torch=={torch}" in doc["setup_commands"][0] and f"deepspeed=={pins['deepspeed']}" in doc["setup_commands"][0]
+        setup = doc["setup_commands"][0]
+        assert f"torch=={torch}" in setup and f"deepspeed=={pins['deepspeed']}" in setup
     assert f"torch=={torch}" in dockerfile and f"deepspeed=={pins['deepspeed']}" in dockerfile
     assert load("kuberay/raycluster.yaml")["spec"]["rayVersion"] == pins["ray"]
 

@@ -64,7 +64,8 @@ def raytrain(capsys, *argv: str) -> tuple[int, str, str]:
     return status, out.out, out.err
 
 
-def test_a_stopped_run_resubmitted_resumes(client_env, capsys, tmp_path, tokenizer_dir, monkeypatch) -> None:  # noqa: F811
+def test_a_stopped_run_resubmitted_resumes(client_env, capsys, tmp_path, monkeypatch,
+                                           tokenizer_dir) -> None:  # noqa: F811
     """Submit without waiting, refuse a second job for the same run while the first is active, stop it after its
     first checkpoint, then submit the identical command again and follow it: attempt 2 resumes the run."""
     monkeypatch.setenv("WANDB_API_KEY", "secret-from-the-callers-env")
