@@ -1,13 +1,13 @@
 """Training throughput, MFU and 1 -> N GPU scaling of `raytrain train` through Ray (Ray Train workers, one GPU each,
 NCCL), read from the trainer's own log lines.
 
-Runs, in order, each with the reference recipe's per-GPU batch (16 x 2048 tokens, packed):
-  1. `experiment=openelm_1_1b trainer.zero_stage=3` on N GPUs, then on 1 GPU (each `raytrain train`, local Ray);
-  2. `experiment=openelm_270m` (the default GPU trainer: ZeRO-2, bf16, compiled blocks) on N GPUs, then on 1 GPU,
-     submitted with `raytrain submit` to a head this script starts with `ray start --head --block`.
-Throughput is the mean of the trainer's logged windows after the first two (start-up and compilation excluded).
-The corpus is the embedded one repeated (written to a temporary JSONL); the tokenizer is trained once and shared.
-A run that would not fit in what is left of `--budget-s` is skipped and reported as such.
+Two recipes at the reference per-GPU batch (16 x 2048 packed tokens): `experiment=openelm_270m` (the default GPU
+trainer: ZeRO-2, bf16, compiled blocks) and `experiment=openelm_1_1b trainer.zero_stage=3`, each on N GPUs and then
+on 1, every run submitted with `raytrain submit` to a head this script starts (`ray start --head --block`; if it
+cannot, runs use `raytrain train` with a local Ray). Throughput is the mean of the trainer's logged windows after
+the first two (start-up and compilation excluded). The corpus is the embedded one repeated into a temporary JSONL;
+the tokenizer is trained once and shared. A run that would not fit in what is left of `--budget-s` is skipped and
+reported as such; a recipe whose compiled N-GPU run fails before its first step runs eager (noted in the results).
 
     python benchmarks/ray_scaling.py --device cuda --gpus 2 --out DIR
 
@@ -63,11 +63,19 @@ def main() -> None:
               f"trainer.storage_path={work / 'runs'}"]
     if args.device != "cuda":
         common += ["trainer.use_gpu=false", "trainer.compile=false"]
-    results = measure("openelm_1_1b-zero3", ["experiment=openelm_1_1b", "trainer.zero_stage=3", *common,
-                                             *args.extra], args.gpus, out, work, budget)
+    recipes = {"openelm_270m-zero2": ["experiment=openelm_270m", *common, *args.extra],
+               "openelm_1_1b-zero3": ["experiment=openelm_1_1b", "trainer.zero_stage=3", *common, *args.extra]}
+    results: dict[str, Any] = {}
     with head(args.gpus) as address:
-        results |= measure("openelm_270m-zero2", ["experiment=openelm_270m", *common, *args.extra], args.gpus, out,
-                           work, budget, address)
+        for gpus in (args.gpus, 1):  # both recipes on N GPUs first: they are the figures asked for
+            for model, overrides in recipes.items():
+                name = f"{model}-{gpus}gpu"
+                results[name] = run(name, [*overrides, f"trainer.num_workers={gpus}"], out, work, budget, address)
+                if gpus == args.gpus and results[name]["status"].startswith("failed") and \
+                        not results[name].get("windows"):  # compiled run failed early: run this recipe eager
+                    recipes[model] = overrides = [*overrides, "trainer.compile=false"]
+                    results[name] = {**run(f"{name}-eager", [*overrides, f"trainer.num_workers={gpus}"], out, work,
+                                           budget, address), "note": f"compiled run failed ({out / name}.log); eager"}
     shutil.rmtree(work, ignore_errors=True)
     emit(args, results)
 
@@ -78,23 +86,6 @@ class Budget:
 
     def next_run_s(self) -> float:
         return min(self.cap_s, self.deadline - time.monotonic())
-
-
-def measure(model: str, overrides: list[str], gpus: int, out: Path, work: Path, budget: Budget,
-            address: str | None = None) -> dict[str, Any]:
-    """The recipe on `gpus` GPUs, then on one. Should the compiled run fail before logging a step, both run
-    eager instead (and say so), so that the pair stays comparable."""
-    results: dict[str, Any] = {}
-    for n in (gpus, 1):
-        name = f"{model}-{n}gpu"
-        results[name] = run(name, [*overrides, f"trainer.num_workers={n}", f"trainer.run_name={name}"], out, work,
-                            budget, address)
-        if n == gpus and results[name]["status"].startswith("failed") and not results[name].get("windows"):
-            overrides = [*overrides, "trainer.compile=false"]
-            results[name] = {**run(f"{name}-eager", [*overrides, f"trainer.num_workers={n}",
-                                                       f"trainer.run_name={name}-eager"], out, work, budget,
-                                   address), "note": f"compiled run failed ({out / name}.log); eager"}
-    return results
 
 
 def prepare_data(work: Path, vocab: int) -> tuple[Path, Path]:
@@ -118,6 +109,7 @@ def run(name: str, overrides: list[str], out: Path, work: Path, budget: Budget,
     left = budget.next_run_s()
     if left < MIN_RUN_S:
         return {"status": "skipped", "reason": f"{left:.0f} s of the budget left"}
+    overrides = [*overrides, f"trainer.run_name={name}"]
     cli = [sys.executable, "-m", "raytrain"]
     cmd = ([*cli, "submit", "--address", address, f"python={sys.executable}", "--", "train", *overrides] if address
            else [*cli, "train", *overrides])
