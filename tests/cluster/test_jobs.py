@@ -149,3 +149,16 @@ def test_the_dashboard_address(monkeypatch) -> None:
     assert dashboard_url("head:8265") == "http://head:8265"
     monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "https://ray.example.com")
     assert dashboard_url(None) == "https://ray.example.com" and dashboard_url("http://h:1") == "http://h:1"
+
+
+def test_train_joins_only_a_cluster_it_is_told_about(monkeypatch) -> None:
+    """Without ray.address or RAY_ADDRESS (which Ray jobs set), `raytrain train` starts its own cluster instead of
+    joining whichever one a `ray start` on this machine registered last; `ray.address=auto` asks for that one."""
+    from raytrain.commands.train import _ray_address
+    from tests.conftest import compose
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert _ray_address(compose("train")) == "local"
+    assert _ray_address(compose("train", ["ray.address=auto"])) == "auto"
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert _ray_address(compose("train")) is None  # Ray reads RAY_ADDRESS itself
