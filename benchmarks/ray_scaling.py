@@ -150,16 +150,22 @@ def throughput(log: str, skip: int = 2) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def head(gpus: int) -> Iterator[str | None]:
-    """A local head to submit to (`raytrain.cluster.local_head`); None, and runs start their own Ray, if it fails."""
+    """A local head to submit to (`raytrain.cluster.local_head`), once a client has listed its jobs; None, and runs
+    start their own Ray with `raytrain train`, if either fails."""
+    from raytrain.cluster.jobs import JobClient
     from raytrain.cluster.local_head import LocalHead
-    from raytrain.config import RaytrainError
 
-    try:  # logical CPUs: the jobs' drivers and Ray Data need some beside the workers even on a small machine
-        with LocalHead(num_gpus=gpus, num_cpus=max(os.cpu_count() or 1, 16)) as url:
-            yield url
-    except RaytrainError as e:
-        print(f"ray_scaling: {e}; runs use a local Ray instead", file=sys.stderr)
-        yield None
+    with contextlib.ExitStack() as stack:
+        try:  # logical CPUs: the jobs' drivers and Ray Data need some beside the workers even on a small machine
+            url = stack.enter_context(LocalHead(num_gpus=gpus, num_cpus=max(os.cpu_count() or 1, 16)))
+            import aiohttp  # noqa: F401 (following a job's logs needs it)
+
+            JobClient(url).jobs()
+        except Exception as e:  # any failure here only changes how the runs start
+            print(f"ray_scaling: no head to submit to ({e}); runs use a local Ray instead", file=sys.stderr)
+            stack.close()
+            url = None
+        yield url
 
 
 def emit(args: argparse.Namespace, results: dict[str, Any]) -> None:
