@@ -54,17 +54,19 @@ class LocalHead:
     def __enter__(self) -> str:
         import requests
 
-        log = (self.temp_dir / "head.log").open("w")
-        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        log = self.temp_dir / "head.log"
+        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=log.open("w"), stderr=subprocess.STDOUT)
         headers = auth_headers(self.env)
         deadline = time.monotonic() + self.timeout_s
         while time.monotonic() < deadline and self.proc.poll() is None:
-            with contextlib.suppress(requests.ConnectionError):
-                if requests.get(f"{self.url}/api/jobs/", headers=headers, timeout=5).ok:
-                    return self.url
+            # the dashboard answers before the node has finished starting, which can still fail
+            if "Ray runtime started" in log.read_text():
+                with contextlib.suppress(requests.ConnectionError):
+                    if requests.get(f"{self.url}/api/jobs/", headers=headers, timeout=5).ok:
+                        return self.url
             time.sleep(1)
         self.__exit__()
-        raise ClusterError(f"the local Ray head did not come up at {self.url} (see {log.name})")
+        raise ClusterError(f"the local Ray head did not come up at {self.url} (see {log})")
 
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None and self.proc.poll() is None:
