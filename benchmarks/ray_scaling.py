@@ -180,7 +180,8 @@ def emit(args: argparse.Namespace, results: dict[str, Any]) -> None:
               and torch.cuda.is_available() else args.device)
     line = {"benchmark": "ray_scaling", "device": device,
             "config": {"gpus": n, "steps": args.steps, "log_every": args.log_every, "per_gpu_batch": "16 x 2048",
-                       "data": "embedded corpus x30, packed", "precision": "bf16"},
+                       "data": "embedded corpus x30, packed", "precision": "bf16" if args.device == "cuda" else "fp32",
+                       "extra_overrides": args.extra},
             "results": {k: v for k, v in results.items() if not k.endswith("-1gpu")},
             "baseline": {k: v for k, v in results.items() if k.endswith("-1gpu")},
             "ratio": results[f"openelm_1_1b-zero3-{n}gpu"].get("scaling_efficiency"),
