@@ -2,13 +2,15 @@
 on one machine, and for the tests and benchmarks that exercise it.
 
 Every port is an explicit free one and the head lives in its own temp dir, where `ray start` registers it, so no
-other process's `ray.init()` joins it by accident; it ends with SIGTERM to the process this object started.
+other process's `ray.init()` joins it by accident; it ends with SIGTERM to the process this object started, and
+its temp dir (logs included) is removed unless it failed to start.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -65,10 +67,14 @@ class LocalHead:
                     if requests.get(f"{self.url}/api/jobs/", headers=headers, timeout=5).ok:
                         return self.url
             time.sleep(1)
-        self.__exit__()
+        self._stop()
         raise ClusterError(f"the local Ray head did not come up at {self.url} (see {log})")
 
     def __exit__(self, *exc: object) -> None:
+        self._stop()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def _stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
             self.proc.wait(timeout=120)

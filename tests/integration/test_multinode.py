@@ -3,6 +3,7 @@ DeepSpeed job through `raytrain train`, one worker on each node, and the checkpo
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 
 import pytest
@@ -25,7 +26,8 @@ def two_nodes(monkeypatch):
     if ray.is_initialized():
         ray.shutdown()
     # Ray records the newest cluster in $RAY_TMPDIR/ray; a private directory keeps other processes' ray.init() off it
-    monkeypatch.setenv("RAY_TMPDIR", tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
+    ray_tmp = tempfile.mkdtemp(prefix="rt-", dir="/tmp")  # short: Ray's socket paths live in it
+    monkeypatch.setenv("RAY_TMPDIR", ray_tmp)
     dashboard, agent = free_ports(2)
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 3, "dashboard_port": dashboard, "dashboard_agent_listen_port": agent,
@@ -36,6 +38,7 @@ def two_nodes(monkeypatch):
     yield cluster
     ray.shutdown()
     cluster.shutdown()
+    shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def test_two_workers_train_across_two_nodes(two_nodes, tmp_path, tokenizer_dir) -> None:  # noqa: F811
