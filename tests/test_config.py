@@ -11,6 +11,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from raytrain.cli import CONF_DIR
 from raytrain.commands.generate import sampling_params
 from raytrain.commands.train import typed_parts
+from raytrain.cluster.jobs import SubmitConfig
 from raytrain.config import ConfigError, to_dataclass
 from raytrain.infer.engine import EngineConfig
 from raytrain.models.registry import build_model, model_config
@@ -24,7 +25,8 @@ PRIMARY = sorted(f.stem for f in CONF_DIR.glob("*.yaml") if f.stem != "base")
 def test_every_config_file_is_covered() -> None:
     assert GROUPS == ["data", "experiment", "generation", "job", "model", "optim", "schedule", "serve", "tracking",
                       "trainer"]
-    assert PRIMARY == ["average", "generate", "labels", "make_data", "model_info", "serve", "train"]
+    assert PRIMARY == ["average", "cluster_check", "generate", "labels", "make_data", "model_info", "serve", "submit",
+                       "train"]
 
 
 TRAIN_OPTIONS = [(g, o) for g, o in OPTIONS if g not in ("generation", "serve")]
@@ -89,6 +91,12 @@ def test_a_vision_model_without_an_image_job_is_named() -> None:
 def test_generate_and_sample_configs_compose() -> None:
     assert sampling_params(compose("generate"), "generate").top_k == 40
     assert sampling_params(compose("train").sample, "sample").max_new_tokens == 48
+
+
+def test_submit_and_cluster_check_configs_compose() -> None:
+    submit = to_dataclass(SubmitConfig, compose("submit", ["pass_env=[AWS_*]", "entrypoint_num_gpus=1"]), "submit")
+    assert submit.pass_env == ["AWS_*"] and submit.entrypoint_num_gpus == 1 and submit.python == "python"
+    assert compose("cluster_check").path is None
 
 
 def test_misspelt_key_and_group_are_named_by_hydra() -> None:

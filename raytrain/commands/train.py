@@ -57,7 +57,7 @@ def run(cfg: DictConfig) -> Any:
     params = sampling_params(cfg.sample, "sample") if cfg.sample.prompt and language_model else None
     parts["tracking"].dir = os.path.abspath(parts["tracking"].dir)
     if not ray.is_initialized():
-        ray.init(address=cfg.ray.address, num_cpus=_local_cpus(cfg, parts["trainer"]),
+        ray.init(address=_ray_address(cfg), num_cpus=_local_cpus(cfg, parts["trainer"]),
                  include_dashboard=cfg.ray.dashboard)
     ray.data.DataContext.get_current().enable_progress_bars = False  # per-operator bars flood worker logs
     counter = skip_counter(f"raytrain-skips-{name}")
@@ -76,6 +76,12 @@ def run(cfg: DictConfig) -> Any:
     if params is not None:
         _print_sample(model_dir, cfg.sample.prompt, params)
     return result
+
+
+def _ray_address(cfg: DictConfig) -> str | None:
+    """`ray.address`, else RAY_ADDRESS (set inside Ray jobs), else a new local cluster, never whichever cluster a
+    `ray start` on this machine registered last (`ray.address=auto` joins that one)."""
+    return cfg.ray.address if cfg.ray.address or os.environ.get("RAY_ADDRESS") else "local"
 
 
 def _local_cpus(cfg: DictConfig, t: TrainerConfig) -> int | None:
