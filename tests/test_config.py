@@ -22,7 +22,7 @@ PRIMARY = sorted(f.stem for f in CONF_DIR.glob("*.yaml") if f.stem != "base")
 
 def test_every_config_file_is_covered() -> None:
     assert GROUPS == ["data", "experiment", "model", "optim", "schedule", "tracking", "trainer"]
-    assert PRIMARY == ["generate", "model_info", "train"]
+    assert PRIMARY == ["compress", "generate", "model_info", "train"]
 
 
 @pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])

@@ -77,10 +77,11 @@ def save_pretrained(out_dir: str | Path, model_cfg: Any, state: dict[str, torch.
 
 
 def save_compressed(out_dir: str | Path, source: str | Path, dense: dict[str, torch.Tensor],
-                    compressed: dict[str, CompressedTensor], record: dict[str, Any]) -> Path:
-    """Write a compressed checkpoint of `source` (any layout): its config.json with `record` under
-    `raytrain_compression`, its tokenizer files and raytrain.json, and one safetensors file with `dense` tensors
-    and the `compressed` ones packed."""
+                    compressed: dict[str, CompressedTensor], record: dict[str, Any] | None = None) -> Path:
+    """Write a compressed checkpoint of `source` (any layout): its config.json with the compression summary (and
+    `record`) under `raytrain_compression`, its tokenizer files and raytrain.json, and one safetensors file with
+    `dense` tensors and the `compressed` ones packed."""
+    record = {**compressed_format.summary(compressed), **(record or {})}
     source = resolve_checkpoint(source)
     config = _read_json(source / CONFIG)
     meta = _read_json(source / META) if (source / META).is_file() else {}

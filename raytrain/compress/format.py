@@ -93,6 +93,17 @@ def compress_tensor(weight: torch.Tensor, method: str, config: Any,
     return CompressedTensor.from_codes(method, config, codes, tuple(weight.shape), weight.dtype)
 
 
+def summary(compressed: dict[str, CompressedTensor]) -> dict[str, Any]:
+    """What a compressed checkpoint records in its config.json: method(s), configs, tensor count, bits per weight."""
+    methods = sorted({ct.method for ct in compressed.values()})
+    configs = [ct.config.meta() for ct in compressed.values()]
+    weights = sum(ct.shape[0] * ct.shape[1] for ct in compressed.values())
+    return {"format_version": FORMAT_VERSION, "method": "+".join(methods),
+            "config": configs[0] if all(c == configs[0] for c in configs) else None,
+            "tensors": len(compressed), "bits_per_weight": 8 * sum(ct.stored_bytes for ct in compressed.values())
+            / max(weights, 1)}
+
+
 def relative_error(weight: torch.Tensor, approx: torch.Tensor) -> float:
     """||W - W_hat||_F / ||W||_F in float64."""
     w = weight.double()

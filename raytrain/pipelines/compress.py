@@ -108,7 +108,7 @@ def compress_checkpoint(source: str | Path, out: str | Path, method: str, config
     _run_tasks(stored, work, todo, len(shards), method, config, job)
     compressed, errors = _assemble(work, shards, stored, method, config)
     dense = {k: v for k, v in hf.read_weights(source).items() if k not in compressed}
-    hf.save_compressed(out, source, dense, compressed, {**record, "method": method, "config": config.meta()})
+    hf.save_compressed(out, source, dense, compressed, record)
     shutil.rmtree(work)
     weights = sum(math.prod(stored[n].shape) for n in names)
     bits = sum(ct.stored_bytes * 8 for ct in compressed.values())
