@@ -78,23 +78,23 @@ def gaussian(cfg: DictConfig, configs: dict[str, Any], device: str) -> dict[str,
 def checkpoint(cfg: DictConfig, configs: dict[str, Any], device: str) -> dict[str, Any]:
     import ray
 
-    from raytrain.pipelines.compress import EvalConfig, JobConfig, compress_checkpoint, evaluate
+    from raytrain.pipelines.compress import EvalConfig, JobConfig, evaluate, heldout_windows, plan_job, run_job
 
     if cfg.checkpoint is None or cfg.out is None:
         raise ConfigError("checkpoint=PATH and out=PATH are required (or matrix=gaussian)")
-    job = to_dataclass(JobConfig, cfg.job, "job")
     evaluation = to_dataclass(EvalConfig, cfg.evaluation, "evaluation")
     unknown = [b for b in evaluation.baselines if b not in METHODS]
     if unknown:
         raise ConfigError(f"evaluation.baselines: unknown method {unknown[0]!r}; known: {', '.join(sorted(METHODS))}")
+    plan = plan_job(cfg.checkpoint, cfg.out, cfg.method, configs[cfg.method], to_dataclass(JobConfig, cfg.job, "job"))
+    windows = heldout_windows(plan.source, evaluation) if cfg.eval else None  # fail before compressing
     if not ray.is_initialized():
         local = not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
         ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus if local else None, include_dashboard=False)
-    record = {"bits": cfg.bits}
     summary = {"method": cfg.method, "bits": cfg.bits, "config": configs[cfg.method].meta(),
-               **compress_checkpoint(cfg.checkpoint, cfg.out, cfg.method, configs[cfg.method], job, record)}
+               **run_job(plan, {"bits": cfg.bits})}
     if cfg.eval:
-        report = evaluate(cfg.checkpoint, cfg.out, cfg.method, configs, evaluation, device)
+        report = evaluate(plan.source, plan.out, cfg.method, configs, evaluation, windows, device)
         summary["perplexity"] = report["results"][cfg.method]["perplexity"]
         summary["eval"] = report
     return summary

@@ -59,7 +59,7 @@ def encode(weight: torch.Tensor, cfg: RTNConfig, device: str | torch.device = "c
         raise ValueError(f"weights up to {w.abs().max().item():.3g} overflow the fp16 group scales")
     divisor = torch.where(scales == 0, 1.0, scales.float())[..., None]
     codes = (w / divisor).round().clamp(-cfg.qmax, cfg.qmax).to(torch.int8)
-    return {"codes": codes.view(rows, -1)[:, :cols].cpu(), "scales": scales.cpu()}
+    return {"codes": codes.view(rows, -1)[:, :cols].contiguous().cpu(), "scales": scales.cpu()}
 
 
 def decode(codes: Codes, cfg: RTNConfig, cols: int) -> torch.Tensor:

@@ -82,12 +82,26 @@ def plan(shapes: dict[str, tuple[int, ...]], names: list[str], weights_per_task:
 
 # ---- the job ---------------------------------------------------------------------------------------------------
 
-def compress_checkpoint(source: str | Path, out: str | Path, method: str, config: Any, job: JobConfig,
-                        record: dict[str, Any]) -> dict[str, Any]:
-    """Compress every linear weight of `source` into a checkpoint at `out`; returns the job summary."""
-    import ray
+@dataclass
+class JobPlan:
+    """A checked job: what to compress and where its finished row ranges go."""
 
-    started = time.time()
+    source: Path
+    out: Path
+    method: str
+    config: Any
+    job: JobConfig
+    stored: dict[str, hf.StoredTensor]
+    names: list[str]
+    shards: list[Shard]
+
+    @property
+    def work(self) -> Path:
+        return self.out.with_name(self.out.name + ".partial")
+
+
+def plan_job(source: str | Path, out: str | Path, method: str, config: Any, job: JobConfig) -> JobPlan:
+    """Check the inputs (no Ray needed) and split the linear weights of `source` into row ranges."""
     source, out = hf.resolve_checkpoint(source), Path(out)
     if out.exists() and any(out.iterdir()):
         raise CompressError(f"out={out} already holds files; choose another directory")
@@ -97,26 +111,33 @@ def compress_checkpoint(source: str | Path, out: str | Path, method: str, config
     if not names:
         raise CompressError(f"checkpoint={source} has no linear layers to compress (no 2-D weight of an nn.Linear "
                             "inside the blocks)")
+    if job.weights_per_task < 1:
+        raise CompressError(f"job.weights_per_task={job.weights_per_task} must be positive")
     stored = hf.stored_tensors(source)
     shards = plan({n: stored[n].shape for n in names}, names, job.weights_per_task)
-    work = out.with_name(out.name + ".partial")
-    done = _prepare_work_dir(work, {"source": str(source), "method": method, "config": config.meta(),
-                                    "shards": [asdict(s) for s in shards]})
-    todo = [s for s in shards if s.file not in done]
+    return JobPlan(source, out, method, config, job, stored, names, shards)
+
+
+def run_job(p: JobPlan, record: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run the row ranges not yet done on Ray, then write the compressed checkpoint; returns the job summary."""
+    started = time.time()
+    done = _prepare_work_dir(p.work, {"source": str(p.source), "method": p.method, "config": p.config.meta(),
+                                      "shards": [asdict(s) for s in p.shards]})
+    todo = [s for s in p.shards if s.file not in done]
     if done:
-        log.info("resuming %s: %d of %d row ranges already done", work, len(shards) - len(todo), len(shards))
-    _run_tasks(stored, work, todo, len(shards), method, config, job)
-    compressed, errors = _assemble(work, shards, stored, method, config)
-    dense = {k: v for k, v in hf.read_weights(source).items() if k not in compressed}
-    hf.save_compressed(out, source, dense, compressed, record)
-    shutil.rmtree(work)
-    weights = sum(math.prod(stored[n].shape) for n in names)
-    bits = sum(ct.stored_bytes * 8 for ct in compressed.values())
-    log.info("wrote %s: %d tensors, %.3f bits per weight", out, len(compressed), bits / weights)
-    return {"checkpoint": str(source), "out": str(out), "tensors_compressed": len(compressed),
-            "weights_compressed": weights, "bits_per_weight": bits / weights,
+        log.info("resuming %s: %d of %d row ranges already done", p.work, len(p.shards) - len(todo), len(p.shards))
+    _run_tasks(p, todo)
+    compressed, errors = _assemble(p)
+    dense = {k: v for k, v in hf.read_weights(p.source).items() if k not in compressed}
+    hf.save_compressed(p.out, p.source, dense, compressed, record)
+    shutil.rmtree(p.work)
+    weights = sum(math.prod(p.stored[n].shape) for n in p.names)
+    bits = sum(ct.stored_bytes * 8 for ct in compressed.values()) / weights
+    log.info("wrote %s: %d tensors, %.3f bits per weight", p.out, len(compressed), bits)
+    return {"checkpoint": str(p.source), "out": str(p.out), "tensors_compressed": len(compressed),
+            "weights_compressed": weights, "bits_per_weight": bits,
             "mean_relative_error": sum(errors.values()) / len(errors), "relative_error": errors,
-            "row_ranges": len(shards), "row_ranges_resumed": len(shards) - len(todo),
+            "row_ranges": len(p.shards), "row_ranges_resumed": len(p.shards) - len(todo),
             "seconds": round(time.time() - started, 3)}
 
 
@@ -143,11 +164,11 @@ def _write_atomic(path: Path, write: Any) -> None:
     os.replace(tmp, path)
 
 
-def _run_tasks(stored: dict[str, hf.StoredTensor], work: Path, todo: list[Shard], total: int, method: str,
-               config: Any, job: JobConfig) -> None:
+def _run_tasks(p: JobPlan, todo: list[Shard]) -> None:
     import ray
     from tqdm import tqdm
 
+    job = p.job
     task = ray.remote(_encode_rows).options(num_cpus=job.cpus_per_task, num_gpus=job.gpus_per_task)
     device = "cuda" if job.gpus_per_task > 0 else "cpu"
     threads = max(1, int(job.cpus_per_task))
@@ -155,6 +176,7 @@ def _run_tasks(stored: dict[str, hf.StoredTensor], work: Path, todo: list[Shard]
     slots = resources.get("GPU", 0) / job.gpus_per_task if job.gpus_per_task else \
         resources.get("CPU", 1) / job.cpus_per_task
     limit = job.max_in_flight or max(1, int(2 * slots))
+    total = len(p.shards)
     pending: dict[Any, Shard] = {}
     queue = list(todo)
     bar = tqdm(total=total, initial=total - len(todo), unit="range", file=sys.stderr,
@@ -163,15 +185,15 @@ def _run_tasks(stored: dict[str, hf.StoredTensor], work: Path, todo: list[Shard]
     while queue or pending:
         while queue and len(pending) < limit:
             shard = queue.pop(0)
-            rows = _read_rows(stored[shard.name].file, shard)
-            pending[task.remote(rows, method, config, device, threads)] = shard
+            rows = _read_rows(p.stored[shard.name].file, shard)
+            pending[task.remote(rows, p.method, p.config, device, threads)] = shard
         ready, _ = ray.wait(list(pending), num_returns=1)
         shard = pending.pop(ready[0])
         codes, sq_err, sq_norm = ray.get(ready[0])
         meta = {"sq_err": repr(sq_err), "sq_norm": repr(sq_norm)}
-        _write_atomic(work / PARTS / shard.file, lambda p: save_file(codes, str(p), metadata=meta))
-        weights_done += (shard.stop - shard.start) * codes[next(iter(codes))].shape[1]
+        _write_atomic(p.work / PARTS / shard.file, lambda path: save_file(codes, str(path), metadata=meta))
         finished += 1
+        weights_done += (shard.stop - shard.start) * p.stored[shard.name].shape[1]
         bar.update(1)
         if time.time() - last_log > 10 or not (queue or pending):
             rate = weights_done / max(time.time() - started, 1e-9)
@@ -197,23 +219,20 @@ def _encode_rows(rows: torch.Tensor, method: str, config: Any, device: str, thre
     return codes, float((w - approx.double()).square().sum()), float(w.square().sum())
 
 
-def _assemble(work: Path, shards: list[Shard], stored: dict[str, hf.StoredTensor], method: str, config: Any
-              ) -> tuple[dict[str, CompressedTensor], dict[str, float]]:
+def _assemble(p: JobPlan) -> tuple[dict[str, CompressedTensor], dict[str, float]]:
     """Concatenate each tensor's parts (in row order) into a CompressedTensor; relative error per tensor."""
-    by_name: dict[str, list[Shard]] = {}
-    for s in shards:
-        by_name.setdefault(s.name, []).append(s)
     compressed, errors = {}, {}
-    for name, parts in by_name.items():
+    for name in p.names:
         loaded, sq_err, sq_norm = [], 0.0, 0.0
-        for s in parts:
-            path = work / PARTS / s.file
+        for s in (s for s in p.shards if s.name == name):
+            path = p.work / PARTS / s.file
             with safe_open(str(path), framework="pt") as st:
                 meta = st.metadata()
             sq_err, sq_norm = sq_err + float(meta["sq_err"]), sq_norm + float(meta["sq_norm"])
             loaded.append(load_file(str(path)))
-        codes = {k: torch.cat([p[k] for p in loaded]) for k in loaded[0]}
-        compressed[name] = CompressedTensor.from_codes(method, config, codes, stored[name].shape, stored[name].dtype)
+        codes = {k: torch.cat([part[k] for part in loaded]) for k in loaded[0]}
+        stored = p.stored[name]
+        compressed[name] = CompressedTensor.from_codes(p.method, p.config, codes, stored.shape, stored.dtype)
         errors[name] = math.sqrt(sq_err / sq_norm) if sq_norm > 0 else 0.0
     return compressed, errors
 
@@ -221,9 +240,9 @@ def _assemble(work: Path, shards: list[Shard], stored: dict[str, hf.StoredTensor
 # ---- evaluation ------------------------------------------------------------------------------------------------
 
 def evaluate(source: str | Path, out: str | Path, method: str, configs: dict[str, Any], cfg: EvalConfig,
-             device: str = "cpu") -> dict[str, Any]:
+             windows: torch.Tensor, device: str = "cpu") -> dict[str, Any]:
     """FP vs the compressed checkpoint vs in-process baselines at the same bits: bits per weight, per-tensor
-    relative error and held-out perplexity, as one mapping."""
+    relative error and perplexity on `windows` (from `heldout_windows`), as one mapping."""
     source, out = hf.resolve_checkpoint(source), hf.resolve_checkpoint(out)
     original = hf.read_weights(source)
     names = hf.linear_weight_names(source)
@@ -233,7 +252,9 @@ def evaluate(source: str | Path, out: str | Path, method: str, configs: dict[str
         if baseline not in variants:
             variants[baseline] = {n: compress_tensor(original[n], baseline, configs[baseline], device) for n in names}
     model, logits, vocab = _causal_lm(source, device)
-    windows = _heldout_windows(source, cfg, vocab)
+    if int(windows.max()) >= vocab:
+        raise CompressError(f"the evaluation tokens go up to id {int(windows.max())}, beyond the model's "
+                            f"vocabulary of {vocab}")
     results = {"fp": {"bits_per_weight": float(original[names[0]].element_size() * 8),
                       "perplexity": ev.perplexity(logits, windows, vocab, cfg.batch_size, device)}}
     for name, tensors in variants.items():
@@ -273,25 +294,22 @@ def _weights_swapped(model: torch.nn.Module, source: Path, dense: dict[str, torc
                 p.copy_(saved[n])
 
 
-def _heldout_windows(source: Path, cfg: EvalConfig, vocab: int) -> torch.Tensor:
+def heldout_windows(source: str | Path, cfg: EvalConfig) -> torch.Tensor:
+    """The evaluation text tokenized with the checkpoint's tokenizer (or `cfg.tokenizer`), cut into windows."""
     from raytrain.data.corpus import heldout_documents
     from raytrain.data.tokenizer import load_tokenizer
 
-    tok_dir = Path(cfg.tokenizer) if cfg.tokenizer else source
+    tok_dir = Path(cfg.tokenizer) if cfg.tokenizer else hf.resolve_checkpoint(source)
     if not (tok_dir / "tokenizer.json").is_file():
         raise CompressError(f"{tok_dir} has no tokenizer.json; pass evaluation.tokenizer=DIR for eval=true")
     tokenizer = load_tokenizer(tok_dir)
     docs = _read_text(cfg) if cfg.text else heldout_documents()
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     try:
-        windows = ev.token_windows((bos + tokenizer.encode(d, add_special_tokens=False) for d in docs),
-                                   cfg.seq_len, cfg.max_tokens)
+        return ev.token_windows((bos + tokenizer.encode(d, add_special_tokens=False) for d in docs), cfg.seq_len,
+                                cfg.max_tokens)
     except ValueError as e:
         raise CompressError(f"evaluation.text: {e}") from None
-    if int(windows.max()) >= vocab:
-        raise CompressError(f"the tokenizer of {tok_dir} yields ids up to {int(windows.max())}, beyond the "
-                            f"model's vocabulary of {vocab}")
-    return windows
 
 
 def _read_text(cfg: EvalConfig) -> list[str]:
