@@ -200,10 +200,3 @@ def _open(path: Path) -> Any:
         return safe_open(str(path), framework="pt")
     except Exception as e:  # a truncated or foreign file
         raise FormatError(f"{path}: unreadable safetensors file ({e})") from None
-
-
-def codec_config(method: str) -> type:
-    """The config class of `method`; the error lists the known methods."""
-    if method not in METHODS:
-        raise FormatError(f"method={method!r} is unknown; known: {', '.join(sorted(METHODS))}")
-    return METHODS[method].config_cls

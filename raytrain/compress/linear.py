@@ -7,35 +7,43 @@ call and runs a regular matmul: compute-bound shapes gain nothing from on-the-fl
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raytrain.compress import seedlm
 from raytrain.compress.format import CompressedTensor
 
 
 class CompressedLinear(nn.Module):
     def __init__(self, weight: CompressedTensor, device: torch.device | str = "cpu") -> None:
         super().__init__()
-        self.weight_ct = weight.to(device)
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.device = torch.device(device)
-        self.kernel_weight = None
         if weight.method == "seedlm" and self.device.type == "cuda":
             from raytrain.compress.kernels.seedlm_matmul import SeedLMWeight
 
-            self.kernel_weight = SeedLMWeight.from_compressed(weight, self.device)
+            # cycle offsets in place of seeds: the kernel and the dense fallback share one copy of the arrays
+            arrays, cfg = seedlm.with_cycle_offsets(weight.arrays, weight.config)
+            self.weight_ct = dataclasses.replace(weight, arrays=arrays, config=cfg).to(device)
+            self.kernel_weight = SeedLMWeight.from_compressed(self.weight_ct, self.device)
+        else:
+            self.weight_ct = weight.to(device)
+            self.kernel_weight = None
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, method={self.weight_ct.method}, "
                 f"bits_per_weight={self.weight_ct.bits_per_weight:.3f}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
-        if self.kernel_weight is not None and rows.shape[0] <= 16:
-            from raytrain.compress.kernels.seedlm_matmul import seedlm_matmul
+        if self.kernel_weight is not None:
+            from raytrain.compress.kernels.seedlm_matmul import MAX_BATCH, seedlm_matmul
 
-            return seedlm_matmul(rows, self.kernel_weight).view(*x.shape[:-1], self.out_features)
+            rows = x.reshape(-1, self.in_features)
+            if rows.shape[0] <= MAX_BATCH:
+                return seedlm_matmul(rows, self.kernel_weight).view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight_ct.dense().to(x.dtype))
 
 

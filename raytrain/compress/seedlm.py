@@ -16,6 +16,7 @@ GPU kernel, so both give bitwise identical weights.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass, field
@@ -230,6 +231,15 @@ def offsets_of(arrays: dict[str, torch.Tensor], cfg: SeedLMConfig) -> torch.Tens
     """Cycle offset per block, int64, from the stored seeds."""
     seeds = arrays["seeds"].to(torch.int64)
     return offset_of_state(cfg.lfsr).to(seeds.device)[seeds] if cfg.seed_convention == "lfsr_state" else seeds
+
+
+def with_cycle_offsets(arrays: dict[str, torch.Tensor], cfg: SeedLMConfig
+                       ) -> tuple[dict[str, torch.Tensor], SeedLMConfig]:
+    """The same tensor with cycle offsets in place of LFSR states (as many bytes): what a kernel gathers by."""
+    if cfg.seed_convention == "cycle_offset":
+        return arrays, cfg
+    offsets = offsets_of(arrays, cfg).to(arrays["seeds"].dtype)
+    return {**arrays, "seeds": offsets}, dataclasses.replace(cfg, seed_convention="cycle_offset")
 
 
 def unpack(arrays: dict[str, torch.Tensor], cfg: SeedLMConfig, shape: tuple[int, int]) -> Codes:

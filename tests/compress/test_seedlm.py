@@ -8,7 +8,7 @@ import torch
 
 from raytrain.compress.format import relative_error
 from raytrain.compress.lfsr import centred_table, matrices
-from raytrain.compress.seedlm import SeedLMConfig, decode, encode, pack, unpack
+from raytrain.compress.seedlm import SeedLMConfig, decode, encode, pack, unpack, with_cycle_offsets
 
 K8 = {"K": 8, "taps": [0, 2, 3, 4]}  # 255 candidates: the same search, 257x cheaper, for tests of mechanics
 
@@ -71,6 +71,9 @@ def test_stored_arrays_round_trip_in_both_seed_conventions() -> None:
         assert arrays["coefficients"].numel() == 24  # 12 blocks x 4 nibbles
         back = unpack(arrays, cfg, (6, 24))
         assert all(torch.equal(back[k], codes[k]) for k in codes)
+        offset_arrays, offset_cfg = with_cycle_offsets(arrays, cfg)  # what the kernel path converts to
+        assert offset_cfg.seed_convention == "cycle_offset" and offset_arrays["seeds"].dtype == torch.uint16
+        assert torch.equal(unpack(offset_arrays, offset_cfg, (6, 24))["offsets"], codes["offsets"])
 
 
 def test_exponent_rules_order_as_in_the_spec() -> None:

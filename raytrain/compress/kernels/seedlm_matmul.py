@@ -38,7 +38,7 @@ class KernelConfig:
 class SeedLMWeight:
     """The operands of the kernel for one compressed [rows, cols] weight, on one device."""
 
-    offsets: torch.Tensor  # int32 (rows * bpr,): cycle offset per block
+    offsets: torch.Tensor  # uint16 (int32 for K > 16) (rows * bpr,): cycle offset per block
     exponents: torch.Tensor  # uint8 nibble stream
     coefficients: torch.Tensor  # uint8 nibble stream
     table: torch.Tensor  # int16 (or int32 for K > 16): the extended cycle, V - 2^(K-1)
@@ -52,11 +52,11 @@ class SeedLMWeight:
     def from_compressed(cls, ct: CompressedTensor, device: torch.device | str) -> SeedLMWeight:
         if ct.method != "seedlm":
             raise ValueError(f"the SeedLM kernel takes seedlm tensors, not {ct.method}")
-        cfg = ct.config
-        table = centred_table(cfg.lfsr, cfg.C * cfg.P)
-        table = table.to(torch.int16 if cfg.K <= 16 else torch.int32)
-        return cls(seedlm.offsets_of(ct.arrays, cfg).to(device, torch.int32).contiguous(),
-                   ct.arrays["exponents"].to(device).contiguous(), ct.arrays["coefficients"].to(device).contiguous(),
+        arrays, cfg = seedlm.with_cycle_offsets(ct.arrays, ct.config)
+        small = cfg.K <= 16  # 16-bit offsets and table entries: 2 bytes per block read, a 128 KiB table
+        table = centred_table(cfg.lfsr, cfg.C * cfg.P).to(torch.int16 if small else torch.int32)
+        return cls(arrays["seeds"].to(device, torch.uint16 if small else torch.int32).contiguous(),
+                   arrays["exponents"].to(device).contiguous(), arrays["coefficients"].to(device).contiguous(),
                    table.to(device).contiguous(), ct.shape[0], ct.shape[1], cfg.C, cfg.P, cfg.K)
 
     @property
@@ -87,7 +87,7 @@ def _seedlm_matmul_kernel(x_ptr, y_ptr, offsets_ptr, exps_ptr, coefs_ptr, table_
         j = j0 + tl.arange(0, NB)  # (NB,) block columns
         bmask = row_ok[:, None] & (j < bpr)[None, :]  # (BM, NB)
         b = r[:, None] * bpr + j[None, :]  # global block index
-        off = tl.load(offsets_ptr + b, mask=bmask, other=0)
+        off = tl.load(offsets_ptr + b, mask=bmask, other=0).to(tl.int32)
         e = _nibble(exps_ptr, b, bmask)
         scale = ((e + 127) << 23).to(tl.float32, bitcast=True) * inv_scale  # exact 2^e / (2^(K-1) - 1)
         wmask = bmask[:, :, None] & (c < C)[None, None, :]  # (BM, NB, CP2)
