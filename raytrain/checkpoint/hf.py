@@ -190,14 +190,14 @@ def read_model_config(path: str | Path) -> Any:
     return model_config(fields, key=str(path / CONFIG))
 
 
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint by its stored name; compressed weights are rebuilt densely (on CPU)."""
     state, compressed = read_tensors(path)
     state.update({name: ct.dense() for name, ct in compressed.items()})
     return state
 
 
-def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, CompressedTensor]]:
+def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, CompressedTensor]]:
     """The dense tensors and the compressed ones (kept compressed) of a checkpoint, by stored name."""
     state: dict[str, torch.Tensor] = {}
     compressed: dict[str, CompressedTensor] = {}
@@ -217,7 +217,8 @@ def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Compres
     return state, compressed
 
 
-def weight_files(path: Path) -> list[Path]:
+def weight_files(path: str | Path) -> list[Path]:
+    path = Path(path)
     if (path / WEIGHTS).is_file():
         return [path / WEIGHTS]
     if (path / SHARD_INDEX).is_file():
@@ -235,7 +236,7 @@ class StoredTensor:
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-def stored_tensors(path: Path) -> dict[str, StoredTensor]:
+def stored_tensors(path: str | Path) -> dict[str, StoredTensor]:
     """Where each stored tensor lives, its shape and dtype, read from the safetensors headers only."""
     found = {}
     for f in weight_files(path):
