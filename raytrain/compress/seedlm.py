@@ -1,4 +1,4 @@
-"""SeedLM codec (spec §2.3-2.5): each block of C weights becomes an LFSR seed, a 4-bit exponent and P 4-bit coefficients.
+"""SeedLM codec (spec §2.3-2.5): a block of C weights becomes an LFSR seed, a 4-bit exponent and P 4-bit coefficients.
 
 Encoding is the paper's exhaustive search: for every block and every one of the 2^K - 1 candidate matrices U, the
 least-squares coefficients t = pinv(U) w (pseudo-inverses computed once in float64 by SVD, searched in fp32) are

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -57,7 +58,7 @@ class Shard:
 
     @property
     def file(self) -> str:
-        return f"{self.name}@{self.start}-{self.stop}.safetensors"
+        return f"{re.sub(r'[^A-Za-z0-9._-]', '_', self.name)}@{self.start}-{self.stop}.safetensors"
 
 
 @dataclass
@@ -128,7 +129,7 @@ def run_job(p: JobPlan, record: dict[str, Any] | None = None) -> dict[str, Any]:
         log.info("resuming %s: %d of %d row ranges already done", p.work, len(p.shards) - len(todo), len(p.shards))
     _run_tasks(p, todo)
     compressed, errors = _assemble(p)
-    dense = {k: v for k, v in hf.read_weights(p.source).items() if k not in compressed}
+    dense = {name: _read_stored(t.file, name) for name, t in p.stored.items() if name not in compressed}
     hf.save_compressed(p.out, p.source, dense, compressed, record)
     shutil.rmtree(p.work)
     weights = sum(math.prod(p.stored[n].shape) for n in p.names)
@@ -185,7 +186,7 @@ def _run_tasks(p: JobPlan, todo: list[Shard]) -> None:
     while queue or pending:
         while queue and len(pending) < limit:
             shard = queue.pop(0)
-            rows = _read_rows(p.stored[shard.name].file, shard)
+            rows = _read_stored(p.stored[shard.name].file, shard.name, shard.start, shard.stop)
             pending[task.remote(rows, p.method, p.config, device, threads)] = shard
         ready, _ = ray.wait(list(pending), num_returns=1)
         shard = pending.pop(ready[0])
@@ -203,9 +204,10 @@ def _run_tasks(p: JobPlan, todo: list[Shard]) -> None:
     bar.close()
 
 
-def _read_rows(file: Path, shard: Shard) -> torch.Tensor:
+def _read_stored(file: Path, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+    """Rows start:stop of one stored tensor (all of it by default), read without loading the rest of the file."""
     with safe_open(str(file), framework="pt") as st:
-        return st.get_slice(shard.name)[shard.start:shard.stop]
+        return st.get_slice(name)[start:stop] if start is not None else st.get_tensor(name)
 
 
 def _encode_rows(rows: torch.Tensor, method: str, config: Any, device: str, threads: int

@@ -1,7 +1,7 @@
 """The fused Triton SeedLM kernel against dense reconstruction. Without a GPU it runs under Triton's interpreter at
 shapes small enough for it: TRITON_INTERPRET=1 must be set before triton is first imported (triton.language decorates
-its own helpers then), so this module sets it at collection and removes it when its tests are done. Triton 3.9's interpreter gets bf16
-wrong (`tl.dot` and the fp32 -> bf16 rounding), so bf16 inputs are checked on GPUs only."""
+its own helpers then), so this module sets it at collection and removes it when its tests are done. Triton 3.9's
+interpreter gets bf16 wrong (`tl.dot` and the fp32 -> bf16 rounding), so bf16 inputs are checked on GPUs only."""
 
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
 """Fused SeedLM matmul in Triton: y = x W^T for a SeedLM-compressed W and a few rows of x (batch 1..16, decode).
 
-Each program owns BLOCK_M output rows and walks their blocks NB at a time. Per block it reads the cycle offset, the
-exponent nibble and the P coefficient nibbles, gathers the C*P consecutive entries of the cached LFSR cycle (int16
-V - 2^(K-1), 128 KiB for K=16, so it stays in L1/L2) and rebuilds the C weights in registers with the exact integer
-form w = 2^e / (2^(K-1) - 1) * sum_p (V - 2^(K-1)) q_p, which it multiplies with x right away. The weights never go
-to memory: a step reads 4 (8,3) or 3 (12,4) bits per weight instead of 16.
+Each program owns BLOCK_M output rows and walks their blocks NB at a time. Per block it reads the 16-bit cycle offset,
+the exponent nibble and the P coefficient nibbles, gathers the C*P consecutive entries of the cached LFSR cycle in one
+go (int16 V - 2^(K-1), 128 KiB for K=16, so it stays in L1/L2) and rebuilds the C weights in registers with the exact
+integer form w = 2^e / (2^(K-1) - 1) * sum_p (V - 2^(K-1)) q_p, which it multiplies with x right away. The weights
+never go to memory: a step reads 4 (8,3) or 3 (12,4) bits per weight instead of 16.
 
 Blocks run along rows (each row padded to a multiple of C), which is what `raytrain.compress.seedlm` writes. The
 decoded weights are bitwise those of `seedlm.decode`, cast to x's dtype; only the summation order differs from a dense
@@ -75,11 +75,13 @@ def _nibble(stream_ptr, index, mask):
 @triton.jit
 def _seedlm_matmul_kernel(x_ptr, y_ptr, offsets_ptr, exps_ptr, coefs_ptr, table_ptr,
                           rows, cols, bpr, batch, stride_xb, stride_yb, inv_scale,
-                          C: tl.constexpr, P: tl.constexpr, CP2: tl.constexpr, BLOCK_M: tl.constexpr,
-                          NB: tl.constexpr, BATCH: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr):
+                          C: tl.constexpr, P: tl.constexpr, CP2: tl.constexpr, P2: tl.constexpr,
+                          BLOCK_M: tl.constexpr, NB: tl.constexpr, BATCH: tl.constexpr, USE_DOT: tl.constexpr,
+                          IEEE: tl.constexpr):
     pid = tl.program_id(0)
     r = pid * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,) output rows
     c = tl.arange(0, CP2)  # (CP2,) position in a block; >= C is padding of the tile
+    p = tl.arange(0, P2)  # (P2,) coefficient index; >= P is padding of the tile
     n = tl.arange(0, BATCH)  # (BATCH,) rows of x
     row_ok = r < rows
     acc = tl.zeros((BLOCK_M, BATCH), dtype=tl.float32)
@@ -90,13 +92,14 @@ def _seedlm_matmul_kernel(x_ptr, y_ptr, offsets_ptr, exps_ptr, coefs_ptr, table_
         off = tl.load(offsets_ptr + b, mask=bmask, other=0).to(tl.int32)
         e = _nibble(exps_ptr, b, bmask)
         scale = ((e + 127) << 23).to(tl.float32, bitcast=True) * inv_scale  # exact 2^e / (2^(K-1) - 1)
-        wmask = bmask[:, :, None] & (c < C)[None, None, :]  # (BM, NB, CP2)
-        gather = table_ptr + off[:, :, None] + c[None, None, :] * P  # V[o + c*P + p] = gather + p
-        wint = tl.zeros((BLOCK_M, NB, CP2), dtype=tl.int32)
-        for p in tl.static_range(P):
-            q = _nibble(coefs_ptr, b * P + p, bmask)
-            v = tl.load(gather + p, mask=wmask, other=0).to(tl.int32)
-            wint += v * q[:, :, None]  # exact integer sum, |.| <= 2^21
+        # a block's C*P table entries are one contiguous window, V[c, p] = T[o + c*P + p]: one gather for all of
+        # them, adjacent lanes on adjacent entries
+        qmask = bmask[:, :, None] & (p < P)[None, None, :]  # (BM, NB, P2)
+        q = _nibble(coefs_ptr, (b * P)[:, :, None] + p[None, None, :], qmask)
+        vmask = qmask[:, :, None, :] & (c < C)[None, None, :, None]  # (BM, NB, CP2, P2)
+        window = off[:, :, None, None] + (c * P)[None, None, :, None] + p[None, None, None, :]
+        v = tl.load(table_ptr + window, mask=vmask, other=0).to(tl.int32)
+        wint = tl.sum(v * q[:, :, None, :], axis=3)  # exact integer sums, |.| <= 2^21
         w = wint.to(tl.float32) * scale[:, :, None]  # (BM, NB, CP2); bitwise seedlm.decode
         col = j[:, None] * C + c[None, :]  # (NB, CP2) input index of each tile position
         xmask = ((j < bpr)[:, None] & (c < C)[None, :] & (col < cols))[:, :, None] & (n < batch)[None, None, :]
@@ -133,7 +136,8 @@ def seedlm_matmul(x: torch.Tensor, weight: SeedLMWeight, config: KernelConfig | 
     _seedlm_matmul_kernel[grid](
         x, y, weight.offsets, weight.exponents, weight.coefficients, weight.table,
         weight.rows, cols, weight.blocks_per_row, batch, x.stride(0), y.stride(0), inv,
-        C=weight.C, P=weight.P, CP2=triton.next_power_of_2(weight.C), BLOCK_M=cfg.block_m, NB=cfg.blocks,
+        C=weight.C, P=weight.P, CP2=triton.next_power_of_2(weight.C), P2=triton.next_power_of_2(weight.P),
+        BLOCK_M=cfg.block_m, NB=cfg.blocks,
         BATCH=padded_batch, USE_DOT=use_dot, IEEE=x.dtype == torch.float32,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y
