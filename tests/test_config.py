@@ -9,6 +9,7 @@ import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
 from raytrain.cli import CONF_DIR
+from raytrain.commands.compress import codec_configs
 from raytrain.commands.generate import sampling_params
 from raytrain.commands.train import typed_parts
 from raytrain.config import ConfigError
@@ -46,6 +47,12 @@ def test_model_info_composes_each_model(option: str) -> None:
 def test_generate_and_sample_configs_compose() -> None:
     assert sampling_params(compose("generate"), "generate").top_k == 40
     assert sampling_params(compose("train").sample, "sample").max_new_tokens == 48
+
+
+def test_compress_config_composes_into_both_codecs() -> None:
+    for bits, (C, P) in ((4, (8, 3)), (3, (12, 4))):
+        configs = codec_configs(compose("compress", [f"bits={bits}"]))
+        assert (configs["seedlm"].C, configs["seedlm"].P, configs["seedlm"].K, configs["rtn"].bits) == (C, P, 16, bits)
 
 
 def test_misspelt_key_and_group_are_named_by_hydra() -> None:

@@ -115,8 +115,7 @@ def quantise(t: torch.Tensor, rule: str) -> list[tuple[torch.Tensor, torch.Tenso
     `search3`, which also tries the range-filling exponent -1 and +1. Coefficients come back multiplied by 2^e."""
     amax = t.abs().amax(-2)
     if rule == "literal":  # the paper's printed rule, e = max_i floor(log2 |t_i|)
-        mantissa, ex = torch.frexp(amax)
-        e0 = ex - 1
+        e0 = torch.frexp(amax).exponent - 1
     else:  # range filling: e = ceil(log2(amax / 7.5)) (or / 7); frexp gives ceil(log2 x) without log2's rounding
         mantissa, ex = torch.frexp(amax / (7.0 if rule == "range7" else 7.5))
         e0 = ex - (mantissa == 0.5).to(ex.dtype)

@@ -100,6 +100,12 @@ class JobPlan:
     def work(self) -> Path:
         return self.out.with_name(self.out.name + ".partial")
 
+    @property
+    def manifest(self) -> dict[str, Any]:
+        """What a partial directory must match to be resumed."""
+        return {"source": str(self.source), "method": self.method, "config": self.config.meta(),
+                "shards": [asdict(s) for s in self.shards]}
+
 
 def plan_job(source: str | Path, out: str | Path, method: str, config: Any, job: JobConfig) -> JobPlan:
     """Check the inputs (no Ray needed) and split the linear weights of `source` into row ranges."""
@@ -116,14 +122,20 @@ def plan_job(source: str | Path, out: str | Path, method: str, config: Any, job:
         raise CompressError(f"job.weights_per_task={job.weights_per_task} must be positive")
     stored = hf.stored_tensors(source)
     shards = plan({n: stored[n].shape for n in names}, names, job.weights_per_task)
-    return JobPlan(source, out, method, config, job, stored, names, shards)
+    p = JobPlan(source, out, method, config, job, stored, names, shards)
+    if (p.work / MANIFEST).is_file():
+        previous = json.loads((p.work / MANIFEST).read_text())
+        if previous != p.manifest:
+            changed = sorted(k for k in p.manifest if previous.get(k) != p.manifest[k])
+            raise CompressError(f"{p.work} holds a job with other {', '.join(changed)}; rerun with the same "
+                                "arguments to resume it, or delete it to start over")
+    return p
 
 
 def run_job(p: JobPlan, record: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the row ranges not yet done on Ray, then write the compressed checkpoint; returns the job summary."""
     started = time.time()
-    done = _prepare_work_dir(p.work, {"source": str(p.source), "method": p.method, "config": p.config.meta(),
-                                      "shards": [asdict(s) for s in p.shards]})
+    done = _prepare_work_dir(p)
     todo = [s for s in p.shards if s.file not in done]
     if done:
         log.info("resuming %s: %d of %d row ranges already done", p.work, len(p.shards) - len(todo), len(p.shards))
@@ -142,21 +154,15 @@ def run_job(p: JobPlan, record: dict[str, Any] | None = None) -> dict[str, Any]:
             "seconds": round(time.time() - started, 3)}
 
 
-def _prepare_work_dir(work: Path, manifest: dict[str, Any]) -> set[str]:
-    """Create or reopen the partial directory; returns the part files already complete."""
-    parts = work / PARTS
-    if (work / MANIFEST).is_file():
-        previous = json.loads((work / MANIFEST).read_text())
-        if previous != manifest:
-            changed = sorted(k for k in manifest if previous.get(k) != manifest[k])
-            raise CompressError(f"{work} holds a job with other {', '.join(changed)}; rerun with the same "
-                                "arguments to resume it, or delete it to start over")
-    else:
+def _prepare_work_dir(p: JobPlan) -> set[str]:
+    """Create the partial directory, or reopen one `plan_job` found matching; returns the part files done."""
+    parts = p.work / PARTS
+    if not (p.work / MANIFEST).is_file():
         parts.mkdir(parents=True, exist_ok=True)
-        _write_atomic(work / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1)))
+        _write_atomic(p.work / MANIFEST, lambda path: path.write_text(json.dumps(p.manifest, indent=1)))
     for leftover in parts.glob(".tmp-*"):
         leftover.unlink()
-    return {p.name for p in parts.glob("*.safetensors")}
+    return {f.name for f in parts.glob("*.safetensors")}
 
 
 def _write_atomic(path: Path, write: Any) -> None:
