@@ -9,6 +9,7 @@ import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
 from raytrain.cli import CONF_DIR
+from raytrain.commands.compress import codec_configs
 from raytrain.commands.generate import sampling_params
 from raytrain.commands.train import typed_parts
 from raytrain.cluster.jobs import SubmitConfig
@@ -25,8 +26,8 @@ PRIMARY = sorted(f.stem for f in CONF_DIR.glob("*.yaml") if f.stem != "base")
 def test_every_config_file_is_covered() -> None:
     assert GROUPS == ["data", "experiment", "generation", "job", "model", "optim", "schedule", "serve", "tracking",
                       "trainer"]
-    assert PRIMARY == ["average", "cluster_check", "generate", "labels", "make_data", "model_info", "serve", "submit",
-                       "train"]
+    assert PRIMARY == ["average", "cluster_check", "compress", "generate", "labels", "make_data", "model_info",
+                       "serve", "submit", "train"]
 
 
 TRAIN_OPTIONS = [(g, o) for g, o in OPTIONS if g not in ("generation", "serve")]
@@ -97,6 +98,12 @@ def test_submit_and_cluster_check_configs_compose() -> None:
     submit = to_dataclass(SubmitConfig, compose("submit", ["pass_env=[AWS_*]", "entrypoint_num_gpus=1"]), "submit")
     assert submit.pass_env == ["AWS_*"] and submit.entrypoint_num_gpus == 1 and submit.python == "python"
     assert compose("cluster_check").path is None
+
+
+def test_compress_config_composes_into_both_codecs() -> None:
+    for bits, (C, P) in ((4, (8, 3)), (3, (12, 4))):
+        configs = codec_configs(compose("compress", [f"bits={bits}"]))
+        assert (configs["seedlm"].C, configs["seedlm"].P, configs["seedlm"].K, configs["rtn"].bits) == (C, P, 16, bits)
 
 
 def test_misspelt_key_and_group_are_named_by_hydra() -> None:
