@@ -43,7 +43,7 @@ CLASSES: dict[str, ObjectClass] = {
     "car": ObjectClass((4.5, 1.9, 1.6), (Part((0, 0, -0.2), (1, 1, 0.6), (0.85, 0.1, 0.1)),
                                          Part((-0.05, 0, 0.3), (0.55, 0.9, 0.4), (0.15, 0.15, 0.3))), 0.6),
     "truck": ObjectClass((7.5, 2.5, 3.2), (Part((0.4, 0, -0.1), (0.2, 1, 0.8), (0.95, 0.5, 0.05)),
-                                           Part((-0.1, 0, 0.0), (0.8, 1, 1), (0.92, 0.92, 0.88))), 0.7),
+                                           Part((-0.1, 0, 0.0), (0.8, 1, 1), (0.1, 0.55, 0.55))), 0.7),
     "pedestrian": ObjectClass((0.6, 0.6, 1.75), (Part((0, 0, -0.25), (0.6, 0.7, 0.5), (0.1, 0.1, 0.15)),
                                                  Part((0, 0, 0.25), (1, 1, 0.5), (0.1, 0.35, 0.95))), 0.3),
     "cyclist": ObjectClass((1.8, 0.6, 1.7), (Part((0, 0, -0.25), (1, 0.4, 0.5), (0.05, 0.05, 0.05)),
@@ -76,8 +76,8 @@ class SceneConfig:
     slope: float = 0.02  # max |dz/dx|, |dz/dy| of the ground plane
     ground_noise: float = 0.02  # m
     beams: int = 32
-    elevation: tuple[float, float] = (-25.0, 3.0)  # degrees
-    azimuth_step: float = 0.4  # degrees
+    elevation: tuple[float, float] = (-22.0, 10.0)  # degrees
+    azimuth_step: float = 0.2  # degrees
     max_range: float = 75.0
     range_noise: float = 0.02  # m
     dropout: float = 0.05  # fraction of returns lost
@@ -92,7 +92,7 @@ class SceneConfig:
         Placement("truck", 1, (-3.5, 3.5), (5.0, 9.0)),
         Placement("truck", 1, (-7.5, 7.5)),
         Placement("cyclist", 2, (-5.2, 5.2), (3.0, 6.0), 0.3),
-        Placement("cyclist", 1, (-9.0, 9.0)),
+        Placement("cyclist", 1, (-9.5, 9.5)),
         Placement("pedestrian", 3, (-9.5, 9.5), (1.2, 1.8)),
         Placement("pedestrian", 3, (-9.5, 9.5)),
         Placement("tree", 4, (-12.5, 12.5)),
@@ -137,27 +137,32 @@ class Scene:
 
     def _place_objects(self, rng: np.random.Generator) -> list[SceneObject]:
         objects: list[SceneObject] = []
-        taken: dict[float, list[float]] = {}
+        lane_speed: dict[float, float] = {}  # one speed per lane (+-3%), so followers never run into leaders
         for pl in self.cfg.placements:
             spec = CLASSES[pl.cls]
             for _ in range(pl.count):
                 size = np.array(spec.size) * rng.uniform(0.92, 1.08, 3)
                 y = float(rng.choice(pl.lateral))
-                x = self._free_x(rng, taken.setdefault(y, []), size[0])
-                speed = rng.uniform(*pl.speed) if pl.speed[1] > 0 else 0.0
+                x = self._free_x(rng, objects, y, size[0])
+                speed = 0.0
+                if pl.speed[1] > 0:
+                    speed = lane_speed.setdefault(y, rng.uniform(*pl.speed)) * rng.uniform(0.97, 1.03)
                 yaw = (0.0 if y < 0 else np.pi) + rng.normal(0, 0.03)  # right-hand traffic
                 yaw_rate = rng.choice([-1, 1]) * rng.uniform(0.1, 0.3) if speed and rng.random() < pl.turn else 0.0
                 centre = np.array([x, y, self.ground_z(x, y) + size[2] / 2])
-                colours = np.clip(np.array([p.colour for p in spec.parts]) + rng.uniform(-0.07, 0.07, (len(spec.parts), 3)), 0, 1)
+                colours = np.clip(np.array([p.colour for p in spec.parts])
+                                  + rng.uniform(-0.07, 0.07, (len(spec.parts), 3)), 0, 1)
                 objects.append(SceneObject(len(objects) + 1, pl.cls, size, centre, yaw, speed, yaw_rate, colours))
         return objects
 
-    def _free_x(self, rng: np.random.Generator, row: list[float], length: float) -> float:
-        for _ in range(50):
-            x = rng.uniform(*self.cfg.range_x)
-            if all(abs(x - other) > length / 2 + 4.0 for other in row):
+    def _free_x(self, rng: np.random.Generator, placed: list[SceneObject], y: float, length: float) -> float:
+        """A start x at least 3 m (bumper to bumper) from every object placed within 2.5 m laterally."""
+        x = rng.uniform(*self.cfg.range_x)
+        for _ in range(100):
+            if all(abs(x - o.start[0]) > (length + o.size[0]) / 2 + 3.0
+                   for o in placed if abs(o.start[1] - y) < 2.5):
                 break
-        row.append(x)
+            x = rng.uniform(*self.cfg.range_x)
         return x
 
     def ego_pose(self, t: float) -> np.ndarray:

@@ -3,6 +3,7 @@
 Clustering runs on 0.1 m voxel centroids and each point takes its voxel's cluster (spec trap 6: HDBSCAN on every
 point is slow). A cluster survives if it has `min_points` points, a z-extent within `height`, its lowest point at
 most `max_min_height` and its highest at least `min_max_height` above the ground plane (ViLGOD's required filters).
+Clusters are first split where their points are more than `max_gap` apart (ours, [U]; see `split_at_gaps`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from scipy.spatial import cKDTree
 from sklearn.cluster import DBSCAN, HDBSCAN
 
 from raytrain.pipelines.autolabel.config import ClusterConfig
@@ -54,7 +58,27 @@ def cluster_points(xyz: np.ndarray, cfg: ClusterConfig) -> np.ndarray:
                        cluster_selection_epsilon=cfg.epsilon, copy=True)
     else:
         algo = DBSCAN(eps=max(cfg.epsilon, 1.5 * cfg.voxel), min_samples=3)
-    return algo.fit_predict(centroids)[voxel_of]
+    labels = algo.fit_predict(centroids)
+    if cfg.max_gap > 0:
+        labels = split_at_gaps(centroids, labels, cfg.max_gap)
+    return labels[voxel_of]
+
+
+def split_at_gaps(xyz: np.ndarray, labels: np.ndarray, max_gap: float) -> np.ndarray:
+    """Relabel so that every cluster is connected with links of at most `max_gap` metres.
+
+    HDBSCAN links sparse far-away points across gaps wider than the space between two objects; an object's own
+    samples are never that far apart.
+    """
+    out = np.full(len(labels), -1)
+    next_label = 0
+    for idx in clusters(labels):
+        pairs = cKDTree(xyz[idx]).query_pairs(max_gap, output_type="ndarray")
+        graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(len(idx), len(idx)))
+        n, parts = connected_components(graph, directed=False)
+        out[idx] = parts + next_label
+        next_label += n
+    return out
 
 
 def keep_cluster(height: np.ndarray, z: np.ndarray, cfg: ClusterConfig) -> bool:

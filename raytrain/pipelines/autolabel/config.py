@@ -43,6 +43,7 @@ class ClusterConfig:
     min_cluster_size: int = 15  # [V]
     epsilon: float = 0.15  # cluster_selection_epsilon (hdbscan) / eps (dbscan) [V]
     voxel: float = 0.1  # m, cluster voxel centres, then give each point its voxel's cluster (spec trap 6)
+    max_gap: float = 1.0  # m, split clusters whose points are farther apart than this (0 = off) [U]
     min_points: int = 10  # [V]
     height: tuple[float, float] = (0.3, 6.0)  # z-extent range [V]
     max_min_height: float = 1.0  # lowest point at most this above the ground [V]
@@ -71,7 +72,7 @@ class BoxConfig:
     min_displacement: float = 0.5  # m, for a heading [V]
     moving_topk: int = 3  # [V]
     static_topk: int = 10  # [V]
-    margin_lw: float = 0.3  # m added to l and w [V]
+    margin_lw: float = 0.0  # m added to l and w; ViLGOD: 0.3 [V] (WOD boxes are looser than the point extent)
     margin_h: float = 0.3  # m added to the height of single-frame fits [V]
     static_max: tuple[float, float, float] = (20.0, 3.5, 4.0)  # l, w, h limits [V]
     static_min: tuple[float, float, float] = (0.2, 0.2, 0.5)  # [V]
