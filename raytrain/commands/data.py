@@ -1,4 +1,5 @@
-"""`raytrain data make=NAME out=DIR`: generate a data set (`retrieval`: the long-context multi-document QA task)."""
+"""`raytrain data make=NAME out=DIR`: generate a data set (`retrieval`: the long-context multi-document QA task;
+`lidar`: synthetic driving-scene LiDAR sequences with cameras and ground truth)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,12 @@ from raytrain.config import ConfigError
 from raytrain.data import retrieval
 
 CONFIG_NAME = "make_data"
-HELP = "generate a data set: make=retrieval (long-context multi-document QA)"
+HELP = "generate a data set: make=retrieval (long-context multi-document QA), make=lidar (driving scenes)"
 log = logging.getLogger("raytrain")
 
 
 def run(cfg: DictConfig) -> None:
-    makers = {"retrieval": make_retrieval}
+    makers = {"retrieval": make_retrieval, "lidar": make_lidar}
     if cfg.make not in makers:
         raise ConfigError(f"make={cfg.make!r} is unknown; known: {', '.join(makers)}")
     counts = makers[cfg.make](cfg, Path(cfg.out))
@@ -36,3 +37,10 @@ def make_retrieval(cfg: DictConfig, out: Path) -> dict[str, int]:
             r.eval, retrieval.RetrievalConfig(words, None, **shape), cfg.seed + 1 + i))
         log.info("wrote %s", out / name)
     return counts
+
+
+def make_lidar(cfg: DictConfig, out: Path) -> dict[str, int]:
+    from raytrain.data.lidar_scenes import SceneConfig, write_scenes
+
+    paths = write_scenes(out, cfg.lidar.sequences, SceneConfig(frames=cfg.lidar.frames), cfg.seed)
+    return {"sequences": len(paths), "frames": len(paths) * cfg.lidar.frames}
