@@ -22,11 +22,12 @@ PRIMARY = sorted(f.stem for f in CONF_DIR.glob("*.yaml") if f.stem != "base")
 
 
 def test_every_config_file_is_covered() -> None:
-    assert GROUPS == ["data", "experiment", "generation", "model", "optim", "schedule", "tracking", "trainer"]
-    assert PRIMARY == ["generate", "make_data", "model_info", "train"]
+    assert GROUPS == ["data", "experiment", "generation", "model", "optim", "schedule", "tracking", "trainer", "vlm"]
+    assert PRIMARY == ["autolabel", "autolabel_distill", "autolabel_eval", "generate", "make_data", "model_info",
+                       "train"]
 
 
-TRAIN_OPTIONS = [(g, o) for g, o in OPTIONS if g != "generation"]
+TRAIN_OPTIONS = [(g, o) for g, o in OPTIONS if g not in ("generation", "vlm")]
 
 
 @pytest.mark.parametrize("group, option", TRAIN_OPTIONS, ids=[f"{g}={o}" for g, o in TRAIN_OPTIONS])
@@ -57,6 +58,26 @@ def test_generate_composes_each_generation_option(option: str) -> None:
 def test_make_data_composes() -> None:
     cfg = compose("make_data", ["make=retrieval", "out=/tmp/x"])
     assert list(cfg.retrieval.eval_words) == [1350, 2700, 5400]
+    assert compose("make_data", ["make=lidar", "out=/tmp/x"]).lidar.frames == 40
+
+
+@pytest.mark.parametrize("option", [o for g, o in OPTIONS if g == "vlm"])
+def test_autolabel_configs_compose_into_typed_configs(option: str) -> None:
+    from raytrain.commands.autolabel import typed_config
+    from raytrain.pipelines.autolabel.distill import DistillConfig
+    from raytrain.pipelines.autolabel.evaluate import EvalConfig
+    from raytrain.pipelines.autolabel.vlm import build_vlm
+
+    cfg = typed_config(compose("autolabel", [f"vlm={option}", "autolabel.mode=moving_only"]))
+    assert cfg.mode == "moving_only" and cfg.vlm.backend == option and cfg.motion.window == 15
+    assert build_vlm(cfg.vlm).dim > 0
+    assert to_dataclass(EvalConfig, compose("autolabel_eval").eval, "eval").iou == [0.5, 0.7]
+    distill = compose("autolabel_distill", [f"vlm={option}"])
+    assert to_dataclass(DistillConfig, distill.distill, "distill").model.out_dim == build_vlm(cfg.vlm).dim
+    with pytest.raises(ConfigError, match="autolabel: mode='both'; expected full or moving_only"):
+        typed_config(compose("autolabel", ["autolabel.mode=both"]))
+    with pytest.raises(ValueError, match="vlm.backend='clip' is unknown"):
+        build_vlm(typed_config(compose("autolabel", ["vlm.backend=clip"])).vlm)
 
 
 def test_generate_and_sample_configs_compose() -> None:

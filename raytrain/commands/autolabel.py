@@ -14,9 +14,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from raytrain.config import ConfigError, to_dataclass
+from raytrain.config import ConfigError, plain, to_dataclass
 from raytrain.data.lidar_scenes import SceneConfig, write_scenes
 from raytrain.pipelines.autolabel.config import AutolabelConfig
+from raytrain.pipelines.autolabel.vlm import build_vlm
 
 CONFIG_NAME = "autolabel"
 HELP = "3D open-vocabulary auto labels of LiDAR sequences on Ray Data (autolabel eval: AP against ground truth)"
@@ -30,12 +31,21 @@ def synthetic_sequences(node: DictConfig) -> str:
     return str(out)
 
 
+def typed_config(cfg: DictConfig) -> AutolabelConfig:
+    """The validated pipeline config: the `autolabel` block plus the `vlm` group."""
+    return to_dataclass(AutolabelConfig, {**plain(cfg.autolabel), "vlm": plain(cfg.vlm)}, "autolabel")
+
+
 def run(cfg: DictConfig) -> dict:
     import ray
 
     from raytrain.pipelines.autolabel import runner
 
-    acfg = to_dataclass(AutolabelConfig, cfg.autolabel, "autolabel")
+    acfg = typed_config(cfg)
+    try:
+        build_vlm(acfg.vlm)  # an unknown backend fails here, before Ray starts
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if cfg.workers < 1:
         raise ConfigError(f"workers={cfg.workers}: must be >= 1")
     path = cfg.data.path

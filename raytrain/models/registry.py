@@ -12,6 +12,7 @@ from torch import nn
 
 from raytrain.config import ConfigError, to_dataclass
 from raytrain.models.decoder import DecoderConfig, build_decoder
+from raytrain.models.pillars import PillarNetConfig, build_pillarnet
 
 
 @dataclass(frozen=True)
@@ -20,7 +21,8 @@ class Family:
     build: Callable[[Any, Any], nn.Module]
 
 
-FAMILIES: dict[str, Family] = {"decoder": Family(DecoderConfig, build_decoder)}
+FAMILIES: dict[str, Family] = {"decoder": Family(DecoderConfig, build_decoder),
+                               "pillarnet": Family(PillarNetConfig, build_pillarnet)}
 
 
 def model_config(node: Mapping[str, Any], key: str = "model") -> Any:

@@ -23,3 +23,12 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, z_loss: float) -> tuple[
     ce = ((lse - target) * valid).sum() / n
     z = z_loss * (lse.square() * valid).sum() / n
     return ce + z, ce.detach(), z.detach()
+
+
+def cosine_distillation(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """mean over masked rows of 1 - cos(pred, target): feature distillation as in OpenScene (UP-VL's point head).
+
+    pred, target (N, D); mask (N,) bool selects the rows with a teacher feature (camera-visible points).
+    """
+    cos = torch.nn.functional.cosine_similarity(pred.float(), target.float(), dim=-1)
+    return ((1 - cos) * mask).sum() / mask.sum().clamp_min(1)
