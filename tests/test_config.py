@@ -110,3 +110,6 @@ def test_cli_prints_the_composed_config_and_rejects_unknown_commands() -> None:
     assert "name: openelm_270m" in out and "zero_stage: 2" in out
     bad = subprocess.run([sys.executable, "-m", "raytrain", "trian"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown command 'trian'" in bad.stderr
+    sub = subprocess.run([sys.executable, "-m", "raytrain", "autolabel", "eval", "--cfg", "job", "labels=/x"],
+                         capture_output=True, text=True, check=True, timeout=120).stdout
+    assert "labels: /x" in sub and "baseline: null" in sub  # `raytrain autolabel eval` is autolabel_eval.py

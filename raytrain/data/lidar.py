@@ -1,4 +1,4 @@
-"""Posed LiDAR sequences with calibrated cameras: the on-disk format, its reader, and a Ray Data source.
+"""Posed LiDAR sequences with calibrated cameras: the on-disk format and its reader.
 
 A sequence is a directory:
 
@@ -16,7 +16,8 @@ A sequence is a directory:
 
 The reader never raises on a bad frame: it returns the frame with `problems` filled in (no points, a missing or
 malformed camera image, a malformed pose, an unreadable file), so a pipeline can skip and count it. A bad `meta.json`
-raises `LidarFormatError` naming the file and field, since nothing in the sequence can be read without it.
+raises `LidarFormatError` naming the file and field, since nothing in the sequence can be read without it. The Ray
+Data source that lists sequences lives with the pipeline (`pipelines/autolabel/runner.py`).
 """
 
 from __future__ import annotations

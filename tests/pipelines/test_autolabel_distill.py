@@ -24,8 +24,11 @@ from raytrain.train.objectives import cosine_distillation
 def frames(tmp_path_factory) -> list[distill.PointFrame]:
     root = tmp_path_factory.mktemp("distill")
     seq = write_scene(root / "data" / "seq", SceneConfig(frames=5, azimuth_step=0.4), seed=2)
-    result = label_sequence(str(seq), AutolabelConfig(), root / "labels", config_hash("test"))
-    assert result.status == "done", result.reason
+    for out in ("labels", "again"):
+        result = label_sequence(str(seq), AutolabelConfig(), root / out, config_hash("test"))
+        assert result.status == "done", result.reason
+    for path in sorted((root / "labels" / "seq" / "labels").iterdir()):  # the same input gives the same labels
+        assert path.read_text() == (root / "again" / "seq" / "labels" / path.name).read_text()
     return distill.load_frames(Sequence(seq), root / "labels")
 
 

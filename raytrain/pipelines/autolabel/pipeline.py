@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from raytrain.data.lidar import Frame, Sequence, transform_boxes, transform_points
+from raytrain.data.lidar import Camera, Frame, Sequence, transform_boxes, transform_points
 from raytrain.pipelines.autolabel import motion
 from raytrain.pipelines.autolabel.boxes import fit_track
 from raytrain.pipelines.autolabel.cluster import Detection, cluster_points, clusters, keep_cluster
@@ -79,7 +79,7 @@ class SequenceLabeler:
         self.prompts = prompts
         self.full = cfg.mode == "full"
 
-    def prepare(self, frame: Frame, cameras: list) -> PreparedFrame:
+    def prepare(self, frame: Frame, cameras: list[Camera]) -> PreparedFrame:
         cfg = self.cfg
         xyz = frame.points[:, :3].astype(np.float64)
         ground, plane = remove_ground(xyz, cfg.ground, seed=frame.index)
