@@ -119,13 +119,13 @@ class SequenceLabeler:
     def run(self, seq: Sequence, on_frame: Callable[[PreparedFrame], None] | None = None) -> SequenceLabels:
         cfg, T = self.cfg, seq.num_frames
         tracker = KalmanTracker(cfg.track)
-        refs: dict[int, Any] = {}
+        refs: dict[int, motion.MotionFrame | None] = {}
         pending: deque[tuple[Frame, PreparedFrame | None]] = deque()
         frames: list[Frame] = []
         problems: Counter = Counter()
         planes: dict[int, np.ndarray] = {}
 
-        def finish(frame: Frame, prep: PreparedFrame | None) -> None:
+        def detect_and_track(frame: Frame, prep: PreparedFrame | None) -> None:
             window = [refs[f] for f in motion.window(frame.index, T, cfg.motion.window) if refs.get(f) is not None]
             tracker.step(frame.index, frame.timestamp, self.detect(prep, window) if prep else [])
 
@@ -143,15 +143,15 @@ class SequenceLabeler:
             frames.append(Frame(frame.index, frame.timestamp, frame.points[:0], frame.pose, {}, None,
                                 frame.problems))  # keep only what the labels need
             while pending and motion.window(pending[0][0].index, T, cfg.motion.window)[-1] <= frame.index:
-                finish(*pending.popleft())
+                detect_and_track(*pending.popleft())
             first_needed = motion.window(pending[0][0].index if pending else frame.index + 1, T, cfg.motion.window)[0]
             for f in [f for f in refs if f < first_needed]:
                 del refs[f]
         while pending:
-            finish(*pending.popleft())
-        return self.finish(frames, tracker, planes, problems)
+            detect_and_track(*pending.popleft())
+        return self.boxes_and_labels(frames, tracker, planes, problems)
 
-    def finish(self, frames: list[Frame], tracker: KalmanTracker, planes: dict[int, np.ndarray],
+    def boxes_and_labels(self, frames: list[Frame], tracker: KalmanTracker, planes: dict[int, np.ndarray],
                problems: Counter) -> SequenceLabels:
         cfg = self.cfg
         ego_xy = {f.index: f.pose[:2, 3] for f in frames}
@@ -159,7 +159,7 @@ class SequenceLabeler:
         kept = 0
         for track in tracker.tracks():
             dets = list(track.detections.values())
-            moving = np.mean([d.moving_frac >= cfg.cluster.moving_frac for d in dets]) >= 0.5
+            moving = np.mean([d.moving_frac >= cfg.cluster.moving_frac for d in dets]) >= 0.5  # most detections
             fitted = fit_track(track, bool(moving), ego_xy, cfg.box)
             if fitted is None:
                 continue
