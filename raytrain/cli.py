@@ -1,7 +1,8 @@
 """`raytrain <command> [hydra overrides]`: the one entry point.
 
 Each command is a module in `raytrain/commands/` exposing `CONFIG_NAME` (its primary config in `conf/`), `HELP`
-(one line) and `run(cfg)`; adding a command is adding such a file. Hydra composes the config, so overrides,
+(one line) and `run(cfg)`; adding a command is adding such a file. A module `<command>_<sub>.py` is also reachable as
+`raytrain <command> <sub>` (e.g. `raytrain autolabel eval`). Hydra composes the config, so overrides,
 `--cfg job`, `--help` and misspelt-key errors behave as in any Hydra app. A command that wraps another command
 line (`submit`) exposes `main(argv)` instead of `run` and parses its own arguments. User errors (`RaytrainError`)
 end with one line on stderr and exit status 2.
@@ -45,6 +46,8 @@ def main(argv: list[str] | None = None) -> None:
         print(usage(available))
         return
     name, overrides = argv[0], argv[1:]
+    if overrides and f"{name}-{overrides[0]}" in available:  # `raytrain autolabel eval` = `raytrain autolabel-eval`
+        name, overrides = f"{name}-{overrides[0]}", overrides[1:]
     if name not in available:
         print(f"raytrain: unknown command {name!r}\n\n{usage(available)}", file=sys.stderr)
         sys.exit(2)

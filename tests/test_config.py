@@ -25,12 +25,12 @@ PRIMARY = sorted(f.stem for f in CONF_DIR.glob("*.yaml") if f.stem != "base")
 
 def test_every_config_file_is_covered() -> None:
     assert GROUPS == ["data", "experiment", "generation", "job", "model", "optim", "schedule", "serve", "tracking",
-                      "trainer"]
-    assert PRIMARY == ["average", "cluster_check", "compress", "generate", "labels", "make_data", "model_info",
-                       "serve", "submit", "train"]
+                      "trainer", "vlm"]
+    assert PRIMARY == ["autolabel", "autolabel_distill", "autolabel_eval", "average", "cluster_check", "compress",
+                       "generate", "labels", "make_data", "model_info", "serve", "submit", "train"]
 
 
-TRAIN_OPTIONS = [(g, o) for g, o in OPTIONS if g not in ("generation", "serve")]
+TRAIN_OPTIONS = [(g, o) for g, o in OPTIONS if g not in ("generation", "serve", "vlm")]
 IMAGE_DATA = ("shapes", "imagetext")
 IMAGE_JOB = {"vit": "catlip", "clip": "clip"}
 
@@ -73,6 +73,7 @@ def test_make_data_and_labels_compose() -> None:
     assert list(cfg.retrieval.eval_words) == [1350, 2700, 5400]
     assert compose("make_data", ["make=shapes", "n=10", "out=/tmp/x"]).shapes.world.image_size == 64
     assert compose("labels", ["text='a dog'"]).text == "a dog"
+    assert compose("make_data", ["make=lidar", "out=/tmp/x"]).lidar.frames == 40
 
 
 @pytest.mark.parametrize("job, task, model", [("catlip", "CatlipTaskConfig", "vit_tiny"),
@@ -87,6 +88,27 @@ def test_image_jobs_compose_with_the_train_config(job: str, task: str, model: st
 def test_a_vision_model_without_an_image_job_is_named() -> None:
     with pytest.raises(ConfigError, match="model=vit_tiny is not a language model"):
         typed_parts(compose("train", ["model=vit_tiny"]))
+
+
+
+
+@pytest.mark.parametrize("option", [o for g, o in OPTIONS if g == "vlm"])
+def test_autolabel_configs_compose_into_typed_configs(option: str) -> None:
+    from raytrain.commands.autolabel import typed_config
+    from raytrain.pipelines.autolabel.distill import DistillConfig
+    from raytrain.pipelines.autolabel.evaluate import EvalConfig
+    from raytrain.pipelines.autolabel.vlm import build_vlm
+
+    cfg = typed_config(compose("autolabel", [f"vlm={option}", "autolabel.mode=moving_only"]))
+    assert cfg.mode == "moving_only" and cfg.vlm.backend == option and cfg.motion.window == 15
+    assert build_vlm(cfg.vlm).dim > 0
+    assert to_dataclass(EvalConfig, compose("autolabel_eval").eval, "eval").iou == [0.5, 0.7]
+    distill = compose("autolabel_distill", [f"vlm={option}"])
+    assert to_dataclass(DistillConfig, distill.distill, "distill").model.out_dim == build_vlm(cfg.vlm).dim
+    with pytest.raises(ConfigError, match="autolabel: mode='both'; expected full or moving_only"):
+        typed_config(compose("autolabel", ["autolabel.mode=both"]))
+    with pytest.raises(ValueError, match="vlm.backend='clip' is unknown"):
+        build_vlm(typed_config(compose("autolabel", ["vlm.backend=clip"])).vlm)
 
 
 def test_generate_and_sample_configs_compose() -> None:
@@ -131,3 +153,6 @@ def test_cli_prints_the_composed_config_and_rejects_unknown_commands() -> None:
     assert "name: openelm_270m" in out and "zero_stage: 2" in out
     bad = subprocess.run([sys.executable, "-m", "raytrain", "trian"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown command 'trian'" in bad.stderr
+    sub = subprocess.run([sys.executable, "-m", "raytrain", "autolabel", "eval", "--cfg", "job", "labels=/x"],
+                         capture_output=True, text=True, check=True, timeout=120).stdout
+    assert "labels: /x" in sub and "baseline: null" in sub  # `raytrain autolabel eval` is autolabel_eval.py

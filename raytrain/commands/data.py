@@ -1,5 +1,7 @@
 """`raytrain data make=NAME out=DIR`: generate a data set (`retrieval`: the long-context multi-document QA task;
-`shapes`: the procedural image-text world as webdataset shards, generated in parallel by Ray Data)."""
+`shapes`: the procedural image-text world as webdataset shards, generated in parallel by Ray Data; `lidar`: synthetic
+driving-scene LiDAR sequences with cameras and ground truth; `waymo`: a Waymo Open Dataset v2 split converted to that
+sequence format)."""
 
 from __future__ import annotations
 
@@ -13,12 +15,13 @@ from raytrain.config import ConfigError
 from raytrain.data import retrieval
 
 CONFIG_NAME = "make_data"
-HELP = "generate a data set: make=retrieval (long-context multi-document QA), make=shapes (image-text shards)"
+HELP = ("generate a data set: make=retrieval (long-context multi-document QA), make=shapes (image-text shards), "
+        "make=lidar (driving scenes), make=waymo (WOD v2 -> sequences)")
 log = logging.getLogger("raytrain")
 
 
 def run(cfg: DictConfig) -> None:
-    makers = {"retrieval": make_retrieval, "shapes": make_shapes}
+    makers = {"retrieval": make_retrieval, "shapes": make_shapes, "lidar": make_lidar, "waymo": make_waymo}
     if cfg.make not in makers:
         raise ConfigError(f"make={cfg.make!r} is unknown; known: {', '.join(makers)}")
     counts = makers[cfg.make](cfg, Path(cfg.out))
@@ -58,3 +61,18 @@ def make_shapes(cfg: DictConfig, out: Path) -> dict[str, int]:
     shards = write_shapes_shards(out, cfg.n, cfg.shapes.start, cfg.seed, world, cfg.shapes.shard_size)
     log.info("wrote %d shards to %s", shards, out)
     return {"samples": cfg.n, "shards": shards}
+
+
+def make_lidar(cfg: DictConfig, out: Path) -> dict[str, int]:
+    from raytrain.data.lidar_scenes import SceneConfig, write_scenes
+
+    paths = write_scenes(out, cfg.lidar.sequences, SceneConfig(frames=cfg.lidar.frames), cfg.seed)
+    return {"sequences": len(paths), "frames": len(paths) * cfg.lidar.frames}
+
+
+def make_waymo(cfg: DictConfig, out: Path) -> dict[str, int]:
+    from raytrain.data.waymo import convert
+
+    if not cfg.waymo.path:
+        raise ConfigError("make=waymo needs waymo.path=DIR (a WOD v2 split directory with lidar/, vehicle_pose/, ...)")
+    return {"sequences": len(convert(cfg.waymo.path, out, cfg.waymo.laser))}

@@ -14,6 +14,7 @@ from torch import nn
 from raytrain.config import ConfigError, to_dataclass
 from raytrain.models.clip import ClipConfig, build_clip
 from raytrain.models.decoder import DecoderConfig, build_decoder
+from raytrain.models.pillars import PillarNetConfig, build_pillarnet
 from raytrain.models.vit import ViTConfig, build_vit
 
 
@@ -24,7 +25,8 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {"decoder": Family(DecoderConfig, build_decoder), "vit": Family(ViTConfig, build_vit),
-                               "clip": Family(ClipConfig, build_clip)}
+                               "clip": Family(ClipConfig, build_clip),
+                               "pillarnet": Family(PillarNetConfig, build_pillarnet)}
 
 
 def model_config(node: Mapping[str, Any], key: str = "model") -> Any:

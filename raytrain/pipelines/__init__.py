@@ -1,1 +1,2 @@
-"""Ray pipelines and jobs at the edge: they fan plain-PyTorch library code out over a cluster."""
+"""Ray pipelines and jobs at the edge: each stage or shard is plain NumPy/PyTorch library code; Ray fans it out
+over a cluster (see common.py for the shared record plumbing)."""

@@ -59,3 +59,12 @@ def info_nce(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor,
 def label_smoothed_ce(logits: torch.Tensor, labels: torch.Tensor, smoothing: float) -> torch.Tensor:
     """Cross-entropy with label smoothing (the fine-tune recipe's 0.1), fp32. logits (B, C), labels (B,)."""
     return F.cross_entropy(logits.float(), labels, label_smoothing=smoothing)
+
+
+def cosine_distillation(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """mean over masked rows of 1 - cos(pred, target): feature distillation as in OpenScene (UP-VL's point head).
+
+    pred, target (N, D); mask (N,) bool selects the rows with a teacher feature (camera-visible points).
+    """
+    cos = torch.nn.functional.cosine_similarity(pred.float(), target.float(), dim=-1)
+    return ((1 - cos) * mask).sum() / mask.sum().clamp_min(1)
