@@ -29,9 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from raytrain.models.decoder import DecoderConfig, training_flops_per_token  # noqa: E402
 from raytrain.models.registry import build_model, model_config  # noqa: E402
-from raytrain.train.config import OptimConfig, TrainerConfig  # noqa: E402
+from raytrain.train.config import ObjectiveConfig, OptimConfig, TrainerConfig  # noqa: E402
 from raytrain.train.engine import apply_model_options, deepspeed_config, loss_function  # noqa: E402
-from raytrain.train.objectives import lm_loss  # noqa: E402
 from raytrain.train.optim import build_optimizer  # noqa: E402
 
 CONF = Path(__file__).resolve().parent.parent / "conf" / "model"
@@ -61,7 +60,7 @@ def single(args: argparse.Namespace, cfg: DecoderConfig) -> None:
     ours = build_model(cfg, device)
     options = TrainerConfig(compile=not args.no_compile)
     apply_model_options(ours, options)
-    step = autocast_step(ours, ours, batch, device, loss_function(options))
+    step = autocast_step(ours, ours, batch, device, loss_function(options, ObjectiveConfig()))
     result = timed(step, args, device)
     if args.profile:
         profile(step)
@@ -85,15 +84,16 @@ def random_batch(args: argparse.Namespace, vocab: int, device: torch.device) -> 
 
 def autocast_step(model: torch.nn.Module, forward: Callable[[torch.Tensor], torch.Tensor],
                   batch: tuple[torch.Tensor, torch.Tensor], device: torch.device,
-                  loss_fn: Callable = lm_loss) -> Callable[[], None]:
+                  loss_fn: Callable | None = None) -> Callable[[], None]:
     """One training step: bf16 autocast forward, fp32 loss, backward, fused AdamW on fp32 weights."""
     optimizer = build_optimizer(model, OptimConfig(lr=1e-4), fused=device.type == "cuda")
     inputs, labels = batch
+    loss_fn = loss_fn or loss_function(TrainerConfig(compile=False), ObjectiveConfig())  # eager lm_loss + z-loss
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = forward(inputs)
-        loss, _, _ = loss_fn(logits, labels, 1e-4)
+        loss, *_ = loss_fn(logits, labels, None)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -163,7 +163,7 @@ def parallel(args: argparse.Namespace, cfg: DecoderConfig) -> None:
     torch.cuda.set_device(device)
     trainer_cfg = TrainerConfig(compile=not args.no_compile, micro_batch_size=args.batch, zero_stage=2)
     inputs, labels = random_batch(args, cfg.rows, device)
-    loss_fn = loss_function(trainer_cfg)
+    loss_fn = loss_function(trainer_cfg, ObjectiveConfig())
 
     torch.manual_seed(0)
     model = build_model(cfg, device)
@@ -173,7 +173,7 @@ def parallel(args: argparse.Namespace, cfg: DecoderConfig) -> None:
         config=deepspeed_config(trainer_cfg, "bf16"))
 
     def zero2_step() -> None:  # what the trainer's loop does per micro-batch
-        loss, _, _ = loss_fn(engine(inputs), labels, 1e-4)
+        loss, *_ = loss_fn(engine(inputs), labels, None)
         engine.backward(loss)
         engine.step()
 

@@ -46,13 +46,14 @@ def tokenizer():
     return train_bpe(documents()[:20], vocab_size=512)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def ray_cluster():
+    """One local Ray cluster for the session, started again if a multi-node test disconnected from it."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True)
-    yield ray
-    ray.shutdown()
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=True)
+    return ray
 
 
 def preset(name: str):

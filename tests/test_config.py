@@ -12,12 +12,14 @@ import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
 from raytrain.cli import CONF_DIR
+from raytrain.commands.compress import codec_configs
 from raytrain.commands.generate import sampling_params
 from raytrain.commands.train import typed_parts
+from raytrain.cluster.jobs import SubmitConfig
 from raytrain.config import ConfigError, to_dataclass
 from raytrain.infer.engine import EngineConfig
 from raytrain.models.registry import build_model, config_dict, model_config
-from raytrain.train.recipe import RecipeConfig, plan
+from raytrain.train.recipe import RecipeConfig, StageConfig, plan
 from tests.conftest import compose, preset
 
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
@@ -26,20 +28,27 @@ PRIMARY = sorted(f.stem for f in CONF_DIR.glob("*.yaml") if f.stem != "base")
 
 
 def test_every_config_file_is_covered() -> None:
-    assert GROUPS == ["data", "experiment", "generation", "model", "objective", "optim", "recipe", "schedule",
-                      "tracking", "trainer"]
-    assert PRIMARY == ["average", "generate", "make_data", "model_info", "train"]
+    assert GROUPS == ["data", "experiment", "generation", "job", "model", "objective", "optim", "recipe", "schedule",
+                      "serve", "tracking", "trainer", "vlm"]
+    assert PRIMARY == ["autolabel", "autolabel_distill", "autolabel_eval", "average", "cluster_check", "compress",
+                       "generate", "labels", "make_data", "model_info", "serve", "submit", "train"]
 
 
-TRAIN_OPTIONS = [(g, o) for g, o in OPTIONS if g != "generation"]
+TRAIN_OPTIONS = [(g, o) for g, o in OPTIONS if g not in ("generation", "serve", "vlm")]
+IMAGE_DATA = ("shapes", "imagetext")
+IMAGE_JOB = {"vit": "catlip", "clip": "clip"}
 AFM_3B_INPUTS = [f"data.sources.{s}=/corpus/{s}" for s in ("web", "licensed", "code", "math", "long_qa")]
 
 
 @pytest.mark.parametrize("group, option", TRAIN_OPTIONS, ids=[f"{g}={o}" for g, o in TRAIN_OPTIONS])
 def test_train_composes_with_each_option(group: str, option: str) -> None:
     overrides = [f"{group}={option}"]
-    if group == "data":  # a long-context model fits every data option's sequence length
+    if group == "data" and option in IMAGE_DATA:
+        overrides += ["job=catlip", "data.path=/shards"]
+    elif group == "data":  # a long-context model fits every data option's sequence length
         overrides += ["model=retrieval_lm"] + (["data.path=/corpus"] if option != "afm_mix" else [])
+    if group == "model" and option.split("_")[0] in IMAGE_JOB:
+        overrides.append(f"job={IMAGE_JOB[option.split('_')[0]]}")
     if group == "experiment":
         overrides.append("data.path=/corpus")
     if (group, option) == ("objective", "distill"):
@@ -94,14 +103,71 @@ def test_average_composes() -> None:
     assert compose("average", ["checkpoint=/run", "out=/avg"]).k == 5
 
 
-def test_make_data_composes() -> None:
+def test_make_data_and_labels_compose() -> None:
     cfg = compose("make_data", ["make=retrieval", "out=/tmp/x"])
     assert list(cfg.retrieval.eval_words) == [1350, 2700, 5400]
+    assert compose("make_data", ["make=shapes", "n=10", "out=/tmp/x"]).shapes.world.image_size == 64
+    assert compose("labels", ["text='a dog'"]).text == "a dog"
+    assert compose("make_data", ["make=lidar", "out=/tmp/x"]).lidar.frames == 40
+
+
+@pytest.mark.parametrize("job, task, model", [("catlip", "CatlipTaskConfig", "vit_tiny"),
+                                              ("clip", "ClipTaskConfig", "clip_tiny"),
+                                              ("probe", "ClassifyTaskConfig", "vit_tiny")])
+def test_image_jobs_compose_with_the_train_config(job: str, task: str, model: str) -> None:
+    parts = typed_parts(compose("train", [f"job={job}", "trainer.num_workers=1"]))
+    assert type(parts["task"]).__name__ == task and parts["model"].name == model
+    assert parts["data"].path is None and parts["trainer"].num_workers == 1
+
+
+def test_a_vision_model_without_an_image_job_is_named() -> None:
+    with pytest.raises(ConfigError, match="model=vit_tiny is not a language model"):
+        typed_parts(compose("train", ["model=vit_tiny"]))
+
+
+def test_language_model_objectives_and_recipes_are_refused_for_image_jobs() -> None:
+    with pytest.raises(ConfigError, match="objective.name=distill is a language-modelling objective; "
+                                          "task.name=catlip"):
+        typed_parts(compose("train", ["job=catlip", "objective=distill", "objective.teacher=/ckpt"]))
+    recipe = RecipeConfig("r", {"core": StageConfig(steps=1, init="none")})
+    with pytest.raises(ConfigError, match="recipe=r trains language models; task.name=clip"):
+        plan(recipe, typed_parts(compose("train", ["job=clip"])), "run")
+
+
+@pytest.mark.parametrize("option", [o for g, o in OPTIONS if g == "vlm"])
+def test_autolabel_configs_compose_into_typed_configs(option: str) -> None:
+    from raytrain.commands.autolabel import typed_config
+    from raytrain.pipelines.autolabel.distill import DistillConfig
+    from raytrain.pipelines.autolabel.evaluate import EvalConfig
+    from raytrain.pipelines.autolabel.vlm import build_vlm
+
+    cfg = typed_config(compose("autolabel", [f"vlm={option}", "autolabel.mode=moving_only"]))
+    assert cfg.mode == "moving_only" and cfg.vlm.backend == option and cfg.motion.window == 15
+    assert build_vlm(cfg.vlm).dim > 0
+    assert to_dataclass(EvalConfig, compose("autolabel_eval").eval, "eval").iou == [0.5, 0.7]
+    distill = compose("autolabel_distill", [f"vlm={option}"])
+    assert to_dataclass(DistillConfig, distill.distill, "distill").model.out_dim == build_vlm(cfg.vlm).dim
+    with pytest.raises(ConfigError, match="autolabel: mode='both'; expected full or moving_only"):
+        typed_config(compose("autolabel", ["autolabel.mode=both"]))
+    with pytest.raises(ValueError, match="vlm.backend='clip' is unknown"):
+        build_vlm(typed_config(compose("autolabel", ["vlm.backend=clip"])).vlm)
 
 
 def test_generate_and_sample_configs_compose() -> None:
     assert sampling_params(compose("generate"), "generate").top_k == 40
     assert sampling_params(compose("train").sample, "sample").max_new_tokens == 48
+
+
+def test_submit_and_cluster_check_configs_compose() -> None:
+    submit = to_dataclass(SubmitConfig, compose("submit", ["pass_env=[AWS_*]", "entrypoint_num_gpus=1"]), "submit")
+    assert submit.pass_env == ["AWS_*"] and submit.entrypoint_num_gpus == 1 and submit.python == "python"
+    assert compose("cluster_check").path is None
+
+
+def test_compress_config_composes_into_both_codecs() -> None:
+    for bits, (C, P) in ((4, (8, 3)), (3, (12, 4))):
+        configs = codec_configs(compose("compress", [f"bits={bits}"]))
+        assert (configs["seedlm"].C, configs["seedlm"].P, configs["seedlm"].K, configs["rtn"].bits) == (C, P, 16, bits)
 
 
 def test_misspelt_key_and_group_are_named_by_hydra() -> None:
@@ -129,3 +195,6 @@ def test_cli_prints_the_composed_config_and_rejects_unknown_commands() -> None:
     assert "name: openelm_270m" in out and "zero_stage: 2" in out
     bad = subprocess.run([sys.executable, "-m", "raytrain", "trian"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown command 'trian'" in bad.stderr
+    sub = subprocess.run([sys.executable, "-m", "raytrain", "autolabel", "eval", "--cfg", "job", "labels=/x"],
+                         capture_output=True, text=True, check=True, timeout=120).stdout
+    assert "labels: /x" in sub and "baseline: null" in sub  # `raytrain autolabel eval` is autolabel_eval.py

@@ -33,13 +33,14 @@ def openelm_config(raw: dict[str, Any]) -> DecoderConfig:
         qk_norm=raw.get("normalize_qk_projections", True), tie_embeddings=raw.get("share_input_output_layers", True))
 
 
-def openelm_state(state: State, cfg: DecoderConfig) -> State:
+def openelm_name(name: str) -> str:
     """`transformer.layers.3.attn.qkv_proj.weight` -> `layers.3.attn.qkv_proj.weight`, and so on."""
-    renamed = {}
-    for name, tensor in state.items():
-        name = re.sub(r"^transformer\.", "", name)
-        renamed[{"token_embeddings.weight": "embed.weight", "lm_head.weight": "head.weight"}.get(name, name)] = tensor
-    return renamed
+    name = re.sub(r"^transformer\.", "", name)
+    return {"token_embeddings.weight": "embed.weight", "lm_head.weight": "head.weight"}.get(name, name)
+
+
+def openelm_state(state: State, cfg: DecoderConfig) -> State:
+    return {openelm_name(name): tensor for name, tensor in state.items()}
 
 
 def llama_config(raw: dict[str, Any]) -> DecoderConfig:

@@ -1,4 +1,7 @@
-"""`raytrain data make=NAME out=DIR`: generate a data set (`retrieval`: the long-context multi-document QA task)."""
+"""`raytrain data make=NAME out=DIR`: generate a data set (`retrieval`: the long-context multi-document QA task;
+`shapes`: the procedural image-text world as webdataset shards, generated in parallel by Ray Data; `lidar`: synthetic
+driving-scene LiDAR sequences with cameras and ground truth; `waymo`: a Waymo Open Dataset v2 split converted to that
+sequence format)."""
 
 from __future__ import annotations
 
@@ -12,12 +15,13 @@ from raytrain.config import ConfigError
 from raytrain.data import retrieval
 
 CONFIG_NAME = "make_data"
-HELP = "generate a data set: make=retrieval (long-context multi-document QA)"
+HELP = ("generate a data set: make=retrieval (long-context multi-document QA), make=shapes (image-text shards), "
+        "make=lidar (driving scenes), make=waymo (WOD v2 -> sequences)")
 log = logging.getLogger("raytrain")
 
 
 def run(cfg: DictConfig) -> None:
-    makers = {"retrieval": make_retrieval}
+    makers = {"retrieval": make_retrieval, "shapes": make_shapes, "lidar": make_lidar, "waymo": make_waymo}
     if cfg.make not in makers:
         raise ConfigError(f"make={cfg.make!r} is unknown; known: {', '.join(makers)}")
     counts = makers[cfg.make](cfg, Path(cfg.out))
@@ -36,3 +40,39 @@ def make_retrieval(cfg: DictConfig, out: Path) -> dict[str, int]:
             r.eval, retrieval.RetrievalConfig(words, None, **shape), cfg.seed + 1 + i))
         log.info("wrote %s", out / name)
     return counts
+
+
+def make_shapes(cfg: DictConfig, out: Path) -> dict[str, int]:
+    """`n` records of the procedural world as tar shards: `<key>.png`, `<key>.txt` (caption), `<key>.json` (the
+    scene record), `shapes.shard_size` records a shard, written by Ray Data tasks in parallel."""
+    import ray
+
+    from raytrain.config import to_dataclass
+    from raytrain.data.imagetext import write_shapes_shards
+    from raytrain.data.shapes import WorldConfig
+
+    if cfg.n is None or cfg.n < 1:
+        raise ConfigError("make=shapes needs n=<records> (>= 1)")
+    if out.exists() and any(out.glob("*.tar")):
+        raise ConfigError(f"out={out} already holds shards; choose an empty directory")
+    world = to_dataclass(WorldConfig, cfg.shapes.world, "shapes.world")
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False)
+    shards = write_shapes_shards(out, cfg.n, cfg.shapes.start, cfg.seed, world, cfg.shapes.shard_size)
+    log.info("wrote %d shards to %s", shards, out)
+    return {"samples": cfg.n, "shards": shards}
+
+
+def make_lidar(cfg: DictConfig, out: Path) -> dict[str, int]:
+    from raytrain.data.lidar_scenes import SceneConfig, write_scenes
+
+    paths = write_scenes(out, cfg.lidar.sequences, SceneConfig(frames=cfg.lidar.frames), cfg.seed)
+    return {"sequences": len(paths), "frames": len(paths) * cfg.lidar.frames}
+
+
+def make_waymo(cfg: DictConfig, out: Path) -> dict[str, int]:
+    from raytrain.data.waymo import convert
+
+    if not cfg.waymo.path:
+        raise ConfigError("make=waymo needs waymo.path=DIR (a WOD v2 split directory with lidar/, vehicle_pose/, ...)")
+    return {"sequences": len(convert(cfg.waymo.path, out, cfg.waymo.laser))}

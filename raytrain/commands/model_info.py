@@ -16,5 +16,8 @@ HELP = "print a model's parameter counts and per-layer shapes as JSON"
 def run(cfg: DictConfig) -> None:
     model_cfg = model_config(cfg.model)
     model = build_model(model_cfg, "meta")
-    layers = [{"q_heads": s.q_heads, "kv_heads": s.kv_heads, "ffn_dim": s.ffn_dim} for s in model_cfg.layer_shapes()]
-    print(json.dumps({"model": model_cfg.name, **model.param_counts(), "layers": layers}))
+    info = {"model": model_cfg.name, **model.param_counts()}
+    if hasattr(model_cfg, "layer_shapes"):  # decoders: per-layer widths differ
+        info["layers"] = [{"q_heads": s.q_heads, "kv_heads": s.kv_heads, "ffn_dim": s.ffn_dim}
+                          for s in model_cfg.layer_shapes()]
+    print(json.dumps(info))

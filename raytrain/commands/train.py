@@ -1,5 +1,7 @@
-"""`raytrain train [overrides]`: pretrain a model on Ray Train + DeepSpeed, then print a sample from it.
-`raytrain train recipe=NAME` runs a staged recipe (`conf/recipe/`) instead, one Ray Train run per stage."""
+"""`raytrain train [overrides]`: train a model on Ray Train + DeepSpeed (the task: language modelling by default,
+`job=catlip`, `job=clip`, `job=probe`), then print a sample (language models) or the skipped-record counts.
+`raytrain train recipe=NAME` runs a staged language-model recipe (`conf/recipe/`) instead, one Ray Train run per
+stage."""
 
 from __future__ import annotations
 
@@ -10,14 +12,14 @@ from typing import Any
 from omegaconf import DictConfig
 
 from raytrain.commands.generate import print_completion, sampling_params
-from raytrain.config import plain, to_dataclass
-from raytrain.data.text import TextDataConfig, check_paths
-from raytrain.data.tokenizer import from_files
+from raytrain.config import ConfigError, plain, to_dataclass
+from raytrain.data.imagetext import skip_counter
+from raytrain.data.text import check_paths
 from raytrain.infer.engine import Engine
 from raytrain.infer.sampling import SamplingParams
 from raytrain.models.registry import model_config
 from raytrain.train import recipe as recipes
-from raytrain.train import trainer
+from raytrain.train import tasks, trainer
 from raytrain.train.config import (ObjectiveConfig, OptimConfig, ScheduleConfig, TrackingConfig, TrainerConfig,
                                    TrainJob)
 from raytrain.train.recipe import RecipeConfig
@@ -29,7 +31,11 @@ log = logging.getLogger("raytrain")
 
 def typed_parts(cfg: DictConfig) -> dict[str, Any]:
     """The validated, typed config groups of a training job."""
-    parts = {"model": model_config(cfg.model), "data": to_dataclass(TextDataConfig, cfg.data, "data"),
+    task, model = tasks.task_config(plain(cfg.get("task"))), model_config(cfg.model)
+    if isinstance(task, tasks.LMTaskConfig) and not hasattr(model, "max_seq_len"):
+        raise ConfigError(f"model={model.name} is not a language model; pick a job for it (job=catlip, job=clip, "
+                          "job=probe)")
+    parts = {"task": task, "model": model, "data": tasks.data_config(task, cfg.data),
              "trainer": to_dataclass(TrainerConfig, cfg.trainer, "trainer"),
              "optim": to_dataclass(OptimConfig, cfg.optim, "optim"),
              "schedule": to_dataclass(ScheduleConfig, cfg.schedule, "schedule"),
@@ -52,15 +58,17 @@ def run(cfg: DictConfig) -> Any:
     stages = recipes.plan(recipe, parts, name) if recipe else None
     if recipe is None:
         trainer.check_init_from(parts["trainer"], parts["model"], parts["optim"])
-    check_paths(parts["data"])  # fail before starting Ray
-    params = sampling_params(cfg.sample, "sample") if cfg.sample.prompt else None
+    language_model = isinstance(parts["task"], tasks.LMTaskConfig)
+    if language_model:
+        check_paths(parts["data"])  # fail before starting Ray
+    params = sampling_params(cfg.sample, "sample") if cfg.sample.prompt and language_model else None
     parts["tracking"].dir = os.path.abspath(parts["tracking"].dir)
     if not ray.is_initialized():
-        ray.init(address=cfg.ray.address, num_cpus=_local_cpus(cfg, parts["trainer"]),
+        ray.init(address=_ray_address(cfg), num_cpus=_local_cpus(cfg, parts["trainer"]),
                  include_dashboard=cfg.ray.dashboard)
     ray.data.DataContext.get_current().enable_progress_bars = False  # per-operator bars flood worker logs
-    files = trainer.prepare_tokenizer(parts["data"], run_dir, parts["model"].vocab_size)
     if stages is not None:
+        files = trainer.prepare_tokenizer(parts["data"], run_dir, parts["model"].vocab_size)
         recipes.check_before_start(stages, files)
         log.info("recipe %s in %s: stages %s; rerun with trainer.run_name=%s to continue", recipe.name, run_dir,
                  ", ".join(s.name for s in stages), name)
@@ -68,14 +76,25 @@ def run(cfg: DictConfig) -> Any:
         if outcome["status"] == "finished" and params is not None:
             _print_sample(os.path.join(outcome["outputs"][stages[-1].name], "model"), cfg.sample.prompt, params)
         return outcome
-    job = TrainJob(**parts, run_name=name, tokenizer_files=files, pad_id=from_files(files).pad_token_id,
+    counter = skip_counter(f"raytrain-skips-{name}")
+    prepared = tasks.prepare(parts, run_dir, counter)
+    parts["model"] = prepared.model
+    job = TrainJob(**parts, run_name=name, tokenizer_files=prepared.files, pad_id=prepared.pad_id,
                    snapshot=plain(cfg))
-    result = trainer.launch(job, storage)
+    result = trainer.launch(job, storage, prepared.datasets)
     model_dir = os.path.join(result.checkpoint.path, "model")
     log.info("final checkpoint: %s", model_dir)
+    if skipped := ray.get(counter.get.remote()):
+        log.warning("skipped or unlabelled records: %s", skipped)
     if params is not None:
         _print_sample(model_dir, cfg.sample.prompt, params)
     return result
+
+
+def _ray_address(cfg: DictConfig) -> str | None:
+    """`ray.address`, else RAY_ADDRESS (set inside Ray jobs), else a new local cluster, never whichever cluster a
+    `ray start` on this machine registered last (`ray.address=auto` joins that one)."""
+    return cfg.ray.address if cfg.ray.address or os.environ.get("RAY_ADDRESS") else "local"
 
 
 def _local_cpus(cfg: DictConfig, t: TrainerConfig) -> int | None:

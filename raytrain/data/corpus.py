@@ -11,6 +11,9 @@ For mixtures (`data.sources`, paths `embedded:<name>`) it is split into distinct
     arithmetic  generated sums, differences and products written out in words and symbols (a "math" source)
     recall      generated key-value records followed by questions about them (synthetic long-context QA)
     heldout     every 8th topic, whole; prose and code use only the other topics, so this is never trained on
+
+`heldout_documents()` is text that no model trained on the whole of `documents()` has seen: standard-library
+docstrings (the evaluation text of `raytrain compress`).
 """
 
 from __future__ import annotations
@@ -78,3 +81,28 @@ def _recall(rng: random.Random) -> str:
     records = [f"Record {i + 1}: the code of {k} is {values[k]}." for i, k in enumerate(keys)]
     questions = [f"Question: what is the code of {k}? Answer: {values[k]}." for k in rng.sample(keys, 3)]
     return "\n".join(records + questions)
+
+
+HELDOUT_MODULES = ("argparse", "asyncio", "collections", "concurrent.futures", "contextlib", "csv", "dataclasses",
+                   "decimal", "difflib", "email.message", "functools", "heapq", "http.client", "inspect", "itertools",
+                   "json", "logging", "pathlib", "pickle", "re", "shlex", "socket", "sqlite3", "string", "subprocess",
+                   "tarfile", "textwrap", "threading", "typing", "unittest", "urllib.parse", "zipfile")
+
+
+def heldout_documents() -> list[str]:
+    """Text no model trained on `documents()` has seen: the docstrings of a fixed list of standard-library modules
+    (each module's own and its public classes' and functions'), one document per module, in a fixed order."""
+    import importlib
+    import inspect
+
+    docs = []
+    for name in HELDOUT_MODULES:
+        module = importlib.import_module(name)
+        parts = [inspect.getdoc(module) or ""]
+        for attr in sorted(vars(module)):
+            obj = getattr(module, attr)
+            if not attr.startswith("_") and (inspect.isclass(obj) or inspect.isfunction(obj)) and \
+                    getattr(obj, "__module__", None) == module.__name__:
+                parts.append(inspect.getdoc(obj) or "")
+        docs.append("\n\n".join(p for p in parts if p))
+    return docs

@@ -59,5 +59,8 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
 
 
 def fingerprint(files: TokenizerFiles) -> str:
-    """Stable id of a tokenizer's vocabulary and merges, to detect a changed tokenizer on resume."""
-    return hashlib.sha256(files["tokenizer.json"].encode()).hexdigest()[:16]
+    """Stable id of a tokenizer's vocabulary and merges (or of every file, for runs that keep other text-side
+    files, such as a synset vocabulary), to detect a changed tokenizer on resume."""
+    content = files["tokenizer.json"] if "tokenizer.json" in files else "\0".join(
+        f"{name}\0{files[name]}" for name in sorted(files))
+    return hashlib.sha256(content.encode()).hexdigest()[:16]

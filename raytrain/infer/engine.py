@@ -4,14 +4,19 @@ into the same decoder family), used by `raytrain generate`, the pipelines and Ra
 Requests are batched (up to `max_batch_size`): prompts are left-padded, so every row's last prompt token sits in the
 same column and decoding appends one column per step; padded keys are masked and positions count from each row's
 first real token. Each request has its own sampling parameters, stop strings and token budget. `stream` yields text
-deltas as they become final; `generate` collects them. With `lazy.enabled`, long prompts run through LazyLLM
+deltas as they become final; `generate` collects them; `astream` is `stream` for asyncio servers (the engine runs in
+its own thread). A request whose `cancel` event is set stops at the next step (finish_reason "cancelled"), and a
+batch ends as soon as all its requests are done. With `lazy.enabled`, long prompts run through LazyLLM
 (`lazyllm.py`) one request at a time.
 """
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,13 +42,14 @@ class EngineConfig:
 class Request:
     prompt: str | list[int]  # text (BOS is prepended) or token ids (used as given)
     params: SamplingParams = field(default_factory=SamplingParams)
+    cancel: threading.Event | None = field(default=None, compare=False)  # set: stop at the next step
 
 
 @dataclass
 class Completion:
     text: str
     token_ids: list[int]
-    finish_reason: str  # "stop" (EOS or a stop string) | "length"
+    finish_reason: str  # "stop" (EOS or a stop string) | "length" | "cancelled"
     prompt_tokens: int
     ttft_s: float  # wall time from the start of the request's batch to its first token
     prompt_fraction_computed: float = 1.0  # share of prompt (token, layer) pairs computed (< 1 with LazyLLM)
@@ -64,6 +70,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.config = config or EngineConfig()
         self.device = model.embed.weight.device
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")  # astream's compute thread
         if self.config.lazy:
             self.config.lazyllm.schedule(len(model.layers))  # a bad schedule fails here, before any request
 
@@ -79,15 +86,24 @@ class Engine:
 
     # ---- public API -----------------------------------------------------------------------------------------
 
-    def encode(self, request: Request) -> list[int]:
-        """Prompt token ids, checked against the context window before any compute."""
-        text = isinstance(request.prompt, str)
-        ids = self.tokenizer.encode(request.prompt, add_special_tokens=False) if text else list(request.prompt)
+    @property
+    def context_window(self) -> int:
+        return self.model.cfg.max_seq_len
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of a prompt: text gets BOS prepended, token ids are used as given."""
+        text = isinstance(prompt, str)
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False) if text else list(prompt)
         if not ids:
             raise RaytrainError("the prompt is empty")
         if text and self.tokenizer.bos_token_id is not None:
             ids = [self.tokenizer.bos_token_id, *ids]
-        window = self.model.cfg.max_seq_len
+        return ids
+
+    def encode(self, request: Request) -> list[int]:
+        """Prompt token ids, checked against the context window before any compute."""
+        ids = self.tokenize(request.prompt)
+        window = self.context_window
         if len(ids) + request.params.max_new_tokens > window:
             raise RaytrainError(f"prompt ({len(ids)} tokens) + max_new_tokens ({request.params.max_new_tokens}) "
                                 f"exceeds the model's context window of {window} tokens")
@@ -103,6 +119,46 @@ class Engine:
         for group in self._groups(prompts):
             yield from self._run(group, [requests[i] for i in group], [prompts[i] for i in group])
 
+    async def astream(self, requests: list[Request]) -> AsyncIterator[list[Delta]]:
+        """`stream` for asyncio callers: the engine steps in its own thread (one call at a time), so the event loop
+        stays free; each item holds the deltas produced since the previous one. Leaving the iteration early stops
+        the engine at its next delta."""
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Queue = asyncio.Queue()
+        stop = threading.Event()
+
+        def post(item: object) -> None:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(ready.put_nowait, item)
+
+        def produce() -> None:
+            try:
+                for delta in self.stream(requests):
+                    if stop.is_set():
+                        return
+                    post(delta)
+            except Exception as e:  # re-raised in the caller's task
+                post(e)
+            finally:
+                post(_END)
+
+        loop.run_in_executor(self._worker, produce)
+        try:
+            while True:
+                items = [await ready.get()]
+                while not ready.empty():
+                    items.append(ready.get_nowait())
+                deltas = [d for d in items if isinstance(d, Delta)]
+                if deltas:
+                    yield deltas
+                for item in items:
+                    if isinstance(item, Exception):
+                        raise item
+                if items[-1] is _END:
+                    return
+        finally:
+            stop.set()
+
     # ---- batching -------------------------------------------------------------------------------------------
 
     def _groups(self, prompts: list[list[int]]) -> list[list[int]]:
@@ -117,12 +173,15 @@ class Engine:
 
     def _run(self, indices: list[int], requests: list[Request], prompts: list[list[int]]) -> Iterator[Delta]:
         start = time.perf_counter()
+        rows = [_Row(self.tokenizer, r.params, p, self.device) for r, p in zip(requests, prompts)]
+        yield from self._cancel(indices, requests, rows, time.perf_counter() - start, None)
+        if all(row.done for row in rows):
+            return
         max_new = max(r.params.max_new_tokens for r in requests)
         if self._lazy(prompts[0]):
             runner = LazySequence(self.model, prompts[0], self.config.lazyllm, len(prompts[0]) + max_new)
         else:
             runner = DenseBatch(self.model, prompts, max_new)
-        rows = [_Row(self.tokenizer, r.params, p, self.device) for r, p in zip(requests, prompts)]
         logits, ttft = runner.prefill(), None  # (B, V)
         while True:
             tokens = [row.last if row.done else row.sample(logits[b, :self.model.cfg.vocab_size])
@@ -132,15 +191,25 @@ class Engine:
                 if row.done:
                     continue
                 text = row.advance(tokens[b], self.tokenizer.eos_token_id)
-                completion = None
-                if row.done:
-                    completion = Completion(row.stream.text, row.ids, row.finish_reason, len(prompts[b]), ttft,
-                                            runner.prompt_fraction_computed())
+                completion = row.completion(ttft, runner) if row.done else None
                 if text or completion:
                     yield Delta(indices[b], text, completion)
+            yield from self._cancel(indices, requests, rows, ttft, runner)
             if all(row.done for row in rows):
                 return
             logits = runner.decode(torch.tensor(tokens, device=self.device))
+
+    @staticmethod
+    def _cancel(indices: list[int], requests: list[Request], rows: list[_Row], ttft: float,
+                runner: DenseBatch | LazySequence | None) -> Iterator[Delta]:
+        """End the rows whose request was cancelled; their last delta carries what they generated so far."""
+        for b, (request, row) in enumerate(zip(requests, rows)):
+            if not row.done and request.cancel is not None and request.cancel.is_set():
+                row.done, row.finish_reason = True, "cancelled"
+                yield Delta(indices[b], "", row.completion(ttft, runner))
+
+
+_END = object()  # astream: the engine thread finished
 
 
 class DenseBatch:
@@ -171,6 +240,7 @@ class _Row:
 
     def __init__(self, tokenizer: Any, params: SamplingParams, prompt: list[int], device: torch.device) -> None:
         self.params = params
+        self.prompt_tokens = len(prompt)
         self.stream = TextStream(tokenizer, params.stop)
         self.seen = torch.tensor(prompt, device=device)
         self.generator = (torch.Generator(device=device).manual_seed(params.seed)
@@ -184,10 +254,14 @@ class _Row:
         seen = torch.cat([self.seen, torch.tensor(self.ids, dtype=torch.long, device=self.seen.device)])
         return next_token(logits, self.params, self.generator, seen)
 
+    def completion(self, ttft: float, runner: DenseBatch | LazySequence | None) -> Completion:
+        fraction = runner.prompt_fraction_computed() if runner is not None else 0.0  # None: cancelled unstarted
+        return Completion(self.stream.text, self.ids, self.finish_reason, self.prompt_tokens, ttft, fraction)
+
     def advance(self, token: int, eos: int | None) -> str:
         """Take the sampled token; return the text it makes final. Sets `done` and `finish_reason` at the end."""
         self.last = token
-        if token == eos:
+        if token == eos and not self.params.ignore_eos:
             self.done, self.finish_reason = True, "stop"
             return self.stream.flush()
         self.ids.append(token)

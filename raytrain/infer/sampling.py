@@ -18,6 +18,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or output (CTRL's rule); 1 = off
     stop: list[str] = field(default_factory=list)  # generation ends before the first of these strings
     seed: int | None = None
+    ignore_eos: bool = False  # keep generating past EOS (fixed-length outputs, e.g. for load tests)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:

@@ -1,5 +1,6 @@
 """Model families by name: turns a model config mapping (a `conf/model/*.yaml` preset or a checkpoint's
-`config.json`) into a typed config and a module. Later families (ViT, CLIP, VLM) register here."""
+`config.json`) into a typed config and a module. Families: `decoder` (OpenELM, AFM), `vit` (CatLIP's image
+encoder) and `clip` (ViT image tower + decoder text tower)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ import torch
 from torch import nn
 
 from raytrain.config import ConfigError, to_dataclass
+from raytrain.models.clip import ClipConfig, build_clip
 from raytrain.models.decoder import DecoderConfig, build_decoder
+from raytrain.models.pillars import PillarNetConfig, build_pillarnet
+from raytrain.models.vit import ViTConfig, build_vit
 
 
 @dataclass(frozen=True)
@@ -20,7 +24,9 @@ class Family:
     build: Callable[[Any, Any], nn.Module]
 
 
-FAMILIES: dict[str, Family] = {"decoder": Family(DecoderConfig, build_decoder)}
+FAMILIES: dict[str, Family] = {"decoder": Family(DecoderConfig, build_decoder), "vit": Family(ViTConfig, build_vit),
+                               "clip": Family(ClipConfig, build_clip),
+                               "pillarnet": Family(PillarNetConfig, build_pillarnet)}
 
 
 def model_config(node: Mapping[str, Any], key: str = "model") -> Any:

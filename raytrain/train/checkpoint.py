@@ -47,18 +47,20 @@ def checkpoint_name(step: int) -> str:
 
 
 def save(engine: Any, model: torch.nn.Module, job: TrainJob, progress: Progress, rank: int, world: int,
-         zero3: bool) -> str:
-    """Write this rank's part of the checkpoint for `progress.step` into a fresh local directory."""
+         zero3: bool, export: dict[str, torch.Tensor] | None = None) -> str:
+    """Write this rank's part of the checkpoint for `progress.step` into a fresh local directory; `model/` holds
+    `export` when given (e.g. EMA weights), else the model's weights."""
     d = Path(tempfile.mkdtemp(prefix="raytrain-ckpt-"))
     tag = checkpoint_name(progress.step)
     engine.save_checkpoint(str(d / "ds"), tag=tag, client_state={"progress": asdict(progress)})
     (d / "rng").mkdir()
     torch.save(_rng_state(), d / "rng" / f"rank{rank:05d}.pt")
-    state = _gather_state(model, rank, zero3)
+    state = export if export is not None else _gather_state(model, rank, zero3)
     if rank == 0:
         meta = {"run": job.run_name, "step": progress.step, "tokens": progress.tokens, "model": job.model.name,
-                "seq_len": job.data.seq_len, "skipped_steps": progress.skipped_steps,
-                "init_from": job.trainer.init_from, "teacher": job.objective.teacher}
+                "seq_len": getattr(job.data, "seq_len", None),  # None for image tasks
+                "skipped_steps": progress.skipped_steps, "init_from": job.trainer.init_from,
+                "teacher": job.objective.teacher}
         save_pretrained(d / "model", job.model, state, job.tokenizer_files, meta)
         manifest = {"tag": tag, "step": progress.step, "world_size": world,
                     "zero_stage": job.trainer.zero_stage, "optim": job.optim.name, "model": config_dict(job.model),
@@ -71,7 +73,7 @@ def _gather_state(model: torch.nn.Module, rank: int, zero3: bool) -> dict[str, t
     """Whole weights on rank 0 (one tensor at a time under ZeRO-3, so no rank ever holds the full model twice)."""
     state = {}
     for name, param in model_state(model).items():
-        with gathered([param], zero3):
+        with gathered([param] if isinstance(param, torch.nn.Parameter) else [], zero3):
             if rank == 0:
                 state[name] = param.detach().cpu().clone()
     return state

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from raytrain.data.text import TextDataConfig
 from raytrain.data.tokenizer import TokenizerFiles
 
 
@@ -115,7 +114,7 @@ class TrainJob:
     """Everything a worker needs; built by the driver, shipped to every Ray Train worker."""
 
     model: Any
-    data: TextDataConfig
+    data: Any  # TextDataConfig for language modelling, ImageTextDataConfig for image tasks
     trainer: TrainerConfig
     optim: OptimConfig
     schedule: ScheduleConfig
@@ -125,3 +124,4 @@ class TrainJob:
     tokenizer_files: TokenizerFiles
     pad_id: int  # label positions holding it are ignored by the loss
     snapshot: dict[str, Any]  # the resolved Hydra config, for W&B and checkpoint metadata
+    task: Any = None  # the task config (raytrain/train/tasks.py); None = language modelling

@@ -2,7 +2,7 @@
 
 Each rank builds the model, hands it with a torch optimizer and LR schedule to DeepSpeed, resumes from the latest
 registered checkpoint if there is one (weights, optimizer, schedule, data position, RNG), and trains on its shard
-of the Ray Dataset. A distillation objective also loads a frozen teacher on every rank. Every `checkpoint_every`
+of the Ray Dataset; the job's task (`tasks.py`) turns batches into inputs and a loss. Every `checkpoint_every`
 steps all ranks save and report together; rank 0 logs progress to the console and to W&B. A non-finite loss ends
 the run before anything is saved, so the last good checkpoint stays. Steps the optimizer skipped (adastar's
 gradient-norm rule, or DeepSpeed's on a non-finite gradient) are counted and logged.
@@ -15,19 +15,18 @@ import math
 import time
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from raytrain.data.text import DataError
-from raytrain.models.decoder import training_flops_per_token
 from raytrain.models.registry import build_model
-from raytrain.train import checkpoint
+from raytrain.train import checkpoint, tasks
 from raytrain.train.checkpoint import Progress
 from raytrain.train.config import TrainJob
-from raytrain.train.engine import (apply_model_options, deepspeed_config, initialize, loss_function,
-                                   model_init_context, resolve_precision)
-from raytrain.train.objectives import METRICS, next_token_pairs
+from raytrain.train.engine import (apply_model_options, deepspeed_config, initialize, model_init_context,
+                                   resolve_precision)
 from raytrain.train.optim import build_optimizer, build_scheduler
 from raytrain.train.tracking import Tracker
 
@@ -51,6 +50,7 @@ def train_loop(job: TrainJob) -> dict[str, Any]:
 
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     model = _build(job, ds_config, device)
+    work = tasks.worker(job, model, torch.bfloat16 if precision == "bf16" else torch.float32, device)
     optimizer = build_optimizer(model, job.optim, fused=t.use_gpu, grad_clip=t.grad_clip)
     total = job.schedule.total_steps or t.max_steps
     engine = initialize(model, optimizer, lambda opt: build_scheduler(opt, job.optim.lr, job.schedule, total),
@@ -60,6 +60,7 @@ def train_loop(job: TrainJob) -> dict[str, Any]:
     if (ckpt := ray.train.get_checkpoint()) is not None:
         with ckpt.as_directory() as d:
             progress = checkpoint.restore(engine, d, job, rank, world)
+            work.restore(Path(d) / "model")
         if rank == 0:
             log.info("resumed run %s at step %d", job.run_name, progress.step)
     elif t.init_from and t.init_optimizer:
@@ -67,10 +68,9 @@ def train_loop(job: TrainJob) -> dict[str, Any]:
         if rank == 0:
             log.info("weights and optimizer state from %s", t.init_from)
 
-    teacher = _teacher(job, device, precision)
     tracker = Tracker(job.tracking, job.run_name, job.snapshot, rank)
     try:
-        return _train(engine, model, optimizer, teacher, job, progress, tracker, rank, world, device)
+        return _train(engine, model, optimizer, work, job, progress, tracker, rank, world, device)
     finally:
         tracker.finish()
 
@@ -87,21 +87,8 @@ def _build(job: TrainJob, ds_config: dict[str, Any], device: torch.device) -> to
     return model.to(device)
 
 
-def _teacher(job: TrainJob, device: torch.device, precision: str) -> torch.nn.Module | None:
-    """The frozen distillation teacher, whole on every rank (it never enters DeepSpeed), in the compute dtype."""
-    if job.objective.name != "distill":
-        return None
-    from raytrain.checkpoint.hf import load_pretrained
-
-    dtype = torch.bfloat16 if precision == "bf16" else None
-    teacher = load_pretrained(job.objective.teacher, device=device, dtype=dtype).model.requires_grad_(False)
-    apply_model_options(teacher, job.trainer)  # compiled like the student when trainer.compile is on
-    return teacher.eval()
-
-
-def _train(engine: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer, teacher: torch.nn.Module | None,
-           job: TrainJob, progress: Progress, tracker: Tracker, rank: int, world: int,
-           device: torch.device) -> dict[str, Any]:
+def _train(engine: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer, work: tasks.Worker, job: TrainJob,
+           progress: Progress, tracker: Tracker, rank: int, world: int, device: torch.device) -> dict[str, Any]:
     """Optimizer steps until `max_steps` (or `stop_after_steps`). Losses stay on the device and are reduced across
     ranks only at log and checkpoint steps, so the host never waits on the GPU in between; a non-finite mean at
     such a step ends the run before anything is saved."""
@@ -109,78 +96,72 @@ def _train(engine: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer
 
     t = job.trainer
     stop_at = min(t.max_steps, t.stop_after_steps or t.max_steps)
-    batches = _batches(ray.train.get_dataset_shard("train"), job, progress, device)
-    loss_fn = loss_function(t, job.objective)
-    names = ("loss", *METRICS[job.objective.name])
+    batches = _batches(ray.train.get_dataset_shard("train"), job, progress, device, work)
+    meter = _Throughput(job, work, world)
     skips = getattr(optimizer, "skips", None)
-    meter = _Throughput(job, world)
-    window, window_steps = torch.zeros(len(names), device=device), 0
+    window, window_steps = torch.zeros(len(work.metrics), device=device), 0
     while progress.step < stop_at:
         for _ in range(t.grad_accum):
-            inputs, labels = next(batches)
-            teacher_logits = _no_grad(teacher, inputs) if teacher is not None else None
-            loss, *parts = loss_fn(engine(inputs), labels, teacher_logits)
+            loss, parts = work.loss(engine, next(batches))
             engine.backward(loss)
             engine.step()
-            window += torch.stack([loss.detach(), *parts])
+            window += parts
         if not engine.was_step_applied() or (skips is not None and skips(_grad_norm(engine))):  # adastar reads
             progress.skipped_steps += 1  # the same norm on the host inside its step, so this adds no GPU wait
+        work.after_step()
         progress.step += 1
-        progress.tokens += tokens_per_step(job, world)
+        progress.tokens += units_per_step(job, work, world)
         window_steps += 1
         log_now, save_now = (progress.step % every == 0 or progress.step == stop_at
                              for every in (t.log_every, t.checkpoint_every))
         if not (log_now or save_now):
             continue
         torch.distributed.all_reduce(window)
-        metrics = dict(zip(names, (window / (window_steps * t.grad_accum * world)).tolist()))
-        window, window_steps = torch.zeros(len(names), device=device), 0
-        if not math.isfinite(metrics["loss"]):
+        values = dict(zip(work.metrics, (window / (window_steps * t.grad_accum * world)).tolist()))
+        window, window_steps = torch.zeros(len(work.metrics), device=device), 0
+        loss = values["loss"]
+        if not math.isfinite(loss):
             if rank == 0:
-                log.error("loss is %s at step %d; stopping without saving", metrics["loss"], progress.step)
+                log.error("loss is %s at step %d; stopping without saving", loss, progress.step)
             return {"status": "non_finite_loss", "step": progress.step}
-        metrics.update(lr=engine.get_lr()[0], skipped_steps=progress.skipped_steps)
+        metrics = {**values, "lr": engine.get_lr()[0], "skipped_steps": progress.skipped_steps}
         if log_now:
             metrics.update(meter.measure(progress.step), grad_norm=_grad_norm(engine))
             if rank == 0:
                 log.info(_format(progress.step, t.max_steps, metrics))
             tracker.log(metrics, progress.step)
         if save_now:
-            _save_and_report(engine, model, job, progress, metrics, rank, world)
+            _save_and_report(engine, model, work, job, progress, metrics, rank, world)
     status = "finished" if progress.step >= t.max_steps else "stopped"
     return {"status": status, "step": progress.step}
 
 
-@torch.no_grad()
-def _no_grad(module: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    return module(inputs)
-
-
-def tokens_per_step(job: TrainJob, world: int) -> int:
+def units_per_step(job: TrainJob, work: tasks.Worker, world: int) -> int:
+    """Tokens (language modelling) or images trained on per optimizer step, all ranks together."""
     t = job.trainer
-    return t.micro_batch_size * t.grad_accum * job.data.seq_len * world
+    return t.micro_batch_size * t.grad_accum * work.units_per_sample() * world
 
 
-def _save_and_report(engine: Any, model: torch.nn.Module, job: TrainJob, progress: Progress,
+def _save_and_report(engine: Any, model: torch.nn.Module, work: tasks.Worker, job: TrainJob, progress: Progress,
                      metrics: dict[str, float], rank: int, world: int) -> None:
     import ray.train
 
-    directory = checkpoint.save(engine, model, job, progress, rank, world, job.trainer.zero_stage == 3)
+    directory = checkpoint.save(engine, model, job, progress, rank, world, job.trainer.zero_stage == 3,
+                                work.export_state())
     ray.train.report({"step": progress.step, "loss": metrics["loss"]},
                      checkpoint=ray.train.Checkpoint.from_directory(directory),
                      checkpoint_dir_name=checkpoint.checkpoint_name(progress.step))
 
 
-def _batches(shard: Any, job: TrainJob, progress: Progress,
-             device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(inputs, labels) micro-batches forever, epoch after epoch; on resume, skips what the checkpoint consumed.
+def _batches(shard: Any, job: TrainJob, progress: Progress, device: torch.device, work: tasks.Worker) -> Iterator[Any]:
+    """The task's inputs, a micro-batch at a time, epoch after epoch; on resume, skips what the checkpoint consumed.
     Ray Train splits the dataset equally and in order, so every rank sees the same number of batches."""
     skip = progress.epoch_batches
     while True:
         buffer = job.data.shuffle_buffer or None
         seen = 0
         for batch in shard.iter_torch_batches(batch_size=job.trainer.micro_batch_size, drop_last=True,
-                                              dtypes=torch.int64, device=device, local_shuffle_buffer_size=buffer,
+                                              dtypes=work.dtypes, device=device, local_shuffle_buffer_size=buffer,
                                               local_shuffle_seed=job.data.shuffle_seed + progress.epoch
                                               if buffer else None):
             seen += 1
@@ -188,10 +169,10 @@ def _batches(shard: Any, job: TrainJob, progress: Progress,
                 skip -= 1
                 continue
             progress.epoch_batches += 1
-            yield next_token_pairs(batch["tokens"], job.pad_id)  # rows of seq_len + 1 tokens
+            yield work.inputs(batch)
         if seen == 0:
             raise DataError(f"the dataset has fewer than trainer.micro_batch_size={job.trainer.micro_batch_size} "
-                            f"sequences per worker")
+                            f"samples per worker")
         progress.epoch += 1
         progress.epoch_batches = 0
 
@@ -202,12 +183,13 @@ def _grad_norm(engine: Any) -> float:
 
 
 class _Throughput:
-    """Tokens/s and model FLOPs utilisation over the steps since the last measurement."""
+    """Tokens/s (or images/s) and model FLOPs utilisation over the steps since the last measurement."""
 
-    def __init__(self, job: TrainJob, world: int) -> None:
+    def __init__(self, job: TrainJob, work: tasks.Worker, world: int) -> None:
         t = job.trainer
-        self.tokens_per_step = tokens_per_step(job, world)
-        self.flops_per_token = training_flops_per_token(job.model, job.data.seq_len)
+        self.unit = work.unit
+        self.tokens_per_step = units_per_step(job, work, world)
+        self.flops_per_token = work.flops_per_unit()
         peak = t.peak_tflops or (GPU_PEAK_TFLOPS if t.use_gpu else None)
         self.peak_flops = peak * 1e12 * world if peak else None
         self.last_time, self.last_step = time.perf_counter(), None
@@ -219,8 +201,8 @@ class _Throughput:
         if not steps:  # the first interval includes start-up; report nothing rather than a wrong figure
             return {}
         tokens_per_s = steps * self.tokens_per_step / elapsed
-        out = {"tokens_per_s": tokens_per_s}
-        if self.peak_flops:
+        out = {f"{self.unit}_per_s": tokens_per_s}
+        if self.peak_flops and self.flops_per_token:
             out["mfu"] = tokens_per_s * self.flops_per_token / self.peak_flops
         return out
 
@@ -228,8 +210,9 @@ class _Throughput:
 def _format(step: int, max_steps: int, m: dict[str, float]) -> str:
     parts = [f"step {step}/{max_steps}", f"loss {m['loss']:.4f}", f"lr {m['lr']:.2e}",
              f"grad_norm {m.get('grad_norm', float('nan')):.3f}"]
-    if "tokens_per_s" in m:
-        parts.append(f"tokens/s {m['tokens_per_s']:,.0f}")
+    for unit in ("tokens", "images"):
+        if f"{unit}_per_s" in m:
+            parts.append(f"{unit}/s {m[f'{unit}_per_s']:,.0f}")
     if "mfu" in m:
         parts.append(f"mfu {100 * m['mfu']:.1f}%")
     if "distill" in m:

@@ -28,13 +28,14 @@ from omegaconf import OmegaConf
 
 from raytrain.checkpoint.hf import CheckpointError, latest_run_checkpoint, read_model_config, save_pretrained
 from raytrain.config import ConfigError, RaytrainError, to_dataclass
-from raytrain.data.text import TextDataConfig, check_paths
+from raytrain.data.text import TextDataConfig, build_dataset, check_paths
 from raytrain.data.tokenizer import TokenizerFiles, from_files
 from raytrain.models.registry import config_dict, model_config, shape_mismatch
 from raytrain.train import checkpoint, trainer
 from raytrain.train.config import ObjectiveConfig, OptimConfig, ScheduleConfig, TrainerConfig, TrainJob
 from raytrain.train.objectives import next_token_pairs
 from raytrain.train.prune import PruneConfig, check_target
+from raytrain.train.tasks import LMTaskConfig
 
 log = logging.getLogger("raytrain.recipe")
 PREVIOUS, SCRATCH = "previous", "none"
@@ -92,6 +93,9 @@ def plan(recipe: RecipeConfig, base: dict[str, Any], run: str) -> list[Stage]:
     """Every stage with its overrides applied and its references resolved and checked (no training)."""
     if not recipe.stages:
         raise ConfigError(f"recipe {recipe.name} has no stages")
+    if not isinstance(base["task"], LMTaskConfig):
+        raise ConfigError(f"recipe={recipe.name} trains language models; task.name={base['task'].name} cannot run "
+                          "as a recipe (drop the job= or the recipe=)")
     stages: list[Stage] = []
     for name, cfg in recipe.stages.items():
         key = f"recipe.stages.{name}"
@@ -246,7 +250,8 @@ def run(stages: list[Stage], recipe_dir: str, files: TokenizerFiles, snapshot: d
         if stage.kind == "prune":
             outputs[stage.name] = str(_prune(stage, recipe_dir, files, outputs))
             continue
-        result = trainer.launch(_job(stage, recipe_dir, files, snapshot, outputs), recipe_dir)
+        datasets = {"train": build_dataset(stage.parts["data"], files)}  # the stage's mixture and length
+        result = trainer.launch(_job(stage, recipe_dir, files, snapshot, outputs), recipe_dir, datasets)
         if (result.return_value or {}).get("status") != "finished":
             log.info("stage %s stopped at step %s; rerun the recipe to continue", stage.name,
                      result.return_value.get("step"))
@@ -294,7 +299,6 @@ def prune_checkpoint(cfg: PruneConfig, target: Any, data: TextDataConfig, files:
     import torch
 
     from raytrain.checkpoint.hf import load_pretrained
-    from raytrain.data.text import build_dataset
     from raytrain.train.prune import learn_masks, magnitude_keep, prune_state
 
     import ray.data

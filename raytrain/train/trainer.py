@@ -23,6 +23,7 @@ from raytrain.models.registry import shape_mismatch
 from raytrain.train import checkpoint
 from raytrain.train.config import OptimConfig, TrainJob, TrainerConfig
 from raytrain.train.optim import check_optim
+from raytrain.train.tasks import LMTaskConfig
 
 log = logging.getLogger("raytrain.train")
 PASSED_ENV = re.compile(r"^(WANDB_|HF_|NCCL_|TORCH_|DS_|CUDA_LAUNCH_BLOCKING$)")
@@ -60,13 +61,13 @@ def prepare_tokenizer(data: text.TextDataConfig, run_dir: str, vocab_size: int) 
     if data.tokenizer:
         files = to_files(load_tokenizer(data.tokenizer))
     else:
-        saved = _read_files(run_dir, "tokenizer")
+        saved = read_run_files(run_dir, "tokenizer")
         if saved:
             files = saved
         else:
             log.info("training a %d-token byte-level BPE on the corpus", data.vocab_size)
             files = to_files(train_bpe(text.tokenizer_texts(data), data.vocab_size))
-            _write_files(run_dir, "tokenizer", files)
+            write_run_files(run_dir, "tokenizer", files)
     size = len(from_files(files))
     if size > vocab_size:
         raise ConfigError(f"the tokenizer has {size} tokens but model.vocab_size={vocab_size}; set "
@@ -74,7 +75,7 @@ def prepare_tokenizer(data: text.TextDataConfig, run_dir: str, vocab_size: int) 
     return files
 
 
-def _read_files(run_dir: str, sub: str) -> TokenizerFiles:
+def read_run_files(run_dir: str, sub: str) -> TokenizerFiles:
     import pyarrow.fs as pafs
 
     fs, root = pafs.FileSystem.from_uri(run_dir)
@@ -86,7 +87,7 @@ def _read_files(run_dir: str, sub: str) -> TokenizerFiles:
     return out
 
 
-def _write_files(run_dir: str, sub: str, files: TokenizerFiles) -> None:
+def write_run_files(run_dir: str, sub: str, files: TokenizerFiles) -> None:
     """Write into a temporary sibling, then move it into place, so a crash never leaves half a tokenizer."""
     import pyarrow.fs as pafs
 
@@ -101,10 +102,14 @@ def _write_files(run_dir: str, sub: str, files: TokenizerFiles) -> None:
 
 def check_parts(parts: dict[str, Any], where: str = "") -> None:
     """The typed config groups of a training job fit together (nothing read from disk); `where` prefixes errors."""
-    data, model, optim = parts["data"], parts["model"], parts["optim"]
+    task, data, model, optim = parts["task"], parts["data"], parts["model"], parts["optim"]
+    language_model = isinstance(task, LMTaskConfig)
     try:
-        if data.seq_len > model.max_seq_len:
+        if language_model and data.seq_len > model.max_seq_len:
             raise ConfigError(f"data.seq_len={data.seq_len} exceeds model.max_seq_len={model.max_seq_len}")
+        if not language_model and parts["objective"].name != "lm":
+            raise ConfigError(f"objective.name={parts['objective'].name} is a language-modelling objective; "
+                              f"task.name={task.name} trains with its own loss (leave objective=lm)")
         check_optim(optim)
         if optim.name == "adastar" and parts["trainer"].zero_stage == 0:
             raise ConfigError("optim.name=adastar needs trainer.zero_stage >= 1 (its step skipping reads the global "
@@ -133,8 +138,9 @@ def check_teacher(path: str, files: TokenizerFiles, model: Any, seq_len: int, ke
                           f"data.seq_len={seq_len}")
 
 
-def launch(job: TrainJob, storage: str) -> Any:
-    """Check the checkpoints a job starts from, then run it (resuming `{storage}/{run_name}` if it exists)."""
+def launch(job: TrainJob, storage: str, datasets: dict[str, Any]) -> Any:
+    """Check the checkpoints a job starts from, then run it on `datasets` (resuming `{storage}/{run_name}` if it
+    exists)."""
     check_init_from(job.trainer, job.model, job.optim)
     if job.objective.name == "distill":
         check_teacher(job.objective.teacher, job.tokenizer_files, job.model, job.data.seq_len, "objective.teacher")
@@ -142,7 +148,7 @@ def launch(job: TrainJob, storage: str) -> Any:
     resume_step = check_resume(run_dir, job)
     log.info("run %s in %s (%s); rerun with trainer.run_name=%s to resume", job.run_name, run_dir,
              f"resuming at step {resume_step}" if resume_step is not None else "new", job.run_name)
-    return fit(job, storage)
+    return fit(job, storage, datasets)
 
 
 def check_resume(run_dir: str, job: TrainJob) -> int | None:
@@ -182,7 +188,7 @@ def check_init_from(t: TrainerConfig, model: Any, optim: OptimConfig) -> None:
                                   f"{ours}; its optimizer state cannot be loaded")
 
 
-def fit(job: TrainJob, storage: str) -> Any:
+def fit(job: TrainJob, storage: str, datasets: dict[str, Any]) -> Any:
     """Run training; returns Ray Train's `Result` (its checkpoint is the final one, with the export in model/)."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -190,11 +196,10 @@ def fit(job: TrainJob, storage: str) -> Any:
     from raytrain.train.loop import train_loop
 
     t = job.trainer
-    dataset = text.build_dataset(job.data, job.tokenizer_files)
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True  # the same rows reach the same rank in the same order on every run and resume
     trainer = TorchTrainer(
-        train_loop, train_loop_config=job, datasets={"train": dataset},
+        train_loop, train_loop_config=job, datasets=datasets,
         dataset_config=DataConfig(execution_options=ingest, enable_shard_locality=False),
         torch_config=TorchConfig(timeout_s=t.dist_timeout_s),
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,

@@ -3,12 +3,15 @@ streaming and stop strings are exact, bad requests fail before any compute."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from raytrain.config import RaytrainError
-from raytrain.infer.engine import Engine, Request
+from raytrain.infer.engine import Delta, Engine, Request
 from raytrain.infer.sampling import SamplingParams
 
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0)
@@ -83,3 +86,59 @@ def test_bad_requests_fail_before_any_compute(lm, tokenizer) -> None:
         engine.generate([Request("The if", GREEDY), Request("", GREEDY)])
     with pytest.raises(RaytrainError, match="context window of 256 tokens"):
         engine.generate([Request([1] * 250, SamplingParams(max_new_tokens=7))])
+
+
+def test_ignore_eos_generates_the_full_budget(lm, tokenizer) -> None:
+    with torch.no_grad():
+        lm.head.weight[tokenizer.eos_token_id] = 50 * lm.norm(lm.embed.weight).mean(0)
+    out = Engine(lm, tokenizer).generate([Request("The if", SamplingParams(max_new_tokens=5, temperature=0,
+                                                                          ignore_eos=True))])[0]
+    assert out.token_ids == [tokenizer.eos_token_id] * 5 and out.finish_reason == "length"
+
+
+def test_a_cancelled_request_stops_and_leaves_its_batch_unchanged(lm, tokenizer) -> None:
+    engine = Engine(lm, tokenizer)
+    cancel, never = threading.Event(), threading.Event()
+    never.set()
+    long = SamplingParams(max_new_tokens=30, temperature=0, ignore_eos=True)
+    requests = [Request("The if statement", long, cancel), Request("A class", GREEDY),
+                Request("x", GREEDY, never)]
+    seen: dict[int, int] = {}
+    done = {}
+    for delta in engine.stream(requests):
+        seen[delta.index] = seen.get(delta.index, 0) + 1
+        if delta.index == 0 and seen[0] == 3:
+            cancel.set()
+        if delta.completion is not None:
+            done[delta.index] = delta.completion
+    assert done[0].finish_reason == "cancelled" and 0 < len(done[0].token_ids) < 30
+    assert done[2].finish_reason == "cancelled" and done[2].token_ids == []  # cancelled before it started
+    assert done[1].token_ids == engine.generate([Request("A class", GREEDY)])[0].token_ids
+
+
+def test_astream_yields_the_deltas_of_stream_and_stops_when_left(lm, tokenizer) -> None:
+    engine = Engine(lm, tokenizer)
+    requests = [Request("The if statement", GREEDY), Request("A", SamplingParams(max_new_tokens=5, temperature=0))]
+
+    async def collect(limit: int | None) -> list[Delta]:
+        out: list[Delta] = []
+        async for deltas in engine.astream(requests):
+            assert deltas
+            out += deltas
+            if limit is not None and len(out) >= limit:
+                break
+        return out
+
+    def key(d: Delta) -> tuple:
+        return d.index, d.text, d.completion and (d.completion.token_ids, d.completion.finish_reason)
+
+    expected = [key(d) for d in engine.stream(requests)]
+    assert len(asyncio.run(collect(1))) >= 1  # leaving early must not wedge the engine thread
+    assert [key(d) for d in asyncio.run(collect(None))] == expected
+    with pytest.raises(RaytrainError, match="empty"):
+        asyncio.run(collect_bad(engine))
+
+
+async def collect_bad(engine: Engine) -> None:
+    async for _ in engine.astream([Request("", GREEDY)]):
+        pass

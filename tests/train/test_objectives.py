@@ -1,4 +1,5 @@
-"""Cross-entropy + z-loss (OpenELM spec 2.5 and 5.3) and the AFM distillation target."""
+"""Training losses: cross-entropy + z-loss (OpenELM spec 2.5 and 5.3), the AFM distillation target, CatLIP's BCE,
+CLIP's InfoNCE (hand cases and the gathered form over 2 workers), EMA."""
 
 from __future__ import annotations
 
@@ -72,3 +73,86 @@ def test_kl_to_another_teacher_matches_torch_kl_div() -> None:
     expected = F.kl_div(F.log_softmax(student[0], -1), F.log_softmax(teacher[0], -1), log_target=True,
                         reduction="batchmean")
     assert kl.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+# ---- CatLIP and CLIP losses ------------------------------------------------------------------------------------
+
+def test_bce_batch_mean_zero_logits_and_hand_case() -> None:
+    import math
+
+    from raytrain.train.objectives import multilabel_bce
+
+    targets = torch.zeros(3, 24320)
+    targets[0, 5] = 1
+    assert multilabel_bce(torch.zeros(3, 24320), targets).item() == pytest.approx(16857.3394, rel=1e-6)  # fp32 sum
+    logits = torch.tensor([[2.0, -1.0], [0.0, 3.0]])
+    t = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    sp = lambda x: math.log1p(math.exp(x))  # noqa: E731  softplus: -log sigmoid(-x)
+    by_hand = (sp(-2.0) + sp(-1.0) + sp(0.0) + sp(-3.0)) / 2  # summed over classes and batch, / batch size
+    assert multilabel_bce(logits, t).item() == pytest.approx(by_hand, rel=1e-6)
+
+
+def test_info_nce_hand_case() -> None:
+    import math
+
+    from raytrain.train.objectives import info_nce
+
+    image = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    text = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    # image->text logits (scale 2): row0 [2, 1.2], row1 [0, 1.6]; text->image: row0 [2, 0], row1 [1.2, 1.6]
+    lse = lambda a, b: math.log(math.exp(a) + math.exp(b))  # noqa: E731
+    i2t = (lse(2, 1.2) - 2 + lse(0, 1.6) - 1.6) / 2
+    t2i = (lse(2, 0) - 2 + lse(1.2, 1.6) - 1.6) / 2
+    assert info_nce(image, text, torch.tensor(2.0)).item() == pytest.approx((i2t + t2i) / 2, rel=1e-6)
+
+
+def _gathered_worker(rank: int, port: int, image: torch.Tensor, text: torch.Tensor, out: dict) -> None:
+    import torch.distributed as dist
+
+    from raytrain.train.objectives import info_nce
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    mine = slice(2 * rank, 2 * rank + 2)
+    img, txt = image[mine].clone().requires_grad_(), text[mine].clone().requires_grad_()
+    loss = info_nce(img, txt, torch.tensor(3.0))
+    loss.backward()
+    out[rank] = (loss.item(), img.grad, txt.grad)
+    dist.destroy_process_group()
+
+
+def test_gathered_info_nce_over_two_workers_equals_one_process() -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from raytrain.train.objectives import info_nce
+
+    torch.manual_seed(0)
+    image = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    text = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.start_processes(_gathered_worker, args=(port, image, text, out), nprocs=2, start_method="spawn")
+    img, txt = image.clone().requires_grad_(), text.clone().requires_grad_()
+    single = info_nce(img, txt, torch.tensor(3.0))
+    single.backward()
+    assert (out[0][0] + out[1][0]) / 2 == pytest.approx(single.item(), rel=1e-6)
+    # each rank's feature gradients, averaged over ranks as data parallelism does, equal the one-process ones
+    assert torch.allclose(torch.cat([out[0][1], out[1][1]]) / 2, img.grad, atol=1e-6)
+    assert torch.allclose(torch.cat([out[0][2], out[1][2]]) / 2, txt.grad, atol=1e-6)
+
+
+def test_ema_follows_the_recipe_formula() -> None:
+    from raytrain.train.ema import EMA
+
+    model = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema = EMA(model, 0.0005)
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    ema.update(model)
+    assert ema.state["weight"][0, 0].item() == pytest.approx(0.9995 * 1 + 0.0005 * 3)
+    assert math.log(0.5) / math.log(1 - 0.0005) == pytest.approx(1386, abs=1)  # half-life in steps

@@ -1,0 +1,256 @@
+"""Ray Serve load test: the OpenAI endpoint under a bounded load on loopback, beside direct engine calls in one run.
+
+A model built from a `conf/model` preset (random weights, a BPE tokenizer trained on the embedded corpus; or
+`--checkpoint DIR`) is served exactly as `raytrain serve` serves it (`serving.run.start` of the emitted config, one
+model replica). For each concurrency level, `--requests` streamed completions of `--prompt-tokens` prompt tokens and
+exactly `--max-tokens` output tokens (greedy, `ignore_eos`) are sent by that many closed-loop clients; the run stops
+by itself. Every request ends as an answer, a 503 (the bounded queue is full) or an error, and all three are
+counted, so nothing is lost silently. The baseline is the same engine called directly in this process, in batches
+of the same concurrency, level by level between the Serve runs (so a change in machine load hits both alike): the
+ratio is Serve's tokens/s over the engine's at the highest level without 503s. Prints one JSON line: requests/s,
+tokens/s, p50/p99 latency and time to first token per level, and the replica's mean engine batch size.
+
+    python benchmarks/serve_load.py --device cpu --requests 64
+    python benchmarks/serve_load.py --device cuda --model openelm_1_1b --max-batch-size 32 --max-queued 64 \\
+        --requests 96 --concurrency 1,8,32,256 --prompt-tokens 256 --max-tokens 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from raytrain.checkpoint.hf import model_state, save_pretrained  # noqa: E402
+from raytrain.data.corpus import documents  # noqa: E402
+from raytrain.data.tokenizer import to_files, train_bpe  # noqa: E402
+from raytrain.infer.engine import Engine, EngineConfig, Request  # noqa: E402
+from raytrain.infer.sampling import SamplingParams  # noqa: E402
+from raytrain.models.registry import build_model, model_config  # noqa: E402
+from serving.config import (ActorOptions, Autoscaling, Deployment, HttpOptions, Limits, ModelSpec,  # noqa: E402
+                            ServeSpec, deployment_name, serve_config)
+
+CONF = Path(__file__).resolve().parent.parent / "conf" / "model"
+MODEL = "bench"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--model", default="openelm_tiny", help="a conf/model preset (random weights)")
+    p.add_argument("--checkpoint", help="serve this checkpoint instead of building --model")
+    p.add_argument("--requests", type=int, default=48, help="requests per concurrency level")
+    p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16, 64])
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--max-queued", type=int, default=16, help="replica queue per caller; beyond it: 503")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads of the engine (and replica CPUs)")
+    args = p.parse_args()
+    stdout, sys.stdout = sys.stdout, sys.stderr  # stdout carries the JSON line alone; Ray's messages go to stderr
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = Path(args.checkpoint) if args.checkpoint else build_checkpoint(args, Path(tmp) / "model")
+        dtype = torch.bfloat16 if args.device == "cuda" else None
+        engine = Engine.from_checkpoint(checkpoint, EngineConfig(max_batch_size=args.max_batch_size),
+                                        device=args.device, dtype=dtype)
+        prompts = make_prompts(engine, args.prompt_tokens, args.requests)
+        info = {"params": sum(p.numel() for p in engine.model.parameters()), "vocab": engine.model.cfg.vocab_size,
+                "prompt_tokens": float(np.mean([len(engine.tokenize(p)) for p in prompts]))}
+        baseline, served = {}, {}
+        with serving(args, checkpoint) as level:
+            for c in args.concurrency:  # interleaved, so a change in machine load hits both sides alike
+                baseline[c] = direct(engine, prompts, args.max_tokens, c)
+                served[c] = level(prompts, c)
+    ratios = {c: served[c]["tokens_per_s"] / baseline[c]["tokens_per_s"] for c in args.concurrency}
+    unloaded = [c for c in args.concurrency if served[c]["rejected_503"] == 0]
+    reference = max(unloaded) if unloaded else min(args.concurrency)
+    for c in args.concurrency:
+        served[c]["ratio_to_engine"] = ratios[c]
+    print(json.dumps({
+        "benchmark": "serve_load",
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else args.device,
+        "config": {"model": str(args.checkpoint or args.model), **info, "requests_per_level": args.requests,
+                   "concurrency": args.concurrency, "max_tokens": args.max_tokens,
+                   "max_batch_size": args.max_batch_size, "max_ongoing_requests": 2 * args.max_batch_size,
+                   "max_queued_requests": args.max_queued, "threads": args.threads, "torch": torch.__version__,
+                   "stream": True, "sampling": "greedy, ignore_eos"},
+        "results": {"serve": served, "reference_concurrency": reference},
+        "baseline": {"engine_direct": baseline},
+        "ratio": ratios[reference],
+        "command": " ".join(["python", *sys.argv]), "time": time.strftime("%Y-%m-%d %H:%M")}), file=stdout)
+
+
+# ---- the model ----------------------------------------------------------------------------------------------------
+
+def build_checkpoint(args: argparse.Namespace, out: Path) -> Path:
+    """The preset's architecture with random weights, its vocabulary set to a BPE trained on the embedded corpus."""
+    preset = model_config(OmegaConf.load(CONF / f"{args.model}.yaml"))
+    tokenizer = train_bpe(documents(), vocab_size=preset.vocab_size)
+    cfg = dataclasses.replace(preset, vocab_size=len(tokenizer),
+                              max_seq_len=max(preset.max_seq_len, args.prompt_tokens + args.max_tokens + 8))
+    torch.manual_seed(0)
+    model = build_model(cfg, args.device)
+    state = {k: v.to(torch.bfloat16) if args.device == "cuda" else v for k, v in model_state(model).items()}
+    return save_pretrained(out, cfg, state, to_files(tokenizer))
+
+
+def make_prompts(engine: Engine, tokens: int, n: int) -> list[str]:
+    """`n` distinct passages of the embedded corpus, each about `tokens` tokens long (BOS included)."""
+    ids = engine.tokenizer.encode("\n".join(documents()), add_special_tokens=False)
+    step = max(1, (len(ids) - tokens) // n)
+    return [engine.tokenizer.decode(ids[i * step:i * step + tokens - 1]) for i in range(n)]
+
+
+# ---- direct engine calls (the baseline) ---------------------------------------------------------------------------
+
+def direct(engine: Engine, prompts: list[str], max_tokens: int, concurrency: int) -> dict[str, Any]:
+    """`concurrency` requests at a time through `Engine.stream`, as closed-loop clients would hand them over."""
+    params = SamplingParams(max_new_tokens=max_tokens, temperature=0, ignore_eos=True)
+    engine.generate([Request(prompts[0], params)])  # warm-up
+    done: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    for i in range(0, len(prompts), concurrency):
+        t0, first = time.perf_counter(), {}
+        for delta in engine.stream([Request(p, params) for p in prompts[i:i + concurrency]]):
+            first.setdefault(delta.index, time.perf_counter() - t0)
+            if delta.completion is not None:
+                done.append({"status": 200, "latency": time.perf_counter() - t0, "ttft": first[delta.index],
+                             "tokens": len(delta.completion.token_ids)})
+    return summarize(done, time.perf_counter() - start, len(prompts))
+
+
+# ---- the Serve endpoint -------------------------------------------------------------------------------------------
+
+@contextmanager
+def serving(args: argparse.Namespace, checkpoint: Path) -> Iterator[Callable[[list[str], int], dict[str, Any]]]:
+    """One model replica served as `raytrain serve` serves it; yields a function running one load level."""
+    import ray
+    from ray import serve
+
+    from serving.run import start
+
+    gpu = args.device == "cuda"
+    replica = Deployment(max_ongoing_requests=2 * args.max_batch_size, max_queued_requests=args.max_queued,
+                         autoscaling_config=Autoscaling(min_replicas=1, max_replicas=1),
+                         ray_actor_options=ActorOptions(num_cpus=args.threads, num_gpus=1 if gpu else 0))
+    ingress = Deployment(max_ongoing_requests=4096, max_queued_requests=4096,
+                         autoscaling_config=Autoscaling(min_replicas=1, max_replicas=1, target_ongoing_requests=2048),
+                         ray_actor_options=ActorOptions(num_cpus=0.5))
+    model = ModelSpec(checkpoint=str(checkpoint), device=args.device, dtype="bfloat16" if gpu else "float32",
+                      engine=EngineConfig(max_batch_size=args.max_batch_size),
+                      limits=Limits(max_prompt_tokens=4 * args.prompt_tokens, max_output_tokens=args.max_tokens,
+                                    request_timeout_s=600, max_choices=1),
+                      deployment=replica)
+    spec = ServeSpec(http_options=HttpOptions(port=free_port()), ingress=ingress, models={MODEL: model})
+    ray.init(num_cpus=max(os.cpu_count() or 1, args.threads + 1), include_dashboard=False, log_to_driver=False)
+    try:
+        url = start(serve_config(spec), timeout_s=1800)
+        handle = serve.get_deployment_handle(deployment_name(MODEL), spec.app_name)
+        body = {"model": MODEL, "max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True,
+                "stream": True, "stream_options": {"include_usage": True}}
+
+        def level(prompts: list[str], concurrency: int) -> dict[str, Any]:
+            before = handle.stats.remote().result()["batch_sizes"]
+            out = asyncio.run(load(url, body, prompts, concurrency))
+            return {**out, "mean_batch_size": mean_batch(before, handle.stats.remote().result()["batch_sizes"])}
+
+        asyncio.run(load(url, body, ["warm-up"], 1))
+        yield level
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+async def load(url: str, body: dict[str, Any], prompts: list[str], concurrency: int) -> dict[str, Any]:
+    """Each prompt once, by `concurrency` closed-loop clients; returns the level's summary."""
+    pending = list(reversed(prompts))
+    done: list[dict[str, Any]] = []
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(900), limits=limits) as client:
+        async def client_loop() -> None:
+            while pending:
+                done.append(await one(client, {**body, "prompt": pending.pop()}))
+
+        start = time.perf_counter()
+        await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+        return summarize(done, time.perf_counter() - start, len(prompts))
+
+
+async def one(client: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, Any]:
+    """One streamed completion: its status, latency, time to first token and completion tokens."""
+    t0, first, tokens, finished = time.perf_counter(), None, 0, False
+    try:
+        async with client.stream("POST", "/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                await r.aread()
+                return {"status": r.status_code, "retry_after": r.headers.get("retry-after"), "error": r.text[:200]}
+            async for line in r.aiter_lines():
+                finished = finished or line == "data: [DONE]"
+                if not line.startswith("data: ") or finished:
+                    continue
+                event = json.loads(line.removeprefix("data: "))
+                if "error" in event:
+                    return {"status": "stream_error", "error": event["error"]["message"]}
+                if event.get("usage"):
+                    tokens = event["usage"]["completion_tokens"]
+                elif first is None:
+                    first = time.perf_counter() - t0
+    except httpx.HTTPError as e:
+        return {"status": "transport_error", "error": repr(e)}
+    if not finished:
+        return {"status": "stream_cut", "error": "the stream ended without data: [DONE]"}
+    return {"status": 200, "latency": time.perf_counter() - t0, "ttft": first, "tokens": tokens}
+
+
+# ---- figures ------------------------------------------------------------------------------------------------------
+
+def summarize(done: list[dict[str, Any]], wall: float, sent: int) -> dict[str, Any]:
+    ok = [d for d in done if d["status"] == 200]
+    rejected = [d for d in done if d["status"] == 503]
+    errors = [d for d in done if d["status"] not in (200, 503)]
+    latency = [d["latency"] for d in ok]
+    ttft = [d["ttft"] for d in ok if d["ttft"] is not None]
+    return {"sent": sent, "ok": len(ok), "rejected_503": len(rejected), "errors": len(errors),
+            "lost": sent - len(done), "retry_after_on_503": all(d["retry_after"] for d in rejected),
+            "requests_per_s": len(ok) / wall, "tokens_per_s": sum(d["tokens"] for d in ok) / wall,
+            "latency_p50_ms": pct(latency, 50), "latency_p99_ms": pct(latency, 99),
+            "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99), "wall_s": wall,
+            "first_error": errors[0]["error"] if errors else None}
+
+
+def pct(values: list[float], q: float) -> float | None:
+    return 1e3 * float(np.percentile(values, q)) if values else None
+
+
+def mean_batch(before: dict[int, int], after: dict[int, int]) -> float | None:
+    counts = {size: n - before.get(size, 0) for size, n in after.items()}
+    batches = sum(counts.values())
+    return sum(size * n for size, n in counts.items()) / batches if batches else None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Weight compression (plain PyTorch, no Ray): SeedLM seeds, the RTN baseline, the file format, GPU kernels."""

@@ -1,0 +1,1 @@
+"""Triton GPU kernels over compressed weights (need `triton`; run on CPU only under TRITON_INTERPRET=1)."""

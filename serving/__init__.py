@@ -1,0 +1,1 @@
+"""Ray Serve application of raytrain models (OpenAI-compatible API)."""

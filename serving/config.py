@@ -1,0 +1,180 @@
+"""Typed settings of the Serve application, and the Serve config file they become.
+
+`raytrain serve` composes `conf/serve.yaml` (with the `serve` group) into a `ServeSpec`; `serve_config` turns it into
+the dictionary that `serve run` and `serve deploy` accept (Serve's `ServeDeploySchema`): one application whose
+`args` are the models (checkpoint, weight format, engine config, limits) and whose `deployments` carry what Serve
+itself manages (replicas and autoscaling, the bounded queue and its 503 + Retry-After, resources, health checks) for
+the ingress and for each model. The same dictionary is what `raytrain serve` deploys, so the committed
+`serving/config.yaml` is this output; edit `conf/serve*`, never the YAML.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import yaml
+
+from raytrain.config import ConfigError, to_dataclass
+from raytrain.infer.engine import EngineConfig
+
+IMPORT_PATH = "serving.app:build_app"
+INGRESS = "OpenAIIngress"
+# Weight formats a model replica can load. A compressed format (SeedLM) adds its name here and its loader in
+# `serving/model.py:load_engine`.
+WEIGHT_FORMATS = ("dense",)
+HEADER = ("# Serve config emitted by `raytrain serve emit=FILE [overrides]` from conf/serve.yaml and conf/serve/:\n"
+          "# change those and emit again rather than editing this file.\n")
+
+
+@dataclass
+class Limits:
+    max_prompt_tokens: int = 1024
+    max_output_tokens: int = 256
+    request_timeout_s: float = 60.0  # from arrival at the ingress to the last token; then 504
+    max_choices: int = 8  # prompts x n in one request
+
+
+@dataclass
+class Autoscaling:  # Serve's autoscaling_config
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_ongoing_requests: float = 8
+    upscale_delay_s: float = 30.0
+    downscale_delay_s: float = 600.0
+
+
+@dataclass
+class Backpressure:  # Serve's backpressure_config: the answer once max_queued_requests are waiting
+    status_code: int = 503
+    retry_after_s: float = 1.0
+
+
+@dataclass
+class ActorOptions:  # Serve's ray_actor_options: resources of one replica
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+
+@dataclass
+class Deployment:
+    """Serve deployment options, under Serve's own names (emitted as they are)."""
+
+    max_ongoing_requests: int = 16  # per replica; a model needs >= engine.max_batch_size to fill its batches
+    max_queued_requests: int = 32  # per caller; beyond it requests get 503 + Retry-After, never an unbounded queue
+    backpressure_config: Backpressure = field(default_factory=Backpressure)
+    autoscaling_config: Autoscaling = field(default_factory=Autoscaling)
+    ray_actor_options: ActorOptions = field(default_factory=ActorOptions)
+    health_check_period_s: float = 10.0
+    health_check_timeout_s: float = 30.0
+    graceful_shutdown_timeout_s: float = 20.0
+
+
+@dataclass
+class ModelSpec:
+    checkpoint: str | None = None  # as the replicas see it: absolute, relative to the cluster's working dir, or shared
+    tokenizer: str | None = None  # for checkpoints that ship none
+    weights: str = "dense"  # weight format, one of WEIGHT_FORMATS
+    device: str = "auto"  # auto: cuda when the replica has a GPU, else cpu
+    dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu | float32 | bfloat16 | float16
+    chat_template: str | None = None  # Jinja; null: the tokenizer's own, else a plain "role: content" template
+    engine: EngineConfig = field(default_factory=EngineConfig)  # batching and decoding mode (plain or LazyLLM)
+    batch_wait_timeout_s: float = 0.01  # how long an idle replica waits for a request to get company in a batch
+    limits: Limits = field(default_factory=Limits)
+    deployment: Deployment = field(default_factory=Deployment)
+
+
+@dataclass
+class HttpOptions:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    request_timeout_s: float | None = None  # the proxy's own limit; per-model limits.request_timeout_s answer first
+    keep_alive_timeout_s: float = 90.0
+
+
+@dataclass
+class ServeSpec:
+    app_name: str = "raytrain"
+    route_prefix: str = "/"
+    proxy_location: str = "EveryNode"
+    http_options: HttpOptions = field(default_factory=HttpOptions)
+    ingress: Deployment = field(default_factory=Deployment)
+    models: dict[str, ModelSpec] = field(default_factory=dict)
+
+
+def serve_spec(node: Any, key: str = "serve") -> ServeSpec:
+    """A validated `ServeSpec` from a config node; errors name `key.<field>`."""
+    spec = to_dataclass(ServeSpec, node, key)
+    if not spec.models:
+        raise ConfigError(f"{key}.models is empty: serve at least one model")
+    check_deployment(spec.ingress, f"{key}.ingress")
+    for name, model in spec.models.items():
+        check_model(name, model, f"{key}.models.{name}")
+    return spec
+
+
+def model_spec(node: Any, key: str) -> ModelSpec:
+    return to_dataclass(ModelSpec, node, key)
+
+
+def check_model(name: str, model: ModelSpec, key: str) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise ConfigError(f"{key}: model names use letters, digits, '.', '_' and '-'")
+    if not model.checkpoint:
+        raise ConfigError(f"{key}.checkpoint is not set (checkpoint=PATH sets the default model's)")
+    if model.weights not in WEIGHT_FORMATS:
+        raise ConfigError(f"{key}.weights={model.weights!r} is unknown; known: {', '.join(WEIGHT_FORMATS)}")
+    if model.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"{key}.device={model.device!r}: use auto, cpu or cuda")
+    if model.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ConfigError(f"{key}.dtype={model.dtype!r}: use auto, float32, bfloat16 or float16")
+    for limit in ("max_prompt_tokens", "max_output_tokens", "request_timeout_s", "max_choices"):
+        if getattr(model.limits, limit) <= 0:
+            raise ConfigError(f"{key}.limits.{limit} must be > 0")
+    check_deployment(model.deployment, f"{key}.deployment")
+    if model.deployment.max_ongoing_requests < model.engine.max_batch_size:
+        raise ConfigError(f"{key}.deployment.max_ongoing_requests={model.deployment.max_ongoing_requests} is below "
+                          f"engine.max_batch_size={model.engine.max_batch_size}: batches could never fill")
+
+
+def check_deployment(d: Deployment, key: str) -> None:
+    if d.max_queued_requests < 0:
+        raise ConfigError(f"{key}.max_queued_requests={d.max_queued_requests}: must be >= 0 (an unbounded queue "
+                          "hides overload; excess requests get 503 + Retry-After instead)")
+    if d.max_ongoing_requests < 1:
+        raise ConfigError(f"{key}.max_ongoing_requests must be >= 1")
+    a = d.autoscaling_config
+    if not 0 <= a.min_replicas <= a.max_replicas or a.max_replicas < 1:
+        raise ConfigError(f"{key}.autoscaling_config: need 0 <= min_replicas <= max_replicas and max_replicas >= 1 "
+                          f"(got {a.min_replicas}, {a.max_replicas})")
+
+
+def deployment_name(model: str) -> str:
+    return f"model-{model}"
+
+
+def model_args(model: ModelSpec) -> dict[str, Any]:
+    """What a model replica is built from: everything but the Serve deployment options."""
+    return {k: v for k, v in asdict(model).items() if k != "deployment"}
+
+
+def serve_config(spec: ServeSpec) -> dict[str, Any]:
+    """The Serve config (`ServeDeploySchema`) of `spec`: what `serve run`/`serve deploy` read and this repo runs."""
+    deployments = [{"name": INGRESS, **asdict(spec.ingress)}]
+    deployments += [{"name": deployment_name(name), **asdict(m.deployment)} for name, m in spec.models.items()]
+    return {
+        "proxy_location": spec.proxy_location,
+        "http_options": asdict(spec.http_options),
+        "applications": [{
+            "name": spec.app_name,
+            "route_prefix": spec.route_prefix,
+            "import_path": IMPORT_PATH,
+            "args": {"models": {name: model_args(m) for name, m in spec.models.items()}},
+            "deployments": deployments,
+        }],
+    }
+
+
+def to_yaml(config: dict[str, Any]) -> str:
+    return HEADER + yaml.safe_dump(config, sort_keys=False, width=120)

@@ -1,0 +1,141 @@
+"""The model deployment: each replica holds one `Engine` (the project's generation engine) for one model.
+
+A request is tokenized (chat messages through the model's chat template) and checked against the model's limits on
+its own, so one bad request never fails a batch; then the `Batcher` gathers the requests waiting for the engine into
+its next batch, which runs in the engine's thread (`Engine.astream`) while the replica keeps accepting requests.
+A request whose caller goes away (client disconnect, timeout) is cancelled in the engine at its next step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import torch
+from jinja2 import TemplateError
+from ray import serve
+
+from raytrain.config import RaytrainError
+from raytrain.infer.batcher import Batcher
+from raytrain.infer.engine import Completion, Engine, Request
+from raytrain.infer.sampling import SamplingParams
+from serving.config import ModelSpec, model_spec
+
+# For tokenizers without a chat template (raytrain's own BPE): one "role: content" line per message.
+PLAIN_CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                       "{% if add_generation_prompt %}assistant:{% endif %}")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class RequestError(Exception):
+    """A client error found here (prompt too long, limits, template); answered as {"error": args}, which the ingress
+    turns into an OpenAI error with this status."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None, status: int = 400) -> None:
+        super().__init__(message, param, code, status)
+
+
+def load_engine(spec: ModelSpec) -> Engine:
+    """The engine of one model, by weight format (the one place a compressed format plugs in)."""
+    device = spec.device if spec.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.dtype == "auto":
+        dtype = torch.bfloat16 if device == "cuda" else None  # None: the model's default, float32
+    else:
+        dtype = DTYPES[spec.dtype]
+    if spec.weights == "dense":
+        return Engine.from_checkpoint(spec.checkpoint, spec.engine, device=device, dtype=dtype,
+                                      tokenizer=spec.tokenizer)
+    raise RaytrainError(f"weights={spec.weights!r}: no loader")
+
+
+@serve.deployment
+class ModelServer:
+    def __init__(self, name: str, args: dict[str, Any]) -> None:
+        self.name = name
+        self.spec = model_spec(args, f"models.{name}")
+        self.engine = load_engine(self.spec)
+        self.chat_template = (self.spec.chat_template or getattr(self.engine.tokenizer, "chat_template", None)
+                              or PLAIN_CHAT_TEMPLATE)
+        self.batcher = Batcher(self.engine, self.spec.batch_wait_timeout_s)
+
+    # ---- called by the ingress ------------------------------------------------------------------------------
+
+    async def generate(self, job: dict[str, Any]) -> dict[str, Any]:
+        """One whole completion: {text, finish_reason, prompt_tokens, completion_tokens}, or {error} (a client
+        error is an answer, not a replica failure, so Serve does not log it as one)."""
+        try:
+            request = self.prepare(job)
+        except RequestError as e:
+            return {"error": e.args}
+        async for delta in self.batcher.stream(request):
+            if delta.completion is not None:
+                return {"text": delta.completion.text, **_counts(delta.completion)}
+        raise RuntimeError("the engine ended without a completion")
+
+    async def stream(self, job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """{prompt_tokens} once the request is accepted (or {error}), then {text} pieces; the last adds
+        finish_reason and counts."""
+        try:
+            request = self.prepare(job)
+        except RequestError as e:
+            yield {"error": e.args}
+            return
+        yield {"prompt_tokens": len(request.prompt)}
+        async for delta in self.batcher.stream(request):
+            yield {"text": delta.text, **(_counts(delta.completion) if delta.completion else {})}
+
+    def info(self) -> dict[str, Any]:
+        return {"context_window": self.engine.context_window, "max_batch_size": self.spec.engine.max_batch_size,
+                "decoding": "lazyllm" if self.spec.engine.lazy else "plain", "weights": self.spec.weights}
+
+    def stats(self) -> dict[str, Any]:
+        """How many engine batches of each size this replica ran."""
+        return {"batch_sizes": dict(self.batcher.batch_sizes)}
+
+    # ---- request preparation ----------------------------------------------------------------------------------
+
+    def prepare(self, job: dict[str, Any]) -> Request:
+        """An engine request from the ingress's job (prompt or messages, and the sampling fields), within limits."""
+        prompt_param = "messages" if job.get("messages") is not None else "prompt"
+        ids = self._prompt_ids(job, prompt_param)
+        limits, window = self.spec.limits, self.engine.context_window
+        if len(ids) > limits.max_prompt_tokens:
+            raise RequestError(f"{prompt_param}: the prompt has {len(ids)} tokens; model {self.name!r} accepts at "
+                               f"most {limits.max_prompt_tokens}", prompt_param, "context_length_exceeded")
+        room = window - len(ids)
+        if room < 1:
+            raise RequestError(f"{prompt_param}: the prompt's {len(ids)} tokens fill the context window of model "
+                               f"{self.name!r} ({window} tokens)", prompt_param, "context_length_exceeded")
+        params = dict(job["params"])
+        max_tokens = params.pop("max_tokens")
+        max_tokens = min(limits.max_output_tokens, room) if max_tokens is None else max_tokens
+        if max_tokens > limits.max_output_tokens:
+            raise RequestError(f"max_tokens={max_tokens} exceeds the limit of model {self.name!r}, "
+                               f"{limits.max_output_tokens} tokens", "max_tokens", "invalid_value")
+        if max_tokens > room:
+            raise RequestError(f"max_tokens: the context window of model {self.name!r} is {window} tokens; the "
+                               f"prompt has {len(ids)} and max_tokens asks for {max_tokens} more", "max_tokens",
+                               "context_length_exceeded")
+        try:
+            sampling = SamplingParams(max_new_tokens=max_tokens, **params)
+        except RaytrainError as e:
+            raise RequestError(str(e)) from None
+        return Request(ids, sampling)
+
+    def _prompt_ids(self, job: dict[str, Any], param: str) -> list[int]:
+        tokenizer = self.engine.tokenizer
+        try:
+            if param == "messages":
+                ids = tokenizer.apply_chat_template(job["messages"], chat_template=self.chat_template,
+                                                    add_generation_prompt=True, tokenize=True, return_dict=False)
+                return self.engine.tokenize(list(ids))
+            return self.engine.tokenize(job["prompt"])
+        except TemplateError as e:
+            raise RequestError(f"messages: the chat template rejected them ({e})", "messages") from None
+        except RaytrainError as e:
+            raise RequestError(f"{param}: {e}", param) from None
+
+
+def _counts(c: Completion) -> dict[str, Any]:
+    return {"finish_reason": c.finish_reason, "prompt_tokens": c.prompt_tokens,
+            "completion_tokens": len(c.token_ids)}

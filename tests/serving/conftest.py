@@ -1,0 +1,78 @@
+"""A tiny model trained here, and one local Serve instance (on a free port) serving it twice, per test module:
+`default` (plain decoding) and `lazy` (LazyLLM, with tight queue and timeout limits for the overload and timeout
+tests)."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+from raytrain.checkpoint.hf import model_state, save_pretrained
+from raytrain.data.corpus import documents
+from raytrain.data.tokenizer import to_files
+from raytrain.models.decoder import DecoderConfig, LayerScaling, build_decoder
+from raytrain.train.objectives import lm_loss
+from serving.config import serve_config, serve_spec
+from tests.conftest import compose
+
+LAZY = ("+serve.models.lazy={checkpoint:${checkpoint},engine:{max_batch_size:2,lazy:true,"
+        "lazyllm:{min_prompt_tokens:16}},limits:{request_timeout_s:1.5,max_output_tokens:2000},"
+        "deployment:{max_ongoing_requests:2,max_queued_requests:2}}")
+
+
+def train_tiny(tokenizer, out: Path, steps: int = 150) -> Path:
+    """A few AdamW steps of a 4-layer decoder on the embedded corpus: enough for corpus-like, prompt-dependent text."""
+    cfg = DecoderConfig(name="serve_test", vocab_size=512, d_model=64, n_layers=4, head_dim=16, max_seq_len=2048,
+                        layer_scaling=LayerScaling(gqa_group=2, ffn_divisor=32))
+    torch.manual_seed(0)
+    model = build_decoder(cfg)
+    ids = torch.tensor([t for d in documents()[:20] for t in tokenizer.encode(d)])
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    for _ in range(steps):
+        starts = torch.randint(0, len(ids) - 65, (8,))
+        batch = torch.stack([ids[s:s + 65] for s in starts])
+        loss = lm_loss(model(batch[:, :-1]), batch[:, 1:], 0.0)[0]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return save_pretrained(out, cfg, model_state(model), to_files(tokenizer))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Reference generations here run beside the replicas on a shared CPU, where a second torch thread only waits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(one_thread, tmp_path_factory, tokenizer) -> Path:
+    return train_tiny(tokenizer, tmp_path_factory.mktemp("serve") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, checkpoint):
+    """The base URL of a Serve instance started from `conf/serve.yaml` the way `raytrain serve` starts it."""
+    from ray import serve
+
+    from serving.run import start
+
+    cfg = compose("serve", [f"checkpoint={checkpoint}", f"serve.http_options.port={free_port()}",
+                            "generation.max_batch_size=4", "serve.models.default.deployment.max_ongoing_requests=8",
+                            "serve.models.default.deployment.max_queued_requests=8",
+                            "serve.models.default.deployment.autoscaling_config.max_replicas=1",
+                            "serve.models.default.limits.max_output_tokens=2000", LAZY])
+    url = start(serve_config(serve_spec(cfg.serve)), timeout_s=300)
+    yield url
+    serve.shutdown()

@@ -1,0 +1,78 @@
+"""The serve config: the committed serving/config.yaml is what conf/serve* emits, every option emits a config that
+Serve's own schema accepts and that builds the application, several models sit side by side, and mistakes are named
+before Ray starts."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from raytrain.cli import CONF_DIR
+from raytrain.commands import serve as serve_command
+from raytrain.config import ConfigError
+from serving.config import serve_config, serve_spec, to_yaml
+from tests.conftest import REPO, compose
+
+COMMITTED = ["checkpoint=outputs/runs/tiny"]  # what serving/config.yaml is emitted with (conf/serve.yaml says so)
+
+
+def emitted(overrides: list[str]) -> dict:
+    return serve_config(serve_spec(compose("serve", overrides).serve))
+
+
+def test_the_committed_serve_config_is_what_the_config_emits() -> None:
+    assert (REPO / "serving" / "config.yaml").read_text() == to_yaml(emitted(COMMITTED)), \
+        "serving/config.yaml is stale: run `raytrain serve emit=serving/config.yaml checkpoint=outputs/runs/tiny`"
+
+
+@pytest.mark.parametrize("option", sorted(f.stem for f in (CONF_DIR / "serve").glob("*.yaml")))
+def test_each_serve_option_emits_a_config_serve_accepts(option: str) -> None:
+    from serving.app import build_app
+
+    config = emitted([f"serve={option}", "checkpoint=/ckpt", "generation=lazy"])
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(to_yaml(config)))  # what `serve run`/`deploy` parse
+    app = schema.applications[0]
+    assert app.import_path == "serving.app:build_app"
+    assert [d.name for d in app.deployments] == ["OpenAIIngress", "model-default"]
+    model = app.args["models"]["default"]
+    assert model["engine"]["lazy"] and model["weights"] == "dense" and model["checkpoint"] == "/ckpt"
+    assert all(d.max_queued_requests >= 0 for d in app.deployments)  # no unbounded queue anywhere
+    assert build_app(app.args) is not None  # the import path builds from exactly these args
+    if option == "cluster":
+        assert app.deployments[1].ray_actor_options.num_gpus == 1
+
+
+def test_models_sit_side_by_side_each_with_its_decoding_mode() -> None:
+    config = emitted(["checkpoint=/a", "+serve.models.lazy={checkpoint:/b,engine:{lazy:true}}"])
+    app = config["applications"][0]
+    assert {n: m["engine"]["lazy"] for n, m in app["args"]["models"].items()} == {"default": False, "lazy": True}
+    assert [d["name"] for d in app["deployments"]] == ["OpenAIIngress", "model-default", "model-lazy"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ([], "serve.models.default.checkpoint is not set"),
+    (["serve.models.default.deployment.max_queued_requests=-1"], "max_queued_requests=-1: must be >= 0"),
+    (["serve.models.default.weights=seedlm"], "serve.models.default.weights='seedlm' is unknown; known: dense"),
+    (["generation.max_batch_size=32"], "max_ongoing_requests=16 is below engine.max_batch_size=32"),
+    (["serve.models.default.limits.max_output_tokens=many"], "serve.models.default.limits.max_output_tokens"),
+    (["serve.models.default.device=tpu"], "serve.models.default.device='tpu'"),
+    (["serve.models.default.deployment.autoscaling_config.max_replicas=0"], "max_replicas >= 1"),
+    (["~serve.models.default"], "serve.models is empty"),
+])
+def test_config_mistakes_are_named(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        serve_spec(compose("serve", [*overrides, "checkpoint=/ckpt"] if overrides else []).serve)
+
+
+def test_model_names_are_checked() -> None:
+    with pytest.raises(ConfigError, match=r"serve\.models\.my model: model names use"):
+        serve_spec({"models": {"my model": {"checkpoint": "/x"}}})
+
+
+def test_the_command_emits_the_yaml_and_checks_checkpoints_before_starting_ray(tmp_path) -> None:
+    out = tmp_path / "serve.yaml"
+    serve_command.run(compose("serve", ["checkpoint=/ckpt", f"emit={out}"]))
+    assert out.read_text() == to_yaml(emitted(["checkpoint=/ckpt"]))
+    with pytest.raises(ConfigError, match=r"serve\.models\.default\.checkpoint: checkpoint /nowhere: no such"):
+        serve_command.run(compose("serve", ["checkpoint=/nowhere"]))

@@ -1,0 +1,73 @@
+"""The model deployment's request preparation, without Ray: the chat template comes from the config, else the
+tokenizer, else the plain fallback; limits and template errors become client errors naming the field."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from raytrain.checkpoint.hf import model_state, save_pretrained
+from raytrain.data.tokenizer import to_files
+from raytrain.models.decoder import DecoderConfig, build_decoder
+from serving.config import model_args, model_spec
+from serving.model import PLAIN_CHAT_TEMPLATE, ModelServer, RequestError
+
+TOKENIZER_TEMPLATE = "{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
+CONFIG_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}"
+                   "{{ raise_exception('no system messages') }}{% endif %}[{{ m['content'] }}]{% endfor %}")
+MESSAGES = [{"role": "user", "content": "hi"}]
+PARAMS = {"max_tokens": None, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0, "stop": [],
+          "seed": None, "ignore_eos": False}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, tokenizer):
+    """The same random model twice: with a tokenizer that has a chat template, and with one that has none."""
+    cfg = DecoderConfig(name="chat", vocab_size=512, d_model=32, n_layers=2, head_dim=16, q_heads=2, kv_heads=2,
+                        ffn_dim=64, max_seq_len=64)
+    state = model_state(build_decoder(cfg))
+    plain = save_pretrained(tmp_path_factory.mktemp("m") / "plain", cfg, state, to_files(tokenizer))
+    tokenizer.chat_template = TOKENIZER_TEMPLATE
+    try:
+        templated = save_pretrained(tmp_path_factory.mktemp("m") / "templated", cfg, state, to_files(tokenizer))
+    finally:
+        tokenizer.chat_template = None
+    return {"plain": plain, "templated": templated}
+
+
+def server(checkpoint, **fields) -> ModelServer:
+    spec = model_spec({"checkpoint": str(checkpoint), "limits": {"max_prompt_tokens": 60, "max_output_tokens": 20},
+                       **fields}, "test")
+    return ModelServer.func_or_class("m", model_args(spec))
+
+
+def rendered(server: ModelServer, messages: list[dict]) -> str:
+    request = server.prepare({"messages": messages, "params": PARAMS})
+    return server.engine.tokenizer.decode(request.prompt)
+
+
+@torch.inference_mode()
+def test_the_chat_template_comes_from_config_then_tokenizer_then_the_plain_fallback(checkpoints) -> None:
+    assert server(checkpoints["plain"]).chat_template == PLAIN_CHAT_TEMPLATE
+    assert rendered(server(checkpoints["plain"]), MESSAGES) == "<s>user: hi\nassistant:"
+    assert rendered(server(checkpoints["templated"]), MESSAGES) == "<s><user>hi<assistant>"
+    configured = server(checkpoints["templated"], chat_template=CONFIG_TEMPLATE)
+    assert rendered(configured, MESSAGES) == "<s>[hi]"
+    with pytest.raises(RequestError) as e:
+        rendered(configured, [{"role": "system", "content": "x"}, *MESSAGES])
+    assert e.value.args[1] == "messages" and "no system messages" in e.value.args[0]
+
+
+@torch.inference_mode()
+def test_limits_are_client_errors_naming_the_field(checkpoints) -> None:
+    model = server(checkpoints["plain"])
+    chat = model.prepare({"messages": MESSAGES, "params": PARAMS})
+    assert chat.params.max_new_tokens == 20  # chat's default: as many as the limit and the window allow
+    cases = [({"prompt": [5] * 61}, "prompt", "context_length_exceeded"),  # window 64, limits 60 in + 20 out
+             ({"prompt": "x", "params": {**PARAMS, "max_tokens": 21}}, "max_tokens", "invalid_value"),
+             ({"prompt": [5] * 50, "params": {**PARAMS, "max_tokens": 20}}, "max_tokens", "context_length_exceeded"),
+             ({"prompt": ""}, "prompt", None)]
+    for job, param, code in cases:
+        with pytest.raises(RequestError) as e:
+            model.prepare({"params": PARAMS, **job})
+        assert e.value.args[1:3] == (param, code), e.value.args
