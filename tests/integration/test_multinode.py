@@ -11,7 +11,7 @@ import pytest
 from raytrain.cluster.local_head import free_ports
 from raytrain.commands import train
 from tests.conftest import compose
-from tests.integration.test_train import overrides, tokenizer_dir  # noqa: F401 (fixture)
+from tests.integration.test_train import overrides
 
 pytestmark = pytest.mark.integration
 

@@ -20,7 +20,7 @@ from raytrain.cli import main
 from raytrain.cluster.jobs import JobClient
 from raytrain.cluster.local_head import LocalHead, free_ports
 from tests.conftest import REPO
-from tests.integration.test_train import overrides, registered_step, tokenizer_dir  # noqa: F401 (fixture)
+from tests.integration.test_train import overrides, registered_step
 
 pytestmark = pytest.mark.integration
 
