@@ -14,16 +14,18 @@ from raytrain.config import ConfigError
 from serving.config import serve_config, serve_spec, to_yaml
 from tests.conftest import REPO, compose
 
-COMMITTED = ["checkpoint=outputs/runs/tiny"]  # what serving/config.yaml is emitted with (conf/serve.yaml says so)
+COMMITTED = {"config.yaml": ["checkpoint=outputs/runs/tiny"],  # what serving/*.yaml are emitted with (conf/serve.yaml
+             "cluster.yaml": ["serve=cluster", "checkpoint=/mnt/shared/runs/openelm-1-1b"]}  # and rayservice.yaml say)
 
 
 def emitted(overrides: list[str]) -> dict:
     return serve_config(serve_spec(compose("serve", overrides).serve))
 
 
-def test_the_committed_serve_config_is_what_the_config_emits() -> None:
-    assert (REPO / "serving" / "config.yaml").read_text() == to_yaml(emitted(COMMITTED)), \
-        "serving/config.yaml is stale: run `raytrain serve emit=serving/config.yaml checkpoint=outputs/runs/tiny`"
+@pytest.mark.parametrize("name", COMMITTED)
+def test_the_committed_serve_configs_are_what_the_config_emits(name: str) -> None:
+    assert (REPO / "serving" / name).read_text() == to_yaml(emitted(COMMITTED[name])), \
+        f"serving/{name} is stale: run `raytrain serve emit=serving/{name} {' '.join(COMMITTED[name])}`"
 
 
 @pytest.mark.parametrize("option", sorted(f.stem for f in (CONF_DIR / "serve").glob("*.yaml")))
