@@ -55,7 +55,7 @@ def test_models_sit_side_by_side_each_with_its_decoding_mode() -> None:
 @pytest.mark.parametrize("overrides, message", [
     ([], "serve.models.default.checkpoint is not set"),
     (["serve.models.default.deployment.max_queued_requests=-1"], "max_queued_requests=-1: must be >= 0"),
-    (["serve.models.default.weights=seedlm"], "serve.models.default.weights='seedlm' is unknown; known: dense"),
+    (["serve.models.default.weights=seedlm"], "serve.models.default.weights='seedlm' is unknown; known: dense, compressed"),
     (["generation.max_batch_size=32"], "max_ongoing_requests=16 is below engine.max_batch_size=32"),
     (["serve.models.default.limits.max_output_tokens=many"], "serve.models.default.limits.max_output_tokens"),
     (["serve.models.default.device=tpu"], "serve.models.default.device='tpu'"),
