@@ -219,6 +219,36 @@ def read_records(cfg: ImageTextDataConfig, counter: Any = None) -> Any:
         batch_format="numpy")
 
 
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "bmp", "gif", "webp", "tif", "tiff")
+
+
+def image_folder_classes(root: str) -> list[str]:
+    """The classes of an ImageNet-style folder (`root/<class>/<image>`): its subdirectories, sorted."""
+    if not os.path.isdir(root):
+        raise ImageDataError(f"data.path={root}: not a directory of class folders")
+    classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
+    if len(classes) < 2:
+        raise ImageDataError(f"data.path={root}: {len(classes)} class folder(s); a classifier needs at least 2")
+    return classes
+
+
+def image_folder(root: str, classes: list[str]) -> Any:
+    """Rows `key`, `image` (encoded bytes), `label` (index into `classes`) of the image files under
+    `root/<class>/`; files that are not images are skipped when decoded, and counted."""
+    import ray.data
+
+    index = {name: i for i, name in enumerate(classes)}
+    files = ray.data.read_binary_files([os.path.join(root, c) for c in classes], include_paths=True,
+                                       file_extensions=[*IMAGE_EXTENSIONS, *(e.upper() for e in IMAGE_EXTENSIONS)])
+    return files.map_batches(_folder_rows, fn_kwargs={"index": index}, batch_format="numpy")
+
+
+def _folder_rows(batch: dict[str, Any], index: dict[str, int]) -> dict[str, Any]:
+    paths = [str(p) for p in batch["path"]]
+    return {"key": paths, "image": list(batch["bytes"]),
+            "label": np.array([index[os.path.basename(os.path.dirname(p))] for p in paths], dtype=np.int64)}
+
+
 def check_parquet_columns(file: str, columns: list[str]) -> None:
     if "://" in file:
         return

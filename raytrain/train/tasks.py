@@ -212,13 +212,15 @@ def tokenize_captions(batch: dict[str, Any], files_json: str, length: int) -> di
 
 
 def _prepare_classify(parts: dict[str, Any], run_dir: str, counter: Any) -> Prepared:
+    """The procedural world's labelled shapes (data.path=null), or an ImageNet-style folder `data.path/<class>/`."""
     data, model = parts["data"], parts["model"]
-    if data.path is not None:
-        raise ConfigError("task=classify reads the procedural world's labelled set (data.path=null); image folders "
-                          "are not supported yet")
-    classes = list(data.world.shapes)
+    if data.path is None:
+        classes = list(data.world.shapes)
+        rows = imagetext.procedural(0, data.samples, data.seed, data.world, labelled=True)
+    else:
+        classes = imagetext.image_folder_classes(data.path)
+        rows = imagetext.image_folder(data.path, classes)
     model = dataclasses.replace(model, num_classes=len(classes))
-    rows = imagetext.procedural(0, data.samples, data.seed, data.world, labelled=True)
     train = imagetext.decoded(rows, data, True, counter).select_columns(["image", "label"])
     return Prepared({"train": train}, {CLASSES_FILE: json.dumps(classes)}, 0, model)
 
