@@ -17,7 +17,8 @@ from raytrain.data import retrieval
 
 CONFIG_NAME = "make_data"
 HELP = ("generate a data set: make=retrieval (long-context multi-document QA), make=shapes (image-text shards), "
-        "make=lidar (driving scenes), make=lidar_crops (their camera crops as CLIP shards), make=waymo (WOD v2 -> sequences)")
+        "make=lidar (driving scenes), make=lidar_crops (their camera crops as CLIP shards), "
+        "make=waymo (WOD v2 -> sequences)")
 log = logging.getLogger("raytrain")
 
 
