@@ -335,23 +335,32 @@ def decoded(ds: Any, cfg: ImageTextDataConfig, train: bool, counter: Any = None)
                           batch_size=64, batch_format="numpy")
 
 
-# ---- writing the procedural world ------------------------------------------------------------------------------
+# ---- writing shards (the procedural world; any image-text samples) ------------------------------------------------
 
 def _shard_of(batch: dict[str, Any], seed: int, world: shapes.WorldConfig, out: str) -> dict[str, Any]:
     """Write records `batch["start"][0] .. + batch["count"][0]` as one tar shard, atomically."""
     start, count = int(batch["start"][0]), int(batch["count"][0])
     path = os.path.join(out, f"shard-{start:09d}.tar")
+    records = (shapes.sample(index, seed, world) for index in range(start, start + count))
+    write_shard(path, ((r["key"], {"png": r["image"], "txt": r["caption"].encode(),
+                                   "json": json.dumps(r["scene"]).encode()}) for r in records))
+    return {"shard": [path]}
+
+
+def write_shard(path: str | os.PathLike, samples: Iterator[tuple[str, dict[str, bytes]]]) -> int:
+    """Write (key, {extension: bytes}) samples as one webdataset tar shard (`<key>.<ext>` members), atomically
+    (a temporary file renamed into place); returns the number of samples."""
     tmp = f"{path}.tmp"
+    n = 0
     with tarfile.open(tmp, "w") as tar:
-        for index in range(start, start + count):
-            record = shapes.sample(index, seed, world)
-            for ext, data in (("png", record["image"]), ("txt", record["caption"].encode()),
-                              ("json", json.dumps(record["scene"]).encode())):
-                info = tarfile.TarInfo(f"{record['key']}.{ext}")
+        for key, members in samples:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
+            n += 1
     os.replace(tmp, path)
-    return {"shard": [path]}
+    return n
 
 
 def write_shapes_shards(out: Any, n: int, start: int, seed: int, world: shapes.WorldConfig,

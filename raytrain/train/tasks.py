@@ -26,7 +26,7 @@ import torch
 
 from raytrain.config import ConfigError, to_dataclass
 from raytrain.data import imagetext, synsets, text
-from raytrain.data.tokenizer import TokenizerFiles, from_files, load_tokenizer, to_files, train_bpe
+from raytrain.data.tokenizer import TokenizerFiles, caption_tokens, from_files, load_tokenizer, to_files, train_bpe
 from raytrain.models.decoder import training_flops_per_token
 from raytrain.models.vit import ViTConfig, to_pixels, training_flops_per_image
 from raytrain.train.objectives import IGNORE_INDEX, info_nce, label_smoothed_ce, multilabel_bce
@@ -201,13 +201,7 @@ def _prepare_clip(parts: dict[str, Any], run_dir: str, counter: Any) -> Prepared
 def tokenize_captions(batch: dict[str, Any], files_json: str, length: int) -> dict[str, Any]:
     """Captions -> BOS + ids + EOS cut or right-padded to `length` (EOS kept), and the real lengths."""
     tok = text._cached_tokenizer(str(hash(files_json)), files_json)
-    ids = tok([str(c) for c in batch["caption"]], add_special_tokens=False)["input_ids"]
-    tokens = np.full((len(ids), length), tok.pad_token_id, dtype=np.int64)
-    lengths = np.zeros(len(ids), dtype=np.int64)
-    for row, (i, seq) in zip(tokens, enumerate(ids)):
-        seq = [tok.bos_token_id, *seq[:length - 2], tok.eos_token_id]
-        row[:len(seq)] = seq
-        lengths[i] = len(seq)
+    tokens, lengths = caption_tokens(tok, [str(c) for c in batch["caption"]], length)
     return {"image": batch["image"], "tokens": tokens, "lengths": lengths}
 
 
