@@ -21,9 +21,9 @@ from raytrain.infer.engine import EngineConfig
 
 IMPORT_PATH = "serving.app:build_app"
 INGRESS = "OpenAIIngress"
-# Weight formats a model replica can load. A compressed format (SeedLM) adds its name here and its loader in
-# `serving/model.py:load_engine`.
-WEIGHT_FORMATS = ("dense",)
+# Weight formats a model replica can load (`serving/model.py:load_engine`): dense weights (a compressed checkpoint is
+# rebuilt dense on load), or a `raytrain compress` checkpoint kept compressed in memory (SeedLM's fused kernel on GPU).
+WEIGHT_FORMATS = ("dense", "compressed")
 HEADER = ("# Serve config emitted by `raytrain serve emit=FILE [overrides]` from conf/serve.yaml and conf/serve/:\n"
           "# change those and emit again rather than editing this file.\n")
 

@@ -15,6 +15,7 @@ import torch
 from jinja2 import TemplateError
 from ray import serve
 
+from raytrain.checkpoint.hf import is_compressed_checkpoint
 from raytrain.config import RaytrainError
 from raytrain.infer.batcher import Batcher
 from raytrain.infer.engine import Completion, Engine, Request
@@ -42,10 +43,12 @@ def load_engine(spec: ModelSpec) -> Engine:
         dtype = torch.bfloat16 if device == "cuda" else None  # None: the model's default, float32
     else:
         dtype = DTYPES[spec.dtype]
-    if spec.weights == "dense":
-        return Engine.from_checkpoint(spec.checkpoint, spec.engine, device=device, dtype=dtype,
-                                      tokenizer=spec.tokenizer)
-    raise RaytrainError(f"weights={spec.weights!r}: no loader")
+    compressed = spec.weights == "compressed"
+    if compressed and not is_compressed_checkpoint(spec.checkpoint):
+        raise RaytrainError(f"weights=compressed: {spec.checkpoint} holds no compressed weights (make one with "
+                            "`raytrain compress`, or serve it with weights=dense)")
+    return Engine.from_checkpoint(spec.checkpoint, spec.engine, device=device, dtype=dtype, tokenizer=spec.tokenizer,
+                                  keep_compressed=compressed)
 
 
 @serve.deployment

@@ -46,14 +46,18 @@ def tokenizer():
     return train_bpe(documents()[:20], vocab_size=512)
 
 
-@pytest.fixture
-def ray_cluster():
+def local_ray():
     """One local Ray cluster for the session, started again if a multi-node test disconnected from it."""
     import ray
 
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=True)
     return ray
+
+
+@pytest.fixture
+def ray_cluster():
+    return local_ray()
 
 
 def preset(name: str):

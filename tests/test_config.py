@@ -109,6 +109,7 @@ def test_make_data_and_labels_compose() -> None:
     assert compose("make_data", ["make=shapes", "n=10", "out=/tmp/x"]).shapes.world.image_size == 64
     assert compose("labels", ["text='a dog'"]).text == "a dog"
     assert compose("make_data", ["make=lidar", "out=/tmp/x"]).lidar.frames == 40
+    assert compose("make_data", ["make=lidar_crops", "lidar_crops.path=/tmp/s", "out=/tmp/x"]).lidar_crops.crop == 16
 
 
 @pytest.mark.parametrize("job, task, model", [("catlip", "CatlipTaskConfig", "vit_tiny"),
@@ -143,14 +144,18 @@ def test_autolabel_configs_compose_into_typed_configs(option: str) -> None:
 
     cfg = typed_config(compose("autolabel", [f"vlm={option}", "autolabel.mode=moving_only"]))
     assert cfg.mode == "moving_only" and cfg.vlm.backend == option and cfg.motion.window == 15
-    assert build_vlm(cfg.vlm).dim > 0
     assert to_dataclass(EvalConfig, compose("autolabel_eval").eval, "eval").iou == [0.5, 0.7]
     distill = compose("autolabel_distill", [f"vlm={option}"])
-    assert to_dataclass(DistillConfig, distill.distill, "distill").model.out_dim == build_vlm(cfg.vlm).dim
+    assert distill.vlm.backend == option
+    if option == "clip":  # needs a trained checkpoint (tests/pipelines/test_autolabel_clip.py builds one)
+        with pytest.raises(ValueError, match="vlm.backend=clip needs vlm.checkpoint=DIR"):
+            build_vlm(cfg.vlm)
+    else:
+        assert to_dataclass(DistillConfig, distill.distill, "distill").model.out_dim == build_vlm(cfg.vlm).dim
     with pytest.raises(ConfigError, match="autolabel: mode='both'; expected full or moving_only"):
         typed_config(compose("autolabel", ["autolabel.mode=both"]))
-    with pytest.raises(ValueError, match="vlm.backend='clip' is unknown"):
-        build_vlm(typed_config(compose("autolabel", ["vlm.backend=clip"])).vlm)
+    with pytest.raises(ValueError, match="vlm.backend='openseg' is unknown"):
+        build_vlm(typed_config(compose("autolabel", ["vlm.backend=openseg"])).vlm)
 
 
 def test_generate_and_sample_configs_compose() -> None:

@@ -233,6 +233,11 @@ def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, C
     return state, compressed
 
 
+def is_compressed_checkpoint(path: str | Path) -> bool:
+    """Whether a checkpoint holds weights written by `raytrain compress` (read from the file headers only)."""
+    return any(compressed_format.is_compressed_file(f) for f in weight_files(resolve_checkpoint(path)))
+
+
 def weight_files(path: str | Path) -> list[Path]:
     path = Path(path)
     if (path / WEIGHTS).is_file():

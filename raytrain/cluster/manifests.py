@@ -98,16 +98,19 @@ def _check_kubernetes(doc: dict[str, Any], where: str) -> str:
         check_ray_cluster(_require(doc, "spec", where), where, "spec")
     elif kind == "RayJob":
         check_ray_job(doc["spec"] if isinstance(doc.get("spec"), dict) else {}, where)
+    elif kind == "RayService":
+        check_ray_service(_require(doc, "spec", where), where)
     else:
-        raise ManifestError(f"{where}: kind: expected RayCluster, RayJob or PersistentVolumeClaim")
+        raise ManifestError(f"{where}: kind: expected RayCluster, RayJob, RayService or PersistentVolumeClaim")
     if not str(doc.get("apiVersion")).startswith("ray.io/") and kind != "PersistentVolumeClaim":
         raise ManifestError(f"{where}: apiVersion: {doc.get('apiVersion')!r}; KubeRay resources are ray.io/v1")
     return kind
 
 
 def check_ray_cluster(spec: dict[str, Any], where: str, key: str, num_workers: int | None = None,
-                      cpus_per_worker: float | None = None) -> None:
-    """`num_workers`: GPU workers the cluster must hold (a RayJob's); cpus_per_worker defaults to trainer=cluster."""
+                      cpus_per_worker: float | None = None, demand: str = "trainer.num_workers") -> None:
+    """`num_workers`: GPU workers the cluster must hold (a RayJob's training workers, a RayService's replicas; named
+    `demand` in errors); cpus_per_worker defaults to trainer=cluster."""
     cpus_per_worker = cpus_per_worker or _reference_trainer().cpus_per_worker
     rv = _require(spec, "rayVersion", where, key)
     if str(rv) != version("ray"):
@@ -142,7 +145,7 @@ def check_ray_cluster(spec: dict[str, Any], where: str, key: str, num_workers: i
         raise ManifestError(f"{where}: {key}.workerGroupSpecs: no group with {GPU} for the training workers")
     if num_workers is not None and capacity < num_workers:
         raise ManifestError(f"{where}: {key}.workerGroupSpecs: {capacity} GPUs cannot hold "
-                            f"trainer.num_workers={num_workers}")
+                            f"{demand}={num_workers}")
 
 
 def check_ray_job(spec: dict[str, Any], where: str) -> None:
@@ -169,6 +172,29 @@ def check_ray_job(spec: dict[str, Any], where: str) -> None:
     check_ray_cluster(_require(spec, "rayClusterSpec", where, "spec"), where, "spec.rayClusterSpec",
                       trainer.num_workers if trainer and trainer.use_gpu else None,
                       trainer.cpus_per_worker if trainer else None)
+
+
+def check_ray_service(spec: dict[str, Any], where: str) -> None:
+    """`serveConfigV2` is a Serve config that Serve's schema accepts and whose model deployments, at their
+    autoscaling maximum, fit the cluster's GPUs with their CPUs."""
+    from pydantic import ValidationError
+    from ray.serve.schema import ServeDeploySchema
+
+    try:
+        serve = ServeDeploySchema.model_validate(yaml.safe_load(str(_require(spec, "serveConfigV2", where, "spec"))))
+    except (yaml.YAMLError, ValidationError) as e:
+        raise ManifestError(f"{where}: spec.serveConfigV2: not a Serve config ({str(e).splitlines()[0]})") from None
+    gpus, cpus_per_gpu = 0.0, 0.0
+    for app in serve.applications:
+        for d in app.deployments:
+            per_replica = (d.ray_actor_options.num_gpus or 0) if d.ray_actor_options else 0
+            if per_replica:
+                scaling = d.autoscaling_config or {}
+                replicas = scaling.get("max_replicas") if isinstance(scaling, dict) else None
+                gpus += per_replica * (replicas or d.num_replicas or 1)
+                cpus_per_gpu = max(cpus_per_gpu, (d.ray_actor_options.num_cpus or 1) / per_replica)
+    check_ray_cluster(_require(spec, "rayClusterSpec", where, "spec"), where, "spec.rayClusterSpec",
+                      int(gpus) if gpus else None, cpus_per_gpu or None, "serveConfigV2 GPUs at max_replicas")
 
 
 def _reference_trainer() -> Any:

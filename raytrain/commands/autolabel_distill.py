@@ -31,7 +31,10 @@ def run(cfg: DictConfig) -> dict:
     dcfg = to_dataclass(distill.DistillConfig, cfg.distill, "distill")
     lcfg = to_dataclass(LabelConfig, cfg.label, "label")
     ecfg = to_dataclass(EvalConfig, cfg.eval, "eval")
-    model = build_vlm(to_dataclass(VLMConfig, cfg.vlm, "vlm"))
+    try:
+        model = build_vlm(to_dataclass(VLMConfig, cfg.vlm, "vlm"))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if model.dim != dcfg.model.out_dim:
         raise ConfigError(f"distill.model.out_dim={dcfg.model.out_dim} must equal the VLM feature size {model.dim}")
     out = Path(cfg.out)

@@ -1,6 +1,7 @@
 """`raytrain data make=NAME out=DIR`: generate a data set (`retrieval`: the long-context multi-document QA task;
 `shapes`: the procedural image-text world as webdataset shards, generated in parallel by Ray Data; `lidar`: synthetic
-driving-scene LiDAR sequences with cameras and ground truth; `waymo`: a Waymo Open Dataset v2 split converted to that
+driving-scene LiDAR sequences with cameras and ground truth; `lidar_crops`: such sequences' object camera crops
+captioned with their class, as image-text shards for CLIP; `waymo`: a Waymo Open Dataset v2 split converted to that
 sequence format)."""
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ from raytrain.data import retrieval
 
 CONFIG_NAME = "make_data"
 HELP = ("generate a data set: make=retrieval (long-context multi-document QA), make=shapes (image-text shards), "
-        "make=lidar (driving scenes), make=waymo (WOD v2 -> sequences)")
+        "make=lidar (driving scenes), make=lidar_crops (their camera crops as CLIP shards), "
+        "make=waymo (WOD v2 -> sequences)")
 log = logging.getLogger("raytrain")
 
 
 def run(cfg: DictConfig) -> None:
-    makers = {"retrieval": make_retrieval, "shapes": make_shapes, "lidar": make_lidar, "waymo": make_waymo}
+    makers = {"retrieval": make_retrieval, "shapes": make_shapes, "lidar": make_lidar,
+              "lidar_crops": make_lidar_crops, "waymo": make_waymo}
     if cfg.make not in makers:
         raise ConfigError(f"make={cfg.make!r} is unknown; known: {', '.join(makers)}")
     counts = makers[cfg.make](cfg, Path(cfg.out))
@@ -68,6 +71,20 @@ def make_lidar(cfg: DictConfig, out: Path) -> dict[str, int]:
 
     paths = write_scenes(out, cfg.lidar.sequences, SceneConfig(frames=cfg.lidar.frames), cfg.seed)
     return {"sequences": len(paths), "frames": len(paths) * cfg.lidar.frames}
+
+
+def make_lidar_crops(cfg: DictConfig, out: Path) -> dict[str, int]:
+    """Image-text shards of camera crops around the objects of labelled sequences (`pipelines/autolabel/crops.py`)."""
+    from raytrain.config import plain, to_dataclass
+    from raytrain.pipelines.autolabel.crops import CropConfig, write_crop_shards
+
+    node = plain(cfg.lidar_crops)
+    path = node.pop("path")
+    if not path or not Path(path).exists():
+        raise ConfigError(f"make=lidar_crops needs lidar_crops.path=DIR (sequences with ground truth); got {path}")
+    if out.exists() and any(out.glob("*.tar")):
+        raise ConfigError(f"out={out} already holds shards; choose an empty directory")
+    return write_crop_shards(path, out, to_dataclass(CropConfig, {**node, "seed": cfg.seed}, "lidar_crops"))
 
 
 def make_waymo(cfg: DictConfig, out: Path) -> dict[str, int]:

@@ -219,6 +219,36 @@ def read_records(cfg: ImageTextDataConfig, counter: Any = None) -> Any:
         batch_format="numpy")
 
 
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "bmp", "gif", "webp", "tif", "tiff")
+
+
+def image_folder_classes(root: str) -> list[str]:
+    """The classes of an ImageNet-style folder (`root/<class>/<image>`): its subdirectories, sorted."""
+    if not os.path.isdir(root):
+        raise ImageDataError(f"data.path={root}: not a directory of class folders")
+    classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
+    if len(classes) < 2:
+        raise ImageDataError(f"data.path={root}: {len(classes)} class folder(s); a classifier needs at least 2")
+    return classes
+
+
+def image_folder(root: str, classes: list[str]) -> Any:
+    """Rows `key`, `image` (encoded bytes), `label` (index into `classes`) of the image files under
+    `root/<class>/`; files that are not images are skipped when decoded, and counted."""
+    import ray.data
+
+    index = {name: i for i, name in enumerate(classes)}
+    files = ray.data.read_binary_files([os.path.join(root, c) for c in classes], include_paths=True,
+                                       file_extensions=[*IMAGE_EXTENSIONS, *(e.upper() for e in IMAGE_EXTENSIONS)])
+    return files.map_batches(_folder_rows, fn_kwargs={"index": index}, batch_format="numpy")
+
+
+def _folder_rows(batch: dict[str, Any], index: dict[str, int]) -> dict[str, Any]:
+    paths = [str(p) for p in batch["path"]]
+    return {"key": paths, "image": list(batch["bytes"]),
+            "label": np.array([index[os.path.basename(os.path.dirname(p))] for p in paths], dtype=np.int64)}
+
+
 def check_parquet_columns(file: str, columns: list[str]) -> None:
     if "://" in file:
         return
@@ -305,23 +335,32 @@ def decoded(ds: Any, cfg: ImageTextDataConfig, train: bool, counter: Any = None)
                           batch_size=64, batch_format="numpy")
 
 
-# ---- writing the procedural world ------------------------------------------------------------------------------
+# ---- writing shards (the procedural world; any image-text samples) ------------------------------------------------
 
 def _shard_of(batch: dict[str, Any], seed: int, world: shapes.WorldConfig, out: str) -> dict[str, Any]:
     """Write records `batch["start"][0] .. + batch["count"][0]` as one tar shard, atomically."""
     start, count = int(batch["start"][0]), int(batch["count"][0])
     path = os.path.join(out, f"shard-{start:09d}.tar")
+    records = (shapes.sample(index, seed, world) for index in range(start, start + count))
+    write_shard(path, ((r["key"], {"png": r["image"], "txt": r["caption"].encode(),
+                                   "json": json.dumps(r["scene"]).encode()}) for r in records))
+    return {"shard": [path]}
+
+
+def write_shard(path: str | os.PathLike, samples: Iterator[tuple[str, dict[str, bytes]]]) -> int:
+    """Write (key, {extension: bytes}) samples as one webdataset tar shard (`<key>.<ext>` members), atomically
+    (a temporary file renamed into place); returns the number of samples."""
     tmp = f"{path}.tmp"
+    n = 0
     with tarfile.open(tmp, "w") as tar:
-        for index in range(start, start + count):
-            record = shapes.sample(index, seed, world)
-            for ext, data in (("png", record["image"]), ("txt", record["caption"].encode()),
-                              ("json", json.dumps(record["scene"]).encode())):
-                info = tarfile.TarInfo(f"{record['key']}.{ext}")
+        for key, members in samples:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
+            n += 1
     os.replace(tmp, path)
-    return {"shard": [path]}
+    return n
 
 
 def write_shapes_shards(out: Any, n: int, start: int, seed: int, world: shapes.WorldConfig,

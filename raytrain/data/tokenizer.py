@@ -12,6 +12,7 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -56,6 +57,19 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     if not (path / "tokenizer.json").is_file():
         raise RaytrainError(f"no tokenizer.json in {path}")
     return PreTrainedTokenizerFast.from_pretrained(str(path))
+
+
+def caption_tokens(tok: PreTrainedTokenizerFast, captions: list[str], length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Captions -> (B, length) int64 ids, BOS + ids + EOS cut or right-padded to `length` (EOS kept), and (B,) the
+    real lengths: the text input of CLIP's text tower, in training and wherever its text features are used."""
+    ids = tok(captions, add_special_tokens=False)["input_ids"]
+    tokens = np.full((len(ids), length), tok.pad_token_id, dtype=np.int64)
+    lengths = np.zeros(len(ids), dtype=np.int64)
+    for i, seq in enumerate(ids):
+        seq = [tok.bos_token_id, *seq[:length - 2], tok.eos_token_id]
+        tokens[i, :len(seq)] = seq
+        lengths[i] = len(seq)
+    return tokens, lengths
 
 
 def fingerprint(files: TokenizerFiles) -> str:

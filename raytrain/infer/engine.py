@@ -76,10 +76,13 @@ class Engine:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, config: EngineConfig | None = None, device: str = "cpu",
-                        dtype: torch.dtype | None = None, tokenizer: str | None = None) -> Engine:
+                        dtype: torch.dtype | None = None, tokenizer: str | None = None,
+                        keep_compressed: bool = False) -> Engine:
+        """`keep_compressed`: compressed layers stay compressed in memory (`load_pretrained`)."""
         from raytrain.checkpoint.hf import load_pretrained
 
-        pretrained = load_pretrained(path, device=device, dtype=dtype, tokenizer=tokenizer)
+        pretrained = load_pretrained(path, device=device, dtype=dtype, tokenizer=tokenizer,
+                                     keep_compressed=keep_compressed)
         if pretrained.tokenizer is None:
             raise RaytrainError(f"{pretrained.path} has no tokenizer files; pass a tokenizer directory")
         return cls(pretrained.model, pretrained.tokenizer, config)

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from raytrain.checkpoint import hf
 from raytrain.compress import evaluate as ev
-from raytrain.compress.format import METHODS, CompressedTensor, compress_tensor, is_compressed_file, relative_error
+from raytrain.compress.format import METHODS, CompressedTensor, compress_tensor, relative_error
 from raytrain.config import RaytrainError
 
 log = logging.getLogger("raytrain.compress")
@@ -112,7 +112,7 @@ def plan_job(source: str | Path, out: str | Path, method: str, config: Any, job:
     source, out = hf.resolve_checkpoint(source), Path(out)
     if out.exists() and any(out.iterdir()):
         raise CompressError(f"out={out} already holds files; choose another directory")
-    if any(is_compressed_file(f) for f in hf.weight_files(source)):
+    if hf.is_compressed_checkpoint(source):
         raise CompressError(f"checkpoint={source} is already compressed")
     names = hf.linear_weight_names(source)
     if not names:

@@ -26,7 +26,7 @@ import torch
 
 from raytrain.config import ConfigError, to_dataclass
 from raytrain.data import imagetext, synsets, text
-from raytrain.data.tokenizer import TokenizerFiles, from_files, load_tokenizer, to_files, train_bpe
+from raytrain.data.tokenizer import TokenizerFiles, caption_tokens, from_files, load_tokenizer, to_files, train_bpe
 from raytrain.models.decoder import training_flops_per_token
 from raytrain.models.vit import ViTConfig, to_pixels, training_flops_per_image
 from raytrain.train.objectives import METRICS, info_nce, label_smoothed_ce, multilabel_bce, next_token_pairs
@@ -201,24 +201,20 @@ def _prepare_clip(parts: dict[str, Any], run_dir: str, counter: Any) -> Prepared
 def tokenize_captions(batch: dict[str, Any], files_json: str, length: int) -> dict[str, Any]:
     """Captions -> BOS + ids + EOS cut or right-padded to `length` (EOS kept), and the real lengths."""
     tok = text._cached_tokenizer(str(hash(files_json)), files_json)
-    ids = tok([str(c) for c in batch["caption"]], add_special_tokens=False)["input_ids"]
-    tokens = np.full((len(ids), length), tok.pad_token_id, dtype=np.int64)
-    lengths = np.zeros(len(ids), dtype=np.int64)
-    for row, (i, seq) in zip(tokens, enumerate(ids)):
-        seq = [tok.bos_token_id, *seq[:length - 2], tok.eos_token_id]
-        row[:len(seq)] = seq
-        lengths[i] = len(seq)
+    tokens, lengths = caption_tokens(tok, [str(c) for c in batch["caption"]], length)
     return {"image": batch["image"], "tokens": tokens, "lengths": lengths}
 
 
 def _prepare_classify(parts: dict[str, Any], run_dir: str, counter: Any) -> Prepared:
+    """The procedural world's labelled shapes (data.path=null), or an ImageNet-style folder `data.path/<class>/`."""
     data, model = parts["data"], parts["model"]
-    if data.path is not None:
-        raise ConfigError("task=classify reads the procedural world's labelled set (data.path=null); image folders "
-                          "are not supported yet")
-    classes = list(data.world.shapes)
+    if data.path is None:
+        classes = list(data.world.shapes)
+        rows = imagetext.procedural(0, data.samples, data.seed, data.world, labelled=True)
+    else:
+        classes = imagetext.image_folder_classes(data.path)
+        rows = imagetext.image_folder(data.path, classes)
     model = dataclasses.replace(model, num_classes=len(classes))
-    rows = imagetext.procedural(0, data.samples, data.seed, data.world, labelled=True)
     train = imagetext.decoded(rows, data, True, counter).select_columns(["image", "label"])
     return Prepared({"train": train}, {CLASSES_FILE: json.dumps(classes)}, 0, model)
 

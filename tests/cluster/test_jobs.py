@@ -44,9 +44,9 @@ def test_a_training_run_is_named_once_and_keeps_a_given_name() -> None:
     ("train", ["tracking=online"], "trainer.storage_path=outputs/runs is relative"),
     ("train", ["trainer.storage_path=s3://b/runs"], "tracking.dir=outputs/wandb is relative"),
     ("train", ["trainer.num_wokers=2", *SHARED], "Could not override 'trainer.num_wokers': Key 'num_wokers' is not"),
-    ("train", ["model=openelm_2b", *SHARED], "Could not find 'model/openelm_2b' (options: openelm_1_1b,"),
+    ("train", ["model=openelm_2b", *SHARED], "Could not find 'model/openelm_2b' (options: "),
     ("train", ["trainer.run_name=a/b", *SHARED], "trainer.run_name='a/b'"),
-    ("trian", [], "cannot submit 'trian'; commands: cluster-check, generate, model-info, train"),
+    ("trian", [], "cannot submit 'trian'; commands: "),
     ("submit", [], "cannot submit 'submit'"),
 ])
 def test_bad_job_command_lines_fail_before_submission(command: str, overrides: list[str], message: str) -> None:

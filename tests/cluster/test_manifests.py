@@ -31,7 +31,12 @@ def test_every_manifest_passes_and_none_is_left_unchecked() -> None:
     checked = {str(Path(f).relative_to(CLUSTER)): kinds for f, kinds in check_path(CLUSTER).items()}
     assert checked == {"launcher/aws.yaml": ["launcher"], "launcher/gcp.yaml": ["launcher"],
                        "kuberay/raycluster.yaml": ["RayCluster"], "kuberay/rayjob.yaml": ["RayJob"],
-                       "kuberay/storage.yaml": ["PersistentVolumeClaim"]}
+                       "kuberay/rayservice.yaml": ["RayService"], "kuberay/storage.yaml": ["PersistentVolumeClaim"]}
+
+
+def test_the_rayservice_embeds_the_committed_serve_config() -> None:
+    """serveConfigV2 is serving/cluster.yaml verbatim (which tests/serving checks against conf/serve*)."""
+    assert load("kuberay/rayservice.yaml")["spec"]["serveConfigV2"] == (REPO / "serving" / "cluster.yaml").read_text()
 
 
 def test_the_rayjob_cluster_is_exactly_the_training_job() -> None:
@@ -112,6 +117,10 @@ RAY_WORKER = "spec.workerGroupSpecs.0.template.spec.containers.0"
     ("kuberay/raycluster.yaml", _set("spec.headGroupSpec.template.spec.containers.0.resources.limits",
                                      {"cpu": "8", "nvidia.com/gpu": "1"}), "headGroupSpec: the head has GPUs"),
     ("kuberay/storage.yaml", _set("spec.accessModes", ["ReadWriteOnce"]), "checkpoints need ReadWriteMany"),
+    ("kuberay/rayservice.yaml", _set("spec.rayClusterSpec.workerGroupSpecs.0.maxReplicas", 2),
+     "2 GPUs cannot hold serveConfigV2 GPUs at max_replicas=4"),
+    ("kuberay/rayservice.yaml", _set("spec.serveConfigV2", "applications: [{name: x}]"),
+     "spec.serveConfigV2: not a Serve config"),
 ])
 def test_a_field_that_does_not_validate_is_named(name: str, edit: Callable[[dict], None], message: str) -> None:
     doc = copy.deepcopy(load(name))
@@ -124,7 +133,7 @@ def test_a_field_that_does_not_validate_is_named(name: str, edit: Callable[[dict
 def test_cluster_check_cli(tmp_path) -> None:
     ok = subprocess.run([sys.executable, "-m", "raytrain", "cluster-check"], capture_output=True, text=True,
                         timeout=120, cwd=REPO)
-    assert ok.returncode == 0 and len(json.loads(ok.stdout)["checked"]) == 5
+    assert ok.returncode == 0 and len(json.loads(ok.stdout)["checked"]) == 6
     (tmp_path / "bad.yaml").write_text("cluster_name: x\nprovider: {type: aws\n")
     bad = subprocess.run([sys.executable, "-m", "raytrain", "cluster-check", f"path={tmp_path / 'bad.yaml'}"],
                          capture_output=True, text=True, timeout=120, cwd=REPO)

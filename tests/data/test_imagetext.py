@@ -55,3 +55,23 @@ def test_random_resized_crop_boxes_stay_inside_and_respect_the_ranges() -> None:
         assert 0 <= left < right <= 120 and 0 <= top < bottom <= 80
         assert 0.08 * 9600 * 0.9 <= (right - left) * (bottom - top) <= 9600
     assert imagetext.center_box(120, 80) == (20, 0, 100, 80)
+
+
+def test_an_image_folder_gives_sorted_classes_and_labels_from_the_folder_names(tmp_path, ray_cluster) -> None:
+    import pytest
+
+    from raytrain.data.imagetext import ImageDataError
+
+    image = shapes.sample(0, 0, shapes.WorldConfig())["image"]
+    for name, files in {"n02084071": ["a.png", "b.PNG"], "goldfish": ["c.png"], "heart": ["d.png", "notes.txt"]}.items():
+        (tmp_path / name).mkdir()
+        for f in files:
+            (tmp_path / name / f).write_bytes(image if not f.endswith(".txt") else b"not an image")
+    classes = imagetext.image_folder_classes(str(tmp_path))
+    assert classes == ["goldfish", "heart", "n02084071"]
+    rows = imagetext.image_folder(str(tmp_path), classes).take_all()
+    labels = sorted((r["key"].split("/")[-1], int(r["label"])) for r in rows)
+    assert labels == [("a.png", 2), ("b.PNG", 2), ("c.png", 0), ("d.png", 1)]
+    assert all(bytes(r["image"]) == image for r in rows)
+    with pytest.raises(ImageDataError, match=r"goldfish: 0 class folder\(s\); a classifier needs at least 2"):
+        imagetext.image_folder_classes(str(tmp_path / "goldfish"))

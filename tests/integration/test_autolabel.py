@@ -15,6 +15,7 @@ from raytrain.data.lidar_scenes import SceneConfig, write_scene, write_scenes
 from raytrain.pipelines.autolabel import runner
 from raytrain.pipelines.autolabel.config import AutolabelConfig
 from raytrain.pipelines.autolabel.evaluate import EvalConfig
+from tests.conftest import local_ray
 
 pytestmark = pytest.mark.integration
 SCENES = SceneConfig(frames=20)
@@ -22,8 +23,9 @@ AP_FLOOR = 0.4  # class-agnostic 3D AP@0.5 stated in the README for these scenes
 
 
 @pytest.fixture(scope="module")
-def labelled(ray_cluster, tmp_path_factory):
+def labelled(tmp_path_factory):
     """Two synthetic sequences labelled by the full pipeline and by the moving-only baseline."""
+    local_ray()  # module-scoped, so not the function-scoped `ray_cluster` fixture
     root = tmp_path_factory.mktemp("autolabel")
     write_scenes(root / "data", 2, SCENES, seed=11)
     full = runner.run(AutolabelConfig(), str(root / "data"), str(root / "full"), workers=2)

@@ -14,16 +14,18 @@ from raytrain.config import ConfigError
 from serving.config import serve_config, serve_spec, to_yaml
 from tests.conftest import REPO, compose
 
-COMMITTED = ["checkpoint=outputs/runs/tiny"]  # what serving/config.yaml is emitted with (conf/serve.yaml says so)
+COMMITTED = {"config.yaml": ["checkpoint=outputs/runs/tiny"],  # what serving/*.yaml are emitted with (conf/serve.yaml
+             "cluster.yaml": ["serve=cluster", "checkpoint=/mnt/shared/runs/openelm-1-1b"]}  # and rayservice.yaml say)
 
 
 def emitted(overrides: list[str]) -> dict:
     return serve_config(serve_spec(compose("serve", overrides).serve))
 
 
-def test_the_committed_serve_config_is_what_the_config_emits() -> None:
-    assert (REPO / "serving" / "config.yaml").read_text() == to_yaml(emitted(COMMITTED)), \
-        "serving/config.yaml is stale: run `raytrain serve emit=serving/config.yaml checkpoint=outputs/runs/tiny`"
+@pytest.mark.parametrize("name", COMMITTED)
+def test_the_committed_serve_configs_are_what_the_config_emits(name: str) -> None:
+    assert (REPO / "serving" / name).read_text() == to_yaml(emitted(COMMITTED[name])), \
+        f"serving/{name} is stale: run `raytrain serve emit=serving/{name} {' '.join(COMMITTED[name])}`"
 
 
 @pytest.mark.parametrize("option", sorted(f.stem for f in (CONF_DIR / "serve").glob("*.yaml")))
@@ -53,7 +55,7 @@ def test_models_sit_side_by_side_each_with_its_decoding_mode() -> None:
 @pytest.mark.parametrize("overrides, message", [
     ([], "serve.models.default.checkpoint is not set"),
     (["serve.models.default.deployment.max_queued_requests=-1"], "max_queued_requests=-1: must be >= 0"),
-    (["serve.models.default.weights=seedlm"], "serve.models.default.weights='seedlm' is unknown; known: dense"),
+    (["serve.models.default.weights=seedlm"], "serve.models.default.weights='seedlm' is unknown; known: dense, compressed"),
     (["generation.max_batch_size=32"], "max_ongoing_requests=16 is below engine.max_batch_size=32"),
     (["serve.models.default.limits.max_output_tokens=many"], "serve.models.default.limits.max_output_tokens"),
     (["serve.models.default.device=tpu"], "serve.models.default.device='tpu'"),

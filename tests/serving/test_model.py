@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from raytrain.checkpoint.hf import model_state, save_pretrained
+from raytrain.config import RaytrainError
 from raytrain.data.tokenizer import to_files
 from raytrain.models.decoder import DecoderConfig, build_decoder
 from serving.config import model_args, model_spec
@@ -71,3 +72,24 @@ def test_limits_are_client_errors_naming_the_field(checkpoints) -> None:
         with pytest.raises(RequestError) as e:
             model.prepare({"params": PARAMS, **job})
         assert e.value.args[1:3] == (param, code), e.value.args
+
+
+@torch.inference_mode()
+def test_a_compressed_checkpoint_is_served_compressed_or_dense_with_the_same_output(checkpoints, tmp_path) -> None:
+    from raytrain.checkpoint.hf import linear_weight_names, read_weights, save_compressed
+    from raytrain.compress.format import compress_tensor
+    from raytrain.compress.linear import CompressedLinear
+    from raytrain.compress.rtn import RTNConfig
+
+    src = checkpoints["plain"]
+    state = read_weights(src)
+    compressed = {n: compress_tensor(state[n], "rtn", RTNConfig(bits=4)) for n in linear_weight_names(src)}
+    out = save_compressed(tmp_path / "rtn", src, {k: v for k, v in state.items() if k not in compressed}, compressed)
+    kept, dense = server(out, weights="compressed"), server(out)
+    assert sum(isinstance(m, CompressedLinear) for m in kept.engine.model.modules()) == len(compressed)
+    assert not any(isinstance(m, CompressedLinear) for m in dense.engine.model.modules())
+    job = {"prompt": "The if", "params": {**PARAMS, "max_tokens": 6}}
+    outputs = [s.engine.generate([s.prepare(job)])[0].token_ids for s in (kept, dense)]
+    assert outputs[0] == outputs[1]
+    with pytest.raises(RaytrainError, match="weights=compressed: .* holds no compressed weights"):
+        server(src, weights="compressed")

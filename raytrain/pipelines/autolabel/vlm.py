@@ -3,14 +3,17 @@
 UP-VL pools a 2D vision-language model's features at projected LiDAR points. Any model with `encode_images` and
 `encode_text` plugs in through `BACKENDS` (config key `vlm.backend`); `feature_map` turns a crop encoder into the
 dense per-pixel embedding map the projection stage samples (a dense-CLIP-style stand-in: one crop per map cell).
-The default is meant to be the CatLIP/CLIP model of the CatLIP issue, trained on the generator's images; until it
-is wired in, the default is `LookPrototypes`.
 
-`LookPrototypes` is a FALLBACK, not a learned vision-language model: its image feature is a centre-weighted soft
-colour histogram of the crop, and its text encoder maps a prompt naming one of the synthetic generator's classes to
-the histogram of that class's look (`lidar_scenes.LOOKS`). It knows only those classes; any other prompt gets a fixed
-pseudo-random unit vector, so it matches nothing. It lets the pipeline run and be tested end to end without weights;
-its labels say nothing about how a real VLM would do on real images.
+`ClipCrops` (`vlm=clip`) is the CLIP model of `raytrain train job=clip` (`models/clip.py`: ViT image tower, decoder
+text tower), loaded with the tokenizer its checkpoint ships; trained on the generator's camera crops
+(`raytrain data make=lidar_crops`, `crops.py`) it is the learned image-text model the issue asks for.
+
+`LookPrototypes` (`vlm=look_prototypes`, the default because it needs no checkpoint) is a FALLBACK, not a learned
+vision-language model: its image feature is a centre-weighted soft colour histogram of the crop, and its text encoder
+maps a prompt naming one of the synthetic generator's classes to the histogram of that class's look
+(`lidar_scenes.LOOKS`). It knows only those classes; any other prompt gets a fixed pseudo-random unit vector, so it
+matches nothing. It lets the pipeline run and be tested end to end without weights; its labels say nothing about how
+a real VLM would do on real images.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from raytrain.data.lidar_scenes import LOOKS
+from raytrain.data.tokenizer import caption_tokens
 from raytrain.pipelines.autolabel.config import VLMConfig
 
 
@@ -92,8 +96,42 @@ class LookPrototypes:
         return F.normalize(torch.randn(self.dim, generator=torch.Generator().manual_seed(seed)), dim=0)
 
 
+class ClipCrops:
+    """A `raytrain train job=clip` checkpoint (run directory or checkpoint directory) as the image-text model:
+    crops are resized to the image tower's training size, prompts tokenized as the training captions were."""
+
+    def __init__(self, cfg: VLMConfig):
+        from raytrain.checkpoint.hf import load_pretrained
+        from raytrain.models.clip import Clip
+
+        if not cfg.checkpoint:
+            raise ValueError("vlm.backend=clip needs vlm.checkpoint=DIR (a `raytrain train job=clip` run or its "
+                             "checkpoint)")
+        loaded = load_pretrained(cfg.checkpoint, device=cfg.device)
+        if not isinstance(loaded.model, Clip):
+            raise ValueError(f"vlm.checkpoint={cfg.checkpoint}: a {type(loaded.model).__name__}, not a CLIP model")
+        if loaded.tokenizer is None:
+            raise ValueError(f"vlm.checkpoint={cfg.checkpoint}: ships no tokenizer (tokenizer.json)")
+        self.model, self.tokenizer, self.device = loaded.model.float(), loaded.tokenizer, cfg.device
+        self.size = loaded.config.image.image_size
+        self.text_length = loaded.config.text.max_seq_len
+        self.dim = loaded.config.embed_dim
+
+    @torch.no_grad()
+    def encode_images(self, crops: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(crops.float(), size=(self.size, self.size), mode="bilinear", align_corners=False)
+        return self.model.encode_image(x.to(self.device)).float()  # (B, e)
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        tokens, lengths = caption_tokens(self.tokenizer, prompts, self.text_length)
+        tokens, lengths = torch.from_numpy(tokens).to(self.device), torch.from_numpy(lengths).to(self.device)
+        return self.model.encode_text(tokens, lengths).float().cpu()  # (Q, e)
+
+
 BACKENDS: dict[str, Callable[[VLMConfig], ImageTextModel]] = {
     "look_prototypes": lambda cfg: LookPrototypes(),
+    "clip": ClipCrops,
 }
 
 
