@@ -93,11 +93,15 @@ def ttft_7b(args: argparse.Namespace, device: str) -> dict[str, dict]:
     out: dict[str, dict] = {name: {} for name in schedules}
     for length in args.lengths:
         prompt = torch.randint(4, model.cfg.vocab_size, (length,)).tolist()
-        for name, schedule in schedules.items():
-            for _ in range(args.warmup):
+        for _ in range(args.warmup):
+            for schedule in schedules.values():
                 first_token_s(model, prompt, schedule)
-            times = [first_token_s(model, prompt, schedule) for _ in range(args.repeats)]
-            out[name][f"{length}_tokens"] = {"ttft_ms": 1e3 * statistics.median(times)}
+        times: dict[str, list[float]] = {name: [] for name in schedules}
+        for _ in range(args.repeats):  # round robin, so a change in machine load hits every schedule alike
+            for name, schedule in schedules.items():
+                times[name].append(first_token_s(model, prompt, schedule))
+        for name in schedules:
+            out[name][f"{length}_tokens"] = {"ttft_ms": 1e3 * statistics.median(times[name])}
             progress("ttft_7b", name, length, out[name][f"{length}_tokens"])
     return out
 

@@ -16,7 +16,7 @@ from raytrain.data.tokenizer import to_files
 from raytrain.models.decoder import DecoderConfig, LayerScaling, build_decoder
 from raytrain.train.objectives import lm_loss
 from serving.config import serve_config, serve_spec
-from tests.conftest import compose
+from tests.conftest import compose, local_ray
 
 LAZY = ("+serve.models.lazy={checkpoint:${checkpoint},engine:{max_batch_size:2,lazy:true,"
         "lazyllm:{min_prompt_tokens:16}},limits:{request_timeout_s:1.5,max_output_tokens:2000},"
@@ -62,12 +62,13 @@ def checkpoint(one_thread, tmp_path_factory, tokenizer) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(ray_cluster, checkpoint):
+def server(checkpoint):
     """The base URL of a Serve instance started from `conf/serve.yaml` the way `raytrain serve` starts it."""
     from ray import serve
 
     from serving.run import start
 
+    local_ray()
     cfg = compose("serve", [f"checkpoint={checkpoint}", f"serve.http_options.port={free_port()}",
                             "generation.max_batch_size=4", "serve.models.default.deployment.max_ongoing_requests=8",
                             "serve.models.default.deployment.max_queued_requests=8",
