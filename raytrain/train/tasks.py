@@ -7,9 +7,9 @@ per vocabulary synset). `Worker` runs on each rank: it turns dataset batches int
 and the parts of it that are logged, updates per-step state (CatLIP's EMA) and chooses the weights the `model/`
 export holds.
 
-Tasks (`task.name`): `lm` (next-token pretraining, the default), `catlip` (multi-label BCE over WordNet synsets),
-`clip` (contrastive image-text baseline), `classify` (linear probe or fine-tune of a ViT on labelled images, with
-Transfer Init from a CatLIP checkpoint).
+Tasks (`task.name`): `lm` (next-token pretraining, the default; `objective=distill` adds AFM's frozen teacher),
+`catlip` (multi-label BCE over WordNet synsets), `clip` (contrastive image-text baseline), `classify` (linear probe
+or fine-tune of a ViT on labelled images, with Transfer Init from a CatLIP checkpoint).
 """
 
 from __future__ import annotations
