@@ -35,7 +35,8 @@ def commands() -> dict[str, ModuleType]:
 
 def usage(available: dict[str, ModuleType]) -> str:
     lines = ["usage: raytrain <command> [key=value ...] [--cfg job] [--help]", "", "commands:"]
-    lines += [f"  {name:<13} {mod.HELP}" for name, mod in sorted(available.items())]
+    width = max(map(len, available))
+    lines += [f"  {name:<{width}}  {mod.HELP}" for name, mod in sorted(available.items())]
     return "\n".join(lines)
 
 
