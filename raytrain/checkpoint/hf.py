@@ -21,7 +21,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -159,10 +159,7 @@ def load_pretrained(path: str | Path, device: torch.device | str = "cpu", dtype:
     path = resolve_checkpoint(path)
     saved = read_model_config(path)
     cfg = config if config is not None else saved
-    state, compressed = read_tensors(path)
-    if not keep_compressed:
-        state.update({name: ct.dense() for name, ct in compressed.items()})
-        compressed = {}
+    state, compressed = read_tensors(path) if keep_compressed else (read_weights(path), {})
     model_type = _read_json(path / CONFIG).get("model_type")
     if model_type in FORMATS:
         if compressed and model_type != "openelm":
@@ -312,20 +309,17 @@ def linear_weight_names(path: str | Path) -> list[str]:
     if is_raytrain_layout(path):
         model = build_model(read_model_config(path), "meta")
         output = model.head
-        to_model = openelm_name if _read_json(path / CONFIG).get("model_type") == "openelm" else str
     else:
         model = _hf_model(path, "meta")
         output = model.get_output_embeddings()
-        to_model = str
+    to_model = parameter_names(path)
     linear = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not output}
     return [name for name, t in stored_tensors(path).items() if to_model(name) in linear and len(t.shape) == 2]
 
 
-def model_parameter_name(path: str | Path, stored_name: str) -> str:
-    """The parameter name in the model `load_pretrained` / `load_hf_causal_lm` builds for a stored tensor name."""
-    if _read_json(resolve_checkpoint(path) / CONFIG).get("model_type") == "openelm":
-        return openelm_name(stored_name)
-    return stored_name
+def parameter_names(path: str | Path) -> Callable[[str], str]:
+    """Stored tensor name -> the parameter name in the model `load_pretrained` / `load_hf_causal_lm` builds."""
+    return openelm_name if _read_json(resolve_checkpoint(path) / CONFIG).get("model_type") == "openelm" else str
 
 
 def load_hf_causal_lm(path: str | Path, device: torch.device | str = "cpu") -> Any:

@@ -239,7 +239,7 @@ def image_folder(root: str, classes: list[str]) -> Any:
 
     index = {name: i for i, name in enumerate(classes)}
     files = ray.data.read_binary_files([os.path.join(root, c) for c in classes], include_paths=True,
-                                       file_extensions=[*IMAGE_EXTENSIONS, *(e.upper() for e in IMAGE_EXTENSIONS)])
+                                       file_extensions=list(IMAGE_EXTENSIONS))  # matched case-insensitively
     return files.map_batches(_folder_rows, fn_kwargs={"index": index}, batch_format="numpy")
 
 

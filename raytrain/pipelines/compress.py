@@ -290,7 +290,8 @@ def _causal_lm(source: Path, device: str) -> tuple[torch.nn.Module, ev.LogitsFn,
 @contextlib.contextmanager
 def _weights_swapped(model: torch.nn.Module, source: Path, dense: dict[str, torch.Tensor]) -> Iterator[None]:
     """Temporarily copy `dense` (stored names) into the model's parameters."""
-    params = {n: model.get_parameter(hf.model_parameter_name(source, n)) for n in dense}
+    to_model = hf.parameter_names(source)
+    params = {n: model.get_parameter(to_model(n)) for n in dense}
     saved = {n: p.detach().clone() for n, p in params.items()}
     with torch.no_grad():
         try:

@@ -98,6 +98,7 @@ def _train(engine: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer
     stop_at = min(t.max_steps, t.stop_after_steps or t.max_steps)
     batches = _batches(ray.train.get_dataset_shard("train"), job, progress, device, work)
     meter = _Throughput(job, work, world)
+    step_units = units_per_step(job, work, world)
     skips = getattr(optimizer, "skips", None)
     window, window_steps = torch.zeros(len(work.metrics), device=device), 0
     while progress.step < stop_at:
@@ -110,7 +111,7 @@ def _train(engine: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer
             progress.skipped_steps += 1  # the same norm on the host inside its step, so this adds no GPU wait
         work.after_step()
         progress.step += 1
-        progress.tokens += units_per_step(job, work, world)
+        progress.tokens += step_units
         window_steps += 1
         log_now, save_now = (progress.step % every == 0 or progress.step == stop_at
                              for every in (t.log_every, t.checkpoint_every))
