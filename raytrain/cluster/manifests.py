@@ -10,6 +10,7 @@ workers its cluster can hold. Every failure is one `ManifestError` naming the fi
 from __future__ import annotations
 
 import json
+import math
 import re
 import shlex
 from collections.abc import Iterator
@@ -194,7 +195,7 @@ def check_ray_service(spec: dict[str, Any], where: str) -> None:
                 gpus += per_replica * (replicas or d.num_replicas or 1)
                 cpus_per_gpu = max(cpus_per_gpu, (d.ray_actor_options.num_cpus or 1) / per_replica)
     check_ray_cluster(_require(spec, "rayClusterSpec", where, "spec"), where, "spec.rayClusterSpec",
-                      int(gpus) if gpus else None, cpus_per_gpu or None, "serveConfigV2 GPUs at max_replicas")
+                      math.ceil(gpus) if gpus else None, cpus_per_gpu or None, "serveConfigV2 GPUs at max_replicas")
 
 
 def _reference_trainer() -> Any:
