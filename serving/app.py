@@ -53,6 +53,15 @@ async def _internal_error(_: Request, e: Exception) -> JSONResponse:
     return JSONResponse(ApiError(500, f"internal error: {type(e).__name__}: {e}", code="internal_error").body(), 500)
 
 
+def choice(job: dict[str, Any], j: int) -> dict[str, Any]:
+    """Sample j of a prompt: with a seed, seeded seed + j (vLLM's rule), so n choices differ and repeat."""
+    seed = job["params"].get("seed")
+    if seed is None or j == 0:
+        return job
+    seed += j
+    return {**job, "params": {**job["params"], "seed": seed - 2 ** 64 if seed >= 2 ** 64 else seed}}
+
+
 class Deadline:
     """A request's time budget; awaiting past it raises a 504 ApiError."""
 
@@ -172,7 +181,7 @@ class OpenAIIngress:
             raise ApiError(404, f"model {req.model!r} does not exist; served: {', '.join(self.handles)}", "model",
                            "model_not_found")
         limits = self.specs[req.model].limits
-        jobs = [job for job in prompts for _ in range(req.n)]  # choice i*n + j: sample j of prompt i
+        jobs = [choice(job, j) for job in prompts for j in range(req.n)]  # choice i*n + j: sample j of prompt i
         if len(jobs) > limits.max_choices:
             raise ApiError(400, f"n: {len(prompts)} prompt(s) x n={req.n} asks for {len(jobs)} choices; model "
                            f"{req.model!r} answers at most {limits.max_choices} per request", "n", "invalid_value")

@@ -61,7 +61,7 @@ class ActorOptions:  # Serve's ray_actor_options: resources of one replica
 class Deployment:
     """Serve deployment options, under Serve's own names (emitted as they are)."""
 
-    max_ongoing_requests: int = 16  # per replica; a model needs >= engine.max_batch_size to fill its batches
+    max_ongoing_requests: int = 16  # per replica; a model needs >= engine.max_batch_size to fill its KV slots
     max_queued_requests: int = 32  # per caller; beyond it requests get 503 + Retry-After, never an unbounded queue
     backpressure_config: Backpressure = field(default_factory=Backpressure)
     autoscaling_config: Autoscaling = field(default_factory=Autoscaling)
@@ -80,7 +80,6 @@ class ModelSpec:
     dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu | float32 | bfloat16 | float16
     chat_template: str | None = None  # Jinja; null: the tokenizer's own, else a plain "role: content" template
     engine: EngineConfig = field(default_factory=EngineConfig)  # batching and decoding mode (plain or LazyLLM)
-    batch_wait_timeout_s: float = 0.01  # how long an idle replica waits for a request to get company in a batch
     limits: Limits = field(default_factory=Limits)
     deployment: Deployment = field(default_factory=Deployment)
 
@@ -135,7 +134,7 @@ def check_model(name: str, model: ModelSpec, key: str) -> None:
     check_deployment(model.deployment, f"{key}.deployment")
     if model.deployment.max_ongoing_requests < model.engine.max_batch_size:
         raise ConfigError(f"{key}.deployment.max_ongoing_requests={model.deployment.max_ongoing_requests} is below "
-                          f"engine.max_batch_size={model.engine.max_batch_size}: batches could never fill")
+                          f"engine.max_batch_size={model.engine.max_batch_size}: its KV slots could never fill")
 
 
 def check_deployment(d: Deployment, key: str) -> None:

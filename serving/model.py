@@ -1,9 +1,10 @@
 """The model deployment: each replica holds one `Engine` (the project's generation engine) for one model.
 
 A request is tokenized (chat messages through the model's chat template) and checked against the model's limits on
-its own, so one bad request never fails a batch; then the `Batcher` gathers the requests waiting for the engine into
-its next batch, which runs in the engine's thread (`Engine.astream`) while the replica keeps accepting requests.
-A request whose caller goes away (client disconnect, timeout) is cancelled in the engine at its next step.
+its own, so one bad request never fails another; then it joins the engine's running batch at the next step
+(continuous batching: `Engine.astream`, stepped by the engine's own thread while the replica keeps accepting
+requests). A streamed request yields everything its row produced since its previous item, so a busy replica sends
+fewer, larger items. A request whose caller goes away (client disconnect, timeout) is cancelled at the next step.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from ray import serve
 
 from raytrain.checkpoint.hf import is_compressed_checkpoint
 from raytrain.config import RaytrainError
-from raytrain.infer.batcher import Batcher
 from raytrain.infer.engine import Completion, Engine, Request
 from raytrain.infer.sampling import SamplingParams
 from serving.config import ModelSpec, model_spec
@@ -59,7 +59,6 @@ class ModelServer:
         self.engine = load_engine(self.spec)
         self.chat_template = (self.spec.chat_template or getattr(self.engine.tokenizer, "chat_template", None)
                               or PLAIN_CHAT_TEMPLATE)
-        self.batcher = Batcher(self.engine, self.spec.batch_wait_timeout_s)
 
     # ---- called by the ingress ------------------------------------------------------------------------------
 
@@ -70,9 +69,9 @@ class ModelServer:
             request = self.prepare(job)
         except RequestError as e:
             return {"error": e.args}
-        async for delta in self.batcher.stream(request):
-            if delta.completion is not None:
-                return {"text": delta.completion.text, **_counts(delta.completion)}
+        async for deltas in self.engine.astream([request]):
+            if deltas[-1].completion is not None:
+                return {"text": deltas[-1].completion.text, **_counts(deltas[-1].completion)}
         raise RuntimeError("the engine ended without a completion")
 
     async def stream(self, job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
@@ -84,16 +83,17 @@ class ModelServer:
             yield {"error": e.args}
             return
         yield {"prompt_tokens": len(request.prompt)}
-        async for delta in self.batcher.stream(request):
-            yield {"text": delta.text, **(_counts(delta.completion) if delta.completion else {})}
+        async for deltas in self.engine.astream([request]):
+            done = deltas[-1].completion
+            yield {"text": "".join(d.text for d in deltas), **(_counts(done) if done else {})}
 
     def info(self) -> dict[str, Any]:
         return {"context_window": self.engine.context_window, "max_batch_size": self.spec.engine.max_batch_size,
                 "decoding": "lazyllm" if self.spec.engine.lazy else "plain", "weights": self.spec.weights}
 
     def stats(self) -> dict[str, Any]:
-        """How many engine batches of each size this replica ran."""
-        return {"batch_sizes": dict(self.batcher.batch_sizes)}
+        """Engine steps run, and how many decode steps carried each number of sequences."""
+        return {"steps": self.engine.steps, "decode_rows": dict(self.engine.decode_rows)}
 
     # ---- request preparation ----------------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raytrain.models.kv_cache import KVCache
+from raytrain.models.kv_cache import KVCache, attention
 
 
 @dataclass
@@ -197,15 +197,10 @@ class Attention(nn.Module):
         return apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin), v
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Any, layer: int) -> torch.Tensor:
-        """`cache` (a `KVCache` or any object with its `update`) decides which keys the queries see."""
+        """`cache` (a `KVCache` or any object with its `attend`) decides which keys the queries see."""
         B, T, _ = x.shape
         q, k, v = self.project(x, cos, sin)
-        if cache is None:
-            mask, causal = None, T > 1
-        else:
-            k, v, mask, causal = cache.update(layer, q, k, v)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           enable_gqa=self.n_q != self.n_kv)  # (B, n_q, T, hd)
+        y = attention(q, k, v, None, T > 1) if cache is None else cache.attend(layer, q, k, v)  # (B, n_q, T, hd)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, self.n_q * self.head_dim))
 
 
@@ -267,7 +262,7 @@ class Decoder(nn.Module):
         """`last_only` computes the logits of the final position alone (all a prefill needs)."""
         T = tokens.shape[1]
         if positions is None and cache is not None:
-            positions = cache.positions(T)
+            positions = cache.position_ids(T)
         if positions is None:  # contiguous positions: a slice of the tables, no gather
             start = cache.seen if cache is not None else 0
             cos, sin = self.rope_cos[None, None, start:start + T], self.rope_sin[None, None, start:start + T]
