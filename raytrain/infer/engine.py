@@ -35,6 +35,7 @@ from raytrain.infer.model_runner import ModelRunner
 from raytrain.infer.sampling import SamplingParams, SamplingTable
 from raytrain.infer.scheduler import Plan, Scheduler, Sequence
 from raytrain.infer.text import TextStream, fast_decode
+from raytrain.models import ops
 from raytrain.models.decoder import Decoder
 
 
@@ -45,6 +46,8 @@ class EngineConfig:
     kv_memory_gb: float | None = None  # KV budget: fewer slots than max_batch_size if they do not fit; None = no cap
     max_step_tokens: int = 512  # tokens computed per step (decode rows + prompt chunks): bounds a prefill's stall
     cuda_graphs: bool = True  # decode steps as CUDA graphs (GPU only)
+    fused_kernels: bool = True  # the decoder's elementwise chains as compiled fused kernels (GPU only)
+    compile_decode: bool = False  # the whole decode step through torch.compile before its graphs (GPU only)
     overlap: bool | None = None  # host work of step t while the device runs step t+1; None = on CUDA
     lazy: bool = False  # LazyLLM for prompts of at least lazyllm.min_prompt_tokens tokens
     lazyllm: LazyConfig = field(default_factory=LazyConfig)
@@ -93,7 +96,11 @@ class Engine:
         self.max_len = self._max_len()
         n_slots = self._slots()
         self.scheduler = Scheduler(n_slots, max(1, self.config.max_step_tokens))
-        self.runner = ModelRunner(model, n_slots, self.max_len, self.config.cuda_graphs)
+        cuda = self.device.type == "cuda"
+        if cuda and self.config.fused_kernels:
+            ops.use_fused_kernels()
+        self.runner = ModelRunner(model, n_slots, self.max_len, self.config.cuda_graphs,
+                                  compile_decode=cuda and self.config.compile_decode)
         self.sampling = SamplingTable(n_slots + 1, model.cfg.vocab_size, self.device)  # + a row for LazyLLM
         self.lazy_waiting: deque[Sequence] = deque()
         self.lazy_running: Sequence | None = None

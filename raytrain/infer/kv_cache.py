@@ -20,6 +20,7 @@ import math
 
 import torch
 
+from raytrain.models import ops
 from raytrain.models.kv_cache import attention, causal_mask
 
 
@@ -78,6 +79,6 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     W, n_q, _, hd = q.shape
     n_kv = keys.shape[1]
     grouped = q.reshape(W, n_kv, n_q // n_kv, hd)  # query heads g*j..g*j+g-1 read KV head j
-    scores = torch.matmul(grouped, keys.transpose(-1, -2)).float() * (1 / math.sqrt(hd))  # (W, n_kv, g, L)
-    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1).to(values.dtype)
+    scores = torch.matmul(grouped, keys.transpose(-1, -2))  # (W, n_kv, g, L)
+    probs = ops.masked_softmax(scores, mask, 1 / math.sqrt(hd), values.dtype)
     return torch.matmul(probs, values).reshape(W, n_q, 1, hd)

@@ -29,7 +29,8 @@ def bucket(value: int, buckets: list[int]) -> int:
 
 
 class ModelRunner:
-    def __init__(self, model: Decoder, n_slots: int, max_len: int, cuda_graphs: bool = True) -> None:
+    def __init__(self, model: Decoder, n_slots: int, max_len: int, cuda_graphs: bool = True,
+                 compile_decode: bool = False) -> None:
         self.model = model
         self.device = model.embed.weight.device
         kv_heads = [block.attn.n_kv for block in model.layers]
@@ -46,6 +47,8 @@ class ModelRunner:
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.graph_pool = None
         self.logits: torch.Tensor | None = None  # (n_slots, vocab_rows): the graphs' output buffer
+        # compiled with dynamic shapes: one compilation for every (width, length) bucket, each then a CUDA graph
+        self._decode_forward = torch.compile(self._forward, dynamic=True) if compile_decode else self._forward
 
     # ---- prefill ----------------------------------------------------------------------------------------------
 
@@ -78,7 +81,7 @@ class ModelRunner:
     def decode(self, width: int, length: int) -> torch.Tensor:
         """One token for rows 0..width-1 -> logits (width, V); idle rows compute garbage that nobody reads."""
         if not self.cuda_graphs:
-            return self._forward(width, length)
+            return self._decode_forward(width, length)
         if (width, length) not in self.graphs:
             self._capture(width, length)
         self.graphs[width, length].replay()
@@ -103,12 +106,12 @@ class ModelRunner:
         self.write_index.fill_(self.max_len)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up outside the graph: cuBLAS handles, lazy inits
-            self.logits[:width] = self._forward(width, length)
+        with torch.cuda.stream(stream):  # warm-up outside the graph: compilation, cuBLAS handles, lazy inits
+            self.logits[:width] = self._decode_forward(width, length)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.graph_pool):
-            self.logits[:width] = self._forward(width, length)
+            self.logits[:width] = self._decode_forward(width, length)
         self.graph_pool = graph.pool()
         self.graphs[width, length] = graph
         self.write_index.copy_(write_index)
