@@ -1,14 +1,19 @@
 """The model deployment: each replica holds one `Engine` (the project's generation engine) for one model.
 
 A request is tokenized (chat messages through the model's chat template) and checked against the model's limits on
-its own, so one bad request never fails a batch; then the `Batcher` gathers the requests waiting for the engine into
-its next batch, which runs in the engine's thread (`Engine.astream`) while the replica keeps accepting requests.
-A request whose caller goes away (client disconnect, timeout) is cancelled in the engine at its next step.
+its own, so one bad request never fails a batch: a text longer than the token limit could hold is refused before it
+is tokenized, token ids outside the vocabulary are refused, and preparation runs in its own thread, one request at a
+time, so the replica's event loop keeps answering while a long prompt is tokenized. Then the `Batcher` gathers the
+requests waiting for the engine into its next batch, which runs in the engine's thread (`Engine.astream`) while the
+replica keeps accepting requests. A request whose caller goes away (client disconnect, timeout) is cancelled in the
+engine at its next step.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -60,6 +65,9 @@ class ModelServer:
         self.chat_template = (self.spec.chat_template or getattr(self.engine.tokenizer, "chat_template", None)
                               or PLAIN_CHAT_TEMPLATE)
         self.batcher = Batcher(self.engine, self.spec.batch_wait_timeout_s)
+        # no text beyond this many characters tokenizes into max_prompt_tokens tokens or fewer
+        self.max_prompt_chars = self.spec.limits.max_prompt_tokens * longest_token_chars(self.engine.tokenizer)
+        self.preparing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
 
     # ---- called by the ingress ------------------------------------------------------------------------------
 
@@ -67,7 +75,7 @@ class ModelServer:
         """One whole completion: {text, finish_reason, prompt_tokens, completion_tokens}, or {error} (a client
         error is an answer, not a replica failure, so Serve does not log it as one)."""
         try:
-            request = self.prepare(job)
+            request = await self._prepare(job)
         except RequestError as e:
             return {"error": e.args}
         async for delta in self.batcher.stream(request):
@@ -79,7 +87,7 @@ class ModelServer:
         """{prompt_tokens} once the request is accepted (or {error}), then {text} pieces; the last adds
         finish_reason and counts."""
         try:
-            request = self.prepare(job)
+            request = await self._prepare(job)
         except RequestError as e:
             yield {"error": e.args}
             return
@@ -96,6 +104,9 @@ class ModelServer:
         return {"batch_sizes": dict(self.batcher.batch_sizes)}
 
     # ---- request preparation ----------------------------------------------------------------------------------
+
+    async def _prepare(self, job: dict[str, Any]) -> Request:
+        return await asyncio.get_running_loop().run_in_executor(self.preparing, self.prepare, job)
 
     def prepare(self, job: dict[str, Any]) -> Request:
         """An engine request from the ingress's job (prompt or messages, and the sampling fields), within limits."""
@@ -127,6 +138,14 @@ class ModelServer:
 
     def _prompt_ids(self, job: dict[str, Any], param: str) -> list[int]:
         tokenizer = self.engine.tokenizer
+        prompt = job.get(param)
+        if param == "prompt" and not isinstance(prompt, str):
+            return self._token_ids(prompt)
+        chars = len(prompt) if param == "prompt" else sum(len(m["content"]) for m in prompt)
+        if chars > self.max_prompt_chars:
+            raise RequestError(f"{param}: {chars} characters are more than model {self.name!r} accepts (at most "
+                               f"{self.spec.limits.max_prompt_tokens} tokens, which this tokenizer never spells in "
+                               f"more than {self.max_prompt_chars} characters)", param, "context_length_exceeded")
         try:
             if param == "messages":
                 ids = tokenizer.apply_chat_template(job["messages"], chat_template=self.chat_template,
@@ -137,6 +156,22 @@ class ModelServer:
             raise RequestError(f"messages: the chat template rejected them ({e})", "messages") from None
         except RaytrainError as e:
             raise RequestError(f"{param}: {e}", param) from None
+
+    def _token_ids(self, ids: list[int]) -> list[int]:
+        """A prompt given as token ids, all inside the vocabulary (an id outside it would fail the whole batch)."""
+        vocab = self.engine.model.cfg.vocab_size
+        outside = next((i for i in ids if not 0 <= i < vocab), None)
+        if outside is not None:
+            raise RequestError(f"prompt: token id {outside} is outside the vocabulary of model {self.name!r} "
+                               f"(0 to {vocab - 1})", "prompt", "invalid_value")
+        return self.engine.tokenize(ids)
+
+
+def longest_token_chars(tokenizer: Any) -> int:
+    """The most characters any vocabulary entry spells. Tokens as the vocabulary writes them are at least as long as
+    the text they stand for (byte-level BPE writes one character per byte; byte fallbacks read `<0x41>`), so no
+    token covers more text than this."""
+    return max(map(len, tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))))
 
 
 def _counts(c: Completion) -> dict[str, Any]:
