@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException
 
 from serving.config import INGRESS, ModelSpec, api_spec, check_model, deployment_name, model_args, model_spec
 from serving.guard import api_key, authorize, read_body
-from serving.health import HEALTHY, ReplicaProbe
+from serving.health import DOWN, HEALTHY, ReplicaProbe
 from serving.model import ModelServer
 from serving.protocol import (ApiError, ChatRequest, CompletionRequest, chunk, completion_body, new_id, parse, shown,
                               sse, usage_chunk)
@@ -222,7 +222,7 @@ class OpenAIIngress:
             raise ApiError(400, f"n: {len(prompts)} prompt(s) x n={req.n} asks for {choices} choices; model "
                            f"{req.model!r} answers at most {limits.max_choices} per request", "n", "invalid_value")
         down = self.replicas.down[req.model]
-        if down.is_set():
+        if down.is_set() and (await self.replicas.check())[req.model] == DOWN:  # still down, by a fresh probe
             raise unavailable(req.model)
         jobs = [job for job in prompts for _ in range(req.n)]  # choice i*n + j: sample j of prompt i
         deadline = Deadline(limits.request_timeout_s, req.model, down)

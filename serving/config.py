@@ -3,9 +3,10 @@
 `raytrain serve` composes `conf/serve.yaml` (with the `serve` group) into a `ServeSpec`; `serve_config` turns it into
 the dictionary that `serve run` and `serve deploy` accept (Serve's `ServeDeploySchema`): one application whose
 `args` are the models (checkpoint, weight format, engine config, limits) and the API's own protections (API key, body
-limits, replica probing), and whose `deployments` carry what Serve itself manages (replicas and autoscaling, the bounded queue and its 503 + Retry-After, resources, health checks) for
-the ingress and for each model. The same dictionary is what `raytrain serve` deploys, so the committed
-`serving/config.yaml` is this output; edit `conf/serve*`, never the YAML.
+limits, replica probing), and whose `deployments` carry what Serve itself manages (replicas and autoscaling, the
+bounded queue and its 503 + Retry-After, resources, health checks) for the ingress and for each model. The same
+dictionary is what `raytrain serve` deploys, so the committed `serving/config.yaml` is this output; edit
+`conf/serve*`, never the YAML.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 A probe broadcasts the replicas' cheap `info` call (Serve's `DeploymentHandle.broadcast`, which bypasses the request
 queue, so a busy replica still answers) and waits `timeout_s`. A model is
 - `ready`: at least one replica answered;
-- `down`: it has no replica (none running, or every one listed has died): requests to it are answered 503 at once,
-  and requests waiting for it are given up with 503, instead of waiting for a replacement;
+- `down`: it has no replica (none running, or every one listed has died): requests to it are answered 503 at once
+  (once a fresh probe confirms it: the last one may predate a replica that started since), and requests waiting
+  for it are given up with 503, instead of waiting for a replacement;
 - `unresponsive`: replicas exist but none answered in time (or the broadcast timed out: it collects every replica's
   answer together, so one hung replica makes the whole model unresponsive until Serve's own health check replaces it);
 - `idle`: a model that may scale to zero has no replica; a request starts one, so it counts as healthy.

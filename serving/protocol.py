@@ -64,9 +64,14 @@ def _valid_unicode(text: str) -> str:
     return text
 
 
+# Lists stop at their first bad item (`fail_fast`): a body-sized list of wrong items costs one error, not one each.
 Text = Annotated[str, AfterValidator(_valid_unicode)]
-TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=INT32_MAX)]], Field(min_length=1)]
+Texts = Annotated[list[Text], Field(min_length=1, fail_fast=True)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=INT32_MAX)]], Field(min_length=1, fail_fast=True)]
 Count = Annotated[int, Field(ge=1, le=INT32_MAX)]
+# OpenAI's four forms: a text, texts, token ids, lists of token ids (the model's replica checks ids against its
+# vocabulary)
+Prompt = Text | Texts | TokenIds | Annotated[list[TokenIds], Field(min_length=1, fail_fast=True)]
 
 
 class _Strict(BaseModel):
@@ -83,7 +88,7 @@ class _Sampling(_Strict):
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     n: Count = 1
-    stop: Text | list[Text] | None = None
+    stop: Text | Annotated[list[Text], Field(max_length=MAX_STOPS, fail_fast=True)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
@@ -131,9 +136,7 @@ class _Sampling(_Strict):
 
 
 class CompletionRequest(_Sampling):
-    # OpenAI's four forms: text, texts, token ids, lists of token ids (ids are checked against the vocabulary by
-    # the model's replica)
-    prompt: Text | Annotated[list[Text], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)]
+    prompt: Prompt
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=INT32_MAX)
     best_of: Count | None = None
@@ -156,7 +159,7 @@ class TextPart(_Strict):
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: Text | list[TextPart]
+    content: Text | Annotated[list[TextPart], Field(fail_fast=True)]
     name: Text | None = None
 
     def plain(self) -> dict[str, str]:
@@ -165,7 +168,7 @@ class ChatMessage(_Strict):
 
 
 class ChatRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, fail_fast=True)
     max_completion_tokens: Count | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=INT32_MAX)

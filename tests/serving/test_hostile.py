@@ -60,7 +60,8 @@ def error_of(r: httpx.Response, status: int, param: str | None, code: str | None
     """The message of an OpenAI error answer with this status, param and code; it quotes no exception."""
     assert r.status_code == status, r.text
     error = r.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and (error["param"], error["code"]) == (param, code), r.text
+    assert set(error) == {"message", "type", "param", "code"}, r.text
+    assert (error["param"], error["code"]) == (param, code), r.text
     assert "Error" not in error["message"] and "Traceback" not in error["message"], error["message"]
     return error["message"]
 
@@ -124,7 +125,8 @@ def test_stop_strings_are_bounded_in_number_and_length(server, alongside) -> Non
     (b'{"model": "default", "prompt": [1, ' + b"9" * 5000 + b"]}", "prompt.1", "invalid_value"),
     (b'{"model": "default", "prompt": "a\\ud800b"}', "prompt", "invalid_value"),
     (b'{"model": "default", "prompt": ["ok", "\\udfff"]}', "prompt.1", "invalid_value"),
-    (b'{"model": "default", "messages": [{"role": "user", "content": "\\ud83d"}]}', "messages.0.content", "invalid_value"),
+    (b'{"model": "default", "messages": [{"role": "user", "content": "\\ud83d"}]}', "messages.0.content",
+     "invalid_value"),
     (b'{"model": "default", "prompt": "x", "stop": "\\udc00"}', "stop", "invalid_value"),
     (b'{"model": "default", "prompt": "x", "\\ud800": 1}', None, "invalid_value"),
     (b'{"model": "default", "prompt": "x", "temperature": NaN}', None, "invalid_json"),
@@ -237,7 +239,8 @@ def defect(rng: random.Random, body: dict, chat: bool) -> dict:
             name, kind = "max_tokens", "int"
         return {**body, name: wrong_value(rng, kind)}
     if choice == 1:  # an unknown field, its name as strange as it gets
-        return {**body, rng.choice(["max_token", "\ud800", "x" * 1000, "名前", ""]) + str(rng.random()): rng.choice(TEXTS)}
+        name = rng.choice(["max_token", "\ud800", "x" * 1000, "名前", ""]) + str(rng.random())
+        return {**body, name: rng.choice(TEXTS)}
     if choice == 2:  # a missing required field
         return {k: v for k, v in body.items() if k != rng.choice(["model", "messages" if chat else "prompt"])}
     if choice == 3:  # out-of-range values of the right type
