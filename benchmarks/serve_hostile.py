@@ -5,14 +5,15 @@ protections). Normal traffic is `--requests` streamed completions by `--concurre
 baseline runs it alone; then the same traffic runs while `--attackers` clients (in a process of their own, so their
 own work does not slow the normal clients down) send hostile requests back to back: 50 MB bodies, 5 MB chunked
 bodies, a 1 MB prompt under the body limit, token ids outside the vocabulary, JSON nested 100k deep, a 5000-digit
-integer, a lone surrogate, NaN, oversized stop strings, a body trickled past the body timeout. Every hostile answer
+integer, a lone surrogate, NaN, oversized stop strings; and `--tricklers` connections each send a body that stops
+after 5 bytes, one after another, so each holds the ingress until the body timeout. Every hostile answer
 is counted by status (none may be a 5xx), and the ratio is the normal clients' p50 latency under attack over the
 baseline's (a baseline runs before and after the attack, so a drift in machine load shows). Last, the replica is
 killed: the figures are how long /health takes to say so, how long requests to the model take to be refused
 meanwhile (503 at once rather than a wait for the replacement), and how long the replacement takes.
 Prints one JSON line.
 
-    python benchmarks/serve_hostile.py --requests 48
+    python benchmarks/serve_hostile.py --requests 96
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=48, help="normal requests per phase")
     p.add_argument("--concurrency", type=int, default=4, help="normal closed-loop clients")
     p.add_argument("--attackers", type=int, default=4, help="hostile closed-loop clients")
+    p.add_argument("--tricklers", type=int, default=4, help="connections trickling a body, one after another")
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--max-batch-size", type=int, default=8)
@@ -138,7 +140,7 @@ async def under_attack(url: str, body: dict[str, Any], prompts: list[str], args:
     """The normal load while attackers send hostile requests until it is done."""
     spawn = multiprocessing.get_context("spawn")
     stop, answers = spawn.Event(), spawn.Queue()
-    attack = spawn.Process(target=attack_process, args=(url, vocab, args.attackers, stop, answers))
+    attack = spawn.Process(target=attack_process, args=(url, vocab, args.attackers, args.tricklers, stop, answers))
     attack.start()
     await asyncio.sleep(3.0)  # the attack is under way before the first normal request
     normal = await load(url, body, prompts, args.concurrency)
@@ -148,20 +150,20 @@ async def under_attack(url: str, body: dict[str, Any], prompts: list[str], args:
     return normal, hostile
 
 
-def attack_process(url: str, vocab: int, attackers: int, stop: Any, answers: Any) -> None:
-    answers.put(asyncio.run(attack(url, vocab, attackers, stop)))
+def attack_process(url: str, vocab: int, attackers: int, tricklers: int, stop: Any, answers: Any) -> None:
+    answers.put(asyncio.run(attack(url, vocab, attackers, tricklers, stop)))
 
 
-async def attack(url: str, vocab: int, attackers: int, stop: Any) -> dict[str, Any]:
-    """`attackers` closed-loop clients cycling through the hostile requests until `stop` is set; every answer's
-    status by kind of request (a transport error, e.g. the server closing the connection on a body it refused while
-    the client still writes it, is counted under its name)."""
+async def attack(url: str, vocab: int, attackers: int, tricklers: int, stop: Any) -> dict[str, Any]:
+    """`attackers` closed-loop clients cycling through the hostile requests and `tricklers` trickling bodies until
+    `stop` is set; every answer's status by kind of request (a transport error, e.g. the server closing the connection
+    on a body it refused while the client still writes it, is counted under its name)."""
     bodies = dict(hostile_bodies(vocab))
-    kinds = [*bodies, "5MB chunked", "trickled body"]
+    kinds = [*bodies, "5MB chunked"]
     statuses: dict[str, Counter] = {}
     latencies: list[float] = []
 
-    async def attacker(n: int) -> None:
+    async def attacker(n: int, kinds: list[str]) -> None:
         async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(120)) as client:
             while not stop.is_set():
                 kind, t0 = kinds[n % len(kinds)], time.perf_counter()
@@ -178,7 +180,8 @@ async def attack(url: str, vocab: int, attackers: int, stop: Any) -> dict[str, A
                 statuses.setdefault(kind, Counter())[str(status)] += 1
                 n += 1
 
-    await asyncio.gather(*(attacker(i) for i in range(attackers)))
+    await asyncio.gather(*(attacker(i, kinds) for i in range(attackers)),
+                         *(attacker(0, ["trickled body"]) for _ in range(tricklers)))
     server_errors = sum(n for c in statuses.values() for s, n in c.items() if s.startswith("5"))
     return {"answers": {k: dict(c) for k, c in sorted(statuses.items())}, "sent": len(latencies),
             "server_errors_5xx": server_errors, "latency_p50_ms": pct(latencies, 50)}
