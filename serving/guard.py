@@ -51,7 +51,7 @@ def authorize(request: Request, secret: str | None) -> None:
 async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes:
     """The request body, at most `max_bytes` (else 413), received in full within `timeout_s` (else 408)."""
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and (len(declared) > 18 or int(declared) > max_bytes):
+    if declared.isascii() and declared.isdigit() and (len(declared) > 18 or int(declared) > max_bytes):
         raise _too_large(max_bytes)
     chunks, size = [], 0
     try:

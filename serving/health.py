@@ -31,8 +31,7 @@ HEALTHY = (READY, IDLE)
 class ReplicaProbe:
     def __init__(self, handles: dict[str, DeploymentHandle], timeout_s: float, scale_to_zero: list[str]) -> None:
         self.handles, self.timeout_s, self.scale_to_zero = handles, timeout_s, set(scale_to_zero)
-        self.states: dict[str, str] = {}  # by model, from the last probe (none yet: treated as ready)
-        self.down = {name: asyncio.Event() for name in handles}  # set while the model is DOWN
+        self.down = {name: asyncio.Event() for name in handles}  # set while the last probe found the model DOWN
         self._probing: asyncio.Task | None = None
 
     async def check(self) -> dict[str, str]:
@@ -44,21 +43,17 @@ class ReplicaProbe:
     async def watch(self, interval_s: float) -> None:
         """Probe forever, every `interval_s`."""
         while True:
-            try:
-                await self.check()
-            except Exception:  # a probe that failed in an unforeseen way must not end the watching
-                log.exception("probing the model replicas failed")
+            await self.check()
             await asyncio.sleep(interval_s)
 
     async def _probe_all(self) -> dict[str, str]:
-        states = await asyncio.gather(*(self._probe(name) for name in self.handles))
-        for name, state in zip(self.handles, states):
+        states = dict(zip(self.handles, await asyncio.gather(*(self._probe(name) for name in self.handles))))
+        for name, state in states.items():
             if state == DOWN:
                 self.down[name].set()
             else:
                 self.down[name].clear()
-            self.states[name] = state
-        return dict(self.states)
+        return states
 
     async def _probe(self, name: str) -> str:
         gone = IDLE if name in self.scale_to_zero else DOWN
@@ -68,6 +63,9 @@ class ReplicaProbe:
         except DeploymentUnavailableError:  # no replica to send it to
             return gone
         except TimeoutError:
+            return UNRESPONSIVE
+        except Exception:  # whatever else keeps the broadcast from answering, the model cannot be seen to answer
+            log.exception("probing the replicas of model %r failed", name)
             return UNRESPONSIVE
         if any(not isinstance(a, BaseException) for a in answers):
             return READY
