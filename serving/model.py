@@ -1,15 +1,20 @@
 """The model deployment: each replica holds one `Engine` (the project's generation engine) for one model.
 
 A request is tokenized (chat messages through the model's chat template) and checked against the model's limits on
-its own, so one bad request never fails another; then it joins the engine's running batch at the next step
-(continuous batching: `Engine.astream`, stepped by the engine's own thread while the replica keeps accepting
-requests). A streamed request yields everything its row produced since its previous item, so a busy replica sends
-fewer, larger items. A request whose caller goes away (client disconnect, timeout) is cancelled at the next step.
+its own, so one bad request never fails another: a text longer than the token limit could hold is refused before it
+is tokenized, token ids outside the vocabulary are refused, and preparation runs in its own thread, one request at a
+time, so the replica's event loop keeps answering while a long prompt is tokenized. Then the request joins the
+engine's running batch at the next step (continuous batching: `Engine.astream`, stepped by the engine's own thread
+while the replica keeps accepting requests). A streamed request yields what its row produced since its previous
+item at most every `stream_interval_s`, so a busy replica sends fewer, larger items through Ray. A request whose
+caller goes away (client disconnect, timeout) is cancelled at the engine's next step.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -59,6 +64,9 @@ class ModelServer:
         self.engine = load_engine(self.spec)
         self.chat_template = (self.spec.chat_template or getattr(self.engine.tokenizer, "chat_template", None)
                               or PLAIN_CHAT_TEMPLATE)
+        # no text beyond this many characters tokenizes into max_prompt_tokens tokens or fewer
+        self.max_prompt_chars = self.spec.limits.max_prompt_tokens * longest_token_chars(self.engine.tokenizer)
+        self.preparing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
 
     # ---- called by the ingress ------------------------------------------------------------------------------
 
@@ -66,7 +74,7 @@ class ModelServer:
         """One whole completion: {text, finish_reason, prompt_tokens, completion_tokens}, or {error} (a client
         error is an answer, not a replica failure, so Serve does not log it as one)."""
         try:
-            request = self.prepare(job)
+            request = await self._prepare(job)
         except RequestError as e:
             return {"error": e.args}
         async for deltas in self.engine.astream([request]):
@@ -78,14 +86,18 @@ class ModelServer:
         """{prompt_tokens} once the request is accepted (or {error}), then {text} pieces; the last adds
         finish_reason and counts."""
         try:
-            request = self.prepare(job)
+            request = await self._prepare(job)
         except RequestError as e:
             yield {"error": e.args}
             return
         yield {"prompt_tokens": len(request.prompt)}
+        loop, text, sent = asyncio.get_running_loop(), "", 0.0
         async for deltas in self.engine.astream([request]):
+            text += "".join(d.text for d in deltas)
             done = deltas[-1].completion
-            yield {"text": "".join(d.text for d in deltas), **(_counts(done) if done else {})}
+            if done or loop.time() - sent >= self.spec.stream_interval_s:
+                yield {"text": text, **(_counts(done) if done else {})}
+                text, sent = "", loop.time()
 
     def info(self) -> dict[str, Any]:
         return {"context_window": self.engine.context_window, "max_batch_size": self.spec.engine.max_batch_size,
@@ -96,6 +108,9 @@ class ModelServer:
         return {"steps": self.engine.steps, "decode_rows": dict(self.engine.decode_rows)}
 
     # ---- request preparation ----------------------------------------------------------------------------------
+
+    async def _prepare(self, job: dict[str, Any]) -> Request:
+        return await asyncio.get_running_loop().run_in_executor(self.preparing, self.prepare, job)
 
     def prepare(self, job: dict[str, Any]) -> Request:
         """An engine request from the ingress's job (prompt or messages, and the sampling fields), within limits."""
@@ -127,6 +142,14 @@ class ModelServer:
 
     def _prompt_ids(self, job: dict[str, Any], param: str) -> list[int]:
         tokenizer = self.engine.tokenizer
+        prompt = job.get(param)
+        if param == "prompt" and not isinstance(prompt, str):
+            return self._token_ids(prompt)
+        chars = len(prompt) if param == "prompt" else sum(len(m["content"]) for m in prompt)
+        if chars > self.max_prompt_chars:
+            raise RequestError(f"{param}: {chars} characters are more than model {self.name!r} accepts (at most "
+                               f"{self.spec.limits.max_prompt_tokens} tokens, which this tokenizer never spells in "
+                               f"more than {self.max_prompt_chars} characters)", param, "context_length_exceeded")
         try:
             if param == "messages":
                 ids = tokenizer.apply_chat_template(job["messages"], chat_template=self.chat_template,
@@ -137,6 +160,22 @@ class ModelServer:
             raise RequestError(f"messages: the chat template rejected them ({e})", "messages") from None
         except RaytrainError as e:
             raise RequestError(f"{param}: {e}", param) from None
+
+    def _token_ids(self, ids: list[int]) -> list[int]:
+        """A prompt given as token ids, all inside the vocabulary (an id outside it would fail the whole batch)."""
+        vocab = self.engine.model.cfg.vocab_size
+        outside = next((i for i in ids if not 0 <= i < vocab), None)
+        if outside is not None:
+            raise RequestError(f"prompt: token id {outside} is outside the vocabulary of model {self.name!r} "
+                               f"(0 to {vocab - 1})", "prompt", "invalid_value")
+        return self.engine.tokenize(ids)
+
+
+def longest_token_chars(tokenizer: Any) -> int:
+    """The most characters any vocabulary entry spells. Tokens as the vocabulary writes them are at least as long as
+    the text they stand for (byte-level BPE writes one character per byte; byte fallbacks read `<0x41>`), so no
+    token covers more text than this."""
+    return max(map(len, tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))))
 
 
 def _counts(c: Completion) -> dict[str, Any]:
