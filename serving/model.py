@@ -24,7 +24,7 @@ from ray import serve
 from raytrain.checkpoint.hf import is_compressed_checkpoint
 from raytrain.config import RaytrainError
 from raytrain.infer.engine import Completion, Engine, Request
-from raytrain.infer.sampling import SamplingParams
+from raytrain.infer.sampling import SamplingError, SamplingParams
 from serving.config import ModelSpec, model_spec
 
 # For tokenizers without a chat template (raytrain's own BPE): one "role: content" line per message.
@@ -136,8 +136,8 @@ class ModelServer:
                                "context_length_exceeded")
         try:
             sampling = SamplingParams(max_new_tokens=max_tokens, **params)
-        except RaytrainError as e:
-            raise RequestError(str(e)) from None
+        except SamplingError as e:
+            raise RequestError(str(e), e.field, "invalid_value") from None
         return Request(ids, sampling)
 
     def _prompt_ids(self, job: dict[str, Any], param: str) -> list[int]:

@@ -23,6 +23,14 @@ PENALTY_RANGE = (0.01, 100.0)  # beyond it every seen logit saturates; 1e-300 wo
 SEED_RANGE = (-2 ** 63, 2 ** 64)  # what numpy, torch and vLLM accept: signed or unsigned 64-bit
 
 
+class SamplingError(ConfigError):
+    """An invalid sampling parameter; `field` names it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 64
@@ -36,20 +44,21 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens={self.max_new_tokens} must be an integer >= 1")
+            raise SamplingError("max_new_tokens", f"max_new_tokens={self.max_new_tokens} must be an integer >= 1")
         if not _is_number(self.temperature) or self.temperature < 0:
-            raise ConfigError(f"temperature={self.temperature} must be a finite number >= 0")
+            raise SamplingError("temperature", f"temperature={self.temperature} must be a finite number >= 0")
         if not _is_int(self.top_k) or self.top_k < 0:
-            raise ConfigError(f"top_k={self.top_k} must be an integer >= 0")
+            raise SamplingError("top_k", f"top_k={self.top_k} must be an integer >= 0")
         if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p={self.top_p} must be in (0, 1]")
+            raise SamplingError("top_p", f"top_p={self.top_p} must be in (0, 1]")
         low, high = PENALTY_RANGE
         if not _is_number(self.repetition_penalty) or not low <= self.repetition_penalty <= high:
-            raise ConfigError(f"repetition_penalty={self.repetition_penalty} must be in [{low:g}, {high:g}]")
+            raise SamplingError("repetition_penalty",
+                                f"repetition_penalty={self.repetition_penalty} must be in [{low:g}, {high:g}]")
         if self.seed is not None and (not _is_int(self.seed) or not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]):
-            raise ConfigError(f"seed={self.seed} must be an integer in [-2^63, 2^64)")
+            raise SamplingError("seed", f"seed={self.seed} must be an integer in [-2^63, 2^64)")
         if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ConfigError("stop strings must be non-empty strings")
+            raise SamplingError("stop", "stop strings must be non-empty strings")
 
     @property
     def greedy(self) -> bool:

@@ -280,3 +280,29 @@ def test_a_killed_replica_fails_its_requests_cleanly_and_serve_restarts_it(serve
                                                           or answers[-1].json()["error"]["code"] == "unavailable")
         time.sleep(0.5)
     assert replica_actors("model-default") != [name]
+
+
+def test_n_seeded_choices_differ_and_repeat(server, engines) -> None:
+    body = {"model": "default", "prompt": "The if statement", "max_tokens": 12, "temperature": 1.0, "seed": 7, "n": 3}
+    first, again = post(server, "/v1/completions", body), post(server, "/v1/completions", body)
+    texts = [c["text"] for c in first.json()["choices"]]
+    assert first.status_code == 200 and len(set(texts)) == 3, texts  # seeds 7, 8, 9
+    assert [c["text"] for c in again.json()["choices"]] == texts
+    assert texts[1] == expect(engines["default"], "The if statement", max_new_tokens=12, temperature=1.0, seed=8).text
+
+
+def test_extreme_sampling_values_fail_alone_or_run_greedy(server, engines) -> None:
+    """A seed past 64 bits or a vanishing repetition penalty is a 400 naming the field; a vanishing temperature is
+    greedy (vLLM's rule); requests batched beside them are answered exactly."""
+    normal = {"model": "default", "prompt": "A class definition", "max_tokens": 10, "temperature": 0}
+    hostile = [{"seed": 2 ** 64}, {"seed": -2 ** 63 - 1}, {"repetition_penalty": 1e-300, "temperature": 1},
+               {"temperature": 1e-300}]
+    bodies = [normal, *({**normal, "prompt": "x", **h} for h in hostile), normal]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        answers = list(pool.map(lambda b: post(server, "/v1/completions", b), bodies))
+    want = expect(engines["default"], "A class definition", max_new_tokens=10, temperature=0).text
+    assert [a.json()["choices"][0]["text"] for a in (answers[0], answers[-1])] == [want, want]
+    assert [(a.status_code, a.json()["error"]["param"]) for a in answers[1:4]] == [
+        (400, "seed"), (400, "seed"), (400, "repetition_penalty")]
+    greedy = expect(engines["default"], "x", max_new_tokens=10, temperature=0).text
+    assert answers[4].status_code == 200 and answers[4].json()["choices"][0]["text"] == greedy
