@@ -97,8 +97,8 @@ class Engine:
         n_slots = self._slots()
         self.scheduler = Scheduler(n_slots, max(1, self.config.max_step_tokens))
         cuda = self.device.type == "cuda"
-        if cuda and self.config.fused_kernels:
-            ops.use_fused_kernels()
+        if cuda:  # process-wide: the replica or benchmark process runs one engine configuration at a time
+            ops.use_fused_kernels(self.config.fused_kernels)
         self.runner = ModelRunner(model, n_slots, self.max_len, self.config.cuda_graphs,
                                   compile_decode=cuda and self.config.compile_decode)
         self.sampling = SamplingTable(n_slots + 1, model.cfg.vocab_size, self.device)  # + a row for LazyLLM
