@@ -72,6 +72,8 @@ class SeedLMWeight:
     P: int
     lfsr: LFSRConfig
     stream: str
+    inv_scale: float  # 2^(7+K) / (2^(K-1) - 1) in fp32: with the kernel's 2^(e-7), 2^K times seedlm.decode's scale
+    stream_args: dict[str, int | str]  # the constexprs of the stream: K, STREAM, TAPS, INV
 
     @classmethod
     def from_compressed(cls, ct: CompressedTensor, device: torch.device | str, stream: str = "lfsr"
@@ -93,22 +95,20 @@ class SeedLMWeight:
         table = stream_table(cfg.lfsr) if stream == "table" else torch.zeros(1, dtype=torch.int64)
         m0 = 24 - cfg.K - cfg.P
         masks = [((1 << cfg.K) - 1) << (m0 + p) for p in range(4)] + [15 << (4 * p) for p in range(4)] + [15 << 23]
-        return cls(words.to(device), exps.to(device), table.to(device), torch.tensor(masks, dtype=torch.int32,
-                   device=device), ct.shape[0], ct.shape[1], cfg.C, cfg.P, cfg.lfsr, stream)
+        inv = float(torch.tensor(1.0 / (cfg.lfsr.centre - 1), dtype=torch.float32) * 2.0 ** (7 + cfg.K))
+        stream_args = {"K": cfg.K, "STREAM": stream, "TAPS": sum(1 << t for t in cfg.taps),
+                       "INV": sum(1 << k for k in inverse_shifts(cfg.lfsr))}
+        return cls(words.to(device), exps.to(device), table.to(device),
+                   torch.tensor(masks, dtype=torch.int32, device=device), ct.shape[0], ct.shape[1], cfg.C, cfg.P,
+                   cfg.lfsr, stream, inv, stream_args)
 
     @property
     def blocks_per_row(self) -> int:
         return self.words.shape[1]
 
     @property
-    def inv_scale(self) -> float:
-        """2^(7+K) / (2^(K-1) - 1) in fp32: with the kernel's 2^(e-7) it makes 2^K times seedlm.decode's scale."""
-        inv = torch.tensor(1.0 / (self.lfsr.centre - 1), dtype=torch.float32)
-        return float(inv * 2.0 ** (7 + self.lfsr.K))
-
-    def stream_args(self) -> dict[str, int | str]:
-        return {"K": self.lfsr.K, "STREAM": self.stream, "TAPS": sum(1 << t for t in self.lfsr.taps),
-                "INV": sum(1 << k for k in inverse_shifts(self.lfsr))}
+    def stored_bytes(self) -> int:
+        return self.words.numel() * 4 + self.exps.numel()
 
 
 def check_supported(cfg: seedlm.SeedLMConfig, stream: str) -> None:
@@ -417,7 +417,7 @@ def seedlm_matmul(x: torch.Tensor, weight: SeedLMWeight, config: KernelConfig | 
     y = (torch.zeros if cfg.split_k > 1 else torch.empty)(
         batch, weight.rows, device=x.device, dtype=torch.float32 if cfg.split_k > 1 else x.dtype)
     even = weight.rows % cfg.block_m == 0 and _even_k(weight, cfg.block_n)
-    common = dict(C=weight.C, P=weight.P, **weight.stream_args(), BM=cfg.block_m, NB=cfg.block_n, EVEN=even,
+    common = dict(C=weight.C, P=weight.P, **weight.stream_args, BM=cfg.block_m, NB=cfg.block_n, EVEN=even,
                   SPLIT=cfg.split_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if batch == 1:
         _gemv_kernel[grid](x, y, *_common_args(weight), weight.rows, cols, bpr, _exps_row_bytes(weight), steps,
@@ -441,7 +441,7 @@ def seedlm_dense(weight: SeedLMWeight, dtype: torch.dtype = torch.float32, confi
     obits = 8 * out.element_size()
     grid = (triton.cdiv(weight.rows, cfg.block_m), triton.cdiv(bpr, cfg.block_n))
     _dense_kernel[grid](out, *_common_args(weight), weight.rows, weight.cols, bpr, _exps_row_bytes(weight),
-                        weight.inv_scale, C=weight.C, P=weight.P, **weight.stream_args(), OBITS=obits,
+                        weight.inv_scale, C=weight.C, P=weight.P, **weight.stream_args, OBITS=obits,
                         BM=cfg.block_m, NB=cfg.block_n, EVEN_M=weight.rows % cfg.block_m == 0,
                         O_WORDS=_whole_words(weight, out, cfg.block_n), num_warps=cfg.num_warps,
                         num_stages=cfg.num_stages)
