@@ -103,9 +103,10 @@ def state_of_offset(offsets: torch.Tensor, cfg: LFSRConfig) -> torch.Tensor:
 
 
 def extended_cycle(cfg: LFSRConfig, window: int) -> torch.Tensor:
-    """T followed by its first `window - 1` entries, so any window of that length is a plain slice (no modulo)."""
+    """T followed by its first `window - 1` entries (wrapping again for windows longer than the cycle), so any window
+    of that length is a plain slice (no modulo)."""
     table = cycle(cfg)
-    return torch.cat([table, table[:window - 1]])
+    return table.repeat(-(-(cfg.period + window - 1) // cfg.period))[:cfg.period + window - 1]
 
 
 def window_states(offsets: torch.Tensor, C: int, P: int, cfg: LFSRConfig) -> torch.Tensor:

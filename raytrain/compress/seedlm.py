@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -131,7 +132,18 @@ def quantise(t: torch.Tensor, rule: str) -> list[tuple[torch.Tensor, torch.Tenso
 
 def search(blocks: torch.Tensor, cfg: SeedLMConfig, device: str | torch.device = "cpu") -> Codes:
     """Exhaustive search for (nb, C) blocks: cycle offsets int32 (nb,), exponents int8 (nb,), coefficients int8
-    (nb, P). Deterministic: candidates are scored in a fixed order and the first minimum wins."""
+    (nb, P). On CUDA the fused Triton kernel (`kernels/seedlm_search.py`, several times faster), elsewhere
+    `search_torch`; both are deterministic and pick the same codes up to ties broken by fp32 rounding."""
+    if torch.device(device).type == "cuda" and importlib.util.find_spec("triton") is not None:
+        from raytrain.compress.kernels.seedlm_search import search as fused_search
+
+        return fused_search(blocks.to(device), cfg)
+    return search_torch(blocks, cfg, device)
+
+
+def search_torch(blocks: torch.Tensor, cfg: SeedLMConfig, device: str | torch.device = "cpu") -> Codes:
+    """The search in PyTorch, vectorised over blocks x candidates in memory-bounded chunks. Deterministic:
+    candidates are scored in a fixed order and the first minimum wins."""
     device = str(torch.device(device))
     gpu = device.startswith("cuda")
     seed_chunk = cfg.seed_chunk or (4096 if gpu else 256)

@@ -16,7 +16,7 @@ import torch
 
 from raytrain.compress.format import CompressedTensor
 from raytrain.compress.lfsr import LFSRConfig, stream_bits
-from raytrain.compress.seedlm import SeedLMConfig
+from raytrain.compress.seedlm import EXPONENT_RULES, SeedLMConfig, decode, search_torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if importlib.util.find_spec("triton") is None:
@@ -28,6 +28,7 @@ if DEVICE == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"
 
 from raytrain.compress.kernels import seedlm_matmul as kernel  # noqa: E402
+from raytrain.compress.kernels import seedlm_search  # noqa: E402
 from raytrain.compress.kernels.seedlm_matmul import KernelConfig  # noqa: E402
 
 K8 = {"K": 8, "taps": [0, 2, 3, 4]}
@@ -144,6 +145,29 @@ def test_kernel_refuses_what_it_cannot_do() -> None:
         kernel.SeedLMWeight.from_compressed(random_weight(3, {}, (2, 12)), DEVICE, "table")
     with pytest.raises(ValueError, match="K <= 16"):
         kernel.check_supported(SeedLMConfig(K=24, taps=[0, 1, 2, 7]), "lfsr")
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+@pytest.mark.parametrize("rule", EXPONENT_RULES)
+def test_fused_search_finds_what_the_pytorch_search_finds(bits: int, rule: str) -> None:
+    """Same blocks (one all-zero, one tiny), same codes, for every exponent rule; with search3 an exact tie may be
+    broken the other way, so there the reconstruction error is compared. A 3-bit register (7 candidates) keeps the
+    interpreter fast; the search logic does not depend on the candidate count."""
+    cfg = SeedLMConfig.for_bits(bits, K=3, taps=[0, 1], exponent_rule=rule)
+    blocks = torch.randn(40, cfg.C, generator=torch.Generator().manual_seed(bits))
+    blocks[3] = 0
+    blocks[7] *= 1e-4
+    got = seedlm_search.search(blocks.to(DEVICE), cfg, block_b=16)
+    want = search_torch(blocks, cfg)
+    errors = [(_reconstruction(codes, cfg) - blocks).square().sum(1) for codes in (got, want)]
+    assert torch.equal(errors[0], errors[1])
+    if rule != "search3":
+        assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def _reconstruction(codes: dict[str, torch.Tensor], cfg: SeedLMConfig) -> torch.Tensor:
+    nb = codes["offsets"].shape[0]
+    return decode({k: v[None] for k, v in codes.items()}, cfg, nb * cfg.C).view(nb, cfg.C)
 
 
 @pytest.mark.skipif(DEVICE == "cpu", reason="the compressed layer runs the kernels on CUDA only")
