@@ -366,12 +366,13 @@ def _dense_kernel(out_ptr, words_ptr, exps_ptr, table_ptr, masks_ptr, rows, cols
                 word |= v.to(tl.uint32, bitcast=True).to(tl.int64) << (32 * (c % PER))
             else:
                 word |= v.to(tl.uint16, bitcast=True).to(tl.int64) << (16 * (c % PER))
-            if c % PER == PER - 1:
+            if c % PER == PER - 1:  # stored as a 1-D tile: no dimension is contiguous (see _block_terms)
                 ptrs = out_ptr.to(tl.pointer_type(tl.int64)) + r[:, None] * (bpr * C // PER) + j[None, :] * (C // PER)
                 if EVEN_M:
-                    tl.store(ptrs + c // PER, word)
+                    tl.store(tl.reshape(ptrs + c // PER, (BM * NB,)), tl.reshape(word, (BM * NB,)))
                 else:
-                    tl.store(ptrs + c // PER, word, mask=row_ok)
+                    tl.store(tl.reshape(ptrs + c // PER, (BM * NB,)), tl.reshape(word, (BM * NB,)),
+                             mask=tl.reshape(row_ok & (j >= 0)[None, :], (BM * NB,)))
                 word = tl.zeros_like(s)
         else:
             col = j[None, :] * C + c
