@@ -41,6 +41,7 @@ from raytrain.compress.lfsr import LFSRConfig, state_of_offset, stream_bits
 
 MAX_BATCH = 16
 STREAMS = ("lfsr", "table")
+DEFAULT_STREAM = "lfsr"  # fewer instructions with "table" (see benchmarks/seedlm_sass.py), but its gathers need L1
 TABLE_BITS = 49  # a table entry shifted by up to 15 leaves stream bits 0..48 of the block
 
 
@@ -76,7 +77,7 @@ class SeedLMWeight:
     stream_args: dict[str, int | str]  # the constexprs of the stream: K, STREAM, TAPS, INV
 
     @classmethod
-    def from_compressed(cls, ct: CompressedTensor, device: torch.device | str, stream: str = "lfsr"
+    def from_compressed(cls, ct: CompressedTensor, device: torch.device | str, stream: str = DEFAULT_STREAM
                         ) -> SeedLMWeight:
         if ct.method != "seedlm":
             raise ValueError(f"the SeedLM kernel takes seedlm tensors, not {ct.method}")
@@ -209,10 +210,10 @@ def _coefficient(w, masks, p: tl.constexpr):
 
 
 @triton.jit
-def _block_terms(w, e_nibble, table_ptr, masks, inv_scale, C: tl.constexpr, P: tl.constexpr, K: tl.constexpr,
+def _block_terms(w, e_nibble, table_ptr, masks, C: tl.constexpr, P: tl.constexpr, K: tl.constexpr,
                  STREAM: tl.constexpr, TAPS: tl.constexpr, INV: tl.constexpr):
-    """Per block: its stream bits (int64), its scale 2^K * 2^e / (2^(K-1) - 1), and the offset that centres the
-    states, sum_p q_p (2^(P-1-p) + 1/2)."""
+    """Per block: its stream bits (int64), 2^(e-7) (times inv_scale, 2^K times decode's scale 2^e / (2^(K-1) - 1)),
+    and the offset that centres the states, sum_p q_p (2^(P-1-p) + 1/2)."""
     if STREAM == "table":
         # gathered as a 1-D tensor: a 2-D gather has no contiguous dimension, and Triton versions break that tie in
         # the coalescing pass differently (3.6 puts lanes along the rows); 1-D, it keeps the words' thread mapping
@@ -224,11 +225,11 @@ def _block_terms(w, e_nibble, table_ptr, masks, inv_scale, C: tl.constexpr, P: t
         ebits = (w << 11) & masks[8]
     else:
         ebits = e_nibble << 23
-    scale = (ebits ^ (120 << 23)).to(tl.float32, bitcast=True) * inv_scale  # 2^(e-7) * 2^(7+K) / (2^(K-1)-1)
+    exp2 = (ebits ^ (120 << 23)).to(tl.float32, bitcast=True)  # 2^(e-7): exponent field 112 + (e + 8)
     off = _coefficient(w, masks, 0) * (2.0 ** (P - 1) + 0.5)
     for p in tl.static_range(1, P):
         off += _coefficient(w, masks, p) * (2.0 ** (P - 1 - p) + 0.5)
-    return s, scale, off
+    return s, exp2, off
 
 
 @triton.jit
@@ -292,7 +293,8 @@ def _gemv_kernel(x_ptr, y_ptr, words_ptr, exps_ptr, table_ptr, masks_ptr, rows, 
                  inv_scale, C: tl.constexpr, P: tl.constexpr, K: tl.constexpr, STREAM: tl.constexpr,
                  TAPS: tl.constexpr, INV: tl.constexpr, XBITS: tl.constexpr, BM: tl.constexpr, NB: tl.constexpr,
                  EVEN: tl.constexpr, X_WORDS: tl.constexpr, SPLIT: tl.constexpr):
-    """y = W x for one row of x: per block sum_c d_c x_c (FFMA), times the block's scale; rows reduced at the end."""
+    """y = W x for one row of x: per block sum_c d_c x_c (FFMA), times 2^(e-7); rows reduced and scaled at the end
+    (for a one-hot x still a single rounding of decode's weight)."""
     r = tl.program_id(0) * BM + tl.arange(0, BM)
     masks = _load_masks(masks_ptr)
     acc = tl.zeros((BM, NB), tl.float32)
@@ -300,12 +302,12 @@ def _gemv_kernel(x_ptr, y_ptr, words_ptr, exps_ptr, table_ptr, masks_ptr, rows, 
     for j0 in range(start, tl.minimum(start + steps_per_split * NB, bpr), NB):
         j = j0 + tl.arange(0, NB)
         w, e = _load_blocks(words_ptr, exps_ptr, r, j, rows, bpr, ebpr, P, EVEN)
-        s, scale, off = _block_terms(w, e, table_ptr, masks, inv_scale, C, P, K, STREAM, TAPS, INV)
+        s, exp2, off = _block_terms(w, e, table_ptr, masks, C, P, K, STREAM, TAPS, INV)
         blk = tl.zeros((BM, NB), tl.float32)
         for c in tl.static_range(C):
             blk += _weight(w, s, off, masks, c, P, K) * _x_element(x_ptr, j, cols, c, C, XBITS, X_WORDS)[None, :]
-        acc += blk * scale
-    y = tl.sum(acc, axis=1)
+        acc += blk * exp2  # exact (a power of two); the constant factor of the scale is applied once per row
+    y = tl.sum(acc, axis=1) * inv_scale
     if SPLIT == 1:
         tl.store(y_ptr + r, y.to(y_ptr.dtype.element_ty), mask=r < rows)
     else:
@@ -327,7 +329,8 @@ def _dot_kernel(x_ptr, y_ptr, words_ptr, exps_ptr, table_ptr, masks_ptr, rows, c
     for j0 in range(start, tl.minimum(start + steps_per_split * NB, bpr), NB):
         j = j0 + tl.arange(0, NB)
         w, e = _load_blocks(words_ptr, exps_ptr, r, j, rows, bpr, ebpr, P, EVEN)
-        s, scale, off = _block_terms(w, e, table_ptr, masks, inv_scale, C, P, K, STREAM, TAPS, INV)
+        s, exp2, off = _block_terms(w, e, table_ptr, masks, C, P, K, STREAM, TAPS, INV)
+        scale = exp2 * inv_scale
         for c in tl.static_range(C):
             col = j[:, None] * C + c
             xt = tl.load(x_ptr + n[None, :] * stride_x + col, mask=(n < batch)[None, :] & (col < cols), other=0.0)
@@ -355,7 +358,8 @@ def _dense_kernel(out_ptr, words_ptr, exps_ptr, table_ptr, masks_ptr, rows, cols
     j = tl.program_id(1) * NB + tl.arange(0, NB)
     masks = _load_masks(masks_ptr)
     w, e = _load_blocks(words_ptr, exps_ptr, r, j, rows, bpr, ebpr, P, EVEN_M and O_WORDS)
-    s, scale, off = _block_terms(w, e, table_ptr, masks, inv_scale, C, P, K, STREAM, TAPS, INV)
+    s, exp2, off = _block_terms(w, e, table_ptr, masks, C, P, K, STREAM, TAPS, INV)
+    scale = exp2 * inv_scale
     row_ok = (r < rows)[:, None]
     PER: tl.constexpr = 64 // OBITS
     word = tl.zeros_like(s)
