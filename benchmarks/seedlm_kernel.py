@@ -324,8 +324,9 @@ def table(results: dict[str, Any], batches: list[int]) -> str:
             row = r.get(f"batch{b}", {})
             if "fused_us" in row:
                 t = row["fused_tile"]
-                lines.append(f"{shape} | {b} | {row['bf16_matmul_us']:.1f} | {row['fused_us']:.1f} ({row['fused_stream']}, "
-                             f"m{t['block_m']} n{t['block_n']} w{t['num_warps']} k{t['split_k']}) | "
+                lines.append(f"{shape} | {b} | {row['bf16_matmul_us']:.1f} | {row['fused_us']:.1f} "
+                             f"({row['fused_stream']}, m{t['block_m']} n{t['block_n']} w{t['num_warps']} "
+                             f"k{t['split_k']}) | "
                              f"{row['speedup_vs_bf16']:.2f}x | {row['bandwidth_fraction']:.2f} / "
                              f"{row['bf16_bandwidth_fraction']:.2f}")
             elif "bf16_matmul_us" in row:

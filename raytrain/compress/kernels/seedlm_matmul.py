@@ -430,8 +430,8 @@ def seedlm_matmul(x: torch.Tensor, weight: SeedLMWeight, config: KernelConfig | 
                            **common)
     else:
         _dot_kernel[grid](x, y, *_common_args(weight), weight.rows, cols, bpr, _exps_row_bytes(weight), steps,
-                          batch, x.stride(0), y.stride(0), weight.inv_scale, BATCH=max(16, triton.next_power_of_2(batch)),
-                          IEEE=x.dtype == torch.float32, **common)
+                          batch, x.stride(0), y.stride(0), weight.inv_scale,
+                          BATCH=max(16, triton.next_power_of_2(batch)), IEEE=x.dtype == torch.float32, **common)
     return y.to(x.dtype) if cfg.split_k > 1 else y
 
 
