@@ -58,7 +58,8 @@ def main() -> None:
     args = p.parse_args()
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     tokenizer = train_bpe(documents()[:200], vocab_size=4096)
-    check = greedy_check(tokenizer, args.device, VARIANTS[args.variants.split(",")[-1]])
+    variants = args.variants.split(",")
+    check = greedy_check(tokenizer, args.device, VARIANTS["fused" if "fused" in variants else variants[0]])
     print("check", check, file=sys.stderr, flush=True)
     results: dict[str, Any] = {}
     baseline: dict[str, Any] = {}
@@ -66,7 +67,7 @@ def main() -> None:
         model, hf = build(name, args.device, dtype)
         results[name] = {"params": sum(p.numel() for p in model.parameters())}
         for batch in args.batches:
-            for variant in args.variants.split(","):
+            for variant in variants:
                 key = batch if variant == "fused" else f"{batch}_{variant}"
                 results[name][key] = engine_run(model, tokenizer, batch, args, VARIANTS[variant])
                 print(name, key, results[name][key], file=sys.stderr, flush=True)
