@@ -47,6 +47,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--parallel", action="store_true", help="ZeRO-2 vs DDP; run under torchrun")
+    p.add_argument("--raytrain-only", action="store_true", help="skip the Hugging Face baseline (ray_scaling.py)")
     p.add_argument("--profile", action="store_true", help="print the top GPU kernels of one raytrain step to stderr")
     args = p.parse_args()
     cfg = model_config(OmegaConf.load(CONF / f"{args.model}.yaml"))
@@ -68,6 +69,9 @@ def single(args: argparse.Namespace, cfg: DecoderConfig) -> None:
                   params=ours.param_counts()["params_total"])
     del ours
     free(device)
+    if args.raytrain_only:
+        emit(args, cfg, result, None, None)
+        return
 
     llama = hf_llama_like(cfg).to(device)
     baseline = timed(autocast_step(llama, lambda t: llama(input_ids=t).logits, batch, device), args, device)
@@ -217,7 +221,8 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def emit(args: argparse.Namespace, cfg: DecoderConfig, results: dict, baseline: dict, ratio: float) -> None:
+def emit(args: argparse.Namespace, cfg: DecoderConfig, results: dict, baseline: dict | None,
+         ratio: float | None) -> None:
     device = torch.cuda.get_device_name() if args.device == "cuda" else args.device
     print(json.dumps({"benchmark": "train_throughput", "device": device,
                       "config": {"model": cfg.name, "batch": args.batch, "seq": args.seq, "steps": args.steps,
