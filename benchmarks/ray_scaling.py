@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 STEP_LINE = re.compile(r"step (\d+)/\d+ \| loss ([\d.naif]+) \|.*?tokens/s ([\d,]+)(?: \| mfu ([\d.]+)%)?"
-                       r"(?: \| data wait ([\d.]+)%)?")
+                       r"(?: \| data wait ([\d.]+)%)?(?: \| cpu ([\d.]+) ms/step)?")
 MIN_RUN_S = 75  # a run needs at least start-up, compilation, a few windows and the final checkpoint
 
 
@@ -168,29 +168,33 @@ def run(name: str, overrides: list[str], out: Path, work: Path, budget: Budget,
 
 
 def throughput(log: str, skip: int = 2) -> dict[str, Any]:
-    """Mean tokens/s, MFU and data wait of the trainer's logged windows after the first `skip` (start-up,
-    compilation)."""
+    """Mean tokens/s, MFU, data wait and worker CPU time per step of the trainer's logged windows after the first
+    `skip` (start-up, compilation)."""
     windows = [(int(m[1]), float(m[2]), float(m[3].replace(",", "")), float(m[4]) / 100 if m[4] else None,
-                float(m[5]) / 100 if m[5] else None) for m in STEP_LINE.finditer(log)]
+                float(m[5]) / 100 if m[5] else None, float(m[6]) if m[6] else None) for m in STEP_LINE.finditer(log)]
     steady = windows[skip:]
     if not steady:
         return {"windows": len(windows)}
     out = {"tokens_per_s": statistics.mean(w[2] for w in steady), "windows": len(steady),
            "steps": f"{steady[0][0]}..{steady[-1][0]}", "final_loss": windows[-1][1]}
-    for key, index in (("mfu", 3), ("data_wait", 4)):
+    for key, index in (("mfu", 3), ("data_wait", 4), ("cpu_ms_per_step", 5)):
         if all(w[index] is not None for w in steady):
             out[key] = statistics.mean(w[index] for w in steady)
     return out
 
 
 def compare(ray_run: dict[str, Any], step: dict[str, Any], args: argparse.Namespace) -> None:
-    """Per GPU, the run's tokens/s over the in-process step's, and the difference of their step times."""
+    """Per GPU, the run's tokens/s over the in-process step's and the difference of their step times; and the
+    difference of their CPU time per step (what the Ray path adds on the host, which a busy machine does not
+    blur the way it blurs wall time)."""
     if "tokens_per_s" not in ray_run or "tokens_per_s" not in step:
         return
     per_gpu = ray_run["tokens_per_s"] / ray_run["gpus"]
     ray_run["vs_in_process"] = per_gpu / step["tokens_per_s"]
     tokens = args.batch * args.seq
     ray_run["step_overhead_ms"] = 1e3 * (tokens / per_gpu - tokens / step["tokens_per_s"])
+    if "cpu_ms_per_step" in ray_run and "cpu_s_per_step" in step:
+        ray_run["cpu_overhead_ms"] = ray_run["cpu_ms_per_step"] - 1e3 * step["cpu_s_per_step"]
 
 
 @contextlib.contextmanager

@@ -106,7 +106,8 @@ def autocast_step(model: torch.nn.Module, forward: Callable[[torch.Tensor], torc
 
 
 def timed(step: Callable[[], None], args: argparse.Namespace, device: torch.device) -> dict[str, float]:
-    """Mean tokens/s over `steps` timed training steps after `warmup` untimed ones (compilation included there)."""
+    """Mean tokens/s over `steps` timed training steps after `warmup` untimed ones (compilation included there), and
+    this process's CPU time per step."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -114,13 +115,13 @@ def timed(step: Callable[[], None], args: argparse.Namespace, device: torch.devi
         step()
     sync(device)
     warmup_s = time.perf_counter() - start
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(args.steps):
         step()
     sync(device)
-    elapsed = time.perf_counter() - start
+    elapsed, cpu_s = time.perf_counter() - start, time.process_time() - cpu
     out = {"tokens_per_s": args.steps * args.batch * args.seq / elapsed, "step_s": elapsed / args.steps,
-           "warmup_s": warmup_s}
+           "cpu_s_per_step": cpu_s / args.steps, "warmup_s": warmup_s}
     if device.type == "cuda":
         out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return out
