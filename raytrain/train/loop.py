@@ -25,8 +25,8 @@ from raytrain.models.registry import build_model
 from raytrain.train import checkpoint, tasks
 from raytrain.train.checkpoint import Progress
 from raytrain.train.config import TrainJob
-from raytrain.train.engine import (apply_model_options, deepspeed_config, initialize, model_init_context,
-                                   resolve_precision)
+from raytrain.train.engine import (apply_model_options, deepspeed_config, engine_zero_stage, initialize,
+                                   model_init_context, resolve_precision)
 from raytrain.train.optim import build_optimizer, build_scheduler
 from raytrain.train.tracking import Tracker
 
@@ -47,6 +47,9 @@ def train_loop(job: TrainJob) -> dict[str, Any]:
     t = job.trainer
     precision = resolve_precision(t.precision, t.use_gpu)
     ds_config = deepspeed_config(t, precision)
+    if rank == 0 and ds_config["zero_optimization"]["stage"] != t.zero_stage:
+        log.info("trainer.zero_stage=%d on one worker runs as ZeRO-%d: there is nothing to partition", t.zero_stage,
+                 ds_config["zero_optimization"]["stage"])
 
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     model = _build(job, ds_config, device)
@@ -151,7 +154,7 @@ def _save_and_report(engine: Any, model: torch.nn.Module, work: tasks.Worker, jo
                      metrics: dict[str, float], rank: int, world: int) -> None:
     import ray.train
 
-    directory = checkpoint.save(engine, model, job, progress, rank, world, job.trainer.zero_stage == 3,
+    directory = checkpoint.save(engine, model, job, progress, rank, world, engine_zero_stage(job.trainer) == 3,
                                 work.export_state())
     ray.train.report({"step": progress.step, "loss": metrics["loss"]},
                      checkpoint=ray.train.Checkpoint.from_directory(directory),
@@ -160,13 +163,17 @@ def _save_and_report(engine: Any, model: torch.nn.Module, work: tasks.Worker, jo
 
 def _batches(shard: Any, job: TrainJob, progress: Progress, device: torch.device, work: tasks.Worker) -> Iterator[Any]:
     """The task's inputs, a micro-batch at a time, epoch after epoch; on resume, skips what the checkpoint consumed.
-    Ray Train splits the dataset equally and in order, so every rank sees the same number of batches."""
+    Ray Train splits the dataset equally and in order, so every rank sees the same number of batches. Ray Data
+    collates and copies each batch to the GPU in a background thread; from pinned memory that copy is queued on the
+    device without the thread waiting for the work already queued there, so the next batch is ready when the loop
+    asks for it (a copy from pageable memory would wait for the device to drain, every step)."""
     skip = progress.epoch_batches
     while True:
         buffer = job.data.shuffle_buffer or None
         seen = 0
         for batch in shard.iter_torch_batches(batch_size=job.trainer.micro_batch_size, drop_last=True,
-                                              dtypes=work.dtypes, device=device, local_shuffle_buffer_size=buffer,
+                                              dtypes=work.dtypes, device=device, pin_memory=device.type == "cuda",
+                                              local_shuffle_buffer_size=buffer,
                                               local_shuffle_seed=job.data.shuffle_seed + progress.epoch
                                               if buffer else None):
             seen += 1
