@@ -116,6 +116,48 @@ def test_update_matches_the_spec_computed_by_hand() -> None:
     torch.testing.assert_close(pb.detach().double(), eb, rtol=0, atol=1e-6)
 
 
+def per_tensor_reference(groups: list[tuple[list[torch.Tensor], float, float]], grads: list[list[list[torch.Tensor]]],
+                         lr: float, update_clip: float, b1: float = 0.95, b2: float = 0.95,
+                         eps: float = 1e-8) -> list[list[torch.Tensor]]:
+    """The spec's step one tensor at a time, in float64: `groups` of (tensors, update_scale, weight_decay),
+    `grads[step][group][tensor]`, a constant LR (so the decay is wd itself), global-norm clip to 1."""
+    ps = [[p.double().clone() for p in tensors] for tensors, _, _ in groups]
+    vs, ms = [[torch.zeros_like(p) for p in g] for g in ps], [[torch.zeros_like(p) for p in g] for g in ps]
+    for t, step in enumerate(grads, start=1):
+        clip = min(1.0, 1.0 / math.sqrt(sum(float(g.double().square().sum()) for gs in step for g in gs)))
+        for k, (_, scale, wd) in enumerate(groups):
+            for i, g in enumerate(step[k]):
+                g = g.double() * clip
+                vs[k][i] = b2 * vs[k][i] + (1 - b2) * (g * g + eps)
+                u = g / (vs[k][i] / (1 - b2 ** t)).sqrt()
+                u = u / max(1.0, float(u.square().mean().sqrt()) / update_clip)
+                ms[k][i] = b1 * ms[k][i] + (1 - b1) * u
+                ps[k][i] = ps[k][i] - lr * scale * ms[k][i] - wd * ps[k][i]
+    return ps
+
+
+def test_the_foreach_step_equals_the_per_tensor_reference(micro_model) -> None:
+    """A decoder's 3 groups (block matrices x 0.25, embedding, norm gains), 3 steps with the global clip and every
+    tensor's update clip active."""
+    cfg = OptimConfig(name="adastar", lr=0.01, betas=[0.95, 0.95], weight_decay=3.16e-4, decay_norms=True,
+                      mup_base_dim=16, update_clip=0.5)
+    opt = build_optimizer(micro_model, cfg)
+    groups = [([p.detach().clone() for p in g["params"]], g["update_scale"], g["weight_decay"])
+              for g in opt.param_groups]
+    gen = torch.Generator().manual_seed(0)
+    grads = [[[torch.randn(p.shape, generator=gen) for p in g["params"]] for g in opt.param_groups]
+             for _ in range(3)]
+    for step in grads:
+        for g, step_grads in zip(opt.param_groups, step):
+            for p, grad in zip(g["params"], step_grads):
+                p.grad = grad
+        opt.step()
+    expected = per_tensor_reference(groups, grads, lr=0.01, update_clip=0.5, eps=cfg.eps)
+    for g, tensors in zip(opt.param_groups, expected):
+        for p, e in zip(g["params"], tensors):
+            torch.testing.assert_close(p.detach().double(), e, rtol=0, atol=1e-6)
+
+
 def test_adastar_groups_scale_block_matrices_and_decay_everything(micro_cfg) -> None:
     from raytrain.models.decoder import build_decoder
 
