@@ -7,19 +7,21 @@ use `raytrain train` with a local Ray) on N GPUs and, when N > 1, on 1, at the r
 packed tokens, bf16, compiled blocks, `trainer=cluster`). Beside them, the same model's in-process step
 (`benchmarks/train_throughput.py`: the same batch, bf16 autocast, compiled, fused AdamW, no Ray, no DeepSpeed)
 gives the baseline. Through Ray, throughput is the mean of the logged windows after the first two (start-up and
-compilation excluded); the log lines also say which share of each window the training thread waited for data.
-The corpus is the embedded one repeated into a temporary JSONL; the tokenizer is trained once and shared. A run
-that would not fit in what is left of `--budget-s` is skipped and reported as such.
+compilation excluded); the log lines also give the share of each window the loop waited for data and the worker's
+CPU time per step.
+The corpus is the embedded one repeated into 30 temporary JSONL files; the tokenizer is trained once and shared.
+A run that would not fit in what is left of `--budget-s` is skipped and reported as such.
 
     python benchmarks/ray_scaling.py --device cuda --gpus 1       # Ray vs in-process, 1 GPU (< 8 min on an H200)
     python benchmarks/ray_scaling.py --device cuda --gpus 2       # also 2-GPU runs and scaling efficiency
-    python benchmarks/ray_scaling.py --device cpu --runs openelm_tiny:2 openelm_tiny:3 --batch 8 --seq 128 \\
-        --steps 60 --log-every 10                                  # CPU: the per-step overhead of the Ray path
+    python benchmarks/ray_scaling.py --device cpu --runs openelm_micro:2 openelm_micro:3 --batch 8 --seq 128 \\
+        --steps 100 --log-every 10                                 # CPU: the per-step overhead of the Ray path
 
 Prints one JSON line: `results` has every run through Ray (`vs_in_process`: its tokens/s per GPU over the in-process
-step's; `step_overhead_ms`: the difference of their step times; with N > 1 also `scaling_efficiency`), `baseline`
-the in-process steps, and `ratio` the smallest `vs_in_process` at 1 GPU (N = 1) or the last run's scaling
-efficiency (N > 1). Each run's full log is written to OUT/<run>.log.
+step's; `step_overhead_ms` and `cpu_overhead_ms`: the differences of their step times and of their CPU time per
+step; with N > 1 also `scaling_efficiency`), `baseline` the in-process steps, and `ratio` the smallest
+`vs_in_process` at 1 GPU (N = 1) or the last run's scaling efficiency (N > 1). Each run's full log is written to
+OUT/<run>.log.
 """
 
 from __future__ import annotations
@@ -102,15 +104,16 @@ def vocab_size(model: str) -> int:
 
 
 def prepare_data(work: Path, vocab: int) -> tuple[Path, Path]:
-    """The embedded corpus repeated into a JSONL large enough for every run, and a BPE trained once on it."""
+    """The embedded corpus repeated into 30 JSONL files (Ray Data reads and tokenizes one task per file, so one
+    file would tokenize on one core), and a BPE trained once on it."""
     from raytrain.data.corpus import documents
     from raytrain.data.tokenizer import train_bpe
 
     docs = documents()
-    corpus = work / "corpus.jsonl"
-    with corpus.open("w") as f:
-        for _ in range(30):
-            f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
+    corpus = work / "corpus"
+    corpus.mkdir()
+    for i in range(30):
+        (corpus / f"part-{i:02d}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     tokenizer = work / "tokenizer"
     train_bpe(docs, vocab).save_pretrained(tokenizer)
     return corpus, tokenizer
