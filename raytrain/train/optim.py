@@ -179,8 +179,10 @@ class AdaStar(torch.optim.Optimizer):
         if self.update_clip > 0:
             pieces = self._pieces_of(params)
             views = [updates[i].view(-1).narrow(0, start, length) for i, start, length in pieces.views]
-            sums = torch.stack(torch._foreach_norm(views)).square()
-            torch._foreach_mul_(views, list(self._clip_factors(pieces, sums).unbind()))
+            sums = torch.stack(torch._foreach_norm(views)).square() if views else updates[0].new_zeros(0)
+            factors = self._clip_factors(pieces, sums)  # every rank of a partitioned tensor takes part
+            if views:
+                torch._foreach_mul_(views, list(factors.unbind()))
         torch._foreach_lerp_(m, updates, 1 - b1)
         if (decay := _decay(group)) != 1.0:
             torch._foreach_mul_(params, decay)
@@ -189,7 +191,12 @@ class AdaStar(torch.optim.Optimizer):
 
     def _fused_step(self, kernels: ModuleType, params: list[torch.Tensor], group: dict[str, Any],
                     bias_corrections: list[float], clip: float) -> None:
+        """Updates the pieces only: the rest of a flat partition is alignment padding."""
         pieces = self._pieces_of(params)
+        if not pieces.views:  # nothing but padding here (a small group over many ranks); the clip's all-reduce
+            if self.update_clip > 0:  # still needs this rank
+                self._clip_factors(pieces, params[0].new_zeros(0, dtype=torch.float32))
+            return
 
         def views(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
             return [tensors[i].view(-1).narrow(0, start, length) for i, start, length in pieces.views]
@@ -246,7 +253,7 @@ class AdaStar(torch.optim.Optimizer):
                 if layout.world > 1:
                     shared.append((base, len(layout.numels), layout.group))
             device = params[0].device
-            self._pieces[key] = _Pieces(views, torch.tensor(slots, device=device),
+            self._pieces[key] = _Pieces(views, torch.tensor(slots, dtype=torch.long, device=device),
                                         torch.tensor(numels, dtype=torch.float32, device=device), shared)
         return self._pieces[key]
 

@@ -277,6 +277,30 @@ def test_flat_partitions_over_two_ranks_step_like_whole_tensors(kind: str, two_r
         torch.testing.assert_close(piece, p.detach().reshape(-1), rtol=0, atol=1e-6)
 
 
+def test_a_rank_holding_only_padding_takes_part_in_the_clip(two_ranks) -> None:
+    """A small group cut over many ranks can leave a rank nothing but alignment padding: it still joins the
+    all-reduce of the per-tensor sums (or the other ranks would wait for it) and changes nothing."""
+    start, grads = _tensors(0)[1], [_tensors(seed)[1] for seed in (1, 2)]  # a 7-element tensor
+
+    def rank_steps(rank: int) -> torch.Tensor:
+        flat = torch.nn.Parameter(F.pad(start, (0, 1)) if rank == 0 else torch.zeros(8))
+        opt = AdaStar([flat], lr=0.01, weight_decay=0.1, update_clip=0.3)
+        opt.attach(lambda: 1.0, {flat: contiguous_layout([0], [7], 8, rank, world=2)})  # rank 1: [8, 16)
+        for g in grads:
+            flat.grad = F.pad(g, (0, 1)) if rank == 0 else torch.zeros(8)
+            opt.step()
+        return flat.detach()
+
+    held, padding = two_ranks(rank_steps)
+    whole = torch.nn.Parameter(start.clone())
+    opt = AdaStar([whole], lr=0.01, weight_decay=0.1, update_clip=0.3, grad_clip=0.0)  # as attached: no global clip
+    for g in grads:
+        whole.grad = g
+        opt.step()
+    torch.testing.assert_close(held[:7], whole.detach(), rtol=0, atol=1e-7)
+    assert torch.equal(padding, torch.zeros(8))
+
+
 def test_a_layout_that_misses_elements_is_refused(two_ranks) -> None:
     def rank_check(rank: int) -> str:
         _, layout = _zero2(rank)
