@@ -59,7 +59,7 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--log-every", type=int, default=5)
-    p.add_argument("--budget-s", type=float, default=480, help="stop starting runs after this long")
+    p.add_argument("--budget-s", type=float, default=450, help="no run goes on past this long (the whole < 8 min)")
     p.add_argument("--run-cap-s", type=float, default=300, help="longest one run may take")
     p.add_argument("--out", default="outputs/ray_scaling")
     p.add_argument("--extra", nargs="*", default=[], help="overrides for every run through Ray")
