@@ -12,7 +12,10 @@ CPU time per step.
 The corpus is the embedded one repeated into 30 temporary JSONL files; the tokenizer is trained once and shared.
 A run that would not fit in what is left of `--budget-s` is skipped and reported as such.
 
-    python benchmarks/ray_scaling.py --device cuda --gpus 1       # Ray vs in-process, 1 GPU (< 8 min on an H200)
+    python benchmarks/ray_scaling.py --device cuda --gpus 1       # Ray vs in-process, 1 GPU (~11 min cold on an H200:
+                                                                   # --budget-s 450 skips what no longer fits)
+    python benchmarks/ray_scaling.py --device cuda --gpus 1 --runs openelm_270m:2    # one model a command: ~6 min
+    python benchmarks/ray_scaling.py --device cuda --gpus 1 --runs openelm_1_1b:3 --budget-s 545 --run-cap-s 400
     python benchmarks/ray_scaling.py --device cuda --gpus 2       # also 2-GPU runs and scaling efficiency
     python benchmarks/ray_scaling.py --device cpu --runs openelm_micro:2 openelm_micro:3 --batch 8 --seq 128 \\
         --steps 100 --log-every 10                                 # CPU: the per-step overhead of the Ray path
