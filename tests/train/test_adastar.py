@@ -116,6 +116,48 @@ def test_update_matches_the_spec_computed_by_hand() -> None:
     torch.testing.assert_close(pb.detach().double(), eb, rtol=0, atol=1e-6)
 
 
+def per_tensor_reference(groups: list[tuple[list[torch.Tensor], float, float]], grads: list[list[list[torch.Tensor]]],
+                         lr: float, update_clip: float, b1: float = 0.95, b2: float = 0.95,
+                         eps: float = 1e-8) -> list[list[torch.Tensor]]:
+    """The spec's step one tensor at a time, in float64: `groups` of (tensors, update_scale, weight_decay),
+    `grads[step][group][tensor]`, a constant LR (so the decay is wd itself), global-norm clip to 1."""
+    ps = [[p.double().clone() for p in tensors] for tensors, _, _ in groups]
+    vs, ms = [[torch.zeros_like(p) for p in g] for g in ps], [[torch.zeros_like(p) for p in g] for g in ps]
+    for t, step in enumerate(grads, start=1):
+        clip = min(1.0, 1.0 / math.sqrt(sum(float(g.double().square().sum()) for gs in step for g in gs)))
+        for k, (_, scale, wd) in enumerate(groups):
+            for i, g in enumerate(step[k]):
+                g = g.double() * clip
+                vs[k][i] = b2 * vs[k][i] + (1 - b2) * (g * g + eps)
+                u = g / (vs[k][i] / (1 - b2 ** t)).sqrt()
+                u = u / max(1.0, float(u.square().mean().sqrt()) / update_clip)
+                ms[k][i] = b1 * ms[k][i] + (1 - b1) * u
+                ps[k][i] = ps[k][i] - lr * scale * ms[k][i] - wd * ps[k][i]
+    return ps
+
+
+def test_the_foreach_step_equals_the_per_tensor_reference(micro_model) -> None:
+    """A decoder's 3 groups (block matrices x 0.25, embedding, norm gains), 3 steps with the global clip and every
+    tensor's update clip active."""
+    cfg = OptimConfig(name="adastar", lr=0.01, betas=[0.95, 0.95], weight_decay=3.16e-4, decay_norms=True,
+                      mup_base_dim=16, update_clip=0.5)
+    opt = build_optimizer(micro_model, cfg)
+    groups = [([p.detach().clone() for p in g["params"]], g["update_scale"], g["weight_decay"])
+              for g in opt.param_groups]
+    gen = torch.Generator().manual_seed(0)
+    grads = [[[torch.randn(p.shape, generator=gen) for p in g["params"]] for g in opt.param_groups]
+             for _ in range(3)]
+    for step in grads:
+        for g, step_grads in zip(opt.param_groups, step):
+            for p, grad in zip(g["params"], step_grads):
+                p.grad = grad
+        opt.step()
+    expected = per_tensor_reference(groups, grads, lr=0.01, update_clip=0.5, eps=cfg.eps)
+    for g, tensors in zip(opt.param_groups, expected):
+        for p, e in zip(g["params"], tensors):
+            torch.testing.assert_close(p.detach().double(), e, rtol=0, atol=1e-6)
+
+
 def test_adastar_groups_scale_block_matrices_and_decay_everything(micro_cfg) -> None:
     from raytrain.models.decoder import build_decoder
 
@@ -233,6 +275,30 @@ def test_flat_partitions_over_two_ranks_step_like_whole_tensors(kind: str, two_r
         pieces = [torch.cat([halves[0][k], halves[1][k]])[:n] for k, n in enumerate(NUMELS)]
     for p, piece in zip(whole, pieces):
         torch.testing.assert_close(piece, p.detach().reshape(-1), rtol=0, atol=1e-6)
+
+
+def test_a_rank_holding_only_padding_takes_part_in_the_clip(two_ranks) -> None:
+    """A small group cut over many ranks can leave a rank nothing but alignment padding: it still joins the
+    all-reduce of the per-tensor sums (or the other ranks would wait for it) and changes nothing."""
+    start, grads = _tensors(0)[1], [_tensors(seed)[1] for seed in (1, 2)]  # a 7-element tensor
+
+    def rank_steps(rank: int) -> torch.Tensor:
+        flat = torch.nn.Parameter(F.pad(start, (0, 1)) if rank == 0 else torch.zeros(8))
+        opt = AdaStar([flat], lr=0.01, weight_decay=0.1, update_clip=0.3)
+        opt.attach(lambda: 1.0, {flat: contiguous_layout([0], [7], 8, rank, world=2)})  # rank 1: [8, 16)
+        for g in grads:
+            flat.grad = F.pad(g, (0, 1)) if rank == 0 else torch.zeros(8)
+            opt.step()
+        return flat.detach()
+
+    held, padding = two_ranks(rank_steps)
+    whole = torch.nn.Parameter(start.clone())
+    opt = AdaStar([whole], lr=0.01, weight_decay=0.1, update_clip=0.3, grad_clip=0.0)  # as attached: no global clip
+    for g in grads:
+        whole.grad = g
+        opt.step()
+    torch.testing.assert_close(held[:7], whole.detach(), rtol=0, atol=1e-7)
+    assert torch.equal(padding, torch.zeros(8))
 
 
 def test_a_layout_that_misses_elements_is_refused(two_ranks) -> None:
