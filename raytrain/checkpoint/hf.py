@@ -153,7 +153,8 @@ def load_pretrained(path: str | Path, device: torch.device | str = "cpu", dtype:
                     tokenizer: str | Path | None = None, keep_compressed: bool = False,
                     config: Any = None) -> Pretrained:
     """Load weights (and the tokenizer, if the checkpoint has one or `tokenizer` points at one). A compressed
-    checkpoint is rebuilt densely, or with `keep_compressed` its compressed layers become `CompressedLinear`.
+    checkpoint is rebuilt densely, or with `keep_compressed` its compressed linear layers become `CompressedLinear`
+    (other compressed tensors, such as an 8-bit embedding, are rebuilt).
     `config` builds another model config than the checkpoint's around the same parameter shapes (e.g. a new RoPE
     base or context length for the next stage of a recipe)."""
     path = resolve_checkpoint(path)
@@ -168,6 +169,8 @@ def load_pretrained(path: str | Path, device: torch.device | str = "cpu", dtype:
         state = FORMATS[model_type][1](state, saved)
         compressed = {openelm_name(k): v for k, v in compressed.items()}
     model = build_model(cfg, "meta")
+    for name in [k for k in compressed if not _is_linear_weight(model, k)]:  # e.g. an 8-bit embedding table
+        state[name] = compressed.pop(name).dense()
     check_state(model, {**state, **{k: torch.empty(ct.shape, device="meta") for k, ct in compressed.items()}}, path)
     model.to_empty(device=device)
     if dtype is not None:
@@ -183,6 +186,14 @@ def load_pretrained(path: str | Path, device: torch.device | str = "cpu", dtype:
     tok = load_tokenizer(tok_dir) if tokenizer or (path / "tokenizer.json").is_file() else None
     meta = _read_json(path / META) if (path / META).is_file() else {}
     return Pretrained(model.eval(), cfg, tok, meta, path)
+
+
+def _is_linear_weight(model: nn.Module, name: str) -> bool:
+    module_name, _, leaf = name.rpartition(".")
+    try:
+        return leaf == "weight" and isinstance(model.get_submodule(module_name), nn.Linear)
+    except AttributeError:
+        return False
 
 
 def read_model_config(path: str | Path) -> Any:
@@ -305,6 +316,15 @@ def is_raytrain_layout(path: str | Path) -> bool:
 def linear_weight_names(path: str | Path) -> list[str]:
     """Stored names of the weights of the linear layers inside the blocks (the output head and embeddings are
     not among them), found by building the checkpoint's model on the meta device."""
+    return _weight_names(path, lambda m, output: isinstance(m, nn.Linear) and m is not output)
+
+
+def embedding_weight_names(path: str | Path) -> list[str]:
+    """Stored names of the token embedding tables (with tied embeddings, also the output head's weights)."""
+    return _weight_names(path, lambda m, output: isinstance(m, nn.Embedding))
+
+
+def _weight_names(path: str | Path, select: Callable[[nn.Module, nn.Module], bool]) -> list[str]:
     path = resolve_checkpoint(path)
     if is_raytrain_layout(path):
         model = build_model(read_model_config(path), "meta")
@@ -313,8 +333,8 @@ def linear_weight_names(path: str | Path) -> list[str]:
         model = _hf_model(path, "meta")
         output = model.get_output_embeddings()
     to_model = parameter_names(path)
-    linear = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not output}
-    return [name for name, t in stored_tensors(path).items() if to_model(name) in linear and len(t.shape) == 2]
+    chosen = {f"{name}.weight" for name, m in model.named_modules() if select(m, output)}
+    return [name for name, t in stored_tensors(path).items() if to_model(name) in chosen and len(t.shape) == 2]
 
 
 def parameter_names(path: str | Path) -> Callable[[str], str]:
