@@ -63,7 +63,7 @@ class Pretrained:
 def save_pretrained(out_dir: str | Path, model_cfg: Any, state: dict[str, torch.Tensor],
                     tokenizer_files: TokenizerFiles | None = None, meta: dict[str, Any] | None = None) -> Path:
     """Write a checkpoint directory; refuses to replace an existing non-empty one."""
-    with _atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp:
         tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
         save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
         dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
@@ -86,7 +86,7 @@ def save_compressed(out_dir: str | Path, source: str | Path, dense: dict[str, to
     source = resolve_checkpoint(source)
     config = _read_json(source / CONFIG)
     meta = _read_json(source / META) if (source / META).is_file() else {}
-    with _atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp:
         compressed_format.save_file(tmp / WEIGHTS, dense, compressed)
         (tmp / CONFIG).write_text(json.dumps({**config, COMPRESSION: record}, indent=2) + "\n")
         (tmp / META).write_text(json.dumps({**meta, "compressed_from": str(source)}, indent=2) + "\n")
@@ -97,7 +97,7 @@ def save_compressed(out_dir: str | Path, source: str | Path, dense: dict[str, to
 
 
 @contextlib.contextmanager
-def _atomic_dir(out_dir: str | Path) -> Iterator[Path]:
+def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling of `out_dir` to fill; it is renamed into place only if the block succeeds."""
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -151,12 +151,13 @@ def latest_run_checkpoint(run_dir: Path) -> Path | None:
 
 def load_pretrained(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
                     tokenizer: str | Path | None = None, keep_compressed: bool = False,
-                    config: Any = None) -> Pretrained:
+                    config: Any = None, adapter: str | Path | None = None) -> Pretrained:
     """Load weights (and the tokenizer, if the checkpoint has one or `tokenizer` points at one). A compressed
     checkpoint is rebuilt densely, or with `keep_compressed` its compressed linear layers become `CompressedLinear`
     (other compressed tensors, such as an 8-bit embedding, are rebuilt).
     `config` builds another model config than the checkpoint's around the same parameter shapes (e.g. a new RoPE
-    base or context length for the next stage of a recipe)."""
+    base or context length for the next stage of a recipe). `adapter` puts a LoRA adapter trained on this base on
+    it, unmerged (`raytrain.checkpoint.adapter`; refused on another base)."""
     path = resolve_checkpoint(path)
     saved = read_model_config(path)
     cfg = config if config is not None else saved
@@ -182,6 +183,10 @@ def load_pretrained(path: str | Path, device: torch.device | str = "cpu", dtype:
         from raytrain.compress.linear import replace_linears
 
         replace_linears(model, compressed, device)
+    if adapter is not None:
+        from raytrain.checkpoint.adapter import attach, base_fingerprint, read_adapter
+
+        attach(model, read_adapter(adapter), base_fingerprint(path), path)
     tok_dir = Path(tokenizer) if tokenizer else path
     tok = load_tokenizer(tok_dir) if tokenizer or (path / "tokenizer.json").is_file() else None
     meta = _read_json(path / META) if (path / META).is_file() else {}

@@ -60,6 +60,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Prints the summary as one JSON object and returns it."""
     if cfg.method not in METHODS:
         raise ConfigError(f"method={cfg.method!r} is unknown; known: {', '.join(sorted(METHODS))}")
+    if cfg.bits == MIXED and cfg.method != "palettize":
+        raise ConfigError(f"bits={MIXED} is a palettization setting; use method=palettize")
     configs = codec_configs(cfg)
     if cfg.method not in configs:
         widths = "3 or 4" if cfg.method == "seedlm" else "an integer width"
@@ -132,8 +134,6 @@ def palettize_options(cfg: DictConfig) -> tuple[Any, Any]:
     from raytrain.pipelines.compress import Encoding, MixedConfig
 
     if cfg.method != "palettize":
-        if cfg.bits == MIXED:
-            raise ConfigError(f"bits={MIXED} is a palettization setting; use method=palettize")
         return None, None
     bits = cfg.palettize.embedding_bits
     embedding = Encoding("rtn", to_dataclass(RTNConfig, {"bits": bits, "group_size": 1}, "palettize.embedding_bits")) \

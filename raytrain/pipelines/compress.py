@@ -187,9 +187,16 @@ def plan_job(source: str | Path, out: str | Path, method: str, config: Any, job:
     alignments = {n: max(e.row_alignment for e in encs) for n, encs in encodings.items()}
     shards = plan({n: stored[n].shape for n in encodings}, alignments, job.weights_per_task)
     calibration = None
+    if mixed is not None:
+        narrowest = dataclasses.replace(config, bits=min(mixed.bits))
+        weights = sum(math.prod(stored[n].shape) for n in names)
+        least = sum(palettize.stored_bits(stored[n].shape, narrowest) for n in names) / weights
+        if least > mixed.target_bpw:
+            raise CompressError(f"target_bpw={mixed.target_bpw}: the narrowest setting already needs {least:.4f} "
+                                "bits per weight")
     if mixed is not None and mixed.importance == "fisher":
         text = EvalConfig(text=mixed.calibration, seq_len=mixed.seq_len, max_tokens=mixed.calibration_tokens)
-        calibration = heldout_windows(source, text, key="mixed.calibration")
+        calibration = heldout_windows(source, text, key="palettize.calibration")
     p = JobPlan(source, out, method, config, job, stored, names, encodings, shards, embedding, mixed, calibration)
     if (p.work / MANIFEST).is_file():
         previous = json.loads((p.work / MANIFEST).read_text())
@@ -374,11 +381,8 @@ def _assemble(p: JobPlan) -> tuple[dict[str, CompressedTensor], dict[str, float]
         candidates = {n: [palettize.Candidate(e.config.bits, palettize.stored_bits(p.stored[n].shape, e.config),
                                               sums[n][f"cost.{i}"]) for i, e in enumerate(p.encodings[n])]
                       for n in p.names}
-        try:
-            bits = palettize.allocate(candidates, {n: math.prod(p.stored[n].shape) for n in p.names},
-                                      p.mixed.target_bpw)
-        except ValueError as e:
-            raise CompressError(f"mixed.{e}") from None
+        bits = palettize.allocate(candidates, {n: math.prod(p.stored[n].shape) for n in p.names},
+                                  p.mixed.target_bpw)  # plan_job checked that the target can be met
         chosen.update({n: next(e for e in p.encodings[n] if e.config.bits == bits[n]) for n in p.names})
     compressed, errors = {}, {}
     for name, enc in chosen.items():

@@ -139,8 +139,13 @@ def test_gaussian_reference_check_prints_one_json_object() -> None:
 
 
 @pytest.mark.parametrize("overrides, error, message", [
-    (["method=gptq"], ConfigError, "method='gptq' is unknown; known: rtn, seedlm"),
-    (["bits=5"], ConfigError, r"bits=5: use one of \[3, 4\]"),
+    (["method=gptq"], ConfigError, "method='gptq' is unknown; known: palettize, rtn, seedlm"),
+    (["bits=5"], ConfigError, "bits=5: method=seedlm has no setting at these bits; use 3 or 4"),
+    (["bits=mixed"], ConfigError, "bits=mixed is a palettization setting; use method=palettize"),
+    (["method=palettize", "bits=mixed", "target_bpw=1.5", "checkpoint={src}", "out={tmp}/o"], CompressError,
+     "target_bpw=1.5: the narrowest setting already needs 2.0"),
+    (["method=palettize", "bits=mixed", "palettize.calibration=embedded:web", "checkpoint={src}", "out={tmp}/o"],
+     CompressError, "palettize.calibration=embedded:web: no such embedded source"),
     (["seedlm.taps=[0,1]"], ConfigError, "seedlm.taps: .* not maximal-length"),
     (["seedlm.exponent_rule=floor"], ConfigError, "seedlm: .*exponent_rule='floor'"),
     (["out=/tmp/x"], ConfigError, "checkpoint=PATH and out=PATH are required"),
