@@ -19,11 +19,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from raytrain.checkpoint.hf import CheckpointError, atomic_dir, latest_run_checkpoint, resolve_checkpoint, weight_files
+from raytrain.checkpoint.hf import (ADAPTER_CONFIG, CheckpointError, atomic_dir, latest_run_checkpoint,
+                                    resolve_checkpoint, weight_files)
 from raytrain.config import to_dataclass
-from raytrain.models.lora import LoRAConfig, adapter_state, apply_lora, load_adapter_state
+from raytrain.models.lora import LoRAConfig, apply_lora, load_adapter_state
 
-ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter.safetensors"
 
 
 class AdapterError(CheckpointError):
@@ -56,11 +57,12 @@ def _fingerprint(files: tuple[tuple[str, int, int], ...]) -> str:
     return digest.hexdigest()
 
 
-def save_adapter(out_dir: str | Path, model: nn.Module, lora: LoRAConfig, base_path: str | Path, fingerprint: str,
-                 meta: dict[str, Any] | None = None) -> Path:
-    """Write slot 0 of `model`'s LoRA layers and what it was trained on; refuses an existing non-empty directory."""
+def save_adapter(out_dir: str | Path, state: dict[str, torch.Tensor], lora: LoRAConfig, base_path: str | Path,
+                 fingerprint: str, meta: dict[str, Any] | None = None) -> Path:
+    """Write an adapter (`lora.adapter_state`) and what it was trained on; refuses an existing non-empty
+    directory."""
     with atomic_dir(out_dir) as tmp:
-        save_file(adapter_state(model), tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+        save_file(state, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
         config = {"lora": asdict(lora), "base": {"path": str(base_path), "fingerprint": fingerprint},
                   "meta": meta or {}}
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")

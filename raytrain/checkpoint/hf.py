@@ -39,6 +39,7 @@ from raytrain.data.tokenizer import TokenizerFiles, load_tokenizer, write_files
 from raytrain.models.registry import build_model, config_dict, model_config
 
 CONFIG, WEIGHTS, META = "config.json", "model.safetensors", "raytrain.json"
+ADAPTER_CONFIG = "adapter_config.json"  # a LoRA adapter's directory (`raytrain.checkpoint.adapter`)
 SHARD_INDEX = "model.safetensors.index.json"
 COMPRESSION = "raytrain_compression"  # config.json key of compressed checkpoints (not HF's quantization_config,
 # which would send transformers looking for a quantizer of that name)
@@ -130,9 +131,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise CheckpointError(f"checkpoint {path}: no such directory")
     if (path / CONFIG).is_file():
         return path
+    latest = latest_run_checkpoint(path)
+    for model_dir in (path, path / "model", latest / "model" if latest else None):
+        if model_dir is not None and (model_dir / ADAPTER_CONFIG).is_file():
+            base = _read_json(model_dir / ADAPTER_CONFIG).get("base", {}).get("path")
+            raise CheckpointError(f"checkpoint {path} is a LoRA adapter: load its base with the adapter "
+                                  f"(checkpoint={base} adapter={path})")
     if (path / "model" / CONFIG).is_file():
         return path / "model"
-    latest = latest_run_checkpoint(path)
     if latest is not None:
         return latest / "model"
     raise CheckpointError(f"checkpoint {path}: no {CONFIG} there, no model/ subdirectory and no registered "
@@ -140,13 +146,15 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def latest_run_checkpoint(run_dir: Path) -> Path | None:
-    """The newest checkpoint Ray Train registered for a run (only fully uploaded checkpoints are registered)."""
+    """The newest checkpoint Ray Train registered for a run (only fully uploaded checkpoints are registered); its
+    `model/` holds a model or, for a LoRA run, an adapter."""
     snapshot = run_dir / "checkpoint_manager_snapshot.json"
     if not snapshot.is_file():
         return None
     latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
     name = latest.get("checkpoint_dir_name")
-    return run_dir / name if name and (run_dir / name / "model" / CONFIG).is_file() else None
+    export = run_dir / name / "model" if name else None
+    return run_dir / name if export and ((export / CONFIG).is_file() or (export / ADAPTER_CONFIG).is_file()) else None
 
 
 def load_pretrained(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,

@@ -10,13 +10,13 @@ import torch
 
 from raytrain.checkpoint.adapter import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError, base_fingerprint,
                                          read_adapter, save_adapter)
-from raytrain.checkpoint.hf import (linear_weight_names, load_pretrained, model_state, read_weights, save_compressed,
+from raytrain.checkpoint.hf import (CheckpointError, linear_weight_names, load_pretrained, model_state, read_weights, save_compressed,
                                     save_pretrained)
 from raytrain.compress.format import compress_tensor
 from raytrain.compress.palettize import PalettizeConfig
 from raytrain.data.tokenizer import to_files
 from raytrain.models.decoder import build_decoder
-from raytrain.models.lora import LoRAConfig, apply_lora, lora_layers
+from raytrain.models.lora import LoRAConfig, adapter_state, apply_lora, lora_layers
 from tests.conftest import preset
 
 
@@ -40,7 +40,7 @@ def trained_adapter(base_dir, out, lora: LoRAConfig) -> tuple[torch.nn.Module, o
     with torch.no_grad():
         for layer in lora_layers(model).values():
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.05)
-    return model, save_adapter(out, model, lora, base_dir, base_fingerprint(base_dir), {"step": 7})
+    return model, save_adapter(out, adapter_state(model), lora, base_dir, base_fingerprint(base_dir), {"step": 7})
 
 
 @pytest.mark.parametrize("palettized_base", [False, True])
@@ -79,6 +79,9 @@ def test_missing_and_damaged_adapters_are_named(tokenizer, tmp_path) -> None:
     with pytest.raises(AdapterError, match="no adapter_config.json there"):
         load_pretrained(base, adapter=base)
     _, out = trained_adapter(base, tmp_path / "adapter", LoRAConfig(rank=2))
+    with pytest.raises(CheckpointError, match=r"is a LoRA adapter: load its base with the adapter \(checkpoint=.*/a "
+                                              r"adapter=.*/adapter\)"):
+        load_pretrained(out)
     (out / ADAPTER_WEIGHTS).write_bytes((out / ADAPTER_WEIGHTS).read_bytes()[:100])
     with pytest.raises(AdapterError, match="unreadable adapter.safetensors"):
         read_adapter(out)
