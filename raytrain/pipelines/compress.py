@@ -218,23 +218,22 @@ def run_job(p: JobPlan, record: dict[str, Any] | None = None) -> dict[str, Any]:
         _run_fisher(p)
     _run_tasks(p, todo)
     compressed, errors, chosen = _assemble(p)
-    dense = {name: _read_stored(t.file, name) for name, t in p.stored.items() if name not in compressed}
-    hf.save_compressed(p.out, p.source, dense, compressed, {**(record or {}), **_allocation(p, chosen)})
-    shutil.rmtree(p.work)
     weights = sum(math.prod(p.stored[n].shape) for n in p.names)
-    bits = sum(compressed[n].stored_bytes * 8 for n in p.names) / weights
-    log.info("wrote %s: %d tensors, %.4f bits per linear weight", p.out, len(compressed), bits)
-    linear_errors = {n: errors[n] for n in p.names}
-    summary = {"checkpoint": str(p.source), "out": str(p.out), "tensors_compressed": len(compressed),
-               "weights_compressed": weights, "bits_per_weight": bits,
-               "mean_relative_error": sum(linear_errors.values()) / len(linear_errors), "relative_error": errors,
-               "row_ranges": len(p.shards), "row_ranges_resumed": len(p.shards) - len(todo),
-               "seconds": round(time.time() - started, 3), **_allocation(p, chosen)}
+    bits = {"bits_per_weight": sum(compressed[n].stored_bytes * 8 for n in p.names) / weights}  # linear weights
     embedded = [n for n in compressed if n not in p.names]
     if embedded:
-        summary["embedding_bits_per_weight"] = sum(compressed[n].stored_bytes * 8 for n in embedded) / sum(
+        bits["embedding_bits_per_weight"] = sum(compressed[n].stored_bytes * 8 for n in embedded) / sum(
             math.prod(p.stored[n].shape) for n in embedded)
-    return summary
+    dense = {name: _read_stored(t.file, name) for name, t in p.stored.items() if name not in compressed}
+    hf.save_compressed(p.out, p.source, dense, compressed, {**(record or {}), **bits, **_allocation(p, chosen)})
+    shutil.rmtree(p.work)
+    log.info("wrote %s: %d tensors, %.4f bits per linear weight", p.out, len(compressed), bits["bits_per_weight"])
+    linear_errors = {n: errors[n] for n in p.names}
+    return {"checkpoint": str(p.source), "out": str(p.out), "tensors_compressed": len(compressed),
+            "weights_compressed": weights, **bits,
+            "mean_relative_error": sum(linear_errors.values()) / len(linear_errors), "relative_error": errors,
+            "row_ranges": len(p.shards), "row_ranges_resumed": len(p.shards) - len(todo),
+            "seconds": round(time.time() - started, 3), **_allocation(p, chosen)}
 
 
 def _allocation(p: JobPlan, chosen: dict[str, Encoding]) -> dict[str, Any]:
