@@ -12,7 +12,7 @@ import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
 from raytrain.cli import CONF_DIR
-from raytrain.commands.compress import codec_configs
+from raytrain.commands.compress import codec_configs, palettize_options
 from raytrain.commands.generate import sampling_params
 from raytrain.commands.train import typed_parts
 from raytrain.cluster.jobs import SubmitConfig
@@ -53,6 +53,8 @@ def test_train_composes_with_each_option(group: str, option: str) -> None:
         overrides.append("data.path=/corpus")
     if (group, option) == ("objective", "distill"):
         overrides.append("objective.teacher=/ckpt")
+    if (group, option) in (("job", "lora"), ("job", "ara")):  # the base is read when the job starts, not here
+        overrides += ["init=/ckpt"] + (["objective.teacher=/ckpt"] if option == "ara" else [])
     if (group, option) == ("recipe", "afm_3b"):
         overrides += AFM_3B_INPUTS
     parts = typed_parts(compose("train", overrides))
@@ -169,10 +171,29 @@ def test_submit_and_cluster_check_configs_compose() -> None:
     assert compose("cluster_check").path is None
 
 
-def test_compress_config_composes_into_both_codecs() -> None:
+def test_compress_config_composes_into_every_codec() -> None:
     for bits, (C, P) in ((4, (8, 3)), (3, (12, 4))):
         configs = codec_configs(compose("compress", [f"bits={bits}"]))
         assert (configs["seedlm"].C, configs["seedlm"].P, configs["seedlm"].K, configs["rtn"].bits) == (C, P, 16, bits)
+        assert (configs["palettize"].bits, configs["palettize"].group_size) == (bits, 16)
+    mixed = compose("compress", ["method=palettize", "bits=mixed", "target_bpw=3.7"])
+    assert list(codec_configs(mixed)) == ["palettize"] and codec_configs(mixed)["palettize"].bits == 4
+    embedding, mix = palettize_options(mixed)
+    assert (embedding.method, embedding.config.bits, mix.target_bpw, mix.bits) == ("rtn", 8, 3.7, [4, 2])
+    assert "seedlm" not in codec_configs(compose("compress", ["bits=2"]))
+
+
+def test_lora_jobs_compose_into_the_lora_task() -> None:
+    parts = typed_parts(compose("train", ["job=lora", "init=/base", "lora.rank=8", "adapter_init=/ara"]))
+    task = parts["task"]
+    assert (task.name, task.base, task.lora.rank, task.lora.split_qkv, task.adapter_init) == ("lora", "/base", 8,
+                                                                                              True, "/ara")
+    ara = typed_parts(compose("train", ["job=ara", "init=/pal", "objective.teacher=/fp"]))
+    assert ara["task"].base == "/pal" and (ara["objective"].name, ara["objective"].target) == ("distill", "kl")
+    with pytest.raises(ConfigError, match="task: init=CHECKPOINT is required"):
+        typed_parts(compose("train", ["job=lora"]))
+    with pytest.raises(ConfigError, match="objective.teacher: Missing mandatory value"):
+        typed_parts(compose("train", ["job=ara", "init=/pal"]))
 
 
 def test_misspelt_key_and_group_are_named_by_hydra() -> None:

@@ -1,4 +1,5 @@
-"""`raytrain generate checkpoint=PATH prompt="..."`: stream a completion from a checkpoint to stdout."""
+"""`raytrain generate checkpoint=PATH [adapter=PATH] prompt="..."`: stream a completion from a checkpoint (with a
+LoRA adapter trained on it) to stdout."""
 
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ def run(cfg: DictConfig) -> None:
     params = sampling_params(cfg, "generate")
     engine_cfg = to_dataclass(EngineConfig, cfg.generation, "generation")
     device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device.replace("auto", "cpu")
-    engine = Engine.from_checkpoint(cfg.checkpoint, engine_cfg, device=device, tokenizer=cfg.tokenizer)
+    engine = Engine.from_checkpoint(cfg.checkpoint, engine_cfg, device=device, tokenizer=cfg.tokenizer,
+                                    adapter=cfg.adapter)
     print_completion(engine, cfg.prompt, params)
 
 

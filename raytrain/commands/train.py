@@ -1,5 +1,6 @@
 """`raytrain train [overrides]`: train a model on Ray Train + DeepSpeed (the task: language modelling by default,
-`job=catlip`, `job=clip`, `job=probe`), then print a sample (language models) or the skipped-record counts.
+`job=lora` (adapters on a frozen base), `job=catlip`, `job=clip`, `job=probe`), then print a sample (language
+models) or the skipped-record counts.
 `raytrain train recipe=NAME` runs a staged language-model recipe (`conf/recipe/`) instead, one Ray Train run per
 stage."""
 
@@ -87,7 +88,7 @@ def run(cfg: DictConfig) -> Any:
     if skipped := ray.get(counter.get.remote()):
         log.warning("skipped or unlabelled records: %s", skipped)
     if params is not None:
-        _print_sample(model_dir, cfg.sample.prompt, params)
+        _print_sample(model_dir, cfg.sample.prompt, params, job.task)
     return result
 
 
@@ -105,6 +106,11 @@ def _local_cpus(cfg: DictConfig, t: TrainerConfig) -> int | None:
     return cfg.ray.num_cpus or max(os.cpu_count() or 1, needed)
 
 
-def _print_sample(model_dir: str, prompt: str, params: SamplingParams) -> None:
+def _print_sample(model_dir: str, prompt: str, params: SamplingParams, task: Any = None) -> None:
+    """A completion from the final checkpoint (a LoRA run's `model/` is an adapter of its base)."""
     log.info("sample from %s:", model_dir)
-    print_completion(Engine.from_checkpoint(model_dir), prompt, params)
+    if isinstance(task, tasks.LoRATaskConfig):
+        engine = Engine.from_checkpoint(task.base, adapter=model_dir)
+    else:
+        engine = Engine.from_checkpoint(model_dir)
+    print_completion(engine, prompt, params)

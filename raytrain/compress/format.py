@@ -1,7 +1,7 @@
 """Compressed tensors and the safetensors file that holds them beside the uncompressed ones.
 
 A compressed [out, in] weight `NAME` is stored as arrays `NAME.<field>` (SeedLM: `seeds`, `exponents`,
-`coefficients`; RTN: `codes`, `scales`), and the file's header metadata key `raytrain.compression` records, per tensor,
+`coefficients`; RTN: `codes`, `scales`; palettization: `indices`, `lut`), and the file's header metadata key `raytrain.compression` records, per tensor,
 the method, its config (C, P, K, taps, exponent rule, rounding, seed convention...), the dense shape and dtype and the
 per-row padding. `load_file` checks every array against that record, so a truncated, hand-edited or mismatched file
 fails with the tensor named instead of decoding garbage. `dense_state` is the reconstructing loader; `load_file`
@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file as _save_safetensors
 
-from raytrain.compress import rtn, seedlm
+from raytrain.compress import palettize, rtn, seedlm
 from raytrain.config import RaytrainError
 
 COMPRESSION_KEY = "raytrain.compression"
@@ -39,7 +39,8 @@ class Method:
     codec: ModuleType
 
 
-METHODS: dict[str, Method] = {"seedlm": Method(seedlm.SeedLMConfig, seedlm), "rtn": Method(rtn.RTNConfig, rtn)}
+METHODS: dict[str, Method] = {"seedlm": Method(seedlm.SeedLMConfig, seedlm), "rtn": Method(rtn.RTNConfig, rtn),
+                              "palettize": Method(palettize.PalettizeConfig, palettize)}
 
 
 @dataclass

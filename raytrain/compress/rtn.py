@@ -44,6 +44,11 @@ class RTNConfig:
         return cls(bits=meta["bits"], group_size=meta["group_size"])
 
 
+def row_alignment(cfg: Any) -> int:
+    """Codes are per row: row ranges encoded separately may start anywhere."""
+    return 1
+
+
 def groups_per_row(cols: int, cfg: RTNConfig) -> int:
     return math.ceil(cols / cfg.group_size)
 

@@ -92,6 +92,11 @@ class SeedLMConfig:
                    exponent_rule=meta["exponent_rule"], seed_convention=meta["seed_convention"])
 
 
+def row_alignment(cfg: Any) -> int:
+    """Codes are per row: row ranges encoded separately may start anywhere."""
+    return 1
+
+
 def blocks_per_row(cols: int, cfg: SeedLMConfig) -> int:
     return math.ceil(cols / cfg.C)
 

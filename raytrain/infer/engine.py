@@ -122,12 +122,13 @@ class Engine:
     @classmethod
     def from_checkpoint(cls, path: str | Path, config: EngineConfig | None = None, device: str = "cpu",
                         dtype: torch.dtype | None = None, tokenizer: str | None = None,
-                        keep_compressed: bool = False) -> Engine:
-        """`keep_compressed`: compressed layers stay compressed in memory (`load_pretrained`)."""
+                        keep_compressed: bool = False, adapter: str | Path | None = None) -> Engine:
+        """`keep_compressed`: compressed layers stay compressed in memory; `adapter`: a LoRA adapter of this base
+        (both as `load_pretrained` takes them)."""
         from raytrain.checkpoint.hf import load_pretrained
 
         pretrained = load_pretrained(path, device=device, dtype=dtype, tokenizer=tokenizer,
-                                     keep_compressed=keep_compressed)
+                                     keep_compressed=keep_compressed, adapter=adapter)
         if pretrained.tokenizer is None:
             raise RaytrainError(f"{pretrained.path} has no tokenizer files; pass a tokenizer directory")
         return cls(pretrained.model, pretrained.tokenizer, config)

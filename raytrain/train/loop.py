@@ -62,7 +62,7 @@ def train_loop(job: TrainJob) -> dict[str, Any]:
     progress = Progress()
     if (ckpt := ray.train.get_checkpoint()) is not None:
         with ckpt.as_directory() as d:
-            progress = checkpoint.restore(engine, d, job, rank, world)
+            progress = checkpoint.restore(engine, d, job, rank, world, work.frozen_base)
             work.restore(Path(d) / "model")
         if rank == 0:
             log.info("resumed run %s at step %d", job.run_name, progress.step)
@@ -155,7 +155,7 @@ def _save_and_report(engine: Any, model: torch.nn.Module, work: tasks.Worker, jo
     import ray.train
 
     directory = checkpoint.save(engine, model, job, progress, rank, world, engine_zero_stage(job.trainer) == 3,
-                                work.export_state())
+                                work)
     ray.train.report({"step": progress.step, "loss": metrics["loss"]},
                      checkpoint=ray.train.Checkpoint.from_directory(directory),
                      checkpoint_dir_name=checkpoint.checkpoint_name(progress.step))

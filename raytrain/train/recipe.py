@@ -93,7 +93,7 @@ def plan(recipe: RecipeConfig, base: dict[str, Any], run: str) -> list[Stage]:
     """Every stage with its overrides applied and its references resolved and checked (no training)."""
     if not recipe.stages:
         raise ConfigError(f"recipe {recipe.name} has no stages")
-    if not isinstance(base["task"], LMTaskConfig):
+    if type(base["task"]) is not LMTaskConfig:  # LoRA (an LMTaskConfig too) trains adapters, not recipe stages
         raise ConfigError(f"recipe={recipe.name} trains language models; task.name={base['task'].name} cannot run "
                           "as a recipe (drop the job= or the recipe=)")
     stages: list[Stage] = []

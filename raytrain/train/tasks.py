@@ -8,8 +8,10 @@ and the parts of it that are logged, updates per-step state (CatLIP's EMA) and c
 export holds.
 
 Tasks (`task.name`): `lm` (next-token pretraining, the default; `objective=distill` adds AFM's frozen teacher),
-`catlip` (multi-label BCE over WordNet synsets), `clip` (contrastive image-text baseline), `classify` (linear probe
-or fine-tune of a ViT on labelled images, with Transfer Init from a CatLIP checkpoint).
+`lora` (LoRA adapters on a frozen base, dense or compressed, with the same objectives: AFM's feature and
+accuracy-recovery adapters), `catlip` (multi-label BCE over WordNet synsets), `clip` (contrastive image-text
+baseline), `classify` (linear probe or fine-tune of a ViT on labelled images, with Transfer Init from a CatLIP
+checkpoint).
 """
 
 from __future__ import annotations
@@ -17,17 +19,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from raytrain.config import ConfigError, to_dataclass
+from raytrain.config import ConfigError, RaytrainError, to_dataclass
 from raytrain.data import imagetext, synsets, text
 from raytrain.data.tokenizer import TokenizerFiles, caption_tokens, from_files, load_tokenizer, to_files, train_bpe
 from raytrain.models.decoder import training_flops_per_token
+from raytrain.models.lora import LoRAConfig
 from raytrain.models.vit import ViTConfig, to_pixels, training_flops_per_image
 from raytrain.train.objectives import METRICS, info_nce, label_smoothed_ce, multilabel_bce, next_token_pairs
 
@@ -40,6 +43,21 @@ VOCAB_FILE, CLASSES_FILE = "synsets.json", "classes.json"
 @dataclass
 class LMTaskConfig:
     name: str = "lm"
+
+
+@dataclass
+class LoRATaskConfig(LMTaskConfig):
+    """Language modelling through LoRA adapters on a frozen base (`raytrain train job=lora init=CHECKPOINT`)."""
+
+    name: str = "lora"
+    base: str | None = None  # the frozen base: a checkpoint, dense or compressed (`init=`)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    adapter_init: str | None = None  # an adapter of the same base to start from (AFM: the accuracy-recovery one)
+    base_fingerprint: str | None = None  # set by the driver (`raytrain.checkpoint.adapter.base_fingerprint`)
+
+    def __post_init__(self) -> None:
+        if not self.base:
+            raise ValueError("init=CHECKPOINT is required: the base the adapter is trained on")
 
 
 @dataclass
@@ -74,7 +92,7 @@ class ClassifyTaskConfig:
             raise ValueError(f"mode={self.mode!r}; expected linear_probe or finetune")
 
 
-TASK_CONFIGS = {"lm": LMTaskConfig, "catlip": CatlipTaskConfig, "clip": ClipTaskConfig,
+TASK_CONFIGS = {"lm": LMTaskConfig, "lora": LoRATaskConfig, "catlip": CatlipTaskConfig, "clip": ClipTaskConfig,
                 "classify": ClassifyTaskConfig}
 
 
@@ -102,8 +120,11 @@ class Prepared:
 
 
 def prepare(parts: dict[str, Any], run_dir: str, counter: Any = None) -> Prepared:
-    """Build datasets and run files for `parts` (the typed config groups); `counter` sums skipped records."""
+    """Build datasets and run files for `parts` (the typed config groups); `counter` sums skipped records. LoRA fits
+    `parts` to its base in place (model config, tokenizer, trainer.init_from)."""
     task = parts["task"]
+    if isinstance(task, LoRATaskConfig):
+        fit_to_base(parts)
     if isinstance(task, LMTaskConfig):
         from raytrain.train.trainer import prepare_tokenizer
 
@@ -112,6 +133,43 @@ def prepare(parts: dict[str, Any], run_dir: str, counter: Any = None) -> Prepare
                         parts["model"])
     return {CatlipTaskConfig: _prepare_catlip, ClipTaskConfig: _prepare_clip,
             ClassifyTaskConfig: _prepare_classify}[type(task)](parts, run_dir, counter)
+
+
+def fit_to_base(parts: dict[str, Any]) -> None:
+    """A LoRA job trains on its base's model config and tokenizer, starts from its weights (trainer.init_from) and
+    records its fingerprint; `adapter_init` must be an adapter of this base with the same LoRA shape."""
+    from raytrain.checkpoint.adapter import base_fingerprint, check_base, read_adapter
+    from raytrain.checkpoint.hf import read_model_config, resolve_checkpoint
+    from raytrain.data.tokenizer import fingerprint
+
+    task, data, t = parts["task"], parts["data"], parts["trainer"]
+    try:
+        base = resolve_checkpoint(task.base)
+        model = read_model_config(base)
+    except RaytrainError as e:
+        raise ConfigError(f"init: {e}") from None
+    if t.zero_stage == 3:
+        raise ConfigError("job=lora keeps the frozen base whole on every rank: use trainer.zero_stage <= 2")
+    if not (base / "tokenizer.json").is_file():
+        raise ConfigError(f"init={task.base} holds no tokenizer.json; an adapter trains with its base's tokenizer")
+    if data.tokenizer and fingerprint(to_files(load_tokenizer(data.tokenizer))) != fingerprint(
+            {"tokenizer.json": (base / "tokenizer.json").read_text()}):
+        raise ConfigError(f"data.tokenizer={data.tokenizer} is not the tokenizer of init={task.base}; leave it unset")
+    if data.seq_len > model.max_seq_len:
+        raise ConfigError(f"data.seq_len={data.seq_len} exceeds the base's max_seq_len={model.max_seq_len}")
+    digest = base_fingerprint(base)
+    if task.adapter_init:
+        try:
+            adapter = read_adapter(task.adapter_init)
+            check_base(adapter, digest, base)
+        except RaytrainError as e:
+            raise ConfigError(f"adapter_init: {e}") from None
+        if dataclasses.replace(adapter.lora, dropout=task.lora.dropout) != task.lora:
+            raise ConfigError(f"adapter_init={task.adapter_init} has LoRA settings {adapter.lora}; this job's lora "
+                              f"settings are {task.lora} (rank, alpha, targets and splits must match)")
+    parts.update(model=model, data=dataclasses.replace(data, tokenizer=str(base)),
+                 task=dataclasses.replace(task, base=str(base), base_fingerprint=digest),
+                 trainer=dataclasses.replace(t, init_from=str(base)))
 
 
 def _prepare_catlip(parts: dict[str, Any], run_dir: str, counter: Any) -> Prepared:
@@ -242,9 +300,17 @@ class Worker:
     def after_step(self) -> None:
         """Called once per optimizer step."""
 
+    frozen_base = False  # the model's frozen parameters stay out of the DeepSpeed checkpoints
+
     def export_state(self) -> dict[str, torch.Tensor] | None:
         """Weights for `model/` (None: the model's own)."""
         return None
+
+    def write_export(self, directory: Path, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Write `model/` (rank 0): a checkpoint that `load_pretrained` reads."""
+        from raytrain.checkpoint.hf import save_pretrained
+
+        save_pretrained(directory, self.job.model, state, self.job.tokenizer_files, meta)
 
     def restore(self, export_dir: Path) -> None:
         """Reload per-task state from a checkpoint's `model/` export."""
@@ -301,6 +367,36 @@ class LMWorker(Worker):
 
     def flops_per_unit(self) -> float | None:
         return training_flops_per_token(self.job.model, self.job.data.seq_len)
+
+
+class LoRAWorker(LMWorker):
+    """LMWorker on LoRA adapters: the loop loaded the base (trainer.init_from); this freezes it, adds the adapters
+    (from `adapter_init`, or new) and exports only them, with the base's fingerprint."""
+
+    frozen_base = True
+
+    def __init__(self, job: Any, model: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+        from raytrain.checkpoint.adapter import read_adapter
+        from raytrain.models.lora import apply_lora, load_adapter_state
+
+        super().__init__(job, model, dtype, device)
+        apply_lora(model, job.task.lora)
+        if job.task.adapter_init:
+            load_adapter_state(model, read_adapter(job.task.adapter_init).state, job.task.lora.scale)
+
+    def export_state(self) -> dict[str, torch.Tensor] | None:
+        from raytrain.models.lora import adapter_state
+
+        return adapter_state(self.model)
+
+    def write_export(self, directory: Path, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        from raytrain.checkpoint.adapter import save_adapter
+
+        task = self.job.task
+        save_adapter(directory, state, task.lora, task.base, task.base_fingerprint, meta)
+
+    def flops_per_unit(self) -> float | None:
+        return None  # the frozen base has no weight gradients: the dense formula would overstate the work
 
 
 class CatlipWorker(Worker):
@@ -376,8 +472,8 @@ class ClassifyWorker(Worker):
         return loss, torch.stack([loss.detach(), accuracy])
 
 
-WORKERS = {LMTaskConfig: LMWorker, CatlipTaskConfig: CatlipWorker, ClipTaskConfig: ClipWorker,
-           ClassifyTaskConfig: ClassifyWorker}
+WORKERS = {LMTaskConfig: LMWorker, LoRATaskConfig: LoRAWorker, CatlipTaskConfig: CatlipWorker,
+           ClipTaskConfig: ClipWorker, ClassifyTaskConfig: ClassifyWorker}
 
 
 def worker(job: Any, model: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> Worker:
