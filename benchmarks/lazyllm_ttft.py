@@ -12,7 +12,8 @@ the correlation of the paired outcomes), TTFT (batch 1, median over the question
 (token, layer) pairs computed. TTFT 7B (`--parts ttft_7b`): random prompts of `--lengths` tokens through a
 Llama-2-7B-shaped decoder with random weights (after warm-ups, median, schedules round robin). Prints one JSON
 line; `ratio` is the TTFT speed-up at the longest prompt (7B if timed, else the checkpoint's) of the fastest
-schedule whose accuracy is within one point of full prefill at every length.
+schedule whose accuracy is within one point of full prefill at every length; none while full prefill misses 80% at
+some length (`full_prefill_accuracy_bar_0.8`).
 
     python benchmarks/lazyllm_ttft.py --device cuda --parts accuracy --checkpoint SMOLLM2_DIR --questions 200
     python benchmarks/lazyllm_ttft.py --device cuda --parts ttft_7b --lengths 2048,4096,8192
@@ -244,8 +245,8 @@ def main() -> None:
         p.error("--parts accuracy needs --checkpoint")
     timing = ttft_7b(args, args.device) if "ttft_7b" in parts else {}
     acc = accuracy(args, args.device) if "accuracy" in parts else {}
-    best, ratio = best_ratio(acc, timing or acc)
     bar = {k: v["accuracy"] >= 0.8 for k, v in acc.get("full", {}).items()}
+    best, ratio = best_ratio(acc, timing or acc) if all(bar.values()) else (None, None)  # no comparison below the bar
     print(json.dumps({
         "benchmark": "lazyllm_ttft",
         "device": torch.cuda.get_device_name() if args.device == "cuda" else args.device,
