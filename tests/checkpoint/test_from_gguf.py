@@ -16,6 +16,7 @@ from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
 
 from raytrain.checkpoint import from_gguf
 from raytrain.checkpoint.hf import load_pretrained
+from raytrain.config import RaytrainError
 from raytrain.data.tokenizer import load_tokenizer
 from tests.conftest import compose
 
@@ -117,10 +118,12 @@ def test_a_llama_gguf_converts_to_the_same_logits_and_tokenizer(tmp_path, llama,
     ({"raw": {"blk.0.attn_extra.weight": (np.ones(8, np.float32), Q.F32)}},
      "'blk.0.attn_extra.weight' has no place in a Llama model"),
     ({"raw": {"rope_freqs.weight": (np.ones(8, np.float32), Q.F32)}}, "scaled RoPE is not supported"),
-], ids=["architecture", "tokenizer", "missing-tensor", "unknown-tensor", "rope-scaling"])
+    ({"drop": "blk.1.ffn_up.weight", "raw": {"blk.1.ffn_up.weight": (np.ones((64, 64), np.float32), Q.F32)}},
+     "layers.1.ffn.proj_1.weight is (160, 64) in the checkpoint, (192, 64) in the model"),
+], ids=["architecture", "tokenizer", "missing-tensor", "unknown-tensor", "rope-scaling", "shape"])
 def test_bad_gguf_files_are_named(tmp_path, llama, tokenizer, change, message) -> None:
     write_gguf(tmp_path / "bad.gguf", llama, tokenizer, **change)
-    with pytest.raises(from_gguf.GGUFError, match=re.escape(message)):
+    with pytest.raises(RaytrainError, match=re.escape(message)):
         from_gguf.convert(tmp_path / "bad.gguf", tmp_path / "ckpt")
     assert not (tmp_path / "ckpt").exists()
 
