@@ -24,6 +24,7 @@ import torch
 
 from raytrain.config import ConfigError
 from raytrain.models.decoder import Decoder
+from raytrain.models.kv_cache import CachedAttention
 
 
 @dataclass
@@ -161,7 +162,7 @@ class LazySequence:
         return float(self.depth[:n].sum()) / (n * self.n_layers)
 
 
-class _LazyKV:
+class _LazyKV(CachedAttention):
     """Per-layer K/V indexed by position, answering attention's `update` for the current token subsets."""
 
     def __init__(self, model: Decoder, capacity: int) -> None:

@@ -9,7 +9,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from raytrain.config import ConfigError
-from raytrain.infer.engine import Engine, EngineConfig, Request, DenseBatch
+from raytrain.infer.engine import Engine, EngineConfig, Request
+from raytrain.infer.model_runner import PlainSequence
 from raytrain.infer.lazyllm import LazyConfig, LazySequence, select
 from raytrain.infer.sampling import SamplingParams
 
@@ -43,7 +44,7 @@ def test_selection_keeps_the_last_token_and_breaks_ties_by_position() -> None:
 
 def test_keep_one_equals_the_plain_engine_at_every_step(lm) -> None:
     seq = lazy(lm, 1.0)
-    plain = DenseBatch(lm, [seq.prompt.tolist()], 16)
+    plain = PlainSequence(lm, seq.prompt.tolist(), len(seq.prompt) + 16)
     a, b = seq.prefill(), plain.prefill()
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     for _ in range(10):
@@ -113,7 +114,7 @@ def test_a_revived_token_resumes_from_its_aux_state(lm) -> None:
 
 def test_layers_before_the_first_boundary_match_the_baseline(lm) -> None:
     seq = lazy(lm, 0.3)
-    plain = DenseBatch(lm, [seq.prompt.tolist()], 16)
+    plain = PlainSequence(lm, seq.prompt.tolist(), len(seq.prompt) + 16)
     seq.prefill(), plain.prefill()
     torch.testing.assert_close(seq.store.keys[0][0, :, :PROMPT_LEN], plain.cache.keys[0][0, :, :PROMPT_LEN],
                                rtol=1e-5, atol=1e-5)  # original positions, so the same RoPE phases
