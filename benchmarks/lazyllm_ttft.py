@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from raytrain.data import retrieval  # noqa: E402
 from raytrain.infer.engine import Engine, EngineConfig, Request  # noqa: E402
-from raytrain.infer.model_runner import PlainSequence  # noqa: E402
 from raytrain.infer.lazyllm import LazyConfig, LazySequence  # noqa: E402
+from raytrain.infer.model_runner import PlainSequence  # noqa: E402
 from raytrain.infer.sampling import SamplingParams  # noqa: E402
 from raytrain.models.decoder import DecoderConfig, build_decoder  # noqa: E402
 
@@ -53,11 +53,14 @@ LLAMA2_7B = DecoderConfig(name="llama2_7b_shape", vocab_size=32000, d_model=4096
                           tie_embeddings=False)
 
 
-def engines(model: torch.nn.Module, tokenizer: object) -> dict[str, Engine]:
-    out = {"full": Engine(model, tokenizer)}
-    for name, schedule in SCHEDULES.items():
-        schedule.min_prompt_tokens = 1
-        out[name] = Engine(model, tokenizer, EngineConfig(lazy=True, lazyllm=schedule))
+def lazy_engines(full: Engine, names: list[str]) -> dict[str, Engine]:
+    """An engine per LazyLLM schedule on `full`'s weights, each with one KV slot like `full`: questions run at
+    batch 1, and the default eight slots of 8k tokens would take ~3 GB per engine in fp32."""
+    out = {}
+    for name in names:
+        SCHEDULES[name].min_prompt_tokens = 1
+        out[name] = Engine(full.model, full.tokenizer, EngineConfig(max_batch_size=1, lazy=True,
+                                                                    lazyllm=SCHEDULES[name]))
     return out
 
 
@@ -72,10 +75,9 @@ Question = tuple[list[int], str]  # prompt token ids, the code
 
 
 def accuracy(args: argparse.Namespace, device: str) -> dict[str, dict]:
-    model_engine = Engine.from_checkpoint(args.checkpoint, device=device,
+    model_engine = Engine.from_checkpoint(args.checkpoint, EngineConfig(max_batch_size=1), device=device,
                                           dtype=torch.bfloat16 if device == "cuda" else None)
-    runs = engines(model_engine.model, model_engine.tokenizer)
-    runs = {name: runs[name] for name in ["full", *args.schedules]}
+    runs = {"full": model_engine, **lazy_engines(model_engine, args.schedules)}
     out: dict[str, dict] = {name: {} for name in runs}
     params = SamplingParams(max_new_tokens=6, temperature=0, stop=["\n", "."])
     fmt = args.format or ("chat" if getattr(model_engine.tokenizer, "chat_template", None) else "raw")
