@@ -6,7 +6,8 @@ embedding, tied head and norms stay as converted) is compressed by the library's
 device (no Ray: `raytrain compress` runs the same `compress_tensor` per row range as Ray tasks), rebuilt densely and
 evaluated. Variants, each with its bits per weight counted from what it stores:
 - SeedLM 4-bit (C, P) = (8, 3), 4.000 bpw, and 3-bit (12, 4), 3.000 bpw (the paper's presets, exhaustive search);
-- RTN with one fp16 scale per 128 weights at 4 and 3 code bits (4.125 / 3.125 bpw, the usual data-free baseline),
+- RTN with one fp16 scale per 128 weights at 4 and 3 code bits (the usual data-free baseline: 4.135 / 3.135 bpw
+  here rather than 4.125 / 3.125, since the 576-wide rows are padded to whole groups),
   and per 16 weights at 3 and 2 code bits (exactly 4.000 / 3.000 bpw, equal storage).
 Text: the docstrings of 32 standard-library modules (`raytrain.data.corpus.heldout_documents`, shipped with every
 CPython; SmolLM2's pretraining data may well contain them, which matters for the absolute figure, not for the
@@ -14,7 +15,7 @@ comparison), in windows of `--seq-len` tokens. FP is the converted checkpoint: t
 linear weights are themselves 4-bit-derived (4.0 + 1.0 bits of fp16 scale and minimum per 32 weights), so every
 variant re-quantizes an already quantized model.
 
-    python -m raytrain.checkpoint.from_gguf /tmp/smollm2 --gguf SmolLM2-135M-Instruct.Q4_1.gguf
+    python -m raytrain.checkpoint.from_gguf /tmp/smollm2 --gguf /tmp/smollm2.gguf   # the parts, joined (README)
     python benchmarks/seedlm_smollm2.py --checkpoint /tmp/smollm2 --device cuda              # H200: all 30 layers
     python benchmarks/seedlm_smollm2.py --checkpoint DIR --device cpu --layers 2 --max-tokens 4096   # CPU slice
 """
