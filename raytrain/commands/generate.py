@@ -1,5 +1,6 @@
-"""`raytrain generate checkpoint=PATH [adapter=PATH] prompt="..."`: stream a completion from a checkpoint (with a
-LoRA adapter trained on it) to stdout."""
+"""`raytrain generate checkpoint=PATH [adapter=PATH] prompt="..." [chat=true]`: stream a completion from a checkpoint
+(with a LoRA adapter trained on it) to stdout; with `chat=true` the prompt is one user message put through the
+tokenizer's chat template, and only the answer is printed."""
 
 from __future__ import annotations
 
@@ -33,12 +34,25 @@ def run(cfg: DictConfig) -> None:
     device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device.replace("auto", "cpu")
     engine = Engine.from_checkpoint(cfg.checkpoint, engine_cfg, device=device, tokenizer=cfg.tokenizer,
                                     adapter=cfg.adapter)
-    print_completion(engine, cfg.prompt, params)
+    if cfg.chat:
+        print_completion(engine, chat_prompt(engine.tokenizer, cfg.prompt), params, echo=False)
+    else:
+        print_completion(engine, cfg.prompt, params)
 
 
-def print_completion(engine: Engine, prompt: str, params: SamplingParams) -> None:
-    """Stream one completion of `prompt` to stdout after the prompt itself."""
-    sys.stdout.write(prompt)
+def chat_prompt(tokenizer: Any, message: str) -> list[int]:
+    """Token ids of one user message through the tokenizer's chat template, ending where the assistant answers
+    (token ids go to the engine as they are: the template decides about BOS)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("chat=true: the checkpoint's tokenizer has no chat template")
+    return list(tokenizer.apply_chat_template([{"role": "user", "content": message}], add_generation_prompt=True,
+                                              tokenize=True, return_dict=False))
+
+
+def print_completion(engine: Engine, prompt: str | list[int], params: SamplingParams, echo: bool = True) -> None:
+    """Stream one completion of `prompt` to stdout, after the prompt itself if `echo`."""
+    if echo:
+        sys.stdout.write(prompt)
     for delta in engine.stream([Request(prompt, params)]):
         sys.stdout.write(delta.text)
         sys.stdout.flush()
