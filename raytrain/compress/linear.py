@@ -1,8 +1,9 @@
 """A linear layer whose weight stays compressed in memory (the serving path).
 
-On CUDA with at most 16 input rows (decode) a SeedLM weight goes through the fused Triton kernel, which never
-materialises the weight. Anything else (prefill, larger batches, CPU, RTN weights) rebuilds the dense weight for the
-call and runs a regular matmul: compute-bound shapes gain nothing from on-the-fly decoding (spec §2.6).
+On CUDA with at most 16 input rows (decode) a SeedLM weight in row blocking goes through the fused Triton kernel,
+which never materialises the weight. Anything else (prefill, larger batches, CPU, flat blocking, RTN weights)
+rebuilds the dense weight for the call and runs a regular matmul: compute-bound shapes gain nothing from on-the-fly
+decoding (spec §2.6).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ class CompressedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.device = torch.device(device)
-        if weight.method == "seedlm" and self.device.type == "cuda":
+        if weight.method == "seedlm" and weight.config.blocking == "row" and self.device.type == "cuda":
             from raytrain.compress.kernels.seedlm_matmul import SeedLMWeight
 
             # cycle offsets in place of seeds: the kernel and the dense fallback share one copy of the arrays

@@ -20,7 +20,7 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,11 +72,14 @@ class EvalConfig:
     tokenizer: str | None = None  # for checkpoints that ship none
 
 
-def plan(shapes: dict[str, tuple[int, ...]], names: list[str], weights_per_task: int) -> list[Shard]:
+def plan(shapes: dict[str, tuple[int, ...]], names: list[str], weights_per_task: int,
+         row_alignment: Callable[[int], int] = lambda cols: 1) -> list[Shard]:
+    """Row ranges of about `weights_per_task` weights, each starting at a multiple of `row_alignment(cols)` rows."""
     shards = []
     for name in names:
         rows, cols = shapes[name]
-        step = max(1, weights_per_task // cols)
+        align = row_alignment(cols)
+        step = max(1, weights_per_task // cols // align) * align
         shards += [Shard(name, r, min(r + step, rows)) for r in range(0, rows, step)]
     return shards
 
@@ -121,7 +124,11 @@ def plan_job(source: str | Path, out: str | Path, method: str, config: Any, job:
     if job.weights_per_task < 1:
         raise CompressError(f"job.weights_per_task={job.weights_per_task} must be positive")
     stored = hf.stored_tensors(source)
-    shards = plan({n: stored[n].shape for n in names}, names, job.weights_per_task)
+    try:
+        shards = plan({n: stored[n].shape for n in names}, names, job.weights_per_task,
+                      lambda cols: METHODS[method].codec.row_alignment(cols, config))
+    except ValueError as e:
+        raise CompressError(f"checkpoint={source}: {e}") from None
     p = JobPlan(source, out, method, config, job, stored, names, shards)
     if (p.work / MANIFEST).is_file():
         previous = json.loads((p.work / MANIFEST).read_text())
@@ -274,7 +281,8 @@ def evaluate(source: str | Path, out: str | Path, method: str, configs: dict[str
                          "mean_relative_error": sum(errors.values()) / len(errors), "perplexity": ppl,
                          "relative_error": errors}
     log.info("perplexity on %d held-out tokens: %s", windows[:, 1:].numel(),
-             ", ".join(f"{k} {v['perplexity']:.3f}" for k, v in results.items()))
+             ", ".join(f"{k} {v['perplexity']:.3f} ({v['bits_per_weight']:.3f} bits per weight)"
+                       for k, v in results.items()))
     return {"eval_tokens": windows[:, 1:].numel(), "results": results}
 
 
