@@ -184,7 +184,7 @@ class LazySequence:
         self.positions = torch.arange(capacity, device=device)
         self.depth = torch.zeros(capacity, dtype=torch.long, device=device)
         self.aux = AuxCache(capacity, d, model.embed.weight.dtype, device)
-        self.store = _LazyKV(model, capacity)
+        self.store = _LazyKV(model, capacity, zeroed=bool(self.schedule))
         self.computed = (torch.zeros(capacity, self.n_layers, dtype=torch.int32, device=device)
                          if count_computations else None)
         self.key_sets: list[torch.Tensor] = [self.positions[:0]] * self.n_layers  # last step's attended positions
@@ -297,10 +297,13 @@ class _LazyKV:
     selected positions (and, for revived tokens, causality by original position). Layers listed in `score_layers`
     also leave the last query's attention probabilities in `scores`."""
 
-    def __init__(self, model: Decoder, capacity: int) -> None:
+    def __init__(self, model: Decoder, capacity: int, zeroed: bool) -> None:
         self.keys: list[torch.Tensor | None] = [None] * len(model.layers)
         self.values: list[torch.Tensor | None] = [None] * len(model.layers)
         self.capacity = capacity
+        # with boundaries, masked positions below p may never have been written at a layer: zeros, not NaN garbage
+        # (0 x NaN poisons attention); without, nothing unwritten is ever read (the plain path allocates as KVCache)
+        self.allocate = torch.Tensor.new_zeros if zeroed else torch.Tensor.new_empty
         self.scores = torch.empty(0)
         self.score_layers: set[int] = set()
 
@@ -326,8 +329,8 @@ class _LazyKV:
                v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
         if self.keys[layer] is None:
             _, H, _, D = k.shape
-            self.keys[layer] = k.new_zeros(1, H, self.capacity, D)  # zeros: masked slots must not hold NaN
-            self.values[layer] = v.new_zeros(1, H, self.capacity, D)
+            self.keys[layer] = self.allocate(k, (1, H, self.capacity, D))
+            self.values[layer] = self.allocate(v, (1, H, self.capacity, D))
         K, V = self.keys[layer], self.values[layer]
         if self.start is not None:
             K[:, :, self.start:self.start + k.shape[2]] = k
