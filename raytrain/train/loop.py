@@ -103,6 +103,7 @@ def _train(engine: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer
     skipped = getattr(optimizer, "last_step_skipped", None)  # adastar's skip rule (DeepSpeed does not see it)
     window, window_steps = torch.zeros(len(work.metrics), device=device), 0
     while progress.step < stop_at:
+        work.step = progress.step
         for _ in range(t.grad_accum):
             loss, parts = work.loss(engine, next(batches))
             engine.backward(loss)
@@ -162,10 +163,11 @@ def _batches(shard: Any, job: TrainJob, progress: Progress, device: torch.device
     while True:
         buffer = job.data.shuffle_buffer or None
         seen = 0
-        for batch in shard.iter_torch_batches(batch_size=job.trainer.micro_batch_size, drop_last=True,
-                                              dtypes=work.dtypes, device=device, local_shuffle_buffer_size=buffer,
-                                              local_shuffle_seed=job.data.shuffle_seed + progress.epoch
-                                              if buffer else None):
+        stream = shard.iter_torch_batches(batch_size=job.trainer.micro_batch_size, drop_last=True,
+                                          dtypes=work.dtypes, device=device, local_shuffle_buffer_size=buffer,
+                                          local_shuffle_seed=job.data.shuffle_seed + progress.epoch
+                                          if buffer else None)
+        for batch in work.regroup(stream, progress.epoch):
             seen += 1
             if skip:
                 skip -= 1
