@@ -27,8 +27,9 @@ class UniformRange(nn.Module):
     def __init__(self, low: float, high: float, low_bounds: tuple[float, float],
                  high_bounds: tuple[float, float]) -> None:
         super().__init__()
-        self.low_raw = nn.Parameter(torch.tensor(float(low)))
-        self.high_raw = nn.Parameter(torch.tensor(float(high)))
+        # shape (1,), not 0-d: DeepSpeed broadcasts parameters through byte views, which 0-d tensors cannot take
+        self.low_raw = nn.Parameter(torch.tensor([float(low)]))
+        self.high_raw = nn.Parameter(torch.tensor([float(high)]))
         self.low_bounds, self.high_bounds = low_bounds, high_bounds
 
     @property
