@@ -1,6 +1,6 @@
 """LazyLLM against the plain engine on speed alone: decode tokens/s and time to first token, per model and length.
 
-For each model shape (random weights) and prompt length: the plain engine (`DenseBatch`); LazyLLM as scheduled
+For each model shape (random weights) and prompt length: the plain engine (`PlainSequence`); LazyLLM as scheduled
 (`lazy`, `never_slower=false`: every boundary applied, whatever it costs); its static ablation (`lazy_static`: no
 re-selection in decode, so no revival: what attending over the pruned sets costs by itself); and LazyLLM as the
 engine runs it (`lazy_engine`, `never_slower=true`: the plain computation for length classes where the schedule
@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from raytrain.infer.engine import DenseBatch  # noqa: E402
+from raytrain.infer.model_runner import PlainSequence  # noqa: E402
 from raytrain.infer.lazyllm import LazyConfig, LazySequence  # noqa: E402
 from raytrain.models.decoder import DecoderConfig, build_decoder  # noqa: E402
 
@@ -56,7 +56,7 @@ def timed_run(model: torch.nn.Module, prompt: list[int], schedule: LazyConfig | 
     generation."""
     sync(device)
     start = time.perf_counter()
-    runner = (DenseBatch(model, [prompt], steps) if schedule is None
+    runner = (PlainSequence(model, prompt, len(prompt) + steps) if schedule is None
               else LazySequence(model, prompt, schedule, len(prompt) + steps))
     token = runner.prefill()[0].argmax().view(1)
     token.item()

@@ -22,7 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from raytrain.infer.engine import DenseBatch, Engine, EngineConfig, Request  # noqa: E402
+from raytrain.infer.engine import Engine, EngineConfig, Request  # noqa: E402
+from raytrain.infer.model_runner import PlainSequence  # noqa: E402
 from raytrain.infer.lazyllm import LazyConfig, LazySequence  # noqa: E402
 from raytrain.infer.sampling import SamplingParams  # noqa: E402
 from raytrain.models.decoder import DecoderConfig, build_decoder  # noqa: E402
@@ -111,7 +112,8 @@ def first_token_s(model: torch.nn.Module, prompt: list[int], schedule: LazyConfi
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     start = time.perf_counter()
-    runner = LazySequence(model, prompt, schedule, len(prompt) + 1) if schedule else DenseBatch(model, [prompt], 1)
+    capacity = len(prompt) + 1
+    runner = LazySequence(model, prompt, schedule, capacity) if schedule else PlainSequence(model, prompt, capacity)
     int(runner.prefill()[0].argmax())
     return time.perf_counter() - start
 

@@ -5,14 +5,15 @@ A model built from a `conf/model` preset (random weights, a BPE tokenizer traine
 model replica). For each concurrency level, `--requests` streamed completions of `--prompt-tokens` prompt tokens and
 exactly `--max-tokens` output tokens (greedy, `ignore_eos`) are sent by that many closed-loop clients; the run stops
 by itself. Every request ends as an answer, a 503 (the bounded queue is full) or an error, and all three are
-counted, so nothing is lost silently. The baseline is the same engine called directly in this process, in batches
-of the same concurrency, level by level between the Serve runs (so a change in machine load hits both alike): the
-ratio is Serve's tokens/s over the engine's at the highest level without 503s. Prints one JSON line: requests/s,
-tokens/s, p50/p99 latency and time to first token per level, and the replica's mean engine batch size.
+counted, so nothing is lost silently. The baseline is the same engine in this process, driven by the same number of
+closed-loop clients submitting straight to `Engine.submit` (continuous batching, no Serve), level by level between
+the Serve runs (so a change in machine load hits both alike): the ratio is Serve's tokens/s over the engine's at the
+highest level without 503s. Prints one JSON line: requests/s, tokens/s, p50/p99 latency and time to first token per
+level, and the replica's mean number of sequences per decode step.
 
     python benchmarks/serve_load.py --device cpu --requests 64
-    python benchmarks/serve_load.py --device cuda --model openelm_1_1b --max-batch-size 32 --max-queued 64 \\
-        --requests 96 --concurrency 1,8,32,256 --prompt-tokens 256 --max-tokens 64
+    python benchmarks/serve_load.py --device cuda --model openelm_1_1b --max-batch-size 64 --max-queued 256 \\
+        --requests 256 --concurrency 1,16,64,256 --prompt-tokens 256 --max-tokens 128
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if args.device == "cuda" else args.device,
         "config": {"model": str(args.checkpoint or args.model), **info, "requests_per_level": args.requests,
                    "concurrency": args.concurrency, "max_tokens": args.max_tokens,
-                   "max_batch_size": args.max_batch_size, "max_ongoing_requests": 2 * args.max_batch_size,
+                   "max_batch_size": args.max_batch_size, "max_ongoing_requests": ongoing(args),
                    "max_queued_requests": args.max_queued, "threads": args.threads, "torch": torch.__version__,
                    "stream": True, "sampling": "greedy, ignore_eos"},
         "results": {"serve": served, "reference_concurrency": reference},
@@ -122,19 +123,25 @@ def make_prompts(engine: Engine, tokens: int, n: int) -> list[str]:
 # ---- direct engine calls (the baseline) ---------------------------------------------------------------------------
 
 def direct(engine: Engine, prompts: list[str], max_tokens: int, concurrency: int) -> dict[str, Any]:
-    """`concurrency` requests at a time through `Engine.stream`, as closed-loop clients would hand them over."""
+    """The same closed-loop clients without Serve: `concurrency` of them submit straight to the engine."""
     params = SamplingParams(max_new_tokens=max_tokens, temperature=0, ignore_eos=True)
     engine.generate([Request(prompts[0], params)])  # warm-up
-    done: list[dict[str, Any]] = []
-    start = time.perf_counter()
-    for i in range(0, len(prompts), concurrency):
-        t0, first = time.perf_counter(), {}
-        for delta in engine.stream([Request(p, params) for p in prompts[i:i + concurrency]]):
-            first.setdefault(delta.index, time.perf_counter() - t0)
-            if delta.completion is not None:
-                done.append({"status": 200, "latency": time.perf_counter() - t0, "ttft": first[delta.index],
-                             "tokens": len(delta.completion.token_ids)})
-    return summarize(done, time.perf_counter() - start, len(prompts))
+    pending, done = list(reversed(prompts)), []
+
+    async def client() -> None:
+        while pending:
+            request, t0, first, tokens = Request(pending.pop(), params), time.perf_counter(), None, 0
+            async for delta in engine.submit(request):
+                first = first if first is not None else time.perf_counter() - t0
+                tokens = len(delta.completion.token_ids) if delta.completion else tokens
+            done.append({"status": 200, "latency": time.perf_counter() - t0, "ttft": first, "tokens": tokens})
+
+    async def clients() -> float:
+        start = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        return time.perf_counter() - start
+
+    return summarize(done, asyncio.run(clients()), len(prompts))
 
 
 # ---- the Serve endpoint -------------------------------------------------------------------------------------------
@@ -148,7 +155,7 @@ def serving(args: argparse.Namespace, checkpoint: Path) -> Iterator[Callable[[li
     from serving.run import start
 
     gpu = args.device == "cuda"
-    replica = Deployment(max_ongoing_requests=2 * args.max_batch_size, max_queued_requests=args.max_queued,
+    replica = Deployment(max_ongoing_requests=ongoing(args), max_queued_requests=args.max_queued,
                          autoscaling_config=Autoscaling(min_replicas=1, max_replicas=1),
                          ray_actor_options=ActorOptions(num_cpus=args.threads, num_gpus=1 if gpu else 0))
     ingress = Deployment(max_ongoing_requests=4096, max_queued_requests=4096,
@@ -168,9 +175,9 @@ def serving(args: argparse.Namespace, checkpoint: Path) -> Iterator[Callable[[li
                 "stream": True, "stream_options": {"include_usage": True}}
 
         def level(prompts: list[str], concurrency: int) -> dict[str, Any]:
-            before = handle.stats.remote().result()["batch_sizes"]
+            before = handle.stats.remote().result()["decode_rows"]
             out = asyncio.run(load(url, body, prompts, concurrency))
-            return {**out, "mean_batch_size": mean_batch(before, handle.stats.remote().result()["batch_sizes"])}
+            return {**out, "mean_decode_rows": mean_rows(before, handle.stats.remote().result()["decode_rows"])}
 
         asyncio.run(load(url, body, ["warm-up"], 1))
         yield level
@@ -240,10 +247,16 @@ def pct(values: list[float], q: float) -> float | None:
     return 1e3 * float(np.percentile(values, q)) if values else None
 
 
-def mean_batch(before: dict[int, int], after: dict[int, int]) -> float | None:
-    counts = {size: n - before.get(size, 0) for size, n in after.items()}
-    batches = sum(counts.values())
-    return sum(size * n for size, n in counts.items()) / batches if batches else None
+def mean_rows(before: dict[int, int], after: dict[int, int]) -> float | None:
+    """Mean sequences per decode step between two snapshots of the replica's `decode_rows`."""
+    counts = {rows: n - before.get(rows, 0) for rows, n in after.items()}
+    steps = sum(counts.values())
+    return sum(rows * n for rows, n in counts.items()) / steps if steps else None
+
+
+def ongoing(args: argparse.Namespace) -> int:
+    """Requests a replica takes at once: its KV slots, and as many again waiting in the engine for one."""
+    return 2 * args.max_batch_size
 
 
 def free_port() -> int:

@@ -1,10 +1,12 @@
 """The Serve application: an OpenAI-compatible FastAPI ingress in front of one deployment per model.
 
 `build_app` is the import path a Serve config names (`serving.app:build_app`, args `{"models": {name: fields}}`).
-The ingress validates each request (`protocol.py`), routes it by `model` to that model's deployment
-(`model.py`, which holds the engine), bounds it by the model's `request_timeout_s` (then 504, and the replica stops
-generating for it), turns Serve's backpressure and failed replicas into 503 with Retry-After, and writes
-`stream: true` responses as server-sent events in OpenAI's chunk format, ending with `data: [DONE]`.
+The ingress checks the API key and reads the body within its limits (`guard.py`), validates the request
+(`protocol.py`), routes it by `model` to that model's deployment (`model.py`, which holds the engine), bounds it by the
+model's `request_timeout_s` (then 504, and the replica stops generating for it), turns Serve's backpressure, failed
+replicas and models without a replica (`health.py`) into 503 with Retry-After, and writes `stream: true` responses as
+server-sent events in OpenAI's chunk format, ending with `data: [DONE]`. No response carries an exception's text:
+unexpected errors are logged with an id that the 500 answer quotes.
 
 (No `from __future__ import annotations` here: FastAPI reads the route signatures' types at runtime. Everything the
 ingress uses is defined above it: `serve.ingress` pickles the FastAPI app, with the globals it sees, at import.)
@@ -13,6 +15,7 @@ ingress uses is defined above it: `serve.ingress` pickles the FastAPI app, with 
 import asyncio
 import logging
 import time
+from dataclasses import asdict
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
@@ -24,17 +27,19 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 from starlette.exceptions import HTTPException
 
-from serving.config import INGRESS, ModelSpec, check_model, deployment_name, model_args, model_spec
+from serving.config import INGRESS, ModelSpec, api_spec, check_model, deployment_name, model_args, model_spec
+from serving.guard import api_key, authorize, read_body
+from serving.health import DOWN, HEALTHY, ReplicaProbe
 from serving.model import ModelServer
-from serving.protocol import (ApiError, ChatRequest, CompletionRequest, chunk, completion_body, new_id, parse, sse,
-                              usage_chunk)
+from serving.protocol import (ApiError, ChatRequest, CompletionRequest, chunk, completion_body, new_id, parse, shown,
+                              sse, usage_chunk)
 
 log = logging.getLogger("ray.serve")
 T = TypeVar("T")
 FAILED_RETRY_AFTER_S = 1.0  # a failed replica's requests go to a healthy or restarted one
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 
-api = FastAPI(title="raytrain OpenAI-compatible API")
+api = FastAPI(title="raytrain OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
 
 
 @api.exception_handler(ApiError)
@@ -49,22 +54,52 @@ async def _http_error(_: Request, e: HTTPException) -> JSONResponse:
 
 @api.exception_handler(Exception)
 async def _internal_error(_: Request, e: Exception) -> JSONResponse:
-    log.exception("unexpected error", exc_info=e)
-    return JSONResponse(ApiError(500, f"internal error: {type(e).__name__}: {e}", code="internal_error").body(), 500)
+    return JSONResponse(internal_error(e, "unexpected error").body(), 500)
+
+
+def internal_error(e: BaseException, what: str) -> ApiError:
+    """A 500 that quotes the id of the logged error, never its text (which may hold paths, internals or input)."""
+    ref = new_id("error")
+    log.error("%s [%s]", what, ref, exc_info=e)
+    return ApiError(500, f"internal error (logged as {ref})", code="internal_error")
+
+
+def unavailable(model: str) -> ApiError:
+    return ApiError(503, f"model {model!r} has no running replica; retry", code="unavailable",
+                    retry_after_s=FAILED_RETRY_AFTER_S)
+
+
+def choice(job: dict[str, Any], j: int) -> dict[str, Any]:
+    """Sample j of a prompt: with a seed, seeded seed + j (vLLM's rule), so n choices differ and repeat."""
+    seed = job["params"].get("seed")
+    if seed is None or j == 0:
+        return job
+    seed += j
+    return {**job, "params": {**job["params"], "seed": seed - 2 ** 64 if seed >= 2 ** 64 else seed}}
 
 
 class Deadline:
-    """A request's time budget; awaiting past it raises a 504 ApiError."""
+    """What a request waits within: its time budget (past it, a 504 ApiError), and its model having a replica (when
+    the model is down, a 503 ApiError at once rather than a wait for the replacement)."""
 
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, seconds: float, model: str, down: asyncio.Event) -> None:
         self.seconds, self.end = seconds, time.monotonic() + seconds
+        self.model, self.down = model, down
 
     async def run(self, awaitable: Awaitable[T]) -> T:
+        work, down = asyncio.ensure_future(awaitable), asyncio.ensure_future(self.down.wait())
         try:
-            return await asyncio.wait_for(awaitable, max(0.0, self.end - time.monotonic()))
-        except asyncio.TimeoutError:
-            raise ApiError(504, f"the request took longer than request_timeout_s={self.seconds:g}",
-                           code="timeout") from None
+            await asyncio.wait((work, down), timeout=max(0.0, self.end - time.monotonic()),
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            down.cancel()
+            if not work.done():
+                work.cancel()
+        if work.done() and not work.cancelled():
+            return work.result()
+        if self.down.is_set():
+            raise unavailable(self.model)
+        raise ApiError(504, f"the request took longer than request_timeout_s={self.seconds:g}", code="timeout")
 
 
 def raise_request_error(answer: dict[str, Any]) -> None:
@@ -90,14 +125,12 @@ def api_error(e: BaseException, model: str) -> ApiError:
     if isinstance(cause, ApiError):
         return cause
     if isinstance(cause, BackPressureError):
-        return ApiError(503, f"model {model!r} is at capacity ({cause.message}); retry later", code="overloaded",
+        return ApiError(503, f"model {model!r} is at capacity; retry later", code="overloaded",
                         retry_after_s=cause.retry_after_s or FAILED_RETRY_AFTER_S)
     if isinstance(cause, (RayActorError, DeploymentUnavailableError)):
         return ApiError(503, f"the replica of model {model!r} serving this request failed; retry", code="unavailable",
                         retry_after_s=FAILED_RETRY_AFTER_S)
-    log.exception("request to model %r failed", model, exc_info=e)
-    return ApiError(500, f"internal error while serving model {model!r}: {type(cause).__name__}: {cause}",
-                    code="internal_error")
+    return internal_error(e, f"a request to model {model!r} failed")
 
 
 async def merge(streams: list[DeploymentResponseGenerator], deadline: Deadline) -> AsyncIterator[tuple[int, Any]]:
@@ -131,52 +164,77 @@ async def merge(streams: list[DeploymentResponseGenerator], deadline: Deadline) 
 @serve.deployment
 @serve.ingress(api)
 class OpenAIIngress:
-    def __init__(self, models: dict[str, DeploymentHandle], specs: dict[str, dict[str, Any]]) -> None:
+    def __init__(self, models: dict[str, DeploymentHandle], specs: dict[str, dict[str, Any]], api_args: dict[str, Any],
+                 scale_to_zero: list[str]) -> None:
         self.handles = models
         self.specs: dict[str, ModelSpec] = {name: model_spec(a, f"models.{name}") for name, a in specs.items()}
+        self.api = api_spec(api_args, "api")
+        self.api_key = api_key(self.api)
+        self.replicas = ReplicaProbe(models, self.api.probe_timeout_s, scale_to_zero)
+        self.watching = asyncio.get_running_loop().create_task(self.replicas.watch(self.api.probe_interval_s))
         self.created = int(time.time())
 
     @api.get("/health")
-    async def health(self) -> JSONResponse:
-        """200 when every model deployment is healthy (Serve's own health checks), else 503."""
-        status = await asyncio.to_thread(serve.status)
-        app = status.applications[serve.get_replica_context().app_name]
-        models = {name: app.deployments[deployment_name(name)].status.value for name in self.handles}
-        ok = all(s == "HEALTHY" for s in models.values())
+    async def health(self, request: Request) -> JSONResponse:
+        """200 while at least one replica of every model answers (or the model may scale to zero), else 503."""
+        authorize(request, self.api_key)
+        models = await self.replicas.check()
+        ok = all(state in HEALTHY for state in models.values())
         return JSONResponse({"status": "ok" if ok else "unavailable", "models": models}, 200 if ok else 503)
 
     @api.get("/v1/models")
-    async def models(self) -> dict[str, Any]:
-        return {"object": "list", "data": [
-            {"id": name, "object": "model", "created": self.created, "owned_by": "raytrain", "root": spec.checkpoint,
-             "max_prompt_tokens": spec.limits.max_prompt_tokens, "max_output_tokens": spec.limits.max_output_tokens}
-            for name, spec in self.specs.items()]}
+    async def models(self, request: Request) -> dict[str, Any]:
+        authorize(request, self.api_key)
+        return {"object": "list", "data": [self._model_card(name) for name in self.specs]}
+
+    @api.get("/v1/models/{model}")
+    async def model(self, model: str, request: Request) -> dict[str, Any]:
+        authorize(request, self.api_key)
+        self._check_model(model)
+        return self._model_card(model)
 
     @api.post("/v1/completions")
     async def completions(self, request: Request) -> Any:
-        req = parse(CompletionRequest, await request.body())
+        req = parse(CompletionRequest, await self._body(request))
         params = req.sampling(req.max_tokens or DEFAULT_COMPLETION_TOKENS)
         return await self._answer(req, [{"prompt": p, "params": params} for p in req.prompts], chat=False)
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Any:
-        req = parse(ChatRequest, await request.body())
+        req = parse(ChatRequest, await self._body(request))
         job = {"messages": [m.plain() for m in req.messages],
                "params": req.sampling(req.max_completion_tokens or req.max_tokens)}
         return await self._answer(req, [job], chat=True)
 
+    async def _body(self, request: Request) -> bytes:
+        authorize(request, self.api_key)
+        return await read_body(request, self.api.max_body_bytes, self.api.body_timeout_s)
+
+    def _model_card(self, name: str) -> dict[str, Any]:
+        """OpenAI's model object (no checkpoint path: where the weights live is no client's business)."""
+        limits = self.specs[name].limits
+        return {"id": name, "object": "model", "created": self.created, "owned_by": "raytrain",
+                "max_prompt_tokens": limits.max_prompt_tokens, "max_output_tokens": limits.max_output_tokens}
+
+    def _check_model(self, model: str) -> None:
+        if model not in self.handles:
+            raise ApiError(404, f"model {shown(model)!r} does not exist; served: {', '.join(self.handles)}", "model",
+                           "model_not_found")
+
     # ---- routing ----------------------------------------------------------------------------------------------
 
     async def _answer(self, req: CompletionRequest | ChatRequest, prompts: list[dict[str, Any]], chat: bool) -> Any:
-        if req.model not in self.handles:
-            raise ApiError(404, f"model {req.model!r} does not exist; served: {', '.join(self.handles)}", "model",
-                           "model_not_found")
+        self._check_model(req.model)
         limits = self.specs[req.model].limits
-        jobs = [job for job in prompts for _ in range(req.n)]  # choice i*n + j: sample j of prompt i
-        if len(jobs) > limits.max_choices:
-            raise ApiError(400, f"n: {len(prompts)} prompt(s) x n={req.n} asks for {len(jobs)} choices; model "
+        choices = len(prompts) * req.n
+        if choices > limits.max_choices:
+            raise ApiError(400, f"n: {len(prompts)} prompt(s) x n={req.n} asks for {choices} choices; model "
                            f"{req.model!r} answers at most {limits.max_choices} per request", "n", "invalid_value")
-        deadline = Deadline(limits.request_timeout_s)
+        down = self.replicas.down[req.model]
+        if down.is_set() and (await self.replicas.check())[req.model] == DOWN:  # still down, by a fresh probe
+            raise unavailable(req.model)
+        jobs = [choice(job, j) for job in prompts for j in range(req.n)]  # choice i*n + j: sample j of prompt i
+        deadline = Deadline(limits.request_timeout_s, req.model, down)
         rid = new_id("chatcmpl" if chat else "cmpl")
         if req.stream:
             return await self._stream(rid, req, jobs, deadline, chat)
@@ -240,6 +298,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         spec = model_spec(fields, f"args.models.{name}")
         check_model(name, spec, f"args.models.{name}")
         specs[name] = model_args(spec)
+    api_args = asdict(api_spec(args.get("api") or {}, "args.api"))
     servers = {name: ModelServer.options(name=deployment_name(name)).bind(name, fields)
                for name, fields in specs.items()}
-    return OpenAIIngress.options(name=INGRESS).bind(servers, specs)
+    return OpenAIIngress.options(name=INGRESS).bind(servers, specs, api_args, list(args.get("scale_to_zero") or []))

@@ -2,10 +2,11 @@
 
 `raytrain serve` composes `conf/serve.yaml` (with the `serve` group) into a `ServeSpec`; `serve_config` turns it into
 the dictionary that `serve run` and `serve deploy` accept (Serve's `ServeDeploySchema`): one application whose
-`args` are the models (checkpoint, weight format, engine config, limits) and whose `deployments` carry what Serve
-itself manages (replicas and autoscaling, the bounded queue and its 503 + Retry-After, resources, health checks) for
-the ingress and for each model. The same dictionary is what `raytrain serve` deploys, so the committed
-`serving/config.yaml` is this output; edit `conf/serve*`, never the YAML.
+`args` are the models (checkpoint, weight format, engine config, limits) and the API's own protections (API key, body
+limits, replica probing), and whose `deployments` carry what Serve itself manages (replicas and autoscaling, the
+bounded queue and its 503 + Retry-After, resources, health checks) for the ingress and for each model. The same
+dictionary is what `raytrain serve` deploys, so the committed `serving/config.yaml` is this output; edit
+`conf/serve*`, never the YAML.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class ActorOptions:  # Serve's ray_actor_options: resources of one replica
 class Deployment:
     """Serve deployment options, under Serve's own names (emitted as they are)."""
 
-    max_ongoing_requests: int = 16  # per replica; a model needs >= engine.max_batch_size to fill its batches
+    max_ongoing_requests: int = 16  # per replica; a model needs >= engine.max_batch_size to fill its KV slots
     max_queued_requests: int = 32  # per caller; beyond it requests get 503 + Retry-After, never an unbounded queue
     backpressure_config: Backpressure = field(default_factory=Backpressure)
     autoscaling_config: Autoscaling = field(default_factory=Autoscaling)
@@ -80,9 +81,21 @@ class ModelSpec:
     dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu | float32 | bfloat16 | float16
     chat_template: str | None = None  # Jinja; null: the tokenizer's own, else a plain "role: content" template
     engine: EngineConfig = field(default_factory=EngineConfig)  # batching and decoding mode (plain or LazyLLM)
-    batch_wait_timeout_s: float = 0.01  # how long an idle replica waits for a request to get company in a batch
+    stream_interval_s: float = 0.02  # a stream's items are at least this far apart (text accumulates between them)
     limits: Limits = field(default_factory=Limits)
     deployment: Deployment = field(default_factory=Deployment)
+
+
+@dataclass
+class ApiSpec:
+    """What the ingress enforces before a request reaches any model."""
+
+    api_key: str | None = None  # clients send `Authorization: Bearer KEY`; prefer api_key_file or $RAYTRAIN_API_KEY
+    api_key_file: str | None = None  # a file holding the key, as the ingress replicas see it
+    max_body_bytes: int = 1048576  # a larger request body is answered 413 unread
+    body_timeout_s: float = 10.0  # a body not received in full by then (a trickling client) is answered 408
+    probe_interval_s: float = 1.0  # how often the ingress pings every model replica (/health, quick 503s)
+    probe_timeout_s: float = 2.0  # a replica that has not answered a ping by then cannot answer
 
 
 @dataclass
@@ -100,6 +113,7 @@ class ServeSpec:
     proxy_location: str = "EveryNode"
     http_options: HttpOptions = field(default_factory=HttpOptions)
     ingress: Deployment = field(default_factory=Deployment)
+    api: ApiSpec = field(default_factory=ApiSpec)
     models: dict[str, ModelSpec] = field(default_factory=dict)
 
 
@@ -109,6 +123,7 @@ def serve_spec(node: Any, key: str = "serve") -> ServeSpec:
     if not spec.models:
         raise ConfigError(f"{key}.models is empty: serve at least one model")
     check_deployment(spec.ingress, f"{key}.ingress")
+    check_api(spec.api, f"{key}.api")
     for name, model in spec.models.items():
         check_model(name, model, f"{key}.models.{name}")
     return spec
@@ -116,6 +131,20 @@ def serve_spec(node: Any, key: str = "serve") -> ServeSpec:
 
 def model_spec(node: Any, key: str) -> ModelSpec:
     return to_dataclass(ModelSpec, node, key)
+
+
+def api_spec(node: Any, key: str) -> ApiSpec:
+    spec = to_dataclass(ApiSpec, node, key)
+    check_api(spec, key)
+    return spec
+
+
+def check_api(api: ApiSpec, key: str) -> None:
+    if api.api_key and api.api_key_file:
+        raise ConfigError(f"{key}: set api_key or api_key_file, not both")
+    for limit in ("max_body_bytes", "body_timeout_s", "probe_interval_s", "probe_timeout_s"):
+        if getattr(api, limit) <= 0:
+            raise ConfigError(f"{key}.{limit} must be > 0")
 
 
 def check_model(name: str, model: ModelSpec, key: str) -> None:
@@ -135,7 +164,7 @@ def check_model(name: str, model: ModelSpec, key: str) -> None:
     check_deployment(model.deployment, f"{key}.deployment")
     if model.deployment.max_ongoing_requests < model.engine.max_batch_size:
         raise ConfigError(f"{key}.deployment.max_ongoing_requests={model.deployment.max_ongoing_requests} is below "
-                          f"engine.max_batch_size={model.engine.max_batch_size}: batches could never fill")
+                          f"engine.max_batch_size={model.engine.max_batch_size}: its KV slots could never fill")
 
 
 def check_deployment(d: Deployment, key: str) -> None:
@@ -159,6 +188,12 @@ def model_args(model: ModelSpec) -> dict[str, Any]:
     return {k: v for k, v in asdict(model).items() if k != "deployment"}
 
 
+def scale_to_zero(models: dict[str, ModelSpec]) -> list[str]:
+    """Models whose replicas may all be gone by design (min_replicas 0): a request waits for one to start, rather
+    than being answered 503 as while a failed replica is replaced."""
+    return [name for name, m in models.items() if m.deployment.autoscaling_config.min_replicas == 0]
+
+
 def serve_config(spec: ServeSpec) -> dict[str, Any]:
     """The Serve config (`ServeDeploySchema`) of `spec`: what `serve run`/`serve deploy` read and this repo runs."""
     deployments = [{"name": INGRESS, **asdict(spec.ingress)}]
@@ -170,7 +205,8 @@ def serve_config(spec: ServeSpec) -> dict[str, Any]:
             "name": spec.app_name,
             "route_prefix": spec.route_prefix,
             "import_path": IMPORT_PATH,
-            "args": {"models": {name: model_args(m) for name, m in spec.models.items()}},
+            "args": {"models": {name: model_args(m) for name, m in spec.models.items()}, "api": asdict(spec.api),
+                     "scale_to_zero": scale_to_zero(spec.models)},
             "deployments": deployments,
         }],
     }

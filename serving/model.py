@@ -1,14 +1,20 @@
 """The model deployment: each replica holds one `Engine` (the project's generation engine) for one model.
 
 A request is tokenized (chat messages through the model's chat template) and checked against the model's limits on
-its own, so one bad request never fails a batch; then the `Batcher` gathers the requests waiting for the engine into
-its next batch, which runs in the engine's thread (`Engine.astream`) while the replica keeps accepting requests.
-A request whose caller goes away (client disconnect, timeout) is cancelled in the engine at its next step.
+its own, so one bad request never fails another: a text longer than the token limit could hold is refused before it
+is tokenized, token ids outside the vocabulary are refused, and preparation runs in its own thread, one request at a
+time, so the replica's event loop keeps answering while a long prompt is tokenized. Then the request joins the
+engine's running batch at the next step (continuous batching: `Engine.astream`, stepped by the engine's own thread
+while the replica keeps accepting requests). A streamed request yields what its row produced since its previous
+item at most every `stream_interval_s`, so a busy replica sends fewer, larger items through Ray. A request whose
+caller goes away (client disconnect, timeout) is cancelled at the engine's next step.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -17,9 +23,8 @@ from ray import serve
 
 from raytrain.checkpoint.hf import is_compressed_checkpoint
 from raytrain.config import RaytrainError
-from raytrain.infer.batcher import Batcher
 from raytrain.infer.engine import Completion, Engine, Request
-from raytrain.infer.sampling import SamplingParams
+from raytrain.infer.sampling import SamplingError, SamplingParams
 from serving.config import ModelSpec, model_spec
 
 # For tokenizers without a chat template (raytrain's own BPE): one "role: content" line per message.
@@ -59,7 +64,9 @@ class ModelServer:
         self.engine = load_engine(self.spec)
         self.chat_template = (self.spec.chat_template or getattr(self.engine.tokenizer, "chat_template", None)
                               or PLAIN_CHAT_TEMPLATE)
-        self.batcher = Batcher(self.engine, self.spec.batch_wait_timeout_s)
+        # no text beyond this many characters tokenizes into max_prompt_tokens tokens or fewer
+        self.max_prompt_chars = self.spec.limits.max_prompt_tokens * longest_token_chars(self.engine.tokenizer)
+        self.preparing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
 
     # ---- called by the ingress ------------------------------------------------------------------------------
 
@@ -67,35 +74,43 @@ class ModelServer:
         """One whole completion: {text, finish_reason, prompt_tokens, completion_tokens}, or {error} (a client
         error is an answer, not a replica failure, so Serve does not log it as one)."""
         try:
-            request = self.prepare(job)
+            request = await self._prepare(job)
         except RequestError as e:
             return {"error": e.args}
-        async for delta in self.batcher.stream(request):
-            if delta.completion is not None:
-                return {"text": delta.completion.text, **_counts(delta.completion)}
+        async for deltas in self.engine.astream([request]):
+            if deltas[-1].completion is not None:
+                return {"text": deltas[-1].completion.text, **_counts(deltas[-1].completion)}
         raise RuntimeError("the engine ended without a completion")
 
     async def stream(self, job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """{prompt_tokens} once the request is accepted (or {error}), then {text} pieces; the last adds
         finish_reason and counts."""
         try:
-            request = self.prepare(job)
+            request = await self._prepare(job)
         except RequestError as e:
             yield {"error": e.args}
             return
         yield {"prompt_tokens": len(request.prompt)}
-        async for delta in self.batcher.stream(request):
-            yield {"text": delta.text, **(_counts(delta.completion) if delta.completion else {})}
+        loop, text, sent = asyncio.get_running_loop(), "", 0.0
+        async for deltas in self.engine.astream([request]):
+            text += "".join(d.text for d in deltas)
+            done = deltas[-1].completion
+            if done or loop.time() - sent >= self.spec.stream_interval_s:
+                yield {"text": text, **(_counts(done) if done else {})}
+                text, sent = "", loop.time()
 
     def info(self) -> dict[str, Any]:
         return {"context_window": self.engine.context_window, "max_batch_size": self.spec.engine.max_batch_size,
                 "decoding": "lazyllm" if self.spec.engine.lazy else "plain", "weights": self.spec.weights}
 
     def stats(self) -> dict[str, Any]:
-        """How many engine batches of each size this replica ran."""
-        return {"batch_sizes": dict(self.batcher.batch_sizes)}
+        """Engine steps run, and how many decode steps carried each number of sequences."""
+        return {"steps": self.engine.steps, "decode_rows": dict(self.engine.decode_rows)}
 
     # ---- request preparation ----------------------------------------------------------------------------------
+
+    async def _prepare(self, job: dict[str, Any]) -> Request:
+        return await asyncio.get_running_loop().run_in_executor(self.preparing, self.prepare, job)
 
     def prepare(self, job: dict[str, Any]) -> Request:
         """An engine request from the ingress's job (prompt or messages, and the sampling fields), within limits."""
@@ -121,12 +136,20 @@ class ModelServer:
                                "context_length_exceeded")
         try:
             sampling = SamplingParams(max_new_tokens=max_tokens, **params)
-        except RaytrainError as e:
-            raise RequestError(str(e)) from None
+        except SamplingError as e:
+            raise RequestError(str(e), e.field, "invalid_value") from None
         return Request(ids, sampling)
 
     def _prompt_ids(self, job: dict[str, Any], param: str) -> list[int]:
         tokenizer = self.engine.tokenizer
+        prompt = job.get(param)
+        if param == "prompt" and not isinstance(prompt, str):
+            return self._token_ids(prompt)
+        chars = len(prompt) if param == "prompt" else sum(len(m["content"]) for m in prompt)
+        if chars > self.max_prompt_chars:
+            raise RequestError(f"{param}: {chars} characters are more than model {self.name!r} accepts (at most "
+                               f"{self.spec.limits.max_prompt_tokens} tokens, which this tokenizer never spells in "
+                               f"more than {self.max_prompt_chars} characters)", param, "context_length_exceeded")
         try:
             if param == "messages":
                 ids = tokenizer.apply_chat_template(job["messages"], chat_template=self.chat_template,
@@ -137,6 +160,22 @@ class ModelServer:
             raise RequestError(f"messages: the chat template rejected them ({e})", "messages") from None
         except RaytrainError as e:
             raise RequestError(f"{param}: {e}", param) from None
+
+    def _token_ids(self, ids: list[int]) -> list[int]:
+        """A prompt given as token ids, all inside the vocabulary (an id outside it would fail the whole batch)."""
+        vocab = self.engine.model.cfg.vocab_size
+        outside = next((i for i in ids if not 0 <= i < vocab), None)
+        if outside is not None:
+            raise RequestError(f"prompt: token id {outside} is outside the vocabulary of model {self.name!r} "
+                               f"(0 to {vocab - 1})", "prompt", "invalid_value")
+        return self.engine.tokenize(ids)
+
+
+def longest_token_chars(tokenizer: Any) -> int:
+    """The most characters any vocabulary entry spells. Tokens as the vocabulary writes them are at least as long as
+    the text they stand for (byte-level BPE writes one character per byte; byte fallbacks read `<0x41>`), so no
+    token covers more text than this."""
+    return max(map(len, tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))))
 
 
 def _counts(c: Completion) -> dict[str, Any]:

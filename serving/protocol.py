@@ -4,6 +4,12 @@ coerced or ignored), OpenAI-style errors, and the bodies of responses and stream
 Supported beyond OpenAI's fields, under vLLM's names: `top_k`, `repetition_penalty`, `ignore_eos`. OpenAI fields
 the engine cannot honour (logprobs, penalties other than 0, logit_bias, suffix, echo, best_of > 1, tools) are
 rejected with a message naming them rather than silently dropped.
+
+Hostile bodies are client errors, never server ones: JSON nested too deep, NaN/Infinity, integers too long to convert
+(`invalid_json`), non-finite floats, integers beyond a field's range and strings that are not valid Unicode (lone
+surrogates, which no tokenizer and no JSON encoder can take) are refused naming the field (`invalid_value`). Every
+integer field is bounded (token ids, counts: 32 bits; `seed`: 64 bits, as vLLM), stop strings are bounded in number
+and total length, and no message echoes more than a short, escaped piece of what the client sent.
 """
 
 from __future__ import annotations
@@ -11,16 +17,21 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+INT32_MAX = 2 ** 31 - 1
+INT64_MIN, INT64_MAX = -2 ** 63, 2 ** 63 - 1
+MAX_INT_DIGITS = 32  # longer integer literals are out of range for every field, and Python would refuse > 4300
+MAX_STOPS, MAX_STOP_CHARS = 4, 1024  # stop strings per request (OpenAI's 4) and their total length
+MAX_SHOWN_CHARS = 64  # of a client's string quoted back in an error message
 
 
 class ApiError(Exception):
     """An error answered as `{"error": {"message", "type", "param", "code"}}` with HTTP `status`."""
 
-    TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 500: "internal_error",
-             503: "service_unavailable", 504: "timeout"}
+    TYPES = {500: "internal_error", 503: "service_unavailable", 504: "timeout"}  # else invalid_request_error
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  retry_after_s: float | None = None) -> None:
@@ -33,11 +44,38 @@ class ApiError(Exception):
                           "param": self.param, "code": self.code}}
 
     def headers(self) -> dict[str, str]:
-        return {} if self.retry_after_s is None else {"Retry-After": str(max(1, round(self.retry_after_s)))}
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else {}
+        if self.retry_after_s is not None:
+            headers["Retry-After"] = str(max(1, round(self.retry_after_s)))
+        return headers
+
+
+def shown(text: str) -> str:
+    """A client's string as an error message may quote it: short, and escaped where it is not valid Unicode."""
+    cut = text if len(text) <= MAX_SHOWN_CHARS else text[:MAX_SHOWN_CHARS] + "..."
+    return cut.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _valid_unicode(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"not valid Unicode: a lone surrogate {text[e.start]!r} at character {e.start}") from None
+    return text
+
+
+# Lists stop at their first bad item (`fail_fast`): a body-sized list of wrong items costs one error, not one each.
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+Texts = Annotated[list[Text], Field(min_length=1, fail_fast=True)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=INT32_MAX)]], Field(min_length=1, fail_fast=True)]
+Count = Annotated[int, Field(ge=1, le=INT32_MAX)]
+# OpenAI's four forms: a text, texts, token ids, lists of token ids (the model's replica checks ids against its
+# vocabulary)
+Prompt = Text | Texts | TokenIds | Annotated[list[TokenIds], Field(min_length=1, fail_fast=True)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid")
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
 
 class StreamOptions(_Strict):
@@ -45,20 +83,20 @@ class StreamOptions(_Strict):
 
 
 class _Sampling(_Strict):
-    model: str
-    max_tokens: int | None = Field(None, ge=1)
+    model: Text
+    max_tokens: Count | None = None
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    n: int = Field(1, ge=1)
-    stop: str | list[str] | None = None
+    n: Count = 1
+    stop: Text | Annotated[list[Text], Field(max_length=MAX_STOPS, fail_fast=True)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = None
-    user: str | None = None
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
+    user: Text | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
-    top_k: int = Field(0, ge=-1)  # vLLM's extension; 0 and -1 = off
+    top_k: int = Field(0, ge=-1, le=INT32_MAX)  # vLLM's extension; 0 and -1 = off
     repetition_penalty: float = Field(1.0, gt=0)  # vLLM's extension; 1 = off
     ignore_eos: bool = False  # vLLM's extension
 
@@ -67,20 +105,29 @@ class _Sampling(_Strict):
                                                          "logit_bias": (None, {})}
 
     def check(self) -> None:
-        """What the schema cannot say: unsupported values, and stop sequences OpenAI's way (1 to 4, non-empty)."""
+        """What the schema cannot say: unsupported values, stop sequences OpenAI's way (1 to 4, non-empty) and
+        within a total length, and stream_options only for streams."""
         for name, allowed in self.UNSUPPORTED.items():
             if getattr(self, name) not in allowed:
-                raise ApiError(400, f"{name}={getattr(self, name)!r} is not supported by this server (only "
-                               f"{' or '.join(map(repr, allowed))})", name, "unsupported_parameter")
-        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ApiError(400, "stop: up to 4 non-empty stop sequences", "stop", "invalid_value")
+                raise ApiError(400, f"{name}: not supported by this server (only {' or '.join(map(repr, allowed))})",
+                               name, "unsupported_parameter")
+        if len(self.stops) > MAX_STOPS or any(not s for s in self.stops):
+            raise ApiError(400, f"stop: up to {MAX_STOPS} non-empty stop sequences", "stop", "invalid_value")
+        if sum(map(len, self.stops)) > MAX_STOP_CHARS:
+            raise ApiError(400, f"stop: the stop sequences have {sum(map(len, self.stops))} characters in all; at "
+                           f"most {MAX_STOP_CHARS}", "stop", "invalid_value")
+        if self.stream_options is not None and not self.stream:
+            raise ApiError(400, "stream_options: only allowed with stream: true", "stream_options", "invalid_value")
+
+    @property
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
     def sampling(self, max_tokens: int | None) -> dict[str, Any]:
         """The engine's sampling fields (SamplingParams names; max_tokens None = as many as the limits allow)."""
         return {"max_tokens": max_tokens, "temperature": self.temperature, "top_p": self.top_p,
                 "top_k": max(self.top_k, 0), "repetition_penalty": self.repetition_penalty,
-                "stop": [self.stop] if isinstance(self.stop, str) else list(self.stop or []), "seed": self.seed,
+                "stop": self.stops, "seed": self.seed,
                 "ignore_eos": self.ignore_eos}
 
     @property
@@ -89,29 +136,31 @@ class _Sampling(_Strict):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str]
+    prompt: Prompt
     echo: bool = False
-    logprobs: int | None = None
-    best_of: int | None = None
-    suffix: str | None = None
+    logprobs: int | None = Field(None, ge=0, le=INT32_MAX)
+    best_of: Count | None = None
+    suffix: Text | None = None
 
     UNSUPPORTED: ClassVar[dict[str, tuple[Any, ...]]] = {
         **_Sampling.UNSUPPORTED, "echo": (False,), "logprobs": (None,), "best_of": (None, 1), "suffix": (None,)}
 
     @property
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else self.prompt
+    def prompts(self) -> list[str] | list[list[int]]:
+        """One entry per prompt: a text or a list of token ids."""
+        single = isinstance(self.prompt, str) or isinstance(self.prompt[0], int)
+        return [self.prompt] if single else self.prompt
 
 
 class TextPart(_Strict):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-    name: str | None = None
+    content: Text | Annotated[list[TextPart], Field(fail_fast=True)]
+    name: Text | None = None
 
     def plain(self) -> dict[str, str]:
         text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -119,10 +168,10 @@ class ChatMessage(_Strict):
 
 
 class ChatRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    messages: list[ChatMessage] = Field(min_length=1, fail_fast=True)
+    max_completion_tokens: Count | None = None
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=INT32_MAX)
 
     UNSUPPORTED: ClassVar[dict[str, tuple[Any, ...]]] = {
         **_Sampling.UNSUPPORTED, "logprobs": (False,), "top_logprobs": (None,)}
@@ -132,42 +181,85 @@ FIELDS = {name for m in (CompletionRequest, ChatRequest, ChatMessage, TextPart, 
           for name in m.model_fields}
 
 
+class _LongInt:
+    """An integer literal too long to be any field's value: validation refuses it, and the error names the field."""
+
+    def __init__(self, literal: str) -> None:
+        self.digits = len(literal.lstrip("-"))
+
+
+def _int(literal: str) -> int | _LongInt:
+    return int(literal) if len(literal) <= MAX_INT_DIGITS else _LongInt(literal)
+
+
+def _constant(name: str) -> None:
+    raise ApiError(400, f"the request body is not valid JSON: {name} is not a JSON number", code="invalid_json")
+
+
 def parse(schema: type[_Sampling], body: bytes) -> _Sampling:
     """A validated request, or an ApiError naming the offending field."""
     try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"the request body is not valid JSON ({e})", code="invalid_json") from None
+        data = json.loads(body, parse_int=_int, parse_constant=_constant)
+    except json.JSONDecodeError as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})",
+                       code="invalid_json") from None
+    except UnicodeDecodeError:
+        raise ApiError(400, "the request body is not valid JSON: it is not UTF-8 text", code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply", code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
     try:
         request = schema.model_validate(data)
     except ValidationError as e:
-        raise _validation_error(e.errors()[0]) from None
+        raise _validation_error(e.errors()) from None
     request.check()
     return request
 
 
-def _validation_error(err: dict[str, Any]) -> ApiError:
-    param = _param(err["loc"])
-    kind, msg = err["type"], err["msg"]
+# what a value of each field that takes several types may be (a wrong type is named with these, not per member)
+UNION_TYPES = {"prompt": "a string, a list of strings, a list of token ids or a list of lists of token ids",
+               "stop": "a string or a list of strings", "content": "a string or a list of text parts"}
+
+
+def _validation_error(errors: list[dict[str, Any]]) -> ApiError:
+    """One ApiError for pydantic's errors: of a field that takes several types, the error of the type that matched
+    furthest (a value error beats a type error at the same depth)."""
+    err = max(errors, key=lambda e: (len(e["loc"]), not _type_error(e)))
+    loc, kind, msg = err["loc"], err["type"], err["msg"]
+    if kind == "extra_forbidden":  # the unknown name itself ends the location
+        param = ".".join(filter(None, [_param(loc[:-1]), shown(str(loc[-1]))]))
+        return ApiError(400, f"unrecognized request argument supplied: {param}", param, "unknown_parameter")
+    param = _param(loc)
+    if not param:  # the body itself, e.g. a field name that is not valid Unicode
+        return ApiError(400, f"the request body: {msg}", code="invalid_value")
     if kind == "missing":
         return ApiError(400, f"{param}: a required field is missing", param, "missing_required_parameter")
-    if kind == "extra_forbidden":  # the unknown name itself ends the location
-        param = ".".join(map(str, err["loc"]))
-        return ApiError(400, f"unrecognized request argument supplied: {param}", param, "unknown_parameter")
-    code = "invalid_type" if kind.endswith("_type") or kind == "literal_error" else "invalid_value"
-    return ApiError(400, f"{param}: {msg}", param, code)
+    if isinstance(err.get("input"), _LongInt):
+        return ApiError(400, f"{param}: an integer of {err['input'].digits} digits is out of range", param,
+                        "invalid_value")
+    if not _type_error(err):
+        return ApiError(400, f"{param}: {msg.removeprefix('Value error, ')}", param, "invalid_value")
+    union = _param(loc[:next((i for i, part in enumerate(loc) if _tag(part)), len(loc))])
+    if union.rpartition(".")[2] in UNION_TYPES:
+        return ApiError(400, f"{union}: expected {UNION_TYPES[union.rpartition('.')[2]]}", union, "invalid_type")
+    return ApiError(400, f"{param}: {msg}", param, "invalid_type")
+
+
+def _type_error(err: dict[str, Any]) -> bool:
+    """A value of the wrong type (an integer too long to read is a value out of range, whatever type was wanted)."""
+    kind = err["type"]
+    return (kind.endswith("_type") or kind == "literal_error") and not isinstance(err.get("input"), _LongInt)
+
+
+def _tag(part: Any) -> bool:
+    """A pydantic location part that names a union member (or a dict key), not a field or a list index."""
+    return not (isinstance(part, int) or part in FIELDS)
 
 
 def _param(loc: tuple[Any, ...]) -> str:
     """The dotted field path of a pydantic error location, without its union-member tags."""
-    parts = []
-    for part in loc:
-        if not (isinstance(part, int) or part in FIELDS):
-            break
-        parts.append(str(part))
-    return ".".join(parts)
+    return ".".join(str(part) for part in loc if not _tag(part))
 
 
 # ---- responses --------------------------------------------------------------------------------------------------

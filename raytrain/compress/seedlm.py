@@ -3,27 +3,28 @@
 Encoding is the paper's exhaustive search: for every block and every one of the 2^K - 1 candidate matrices U, the
 least-squares coefficients t = pinv(U) w (pseudo-inverses computed once in float64 by SVD, searched in fp32) are
 quantised with a shared exponent, and the candidate whose *quantised* reconstruction is closest wins (ties: lowest
-cycle offset). The search is vectorised over blocks x candidates in chunks whose size bounds the memory used, and runs
-on CPU or GPU.
+cycle offset). On CPU the search is vectorised over blocks x candidates in chunks whose size bounds the memory used; on
+CUDA it is one fused Triton kernel (`kernels/seedlm_search.py`).
 
 Blocking (`blocking`): `row` (the default) zero-pads each row of a [out, in] weight to a multiple of C, so a block
-never straddles two output rows and the GPU kernel can decode a row tile on its own; it equals the spec's row-major
+never straddles two output rows and the GPU kernels can decode a row tile on their own; it equals the spec's row-major
 flatten whenever in % C == 0, and otherwise costs bits (3-bit rows of 32 weights store 3.375 bits per weight).
 `flat` is the spec's default: the weight flattened row-major and only the tail padded (exactly 3 or 4 bits per weight
-up to one block); its checkpoints decode densely (the kernel reads row blocks only).
+up to one block); its checkpoints decode densely (the kernels read row blocks only).
 
 Codes are kept as int tensors, blocks in row-major order (`offsets`, `exponents`, `coefficients`; rows first with
 row blocking), so row ranges encoded separately concatenate (with flat blocking, ranges that start on a block
 boundary: `row_alignment`); `pack` turns them into the stored arrays (LFSR state per block as the seed, nibble
-streams).
-Decoding uses the exact integer form w = 2^e / (2^(K-1) - 1) * sum_p (V - 2^(K-1)) q_p, the same arithmetic as the
-GPU kernel, so both give bitwise identical weights.
+streams). Decoding uses the exact integer form w = 2^e / (2^(K-1) - 1) * sum_p (V - 2^(K-1)) q_p; the GPU kernels
+compute the same exact sum (as a float with no rounding) and the same final product, so they rebuild these weights
+bitwise.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,10 +54,10 @@ class SeedLMConfig:
     taps: list[int] = field(default_factory=lambda: [0, 1, 3, 12])
     exponent_rule: str = "range75"  # range75 | range7 | literal | search3 (spec §6)
     seed_convention: str = "lfsr_state"  # what `seeds` stores: lfsr_state (what hardware regenerates) | cycle_offset
-    seed_chunk: int | None = None  # candidates scored per step; None: 256 on CPU (cache-sized), 4096 on GPU
-    block_chunk: int | None = None  # blocks per step; None: 1024 on CPU, 8192 on GPU. Memory of one step is
-    # about 3 * seed_chunk * block_chunk * C * 4 bytes
-    blocking: str = "row"  # row (each row padded to whole blocks; the GPU kernel's layout) | flat (spec default)
+    seed_chunk: int | None = None  # search_torch: candidates per step; None: 256 on CPU (cache-sized), 4096 on GPU
+    block_chunk: int | None = None  # search_torch: blocks per step; None: 1024 on CPU, 8192 on GPU. Memory of one step
+    # is about 3 * seed_chunk * block_chunk * C * 4 bytes
+    blocking: str = "row"  # row (each row padded to whole blocks; the GPU kernels' layout) | flat (spec default)
 
     def __post_init__(self) -> None:
         if self.C < 1 or not 1 <= self.P <= 4 or self.P > self.C:
@@ -166,8 +167,19 @@ def quantise(t: torch.Tensor, rule: str) -> list[tuple[torch.Tensor, torch.Tenso
 
 def search(blocks: torch.Tensor, cfg: SeedLMConfig, device: str | torch.device = "cpu") -> Codes:
     """Exhaustive search for (nb, C) blocks: cycle offsets int32 (nb,), exponents int8 (nb,), coefficients int8
-    (nb, P). The winner is the smallest (error, offset), and for one offset the first exponent candidate, so the
-    result does not depend on how offsets are chunked."""
+    (nb, P). On CUDA the fused Triton kernel (`kernels/seedlm_search.py`, several times faster), elsewhere
+    `search_torch`; both are deterministic and pick the same codes up to ties broken by fp32 rounding."""
+    if torch.device(device).type == "cuda" and importlib.util.find_spec("triton") is not None:
+        from raytrain.compress.kernels.seedlm_search import search as fused_search
+
+        return fused_search(blocks.to(device), cfg)
+    return search_torch(blocks, cfg, device)
+
+
+def search_torch(blocks: torch.Tensor, cfg: SeedLMConfig, device: str | torch.device = "cpu") -> Codes:
+    """The search in PyTorch, vectorised over blocks x candidates in memory-bounded chunks. The winner is the
+    smallest (error, offset), and for one offset the first exponent candidate, so the result does not depend on how
+    offsets are chunked."""
     device = str(torch.device(device))
     gpu = device.startswith("cuda")
     seed_chunk = cfg.seed_chunk or (4096 if gpu else 256)

@@ -1,39 +1,54 @@
-"""The generation engine: one interface for raytrain decoders and Hugging Face Llama checkpoints (converted on load
-into the same decoder family), used by `raytrain generate`, the pipelines and Ray Serve.
+"""The generation engine: continuous batching over KV slots, used by `raytrain generate`, the pipelines and Serve.
 
-Requests are batched (up to `max_batch_size`): prompts are left-padded, so every row's last prompt token sits in the
-same column and decoding appends one column per step; padded keys are masked and positions count from each row's
-first real token. Each request has its own sampling parameters, stop strings and token budget. `stream` yields text
-deltas as they become final; `generate` collects them; `astream` is `stream` for asyncio servers (the engine runs in
-its own thread). A request whose `cancel` event is set stops at the next step (finish_reason "cancelled"), and a
-batch ends as soon as all its requests are done. With `lazy.enabled`, long prompts run through LazyLLM
-(`lazyllm.py`) one request at a time.
+Requests join at any time. Each `step` the scheduler (`scheduler.py`) picks one token for every decoding sequence
+and prompt chunks within a token budget; the model runner (`model_runner.py`) prefills the chunks and decodes the
+batch (a CUDA graph on the GPU) over the slot KV cache (`kv_cache.py`); the sampling table (`sampling.py`) picks
+every row's token with tensor ops, and the step's tokens cross to the host in one copy. Then each sequence's text
+advances through its incremental detokenizer (`text.py`), finished sequences free their slots, and the new deltas
+go to each request's sink. With `lazy` on, prompts of at least `lazyllm.min_prompt_tokens` tokens run through
+LazyLLM (`lazyllm.py`) one at a time beside the batch (the paper's batch size 1).
+
+Three ways in: `generate`/`stream` step the engine on the caller's thread; `astream` and `add_request` hand requests
+to a background thread that steps while there is work, for asyncio servers (each request joins the running batch
+the step after it arrives; `abort` or leaving the iteration cancels it at the next step). A request that can never
+fit (prompt + max_new_tokens beyond the context window) or is malformed fails in the caller before any compute.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter, defaultdict, deque
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from raytrain.config import RaytrainError
+from raytrain.config import ConfigError, RaytrainError
 from raytrain.infer.lazyllm import LazyConfig, LazySequence
-from raytrain.infer.sampling import SamplingParams, next_token
-from raytrain.infer.text import TextStream
+from raytrain.infer.kv_cache import SlotKVCache
+from raytrain.infer.model_runner import ModelRunner
+from raytrain.infer.sampling import SamplingParams, SamplingTable
+from raytrain.infer.scheduler import Plan, Scheduler, Sequence
+from raytrain.infer.text import TextStream, fast_decode
+from raytrain.models import ops
 from raytrain.models.decoder import Decoder
-from raytrain.models.kv_cache import KVCache
 
 
 @dataclass
 class EngineConfig:
-    max_batch_size: int = 8
+    max_batch_size: int = 8  # KV slots: sequences decoding at once
+    max_model_len: int | None = None  # tokens per slot (prompt + output); None = the model's context window
+    kv_memory_gb: float | None = None  # KV budget: fewer slots than max_batch_size if they do not fit; None = no cap
+    max_step_tokens: int = 512  # tokens computed per step (decode rows + prompt chunks): bounds a prefill's stall
+    cuda_graphs: bool = True  # decode steps as CUDA graphs (GPU only)
+    fused_kernels: bool = True  # the decoder's elementwise chains as compiled fused kernels (GPU only)
+    compile_decode: bool = False  # the whole decode step through torch.compile before its graphs (GPU only)
+    overlap: bool | None = None  # host work of step t while the device runs step t+1; None = on CUDA
     lazy: bool = False  # LazyLLM for prompts of at least lazyllm.min_prompt_tokens tokens
     lazyllm: LazyConfig = field(default_factory=LazyConfig)
 
@@ -51,8 +66,16 @@ class Completion:
     token_ids: list[int]
     finish_reason: str  # "stop" (EOS or a stop string) | "length" | "cancelled"
     prompt_tokens: int
-    ttft_s: float  # wall time from the start of the request's batch to its first token
+    ttft_s: float  # wall time from the request's arrival to its first token
     prompt_fraction_computed: float = 1.0  # share of prompt (token, layer) pairs computed (< 1 with LazyLLM)
+
+
+@dataclass
+class Launched:
+    """A step's queued compute: who owns which sampled token, and the tokens on their way to the host."""
+
+    owners: list[tuple[Sequence, int]]
+    tokens: tuple[torch.Tensor, torch.cuda.Event | None]
 
 
 @dataclass
@@ -70,7 +93,29 @@ class Engine:
         self.tokenizer = tokenizer
         self.config = config or EngineConfig()
         self.device = model.embed.weight.device
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")  # astream's compute thread
+        self.max_len = self._max_len()
+        n_slots = self._slots()
+        self.scheduler = Scheduler(n_slots, max(1, self.config.max_step_tokens))
+        cuda = self.device.type == "cuda"
+        if cuda:  # process-wide: the replica or benchmark process runs one engine configuration at a time
+            ops.use_fused_kernels(self.config.fused_kernels)
+        self.runner = ModelRunner(model, n_slots, self.max_len, self.config.cuda_graphs,
+                                  compile_decode=cuda and self.config.compile_decode)
+        self.sampling = SamplingTable(n_slots + 1, model.cfg.vocab_size, self.device)  # + a row for LazyLLM
+        self.lazy_waiting: deque[Sequence] = deque()
+        self.lazy_running: Sequence | None = None
+        self._inbox: deque[Sequence] = deque()  # added from other threads, admitted at the next step
+        self._lock = threading.Lock()  # one step at a time
+        self._wake = threading.Event()
+        self._loop_thread: threading.Thread | None = None
+        self.steps = 0
+        self.decode_rows: Counter[int] = Counter()  # decode steps by the number of sequences they carried
+        self.overlap = self.config.overlap if self.config.overlap is not None else self.device.type == "cuda"
+        self._inflight: Launched | None = None  # the launched step whose host work is still to do (overlap)
+        pinned = self.device.type == "cuda"
+        self._pinned = [torch.empty(2 * n_slots + 1, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
+        self.eos_token_id = tokenizer.eos_token_id
+        self._detokenize = fast_decode(tokenizer)
         if self.config.lazy:
             self.config.lazyllm.schedule(len(model.layers))  # a bad schedule fails here, before any request
 
@@ -87,11 +132,35 @@ class Engine:
             raise RaytrainError(f"{pretrained.path} has no tokenizer files; pass a tokenizer directory")
         return cls(pretrained.model, pretrained.tokenizer, config)
 
-    # ---- public API -----------------------------------------------------------------------------------------
+    def _max_len(self) -> int:
+        window, asked = self.model.cfg.max_seq_len, self.config.max_model_len
+        if asked is not None and not 1 <= asked <= window:
+            raise ConfigError(f"max_model_len={asked} must be within 1..{window} (the model's context window)")
+        return asked or window
+
+    def _slots(self) -> int:
+        slots, budget = self.config.max_batch_size, self.config.kv_memory_gb
+        if slots < 1:
+            raise ConfigError(f"max_batch_size={slots} must be >= 1")
+        if budget is None:
+            return slots
+        per_slot = (self.max_len + 1) * SlotKVCache.bytes_per_token(
+            [b.attn.n_kv for b in self.model.layers], self.model.cfg.head_dim, self.model.embed.weight.dtype)
+        fit = int(budget * 2 ** 30 // per_slot)
+        if fit < 1:
+            raise ConfigError(f"kv_memory_gb={budget} holds no slot of max_model_len={self.max_len} tokens "
+                              f"({per_slot / 2 ** 30:.3f} GiB each); raise it or lower max_model_len")
+        return min(slots, fit)
+
+    # ---- requests ---------------------------------------------------------------------------------------------
 
     @property
     def context_window(self) -> int:
-        return self.model.cfg.max_seq_len
+        return self.max_len
+
+    @property
+    def n_slots(self) -> int:
+        return self.runner.n_slots
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         """Token ids of a prompt: text gets BOS prepended, token ids are used as given."""
@@ -101,177 +170,273 @@ class Engine:
             raise RaytrainError("the prompt is empty")
         if text and self.tokenizer.bos_token_id is not None:
             ids = [self.tokenizer.bos_token_id, *ids]
+        vocab = self.model.cfg.vocab_size
+        if not text and any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+            raise RaytrainError(f"prompt token ids must be integers in [0, {vocab})")
         return ids
 
     def encode(self, request: Request) -> list[int]:
         """Prompt token ids, checked against the context window before any compute."""
         ids = self.tokenize(request.prompt)
-        window = self.context_window
-        if len(ids) + request.params.max_new_tokens > window:
+        if len(ids) + request.params.max_new_tokens > self.max_len:
             raise RaytrainError(f"prompt ({len(ids)} tokens) + max_new_tokens ({request.params.max_new_tokens}) "
-                                f"exceeds the model's context window of {window} tokens")
+                                f"exceeds the model's context window of {self.max_len} tokens")
         return ids
+
+    def add_request(self, request: Request, sink: Callable[[list], None], index: int = 0,
+                    prompt: list[int] | None = None) -> Sequence:
+        """Queue a request (any thread); after each step `sink` receives the list of its new Delta objects (or the
+        exception that ended it). It joins the batch at the next step: run `step` yourself, or let the background
+        loop run it (`start_loop`)."""
+        ids = prompt if prompt is not None else self.encode(request)
+        seed = request.params.seed if request.params.seed is not None else random.getrandbits(64)
+        seq = Sequence(ids, request.params, TextStream(self.tokenizer, request.params.stop, self._detokenize), sink, index=index,
+                       cancel=request.cancel, seed=seed, arrival=time.perf_counter())
+        self._inbox.append(seq)
+        self._wake.set()
+        return seq
+
+    # ---- synchronous use --------------------------------------------------------------------------------------
 
     def generate(self, requests: list[Request]) -> list[Completion]:
         done = {d.index: d.completion for d in self.stream(requests) if d.completion is not None}
         return [done[i] for i in range(len(requests))]
 
     def stream(self, requests: list[Request]) -> Iterator[Delta]:
-        """Deltas of all requests, interleaved by step; each request's last delta carries its `Completion`."""
+        """Deltas of all requests as they are produced; each request's last delta carries its `Completion`."""
         prompts = [self.encode(r) for r in requests]  # validate every request before computing any
-        for group in self._groups(prompts):
-            yield from self._run(group, [requests[i] for i in group], [prompts[i] for i in group])
+        out: deque[Any] = deque()
+        for i, (request, ids) in enumerate(zip(requests, prompts)):
+            self.add_request(request, out.extend, i, ids)
+        remaining = len(requests)
+        while remaining:
+            if not out:
+                self.step()
+            while out:
+                item = out.popleft()
+                if isinstance(item, BaseException):
+                    raise item
+                remaining -= item.completion is not None
+                yield item
 
-    async def astream(self, requests: list[Request]) -> AsyncIterator[list[Delta]]:
-        """`stream` for asyncio callers: the engine steps in its own thread (one call at a time), so the event loop
-        stays free; each item holds the deltas produced since the previous one. Leaving the iteration early stops
-        the engine at its next delta."""
-        loop = asyncio.get_running_loop()
-        ready: asyncio.Queue = asyncio.Queue()
-        stop = threading.Event()
+    # ---- the step ---------------------------------------------------------------------------------------------
 
-        def post(item: object) -> None:
-            if not loop.is_closed():
-                loop.call_soon_threadsafe(ready.put_nowait, item)
+    def has_work(self) -> bool:
+        return bool(self._inbox or self.scheduler.has_work() or self.lazy_waiting or self.lazy_running
+                    or self._inflight)
 
-        def produce() -> None:
+    def step(self) -> None:
+        """Admit queued requests, launch one step's compute, hand every new delta to its sink."""
+        with self._lock:
+            self.steps += 1
             try:
-                for delta in self.stream(requests):
-                    if stop.is_set():
-                        return
-                    post(delta)
-            except Exception as e:  # re-raised in the caller's task
-                post(e)
-            finally:
-                post(_END)
+                outputs = self._step()
+            except Exception as e:  # a failed step ends every request in flight, never the engine
+                outputs = [(seq, e) for seq in self._drop_all()]
+        by_sink: dict[Callable, list] = defaultdict(list)  # one call per sink and step (one wake-up per consumer)
+        for seq, item in outputs:
+            by_sink[seq.sink].append(item)
+        for sink, items in by_sink.items():
+            sink(items)
 
-        loop.run_in_executor(self._worker, produce)
-        try:
-            while True:
-                items = [await ready.get()]
-                while not ready.empty():
-                    items.append(ready.get_nowait())
-                deltas = [d for d in items if isinstance(d, Delta)]
-                if deltas:
-                    yield deltas
-                for item in items:
-                    if isinstance(item, Exception):
-                        raise item
-                if items[-1] is _END:
-                    return
-        finally:
-            stop.set()
+    def _step(self) -> list[tuple[Sequence, Any]]:
+        """With `overlap`, the host work of the previous step (detokenization, stop strings, deltas) runs while the
+        device computes this one: a sequence that hit EOS or a stop string computes one extra token, discarded."""
+        self._admit()
+        outputs = [(seq, self._finish(seq, "cancelled")) for seq in self._cancelled()]
+        launched = self._launch(self.scheduler.schedule())
+        if self.overlap:
+            launched, self._inflight = self._inflight, launched
+        return outputs + self._process(launched)
 
-    # ---- batching -------------------------------------------------------------------------------------------
+    def _admit(self) -> None:
+        while self._inbox:
+            seq = self._inbox.popleft()
+            lazy = self.config.lazy and len(seq.prompt) >= self.config.lazyllm.min_prompt_tokens
+            (self.lazy_waiting if lazy else self.scheduler.waiting).append(seq)
 
-    def _groups(self, prompts: list[list[int]]) -> list[list[int]]:
-        """Batches of request indices; with LazyLLM, each long prompt runs alone (the paper's batch size 1)."""
-        long = {i for i, p in enumerate(prompts) if self._lazy(p)}
-        rest = [i for i in range(len(prompts)) if i not in long]
-        size = self.config.max_batch_size
-        return [[i] for i in sorted(long)] + [rest[i:i + size] for i in range(0, len(rest), size)]
+    def _cancelled(self) -> list[Sequence]:
+        every = [*self.scheduler.waiting, *self.scheduler.running, *self.lazy_waiting, self.lazy_running]
+        return [s for s in every if s is not None and (s.aborted or (s.cancel is not None and s.cancel.is_set()))]
 
-    def _lazy(self, prompt: list[int]) -> bool:
-        return self.config.lazy and len(prompt) >= self.config.lazyllm.min_prompt_tokens
+    def _launch(self, plan: Plan) -> Launched | None:
+        """Queue the plan's compute: prompt chunks (a first token for each finished prompt), the decode batch and
+        the LazyLLM sequence; start copying every sampled token to the host. Sequences whose last token is sampled
+        give their slot back now."""
+        firsts = [(seq, token) for seq, first, end in plan.prefills
+                  if (token := self._prefill(seq, first, end)) is not None]
+        sampled = [token for _, token in firsts]  # every token sampled this step, on the device
+        owners = [(seq, i) for i, (seq, _) in enumerate(firsts)]  # (sequence, index of its token in their concat)
+        if plan.decodes:
+            owners += [(seq, len(firsts) + seq.slot) for seq in plan.decodes]
+            sampled.append(self._decode(plan.decodes))
+        for seq, token in firsts:  # after the decode: finished prompts join the next step's batch
+            self.runner.join(seq.slot, token, seq.position)
+        lazy = self._lazy_step()
+        if lazy is not None:
+            owners.append((lazy[0], sum(t.numel() for t in sampled)))
+            sampled.append(lazy[1])
+        for seq, _ in owners:
+            if seq.sampled == seq.params.max_new_tokens:
+                self._release(seq)
+        return Launched(owners, self._copy_to_host(torch.cat(sampled))) if sampled else None
 
-    def _run(self, indices: list[int], requests: list[Request], prompts: list[list[int]]) -> Iterator[Delta]:
-        start = time.perf_counter()
-        rows = [_Row(self.tokenizer, r.params, p, self.device) for r, p in zip(requests, prompts)]
-        yield from self._cancel(indices, requests, rows, time.perf_counter() - start, None)
-        if all(row.done for row in rows):
-            return
-        max_new = max(r.params.max_new_tokens for r in requests)
-        if self._lazy(prompts[0]):
-            runner = LazySequence(self.model, prompts[0], self.config.lazyllm, len(prompts[0]) + max_new)
+    def _copy_to_host(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        if tokens.device.type != "cuda":
+            return tokens, None
+        self._pinned.reverse()  # two buffers: one being filled, one being read
+        host = self._pinned[0][:tokens.numel()]
+        host.copy_(tokens, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return host, ready
+
+    def _process(self, launched: Launched | None) -> list[tuple[Sequence, Any]]:
+        if launched is None:
+            return []
+        host, ready = launched.tokens
+        if ready is not None:
+            ready.synchronize()
+        tokens, now, outputs = host.tolist(), time.perf_counter(), []  # the step's one device-to-host read
+        for seq, i in launched.owners:
+            if seq.finish_reason is None:
+                outputs += self._advance(seq, tokens[i], now)
+        return outputs
+
+    def _prefill(self, seq: Sequence, first: int, end: int) -> torch.Tensor | None:
+        """Compute a prompt chunk; the sequence's first token (a device tensor) once its whole prompt is in."""
+        if first == 0:
+            self.sampling.assign(seq.slot, seq.params, seq.seed, seq.prompt)
+        logits = self.runner.prefill(seq.slot, seq.prompt[first:end], first)
+        seq.computed = end
+        if not seq.prefilled:
+            return None
+        seq.sampled = 1
+        return self.sampling.sample(logits, slot=seq.slot)
+
+    def _decode(self, decodes: list[Sequence]) -> torch.Tensor:
+        """One token for every decoding sequence: (W,) device tokens for rows 0..W-1 (row = slot)."""
+        self.decode_rows[len(decodes)] += 1
+        width, length = self.runner.decode_shape(max(s.slot for s in decodes), max(s.position for s in decodes) + 1)
+        tokens = self.sampling.sample(self.runner.decode(width, length), live=self.runner.live[:width])
+        self.runner.advance(width, tokens)
+        for seq in decodes:
+            seq.sampled += 1
+        return tokens
+
+    def _lazy_step(self) -> tuple[Sequence, torch.Tensor] | None:
+        """One LazyLLM sequence at a time: prefill it, or decode its next token."""
+        seq = self.lazy_running
+        if seq is None and self.lazy_waiting:
+            seq = self.lazy_running = self.lazy_waiting.popleft()
+            capacity = len(seq.prompt) + seq.params.max_new_tokens
+            seq.lazy = LazySequence(self.model, seq.prompt, self.config.lazyllm, capacity)
+            self.sampling.assign(self.n_slots, seq.params, seq.seed, seq.prompt)
+            logits = seq.lazy.prefill()
+            seq.computed = len(seq.prompt)
+        elif seq is not None:
+            logits = seq.lazy.decode(seq.last_token)
         else:
-            runner = DenseBatch(self.model, prompts, max_new)
-        logits, ttft = runner.prefill(), None  # (B, V)
+            return None
+        seq.sampled += 1
+        seq.last_token = self.sampling.sample(logits, slot=self.n_slots)
+        return seq, seq.last_token
+
+    # ---- per-sequence bookkeeping -------------------------------------------------------------------------------
+
+    def _advance(self, seq: Sequence, token: int, now: float) -> list[tuple[Sequence, Delta]]:
+        """Take a sequence's new token: text, stop conditions, and the delta (with the completion at the end)."""
+        if seq.ttft_s is None:
+            seq.ttft_s = now - seq.arrival
+        if token == self.eos_token_id and not seq.params.ignore_eos:
+            return [(seq, self._finish(seq, "stop", seq.stream.flush()))]
+        seq.output.append(token)
+        text = seq.stream.push(token)
+        if seq.stream.stopped:
+            return [(seq, self._finish(seq, "stop", text))]
+        if len(seq.output) >= seq.params.max_new_tokens:
+            return [(seq, self._finish(seq, "length", text + seq.stream.flush()))]
+        return [(seq, Delta(seq.index, text))] if text else []
+
+    def _finish(self, seq: Sequence, reason: str, text: str = "") -> Delta:
+        seq.finish_reason = reason
+        fraction = seq.lazy.prompt_fraction_computed() if seq.lazy is not None else float(seq.computed > 0)
+        self._release(seq)
+        completion = Completion(seq.stream.text, seq.output, reason, len(seq.prompt), seq.ttft_s or 0.0, fraction)
+        return Delta(seq.index, text, completion)
+
+    def _release(self, seq: Sequence) -> None:
+        """Give back whatever the sequence holds: its slot, or the LazyLLM turn, or its place in a queue."""
+        if seq is self.lazy_running:
+            self.lazy_running = None
+        elif seq in self.lazy_waiting:
+            self.lazy_waiting.remove(seq)
+        elif seq.slot is not None:
+            self.runner.leave(seq.slot)
+            self.sampling.release(seq.slot)
+            self.scheduler.finish(seq)
+        elif seq in self.scheduler.waiting:
+            self.scheduler.finish(seq)
+
+    def _drop_all(self) -> list[Sequence]:
+        dropped = [*self.scheduler.clear(), *self.lazy_waiting, *([self.lazy_running] if self.lazy_running else [])]
+        dropped += [seq for seq, _ in (self._inflight.owners if self._inflight else []) if seq not in dropped]
+        self.lazy_waiting.clear()
+        self.lazy_running = self._inflight = None
+        self.runner.live.zero_()
+        self.runner.write_index.fill_(self.max_len)
+        for slot in range(self.n_slots + 1):
+            self.sampling.release(slot)
+        return [seq for seq in dropped if seq.finish_reason is None]
+
+    # ---- asyncio ----------------------------------------------------------------------------------------------
+
+    def start_loop(self) -> None:
+        """Start the background thread that steps while there is work (idempotent)."""
+        with self._lock:
+            if self._loop_thread is None or not self._loop_thread.is_alive():
+                self._loop_thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+                self._loop_thread.start()
+
+    def _loop(self) -> None:
         while True:
-            tokens = [row.last if row.done else row.sample(logits[b, :self.model.cfg.vocab_size])
-                      for b, row in enumerate(rows)]
-            ttft = ttft if ttft is not None else time.perf_counter() - start
-            for b, row in enumerate(rows):
-                if row.done:
-                    continue
-                text = row.advance(tokens[b], self.tokenizer.eos_token_id)
-                completion = row.completion(ttft, runner) if row.done else None
-                if text or completion:
-                    yield Delta(indices[b], text, completion)
-            yield from self._cancel(indices, requests, rows, ttft, runner)
-            if all(row.done for row in rows):
-                return
-            logits = runner.decode(torch.tensor(tokens, device=self.device))
+            if not self.has_work():
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            self.step()
 
-    @staticmethod
-    def _cancel(indices: list[int], requests: list[Request], rows: list[_Row], ttft: float,
-                runner: DenseBatch | LazySequence | None) -> Iterator[Delta]:
-        """End the rows whose request was cancelled; their last delta carries what they generated so far."""
-        for b, (request, row) in enumerate(zip(requests, rows)):
-            if not row.done and request.cancel is not None and request.cancel.is_set():
-                row.done, row.finish_reason = True, "cancelled"
-                yield Delta(indices[b], "", row.completion(ttft, runner))
+    async def submit(self, request: Request, index: int = 0) -> AsyncIterator[Delta]:
+        """One request's deltas, generated in the shared batch by the background loop; leaving the iteration early
+        cancels it at the next step."""
+        async for deltas in self.astream([request], indices=[index]):
+            for delta in deltas:
+                yield delta
 
+    async def astream(self, requests: list[Request], indices: list[int] | None = None) -> AsyncIterator[list[Delta]]:
+        """`stream` for asyncio callers: every request joins the background loop's batch; each item holds the deltas
+        produced since the previous one. Leaving the iteration early cancels the requests that are still running."""
+        prompts = [self.encode(r) for r in requests]
+        loop, ready = asyncio.get_running_loop(), asyncio.Queue()
 
-_END = object()  # astream: the engine thread finished
+        def sink(items: list) -> None:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(ready.put_nowait, items)
 
-
-class DenseBatch:
-    """Left-padded batch over a dense `KVCache`."""
-
-    def __init__(self, model: Decoder, prompts: list[list[int]], max_new_tokens: int) -> None:
-        self.model = model
-        device = model.embed.weight.device
-        width = max(len(p) for p in prompts)
-        pad = torch.tensor([width - len(p) for p in prompts], device=device)
-        self.tokens = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
-        self.cache = KVCache(len(model.layers), width + max_new_tokens, pad=pad if bool(pad.any()) else None)
-
-    @torch.inference_mode()
-    def prefill(self) -> torch.Tensor:
-        return self.model(self.tokens, cache=self.cache, last_only=True)[:, -1]
-
-    @torch.inference_mode()
-    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.model(tokens[:, None], cache=self.cache)[:, -1]
-
-    def prompt_fraction_computed(self) -> float:
-        return 1.0  # every prompt token at every layer
-
-
-class _Row:
-    """One request's sampling, stopping and detokenization state."""
-
-    def __init__(self, tokenizer: Any, params: SamplingParams, prompt: list[int], device: torch.device) -> None:
-        self.params = params
-        self.prompt_tokens = len(prompt)
-        self.stream = TextStream(tokenizer, params.stop)
-        self.seen = torch.tensor(prompt, device=device)
-        self.generator = (torch.Generator(device=device).manual_seed(params.seed)
-                          if params.seed is not None else None)
-        self.ids: list[int] = []
-        self.last = 0
-        self.done = False
-        self.finish_reason = "length"
-
-    def sample(self, logits: torch.Tensor) -> int:
-        seen = torch.cat([self.seen, torch.tensor(self.ids, dtype=torch.long, device=self.seen.device)])
-        return next_token(logits, self.params, self.generator, seen)
-
-    def completion(self, ttft: float, runner: DenseBatch | LazySequence | None) -> Completion:
-        fraction = runner.prompt_fraction_computed() if runner is not None else 0.0  # None: cancelled unstarted
-        return Completion(self.stream.text, self.ids, self.finish_reason, self.prompt_tokens, ttft, fraction)
-
-    def advance(self, token: int, eos: int | None) -> str:
-        """Take the sampled token; return the text it makes final. Sets `done` and `finish_reason` at the end."""
-        self.last = token
-        if token == eos and not self.params.ignore_eos:
-            self.done, self.finish_reason = True, "stop"
-            return self.stream.flush()
-        self.ids.append(token)
-        text = self.stream.push(token)
-        if self.stream.stopped:
-            self.done, self.finish_reason = True, "stop"
-        elif len(self.ids) >= self.params.max_new_tokens:
-            self.done = True
-            text += self.stream.flush()
-        return text
+        self.start_loop()
+        seqs = [self.add_request(request, sink, indices[i] if indices else i, ids)
+                for i, (request, ids) in enumerate(zip(requests, prompts))]
+        remaining = len(requests)
+        try:
+            while remaining:
+                items = await ready.get()
+                while not ready.empty():
+                    items += ready.get_nowait()
+                for item in items:
+                    if isinstance(item, BaseException):
+                        raise item
+                remaining -= sum(d.completion is not None for d in items)
+                yield items
+        finally:
+            for seq in seqs:
+                seq.aborted = True

@@ -38,6 +38,7 @@ import torch
 
 from raytrain.config import ConfigError
 from raytrain.models.decoder import Decoder
+from raytrain.models.kv_cache import CachedAttention
 
 log = logging.getLogger(__name__)
 MARGIN = 0.05  # the schedule must beat plain prefill by this fraction to be used (timing noise)
@@ -289,7 +290,7 @@ class LazySequence:
         return float(self.depth[:n].sum()) / (n * self.n_layers)
 
 
-class _LazyKV:
+class _LazyKV(CachedAttention):
     """Per-layer K/V indexed by position, answering attention's `update` for the current token subsets.
 
     Prefill: the queries are the keys (in position order), so attention is plain causal SDPA over the new k, v.

@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from raytrain.models.kv_cache import KVCache
+from raytrain.models import ops
+from raytrain.models.kv_cache import KVCache, attention
 
 
 @dataclass
@@ -140,9 +140,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.type_as(x)
+        return ops.rms_norm(x, self.weight, self.eps)
 
 
 class Linear(nn.Linear):
@@ -174,13 +172,6 @@ def rope_tables(head_dim: int, positions: int, theta: float) -> tuple[torch.Tens
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, H, T, hd); cos/sin: (B or 1, 1, T, hd). Rotation in fp32: x*cos + [-x2, x1]*sin."""
-    x32 = x.float()
-    x1, x2 = x32.chunk(2, dim=-1)
-    return (x32 * cos + torch.cat([-x2, x1], dim=-1) * sin).type_as(x)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: DecoderConfig, shape: LayerShape) -> None:
         super().__init__()
@@ -200,19 +191,14 @@ class Attention(nn.Module):
         qkv = self.qkv_proj(x).view(B, T, self.n_q + 2 * self.n_kv, self.head_dim).transpose(1, 2)
         q, k, v = qkv.split([self.n_q, self.n_kv, self.n_kv], dim=1)
         if self.norm_after_rope:
-            return self.q_norm(apply_rope(q, cos, sin)), self.k_norm(apply_rope(k, cos, sin)), v
-        return apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin), v
+            return self.q_norm(ops.rope(q, cos, sin)), self.k_norm(ops.rope(k, cos, sin)), v
+        return ops.rope(self.q_norm(q), cos, sin), ops.rope(self.k_norm(k), cos, sin), v
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Any, layer: int) -> torch.Tensor:
-        """`cache` (a `KVCache` or any object with its `update`) decides which keys the queries see."""
+        """`cache` (a `KVCache` or any object with its `attend`) decides which keys the queries see."""
         B, T, _ = x.shape
         q, k, v = self.project(x, cos, sin)
-        if cache is None:
-            mask, causal = None, T > 1
-        else:
-            k, v, mask, causal = cache.update(layer, q, k, v)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           enable_gqa=self.n_q != self.n_kv)  # (B, n_q, T, hd)
+        y = attention(q, k, v, None, T > 1) if cache is None else cache.attend(layer, q, k, v)  # (B, n_q, T, hd)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, self.n_q * self.head_dim))
 
 
@@ -225,8 +211,7 @@ class FeedForward(nn.Module):
         self.proj_2 = Linear(ffn_dim, cfg.d_model, std=cfg.output_std(ffn_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.proj_1(x).chunk(2, dim=-1)
-        return self.proj_2(F.silu(gate) * up)
+        return self.proj_2(ops.swiglu(self.proj_1(x)))
 
 
 class Block(nn.Module):
@@ -274,7 +259,7 @@ class Decoder(nn.Module):
         """`last_only` computes the logits of the final position alone (all a prefill needs)."""
         T = tokens.shape[1]
         if positions is None and cache is not None:
-            positions = cache.positions(T)
+            positions = cache.position_ids(T)
         if positions is None:  # contiguous positions: a slice of the tables, no gather
             start = cache.seen if cache is not None else 0
             cos, sin = self.rope_cos[None, None, start:start + T], self.rope_sin[None, None, start:start + T]

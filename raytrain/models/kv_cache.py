@@ -5,16 +5,37 @@ different numbers of tokens. `seen` counts the tokens the model has been fed, wh
 each layer kept. Rows of a batch may be left-padded (`pad[b]` leading slots hold no token): padded keys are masked
 for every query, and a padded query attends only to itself so that no softmax row is empty.
 
-Attention talks to a cache through `update(layer, q, k, v) -> (keys, values, mask, is_causal)`; other caches (the
-LazyLLM store in `raytrain/infer/lazyllm.py`) implement the same method with other key sets.
+Attention talks to a cache through `attend(layer, q, k, v) -> output`. Caches built on `CachedAttention` implement
+`update(layer, q, k, v) -> (keys, values, mask, is_causal)` and attend through SDPA; the LazyLLM store
+(`raytrain/infer/lazyllm.py`) is one with other key sets, the engine's slot cache (`raytrain/infer/kv_cache.py`)
+attends its own way in decode.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
-class KVCache:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+              causal: bool) -> torch.Tensor:
+    """q (B, n_q, T, hd), k and v (B, n_kv, S, hd) -> (B, n_q, T, hd); query heads g*j..g*j+g-1 read KV head j."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                          enable_gqa=q.shape[1] != k.shape[1])
+
+
+class CachedAttention:
+    """Attention through a cache's `update`: the keys and values it returns, masked as it says."""
+
+    def update(self, layer: int, q: torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
+        raise NotImplementedError
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return attention(q, *self.update(layer, q, k, v))
+
+
+class KVCache(CachedAttention):
     def __init__(self, n_layers: int, capacity: int, pad: torch.Tensor | None = None) -> None:
         self.capacity = capacity
         self.pad = pad  # (B,) left-padding slots per row, or None
@@ -53,7 +74,7 @@ class KVCache:
         mask |= keys[None, None, :] == queries[None, :, None]
         return mask[:, None]
 
-    def positions(self, q_len: int) -> torch.Tensor | None:
+    def position_ids(self, q_len: int) -> torch.Tensor | None:
         """(B, T) position ids of the next `q_len` tokens (a padded row's first real token is position 0)."""
         if self.pad is None:
             return None

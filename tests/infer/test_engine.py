@@ -11,7 +11,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from raytrain.config import RaytrainError
-from raytrain.infer.engine import Delta, Engine, Request
+from raytrain.infer.engine import Completion, Delta, Engine, EngineConfig, Request
 from raytrain.infer.sampling import SamplingParams
 
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0)
@@ -142,3 +142,158 @@ def test_astream_yields_the_deltas_of_stream_and_stops_when_left(lm, tokenizer) 
 async def collect_bad(engine: Engine) -> None:
     async for _ in engine.astream([Request("", GREEDY)]):
         pass
+
+
+# ---- continuous batching ----------------------------------------------------------------------------------------
+
+def run_staggered(engine: Engine, requests: list[Request], arrivals: list[int]) -> list[Completion]:
+    """Add request i before step arrivals[i]; step until every request is done."""
+    done: dict[int, Completion] = {}
+
+    def sink(index: int):
+        return lambda items: done.update({index: d.completion for d in items if d.completion is not None})
+
+    step = 0
+    while len(done) < len(requests):
+        for i, at in enumerate(arrivals):
+            if at == step:
+                engine.add_request(requests[i], sink(i), i)
+        engine.step()
+        step += 1
+    return [done[i] for i in range(len(requests))]
+
+
+STAGGERED = ["The if statement", "A class definition is an executable statement that", "x",
+             "Assignment statements are used to (re)bind names to values and to modify attributes or items of "
+             "mutable objects", "import"]
+
+
+def staggered_requests(engine: Engine) -> list[Request]:
+    params = [SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True) for n in (9, 4, 12, 6, 7)]
+    params[2] = SamplingParams(max_new_tokens=12, temperature=0.8, top_p=0.9, seed=11, ignore_eos=True)
+    params[4] = SamplingParams(max_new_tokens=7, temperature=1.0, top_k=30, repetition_penalty=1.3, seed=5)
+    return [Request(engine.encode(Request(p)), q) for p, q in zip(STAGGERED, params)]
+
+
+@pytest.mark.parametrize("family, overlap", [("raytrain", False), ("raytrain", True), ("llama", False)])
+def test_requests_arriving_at_staggered_steps_equal_each_run_alone(family, overlap, lm, tokenizer, tmp_path) -> None:
+    """Three slots for five requests (one waits for a slot), prompts chunked 8 tokens a step while others decode;
+    with `overlap` (the GPU default) each step's host work runs one step late."""
+    model = lm if family == "raytrain" else llama(tmp_path, tokenizer)
+    engine = Engine(model, tokenizer, EngineConfig(max_batch_size=3, max_step_tokens=8, overlap=overlap))
+    requests = staggered_requests(engine)
+    together = run_staggered(engine, requests, [0, 1, 1, 3, 6])
+    alone = [Engine(model, tokenizer).generate([r])[0] for r in requests]
+    assert [c.token_ids for c in together] == [a.token_ids for a in alone]
+    assert max(engine.decode_rows) == 3 and sorted(engine.scheduler.free_slots) == [0, 1, 2]
+
+
+def llama(tmp_path, tokenizer) -> torch.nn.Module:
+    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=False, rope_theta=5000.0)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    return Engine.from_checkpoint(tmp_path).model
+
+
+def test_a_long_prefill_never_stalls_running_decodes(lm, tokenizer) -> None:
+    engine = Engine(lm, tokenizer, EngineConfig(max_step_tokens=8))
+    running = engine.add_request(Request("x", SamplingParams(max_new_tokens=30, temperature=0, ignore_eos=True)),
+                                 lambda items: None)
+    engine.step()  # its prefill and first token
+    engine.add_request(Request([5] * 100, SamplingParams(max_new_tokens=2, temperature=0)), lambda items: None)
+    lengths = []
+    for _ in range(14):  # 100 prompt tokens, at most 7 a step beside the decode row
+        engine.step()
+        lengths.append(len(running.output))
+    assert lengths == list(range(2, 16))  # a token every step
+    assert engine.scheduler.running[1].computed == 98
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_cancelling_frees_the_slot_for_a_waiting_request(overlap, lm, tokenizer) -> None:
+    engine = Engine(lm, tokenizer, EngineConfig(max_batch_size=1, overlap=overlap))
+    cancel = threading.Event()
+    long = Request("The if statement", SamplingParams(max_new_tokens=100, temperature=0, ignore_eos=True), cancel)
+    short = Request("A class", GREEDY)
+    done = {}
+    for delta in engine.stream([long, short]):
+        if delta.index == 0 and not cancel.is_set():
+            assert engine.scheduler.waiting  # the short request waits for the only slot
+            cancel.set()
+        if delta.completion is not None:
+            done[delta.index] = delta.completion
+    assert done[0].finish_reason == "cancelled" and len(done[0].token_ids) < 100
+    assert done[1].token_ids == Engine(lm, tokenizer).generate([Request("A class", GREEDY)])[0].token_ids
+
+
+def test_the_kv_budget_sets_the_slots_and_oversized_requests_fail_before_any_compute(lm, tokenizer) -> None:
+    per_slot = (128 + 1) * 2 * sum(b.attn.n_kv for b in lm.layers) * 16 * 4  # fp32 keys and values
+    engine = Engine(lm, tokenizer, EngineConfig(max_batch_size=8, max_model_len=128, kv_memory_gb=3.5 * per_slot / 2 ** 30))
+    assert engine.n_slots == 3 and engine.runner.cache.keys[0].shape[0] == 3
+    outs = engine.generate([Request(p, SamplingParams(max_new_tokens=5, temperature=0)) for p in STAGGERED])
+    assert len(outs) == 5 and max(engine.decode_rows) <= 3
+    steps = engine.steps
+    with pytest.raises(RaytrainError, match="context window of 128"):
+        engine.generate([Request("x", GREEDY), Request([7] * 120, SamplingParams(max_new_tokens=9))])
+    assert engine.steps == steps and not engine.has_work()
+    with pytest.raises(RaytrainError, match="kv_memory_gb"):
+        Engine(lm, tokenizer, EngineConfig(max_model_len=128, kv_memory_gb=0.5 * per_slot / 2 ** 30))
+    with pytest.raises(RaytrainError, match=r"token ids must be integers in \[0, 512\)"):
+        engine.encode(Request([3, 512]))
+
+
+class HostReads:
+    """Counts reads of device values by the host: item/bool/int/float (`_local_scalar_dense`), tolist, numpy, cpu."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.count = 0
+        for name in ("tolist", "numpy", "cpu", "item", "__bool__", "__int__", "__float__"):
+            original = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, self._counting(original))
+
+    def _counting(self, original):
+        def method(tensor, *args, **kwargs):
+            self.count += 1
+            return original(tensor, *args, **kwargs)
+        return method
+
+
+def test_a_decode_step_reads_the_device_once(lm, tokenizer, monkeypatch) -> None:
+    engine = Engine(lm, tokenizer, EngineConfig(max_batch_size=4))
+    for i, prompt in enumerate(STAGGERED[:4]):
+        params = SamplingParams(max_new_tokens=20, temperature=0.7 * (i % 2), top_p=0.9, repetition_penalty=1.2,
+                                seed=i, ignore_eos=True)
+        engine.add_request(Request(prompt, params), lambda items: None, i)
+    engine.step()  # prefills
+    reads = HostReads(monkeypatch)
+    for _ in range(5):
+        engine.step()
+    assert reads.count == 5 and engine.decode_rows[4] == 5
+
+
+def test_a_request_submitted_while_others_run_joins_their_batch(lm, tokenizer) -> None:
+    engine = Engine(lm, tokenizer)
+    long = Request("The if statement", SamplingParams(max_new_tokens=60, temperature=0, ignore_eos=True))
+    late = Request("A class", GREEDY)
+
+    async def both() -> tuple[str, str]:
+        first = engine.submit(long)
+        texts = ["".join([(await first.__anext__()).text for _ in range(3)]), ""]
+
+        async def rest_of_first() -> None:
+            async for delta in first:
+                texts[0] += delta.text
+
+        async def second() -> None:
+            async for delta in engine.submit(late):
+                texts[1] += delta.text
+
+        await asyncio.gather(rest_of_first(), second())
+        return texts[0], texts[1]
+
+    long_text, late_text = asyncio.run(both())
+    assert late_text == engine.generate([late])[0].text and long_text == engine.generate([long])[0].text
+    assert engine.decode_rows[2] > 0

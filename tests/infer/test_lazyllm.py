@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from raytrain.config import ConfigError
 from raytrain.infer import lazyllm
-from raytrain.infer.engine import DenseBatch, Engine, EngineConfig, Request
+from raytrain.infer.engine import Engine, EngineConfig, Request
 from raytrain.infer.lazyllm import LazyConfig, LazySequence, last_row_scores, select
 from raytrain.infer.sampling import SamplingParams
 
@@ -50,7 +50,7 @@ def test_selection_keeps_the_last_token_and_breaks_ties_by_position() -> None:
 
 def test_keep_one_equals_the_plain_engine_at_every_step(lm) -> None:
     seq = lazy(lm, 1.0)
-    plain = DenseBatch(lm, [seq.prompt.tolist()], 16)
+    plain = PlainSequence(lm, seq.prompt.tolist(), len(seq.prompt) + 16)
     a, b = seq.prefill(), plain.prefill()
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     for _ in range(10):
@@ -183,7 +183,7 @@ def test_a_revived_token_resumes_from_its_aux_state(lm) -> None:
 
 def test_layers_before_the_first_boundary_match_the_baseline(lm) -> None:
     seq = lazy(lm, 0.3)
-    plain = DenseBatch(lm, [seq.prompt.tolist()], 16)
+    plain = PlainSequence(lm, seq.prompt.tolist(), len(seq.prompt) + 16)
     seq.prefill(), plain.prefill()
     torch.testing.assert_close(seq.store.keys[0][0, :, :PROMPT_LEN], plain.cache.keys[0][0, :, :PROMPT_LEN],
                                rtol=1e-5, atol=1e-5)  # original positions, so the same RoPE phases
@@ -289,7 +289,7 @@ def test_a_schedule_measured_slower_falls_back_to_the_plain_computation(lm, monk
         logits = seq.prefill()
         fractions[n] = seq.prompt_fraction_computed()
         if n < 128:
-            torch.testing.assert_close(logits, DenseBatch(lm, [prompt], 2).prefill(), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(logits, PlainSequence(lm, prompt, n + 2).prefill(), rtol=1e-5, atol=1e-5)
     assert fractions[70] == fractions[100] == 1.0 and fractions[130] < 1.0
     assert calls == [64] * 8 + [128] * 8  # each class measured once (4 rounds of plain and lazy), then cached
 

@@ -11,7 +11,8 @@ import torch
 from omegaconf import OmegaConf
 
 from raytrain.cli import CONF_DIR
-from raytrain.models.decoder import DecoderConfig, RMSNorm, apply_rope, build_decoder, training_flops_per_token
+from raytrain.models import ops
+from raytrain.models.decoder import DecoderConfig, RMSNorm, build_decoder, training_flops_per_token
 from raytrain.models.registry import build_model, model_config
 
 SPEC = {  # openelm.md section 5
@@ -89,7 +90,7 @@ def test_gqa_reads_kv_heads_by_repeat_interleave(micro_model) -> None:
     cos, sin = micro_model.rope_cos[None, None, :6], micro_model.rope_sin[None, None, :6]
     qkv = attn.qkv_proj(x).view(1, 6, 8, 16).transpose(1, 2)
     q, k, v = qkv.split([4, 2, 2], dim=1)
-    q, k = apply_rope(attn.q_norm(q), cos, sin), apply_rope(attn.k_norm(k), cos, sin)
+    q, k = ops.rope(attn.q_norm(q), cos, sin), ops.rope(attn.k_norm(k), cos, sin)
     k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
     scores = (q @ k.transpose(-1, -2)) / 4.0 + torch.full((6, 6), float("-inf")).triu(1)
     reference = attn.out_proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(1, 6, 64))

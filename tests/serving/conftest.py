@@ -1,6 +1,7 @@
-"""A tiny model trained here, and one local Serve instance (on a free port) serving it twice, per test module:
-`default` (plain decoding) and `lazy` (LazyLLM, with tight queue and timeout limits for the overload and timeout
-tests)."""
+"""A tiny model trained here, and one local Serve instance (on a free port) serving it twice, shared by the test
+modules here: `default` (plain decoding) and `lazy` (LazyLLM, with tight queue and timeout limits for the overload and
+timeout tests). The API wants a key (read from a file; requests send `AUTH`) and takes bodies of at most `MAX_BODY`
+bytes, received within 2 s."""
 
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ from raytrain.train.objectives import lm_loss
 from serving.config import serve_config, serve_spec
 from tests.conftest import compose, local_ray
 
+API_KEY = "sk-test-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+MAX_BODY = 300_000
 LAZY = ("+serve.models.lazy={checkpoint:${checkpoint},engine:{max_batch_size:2,lazy:true,"
         "lazyllm:{min_prompt_tokens:16}},limits:{request_timeout_s:1.5,max_output_tokens:2000},"
         "deployment:{max_ongoing_requests:2,max_queued_requests:2}}")
@@ -47,7 +51,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="package", autouse=True)
 def one_thread():
     """Reference generations here run beside the replicas on a shared CPU, where a second torch thread only waits."""
     threads = torch.get_num_threads()
@@ -56,24 +60,29 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def checkpoint(one_thread, tmp_path_factory, tokenizer) -> Path:
     return train_tiny(tokenizer, tmp_path_factory.mktemp("serve") / "tiny")
 
 
-@pytest.fixture(scope="module")
-def server(checkpoint):
+@pytest.fixture(scope="package")
+def server(checkpoint, tmp_path_factory):
     """The base URL of a Serve instance started from `conf/serve.yaml` the way `raytrain serve` starts it."""
     from ray import serve
 
     from serving.run import start
 
     local_ray()
+    key_file = tmp_path_factory.mktemp("secret") / "api_key"
+    key_file.write_text(API_KEY + "\n")
     cfg = compose("serve", [f"checkpoint={checkpoint}", f"serve.http_options.port={free_port()}",
+                            f"serve.api.api_key_file={key_file}", f"serve.api.max_body_bytes={MAX_BODY}",
+                            "serve.api.body_timeout_s=2",
                             "generation.max_batch_size=4", "serve.models.default.deployment.max_ongoing_requests=8",
                             "serve.models.default.deployment.max_queued_requests=8",
                             "serve.models.default.deployment.autoscaling_config.max_replicas=1",
-                            "serve.models.default.limits.max_output_tokens=2000", LAZY])
+                            "serve.models.default.limits.max_output_tokens=2000",
+                            "serve.models.default.stream_interval_s=0", LAZY])  # an item per engine step
     url = start(serve_config(serve_spec(cfg.serve)), timeout_s=300)
     yield url
     serve.shutdown()

@@ -23,6 +23,7 @@ from raytrain.infer.lazyllm import LazyConfig
 from raytrain.infer.sampling import SamplingParams
 from serving.model import PLAIN_CHAT_TEMPLATE
 from tests.conftest import REPO
+from tests.serving.conftest import API_KEY, AUTH
 
 pytestmark = pytest.mark.integration
 LONG_PROMPT = ("The if statement is used for conditional execution: it selects exactly one of the suites by "
@@ -38,8 +39,8 @@ def engines(checkpoint) -> dict[str, Engine]:
 
 def post(url: str, path: str, body: dict | bytes, timeout: float = 120) -> httpx.Response:
     if isinstance(body, bytes):
-        return httpx.post(url + path, content=body, timeout=timeout)
-    return httpx.post(url + path, json=body, timeout=timeout)
+        return httpx.post(url + path, content=body, headers=AUTH, timeout=timeout)
+    return httpx.post(url + path, json=body, headers=AUTH, timeout=timeout)
 
 
 def events(lines) -> list[dict | str]:
@@ -62,11 +63,11 @@ def chat_ids(engine: Engine, messages: list[dict]) -> list[int]:
 
 
 def test_models_and_health(server) -> None:
-    models = httpx.get(f"{server}/v1/models").json()
+    models = httpx.get(f"{server}/v1/models", headers=AUTH).json()
     assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["default", "lazy"]
-    health = httpx.get(f"{server}/health")
+    health = httpx.get(f"{server}/health", headers=AUTH)
     assert health.status_code == 200 and health.json() == {"status": "ok",
-                                                           "models": {"default": "HEALTHY", "lazy": "HEALTHY"}}
+                                                           "models": {"default": "ready", "lazy": "ready"}}
     assert serve.get_deployment_handle("model-lazy", "raytrain").info.remote().result()["decoding"] == "lazyllm"
 
 
@@ -91,7 +92,7 @@ def test_greedy_completion_equals_the_engine_and_raytrain_generate(server, check
 def test_a_streamed_completion_is_openai_chunks_joining_to_the_whole_one(server, engines) -> None:
     body = {"model": "default", "prompt": "A class definition", "max_tokens": 30, "temperature": 0.8, "seed": 7,
             "stream": True, "stream_options": {"include_usage": True}}
-    with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=120) as r:
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, headers=AUTH, timeout=120) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         data = events(r.iter_lines())
     assert data[-1] == "[DONE]"
@@ -116,7 +117,7 @@ def test_chat_renders_the_template_streamed_or_not(server, engines) -> None:
     body = r.json()
     assert body["object"] == "chat.completion" and body["usage"]["prompt_tokens"] == len(ids)
     assert body["choices"][0]["message"] == {"role": "assistant", "content": want.text}
-    with httpx.stream("POST", f"{server}/v1/chat/completions", timeout=120,
+    with httpx.stream("POST", f"{server}/v1/chat/completions", headers=AUTH, timeout=120,
                       json={"model": "default", "messages": messages, "max_completion_tokens": 20, "temperature": 0,
                             "stream": True}) as s:
         data = events(s.iter_lines())
@@ -131,8 +132,6 @@ def test_concurrent_requests_are_batched_and_each_answered_right(server, engines
                "The for statement", "Functions", "import"]
     bodies = [{"model": "default", "prompt": p, "max_tokens": 8 + 3 * i, "temperature": 0 if i % 2 else 0.9,
                "seed": i} for i, p in enumerate(prompts)]
-    before = sum(serve.get_deployment_handle("model-default", "raytrain").stats.remote().result()
-                 ["batch_sizes"].values())
     with ThreadPoolExecutor(len(bodies)) as pool:
         responses = list(pool.map(lambda b: post(server, "/v1/completions", b), bodies))
     for body, r in zip(bodies, responses):
@@ -140,8 +139,8 @@ def test_concurrent_requests_are_batched_and_each_answered_right(server, engines
         want = expect(engines["default"], body["prompt"], max_new_tokens=body["max_tokens"],
                       temperature=body["temperature"], seed=body["seed"])
         assert r.json()["choices"][0]["text"] == want.text
-    sizes = serve.get_deployment_handle("model-default", "raytrain").stats.remote().result()["batch_sizes"]
-    assert sum(sizes.values()) - before < len(bodies) and max(sizes) > 1  # requests shared engine batches
+    rows = serve.get_deployment_handle("model-default", "raytrain").stats.remote().result()["decode_rows"]
+    assert max(rows) > 1  # requests shared decode steps
 
 
 def test_the_lazyllm_model_serves_beside_the_plain_one(server, engines) -> None:
@@ -218,7 +217,8 @@ def test_a_timed_out_request_answers_504_and_frees_the_replica(server) -> None:
     endless = {"model": "lazy", "prompt": "x", "max_tokens": 2000, "ignore_eos": True}  # longer than 1.5 s
     r = post(server, "/v1/completions", endless)
     assert r.status_code == 504 and r.json()["error"]["code"] == "timeout", r.text
-    with httpx.stream("POST", f"{server}/v1/completions", json={**endless, "stream": True}, timeout=60) as s:
+    with httpx.stream("POST", f"{server}/v1/completions", json={**endless, "stream": True}, headers=AUTH,
+                      timeout=60) as s:
         data = events(s.iter_lines())
     assert data[-1] == "[DONE]" and data[-2]["error"]["code"] == "timeout" and len(data) > 2
     # the replica stopped generating both, so a short request is answered within the same 1.5 s budget
@@ -227,7 +227,7 @@ def test_a_timed_out_request_answers_504_and_frees_the_replica(server) -> None:
 
 
 def test_the_openai_client_works_unchanged(server, engines) -> None:
-    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0)
     assert [m.id for m in client.models.list()] == ["default", "lazy"]
     completion = client.completions.create(model="default", prompt="The while loop", max_tokens=16, temperature=0,
                                            extra_body={"top_k": 5})
@@ -255,17 +255,17 @@ def replica_actors(deployment: str) -> list[str]:
 
 def test_a_killed_replica_fails_its_requests_cleanly_and_serve_restarts_it(server) -> None:
     handle = serve.get_deployment_handle("model-default", "raytrain")
-    batches = sum(handle.stats.remote().result()["batch_sizes"].values())
+    steps = handle.stats.remote().result()["steps"]
     long = {"model": "default", "prompt": "x", "max_tokens": 2000, "ignore_eos": True}
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(post, server, "/v1/completions", long)
         deadline = time.monotonic() + 60
-        while sum(handle.stats.remote().result()["batch_sizes"].values()) == batches:  # until its batch runs
+        while handle.stats.remote().result()["steps"] == steps:  # until the engine runs it
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        with httpx.stream("POST", f"{server}/v1/completions", timeout=120,
+        with httpx.stream("POST", f"{server}/v1/completions", headers=AUTH, timeout=120,
                           json={"model": "default", "prompt": "y", "max_tokens": 8, "stream": True}) as queued:
-            assert queued.status_code == 200  # accepted by the replica, waiting for the next batch
+            assert queued.status_code == 200  # accepted by the replica, running beside the long one
             [name] = replica_actors("model-default")
             ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
             data = events(queued.iter_lines())
@@ -280,3 +280,29 @@ def test_a_killed_replica_fails_its_requests_cleanly_and_serve_restarts_it(serve
                                                           or answers[-1].json()["error"]["code"] == "unavailable")
         time.sleep(0.5)
     assert replica_actors("model-default") != [name]
+
+
+def test_n_seeded_choices_differ_and_repeat(server, engines) -> None:
+    body = {"model": "default", "prompt": "The if statement", "max_tokens": 12, "temperature": 1.0, "seed": 7, "n": 3}
+    first, again = post(server, "/v1/completions", body), post(server, "/v1/completions", body)
+    texts = [c["text"] for c in first.json()["choices"]]
+    assert first.status_code == 200 and len(set(texts)) == 3, texts  # seeds 7, 8, 9
+    assert [c["text"] for c in again.json()["choices"]] == texts
+    assert texts[1] == expect(engines["default"], "The if statement", max_new_tokens=12, temperature=1.0, seed=8).text
+
+
+def test_extreme_sampling_values_fail_alone_or_run_greedy(server, engines) -> None:
+    """A seed past 64 bits or a vanishing repetition penalty is a 400 naming the field; a vanishing temperature is
+    greedy (vLLM's rule); requests batched beside them are answered exactly."""
+    normal = {"model": "default", "prompt": "A class definition", "max_tokens": 10, "temperature": 0}
+    hostile = [{"seed": 2 ** 64}, {"seed": -2 ** 63 - 1}, {"repetition_penalty": 1e-300, "temperature": 1},
+               {"temperature": 1e-300}]
+    bodies = [normal, *({**normal, "prompt": "x", **h} for h in hostile), normal]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        answers = list(pool.map(lambda b: post(server, "/v1/completions", b), bodies))
+    want = expect(engines["default"], "A class definition", max_new_tokens=10, temperature=0).text
+    assert [a.json()["choices"][0]["text"] for a in (answers[0], answers[-1])] == [want, want]
+    assert [(a.status_code, a.json()["error"]["param"]) for a in answers[1:4]] == [
+        (400, "seed"), (400, "seed"), (400, "repetition_penalty")]
+    greedy = expect(engines["default"], "x", max_new_tokens=10, temperature=0).text
+    assert answers[4].status_code == 200 and answers[4].json()["choices"][0]["text"] == greedy

@@ -11,7 +11,8 @@ from ray.serve.schema import ServeDeploySchema
 from raytrain.cli import CONF_DIR
 from raytrain.commands import serve as serve_command
 from raytrain.config import ConfigError
-from serving.config import serve_config, serve_spec, to_yaml
+from serving.config import ApiSpec, serve_config, serve_spec, to_yaml
+from serving.guard import API_KEY_ENV, api_key
 from tests.conftest import REPO, compose
 
 COMMITTED = {"config.yaml": ["checkpoint=outputs/runs/tiny"],  # what serving/*.yaml are emitted with (conf/serve.yaml
@@ -61,10 +62,34 @@ def test_models_sit_side_by_side_each_with_its_decoding_mode() -> None:
     (["serve.models.default.device=tpu"], "serve.models.default.device='tpu'"),
     (["serve.models.default.deployment.autoscaling_config.max_replicas=0"], "max_replicas >= 1"),
     (["~serve.models.default"], "serve.models is empty"),
+    (["serve.api.api_key=a", "serve.api.api_key_file=/k"], "serve.api: set api_key or api_key_file, not both"),
+    (["serve.api.max_body_bytes=0"], "serve.api.max_body_bytes must be > 0"),
+    (["serve.api.probe_timeout_s=-1"], "serve.api.probe_timeout_s must be > 0"),
 ])
 def test_config_mistakes_are_named(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
         serve_spec(compose("serve", [*overrides, "checkpoint=/ckpt"] if overrides else []).serve)
+
+
+def test_the_api_key_comes_from_config_then_file_then_environment(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv(API_KEY_ENV, "from-env")
+    (tmp_path / "key").write_text("from-file\n")
+    (tmp_path / "empty").write_text("\n")
+    assert api_key(ApiSpec(api_key="from-config")) == "from-config"
+    assert api_key(ApiSpec(api_key_file=str(tmp_path / "key"))) == "from-file"
+    assert api_key(ApiSpec()) == "from-env"
+    monkeypatch.delenv(API_KEY_ENV)
+    assert api_key(ApiSpec()) is None  # an open API
+    with pytest.raises(ConfigError, match=r"api\.api_key_file: .*empty is empty"):
+        api_key(ApiSpec(api_key_file=str(tmp_path / "empty")))
+    with pytest.raises(ConfigError, match=r"api\.api_key_file: cannot read .*missing"):
+        api_key(ApiSpec(api_key_file=str(tmp_path / "missing")))
+
+
+def test_models_that_may_scale_to_zero_are_named_to_the_ingress() -> None:
+    args = emitted(["checkpoint=/a", "+serve.models.cold={checkpoint:/b,deployment:{autoscaling_config:"
+                    "{min_replicas:0}}}"])["applications"][0]["args"]
+    assert args["scale_to_zero"] == ["cold"] and args["api"]["max_body_bytes"] > 0
 
 
 def test_model_names_are_checked() -> None:

@@ -1,7 +1,10 @@
 """The model deployment's request preparation, without Ray: the chat template comes from the config, else the
-tokenizer, else the plain fallback; limits and template errors become client errors naming the field."""
+tokenizer, else the plain fallback; limits and template errors become client errors naming the field; a prompt too
+long to fit is refused before it is tokenized, and token ids outside the vocabulary are refused."""
 
 from __future__ import annotations
+
+import random
 
 import pytest
 import torch
@@ -11,7 +14,8 @@ from raytrain.config import RaytrainError
 from raytrain.data.tokenizer import to_files
 from raytrain.models.decoder import DecoderConfig, build_decoder
 from serving.config import model_args, model_spec
-from serving.model import PLAIN_CHAT_TEMPLATE, ModelServer, RequestError
+from raytrain.data.corpus import documents
+from serving.model import PLAIN_CHAT_TEMPLATE, ModelServer, RequestError, longest_token_chars
 
 TOKENIZER_TEMPLATE = "{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
 CONFIG_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}"
@@ -72,6 +76,33 @@ def test_limits_are_client_errors_naming_the_field(checkpoints) -> None:
         with pytest.raises(RequestError) as e:
             model.prepare({"params": PARAMS, **job})
         assert e.value.args[1:3] == (param, code), e.value.args
+
+
+def test_no_text_tokenizes_into_fewer_tokens_than_its_length_over_the_longest_token(tokenizer) -> None:
+    longest, rng = longest_token_chars(tokenizer), random.Random(0)
+    texts = documents()[:20] + ["".join(rng.choice("ab \n的😀é\u0301\t\u202e") for _ in range(rng.randrange(1, 400)))
+                                for _ in range(200)]
+    for text in texts:  # the bound the character cap relies on
+        assert len(tokenizer.encode(text, add_special_tokens=False)) * longest >= len(text), text
+
+
+@torch.inference_mode()
+def test_prompts_that_cannot_fit_are_refused_before_tokenizing(checkpoints, monkeypatch) -> None:
+    model = server(checkpoints["plain"])
+    assert model.max_prompt_chars == 60 * longest_token_chars(model.engine.tokenizer)
+    monkeypatch.setattr(model.engine.tokenizer, "encode", None)  # any tokenizing now fails
+    monkeypatch.setattr(model.engine.tokenizer, "apply_chat_template", None)
+    too_long = "x" * (model.max_prompt_chars + 1)
+    for job, param in [({"prompt": too_long}, "prompt"),
+                       ({"messages": [{"role": "user", "content": too_long}]}, "messages")]:
+        with pytest.raises(RequestError) as e:
+            model.prepare({"params": PARAMS, **job})
+        assert e.value.args[1:3] == (param, "context_length_exceeded") and "characters" in e.value.args[0]
+    vocab = model.engine.model.cfg.vocab_size
+    assert model.prepare({"prompt": [0, vocab - 1], "params": PARAMS}).prompt == [0, vocab - 1]
+    with pytest.raises(RequestError) as e:
+        model.prepare({"prompt": [5, vocab], "params": PARAMS})
+    assert e.value.args[1:3] == ("prompt", "invalid_value") and f"token id {vocab}" in e.value.args[0]
 
 
 @torch.inference_mode()

@@ -1,0 +1,193 @@
+"""Decode throughput of the generation engine beside Hugging Face `generate`, on the same weights, in one run.
+
+For each model shape (random weights, bf16 on CUDA) and batch size: `batch` prompts of `--prompt` tokens each
+generate exactly `--new` tokens (greedy, `ignore_eos`) through `Engine.generate`; then the same model as a
+`transformers.LlamaForCausalLM` (the Llama shapes only: OpenELM has no transformers class) runs `generate` with the
+same prompts. Figures: end-to-end tokens/s (prefill included), decode tokens/s (after every sequence's first token;
+for transformers, the 1-token run's time subtracted), and the fraction of the memory-bandwidth limit the decode
+step reaches: bytes one step must read (every weight once, plus the KV cache of every row at its mean length)
+over the measured step time, over `--bandwidth` (4.8 TB/s, the H200's datasheet figure).
+
+    python benchmarks/decode.py --device cuda                      # the issue's table (about 5 minutes on an H200)
+    python benchmarks/decode.py --device cuda --no-hf --models openelm_1_1b --batches 1,64 --variants eager,fused
+    python benchmarks/decode.py --device cpu --models tiny --batches 1,4 --prompt 32 --new 16   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from raytrain.checkpoint.foreign import llama_config, llama_state  # noqa: E402
+from raytrain.data.corpus import documents  # noqa: E402
+from raytrain.data.tokenizer import train_bpe  # noqa: E402
+from raytrain.infer.engine import Engine, EngineConfig, Request  # noqa: E402
+from raytrain.infer.kv_cache import SlotKVCache  # noqa: E402
+from raytrain.infer.sampling import SamplingParams  # noqa: E402
+from raytrain.models.decoder import Decoder, DecoderConfig, build_decoder  # noqa: E402
+from raytrain.models.registry import model_config  # noqa: E402
+
+CONF = Path(__file__).resolve().parent.parent / "conf" / "model"
+# Hugging Face Llama shapes: (hidden, intermediate, layers, heads, kv heads, vocab)
+VARIANTS = {"eager": {"fused_kernels": False}, "fused": {}, "compiled": {"compile_decode": True}}
+LLAMA_SHAPES = {"tinyllama_1_1b": (2048, 5632, 22, 32, 4, 32000), "llama2_7b": (4096, 11008, 32, 32, 32, 32000),
+                "tiny": (128, 256, 2, 4, 2, 4096)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--models", default="openelm_1_1b,tinyllama_1_1b,llama2_7b",
+                   help="conf/model presets and/or " + ", ".join(LLAMA_SHAPES))
+    p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32, 128])
+    p.add_argument("--prompt", type=int, default=256)
+    p.add_argument("--new", type=int, default=256)
+    p.add_argument("--bandwidth", type=float, default=4.8e12, help="bytes/s the bandwidth fraction is taken of")
+    p.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    p.add_argument("--variants", default="fused", help="engine settings to compare, of: " + ", ".join(VARIANTS))
+    args = p.parse_args()
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    tokenizer = train_bpe(documents()[:200], vocab_size=4096)
+    variants = args.variants.split(",")
+    check = greedy_check(tokenizer, args.device, VARIANTS["fused" if "fused" in variants else variants[0]])
+    print("check", check, file=sys.stderr, flush=True)
+    results: dict[str, Any] = {}
+    baseline: dict[str, Any] = {}
+    for name in args.models.split(","):
+        model, hf = build(name, args.device, dtype)
+        results[name] = {"params": sum(p.numel() for p in model.parameters())}
+        for batch in args.batches:
+            for variant in variants:
+                key = batch if variant == "fused" else f"{batch}_{variant}"
+                results[name][key] = engine_run(model, tokenizer, batch, args, VARIANTS[variant])
+                print(name, key, results[name][key], file=sys.stderr, flush=True)
+            if hf is not None and not args.no_hf:
+                baseline.setdefault(name, {})[batch] = hf_run(hf, batch, args)
+                print(name, batch, "hf", baseline[name][batch], file=sys.stderr, flush=True)
+        del model, hf
+        gc.collect()
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+    ratios = {name: {b: results[name][b]["decode_tokens_per_s"] / baseline[name][b]["decode_tokens_per_s"]
+                     for b in baseline[name] if b in results[name]} for name in baseline}
+    print(json.dumps({
+        "benchmark": "decode", "device": torch.cuda.get_device_name() if args.device == "cuda" else args.device,
+        "config": {"prompt": args.prompt, "new": args.new, "batches": args.batches, "dtype": str(dtype),
+                   "sampling": "greedy, ignore_eos", "weights": "random", "torch": torch.__version__},
+        "results": results, "baseline": {"transformers_generate": baseline}, "ratio": ratios, "check": check,
+        "command": " ".join(["python", *sys.argv]), "time": time.strftime("%Y-%m-%d %H:%M")}))
+
+
+def build(name: str, device: str, dtype: torch.dtype) -> tuple[Decoder, torch.nn.Module | None]:
+    """Our decoder for `name`, and the transformers Llama it was converted from (None for raytrain presets)."""
+    torch.manual_seed(0)
+    if name not in LLAMA_SHAPES:
+        cfg = model_config(OmegaConf.load(CONF / f"{name}.yaml"))
+        cfg.vocab_rows = None
+        return build_decoder(cfg, device).to(dtype).eval(), None
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, inter, layers, heads, kv, vocab = LLAMA_SHAPES[name]
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab,
+                         max_position_embeddings=4096, tie_word_embeddings=False)
+    with torch.device(device):
+        hf = LlamaForCausalLM(config).to(dtype).eval()
+    cfg = llama_config(config.to_dict())
+    model = build_decoder(cfg, "meta")
+    model.load_state_dict(llama_state(hf.state_dict(), cfg), strict=False, assign=True)
+    model.init_buffers()
+    return model.eval(), hf
+
+
+def greedy_check(tokenizer: Any, device: str, variant: dict[str, Any]) -> dict[str, Any]:
+    """The engine as the benchmark runs it (CUDA graphs, overlapped steps, staggered lengths) against transformers'
+    greedy `generate`, in float32 on the tiny Llama shape: how many of 8 requests come out token for token equal."""
+    model, hf = build("tiny", device, torch.float32)
+    engine = Engine(model, tokenizer, EngineConfig(max_batch_size=4, max_model_len=256, max_step_tokens=64, **variant))
+    batch = [p[:20 + 9 * i] for i, p in enumerate(prompts(8, 90, 4096))]
+    news = [40 + 7 * i for i in range(8)]
+    outs = engine.generate([Request(p, SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True))
+                            for p, n in zip(batch, news)])
+    equal = 0
+    for p, n, out in zip(batch, news, outs):
+        ids = torch.tensor([p], device=device)
+        with torch.inference_mode():
+            want = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                               do_sample=False, pad_token_id=0)[0, len(p):].tolist()
+        equal += out.token_ids == want
+    return {"requests": len(batch), "equal_to_transformers": equal, "graphs": len(engine.runner.graphs),
+            "overlap": engine.overlap}
+
+
+def prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(batch)
+    return torch.randint(10, vocab, (batch, length), generator=gen).tolist()
+
+
+def engine_run(model: Decoder, tokenizer: Any, batch: int, args: argparse.Namespace,
+               variant: dict[str, Any]) -> dict[str, float]:
+    cfg = EngineConfig(max_batch_size=batch, max_model_len=args.prompt + args.new,
+                       max_step_tokens=max(2048, args.prompt), **variant)
+    engine = Engine(model, tokenizer, cfg)
+    params = SamplingParams(max_new_tokens=args.new, temperature=0, ignore_eos=True)
+    requests = [Request(p, params) for p in prompts(batch, args.prompt, model.cfg.vocab_size)]
+    engine.generate(requests)  # warm-up: CUDA graphs captured, kernels loaded
+    sync(args.device)
+    engine.decode_rows.clear()
+    start = time.perf_counter()
+    outs = engine.generate(requests)
+    sync(args.device)
+    total = time.perf_counter() - start
+    first = max(o.ttft_s for o in outs)  # every sequence has its first token: the rest is decode
+    step_s = (total - first) / (args.new - 1)
+    return {"tokens_per_s": batch * args.new / total, "decode_tokens_per_s": batch * (args.new - 1) / (total - first),
+            "step_ms": 1e3 * step_s, "bandwidth_fraction": step_bytes(model, batch, args) / step_s / args.bandwidth,
+            "ttft_s": first, "full_decode_steps": engine.decode_rows[batch]}
+
+
+def step_bytes(model: Decoder, batch: int, args: argparse.Namespace) -> float:
+    """Bytes one decode step must read: every weight once (the embedding rows read are negligible, the output
+    head counts in full) and each row's KV cache at the mean length of the run."""
+    dtype_bytes = model.embed.weight.element_size()
+    weights = sum(p.numel() for p in model.parameters()) - (0 if model.cfg.tie_embeddings else model.embed.weight.numel())
+    kv = SlotKVCache.bytes_per_token([b.attn.n_kv for b in model.layers], model.cfg.head_dim, model.embed.weight.dtype)
+    return weights * dtype_bytes + batch * (args.prompt + args.new / 2) * kv
+
+
+def hf_run(hf: torch.nn.Module, batch: int, args: argparse.Namespace) -> dict[str, float]:
+    device = next(hf.parameters()).device
+    ids = torch.tensor(prompts(batch, args.prompt, hf.config.vocab_size), device=device)
+
+    def timed(new: int) -> float:
+        sync(args.device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                        do_sample=False, pad_token_id=0)
+        sync(args.device)
+        return time.perf_counter() - start
+
+    timed(2)  # warm-up
+    prefill, total = timed(1), timed(args.new)
+    return {"tokens_per_s": batch * args.new / total, "decode_tokens_per_s": batch * (args.new - 1) / (total - prefill),
+            "step_ms": 1e3 * (total - prefill) / (args.new - 1)}
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+if __name__ == "__main__":
+    main()

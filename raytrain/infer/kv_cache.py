@@ -1,0 +1,84 @@
+"""The engine's KV memory: preallocated per-layer storage in slots.
+
+Layer l holds keys and values of shape (n_slots, n_kv_l, max_len + 1, hd), allocated once from the memory budget.
+A running sequence owns one slot and writes the token at position p to index p; index `max_len` is scratch, where
+the idle rows of a decode batch write. Why slots rather than pages: attention reads a slot as a plain strided view,
+so decode needs no block table, no gather and no paged-attention kernel, every decode step has a static shape
+(CUDA graphs), and the cost, memory reserved up to `max_len` per sequence, is bounded by the `max_len` the engine
+is configured with.
+
+Two modes, set by the model runner before each forward:
+- prefill: one sequence's chunk of T tokens at positions start..start+T-1 in its slot, causal over the slot's
+  first start+T keys (SDPA: the flash kernel when start is 0);
+- decode: rows 0..W-1 (row = slot), one token each at `positions`, written at `write_index` (the position, or the
+  scratch index for idle rows), attending to the first `length` keys of their slot under a per-row length mask.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from raytrain.models import ops
+from raytrain.models.kv_cache import attention, causal_mask
+
+
+class SlotKVCache:
+    def __init__(self, kv_heads: list[int], head_dim: int, n_slots: int, max_len: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.n_slots, self.max_len = n_slots, max_len
+        shape = [(n_slots, h, max_len + 1, head_dim) for h in kv_heads]
+        self.keys = [torch.zeros(s, dtype=dtype, device=device) for s in shape]
+        self.values = [torch.zeros(s, dtype=dtype, device=device) for s in shape]
+        self.rows = torch.arange(n_slots, device=device)
+        self.slot, self.seen = 0, 0  # prefill: the slot and the chunk's first position
+        self.positions: torch.Tensor | None = None  # decode: (W,) positions, or None in prefill mode
+        self.write_index = self.mask = None
+        self.length = 0
+
+    @staticmethod
+    def bytes_per_token(kv_heads: list[int], head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * sum(kv_heads) * head_dim * torch.empty(0, dtype=dtype).element_size()
+
+    def begin_prefill(self, slot: int, start: int) -> None:
+        self.slot, self.seen, self.positions = slot, start, None
+
+    def begin_decode(self, positions: torch.Tensor, write_index: torch.Tensor, length: int) -> None:
+        """positions, write_index: (W,) device tensors (static buffers under CUDA graphs)."""
+        self.positions, self.write_index, self.length = positions, write_index, length
+        keys = torch.arange(length, device=positions.device)
+        self.mask = (keys[None, :] <= positions[:, None])[:, None, None]  # (W, 1, 1, length)
+
+    # ---- the decoder's cache protocol ----------------------------------------------------------------------
+
+    def position_ids(self, q_len: int) -> torch.Tensor | None:
+        """(W, 1) explicit positions in decode; None in prefill (contiguous from `seen`)."""
+        return None if self.positions is None else self.positions[:, None]
+
+    def advance(self, n_tokens: int) -> None:
+        """Positions are the runner's business: nothing to count here."""
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        K, V = self.keys[layer], self.values[layer]
+        if self.positions is None:
+            s, start, T = self.slot, self.seen, k.shape[2]
+            K[s, :, start:start + T] = k[0]
+            V[s, :, start:start + T] = v[0]
+            keys, values = K[s:s + 1, :, :start + T], V[s:s + 1, :, :start + T]
+            return attention(q, keys, values, causal_mask(T, start, q.device), start == 0 and T > 1)
+        W = q.shape[0]
+        K[self.rows[:W], :, self.write_index] = k[:, :, 0]
+        V[self.rows[:W], :, self.write_index] = v[:, :, 0]
+        return decode_attention(q, K[:W, :, :self.length], V[:W, :, :self.length], self.mask)
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One query per row over grouped KV heads without expanding them: q (W, n_q, 1, hd), keys/values
+    (W, n_kv, L, hd) strided views of the slots, mask (W, 1, 1, L) -> (W, n_q, 1, hd). Scores and softmax in fp32."""
+    W, n_q, _, hd = q.shape
+    n_kv = keys.shape[1]
+    grouped = q.reshape(W, n_kv, n_q // n_kv, hd)  # query heads g*j..g*j+g-1 read KV head j
+    scores = torch.matmul(grouped, keys.transpose(-1, -2))  # (W, n_kv, g, L)
+    probs = ops.masked_softmax(scores, mask, 1 / math.sqrt(hd), values.dtype)
+    return torch.matmul(probs, values).reshape(W, n_q, 1, hd)

@@ -1,0 +1,140 @@
+"""The model runner: prefill chunks and batched decode steps over the slot KV cache, CUDA graphs on the GPU.
+
+Decode inputs live on the device in per-slot buffers (`tokens`, `positions`, `write_index`, `live`), so a decode
+step whose batch did not change needs no host-to-device copy: sampled tokens go straight back into `tokens` and
+live rows' positions advance by one. A decode step covers rows 0..W-1 for a width bucket W and attends to the first
+L keys of each slot for a length bucket L; on CUDA each (W, L) is captured once as a CUDA graph (the whole forward
+as one launch, all graphs sharing one memory pool) and replayed, with its logits written into a static buffer.
+Prefill runs eagerly, one sequence chunk per call (SDPA's flash kernel for a first chunk).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from raytrain.infer.kv_cache import SlotKVCache
+from raytrain.models.decoder import Decoder
+
+MIN_LENGTH_BUCKET = 128
+
+
+def width_buckets(n_slots: int) -> list[int]:
+    """Decode batch widths: 1, 2, 4, 8, then multiples of 8 up to 32 and of 16 beyond (few graphs, little padding)."""
+    widths = [w for w in (1, 2, 4) if w < n_slots] + list(range(8, 33, 8)) + list(range(48, n_slots + 16, 16))
+    return sorted({min(w, n_slots) for w in widths})
+
+
+def bucket(value: int, buckets: list[int]) -> int:
+    return next(b for b in buckets if b >= value)
+
+
+class ModelRunner:
+    def __init__(self, model: Decoder, n_slots: int, max_len: int, cuda_graphs: bool = True,
+                 compile_decode: bool = False) -> None:
+        self.model = model
+        self.device = model.embed.weight.device
+        kv_heads = [block.attn.n_kv for block in model.layers]
+        self.cache = SlotKVCache(kv_heads, model.cfg.head_dim, n_slots, max_len, model.embed.weight.dtype,
+                                 self.device)
+        self.n_slots, self.max_len = n_slots, max_len
+        self.widths = width_buckets(n_slots)
+        self.lengths = sorted({min(max_len, MIN_LENGTH_BUCKET << i) for i in range(max_len.bit_length())})
+        self.tokens = torch.zeros(n_slots, dtype=torch.long, device=self.device)
+        self.positions = torch.zeros(n_slots, dtype=torch.long, device=self.device)
+        self.write_index = torch.full((n_slots,), max_len, dtype=torch.long, device=self.device)
+        self.live = torch.zeros(n_slots, dtype=torch.bool, device=self.device)
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.graph_pool = None
+        self.logits: torch.Tensor | None = None  # (n_slots, vocab_rows): the graphs' output buffer
+        # compiled with dynamic shapes: one compilation for every (width, length) bucket, each then a CUDA graph
+        self._decode_forward = torch.compile(self._forward, dynamic=True) if compile_decode else self._forward
+
+    # ---- prefill ----------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def prefill(self, slot: int, tokens: list[int], start: int) -> torch.Tensor:
+        """Write the KV of prompt tokens at positions start.. into `slot`; return the last one's logits (1, V)."""
+        self.cache.begin_prefill(slot, start)
+        x = torch.tensor([tokens], device=self.device)
+        return self.model(x, cache=self.cache, last_only=True)[:, -1]
+
+    # ---- decode -----------------------------------------------------------------------------------------------
+
+    def join(self, slot: int, token: torch.Tensor, position: int) -> None:
+        """Put a sequence into the decode batch: `token` (a 1-element device tensor) at `position`."""
+        self.tokens[slot] = token.reshape(())
+        self.positions[slot] = position
+        self.write_index[slot] = position
+        self.live[slot] = True
+
+    def leave(self, slot: int) -> None:
+        self.live[slot] = False
+        self.positions[slot] = 0
+        self.write_index[slot] = self.max_len
+
+    def decode_shape(self, highest_slot: int, longest: int) -> tuple[int, int]:
+        """(W, L) buckets for a batch whose highest busy slot is `highest_slot` and longest row `longest` tokens."""
+        return bucket(highest_slot + 1, self.widths), bucket(longest, self.lengths)
+
+    @torch.inference_mode()
+    def decode(self, width: int, length: int) -> torch.Tensor:
+        """One token for rows 0..width-1 -> logits (width, V); idle rows compute garbage that nobody reads."""
+        if not self.cuda_graphs:
+            return self._decode_forward(width, length)
+        if (width, length) not in self.graphs:
+            self._capture(width, length)
+        self.graphs[width, length].replay()
+        return self.logits[:width]
+
+    def advance(self, width: int, sampled: torch.Tensor) -> None:
+        """After a decode step: sampled (width,) tokens become the next inputs; live rows move one position on."""
+        live = self.live[:width]
+        self.tokens[:width] = torch.where(live, sampled, self.tokens[:width])
+        self.positions[:width] += live
+        self.write_index[:width] = torch.where(live, self.positions[:width], self.max_len)
+
+    def _forward(self, width: int, length: int) -> torch.Tensor:
+        self.cache.begin_decode(self.positions[:width], self.write_index[:width], length)
+        return self.model(self.tokens[:width, None], cache=self.cache)[:, -1]
+
+    def _capture(self, width: int, length: int) -> None:
+        if self.logits is None:
+            self.logits = torch.empty(self.n_slots, self.model.cfg.rows, dtype=self.model.embed.weight.dtype,
+                                      device=self.device)
+        write_index = self.write_index.clone()  # the warm-up and capture runs must not touch live rows' KV
+        self.write_index.fill_(self.max_len)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up outside the graph: compilation, cuBLAS handles, lazy inits
+            self.logits[:width] = self._decode_forward(width, length)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.graph_pool):
+            self.logits[:width] = self._decode_forward(width, length)
+        self.graph_pool = graph.pool()
+        self.graphs[width, length] = graph
+        self.write_index.copy_(write_index)
+
+
+class PlainSequence:
+    """One prompt through the runner's own prefill and decode (a one-slot runner, eager), with `LazySequence`'s
+    interface: the dense baseline LazyLLM is measured against."""
+
+    def __init__(self, model: Decoder, prompt: list[int], capacity: int) -> None:
+        self.runner = ModelRunner(model, 1, capacity, cuda_graphs=False)
+        self.cache = self.runner.cache
+        self.prompt, self.length = prompt, 0
+
+    def prefill(self) -> torch.Tensor:
+        self.length = len(self.prompt)
+        return self.runner.prefill(0, self.prompt, 0)
+
+    def decode(self, token: torch.Tensor) -> torch.Tensor:
+        """token (1,) -> logits (1, V) of the next position."""
+        self.runner.join(0, token, self.length)
+        self.length += 1
+        return self.runner.decode(1, bucket(self.length, self.runner.lengths))
+
+    def prompt_fraction_computed(self) -> float:
+        return 1.0  # every prompt token at every layer
