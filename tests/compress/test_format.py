@@ -106,7 +106,7 @@ def mismatched(tmp_path: Path, edit) -> Path:
     (lambda ct: ct.arrays.pop("coefficients"), r"array w\.coefficients is missing"),
     (lambda ct: ct.arrays["seeds"].zero_(), r"seeds outside 1\.\.255"),
     (lambda ct: setattr(ct, "shape", (4, 32)), r"w\.seeds holds 8 values"),
-    (lambda ct: setattr(ct, "method", "gptq"), r"unreadable record"),
+    (lambda ct: setattr(ct, "meta", lambda: {**type(ct).meta(ct), "method": "gptq"}), r"unreadable record"),
 ])
 def test_mismatched_files_are_named(tmp_path, edit, message) -> None:
     with pytest.raises(FormatError, match=f"compressed tensor w: .*{message}"):

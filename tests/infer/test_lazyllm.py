@@ -13,6 +13,7 @@ from raytrain.config import ConfigError
 from raytrain.infer import lazyllm
 from raytrain.infer.engine import Engine, EngineConfig, Request
 from raytrain.infer.lazyllm import LazyConfig, LazySequence, last_row_scores, select
+from raytrain.infer.model_runner import PlainSequence
 from raytrain.infer.sampling import SamplingParams
 
 PROMPT_LEN = 40
