@@ -21,7 +21,8 @@ computed for scoring; attention itself stays in `scaled_dot_product_attention`. 
 Never slower (`never_slower`): on a small model or a short prompt the scoring, selection and gathers can cost more
 than the pruned compute saves, so the first request of each power-of-two prompt length class times this schedule's
 prefill against the plain prefill on the model's own device (random tokens: prefill cost does not depend on them)
-and runs the plain computation for that class unless the schedule is at least `MARGIN` faster.
+and runs the plain engine's own sequence (`PlainSequence`) for that class unless the schedule is at least `MARGIN`
+faster, so a length class LazyLLM does not speed up costs what plain generation costs, plus one measurement.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from typing import Any
 import torch
 
 from raytrain.config import ConfigError
+from raytrain.infer.model_runner import PlainSequence
 from raytrain.models.decoder import Decoder
 from raytrain.models.kv_cache import CachedAttention
 
@@ -52,7 +54,7 @@ class LazyConfig:
     min_prompt_tokens: int = 1024  # shorter prompts run the plain engine (scoring would cost more than it saves)
     dynamic: bool = True  # re-select at every decode step and revive from the Aux Cache; False = static ablation
     protect_generated: bool = False  # generated tokens survive every boundary (the spec's default prunes them)
-    never_slower: bool = True  # run plain prefill for prompt lengths where this schedule measured no faster
+    never_slower: bool = True  # run the plain engine for prompt lengths where this schedule measured no faster
 
     def schedule(self, n_layers: int) -> dict[int, float]:
         """{boundary layer: keep ratio}, validated against the model's depth."""
@@ -177,11 +179,16 @@ class LazySequence:
                  count_computations: bool = False) -> None:
         self.model, self.config = model, config
         self.n_layers = len(model.layers)
+        self.revived = 0
+        # a length class where the schedule measured no faster runs the plain engine's sequence, and nothing else
+        self.plain = (PlainSequence(model, prompt, capacity)
+                      if config.never_slower and not pays_off(model, config, len(prompt)) else None)
+        if self.plain is not None:
+            return
         device, d = model.embed.weight.device, model.cfg.d_model
         self.prompt = torch.tensor(prompt, device=device)
         self.capacity = capacity
-        schedule = config.schedule(self.n_layers)
-        self.schedule = schedule if not config.never_slower or pays_off(model, config, len(prompt)) else {}
+        self.schedule = config.schedule(self.n_layers)
         self.positions = torch.arange(capacity, device=device)
         self.depth = torch.zeros(capacity, dtype=torch.long, device=device)
         self.aux = AuxCache(capacity, d, model.embed.weight.dtype, device)
@@ -190,13 +197,14 @@ class LazySequence:
                          if count_computations else None)
         self.key_sets: list[torch.Tensor] = [self.positions[:0]] * self.n_layers  # last step's attended positions
         self.prefill_sets: dict[int, torch.Tensor] = {}  # the static ablation's sets: what prefill kept per boundary
-        self.revived = 0
         self.length = 0  # tokens in the context so far
 
     # ---- prefill --------------------------------------------------------------------------------------------
 
     @torch.inference_mode()
     def prefill(self) -> torch.Tensor:
+        if self.plain is not None:
+            return self.plain.prefill()
         n = self.prompt.numel()
         X = self.positions[:n]
         sizes = [n]
@@ -224,6 +232,8 @@ class LazySequence:
 
     @torch.inference_mode()
     def decode(self, token: torch.Tensor) -> torch.Tensor:
+        if self.plain is not None:
+            return self.plain.decode(token)
         p = self.length
         if p >= self.capacity:
             raise ValueError(f"LazyLLM state holds {self.capacity} tokens")
@@ -286,6 +296,8 @@ class LazySequence:
 
     def prompt_fraction_computed(self) -> float:
         """Σ_i depth_i / (n · L) over prompt tokens: the share of prompt (token, layer) pairs ever computed."""
+        if self.plain is not None:
+            return self.plain.prompt_fraction_computed()
         n = self.prompt.numel()
         return float(self.depth[:n].sum()) / (n * self.n_layers)
 
@@ -350,7 +362,7 @@ _VERDICTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {
 
 
 def pays_off(model: Decoder, config: LazyConfig, prompt_tokens: int) -> bool:
-    """Whether `config`'s schedule prefills faster than the plain computation on `model` for prompts of this
+    """Whether `config`'s schedule prefills faster than the plain engine's sequence on `model` for prompts of this
     length class (the largest power of two <= prompt_tokens), timed once per class on the model's device."""
     schedule = config.schedule(len(model.layers))
     length = 1 << max(prompt_tokens, 1).bit_length() - 1
@@ -358,25 +370,26 @@ def pays_off(model: Decoder, config: LazyConfig, prompt_tokens: int) -> bool:
     key = (tuple(schedule.items()), length, weight.device, weight.dtype)
     verdicts = _VERDICTS.setdefault(model, {})
     if key not in verdicts:
-        plain = LazyConfig(layers={}, never_slower=False)
         lazy = LazyConfig(layers=schedule, never_slower=False)
         prompt = torch.randint(0, model.cfg.vocab_size, (length,), generator=torch.Generator().manual_seed(0))
         times: dict[str, list[float]] = {"plain": [], "lazy": []}
         for _ in range(4):  # the first round warms up; rounds alternate, so drifting load hits both alike
-            for name, cfg in (("plain", plain), ("lazy", lazy)):
+            for name, cfg in (("plain", None), ("lazy", lazy)):
                 times[name].append(prefill_seconds(model, prompt.tolist(), cfg))
         plain_s, lazy_s = (statistics.median(times[k][1:]) for k in ("plain", "lazy"))
         verdicts[key] = lazy_s < (1 - MARGIN) * plain_s
         log.info("LazyLLM schedule %s at %d tokens: prefill %.2f ms vs %.2f ms plain; %s", schedule, length,
-                 1e3 * lazy_s, 1e3 * plain_s, "lazy" if verdicts[key] else "plain computation for this length")
+                 1e3 * lazy_s, 1e3 * plain_s, "lazy" if verdicts[key] else "the plain engine for this length")
     return verdicts[key]
 
 
-def prefill_seconds(model: Decoder, prompt: list[int], config: LazyConfig) -> float:
-    """Wall time of one prefill to next-token logits."""
+def prefill_seconds(model: Decoder, prompt: list[int], config: LazyConfig | None) -> float:
+    """Wall time of one prefill to next-token logits: LazyLLM with `config`, or the plain engine's sequence (None)."""
     device = model.embed.weight.device
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
-    LazySequence(model, prompt, config, len(prompt)).prefill()[0, 0].item()
+    runner = (PlainSequence(model, prompt, len(prompt)) if config is None
+              else LazySequence(model, prompt, config, len(prompt)))
+    runner.prefill()[0, 0].item()
     return time.perf_counter() - start
