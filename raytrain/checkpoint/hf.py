@@ -217,9 +217,11 @@ def read_model_config(path: str | Path) -> Any:
     model_type = raw.get("model_type", "raytrain")
     if model_type in FORMATS:
         try:
-            return FORMATS[model_type][0](raw)
+            return FORMATS[model_type][0]({k: v for k, v in raw.items() if k != COMPRESSION})
         except KeyError as e:
             raise CheckpointError(f"{path / CONFIG}: no {e} for a {model_type} config") from None
+        except (ValueError, TypeError) as e:  # converters name the offending key
+            raise CheckpointError(f"{path / CONFIG}: {e}") from None
     if model_type != "raytrain":
         raise CheckpointError(f"{path / CONFIG}: model_type {model_type!r} is not supported "
                               f"(supported: raytrain, {', '.join(FORMATS)}; other Hugging Face causal LMs load "

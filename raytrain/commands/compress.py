@@ -56,6 +56,18 @@ def _palettize(cfg: DictConfig, bits: int) -> PalettizeConfig:
     return to_dataclass(PalettizeConfig, node, "palettize")
 
 
+def padding_note(cfg: DictConfig, bits_per_weight: float) -> dict[str, str]:
+    """Beside "bits": 3, say so when SeedLM's padding stores more than the nominal bits per weight."""
+    if cfg.method != "seedlm" or bits_per_weight < cfg.bits + 0.005:
+        return {}
+    if cfg.seedlm.blocking == "flat":
+        why = "each tensor's tail is padded to a whole block"
+    else:
+        why = ("every row is padded to whole blocks (seedlm.blocking=flat pads only each tensor's tail, as the paper "
+               "does)")
+    return {"bits_note": f"{cfg.bits}-bit SeedLM stores {bits_per_weight:.3f} bits per weight here: {why}"}
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Prints the summary as one JSON object and returns it."""
     if cfg.method not in METHODS:
@@ -82,10 +94,14 @@ def gaussian(cfg: DictConfig, configs: dict[str, Any], device: str) -> dict[str,
     weight = torch.randn(cfg.rows, cfg.cols, generator=torch.Generator().manual_seed(cfg.seed))
     config = configs[cfg.method]
     started = time.time()
-    ct = compress_tensor(weight, cfg.method, config, device)
+    try:
+        ct = compress_tensor(weight, cfg.method, config, device)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     seconds = time.time() - started
     summary = {"matrix": "gaussian", "rows": cfg.rows, "cols": cfg.cols, "seed": cfg.seed, "method": cfg.method,
-               "bits": cfg.bits, "config": config.meta(), "device": device, "bits_per_weight": ct.bits_per_weight,
+               "bits": cfg.bits, "bits_per_weight": ct.bits_per_weight, **padding_note(cfg, ct.bits_per_weight),
+               "config": config.meta(), "device": device,
                "mean_relative_error": relative_error(weight, ct.dense()), "seconds": round(seconds, 3)}
     if cfg.method == "seedlm":
         summary["blocks_per_second"] = round(ct.arrays["seeds"].numel() / seconds, 1)
@@ -119,8 +135,9 @@ def checkpoint(cfg: DictConfig, configs: dict[str, Any], device: str) -> dict[st
     if not ray.is_initialized():
         local = not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
         ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus if local else None, include_dashboard=False)
-    summary = {"method": cfg.method, "bits": cfg.bits, "config": configs[cfg.method].meta(),
-               **run_job(plan, {"bits": cfg.bits})}
+    job = run_job(plan, {"bits": cfg.bits})
+    summary = {"method": cfg.method, "bits": cfg.bits, "bits_per_weight": job["bits_per_weight"],
+               **padding_note(cfg, job["bits_per_weight"]), "config": configs[cfg.method].meta(), **job}
     if cfg.eval:
         report = evaluate(plan.source, plan.out, cfg.method, configs, evaluation, windows, device)
         summary["perplexity"] = report["results"][cfg.method]["perplexity"]

@@ -4,7 +4,8 @@ On CUDA a SeedLM weight is laid out for the Triton kernels once (`SeedLMWeight`,
 up to 16 input rows (decode) go through the fused matmul, which never materialises the weight; more rows (prefill)
 rebuild the dense weight in x's dtype with the decode kernel and run a regular matmul, since compute-bound shapes gain
 nothing from decoding on the fly (spec §2.6). The forward does no host synchronisation and branches only on the
-number of rows, so it can be captured in a CUDA graph. CPU, and RTN weights, rebuild the dense weight per call.
+number of rows, so it can be captured in a CUDA graph. CPU, RTN weights and SeedLM's flat blocking (which the kernels
+do not read) rebuild the dense weight per call.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ class CompressedLinear(nn.Module):
         self.device = torch.device(device)
         self.kernel_weight = None
         self.weight_ct = None
-        if weight.method == "seedlm" and self.device.type == "cuda":
+        if weight.method == "seedlm" and weight.config.blocking == "row" and self.device.type == "cuda":
             from raytrain.compress.kernels.seedlm_matmul import SeedLMWeight
 
             self.kernel_weight = SeedLMWeight.from_compressed(weight, self.device)

@@ -69,9 +69,13 @@ def stored_bits(shape: tuple[int, ...], cfg: PalettizeConfig) -> int:
     return 8 * packed_size(shape[0] * shape[1], cfg.bits) + 16 * groups_of(shape[0], cfg) * cfg.entries
 
 
-def row_alignment(cfg: PalettizeConfig) -> int:
-    """Row ranges encoded separately must start on a multiple of this."""
+def row_alignment(cols: int, cfg: PalettizeConfig) -> int:
+    """Row ranges encoded separately must start on a multiple of this (a table serves a group of rows)."""
     return cfg.group_size
+
+
+def padding(shape: tuple[int, int], cfg: PalettizeConfig) -> int:
+    return 0  # one index per weight; the last group of rows may be short
 
 
 # ---- k-means ---------------------------------------------------------------------------------------------------

@@ -44,11 +44,6 @@ class RTNConfig:
         return cls(bits=meta["bits"], group_size=meta["group_size"])
 
 
-def row_alignment(cfg: Any) -> int:
-    """Codes are per row: row ranges encoded separately may start anywhere."""
-    return 1
-
-
 def groups_per_row(cols: int, cfg: RTNConfig) -> int:
     return math.ceil(cols / cfg.group_size)
 
@@ -84,6 +79,15 @@ def expected_sizes(shape: tuple[int, int], cfg: RTNConfig) -> dict[str, int]:
 def check_arrays(arrays: dict[str, torch.Tensor], cfg: RTNConfig) -> None:
     if arrays["scales"].dtype != SCALE_DTYPE or not torch.isfinite(arrays["scales"]).all():
         raise ValueError(f"scales must be finite {SCALE_DTYPE}")
+
+
+def row_alignment(cols: int, cfg: RTNConfig) -> int:
+    """Any row range encodes on its own (groups never cross rows)."""
+    return 1
+
+
+def padding(shape: tuple[int, int], cfg: RTNConfig) -> int:
+    return 0  # a row's last group may be partial
 
 
 def unpack(arrays: dict[str, torch.Tensor], cfg: RTNConfig, shape: tuple[int, int]) -> Codes:

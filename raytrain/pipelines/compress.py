@@ -82,9 +82,8 @@ class Encoding:
     def meta(self) -> dict[str, Any]:
         return {"method": self.method, "config": self.config.meta()}
 
-    @property
-    def row_alignment(self) -> int:
-        return METHODS[self.method].codec.row_alignment(self.config)
+    def row_alignment(self, cols: int) -> int:
+        return METHODS[self.method].codec.row_alignment(cols, self.config)
 
 
 @dataclass
@@ -184,7 +183,10 @@ def plan_job(source: str | Path, out: str | Path, method: str, config: Any, job:
         for name in hf.embedding_weight_names(source):  # one scale per row: the group is the whole row
             cfg = dataclasses.replace(embedding.config, group_size=stored[name].shape[1])
             encodings[name] = [Encoding(embedding.method, cfg)]
-    alignments = {n: max(e.row_alignment for e in encs) for n, encs in encodings.items()}
+    try:
+        alignments = {n: max(e.row_alignment(stored[n].shape[1]) for e in encs) for n, encs in encodings.items()}
+    except ValueError as e:
+        raise CompressError(f"checkpoint={source}: {e}") from None
     shards = plan({n: stored[n].shape for n in encodings}, alignments, job.weights_per_task)
     calibration = None
     if mixed is not None:
@@ -427,7 +429,8 @@ def evaluate(source: str | Path, out: str | Path, method: str, configs: dict[str
                          "mean_relative_error": sum(errors.values()) / len(errors), "perplexity": ppl,
                          "relative_error": errors}
     log.info("perplexity on %d held-out tokens: %s", windows[:, 1:].numel(),
-             ", ".join(f"{k} {v['perplexity']:.3f}" for k, v in results.items()))
+             ", ".join(f"{k} {v['perplexity']:.3f} ({v['bits_per_weight']:.3f} bits per weight)"
+                       for k, v in results.items()))
     return {"eval_tokens": windows[:, 1:].numel(), "results": results}
 
 

@@ -56,7 +56,8 @@ def train_loop(job: TrainJob) -> dict[str, Any]:
     work = tasks.worker(job, model, torch.bfloat16 if precision == "bf16" else torch.float32, device)
     optimizer = build_optimizer(model, job.optim, fused=t.use_gpu, grad_clip=t.grad_clip)
     total = job.schedule.total_steps or t.max_steps
-    engine = initialize(model, optimizer, lambda opt: build_scheduler(opt, job.optim.lr, job.schedule, total),
+    skipped = getattr(optimizer, "last_step_skipped", None)  # adastar: a skipped update does not advance the LR
+    engine = initialize(model, optimizer, lambda opt: build_scheduler(opt, job.optim.lr, job.schedule, total, skipped),
                         ds_config)
 
     progress = Progress()
@@ -103,9 +104,10 @@ def _train(engine: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer
     batches = _batches(ray.train.get_dataset_shard("train"), job, progress, device, work)
     meter = _Throughput(job, work, world)
     step_units = units_per_step(job, work, world)
-    skips = getattr(optimizer, "skips", None)
+    skipped = getattr(optimizer, "last_step_skipped", None)  # adastar's skip rule (DeepSpeed does not see it)
     window, window_steps = torch.zeros(len(work.metrics), device=device), 0
     while progress.step < stop_at:
+        work.step = progress.step
         for _ in range(t.grad_accum):
             waited = time.perf_counter()
             inputs = next(batches)
@@ -114,8 +116,8 @@ def _train(engine: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer
             engine.backward(loss)
             engine.step()
             window += parts
-        if not engine.was_step_applied() or (skips is not None and skips(_grad_norm(engine))):  # adastar reads
-            progress.skipped_steps += 1  # the same norm on the host inside its step, so this adds no GPU wait
+        if not engine.was_step_applied() or (skipped is not None and skipped()):
+            progress.skipped_steps += 1
         work.after_step()
         progress.step += 1
         progress.tokens += step_units
@@ -171,11 +173,12 @@ def _batches(shard: Any, job: TrainJob, progress: Progress, device: torch.device
     while True:
         buffer = job.data.shuffle_buffer or None
         seen = 0
-        for batch in shard.iter_torch_batches(batch_size=job.trainer.micro_batch_size, drop_last=True,
-                                              dtypes=work.dtypes, device=device, pin_memory=device.type == "cuda",
-                                              local_shuffle_buffer_size=buffer,
-                                              local_shuffle_seed=job.data.shuffle_seed + progress.epoch
-                                              if buffer else None):
+        stream = shard.iter_torch_batches(batch_size=job.trainer.micro_batch_size, drop_last=True,
+                                          dtypes=work.dtypes, device=device, pin_memory=device.type == "cuda",
+                                          local_shuffle_buffer_size=buffer,
+                                          local_shuffle_seed=job.data.shuffle_seed + progress.epoch
+                                          if buffer else None)
+        for batch in work.regroup(stream, progress.epoch):
             seen += 1
             if skip:
                 skip -= 1

@@ -137,6 +137,7 @@ class AdaStar(torch.optim.Optimizer):
         self.layouts: dict[torch.Tensor, FlatLayout] = {}
         self.external_grad_norm: Callable[[], float] | None = None
         self._pieces: dict[tuple[int, ...], _Pieces] = {}
+        self.skipped_last = False
 
     def attach(self, grad_norm: Callable[[], float], layouts: dict[torch.Tensor, FlatLayout]) -> None:
         """Run inside a DeepSpeed ZeRO optimizer: `grad_norm` returns the global norm DeepSpeed computed (and
@@ -148,10 +149,15 @@ class AdaStar(torch.optim.Optimizer):
         """The skip rule; a NaN or infinite norm is skipped too."""
         return self.skip_grad_norm is not None and not grad_norm < self.skip_grad_norm
 
+    def last_step_skipped(self) -> bool:
+        """Whether the last `step` left everything unchanged (the LR schedule must not advance either)."""
+        return self.skipped_last
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> None:
         grad_norm, clip = self._grad_norm()
-        if self.skips(grad_norm):
+        self.skipped_last = self.skips(grad_norm)
+        if self.skipped_last:
             return None
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
@@ -306,13 +312,32 @@ def cosine_lr(step: int, peak: float, cfg: ScheduleConfig, total_steps: int) -> 
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, peak: float, cfg: ScheduleConfig,
-                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+class Schedule(torch.optim.lr_scheduler.LambdaLR):
+    """LambdaLR indexed by applied updates: a `step` after an update the optimizer skipped (`skipped()` true) leaves
+    the LR where it is, as axlearn's schedule, which counts the optimizer's own steps, does. DeepSpeed steps the
+    scheduler after every optimizer step it did not skip itself, so the check lives here."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, factor: Callable[[int], float],
+                 skipped: Callable[[], bool] | None = None) -> None:
+        self.skipped = skipped
+        super().__init__(optimizer, factor)
+
+    def step(self, epoch: int | None = None) -> None:
+        if self.skipped is None or not self.skipped():
+            super().step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in super().state_dict().items() if k != "skipped"}
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, peak: float, cfg: ScheduleConfig, total_steps: int,
+                    skipped: Callable[[], bool] | None = None) -> Schedule:
     """LambdaLR calls the factor with 0 for the first update. corenet's schedule is indexed from 0; axlearn's from
-    1 (its first update already uses s(1) = 1 / warmup)."""
+    1 (its first update already uses s(1) = 1 / warmup). `skipped` says whether the optimizer skipped its last
+    update (adastar's `last_step_skipped`)."""
     if cfg.name != "cosine":
         raise ConfigError(f"schedule.name={cfg.name!r} is unknown; known: cosine")
     offset = 1 if cfg.convention == "axlearn" else 0
     factor: Callable[[int], float] = lambda step: (  # noqa: E731
         cosine_lr(step + offset, peak, cfg, total_steps) / peak if peak > 0 else 0.0)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return Schedule(optimizer, factor, skipped)

@@ -9,9 +9,10 @@ export holds.
 
 Tasks (`task.name`): `lm` (next-token pretraining, the default; `objective=distill` adds AFM's frozen teacher),
 `lora` (LoRA adapters on a frozen base, dense or compressed, with the same objectives: AFM's feature and
-accuracy-recovery adapters), `catlip` (multi-label BCE over WordNet synsets), `clip` (contrastive image-text
-baseline), `classify` (linear probe or fine-tune of a ViT on labelled images, with Transfer Init from a CatLIP
-checkpoint).
+accuracy-recovery adapters), `catlip` (multi-label BCE over WordNet synsets, plus RangeAugment's loss when the ViT
+learns augmentation ranges), `clip` (contrastive image-text baseline), `classify` (linear probe or fine-tune of a ViT
+on labelled images, with Transfer Init from a CatLIP checkpoint). Image tasks with `data.variable_resolution` re-cut
+each worker's batches into corenet's multi-scale batches (`regroup`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,13 +31,16 @@ import torch
 from raytrain.config import ConfigError, RaytrainError, to_dataclass
 from raytrain.data import imagetext, synsets, text
 from raytrain.data.tokenizer import TokenizerFiles, caption_tokens, from_files, load_tokenizer, to_files, train_bpe
+from raytrain.data.variable_batch import batch_shapes, variable_batches
 from raytrain.models.decoder import training_flops_per_token
 from raytrain.models.lora import LoRAConfig
+from raytrain.models.range_augment import range_augment_loss, target_mse
 from raytrain.models.vit import ViTConfig, to_pixels, training_flops_per_image
 from raytrain.train.objectives import METRICS, info_nce, label_smoothed_ce, multilabel_bce, next_token_pairs
 
 log = logging.getLogger("raytrain.train")
 VOCAB_FILE, CLASSES_FILE = "synsets.json", "classes.json"
+TRANSFER_BIASES = ("copy", "mean", "none")
 
 
 # ---- configs (`task:` in conf/train.yaml and conf/job/*.yaml) --------------------------------------------------
@@ -63,10 +68,12 @@ class LoRATaskConfig(LMTaskConfig):
 @dataclass
 class CatlipTaskConfig:
     name: str = "catlip"
-    vocab: str | None = None  # an existing vocabulary file; None = count the training captions (saved in the run)
+    vocab: str | None = None  # an existing vocabulary file (cut by top_k and min_count too); None = count the
+    # training captions (saved in the run)
     top_k: int | None = 24320  # keep the k most frequent synsets (None = no cap)
     min_count: int = 1  # and only synsets seen at least this often (the paper's V_tau; 500 at web scale)
     counting: str = "caption"  # caption (once per caption) | occurrence
+    noun_only: bool = False  # the paper's noun filter (the reference code ignores the part of speech)
     check_captions: int = 1000  # captions sampled to fingerprint the data set and check the vocabulary covers it
     ema_momentum: float = 0.0005  # ema = (1 - m) ema + m w; 0 = no EMA (the export then holds the raw weights)
 
@@ -85,11 +92,16 @@ class ClassifyTaskConfig:
     mode: str = "linear_probe"  # linear_probe (frozen trunk, head only) | finetune (everything)
     backbone: str | None = None  # a CatLIP (ViT) checkpoint whose trunk starts the model; None = from scratch
     transfer_init: bool = True  # head rows from the backbone classifier's rows for each class's synset
+    transfer_bias: str = "mean"  # copy: biases too, unmapped classes 0 | mean: copied, unmapped classes get their mean
+    # | none: weights only, every bias 0 (BCE biases of rare synsets are strongly negative: unmapped classes at 0
+    # would start ahead under softmax)
     label_smoothing: float = 0.1
 
     def __post_init__(self) -> None:
         if self.mode not in ("linear_probe", "finetune"):
             raise ValueError(f"mode={self.mode!r}; expected linear_probe or finetune")
+        if self.transfer_bias not in TRANSFER_BIASES:
+            raise ValueError(f"transfer_bias={self.transfer_bias!r}; expected one of {', '.join(TRANSFER_BIASES)}")
 
 
 TASK_CONFIGS = {"lm": LMTaskConfig, "lora": LoRATaskConfig, "catlip": CatlipTaskConfig, "clip": ClipTaskConfig,
@@ -194,20 +206,24 @@ def _one_actor() -> Any:
 
 def catlip_vocabulary(task: CatlipTaskConfig, data: imagetext.ImageTextDataConfig,
                       run_dir: str) -> synsets.Vocabulary:
-    """`task.vocab` if set, else the one saved in the run (resume), else counted now over the training captions and
-    saved in the run directory. A given vocabulary built on other data is reported; one that labels none of the
-    sampled captions is refused."""
+    """`task.vocab` if set (its first `task.top_k` synsets counted at least `task.min_count` times, as corenet takes
+    the first V keys), else the one saved in the run (resume), else counted now over the training captions and saved
+    in the run directory. A given vocabulary built on other data is reported; one that labels none of the sampled
+    captions is refused."""
     sample = [r["caption"] for r in imagetext.captions(data, task.check_captions).take_all()]
     source = synsets.fingerprint(sample)
     saved = Path(run_dir) / VOCAB_FILE
     if task.vocab:
-        vocab = synsets.Vocabulary.load(task.vocab)
+        vocab = synsets.Vocabulary.load(task.vocab).truncated(task.top_k, task.min_count)
+        if vocab.noun_only != task.noun_only:
+            raise ConfigError(f"task.noun_only={task.noun_only}, but task.vocab={task.vocab} was mined with "
+                              f"noun_only={vocab.noun_only}; labels must be mined as the vocabulary was")
     elif saved.is_file():
         vocab = synsets.Vocabulary.load(saved)
     else:
         log.info("counting WordNet synsets over the training captions (Ray Data)")
         vocab = synsets.build_vocabulary(imagetext.captions(data), source, task.top_k, task.min_count,
-                                         task.counting)
+                                         task.counting, noun_only=task.noun_only)
         vocab.save(saved)
         log.info("vocabulary: %d synsets, saved to %s", len(vocab), saved)
     synsets.check_source(vocab, sample, source, str(task.vocab or saved), data.path or "the procedural world")
@@ -281,7 +297,7 @@ def _prepare_classify(parts: dict[str, Any], run_dir: str, counter: Any) -> Prep
 
 class Worker:
     """Per-rank behaviour of a task; see the module docstring. Subclasses set `metrics` (names of the logged loss
-    parts, the total first) and implement `inputs` and `loss`."""
+    parts, the total first) and implement `inputs` and `loss`. The loop keeps `step` at the optimizer steps done."""
 
     metrics: tuple[str, ...] = ("loss",)
     unit = "images"
@@ -289,6 +305,26 @@ class Worker:
 
     def __init__(self, job: Any, model: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> None:
         self.job, self.model, self.dtype, self.device = job, model, dtype, device
+        self.step = 0
+
+    def regroup(self, batches: Iterator[dict[str, torch.Tensor]], epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+        """The stream of dataset batches as the task trains on them: unchanged, or with
+        `data.variable_resolution` re-cut into batches of a random side and a size that keeps the pixels per batch
+        (the same sequence on every rank: seeded by the epoch)."""
+        data = self.job.data
+        if not getattr(data, "variable_resolution", False):
+            return batches
+        shapes = batch_shapes(data.image_size, self.job.trainer.micro_batch_size, data.min_side, data.max_side,
+                              data.num_scales, data.side_divisor)
+        return variable_batches(batches, shapes, seed=data.shuffle_seed + epoch)
+
+    def logits_and_augment_loss(self, engine: Any, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits, and RangeAugment's loss when the model learns augmentation ranges (None otherwise)."""
+        if getattr(self.model, "augment", None) is None:
+            return engine(images), None
+        logits, augmented = engine(images, return_augmented=True)
+        total = self.job.schedule.total_steps or self.job.trainer.max_steps
+        return logits, range_augment_loss(images, augmented, target_mse(self.step, total))
 
     def inputs(self, batch: dict[str, torch.Tensor]) -> Any:
         raise NotImplementedError
@@ -400,7 +436,8 @@ class LoRAWorker(LMWorker):
 
 
 class CatlipWorker(Worker):
-    metrics = ("loss", "labels_per_image")
+    """BCE over the synsets (plus RangeAugment's loss, when the model learns augmentation ranges); the export holds
+    the EMA weights."""
 
     def __init__(self, job: Any, model: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> None:
         from raytrain.train.ema import EMA
@@ -409,14 +446,21 @@ class CatlipWorker(Worker):
         if job.task.ema_momentum and job.trainer.zero_stage == 3:
             raise ConfigError("task.ema_momentum needs whole weights on every rank: use trainer.zero_stage <= 2")
         self.ema = EMA(model, job.task.ema_momentum) if job.task.ema_momentum else None
+        augment = getattr(model, "augment", None) is not None
+        self.metrics = ("loss", "labels_per_image", *(("range_augment",) if augment else ()))
 
     def inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         return self.pixels(batch["image"]), batch["targets"]
 
     def loss(self, engine: Any, inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         images, targets = inputs
-        loss = multilabel_bce(engine(images), targets)
-        return loss, torch.stack([loss.detach(), targets.float().sum(1).mean()])
+        logits, augment_loss = self.logits_and_augment_loss(engine, images)
+        loss = multilabel_bce(logits, targets)
+        parts = [targets.float().sum(1).mean()]
+        if augment_loss is not None:
+            loss = loss + augment_loss
+            parts.append(augment_loss.detach())
+        return loss, torch.stack([loss.detach(), *parts])
 
     def after_step(self) -> None:
         if self.ema is not None:
@@ -452,7 +496,7 @@ class ClassifyWorker(Worker):
         task = job.task
         if task.backbone:
             rows = init_from_backbone(model, task.backbone, json.loads(job.tokenizer_files[CLASSES_FILE]),
-                                      task.transfer_init)
+                                      task.transfer_init, task.transfer_bias)
             log.info("Transfer Init: %d of %d classifier rows from %s", sum(r is not None for r in rows), len(rows),
                      task.backbone)
         if task.mode == "linear_probe":
@@ -466,9 +510,13 @@ class ClassifyWorker(Worker):
         images, labels = inputs
         if self.job.task.mode == "linear_probe":
             self.model.stem.eval()  # a frozen trunk keeps its BatchNorm statistics
-        logits = engine(images)
+            logits, augment_loss = engine(images), None
+        else:  # the fine-tune recipe: RangeAugment too, when the model has it
+            logits, augment_loss = self.logits_and_augment_loss(engine, images)
         loss = label_smoothed_ce(logits, labels, self.job.task.label_smoothing)
         accuracy = (logits.argmax(-1) == labels).float().mean()
+        if augment_loss is not None:
+            loss = loss + augment_loss
         return loss, torch.stack([loss.detach(), accuracy])
 
 
@@ -500,31 +548,38 @@ def transfer_rows(classes: list[str], vocab_ids: list[str]) -> list[int | None]:
 
 @torch.no_grad()
 def transfer_init(head: torch.nn.Linear, source_weight: torch.Tensor, source_bias: torch.Tensor,
-                  rows: list[int | None]) -> None:
-    for i, row in enumerate(rows):
-        if row is not None:
-            head.weight[i].copy_(source_weight[row])
-            head.bias[i].copy_(source_bias[row])
+                  rows: list[int | None], bias: str = "mean") -> None:
+    """Head rows of mapped classes from the source classifier; biases per `bias` (see `ClassifyTaskConfig`).
+    Unmapped rows keep their random weights."""
+    mapped = [(i, row) for i, row in enumerate(rows) if row is not None]
+    for i, row in mapped:
+        head.weight[i].copy_(source_weight[row])
+    if bias == "none" or not mapped:
+        head.bias.zero_()
+        return
+    copied = source_bias[[row for _, row in mapped]].to(head.bias.dtype)
+    head.bias.fill_(copied.mean() if bias == "mean" else 0.0)
+    head.bias[[i for i, _ in mapped]] = copied
 
 
-def init_from_backbone(model: torch.nn.Module, backbone: str, classes: list[str],
-                       use_transfer_init: bool) -> list[int | None]:
+def init_from_backbone(model: torch.nn.Module, backbone: str, classes: list[str], use_transfer_init: bool,
+                       bias: str = "mean") -> list[int | None]:
     """Load a CatLIP checkpoint's trunk into `model` and, with Transfer Init, the classifier rows of the classes'
     synsets; returns the source row of each class."""
     from raytrain.checkpoint.hf import read_weights, resolve_checkpoint
 
     path = resolve_checkpoint(backbone)
-    state = read_weights(path)
+    state = {k: v for k, v in read_weights(path).items() if not k.startswith("augment.")}  # ranges: pretraining's
     head_w, head_b = state.pop("head.weight", None), state.pop("head.bias", None)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or set(missing) - {"head.weight", "head.bias"}:
+    if unexpected or {m for m in missing if not m.startswith("augment.")} - {"head.weight", "head.bias"}:
         raise ConfigError(f"task.backbone={backbone}: not a ViT trunk of this model's shape "
                           f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     rows: list[int | None] = [None] * len(classes)
     if use_transfer_init and head_w is not None and (path / VOCAB_FILE).is_file():
         vocab = synsets.Vocabulary.load(path / VOCAB_FILE)
         rows = transfer_rows(classes, vocab.ids)
-        transfer_init(model.head, head_w, head_b, rows)
+        transfer_init(model.head, head_w, head_b, rows, bias)
     elif use_transfer_init:
         log.warning("task.backbone=%s has no classifier or no %s; the head starts random", backbone, VOCAB_FILE)
     return rows

@@ -66,6 +66,23 @@ def test_a_step_whose_gradient_norm_is_not_below_100_changes_nothing(grad: float
     assert opt.skips(grad) and not opt.skips(99.9)
 
 
+def test_a_skipped_step_does_not_advance_the_lr_schedule() -> None:
+    """DeepSpeed steps the scheduler after every optimizer step it did not skip itself; axlearn's schedule counts
+    applied updates only. Steps 1 and 3 apply, step 2 is skipped: step 3 runs at s(2), not s(3)."""
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = AdaStar([p], lr=0.01, weight_decay=0.0)
+    schedule = build_scheduler(opt, 0.01, AFM_SCHEDULE, 750_000, opt.last_step_skipped)
+    lrs = []
+    for grad in (0.3, 500.0, 0.3):
+        lrs.append(opt.param_groups[0]["lr"])
+        p.grad = torch.tensor([grad])
+        opt.step()
+        schedule.step()  # what DeepSpeed does after the optimizer step
+    assert lrs == pytest.approx([0.01 / 5000, 0.01 * 2 / 5000, 0.01 * 2 / 5000], rel=1e-9)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01 * 3 / 5000, rel=1e-9)
+    assert "skipped" not in schedule.state_dict()  # checkpoints hold no reference to the optimizer
+
+
 def test_weight_decay_follows_the_schedule_not_the_peak_lr() -> None:
     """At s = 1 decay alone scales p by (1 - 3.16e-4), whatever the peak LR; at s = 0.5 by (1 - 1.58e-4)."""
     for peak in (0.01, 1e-4):
@@ -80,24 +97,37 @@ def test_weight_decay_follows_the_schedule_not_the_peak_lr() -> None:
                                    atol=1e-7)
 
 
+class ReferenceAdaStar:
+    """The spec's pseudo-code (section 2.2) on whole tensors in float64, written out independently of `AdaStar`:
+    global-norm clip to 1, v with eps inside, bias-corrected v only, per-tensor RMS clip, undebiased momentum,
+    decay decoupled from the peak LR (both scaled by the schedule's multiplier s)."""
+
+    def __init__(self, params: list[torch.Tensor], lr: float, wd: float, scales: list[float], clip: float,
+                 grad_clip: float | None = 1.0, b1: float = 0.95, b2: float = 0.95) -> None:
+        self.params = [p.detach().double().clone() for p in params]
+        self.v, self.m = [torch.zeros_like(p) for p in self.params], [torch.zeros_like(p) for p in self.params]
+        self.lr, self.wd, self.scales, self.clip, self.grad_clip = lr, wd, scales, clip, grad_clip
+        self.b1, self.b2, self.t = b1, b2, 0
+
+    def step(self, grads: list[torch.Tensor], s: float = 1.0) -> None:
+        self.t += 1
+        norm = math.sqrt(sum(float(g.double().square().sum()) for g in grads))
+        factor = min(1.0, self.grad_clip / norm) if self.grad_clip else 1.0
+        for i, g in enumerate(grads):
+            g = g.double() * factor
+            self.v[i] = self.b2 * self.v[i] + (1 - self.b2) * (g * g + 1e-30)
+            u = g / (self.v[i] / (1 - self.b2 ** self.t)).sqrt()
+            u = u / max(1.0, math.sqrt(float(u.square().mean())) / self.clip)
+            self.m[i] = self.b1 * self.m[i] + (1 - self.b1) * u  # no bias correction
+            self.params[i] = self.params[i] - s * (self.lr * self.scales[i] * self.m[i] + self.wd * self.params[i])
+
+
 def reference_adastar(params: list[torch.Tensor], grads: list[list[torch.Tensor]], lr: float, wd: float,
-                      scales: list[float], clip: float, b1: float = 0.95, b2: float = 0.95) -> list[torch.Tensor]:
-    """The spec's pseudo-code, element by element in float64 with Python loops."""
-    ps = [p.double().clone() for p in params]
-    vs, ms = [torch.zeros_like(p) for p in ps], [torch.zeros_like(p) for p in ps]
-    for t, step_grads in enumerate(grads, start=1):
-        norm = math.sqrt(sum(float(g.double().square().sum()) for g in step_grads))
-        for i, g in enumerate(step_grads):
-            g = g.double() * min(1.0, 1.0 / norm)
-            u = torch.empty_like(g)
-            for j in range(g.numel()):
-                vs[i].view(-1)[j] = b2 * vs[i].view(-1)[j] + (1 - b2) * (g.view(-1)[j] ** 2 + 1e-30)
-                u.view(-1)[j] = g.view(-1)[j] / math.sqrt(vs[i].view(-1)[j] / (1 - b2 ** t))
-            rms = math.sqrt(float(u.square().sum()) / u.numel())
-            u = u / max(1.0, rms / clip)
-            ms[i] = b1 * ms[i] + (1 - b1) * u  # no bias correction
-            ps[i] = ps[i] - (lr * scales[i] * ms[i] + wd * ps[i])
-    return ps
+                      scales: list[float], clip: float) -> list[torch.Tensor]:
+    reference = ReferenceAdaStar(params, lr, wd, scales, clip)
+    for step_grads in grads:
+        reference.step(step_grads)
+    return reference.params
 
 
 def test_update_matches_the_spec_computed_by_hand() -> None:
@@ -267,6 +297,11 @@ def test_flat_partitions_over_two_ranks_step_like_whole_tensors(kind: str, two_r
     parts = two_ranks(rank_steps)
     whole, unclipped = (_whole_tensor_steps(clip) for clip in (0.3, 0.0))
     assert all((a - b).abs().max() > 1e-4 for a, b in zip(whole, unclipped))  # the clip is active in every tensor
+    reference = ReferenceAdaStar(_tensors(0), lr=0.01, wd=0.1, scales=[1.0] * 3, clip=0.3, grad_clip=None)
+    for seed in (1, 2, 3):
+        reference.step(_tensors(seed))
+    for p, r in zip(whole, reference.params):  # the whole-tensor optimizer against the independent float64 one
+        torch.testing.assert_close(p.double(), r, rtol=0, atol=1e-6)
     if kind == "zero2":
         got = torch.cat(parts)
         pieces = [got[o:o + n] for o, n in zip([0, 16, 24], NUMELS)]
