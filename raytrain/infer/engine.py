@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from raytrain.config import ConfigError, RaytrainError
-from raytrain.infer.lazyllm import LazyConfig, LazySequence
+from raytrain.infer.lazyllm import LazyConfig, LazySequence, pays_off
 from raytrain.infer.kv_cache import SlotKVCache
 from raytrain.infer.model_runner import ModelRunner
 from raytrain.infer.sampling import SamplingParams, SamplingTable
@@ -253,8 +253,15 @@ class Engine:
     def _admit(self) -> None:
         while self._inbox:
             seq = self._inbox.popleft()
-            lazy = self.config.lazy and len(seq.prompt) >= self.config.lazyllm.min_prompt_tokens
-            (self.lazy_waiting if lazy else self.scheduler.waiting).append(seq)
+            (self.lazy_waiting if self._runs_lazy(len(seq.prompt)) else self.scheduler.waiting).append(seq)
+
+    def _runs_lazy(self, prompt_tokens: int) -> bool:
+        """LazyLLM for long prompts, unless its schedule measured no faster for this length class: those prompts
+        join the batch (CUDA-graph decode) rather than a one-sequence plain path."""
+        lazy = self.config.lazyllm
+        if not self.config.lazy or prompt_tokens < lazy.min_prompt_tokens:
+            return False
+        return not lazy.never_slower or pays_off(self.model, lazy, prompt_tokens)
 
     def _cancelled(self) -> list[Sequence]:
         every = [*self.scheduler.waiting, *self.scheduler.running, *self.lazy_waiting, self.lazy_running]

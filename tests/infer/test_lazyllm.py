@@ -307,3 +307,15 @@ def test_a_schedule_measured_slower_falls_back_to_the_plain_computation(lm, monk
 def test_bad_schedules_fail_before_any_request(lm, tokenizer, config: LazyConfig, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         Engine(lm, tokenizer, EngineConfig(lazy=True, lazyllm=config))
+
+
+def test_the_engine_batches_prompts_of_a_length_class_where_lazyllm_measured_slower(lm, tokenizer,
+                                                                                     monkeypatch) -> None:
+    monkeypatch.setattr(lazyllm, "prefill_seconds", lambda model, prompt, config: 1.0 if config is None else 2.0)
+    engine = Engine(lm, tokenizer, EngineConfig(lazy=True, lazyllm=LazyConfig(layers=EVERY_LAYER,
+                                                                             min_prompt_tokens=30)))
+    request = Request(torch.randint(4, 512, (60,)).tolist(), SamplingParams(max_new_tokens=5, temperature=0))
+    engine.add_request(request, lambda deltas: None)
+    engine.step()
+    assert not engine.lazy_waiting and engine.lazy_running is None and engine.scheduler.has_work()
+    assert engine.generate([request])[0].token_ids == Engine(lm, tokenizer).generate([request])[0].token_ids
