@@ -2,7 +2,7 @@
 `shapes`: the procedural image-text world as webdataset shards, generated in parallel by Ray Data; `lidar`: synthetic
 driving-scene LiDAR sequences with cameras and ground truth; `lidar_crops`: such sequences' object camera crops
 captioned with their class, as image-text shards for CLIP; `waymo`: a Waymo Open Dataset v2 split converted to that
-sequence format)."""
+sequence format; `vqa`: questions and short answers about the procedural world's scenes, train and held-out splits)."""
 
 from __future__ import annotations
 
@@ -18,13 +18,13 @@ from raytrain.data import retrieval
 CONFIG_NAME = "make_data"
 HELP = ("generate a data set: make=retrieval (long-context multi-document QA), make=shapes (image-text shards), "
         "make=lidar (driving scenes), make=lidar_crops (their camera crops as CLIP shards), "
-        "make=waymo (WOD v2 -> sequences)")
+        "make=waymo (WOD v2 -> sequences), make=vqa (visual question answering, train and held-out)")
 log = logging.getLogger("raytrain")
 
 
 def run(cfg: DictConfig) -> None:
     makers = {"retrieval": make_retrieval, "shapes": make_shapes, "lidar": make_lidar,
-              "lidar_crops": make_lidar_crops, "waymo": make_waymo}
+              "lidar_crops": make_lidar_crops, "waymo": make_waymo, "vqa": make_vqa}
     if cfg.make not in makers:
         raise ConfigError(f"make={cfg.make!r} is unknown; known: {', '.join(makers)}")
     counts = makers[cfg.make](cfg, Path(cfg.out))
@@ -93,3 +93,20 @@ def make_waymo(cfg: DictConfig, out: Path) -> dict[str, int]:
     if not cfg.waymo.path:
         raise ConfigError("make=waymo needs waymo.path=DIR (a WOD v2 split directory with lidar/, vehicle_pose/, ...)")
     return {"sequences": len(convert(cfg.waymo.path, out, cfg.waymo.laser))}
+
+
+def make_vqa(cfg: DictConfig, out: Path) -> dict[str, int]:
+    """`out/train` and `out/heldout` (scenes the training split never shows), parquet written by Ray Data."""
+    import ray
+
+    from raytrain.config import to_dataclass
+    from raytrain.data.shapes import WorldConfig
+    from raytrain.data.vqa import write_splits
+
+    v = cfg.vqa
+    if v.train < 1 or v.heldout < 1:
+        raise ConfigError(f"make=vqa needs vqa.train and vqa.heldout >= 1 (got {v.train}, {v.heldout})")
+    world = to_dataclass(WorldConfig, v.world, "vqa.world")
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False)
+    return write_splits(out, v.train, v.heldout, v.heldout_start, cfg.seed, world)

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from raytrain.config import ConfigError, to_dataclass
+from raytrain.config import ConfigError, plain, to_dataclass
 from raytrain.models.clip import ClipConfig, build_clip
 from raytrain.models.decoder import DecoderConfig, build_decoder
 from raytrain.models.pillars import PillarNetConfig, build_pillarnet
@@ -33,8 +33,9 @@ FAMILIES: dict[str, Family] = {"decoder": Family(DecoderConfig, build_decoder), 
 
 
 def model_config(node: Mapping[str, Any], key: str = "model") -> Any:
-    """`node` carries `family` (default "decoder") plus that family's config fields."""
-    fields = dict(node)
+    """`node` carries `family` (default "decoder") plus that family's config fields (interpolations resolved
+    against the whole config, e.g. job=vlm's `${vlm.registers}`)."""
+    fields = dict(plain(node))
     family = fields.pop("family", "decoder")
     if family not in FAMILIES:
         raise ConfigError(f"{key}.family={family!r} is unknown; known: {', '.join(sorted(FAMILIES))}")
