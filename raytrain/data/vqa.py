@@ -264,7 +264,7 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as image:
         image = image.convert("RGB")
         box = center_box(*image.size)
-        return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR, box=box), dtype=np.uint8)
+        return np.array(image.resize((size, size), Image.Resampling.BILINEAR, box=box), dtype=np.uint8)
 
 
 def training_dataset(cfg: VQADataConfig, files: dict[str, str], counter: Any = None) -> Any:

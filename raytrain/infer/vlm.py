@@ -13,6 +13,7 @@ need a per-request decoding mode in the engine; the prompts of one call are batc
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -97,3 +98,23 @@ def visual_tokens(model: VLM, images: list[torch.Tensor | None], device: torch.d
         stacked = iter(model.visual_tokens(torch.stack(present).to(device)))
         return [next(stacked) if img is not None else None for img in images]
     return [model.visual_tokens(img[None].to(device))[0] if img is not None else None for img in images]
+
+
+def pixels(data: bytes, size: int) -> torch.Tensor:
+    """Encoded image bytes -> (3, size, size) pixels in [0, 1], prepared as for training (centred square, resized)."""
+    from raytrain.data.vqa import decode_image
+    from raytrain.models.vit import to_pixels
+
+    return to_pixels(torch.from_numpy(decode_image(data, size))[None])[0]
+
+
+def answer(model: VLM, tokenizer: Any, questions: list[str], images: list[torch.Tensor | None],
+           params: SamplingParams | None = None, template: str = "auto") -> list[str]:
+    """Answers to questions about images, prompted as in training (`raytrain.data.vqa`)."""
+    from raytrain.data.vqa import prompt_ids, template_of
+
+    kind = template_of(tokenizer, template)
+    requests = [VLMRequest(*prompt_ids(tokenizer, q, kind), image, params) for q, image in zip(questions, images)]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return [tokenizer.decode(ids, skip_special_tokens=True)
+            for ids in generate(model, requests, tokenizer.eos_token_id, pad)]
