@@ -23,12 +23,17 @@ from raytrain.models.vlm import IGNORE, VLM, VLMBatch, VLMCache
 
 @dataclass
 class VLMRequest:
-    """A prompt around one image: `before` ids, the image, `after` ids (`image` None: a text-only prompt)."""
+    """A prompt around one image: `before` ids, the image, `after` ids (no image: a text-only prompt)."""
 
     before: list[int]
     after: list[int]
     image: torch.Tensor | None = None  # (3, H, W) pixels in [0, 1]
     params: SamplingParams | None = None  # None: greedy, 16 new tokens
+    visual: torch.Tensor | None = None  # or the image's projected visual tokens (N, d), the tower skipped
+
+    @property
+    def has_image(self) -> bool:
+        return self.image is not None or self.visual is not None
 
 
 def collate(rows: list[tuple[list[int], list[int], list[int] | None]], pad_id: int, left: bool,
@@ -59,9 +64,10 @@ def generate(model: VLM, requests: list[VLMRequest], eos_id: int | None, pad_id:
     """Generated token ids of each request (EOS not included), all requests in one batch."""
     device = model.decoder.embed.weight.device
     params = [r.params or SamplingParams(max_new_tokens=16, temperature=0.0) for r in requests]
-    batch = collate([(r.before if r.image is not None else None, r.after if r.image is not None else
-                      [*r.before, *r.after], None) for r in requests], pad_id, left=True, device=device)
-    batch.visual = visual_tokens(model, [r.image for r in requests], device)
+    batch = collate([(r.before, r.after, None) if r.has_image else (None, [*r.before, *r.after], None)
+                     for r in requests], pad_id, left=True, device=device)
+    computed = visual_tokens(model, [r.image if r.visual is None else None for r in requests], device)
+    batch.visual = [r.visual if r.visual is not None else v for r, v in zip(requests, computed)]
     widest = max((len(v) for v in batch.visual if v is not None), default=0)
     longest = max(p.max_new_tokens for p in params)
     cache = VLMCache(len(model.decoder.layers), batch.tokens.shape[1] + widest + model.cfg.victor.registers
