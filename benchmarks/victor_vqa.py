@@ -1,15 +1,19 @@
 """Held-out VQA exact match of Victor against its baselines, trained with the same steps, in one run.
 
-Each variant is trained by `raytrain train job=vlm` (Ray Train + DeepSpeed, both recipe stages, the same data,
-tower, steps, batch and seed; a variant whose run already finished under `--storage` is reused): the LLaVA baseline
-(`vlm.mode=off`), Victor with M = 8 and M = 32 (k = 3), and registers without the drop (M = 8, k = n). FastV (the 8
-visual tokens that received the most attention in layer k-1 survive layer k = 3) is applied at inference to the
-baseline's weights, as the paper compares it. Each model answers the held-out split (scenes no training record
-shows) greedily through `raytrain.infer.vlm.answer`; exact match after `vqa.normalise`, overall and per question
-kind, with the process CPU time of the evaluation. Prints one JSON line; `ratio` is Victor-8's accuracy over the
-baseline's.
+The parts: the image tower is a CatLIP run on the procedural world (`--tower`); the decoder is `vlm_tiny`'s 8-layer
+decoder pretrained here as a language model (`raytrain train`, its own BPE) on the training split's text, captions
+of the scenes and question/answer lines without the images (or `--decoder CKPT`), so that Stage 1 aligns to a
+decoder that knows the words, as LLaVA's does. Then each variant runs `job=vlm` (Ray Train + DeepSpeed, both recipe
+stages: captions with tower and decoder frozen, then the questions with the decoder trained; the same data, parts,
+steps, batch and seed): the LLaVA baseline (`vlm.mode=off`), Victor with M = 8 and M = 32 (k = 3), and registers
+without the drop (M = 8, k = n). FastV (the 8 visual tokens that received the most attention in layer k-1 survive
+layer k = 3) is applied at inference to the baseline's weights, as the paper compares it. Every run shares one local
+Ray cluster, and a run that finished under `--storage` earlier is reused. Each model answers the held-out split
+(scenes no training record shows) greedily through `raytrain.infer.vlm.answer`; exact match after `vqa.normalise`,
+overall and per question kind, with the process CPU time of the evaluation. Prints one JSON line; `ratio` is
+Victor-8's accuracy over the baseline's.
 
-    python benchmarks/victor_vqa.py --data DIR --tower RUN --storage DIR [--align-steps 100 --finetune-steps 500]
+    python benchmarks/victor_vqa.py --data DIR --tower RUN --storage DIR [--align-steps 40 --finetune-steps 250]
 """
 
 from __future__ import annotations
@@ -18,7 +22,6 @@ import argparse
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -30,30 +33,71 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from raytrain.checkpoint.hf import latest_run_checkpoint, load_pretrained, read_model_config  # noqa: E402
-from raytrain.data.vqa import normalise  # noqa: E402
+from raytrain.data.vqa import caption, normalise  # noqa: E402
 from raytrain.infer.sampling import SamplingParams  # noqa: E402
 from raytrain.infer.vlm import answer, pixels  # noqa: E402
 from raytrain.models.vlm import VictorConfig  # noqa: E402
 
 TRAINED = {"baseline": ["vlm.mode=off"], "victor_8": ["vlm.registers=8"], "victor_32": ["vlm.registers=32"],
            "registers_8_no_drop": ["vlm.registers=8", "vlm.drop_layer=99"]}
+DECODER = ["model=openelm_tiny", "model.name=vlm_tiny_decoder", "model.vocab_size=512", "model.n_layers=8",
+           "model.layer_scaling=null", "++model.q_heads=4", "++model.kv_heads=2", "++model.ffn_dim=384",
+           "model.max_seq_len=512", "model.qk_norm=false"]  # vlm_tiny's decoder (conf/model/vlm_tiny.yaml)
 
 
-def train(name: str, extra: list[str], args: argparse.Namespace) -> Path:
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from raytrain.cli import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name="train", overrides=overrides)
+
+
+def finished(run_dir: Path, steps: int) -> Path | None:
+    latest = latest_run_checkpoint(run_dir)
+    if latest is not None and json.loads((latest / "model" / "raytrain.json").read_text())["step"] == steps:
+        return latest / "model"
+    return None
+
+
+def pretrain_decoder(args: argparse.Namespace) -> Path:
+    """vlm_tiny's decoder as a language model on the training split's text (captions, questions and answers)."""
+    from raytrain.commands import train
+
+    run = f"{args.prefix}-decoder"
+    if (done := finished(Path(args.storage) / run, args.decoder_steps)) is not None:
+        return done
+    import pyarrow.parquet as pq
+
+    corpus = Path(args.storage) / f"{run}-text.jsonl"
+    table = pq.read_table(Path(args.data) / "train", columns=["key", "scene", "question", "answer"]).to_pylist()
+    corpus.parent.mkdir(parents=True, exist_ok=True)
+    corpus.write_text("".join(json.dumps({"text": f"{caption(r['key'], r['scene'])}\nQuestion: {r['question']}"
+                                                  f"\nAnswer: {r['answer']}"}) + "\n" for r in table))
+    train.run(compose([*DECODER, "data=text", f"data.path={corpus}", "data.seq_len=64", "data.min_chars=1",
+                       "data.min_tokens=1", "data.packing=true", "data.shuffle_buffer=256",
+                       f"trainer.max_steps={args.decoder_steps}", f"trainer.checkpoint_every={args.decoder_steps}",
+                       "trainer.micro_batch_size=16", "schedule.warmup_steps=20", "optim.lr=3e-3",
+                       f"trainer.storage_path={args.storage}", f"trainer.run_name={run}", "tracking=disabled",
+                       "sample.prompt=null"]))
+    return finished(Path(args.storage) / run, args.decoder_steps)
+
+
+def train_variant(name: str, extra: list[str], decoder: Path, args: argparse.Namespace) -> Path:
     """The variant's final checkpoint, training it first unless its run finished earlier."""
+    from raytrain.commands import train
+
     run = f"{args.prefix}-{name}"
-    final = latest_run_checkpoint(Path(args.storage) / run / f"{run}.finetune")
-    if final is not None and json.loads((final / "model" / "raytrain.json").read_text())["step"] == \
-            args.finetune_steps:
-        return final / "model"
-    command = [sys.executable, "-m", "raytrain", "train", "job=vlm", *extra, f"data.path={args.data}",
-               f"task.image_tower={args.tower}", f"trainer.storage_path={args.storage}", f"trainer.run_name={run}",
-               f"recipe.stages.align.steps={args.align_steps}", f"recipe.stages.finetune.steps={args.finetune_steps}",
-               f"trainer.micro_batch_size={args.batch}", "tracking=disabled", *args.override]
-    print(" ".join(command), file=sys.stderr, flush=True)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    subprocess.run(command, check=True, env=env, stdout=sys.stderr)
-    return latest_run_checkpoint(Path(args.storage) / run / f"{run}.finetune") / "model"
+    if (done := finished(Path(args.storage) / run / f"{run}.finetune", args.finetune_steps)) is not None:
+        return done
+    outcome = train.run(compose(["job=vlm", *extra, f"data.path={args.data}", f"task.image_tower={args.tower}",
+                                 f"task.decoder={decoder}", f"trainer.storage_path={args.storage}",
+                                 f"trainer.run_name={run}", f"recipe.stages.align.steps={args.align_steps}",
+                                 f"recipe.stages.finetune.steps={args.finetune_steps}",
+                                 f"trainer.micro_batch_size={args.batch}", "tracking=disabled", *args.override]))
+    return Path(outcome["outputs"]["finetune"]) / "model"
 
 
 def heldout(args: argparse.Namespace) -> list[dict]:
@@ -92,15 +136,19 @@ def main() -> None:
     parser.add_argument("--data", required=True, help="a `raytrain data make=vqa` directory")
     parser.add_argument("--tower", required=True, help="the image tower checkpoint (a CatLIP or CLIP run)")
     parser.add_argument("--storage", required=True)
+    parser.add_argument("--decoder", default=None, help="a decoder checkpoint of vlm_tiny's shape; default: "
+                                                             "pretrained here")
     parser.add_argument("--prefix", default="vqa")
-    parser.add_argument("--align-steps", type=int, default=100)
-    parser.add_argument("--finetune-steps", type=int, default=500)
+    parser.add_argument("--decoder-steps", type=int, default=300)
+    parser.add_argument("--align-steps", type=int, default=40)
+    parser.add_argument("--finetune-steps", type=int, default=250)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--heldout", type=int, default=1000)
     parser.add_argument("--override", nargs="*", default=[], help="more `raytrain train` overrides for every run")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    checkpoints = {name: train(name, extra, args) for name, extra in TRAINED.items()}
+    decoder = Path(args.decoder) if args.decoder else pretrain_decoder(args)
+    checkpoints = {name: train_variant(name, extra, decoder, args) for name, extra in TRAINED.items()}
     rows = heldout(args)
     results = {name: evaluate(path, rows, None, 50) for name, path in checkpoints.items()}
     drop = read_model_config(checkpoints["victor_8"]).victor.drop_layer
@@ -111,7 +159,8 @@ def main() -> None:
     baseline = results.pop("baseline")
     print(json.dumps({
         "benchmark": "victor_vqa", "device": f"cpu ({os.cpu_count()} cores)",
-        "config": {"data": args.data, "tower": args.tower, "heldout": len(rows), "align_steps": args.align_steps,
+        "config": {"data": args.data, "tower": args.tower, "decoder": str(decoder), "heldout": len(rows),
+                   "decoder_steps": args.decoder_steps, "align_steps": args.align_steps,
                    "finetune_steps": args.finetune_steps, "micro_batch_size": args.batch,
                    "override": args.override},
         "results": results, "baseline": baseline,

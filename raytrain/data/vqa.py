@@ -15,6 +15,8 @@ Training rows (`training_dataset`): the image decoded and resized in Ray Data, a
 `before` (the prompt up to the image), `after` (the rest of the prompt) and the answer with EOS, which alone carries
 labels. The prompt is the tokenizer's chat template when it has one (SmolLM2-Instruct: system prompt, then the user
 turn `<image>\\n{question} Answer with one word.`), else `plain` (BOS, image, `\\nQuestion: {question}\\nAnswer:`).
+With `target: caption` a row is instead LLaVA's alignment (Stage 1) sample in its `plain` template: BOS, the image,
+then a caption of the scene (`shapes.describe`, drawn from the record's key) with EOS, all of it supervised.
 Rows longer than `max_text_tokens` and images that do not decode are skipped and counted.
 """
 
@@ -52,12 +54,15 @@ class VQADataConfig:
     image_size: int = 128  # side of the images fed to the tower
     max_text_tokens: int = 96  # prompt + answer tokens per row (longer rows are skipped and counted)
     template: str = "auto"  # auto (chat if the tokenizer has a chat template) | chat | plain
+    target: str = "answer"  # answer (VQA) | caption (Stage-1 alignment: BOS, image, caption)
     shuffle_buffer: int = 1024
     shuffle_seed: int = 0
 
     def __post_init__(self) -> None:
         if self.template not in ("auto", "chat", "plain"):
             raise ValueError(f"template={self.template!r}; expected auto, chat or plain")
+        if self.target not in ("answer", "caption"):
+            raise ValueError(f"target={self.target!r}; expected answer or caption")
 
 
 # ---- questions from scene records --------------------------------------------------------------------------------
@@ -167,7 +172,7 @@ def read_records(cfg: VQADataConfig, split: str = "train") -> Any:
     files = path / split if (path / split).is_dir() else path
     if not files.exists():
         raise ConfigError(f"data.path={cfg.path}: no {split}/ split there (write one with raytrain data make=vqa)")
-    return ray.data.read_parquet(str(files), columns=["key", "image", "question", "answer", "kind"])
+    return ray.data.read_parquet(str(files), columns=["key", "image", "question", "answer", "kind", "scene"])
 
 
 # ---- prompts --------------------------------------------------------------------------------------------------
@@ -194,6 +199,11 @@ def prompt_ids(tok: Any, question: str, template: str) -> tuple[list[int], list[
 def answer_ids(tok: Any, answer: str, template: str) -> list[int]:
     """The answer's token ids, EOS last (chat answers follow the assistant header; plain ones a space)."""
     return tok.encode(answer if template == "chat" else f" {answer}", add_special_tokens=False) + [tok.eos_token_id]
+
+
+def caption(key: str, scene: str) -> str:
+    """An alt-text caption of a record's scene (JSON), the same for a key on every read."""
+    return shapes.describe(shapes.Scene.from_dict(json.loads(scene)), random.Random(f"caption:{key}"))
 
 
 def normalise(text: str) -> str:
@@ -224,9 +234,14 @@ class Tokenize:
         L = self.cfg.max_text_tokens
         out: dict[str, list] = {"image": [], "tokens": [], "labels": [], "image_at": [], "length": []}
         too_long = 0
-        for key, data, question, answer in zip(batch["key"], batch["image"], batch["question"], batch["answer"]):
-            before, after = prompt_ids(self.tok, str(question), self.template)
-            target = answer_ids(self.tok, str(answer), self.template)
+        for key, data, question, answer, scene in zip(batch["key"], batch["image"], batch["question"],
+                                                      batch["answer"], batch["scene"]):
+            if self.cfg.target == "caption":
+                before, after = prompt_ids(self.tok, "", "plain")[0], []
+                target = answer_ids(self.tok, caption(str(key), str(scene)), "plain")
+            else:
+                before, after = prompt_ids(self.tok, str(question), self.template)
+                target = answer_ids(self.tok, str(answer), self.template)
             ids = [*before, *after, *target]
             if len(ids) > L:
                 too_long += 1

@@ -83,7 +83,8 @@ def test_training_rows_supervise_the_answer_and_eos_only(tokenizer, chat_tokeniz
     tok = chat_tokenizer if template == "chat" else tokenizer
     cfg = vqa.VQADataConfig(image_size=32, max_text_tokens=40, template="auto")
     records = [vqa.record(i, 0, WORLD) for i in range(3)]
-    batch = {k: np.array([r[k] for r in records], dtype=object) for k in ("key", "image", "question", "answer")}
+    batch = {k: np.array([r[k] for r in records], dtype=object) for k in ("key", "image", "question", "answer",
+                                                                          "scene")}
     batch["question"][1] = "What colour is " + "the very " * 30 + "star?"  # too long for 40 tokens
     batch["image"][2] = b"not an image"
     skipped: list[tuple[str, int]] = []
@@ -107,3 +108,19 @@ def test_training_rows_supervise_the_answer_and_eos_only(tokenizer, chat_tokeniz
     assert tok.decode(target[:-1]).strip() == records[0]["answer"]
     if template == "chat":
         assert tok.decode(before).startswith("<s>user\n") and "Answer with one word." in tok.decode(after)
+
+
+def test_caption_rows_are_llava_alignment_samples(tokenizer) -> None:
+    """target=caption: BOS, the image, a caption of the record's scene (the same on every read) with EOS, all of
+    it supervised; the question is not used."""
+    from raytrain.data.tokenizer import to_files
+
+    cfg = vqa.VQADataConfig(image_size=32, max_text_tokens=64, target="caption")
+    r = vqa.record(3, 0, WORLD)
+    batch = {k: np.array([r[k]], dtype=object) for k in ("key", "image", "question", "answer", "scene")}
+    rows = vqa.Tokenize(to_files(tokenizer), cfg)(batch)
+    text = vqa.caption(r["key"], r["scene"])
+    assert text == vqa.caption(r["key"], r["scene"]) and text != r["question"]
+    target = tokenizer.encode(f" {text}", add_special_tokens=False) + [tokenizer.eos_token_id]
+    assert rows["image_at"][0] == 1 and rows["tokens"][0, 0] == tokenizer.bos_token_id
+    assert rows["labels"][0, 1:1 + len(target)].tolist() == target and rows["labels"][0, 0] == vqa.IGNORE
