@@ -7,16 +7,21 @@ temperature, top-k, top-p, repetition penalty, per-request seeds, as in `raytrai
 
 This is a loop of its own beside the continuous-batching engine (`engine.py`): the engine's slot cache gives every
 layer of a sequence the same length, and a VLM request carries an image besides token ids, so serving it there would
-need a per-request decoding mode in the engine; the prompts of one call are batched together instead.
+need a per-request decoding mode in the engine; the prompts of one call are batched together instead. `VLMEngine`
+gives Serve replicas the engine's surface over this loop.
 """
 
 from __future__ import annotations
 
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from raytrain.infer.engine import Completion, Delta
 from raytrain.infer.sampling import SamplingParams, SamplingTable
 from raytrain.models.vlm import IGNORE, VLM, VLMBatch, VLMCache
 
@@ -34,6 +39,11 @@ class VLMRequest:
     @property
     def has_image(self) -> bool:
         return self.image is not None or self.visual is not None
+
+    @property
+    def prompt(self) -> list[int]:
+        """The prompt's text token ids (the image not counted)."""
+        return [*self.before, *self.after]
 
 
 def collate(rows: list[tuple[list[int], list[int], list[int] | None]], pad_id: int, left: bool,
@@ -124,3 +134,96 @@ def answer(model: VLM, tokenizer: Any, questions: list[str], images: list[torch.
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return [tokenizer.decode(ids, skip_special_tokens=True)
             for ids in generate(model, requests, tokenizer.eos_token_id, pad)]
+
+
+IMAGE_TOKEN = -200  # LLaVA's IMAGE_TOKEN_INDEX: where the image goes in a prompt's token ids
+
+
+class VLMEngine:
+    """The generation engine's surface (`astream`, `tokenize`, `tokenizer`, `context_window`) for a VLM, so a Serve
+    replica can hold one. A prompt's token ids hold `IMAGE_TOKEN` where its image goes (`chat_ids` renders chat
+    messages so); `request` pairs them with the image. Each `astream` call's requests are generated together by
+    `generate` in the engine's one worker thread, a call at a time (no continuous batching across calls), and the
+    answer arrives as one delta."""
+
+    def __init__(self, model: VLM, tokenizer: Any) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.model, self.tokenizer = model.eval(), tokenizer
+        cfg = model.cfg
+        self.context_window = cfg.decoder.max_seq_len - cfg.visual_tokens - cfg.victor.registers
+        self.steps, self.decode_rows = 0, Counter()
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlm")
+
+    @classmethod
+    def from_checkpoint(cls, path: str, device: str = "cpu", dtype: torch.dtype | None = None,
+                        tokenizer: str | None = None) -> VLMEngine:
+        from raytrain.checkpoint.hf import load_pretrained
+        from raytrain.config import RaytrainError
+
+        pretrained = load_pretrained(path, device=device, dtype=dtype, tokenizer=tokenizer)
+        if pretrained.tokenizer is None:
+            raise RaytrainError(f"{pretrained.path} has no tokenizer files; pass a tokenizer directory")
+        return cls(pretrained.model, pretrained.tokenizer)
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        """Text gets BOS prepended; token ids are used as given (IMAGE_TOKEN allowed once)."""
+        from raytrain.config import RaytrainError
+
+        text = isinstance(prompt, str)
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False) if text else list(prompt)
+        if text and self.tokenizer.bos_token_id is not None:
+            ids = [self.tokenizer.bos_token_id, *ids]
+        vocab = self.model.cfg.vocab_size
+        if not ids or any(not (0 <= t < vocab or t == IMAGE_TOKEN) for t in ids) or ids.count(IMAGE_TOKEN) > 1:
+            raise RaytrainError(f"prompt token ids must be integers in [0, {vocab}), with at most one image")
+        return ids
+
+    def chat_ids(self, messages: list[dict[str, str]], chat_template: str) -> list[int]:
+        """Messages (an image's place marked by `raytrain.data.vqa.IMAGE` in its content) through the chat template,
+        tokenized around the image."""
+        from raytrain.data.vqa import IMAGE
+
+        text = self.tokenizer.apply_chat_template(messages, chat_template=chat_template, add_generation_prompt=True,
+                                                  tokenize=False)
+        before, *after = text.split(IMAGE)
+        encode = lambda part: self.tokenizer.encode(part, add_special_tokens=False)  # noqa: E731
+        return [*encode(before), *([IMAGE_TOKEN, *encode(after[0])] if after else [])]
+
+    def request(self, ids: list[int], params: SamplingParams, image: bytes | None) -> VLMRequest:
+        """A request of token ids holding IMAGE_TOKEN exactly when `image` (encoded bytes) is given."""
+        from raytrain.config import RaytrainError
+        from raytrain.data.vqa import IMAGE
+
+        at = ids.index(IMAGE_TOKEN) if IMAGE_TOKEN in ids else None
+        if at is None and image is not None:
+            raise RaytrainError("the prompt has no place for its image")
+        if at is not None and image is None:
+            raise RaytrainError(f"the text holds the image placeholder {IMAGE} but the request has no image")
+        if image is None:
+            return VLMRequest(ids, [], None, params)
+        try:
+            picture = pixels(image, self.model.cfg.image.image_size)
+        except Exception as e:  # PIL raises many types for bad data
+            raise RaytrainError(f"the image does not decode ({type(e).__name__})") from None
+        return VLMRequest(ids[:at], ids[at + 1:], picture, params)
+
+    async def astream(self, requests: list[VLMRequest]) -> AsyncIterator[list[Delta]]:
+        import asyncio
+
+        start = time.perf_counter()
+        outputs = await asyncio.get_running_loop().run_in_executor(
+            self._worker, generate, self.model, requests, self.tokenizer.eos_token_id,
+            self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0)
+        self.steps += 1
+        self.decode_rows[len(requests)] += 1
+        yield [self._completion(i, r, ids, time.perf_counter() - start)
+               for i, (r, ids) in enumerate(zip(requests, outputs))]
+
+    def _completion(self, index: int, request: VLMRequest, ids: list[int], seconds: float) -> Delta:
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        reason = "stop" if len(ids) < request.params.max_new_tokens else "length"
+        cut = min((text.find(s) for s in request.params.stop if s in text), default=-1)
+        if cut >= 0:
+            text, reason = text[:cut], "stop"
+        return Delta(index, text, Completion(text, ids, reason, len(request.prompt), seconds))
