@@ -13,6 +13,7 @@ gives Serve replicas the engine's surface over this loop.
 
 from __future__ import annotations
 
+import random
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -87,7 +88,7 @@ def generate(model: VLM, requests: list[VLMRequest], eos_id: int | None, pad_id:
     logits = model.decoder.logits(out.hidden[rows, out.tokens.last()])  # (B, V)
     table = SamplingTable(len(requests), model.cfg.decoder.vocab_size, device)
     for b, (request, p) in enumerate(zip(requests, params)):
-        seed = p.seed if p.seed is not None else int(torch.randint(0, 2 ** 62, ()).item())
+        seed = p.seed if p.seed is not None else random.getrandbits(64)
         table.assign(b, p, seed, [*request.before, *request.after])
     outputs: list[list[int]] = [[] for _ in requests]
     running = [True] * len(requests)

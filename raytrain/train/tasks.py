@@ -29,7 +29,7 @@ import torch
 from raytrain.config import ConfigError, to_dataclass
 from raytrain.data import imagetext, synsets, text, vqa
 from raytrain.data.tokenizer import TokenizerFiles, caption_tokens, from_files, load_tokenizer, to_files, train_bpe
-from raytrain.models.decoder import training_flops_per_token
+from raytrain.models.decoder import DecoderConfig, training_flops_per_token
 from raytrain.models.vit import ViTConfig, to_pixels, training_flops_per_image
 from raytrain.models.vlm import VLMBatch, VLMConfig
 from raytrain.train.objectives import METRICS, info_nce, label_smoothed_ce, multilabel_bce, next_token_pairs
@@ -319,6 +319,8 @@ def decoder_state(path: str, cfg: VLMConfig) -> dict[str, Any]:
     from raytrain.checkpoint.hf import load_pretrained, read_model_config
 
     found = read_model_config(path)
+    if not isinstance(found, DecoderConfig):
+        raise ConfigError(f"task.decoder={path} holds model {found.name}, which is not a decoder-family model")
     differ = [f.name for f in dataclasses.fields(cfg.decoder) if f.name != "name"
               and getattr(found, f.name, None) != getattr(cfg.decoder, f.name)]
     if differ:
