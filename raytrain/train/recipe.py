@@ -30,15 +30,14 @@ from omegaconf import OmegaConf
 
 from raytrain.checkpoint.hf import CheckpointError, latest_run_checkpoint, read_model_config, save_pretrained
 from raytrain.config import ConfigError, RaytrainError, to_dataclass
-from raytrain.data.text import TextDataConfig, build_dataset, check_paths
 from raytrain.data.imagetext import skip_counter
+from raytrain.data.text import TextDataConfig, build_dataset, check_paths
 from raytrain.data.tokenizer import TokenizerFiles, from_files
 from raytrain.models.registry import config_dict, model_config, shape_mismatch
-from raytrain.train import checkpoint, trainer
+from raytrain.train import checkpoint, tasks, trainer
 from raytrain.train.config import ObjectiveConfig, OptimConfig, ScheduleConfig, TrainerConfig, TrainJob
 from raytrain.train.objectives import next_token_pairs
 from raytrain.train.prune import PruneConfig, check_target
-from raytrain.train import tasks
 from raytrain.train.tasks import LMTaskConfig, VLMTaskConfig
 
 log = logging.getLogger("raytrain.recipe")
