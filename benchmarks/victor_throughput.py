@@ -185,14 +185,14 @@ def main() -> None:
                   2: [torch.randint(3, shape.vocab_size, (args.long_text,), generator=g).tolist()
                       for _ in range(args.train_batch)]}
     for stage in (1, 2):
-        timed = {"baseline": built["baseline"], "victor_8": built["victor_8"]}
-        for model in timed.values():
+        pair = {"baseline": built["baseline"], "victor_8": built["victor_8"]}
+        for model in pair.values():
             training_step(model, visual[:args.train_batch], train_text[stage], stage, device)
-        times = {name: [] for name in timed}
+        times = {name: [] for name in pair}
         for _ in range(args.repeats):
-            for name, model in timed.items():
+            for name, model in pair.items():
                 times[name].append(training_step(model, visual[:args.train_batch], train_text[stage], stage, device))
-        for name in timed:
+        for name in pair:
             for i, clock in enumerate(clocks):
                 results[name][f"train_step_{clock}_s_stage{stage}"] = statistics.median(t[i] for t in times[name])
 

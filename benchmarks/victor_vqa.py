@@ -13,7 +13,11 @@ Ray cluster, and a run that finished under `--storage` earlier is reused. Each m
 overall and per question kind, with the process CPU time of the evaluation. Prints one JSON line; `ratio` is
 Victor-8's accuracy over the baseline's.
 
+`--local` is the small version for a machine too busy for Ray: every variant trains in this process, one stage on
+the questions from one shared random start (the tower random and frozen), the same rows, steps and schedule.
+
     python benchmarks/victor_vqa.py --data DIR --tower RUN --storage DIR [--align-steps 40 --finetune-steps 250]
+    python benchmarks/victor_vqa.py --data DIR --storage DIR --local --finetune-steps 150 --heldout 400
 """
 
 from __future__ import annotations
@@ -107,14 +111,19 @@ def heldout(args: argparse.Namespace) -> list[dict]:
     return rows[:args.heldout]
 
 
-@torch.no_grad()
 def evaluate(checkpoint: Path, rows: list[dict], victor: VictorConfig | None, batch: int) -> dict:
     config = read_model_config(checkpoint)
     if victor is not None:
         config = dataclasses.replace(config, victor=victor)
     pretrained = load_pretrained(checkpoint, config=config)
-    model, tok = pretrained.model.eval(), pretrained.tokenizer
-    size = config.image.image_size
+    return {**exact_match(pretrained.model, pretrained.tokenizer, rows, batch), "checkpoint": str(checkpoint)}
+
+
+@torch.no_grad()
+def exact_match(model: torch.nn.Module, tok, rows: list[dict], batch: int) -> dict:
+    """Greedy answers to the held-out rows: exact match overall and per kind, and the CPU time it took."""
+    model.eval()
+    size = model.cfg.image.image_size
     correct, per_kind = 0, defaultdict(lambda: [0, 0])
     start = time.process_time()
     for i in range(0, len(rows), batch):
@@ -128,13 +137,77 @@ def evaluate(checkpoint: Path, rows: list[dict], victor: VictorConfig | None, ba
             per_kind[r["kind"]][1] += 1
     return {"exact_match": correct / len(rows), "eval_cpu_s": time.process_time() - start,
             "per_kind": {k: round(c / n, 4) for k, (c, n) in sorted(per_kind.items())},
-            "victor": dataclasses.asdict(config.victor), "checkpoint": str(checkpoint)}
+            "victor": dataclasses.asdict(model.cfg.victor)}
+
+
+def local_variants(args: argparse.Namespace, rows: list[dict]) -> dict:
+    """`--local`: every variant trained in this process (no Ray), one stage on the questions from the same random
+    start (tower frozen, projector, registers and decoder trained, vlm_tiny, a BPE trained on the questions), with
+    the same rows, steps, batch, AdamW and warmup-cosine schedule as job=vlm's finetune stage."""
+    import math
+
+    import numpy as np
+    import pyarrow.parquet as pq
+    from omegaconf import OmegaConf
+
+    from raytrain.data.tokenizer import to_files, train_bpe
+    from raytrain.data.vqa import Tokenize, VQADataConfig
+    from raytrain.models.registry import build_model, model_config
+    from raytrain.models.vit import to_pixels
+    from raytrain.models.vlm import VLMBatch
+    from raytrain.train.tasks import set_trainable
+
+    table = pq.read_table(Path(args.data) / "train", columns=["key", "image", "question", "answer", "scene"])
+    train = table.slice(0, args.finetune_steps * args.batch).to_pylist()
+    tok = train_bpe((f"Question: {r['question']}\nAnswer: {r['answer']}" for r in train), 512)
+    tokenize = Tokenize(to_files(tok), VQADataConfig())
+    base = model_config(OmegaConf.load(ROOT / "conf/model/vlm_tiny.yaml"))
+    torch.manual_seed(0)
+    start = build_model(dataclasses.replace(base, victor=VictorConfig(mode="off"))).state_dict()
+    variants = {"baseline": VictorConfig(mode="off"), "victor_8": VictorConfig(num_registers=8),
+                "victor_32": VictorConfig(num_registers=32),
+                "registers_8_no_drop": VictorConfig(num_registers=8, drop_layer=base.decoder.n_layers)}
+    results = {}
+    for name, victor in variants.items():
+        torch.manual_seed(1)  # registers drawn alike; everything else is the shared start
+        model = build_model(dataclasses.replace(base, victor=victor))
+        model.load_state_dict(start, strict=False)
+        set_trainable(model, ["image"])
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+        clock = time.process_time()
+        for step in range(args.finetune_steps):
+            chunk = train[step * args.batch:(step + 1) * args.batch]
+            b = tokenize({k: np.array([r[k] for r in chunk], dtype=object) for k in chunk[0]})
+            tokens, length = torch.from_numpy(b["tokens"]), torch.from_numpy(b["length"])
+            batch = VLMBatch(tokens, torch.arange(tokens.shape[1])[None] < length[:, None],
+                             torch.from_numpy(b["image_at"]), images=to_pixels(torch.from_numpy(b["image"])),
+                             labels=torch.from_numpy(b["labels"]))
+            model.train()
+            model.image.eval()
+            lr = 1e-3 * min(1.0, (step + 1) / 9) * 0.5 * (1 + math.cos(math.pi * step / args.finetune_steps))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss = model(batch).loss
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+        train_cpu = time.process_time() - clock
+        results[name] = {**exact_match(model, tok, rows, 50), "train_cpu_s": train_cpu, "final_loss": loss.item()}
+        print(f"{name}: {results[name]}", file=sys.stderr, flush=True)
+        if name == "baseline":
+            fastv = build_model(dataclasses.replace(base, victor=VictorConfig(mode="fastv", keep_visual=8)))
+            fastv.load_state_dict(model.state_dict())
+            results["fastv_8"] = exact_match(fastv, tok, rows, 50)
+    return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, help="a `raytrain data make=vqa` directory")
-    parser.add_argument("--tower", required=True, help="the image tower checkpoint (a CatLIP or CLIP run)")
+    parser.add_argument("--tower", default=None, help="the image tower checkpoint (a CatLIP or CLIP run; required "
+                                                        "without --local)")
     parser.add_argument("--storage", required=True)
     parser.add_argument("--decoder", default=None, help="a decoder checkpoint of vlm_tiny's shape; default: "
                                                              "pretrained here")
@@ -145,21 +218,30 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--heldout", type=int, default=1000)
     parser.add_argument("--override", nargs="*", default=[], help="more `raytrain train` overrides for every run")
+    parser.add_argument("--local", action="store_true", help="train every variant in this process (no Ray, random "
+                                                             "tower, one stage): see `local_variants`")
     args = parser.parse_args()
+    if args.tower is None and not args.local:
+        parser.error("--tower is required without --local")
     torch.set_num_threads(1)
-    decoder = Path(args.decoder) if args.decoder else pretrain_decoder(args)
-    checkpoints = {name: train_variant(name, extra, decoder, args) for name, extra in TRAINED.items()}
     rows = heldout(args)
-    results = {name: evaluate(path, rows, None, 50) for name, path in checkpoints.items()}
-    drop = read_model_config(checkpoints["victor_8"]).victor.drop_layer
-    results["fastv_8"] = evaluate(checkpoints["baseline"], rows, VictorConfig(mode="fastv", keep_visual=8,
-                                                                              drop_layer=drop), 50)
+    decoder = None
+    if args.local:
+        results = local_variants(args, rows)
+    else:
+        decoder = Path(args.decoder) if args.decoder else pretrain_decoder(args)
+        checkpoints = {name: train_variant(name, extra, decoder, args) for name, extra in TRAINED.items()}
+        results = {name: evaluate(path, rows, None, 50) for name, path in checkpoints.items()}
+        drop = read_model_config(checkpoints["victor_8"]).victor.drop_layer
+        results["fastv_8"] = evaluate(checkpoints["baseline"], rows, VictorConfig(mode="fastv", keep_visual=8,
+                                                                                  drop_layer=drop), 50)
     for name, r in results.items():
         print(f"{name}: exact match {r['exact_match']:.4f} {r['per_kind']}", file=sys.stderr)
     baseline = results.pop("baseline")
     print(json.dumps({
         "benchmark": "victor_vqa", "device": f"cpu ({os.cpu_count()} cores)",
         "config": {"data": args.data, "tower": args.tower, "decoder": str(decoder), "heldout": len(rows),
+                   "local": args.local,
                    "decoder_steps": args.decoder_steps, "align_steps": args.align_steps,
                    "finetune_steps": args.finetune_steps, "micro_batch_size": args.batch,
                    "override": args.override},
