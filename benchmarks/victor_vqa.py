@@ -13,8 +13,8 @@ Ray cluster, and a run that finished under `--storage` earlier is reused. Each m
 overall and per question kind, with the process CPU time of the evaluation. Prints one JSON line; `ratio` is
 Victor-8's accuracy over the baseline's.
 
-`--local` is the small version for a machine too busy for Ray: every variant trains in this process, one stage on
-the questions from one shared random start (the tower random and frozen), the same rows, steps and schedule.
+`--local` is the small version for a machine too busy for Ray: every variant trains in its own process, one stage
+on the questions from one shared random start (the tower random and frozen), the same rows, steps and schedule.
 
     python benchmarks/victor_vqa.py --data DIR --tower RUN --storage DIR [--align-steps 40 --finetune-steps 250]
     python benchmarks/victor_vqa.py --data DIR --storage DIR --local --finetune-steps 150 --heldout 400
@@ -140,66 +140,83 @@ def exact_match(model: torch.nn.Module, tok, rows: list[dict], batch: int) -> di
             "victor": dataclasses.asdict(model.cfg.victor)}
 
 
+LOCAL = {"baseline": {"mode": "off"}, "victor_8": {"num_registers": 8}, "victor_32": {"num_registers": 32},
+         "registers_8_no_drop": {"num_registers": 8, "drop_layer": 8}}  # vlm_tiny's decoder has 8 layers
+
+
 def local_variants(args: argparse.Namespace, rows: list[dict]) -> dict:
-    """`--local`: every variant trained in this process (no Ray), one stage on the questions from the same random
-    start (tower frozen, projector, registers and decoder trained, vlm_tiny, a BPE trained on the questions), with
-    the same rows, steps, batch, AdamW and warmup-cosine schedule as job=vlm's finetune stage."""
+    """`--local`: every variant trained without Ray, one process each (in parallel), one stage on the questions from
+    the same random start (tower frozen; projector, registers and decoder trained; vlm_tiny; a BPE trained on the
+    questions), with the same rows, steps, batch, AdamW and warmup-cosine schedule as job=vlm's finetune stage."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    import pyarrow.parquet as pq
+
+    from raytrain.data.tokenizer import to_files, train_bpe
+
+    table = pq.read_table(Path(args.data) / "train", columns=["key", "image", "question", "answer", "scene"])
+    train = table.slice(0, args.finetune_steps * args.batch).to_pylist()
+    files = to_files(train_bpe((f"Question: {r['question']}\nAnswer: {r['answer']}" for r in train), 512))
+    with ProcessPoolExecutor(len(LOCAL), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {name: pool.submit(train_local, name, victor, files, train, rows, args.finetune_steps, args.batch)
+                   for name, victor in LOCAL.items()}
+        results = {}
+        for name, future in futures.items():
+            results.update(future.result())
+    return results
+
+
+def train_local(name: str, victor: dict, files: dict, train: list[dict], rows: list[dict], steps: int,
+                batch_size: int) -> dict:
+    """One variant of `local_variants`: trained, then evaluated (the baseline's weights also under FastV)."""
     import math
 
     import numpy as np
-    import pyarrow.parquet as pq
     from omegaconf import OmegaConf
 
-    from raytrain.data.tokenizer import to_files, train_bpe
+    from raytrain.data.tokenizer import from_files
     from raytrain.data.vqa import Tokenize, VQADataConfig
     from raytrain.models.registry import build_model, model_config
     from raytrain.models.vit import to_pixels
     from raytrain.models.vlm import VLMBatch
     from raytrain.train.tasks import set_trainable
 
-    table = pq.read_table(Path(args.data) / "train", columns=["key", "image", "question", "answer", "scene"])
-    train = table.slice(0, args.finetune_steps * args.batch).to_pylist()
-    tok = train_bpe((f"Question: {r['question']}\nAnswer: {r['answer']}" for r in train), 512)
-    tokenize = Tokenize(to_files(tok), VQADataConfig())
+    torch.set_num_threads(1)
+    tok, tokenize = from_files(files), Tokenize(files, VQADataConfig())
     base = model_config(OmegaConf.load(ROOT / "conf/model/vlm_tiny.yaml"))
     torch.manual_seed(0)
     start = build_model(dataclasses.replace(base, victor=VictorConfig(mode="off"))).state_dict()
-    variants = {"baseline": VictorConfig(mode="off"), "victor_8": VictorConfig(num_registers=8),
-                "victor_32": VictorConfig(num_registers=32),
-                "registers_8_no_drop": VictorConfig(num_registers=8, drop_layer=base.decoder.n_layers)}
-    results = {}
-    for name, victor in variants.items():
-        torch.manual_seed(1)  # registers drawn alike; everything else is the shared start
-        model = build_model(dataclasses.replace(base, victor=victor))
-        model.load_state_dict(start, strict=False)
-        set_trainable(model, ["image"])
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
-        clock = time.process_time()
-        for step in range(args.finetune_steps):
-            chunk = train[step * args.batch:(step + 1) * args.batch]
-            b = tokenize({k: np.array([r[k] for r in chunk], dtype=object) for k in chunk[0]})
-            tokens, length = torch.from_numpy(b["tokens"]), torch.from_numpy(b["length"])
-            batch = VLMBatch(tokens, torch.arange(tokens.shape[1])[None] < length[:, None],
-                             torch.from_numpy(b["image_at"]), images=to_pixels(torch.from_numpy(b["image"])),
-                             labels=torch.from_numpy(b["labels"]))
-            model.train()
-            model.image.eval()
-            lr = 1e-3 * min(1.0, (step + 1) / 9) * 0.5 * (1 + math.cos(math.pi * step / args.finetune_steps))
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss = model(batch).loss
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-        train_cpu = time.process_time() - clock
-        results[name] = {**exact_match(model, tok, rows, 50), "train_cpu_s": train_cpu, "final_loss": loss.item()}
-        print(f"{name}: {results[name]}", file=sys.stderr, flush=True)
-        if name == "baseline":
-            fastv = build_model(dataclasses.replace(base, victor=VictorConfig(mode="fastv", keep_visual=8)))
-            fastv.load_state_dict(model.state_dict())
-            results["fastv_8"] = exact_match(fastv, tok, rows, 50)
+    torch.manual_seed(1)  # registers drawn alike in every variant; everything else is the shared start
+    model = build_model(dataclasses.replace(base, victor=VictorConfig(**victor)))
+    model.load_state_dict(start, strict=False)
+    set_trainable(model, ["image"])
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    clock = time.process_time()
+    for step in range(steps):
+        chunk = train[step * batch_size:(step + 1) * batch_size]
+        b = tokenize({k: np.array([r[k] for r in chunk], dtype=object) for k in chunk[0]})
+        tokens, length = torch.from_numpy(b["tokens"]), torch.from_numpy(b["length"])
+        batch = VLMBatch(tokens, torch.arange(tokens.shape[1])[None] < length[:, None],
+                         torch.from_numpy(b["image_at"]), images=to_pixels(torch.from_numpy(b["image"])),
+                         labels=torch.from_numpy(b["labels"]))
+        model.train()
+        model.image.eval()
+        for group in optimizer.param_groups:  # 9 warmup steps, then cosine to 0
+            group["lr"] = 1e-3 * min(1.0, (step + 1) / 9) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        loss = model(batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+    results = {name: {**exact_match(model, tok, rows, 50), "train_cpu_s": time.process_time() - clock,
+                      "final_loss": loss.item()}}
+    if name == "baseline":
+        fastv = build_model(dataclasses.replace(base, victor=VictorConfig(mode="fastv", keep_visual=8)))
+        fastv.load_state_dict(model.state_dict())
+        results["fastv_8"] = exact_match(fastv, tok, rows, 50)
+    print(f"{name}: trained and evaluated", file=sys.stderr, flush=True)
     return results
 
 
@@ -218,7 +235,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--heldout", type=int, default=1000)
     parser.add_argument("--override", nargs="*", default=[], help="more `raytrain train` overrides for every run")
-    parser.add_argument("--local", action="store_true", help="train every variant in this process (no Ray, random "
+    parser.add_argument("--local", action="store_true", help="train the variants in local processes (no Ray, random "
                                                              "tower, one stage): see `local_variants`")
     args = parser.parse_args()
     if args.tower is None and not args.local:
