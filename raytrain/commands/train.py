@@ -1,11 +1,12 @@
 """`raytrain train [overrides]`: train a model on Ray Train + DeepSpeed (the task: language modelling by default,
 `job=lora` (adapters on a frozen base), `job=catlip`, `job=clip`, `job=probe`), then print a sample (language
 models) or the skipped-record counts.
-`raytrain train recipe=NAME` runs a staged language-model recipe (`conf/recipe/`) instead, one Ray Train run per
-stage."""
+`raytrain train recipe=NAME` runs a staged recipe (`conf/recipe/`) instead, one Ray Train run per stage: a
+language-model recipe, or `job=vlm`, whose two VLM stages (projector alignment, then fine-tuning) are a recipe."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import Any
@@ -69,7 +70,8 @@ def run(cfg: DictConfig) -> Any:
                  include_dashboard=cfg.ray.dashboard)
     ray.data.DataContext.get_current().enable_progress_bars = False  # per-operator bars flood worker logs
     if stages is not None:
-        files = trainer.prepare_tokenizer(parts["data"], run_dir, parts["model"].vocab_size)
+        files = trainer.prepare_tokenizer(parts["data"], run_dir, parts["model"].vocab_size) if language_model \
+            else None
         recipes.check_before_start(stages, files)
         log.info("recipe %s in %s: stages %s; rerun with trainer.run_name=%s to continue", recipe.name, run_dir,
                  ", ".join(s.name for s in stages), name)
@@ -80,6 +82,8 @@ def run(cfg: DictConfig) -> Any:
     counter = skip_counter(f"raytrain-skips-{name}")
     prepared = tasks.prepare(parts, run_dir, counter)
     parts["model"] = prepared.model
+    if prepared.init_from is not None:
+        parts["trainer"] = dataclasses.replace(parts["trainer"], init_from=prepared.init_from)
     job = TrainJob(**parts, run_name=name, tokenizer_files=prepared.files, pad_id=prepared.pad_id,
                    snapshot=plain(cfg))
     result = trainer.launch(job, storage, prepared.datasets)

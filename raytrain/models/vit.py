@@ -146,18 +146,23 @@ class ViT(nn.Module):
             pos = F.interpolate(pos, size=grid, mode="bilinear", align_corners=False)
         return pos.flatten(2).transpose(1, 2)
 
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> final-norm CLS vector (B, d)."""
+    def tokens(self, images: torch.Tensor, blocks: int | None = None) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, 1 + h*w, d): CLS then the patch tokens (row-major) after the first `blocks` blocks
+        (None: all of them), before the final norm."""
         x = self.stem(images)  # (B, d, h, w)
         grid = tuple(x.shape[-2:])
         x = x.flatten(2).transpose(1, 2) + self.positions(grid).to(x.dtype)  # (B, h*w, d)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)  # (B, 1 + h*w, d)
-        for block in self.layers:
+        for block in self.layers[:blocks]:
             if self.activation_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
-        return self.norm(x[:, 0])
+        return x
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> final-norm CLS vector (B, d)."""
+        return self.norm(self.tokens(images)[:, 0])
 
     def forward(self, images: torch.Tensor, return_augmented: bool = False) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """`return_augmented`: also the images the model saw (RangeAugment's in training, else the inputs)."""

@@ -12,7 +12,9 @@ Tasks (`task.name`): `lm` (next-token pretraining, the default; `objective=disti
 accuracy-recovery adapters), `catlip` (multi-label BCE over WordNet synsets, plus RangeAugment's loss when the ViT
 learns augmentation ranges), `clip` (contrastive image-text baseline), `classify` (linear probe or fine-tune of a ViT
 on labelled images, with Transfer Init from a CatLIP checkpoint). Image tasks with `data.variable_resolution` re-cut
-each worker's batches into corenet's multi-scale batches (`regroup`).
+each worker's batches into corenet's multi-scale batches (`regroup`). `vlm` (a LLaVA-style vision-language model
+with Victor's registers on visual question answering; its parts `task.freeze` names stay frozen, and a first run
+starts from a checkpoint the driver assembles from an image tower and a decoder).
 """
 
 from __future__ import annotations
@@ -29,13 +31,14 @@ import numpy as np
 import torch
 
 from raytrain.config import ConfigError, RaytrainError, to_dataclass
-from raytrain.data import imagetext, synsets, text
+from raytrain.data import imagetext, synsets, text, vqa
 from raytrain.data.tokenizer import TokenizerFiles, caption_tokens, from_files, load_tokenizer, to_files, train_bpe
 from raytrain.data.variable_batch import batch_shapes, variable_batches
-from raytrain.models.decoder import training_flops_per_token
+from raytrain.models.decoder import DecoderConfig, training_flops_per_token
 from raytrain.models.lora import LoRAConfig
 from raytrain.models.range_augment import range_augment_loss, target_mse
 from raytrain.models.vit import ViTConfig, to_pixels, training_flops_per_image
+from raytrain.models.vlm import VLMBatch, VLMConfig
 from raytrain.train.objectives import METRICS, info_nce, label_smoothed_ce, multilabel_bce, next_token_pairs
 
 log = logging.getLogger("raytrain.train")
@@ -104,8 +107,28 @@ class ClassifyTaskConfig:
             raise ValueError(f"transfer_bias={self.transfer_bias!r}; expected one of {', '.join(TRANSFER_BIASES)}")
 
 
+VLM_PARTS = ("image", "projector", "registers", "decoder")
+
+
+@dataclass
+class VLMTaskConfig:
+    name: str = "vlm"
+    image_tower: str | None = None  # a ViT (CatLIP), CLIP or VLM checkpoint whose image trunk starts the tower
+    decoder: str | None = None  # a decoder-family checkpoint (e.g. SmolLM2-135M-Instruct) that starts the decoder
+    tokenizer: str | None = None  # None: the decoder checkpoint's, else the run's, else a BPE trained on the data
+    tokenizer_texts: int = 20000  # records whose questions and answers train that BPE
+    freeze: list[str] = dataclasses.field(default_factory=lambda: ["image"])  # image | projector | registers | decoder
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.freeze) - set(VLM_PARTS))
+        if unknown:
+            raise ValueError(f"freeze: unknown part {unknown[0]!r}; parts are {', '.join(VLM_PARTS)}")
+        if set(VLM_PARTS) <= set(self.freeze):
+            raise ValueError("freeze: every part is frozen; nothing would train")
+
+
 TASK_CONFIGS = {"lm": LMTaskConfig, "lora": LoRATaskConfig, "catlip": CatlipTaskConfig, "clip": ClipTaskConfig,
-                "classify": ClassifyTaskConfig}
+                "classify": ClassifyTaskConfig, "vlm": VLMTaskConfig}
 
 
 def task_config(node: Any) -> Any:
@@ -117,7 +140,8 @@ def task_config(node: Any) -> Any:
 
 
 def data_config(task: Any, node: Any) -> Any:
-    cls = text.TextDataConfig if isinstance(task, LMTaskConfig) else imagetext.ImageTextDataConfig
+    cls = {LMTaskConfig: text.TextDataConfig, VLMTaskConfig: vqa.VQADataConfig}.get(type(task),
+                                                                                 imagetext.ImageTextDataConfig)
     return to_dataclass(cls, node, "data")
 
 
@@ -129,6 +153,7 @@ class Prepared:
     files: TokenizerFiles  # saved with every checkpoint; their fingerprint must match on resume
     pad_id: int
     model: Any  # the model config, possibly fitted to the files (vocabulary size, class count)
+    init_from: str | None = None  # weights the run starts from when it has none (the VLM assembled from its parts)
 
 
 def prepare(parts: dict[str, Any], run_dir: str, counter: Any = None) -> Prepared:
@@ -143,8 +168,8 @@ def prepare(parts: dict[str, Any], run_dir: str, counter: Any = None) -> Prepare
         files = prepare_tokenizer(parts["data"], run_dir, parts["model"].vocab_size)
         return Prepared({"train": text.build_dataset(parts["data"], files)}, files, from_files(files).pad_token_id,
                         parts["model"])
-    return {CatlipTaskConfig: _prepare_catlip, ClipTaskConfig: _prepare_clip,
-            ClassifyTaskConfig: _prepare_classify}[type(task)](parts, run_dir, counter)
+    return {CatlipTaskConfig: _prepare_catlip, ClipTaskConfig: _prepare_clip, ClassifyTaskConfig: _prepare_classify,
+            VLMTaskConfig: _prepare_vlm}[type(task)](parts, run_dir, counter)
 
 
 def fit_to_base(parts: dict[str, Any]) -> None:
@@ -291,6 +316,100 @@ def _prepare_classify(parts: dict[str, Any], run_dir: str, counter: Any) -> Prep
     model = dataclasses.replace(model, num_classes=len(classes))
     train = imagetext.decoded(rows, data, True, counter).select_columns(["image", "label"])
     return Prepared({"train": train}, {CLASSES_FILE: json.dumps(classes)}, 0, model)
+
+
+def _prepare_vlm(parts: dict[str, Any], run_dir: str, counter: Any) -> Prepared:
+    """VQA rows tokenized around their images; the tokenizer (see `vlm_tokenizer`); and, for a run that starts from
+    no checkpoint, the VLM assembled from `task.image_tower` and `task.decoder` (saved once in `run_dir/init`)."""
+    task, data, model, t = parts["task"], parts["data"], parts["model"], parts["trainer"]
+    files = vlm_tokenizer(task, data, t.init_from, run_dir, model.vocab_size)
+    tok = from_files(files)
+    if len(tok) > model.vocab_size:
+        raise ConfigError(f"the tokenizer has {len(tok)} tokens but model.decoder.vocab_size={model.vocab_size}")
+    init = None
+    if t.init_from is None and (task.image_tower or task.decoder):
+        init = str(assemble_vlm(model, task, files, Path(run_dir) / "init", t.seed))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return Prepared({"train": vqa.training_dataset(data, files, counter)}, files, pad, model, init)
+
+
+def vlm_tokenizer(task: VLMTaskConfig, data: vqa.VQADataConfig, init_from: str | None, run_dir: str,
+                  vocab_size: int) -> TokenizerFiles:
+    """`task.tokenizer`, else the decoder checkpoint's, else the checkpoint the run starts from, else the run's own,
+    else a BPE trained now on the training questions and answers (saved in the run)."""
+    from raytrain.checkpoint.hf import resolve_checkpoint
+    from raytrain.train.trainer import read_run_files, write_run_files
+
+    for given in (task.tokenizer, task.decoder, init_from):
+        if given:
+            directory = Path(given) if given == task.tokenizer else resolve_checkpoint(given)
+            return to_files(load_tokenizer(directory))
+    if files := read_run_files(run_dir, "tokenizer"):
+        return files
+    log.info("training a %d-token byte-level BPE on the VQA questions and answers", vocab_size)
+    files = to_files(train_bpe(vqa.tokenizer_texts(data, task.tokenizer_texts), vocab_size))
+    write_run_files(run_dir, "tokenizer", files)
+    return files
+
+
+def assemble_vlm(cfg: VLMConfig, task: VLMTaskConfig, files: TokenizerFiles, out: Path, seed: int) -> Path:
+    """A VLM checkpoint: the tower's trunk from `task.image_tower`, the decoder from `task.decoder`, the projector
+    and registers freshly initialised. Reused when `out` already holds one assembled from the same parts."""
+    from raytrain.checkpoint.hf import model_state, save_pretrained
+    from raytrain.models.vlm import build_vlm
+
+    sources = {"image_tower": task.image_tower, "decoder": task.decoder}
+    if (out / "raytrain.json").is_file():
+        if json.loads((out / "raytrain.json").read_text()).get("assembled_from") != sources:
+            raise ConfigError(f"{out} holds a VLM assembled from other parts; use a new trainer.run_name")
+        return out
+    torch.manual_seed(seed)
+    model = build_vlm(cfg)
+    if task.image_tower:
+        _load_part(model.image, tower_state(task.image_tower), "task.image_tower", task.image_tower)
+    if task.decoder:
+        _load_part(model.decoder, decoder_state(task.decoder, cfg), "task.decoder", task.decoder)
+    log.info("assembled the starting VLM from %s in %s", sources, out)
+    return save_pretrained(out, cfg, model_state(model), files, {"assembled_from": sources})
+
+
+def tower_state(path: str) -> dict[str, Any]:
+    """The image trunk of a ViT (CatLIP: its classifier dropped), CLIP or VLM checkpoint, by ViT parameter name."""
+    from raytrain.checkpoint.hf import read_model_config, read_weights, resolve_checkpoint
+    from raytrain.models.clip import ClipConfig
+
+    found = read_model_config(path)
+    state = read_weights(resolve_checkpoint(path))
+    if isinstance(found, ViTConfig):
+        return {k: v for k, v in state.items() if not k.startswith("head.")}
+    if isinstance(found, (ClipConfig, VLMConfig)):
+        return {k.removeprefix("image."): v for k, v in state.items() if k.startswith("image.")}
+    raise ConfigError(f"task.image_tower={path} holds model {found.name}, which has no ViT image tower")
+
+
+def decoder_state(path: str, cfg: VLMConfig) -> dict[str, Any]:
+    """A decoder checkpoint's weights, after checking its config is `model.decoder`'s (RoPE base and norms too,
+    which shapes alone would not catch)."""
+    from raytrain.checkpoint.hf import load_pretrained, read_model_config
+
+    found = read_model_config(path)
+    if not isinstance(found, DecoderConfig):
+        raise ConfigError(f"task.decoder={path} holds model {found.name}, which is not a decoder-family model")
+    differ = [f.name for f in dataclasses.fields(cfg.decoder) if f.name != "name"
+              and getattr(found, f.name, None) != getattr(cfg.decoder, f.name)]
+    if differ:
+        key = differ[0]
+        raise ConfigError(f"task.decoder={path}: its {key} is {getattr(found, key, None)!r}, model.decoder.{key} is "
+                          f"{getattr(cfg.decoder, key)!r}; pick a model preset of that decoder")
+    return load_pretrained(path).model.state_dict()
+
+
+def _load_part(module: Any, state: dict[str, Any], key: str, path: str) -> None:
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise ConfigError(f"{key}={path} does not fit this model: {first}") from None
 
 
 # ---- worker side -----------------------------------------------------------------------------------------------
@@ -520,8 +639,38 @@ class ClassifyWorker(Worker):
         return loss, torch.stack([loss.detach(), accuracy])
 
 
+class VLMWorker(Worker):
+    """Next-token cross-entropy on the answers of VQA rows; the parts in `task.freeze` get no gradient (Stage 1:
+    tower and decoder frozen, so only the projector and the registers learn; Stage 2: the tower alone)."""
+
+    def __init__(self, job: Any, model: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__(job, model, dtype, device)
+        set_trainable(model, job.task.freeze)
+
+    def inputs(self, batch: dict[str, torch.Tensor]) -> VLMBatch:
+        tokens = batch["tokens"]
+        text_mask = torch.arange(tokens.shape[1], device=tokens.device)[None] < batch["length"][:, None]
+        return VLMBatch(tokens, text_mask, batch["image_at"], images=self.pixels(batch["image"]),
+                        labels=batch["labels"])
+
+    def loss(self, engine: Any, inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if "image" in self.job.task.freeze:
+            self.model.image.eval()  # a frozen tower keeps its BatchNorm statistics
+        loss = engine(inputs).loss
+        return loss, loss.detach()[None]
+
+    def flops_per_unit(self) -> float | None:
+        return None
+
+
+def set_trainable(model: torch.nn.Module, frozen: list[str]) -> None:
+    """Only parameters outside the `frozen` parts (image, projector, registers, decoder) require gradients."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.split(".")[0] not in frozen)
+
+
 WORKERS = {LMTaskConfig: LMWorker, LoRATaskConfig: LoRAWorker, CatlipTaskConfig: CatlipWorker,
-           ClipTaskConfig: ClipWorker, ClassifyTaskConfig: ClassifyWorker}
+           ClipTaskConfig: ClipWorker, ClassifyTaskConfig: ClassifyWorker, VLMTaskConfig: VLMWorker}
 
 
 def worker(job: Any, model: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> Worker:
