@@ -126,7 +126,7 @@ def test_flat_row_ranges_start_on_block_boundaries_and_concatenate() -> None:
     boundary (32 columns, C = 12: every third row), and the ranges' codes concatenate to the whole tensor's."""
     weight = torch.randn(10, 32, generator=torch.Generator().manual_seed(6))
     cfg = SeedLMConfig.for_bits(3, blocking="flat", **K8)
-    shards = plan({"w": (10, 32)}, ["w"], 100, lambda cols: row_alignment(cols, cfg))
+    shards = plan({"w": (10, 32)}, {"w": row_alignment(32, cfg)}, 100)
     assert [(s.start, s.stop) for s in shards] == [(0, 3), (3, 6), (6, 9), (9, 10)]
     parts = [encode(weight[s.start:s.stop], cfg) for s in shards]
     whole = encode(weight, cfg)
