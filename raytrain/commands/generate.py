@@ -1,4 +1,9 @@
-"""`raytrain generate checkpoint=PATH prompt="..."`: stream a completion from a checkpoint to stdout."""
+"""`raytrain generate checkpoint=PATH prompt="..."`: stream a completion from a checkpoint to stdout.
+
+With `rag.documents=FILE rag.question="..."` it answers the question from the documents: through superposition
+prompting with `generation=superposition` (the kept documents are logged to stderr), else as naive RAG (every
+document in one prompt).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from omegaconf import DictConfig
 
 from raytrain.config import ConfigError, plain, to_dataclass
 from raytrain.infer.engine import Engine, EngineConfig, Request
+from raytrain.infer.rag import forkjoin_prompt, read_documents
 from raytrain.infer.sampling import SamplingParams
 
 CONFIG_NAME = "generate"
@@ -30,8 +36,16 @@ def run(cfg: DictConfig) -> None:
     params = sampling_params(cfg, "generate")
     engine_cfg = to_dataclass(EngineConfig, cfg.generation, "generation")
     device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device.replace("auto", "cpu")
+    if cfg.rag.documents is None:
+        engine = Engine.from_checkpoint(cfg.checkpoint, engine_cfg, device=device, tokenizer=cfg.tokenizer)
+        print_completion(engine, cfg.prompt, params)
+        return
+    if not cfg.rag.question:
+        raise ConfigError('rag.question="..." is required with rag.documents')
+    documents = read_documents(cfg.rag.documents)
     engine = Engine.from_checkpoint(cfg.checkpoint, engine_cfg, device=device, tokenizer=cfg.tokenizer)
-    print_completion(engine, cfg.prompt, params)
+    prompt = forkjoin_prompt(engine.tokenizer, documents, cfg.rag.question, cfg.rag.instruction)
+    print_answer(engine, Request(params=params, forkjoin=prompt))
 
 
 def print_completion(engine: Engine, prompt: str, params: SamplingParams) -> None:
@@ -41,3 +55,18 @@ def print_completion(engine: Engine, prompt: str, params: SamplingParams) -> Non
         sys.stdout.write(delta.text)
         sys.stdout.flush()
     sys.stdout.write("\n")
+
+
+def print_answer(engine: Engine, request: Request) -> None:
+    """Stream the answer to a RAG request to stdout; which documents superposition kept goes to stderr."""
+    for delta in engine.stream([request]):
+        sys.stdout.write(delta.text)
+        sys.stdout.flush()
+        done = delta.completion
+    sys.stdout.write("\n")
+    n = len(request.forkjoin.documents)
+    if done.superposition is None:
+        print(f"naive RAG: {n} documents in one prompt of {done.prompt_tokens} tokens", file=sys.stderr)
+        return
+    kept = ", ".join(str(d + 1) for d in done.superposition.kept)
+    print(f"superposition: kept document(s) {kept} of {n}", file=sys.stderr)

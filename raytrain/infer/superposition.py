@@ -222,23 +222,27 @@ class Superposer:
         groups = path_groups(len(prompt.documents), self.config.factor)
         return [[t for i in group for t in prompt.documents[i]] for group in groups]
 
-    def check(self, prompt: ForkJoinPrompt, max_new_tokens: int, max_len: int) -> None:
-        """Refuse what cannot run: bad segments, too few documents for the hops, and a context (its worst case over
-        every pruning outcome) or positions beyond `max_len` tokens."""
-        prompt.check(self.model.cfg.vocab_size)
+    def bound(self, prompt: ForkJoinPrompt) -> int:
+        """The most KV entries, or positions, the superposed prompt can need before its first generated token (the
+        worst case over every pruning outcome): what the context window must hold besides the output."""
         lengths = sorted((len(p) for p in self.paths(prompt)), reverse=True)
-        hops = self.config.hops
-        if hops > len(lengths):
-            raise RaytrainError(f"documents: {len(lengths)} path(s); superposition with hops={hops} needs at least "
-                                f"{hops}")
-        moved = sum(lengths[:hops - 1])
-        kept = min(self._k(prompt) or len(lengths), len(lengths) - (hops - 1))
-        context = len(prompt.preamble) + moved + sum(lengths[hops - 1:hops - 1 + kept]) + kept * len(prompt.query)
-        last_position = len(prompt.preamble) + moved + lengths[0] + len(prompt.query)
-        worst = max(context, last_position) + len(prompt.postamble) + max_new_tokens
-        if worst > max_len:
-            raise RaytrainError(f"the superposed prompt may need {worst - max_new_tokens} tokens (or positions) + "
-                                f"max_new_tokens ({max_new_tokens}), beyond the model's context window of {max_len}")
+        moved = sum(lengths[:self.config.hops - 1])
+        kept = min(self._k(prompt) or len(lengths), len(lengths) - (self.config.hops - 1))
+        context = moved + sum(lengths[self.config.hops - 1:][:kept]) + kept * len(prompt.query)
+        last_position = moved + lengths[0] + len(prompt.query)
+        return len(prompt.preamble) + max(context, last_position) + len(prompt.postamble)
+
+    def check(self, prompt: ForkJoinPrompt, max_new_tokens: int, max_len: int) -> None:
+        """Refuse what cannot run: bad segments, too few documents for the hops, and a context or positions beyond
+        `max_len` tokens."""
+        prompt.check(self.model.cfg.vocab_size)
+        paths, hops = len(path_groups(len(prompt.documents), self.config.factor)), self.config.hops
+        if hops > paths:
+            raise RaytrainError(f"documents: {paths} path(s); superposition with hops={hops} needs at least {hops}")
+        needed = self.bound(prompt)
+        if needed + max_new_tokens > max_len:
+            raise RaytrainError(f"the superposed prompt may need {needed} tokens (or positions) + max_new_tokens "
+                                f"({max_new_tokens}), beyond the model's context window of {max_len}")
 
     def _k(self, prompt: ForkJoinPrompt) -> int:
         return self.config.top_k if prompt.top_k is None else prompt.top_k

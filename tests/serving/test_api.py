@@ -20,8 +20,8 @@ from ray import serve
 
 from raytrain.infer.engine import Completion, Engine, EngineConfig, Request
 from raytrain.infer.lazyllm import LazyConfig
+from raytrain.infer.rag import PLAIN_CHAT_TEMPLATE
 from raytrain.infer.sampling import SamplingParams
-from serving.model import PLAIN_CHAT_TEMPLATE
 from tests.conftest import REPO
 from tests.serving.conftest import API_KEY, AUTH
 

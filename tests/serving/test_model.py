@@ -15,7 +15,8 @@ from raytrain.data.tokenizer import to_files
 from raytrain.models.decoder import DecoderConfig, build_decoder
 from serving.config import model_args, model_spec
 from raytrain.data.corpus import documents
-from serving.model import PLAIN_CHAT_TEMPLATE, ModelServer, RequestError, longest_token_chars
+from raytrain.infer.rag import PLAIN_CHAT_TEMPLATE
+from serving.model import ModelServer, RequestError, longest_token_chars
 
 TOKENIZER_TEMPLATE = "{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
 CONFIG_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}"
