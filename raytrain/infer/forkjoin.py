@@ -22,6 +22,7 @@ mask; that is how the official evaluation runs the method, and it is the referen
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import torch
 
@@ -80,9 +81,9 @@ class Fork:
 
 def fork_positions(start: float, lengths: list[int], mode: str = "equilibrium") -> Fork:
     """Positions of paths of the given lengths forking at `start` (one past the prefix's highest position)."""
-    if mode == "equilibrium":
-        span = len(lengths) / sum(1 / n for n in lengths)  # S
-        steps = [span / n for n in lengths]
+    if mode == "equilibrium":  # in exact rationals: equal lengths, or lengths with an integer S, stay integers
+        exact = Fraction(len(lengths)) / sum(Fraction(1, n) for n in lengths)
+        span, steps = float(exact), [float(exact / n) for n in lengths]
     elif mode == "left_aligned":
         span, steps = max(lengths), [1.0] * len(lengths)
     else:
