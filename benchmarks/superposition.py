@@ -140,13 +140,16 @@ def methods(args: argparse.Namespace, multihop: bool) -> dict[str, dict]:
     return out
 
 
-def run_set(args: argparse.Namespace, engines: dict[str, Engine], multihop: bool) -> dict[str, dict]:
+def run_set(args: argparse.Namespace, engines: dict[str, Engine], multihop: bool, deadline: float) -> dict[str, dict]:
+    """Every method on every question of the task, set by set until the sets or the time budget run out."""
     tokenizer, cfg = engines["naive"].tokenizer, engines["naive"].model.cfg
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0, stop=["\n"])
     rows: dict[str, list[dict]] = {name: [] for name in methods(args, multihop)}
     flops_left = args.flop_questions
     for s, (docs, asked) in enumerate(question_sets(args.multihop_sets if multihop else args.sets,
                                                     args.questions_per_set, multihop, args.seed + multihop)):
+        if s and time.monotonic() > deadline:
+            break
         for item in asked:
             prompt = forkjoin_prompt(tokenizer, docs, item["question"], INSTRUCTION)
             for name, how in methods(args, multihop).items():
@@ -222,6 +225,8 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--flop-questions", type=int, default=2, help="questions (per task) also run under the counter")
     p.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
+    p.add_argument("--minutes", type=float, default=None, help="time budget: no new document set starts after it "
+                   "(single-hop gets the first 70%% when both tasks run)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     if args.threads:
@@ -237,8 +242,10 @@ def main() -> None:
     warm = forkjoin_prompt(tokenizer, ["Document 1: a warm-up.", "Document 2: another."], "What is this?", INSTRUCTION)
     for engine in engines.values():  # allocations, kernels and (CUDA) graphs before anything is timed
         engine.generate([Request(params=SamplingParams(max_new_tokens=4, temperature=0), forkjoin=warm)])
-    single = run_set(args, engines, multihop=False) if args.sets else {}
-    multi = run_set(args, engines, multihop=True) if args.multihop_sets else {}
+    start, budget = time.monotonic(), 60 * args.minutes if args.minutes else float("inf")
+    share = 0.7 if args.sets and args.multihop_sets else 1.0
+    single = run_set(args, engines, False, start + share * budget) if args.sets else {}
+    multi = run_set(args, engines, True, start + budget) if args.multihop_sets else {}
     baseline = {"single_hop": single.pop("naive", None), "multihop": multi.pop("naive", None)}
     best = f"superposition_top{args.top_k[0]}"
     print(json.dumps({
@@ -246,6 +253,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if args.device == "cuda" else args.device,
         "config": {"checkpoint": args.checkpoint, "documents_per_question": [20, 50], "sets": args.sets,
                    "multihop_sets": args.multihop_sets, "questions_per_set": args.questions_per_set,
+                   "minutes": args.minutes,
                    "top_k": args.top_k, "max_new_tokens": args.max_new_tokens, "decoding": "greedy, stop at newline",
                    "instruction": INSTRUCTION, "superposition": vars(superposition),
                    "dtype": str(model.embed.weight.dtype), "threads": torch.get_num_threads(),

@@ -77,8 +77,7 @@ class ModelRunner:
         self.write_index[slot] = position
         self.live[slot] = True
         self.rope_offset[slot] = rope_offset
-        if rope_offset:
-            self.offset_slots.add(slot)
+        (self.offset_slots.add if rope_offset else self.offset_slots.discard)(slot)
 
     def leave(self, slot: int) -> None:
         self.live[slot] = False

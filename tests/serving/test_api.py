@@ -132,7 +132,7 @@ DOCUMENTS = ["The if statement selects exactly one of the suites by evaluating t
              "The while statement is used for repeated execution as long as an expression is true."]
 
 
-def test_rag_chat_answers_from_documents_by_superposition_or_naively(server, engines) -> None:
+def test_rag_chat_answers_from_documents_by_superposition_or_naively(server, checkpoint, engines, tmp_path) -> None:
     engine, handle = engines["default"], serve.get_deployment_handle("model-default", "raytrain")
     messages = [{"role": "user", "content": "What is the while statement used for?"}]
     for mode, top_k in (("superposition", 1), ("superposition", 0), ("naive", None)):
@@ -161,6 +161,14 @@ def test_rag_chat_answers_from_documents_by_superposition_or_naively(server, eng
     prompt.superpose, prompt.top_k = True, None
     want = engine.generate([Request(params=SamplingParams(max_new_tokens=12, temperature=0), forkjoin=prompt)])[0]
     assert data[-1] == "[DONE]" and "".join(c["choices"][0]["delta"].get("content", "") for c in data[:-1]) == want.text
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCUMENTS))
+    cli = subprocess.run([sys.executable, "-m", "raytrain", "generate", f"checkpoint={checkpoint}", "device=cpu",
+                          f"rag.documents={tmp_path / 'docs.jsonl'}", f"rag.question={messages[0]['content']}",
+                          "generation=superposition", "temperature=0", "max_new_tokens=12"],
+                         capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert cli.returncode == 0, cli.stderr
+    kept = ", ".join(str(d + 1) for d in want.superposition.kept)
+    assert cli.stdout == want.text + "\n" and f"superposition: kept document(s) {kept} of 3" in cli.stderr
 
 
 def test_concurrent_requests_are_batched_and_each_answered_right(server, engines) -> None:
