@@ -116,7 +116,7 @@ class Selection:
 
     kept: list[int]  # documents of the kept paths (last round), ascending
     moved: list[int]  # documents moved into the prefix by earlier rounds, in round order
-    scores: list[float]  # the last round's score of each of its paths, in document order
+    scores: list[float]  # the last round's score of each path it forked (document order, moved ones left out)
     paths: int  # paths of the first fork
     cached: int  # of those, taken from the path cache
 
@@ -257,7 +257,8 @@ class Superposer:
         prefix, remaining, moved = self.preamble(prompt.preamble), list(range(len(paths))), []
         for hop in range(self.config.hops):
             result = self.fork(prefix, [paths[i] for i in remaining], prompt.query, cacheable=hop == 0)
-            cached = result.cached if hop == 0 else cached
+            if hop == 0:
+                cached = result.cached
             if hop == self.config.hops - 1:
                 break
             best = top_k(result.scores, 1)[0]
@@ -296,9 +297,9 @@ class Superposer:
     def _documents(self, prefix: Segment, paths: list[list[int]], fork: Fork,
                    cacheable: bool) -> tuple[list[PathKV], int]:
         """Each path over the prefix at its fork positions: from the cache, or computed together; and the hits."""
-        keys = [(self.model_key, digest(prefix.tokens), digest(p), step, float(pos[0]))
-                for p, step, pos in zip(paths, fork.steps, fork.paths)]
         use_cache = cacheable and self.cache is not None
+        keys = [(self.model_key, digest(prefix.tokens), digest(p), step, float(pos[0])) if use_cache else None
+                for p, step, pos in zip(paths, fork.steps, fork.paths)]
         found = [self.cache.get(k) if use_cache else None for k in keys]
         missing = [i for i, f in enumerate(found) if f is None]
         if missing:
