@@ -16,9 +16,12 @@ answer. FLOPs are theoretical (from the segment lengths: 2 per weight per token,
 sees, the output head where logits are needed; total over all paths, and along the critical path with parallel
 paths counted once, as the paper's accounting of path parallelism) and measured (torch's FlopCounterMode over the
 same requests: what ran, padding and masked attention included). `ratio` is naive / superposition top-k warm time.
+`--theoretical-only` counts the theoretical FLOPs of every question without running the model (the gold document
+kept first), so the FLOP ratio covers the whole question set where CPU time allows only a few answered questions.
 
     python benchmarks/superposition.py --device cpu --sets 25 --questions-per-set 4            # CPU evidence
     python benchmarks/superposition.py --device cuda --sets 50 --questions-per-set 4 --multihop-sets 25   # H200
+    python benchmarks/superposition.py --theoretical-only --sets 50 --questions-per-set 4 --multihop-sets 50
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from raytrain.checkpoint.hf import read_model_config  # noqa: E402
+from raytrain.data.tokenizer import load_tokenizer  # noqa: E402
 from raytrain.data.retrieval import (RetrievalConfig, _words, document_set, multihop_question,  # noqa: E402
                                      multihop_set)
 from raytrain.infer.engine import Engine, EngineConfig, Request  # noqa: E402
@@ -49,6 +54,7 @@ from raytrain.models.decoder import DecoderConfig  # noqa: E402
 
 CHECKPOINT = "/work/models/smollm2-135m-instruct"
 INSTRUCTION = "Each document gives the 4-digit code of one thing. Answer the question with that 4-digit number."
+ANSWER_TOKENS = 14  # "The code of the silver eagle is 1018." and EOS or newline: what the model answers
 WORDS_PER_DOC = 28  # the generator's words per document at filler_words=20, facts_per_doc=1
 
 
@@ -214,6 +220,35 @@ def ratios(results: dict[str, dict], baseline: dict[str, Any]) -> dict[str, dict
     return out
 
 
+def theoretical_sweep(args: argparse.Namespace, tokenizer: Any, cfg: DecoderConfig) -> dict[str, dict]:
+    """Theoretical FLOPs of every question of the sets, no model run: naive against superposition keeping the gold
+    document(s) first (then the lowest other indices) for each k, with ANSWER_TOKENS generated."""
+    out = {}
+    for task, n_sets, multihop in (("single_hop", args.sets, False), ("multihop", args.multihop_sets, True)):
+        flops: dict[str, list[dict[str, float]]] = {}
+        documents, doc_tokens = [], []
+        for docs, asked in question_sets(n_sets, args.questions_per_set, multihop, args.seed + multihop):
+            for item in asked:
+                prompt = forkjoin_prompt(tokenizer, docs, item["question"], INSTRUCTION)
+                documents.append(len(docs))
+                doc_tokens += [len(d) for d in prompt.documents]
+                order = [*item["gold"], *(i for i in range(len(docs)) if i not in item["gold"])]
+                kept = {"naive": None, "superposition_all_paths": order,
+                        **{f"superposition_top{k}": sorted(order[:k]) for k in args.top_k}}
+                for name, k in kept.items():
+                    flops.setdefault(name, []).append(theoretical_flops(cfg, prompt, k, ANSWER_TOKENS))
+        if not documents:
+            continue
+        means = {name: {key: statistics.mean(r[key] for r in rows) for key in rows[0]} for name, rows in flops.items()}
+        naive = means.pop("naive")
+        out[task] = {"questions": len(documents), "documents_per_question": statistics.mean(documents),
+                     "tokens_per_document": statistics.mean(doc_tokens), "naive_flops": naive["total"],
+                     **{name: {**m, "ratio_total": naive["total"] / m["total"],
+                               "ratio_critical": naive["total"] / m["critical"],
+                               "ratio_cold_total": naive["total"] / m["cold_total"]} for name, m in means.items()}}
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="cuda")
@@ -228,7 +263,18 @@ def main() -> None:
     p.add_argument("--minutes", type=float, default=None, help="time budget: no new document set starts after it "
                    "(single-hop gets the first 70%% when both tasks run)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--theoretical-only", action="store_true", help="theoretical FLOPs of every question, no model run")
     args = p.parse_args()
+    if args.theoretical_only:
+        tokenizer, cfg = load_tokenizer(args.checkpoint), read_model_config(args.checkpoint)
+        print(json.dumps({"benchmark": "superposition_flops", "device": "none (counted from token lengths)",
+                          "config": {"checkpoint": args.checkpoint, "sets": args.sets,
+                                     "multihop_sets": args.multihop_sets, "questions_per_set": args.questions_per_set,
+                                     "top_k": args.top_k, "answer_tokens": ANSWER_TOKENS, "kept": "gold first"},
+                          "results": theoretical_sweep(args, tokenizer, cfg), "baseline": "naive RAG (one prompt)",
+                          "ratio": None, "command": " ".join(["python", *sys.argv]),
+                          "time": time.strftime("%Y-%m-%d %H:%M")}))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if args.device == "cuda" else None
