@@ -232,7 +232,7 @@ ERRORS = [  # path, body, status, param, code
     ("/v1/chat/completions", {**CHAT, "rag": {"documents": ["a", " \n"]}}, 400, "rag.documents.1", "invalid_value"),
     ("/v1/chat/completions", {**CHAT, "rag": {"documents": ["a"], "mode": "magic"}}, 400, "rag.mode", "invalid_type"),
     ("/v1/chat/completions", {**CHAT, "rag": {"documents": ["a"], "top_k": -1}}, 400, "rag.top_k", "invalid_value"),
-    ("/v1/chat/completions", {**CHAT, "rag": {"documents": ["a"] * 60 + ["statement " * 300]}}, 400, "rag.documents",
+    ("/v1/chat/completions", {**CHAT, "rag": {"documents": ["a"] * 60 + ["statement " * 1100]}}, 400, "rag.documents",
      "context_length_exceeded"),
     ("/v1/chat/completions", {"model": "default", "messages": [{"role": "assistant", "content": "x"}],
                               "rag": {"documents": ["a"]}}, 400, "messages", "invalid_value"),
