@@ -35,6 +35,7 @@ class Limits:
     max_output_tokens: int = 256
     request_timeout_s: float = 60.0  # from arrival at the ingress to the last token; then 504
     max_choices: int = 8  # prompts x n in one request
+    max_documents: int = 64  # rag.documents of one request
 
 
 @dataclass
@@ -158,9 +159,10 @@ def check_model(name: str, model: ModelSpec, key: str) -> None:
         raise ConfigError(f"{key}.device={model.device!r}: use auto, cpu or cuda")
     if model.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise ConfigError(f"{key}.dtype={model.dtype!r}: use auto, float32, bfloat16 or float16")
-    for limit in ("max_prompt_tokens", "max_output_tokens", "request_timeout_s", "max_choices"):
+    for limit in ("max_prompt_tokens", "max_output_tokens", "request_timeout_s", "max_choices", "max_documents"):
         if getattr(model.limits, limit) <= 0:
             raise ConfigError(f"{key}.limits.{limit} must be > 0")
+    model.engine.superposition.check(f"{key}.engine.superposition")
     check_deployment(model.deployment, f"{key}.deployment")
     if model.deployment.max_ongoing_requests < model.engine.max_batch_size:
         raise ConfigError(f"{key}.deployment.max_ongoing_requests={model.deployment.max_ongoing_requests} is below "

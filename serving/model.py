@@ -7,7 +7,10 @@ time, so the replica's event loop keeps answering while a long prompt is tokeniz
 engine's running batch at the next step (continuous batching: `Engine.astream`, stepped by the engine's own thread
 while the replica keeps accepting requests). A streamed request yields what its row produced since its previous
 item at most every `stream_interval_s`, so a busy replica sends fewer, larger items through Ray. A request whose
-caller goes away (client disconnect, timeout) is cancelled at the engine's next step.
+caller goes away (client disconnect, timeout) is cancelled at the engine's next step. A chat request with `rag`
+documents becomes a fork-join prompt (`raytrain/infer/rag.py`): superposition prompting or naive RAG, per request or
+as the model's engine is configured; the replica's engine keeps the path cache, so documents sent again are not
+recomputed.
 
 A vision-language checkpoint (`job=vlm`) is held by a `VLMEngine` instead: chat messages may carry one image (a
 base64 `data:` URL), rendered through the chat template around it; its requests are generated a call at a time.
@@ -29,14 +32,13 @@ from ray import serve
 from raytrain.checkpoint.hf import is_compressed_checkpoint, read_model_config
 from raytrain.config import RaytrainError
 from raytrain.infer.engine import Completion, Engine, Request
+from raytrain.infer.forkjoin import ForkJoinPrompt
+from raytrain.infer.rag import chat_template, forkjoin_prompt
 from raytrain.infer.sampling import SamplingError, SamplingParams
 from raytrain.infer.vlm import VLMEngine, VLMRequest
 from raytrain.models.vlm import VLMConfig
 from serving.config import ModelSpec, model_spec
 
-# For tokenizers without a chat template (raytrain's own BPE): one "role: content" line per message.
-PLAIN_CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                       "{% if add_generation_prompt %}assistant:{% endif %}")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -72,8 +74,7 @@ class ModelServer:
         self.spec = model_spec(args, f"models.{name}")
         self.engine = load_engine(self.spec)
         self.vision = isinstance(self.engine, VLMEngine)
-        self.chat_template = (self.spec.chat_template or getattr(self.engine.tokenizer, "chat_template", None)
-                              or PLAIN_CHAT_TEMPLATE)
+        self.chat_template = chat_template(self.engine.tokenizer, self.spec.chat_template)
         # no text beyond this many characters tokenizes into max_prompt_tokens tokens or fewer
         self.max_prompt_chars = self.spec.limits.max_prompt_tokens * longest_token_chars(self.engine.tokenizer)
         self.preparing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
@@ -88,8 +89,10 @@ class ModelServer:
         except RequestError as e:
             return {"error": e.args}
         async for deltas in self.engine.astream([request]):
-            if deltas[-1].completion is not None:
-                return {"text": deltas[-1].completion.text, **_counts(deltas[-1].completion)}
+            done = deltas[-1].completion
+            if done is not None:
+                kept = {"kept_documents": done.superposition.kept} if done.superposition is not None else {}
+                return {"text": done.text, **_counts(done), **kept}
         raise RuntimeError("the engine ended without a completion")
 
     async def stream(self, job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
@@ -100,7 +103,7 @@ class ModelServer:
         except RequestError as e:
             yield {"error": e.args}
             return
-        yield {"prompt_tokens": len(request.prompt)}
+        yield {"prompt_tokens": len(request.forkjoin.flat() if request.forkjoin is not None else request.prompt)}
         loop, text, sent = asyncio.get_running_loop(), "", 0.0
         async for deltas in self.engine.astream([request]):
             text += "".join(d.text for d in deltas)
@@ -111,11 +114,14 @@ class ModelServer:
 
     def info(self) -> dict[str, Any]:
         return {"context_window": self.engine.context_window, "max_batch_size": self.spec.engine.max_batch_size,
-                "decoding": "lazyllm" if self.spec.engine.lazy else "plain", "weights": self.spec.weights}
+                "decoding": "lazyllm" if self.spec.engine.lazy else "plain", "weights": self.spec.weights,
+                "rag": "superposition" if self.spec.engine.superposition.enabled else "naive"}
 
     def stats(self) -> dict[str, Any]:
-        """Engine steps run, and how many decode steps carried each number of sequences."""
-        return {"steps": self.engine.steps, "decode_rows": dict(self.engine.decode_rows)}
+        """Engine steps run, how many decode steps carried each number of sequences, and the path cache."""
+        cache = self.engine.superposer.cache
+        return {"steps": self.engine.steps, "decode_rows": dict(self.engine.decode_rows),
+                "path_cache": cache.stats() if cache is not None else None}
 
     # ---- request preparation ----------------------------------------------------------------------------------
 
@@ -124,16 +130,24 @@ class ModelServer:
 
     def prepare(self, job: dict[str, Any]) -> Request | VLMRequest:
         """An engine request from the ingress's job (prompt or messages, and the sampling fields), within limits."""
-        prompt_param = "messages" if job.get("messages") is not None else "prompt"
         image = self._image(job.get("images") or [])
-        ids = self._prompt_ids(job, prompt_param)
+        if job.get("rag") is not None and self.vision:
+            raise RequestError(f"rag: model {self.name!r} is a vision-language model; rag takes a language model",
+                               "rag", "invalid_value")
+        if job.get("rag") is not None:
+            prompt_param, ids, forkjoin = "rag.documents", None, self._forkjoin(job)
+            length, needed = len(forkjoin.flat()), self._needed(forkjoin)
+        else:
+            prompt_param = "messages" if job.get("messages") is not None else "prompt"
+            ids, forkjoin = self._prompt_ids(job, prompt_param), None
+            length = needed = len(ids)
         limits, window = self.spec.limits, self.engine.context_window
-        if len(ids) > limits.max_prompt_tokens:
-            raise RequestError(f"{prompt_param}: the prompt has {len(ids)} tokens; model {self.name!r} accepts at "
+        if length > limits.max_prompt_tokens:
+            raise RequestError(f"{prompt_param}: the prompt has {length} tokens; model {self.name!r} accepts at "
                                f"most {limits.max_prompt_tokens}", prompt_param, "context_length_exceeded")
-        room = window - len(ids)
+        room = window - needed
         if room < 1:
-            raise RequestError(f"{prompt_param}: the prompt's {len(ids)} tokens fill the context window of model "
+            raise RequestError(f"{prompt_param}: the prompt's {needed} tokens fill the context window of model "
                                f"{self.name!r} ({window} tokens)", prompt_param, "context_length_exceeded")
         params = dict(job["params"])
         max_tokens = params.pop("max_tokens")
@@ -143,18 +157,51 @@ class ModelServer:
                                f"{limits.max_output_tokens} tokens", "max_tokens", "invalid_value")
         if max_tokens > room:
             raise RequestError(f"max_tokens: the context window of model {self.name!r} is {window} tokens; the "
-                               f"prompt has {len(ids)} and max_tokens asks for {max_tokens} more", "max_tokens",
+                               f"prompt needs {needed} and max_tokens asks for {max_tokens} more", "max_tokens",
                                "context_length_exceeded")
         try:
             sampling = SamplingParams(max_new_tokens=max_tokens, **params)
         except SamplingError as e:
             raise RequestError(str(e), e.field, "invalid_value") from None
-        if not self.vision:
+        if self.vision:
+            try:
+                return self.engine.request(ids, sampling, image)
+            except RaytrainError as e:
+                raise RequestError(f"{prompt_param}: {e}", prompt_param, "invalid_value") from None
+        if forkjoin is None:
             return Request(ids, sampling)
+        request = Request(params=sampling, forkjoin=forkjoin)
         try:
-            return self.engine.request(ids, sampling, image)
+            self.engine.encode(request)  # what the checks above cannot see (e.g. more hops than documents)
         except RaytrainError as e:
-            raise RequestError(f"{prompt_param}: {e}", prompt_param, "invalid_value") from None
+            raise RequestError(f"rag: {e}", "rag") from None
+        return request
+
+    def _forkjoin(self, job: dict[str, Any]) -> ForkJoinPrompt:
+        """The fork-join prompt of a rag job: earlier messages, then the instruction, the documents and the last
+        (user) message as the question."""
+        rag, messages = job["rag"], job["messages"]
+        chars = sum(len(m["content"]) for m in messages) + sum(map(len, rag["documents"]))
+        if chars > self.max_prompt_chars:
+            raise RequestError(f"rag.documents: {chars} characters of documents and messages are more than model "
+                               f"{self.name!r} accepts (at most {self.spec.limits.max_prompt_tokens} tokens, which "
+                               f"this tokenizer never spells in more than {self.max_prompt_chars} characters)",
+                               "rag.documents", "context_length_exceeded")
+        try:
+            prompt = forkjoin_prompt(self.engine.tokenizer, rag["documents"], messages[-1]["content"],
+                                     history=messages[:-1], template=self.chat_template)
+        except (TemplateError, RaytrainError) as e:
+            raise RequestError(f"messages: the chat template rejected them ({e})", "messages") from None
+        prompt.superpose = None if rag["mode"] is None else rag["mode"] == "superposition"
+        prompt.top_k = rag["top_k"]
+        return prompt
+
+    def _needed(self, prompt: ForkJoinPrompt) -> int:
+        """Context entries the prompt needs before its output: the naive prompt's length, or with superposition
+        its worst case over the pruning outcomes."""
+        if self.engine.superposed(Request(forkjoin=prompt)):
+            return self.engine.superposer.bound(prompt)
+        return len(prompt.flat())
 
     def _image(self, urls: list[str]) -> bytes | None:
         """The request's image, decoded from its base64 data URL (a VLM takes one image, a language model none)."""

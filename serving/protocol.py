@@ -1,9 +1,11 @@
 """The OpenAI wire format: request schemas (validated strictly, so a wrong type or an unknown field is named, never
 coerced or ignored), OpenAI-style errors, and the bodies of responses and stream chunks.
 
-Supported beyond OpenAI's fields, under vLLM's names: `top_k`, `repetition_penalty`, `ignore_eos`. Chat messages
-take OpenAI's content parts, text and `image_url` (vision-language models; the ingress passes the URLs on, the model
-replica accepts base64 `data:` URLs only, since nothing is downloaded). OpenAI fields
+Supported beyond OpenAI's fields, under vLLM's names: `top_k`, `repetition_penalty`, `ignore_eos`; and this server's
+`rag` on chat completions (documents to answer the last user message from, by superposition prompting or naive RAG;
+the answer's choices carry `kept_documents`). Chat messages take OpenAI's content parts, text and `image_url`
+(vision-language models; the ingress passes the URLs on, the model replica accepts base64 `data:` URLs only, since
+nothing is downloaded). OpenAI fields
 the engine cannot honour (logprobs, penalties other than 0, logit_bias, suffix, echo, best_of > 1, tools) are
 rejected with a message naming them rather than silently dropped.
 
@@ -188,17 +190,42 @@ class ChatMessage(_Strict):
                                                          if isinstance(p, ImagePart)]
 
 
+class Rag(_Strict):
+    """Retrieval-augmented generation: answer the last user message from `documents`."""
+
+    documents: Texts
+    mode: Literal["superposition", "naive"] | None = None  # None: as the model is configured
+    top_k: int | None = Field(None, ge=0, le=INT32_MAX)  # superposition: paths kept, 0 = all; None: the model's
+
+    def check(self) -> None:
+        empty = next((i for i, d in enumerate(self.documents) if not d.strip()), None)
+        if empty is not None:
+            raise ApiError(400, f"rag.documents.{empty}: the document is empty", f"rag.documents.{empty}",
+                           "invalid_value")
+
+
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1, fail_fast=True)
     max_completion_tokens: Count | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=INT32_MAX)
+    rag: Rag | None = None
 
     UNSUPPORTED: ClassVar[dict[str, tuple[Any, ...]]] = {
         **_Sampling.UNSUPPORTED, "logprobs": (False,), "top_logprobs": (None,)}
 
+    def check(self) -> None:
+        super().check()
+        if self.rag is None:
+            return
+        self.rag.check()
+        if self.messages[-1].role != "user":
+            raise ApiError(400, "messages: with rag, the last message is the question and must have role 'user'",
+                           "messages", "invalid_value")
 
-FIELDS = {name for m in (CompletionRequest, ChatRequest, ChatMessage, TextPart, ImagePart, ImageUrl, StreamOptions)
+
+FIELDS = {name for m in (CompletionRequest, ChatRequest, ChatMessage, TextPart, ImagePart, ImageUrl, StreamOptions,
+                          Rag)
           for name in m.model_fields}
 
 
@@ -299,7 +326,9 @@ def completion_body(rid: str, model: str, results: list[dict[str, Any]], chat: b
     """A whole (chat) completion from the model replicas' results, one choice per result."""
     if chat:
         choices = [{"index": i, "message": {"role": "assistant", "content": r["text"]},
-                    "finish_reason": r["finish_reason"], "logprobs": None} for i, r in enumerate(results)]
+                    "finish_reason": r["finish_reason"], "logprobs": None,
+                    **({"kept_documents": r["kept_documents"]} if "kept_documents" in r else {})}
+                   for i, r in enumerate(results)]
     else:
         choices = [{"index": i, "text": r["text"], "finish_reason": r["finish_reason"], "logprobs": None}
                    for i, r in enumerate(results)]

@@ -1,7 +1,12 @@
 """`raytrain generate checkpoint=PATH [adapter=PATH] prompt="..." [chat=true]`: stream a completion from a checkpoint
 (with a LoRA adapter trained on it) to stdout; with `chat=true` the prompt is one user message put through the
 tokenizer's chat template, and only the answer is printed. A vision-language checkpoint (`job=vlm`) answers `prompt`
-as a question about `image=FILE`."""
+as a question about `image=FILE`.
+
+With `rag.documents=FILE rag.question="..."` it answers the question from the documents: through superposition
+prompting with `generation=superposition` (the kept documents are logged to stderr), else as naive RAG (every
+document in one prompt).
+"""
 
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from omegaconf import DictConfig
 from raytrain.checkpoint.hf import read_model_config
 from raytrain.config import ConfigError, plain, to_dataclass
 from raytrain.infer.engine import Engine, EngineConfig, Request
+from raytrain.infer.rag import forkjoin_prompt, read_documents
 from raytrain.infer.sampling import SamplingParams
 from raytrain.models.vlm import VLMConfig
 
@@ -41,9 +47,15 @@ def run(cfg: DictConfig) -> None:
         return
     if cfg.image is not None:
         raise ConfigError(f"image={cfg.image}: checkpoint {cfg.checkpoint} is a language model, not a VLM")
+    if cfg.rag.documents is not None and not cfg.rag.question:
+        raise ConfigError('rag.question="..." is required with rag.documents')
+    documents = read_documents(cfg.rag.documents) if cfg.rag.documents is not None else None
     engine = Engine.from_checkpoint(cfg.checkpoint, engine_cfg, device=device, tokenizer=cfg.tokenizer,
                                     adapter=cfg.adapter)
-    if cfg.chat:
+    if documents is not None:
+        prompt = forkjoin_prompt(engine.tokenizer, documents, cfg.rag.question, cfg.rag.instruction)
+        print_answer(engine, Request(params=params, forkjoin=prompt))
+    elif cfg.chat:
         print_completion(engine, chat_prompt(engine.tokenizer, cfg.prompt), params, echo=False)
     else:
         print_completion(engine, cfg.prompt, params)
@@ -86,3 +98,18 @@ def answer_about_image(checkpoint: str, image: str | None, question: str, params
     except Exception as e:  # PIL raises many types for bad data
         raise ConfigError(f"image={image}: not an image ({type(e).__name__})") from None
     return answer(pretrained.model, pretrained.tokenizer, [question], [picture], params)[0]
+
+
+def print_answer(engine: Engine, request: Request) -> None:
+    """Stream the answer to a RAG request to stdout; which documents superposition kept goes to stderr."""
+    for delta in engine.stream([request]):
+        sys.stdout.write(delta.text)
+        sys.stdout.flush()
+        done = delta.completion
+    sys.stdout.write("\n")
+    n = len(request.forkjoin.documents)
+    if done.superposition is None:
+        print(f"naive RAG: {n} documents in one prompt of {done.prompt_tokens} tokens", file=sys.stderr)
+        return
+    kept = ", ".join(str(d + 1) for d in done.superposition.kept)
+    print(f"superposition: kept document(s) {kept} of {n}", file=sys.stderr)

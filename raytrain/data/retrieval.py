@@ -9,6 +9,10 @@ number of documents, so the same generator gives 500-token and 8000-token prompt
 Training text (`train.jsonl`, field `text`) appends several question/answer pairs about facts of its documents, so
 each sequence carries several supervised answers; evaluation records (`eval.jsonl`) hold `prompt`, `answer`, the asked
 `key` and the approximate length in words.
+
+`document_set` gives the documents as a list (RAG over separate documents, e.g. superposition prompting), and
+`multihop_set` a two-hop variant: one document names a key's owner ("The owner of the silver falcon is the jade
+lantern."), another the owner's code, and the question asks for the code of the owner.
 """
 
 from __future__ import annotations
@@ -44,19 +48,60 @@ def _words() -> list[str]:
 
 def example(rng: random.Random, cfg: RetrievalConfig, filler: list[str]) -> tuple[str, list[tuple[str, str]]]:
     """(documents text, [(key, value), ...] of all facts in it)."""
-    doc_words = cfg.filler_words + 8 * cfg.facts_per_doc
-    words = rng.randint(cfg.words, cfg.max_words) if cfg.max_words else cfg.words
-    n_docs = max(2, words // doc_words)
-    keys = rng.sample([f"{a} {n}" for a in ADJECTIVES for n in NOUNS], n_docs * cfg.facts_per_doc)
-    facts = [(k, str(rng.randrange(1000, 10000))) for k in keys]
-    docs = []
-    for d in range(n_docs):
-        start = rng.randrange(len(filler) - cfg.filler_words)
-        sentences = [f"The code of the {k} is {v}." for k, v in facts[d * cfg.facts_per_doc:(d + 1) * cfg.facts_per_doc]]
-        prose = " ".join(filler[start:start + cfg.filler_words])
-        cut = rng.randrange(len(sentences) + 1)
-        docs.append(f"Document {d + 1}: " + " ".join([*sentences[:cut], prose, *sentences[cut:]]))
+    docs, facts = document_set(rng, cfg, filler)
     return "\n\n".join(docs), facts
+
+
+def document_set(rng: random.Random, cfg: RetrievalConfig,
+                 filler: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """([document, ...], [(key, value), ...] of all facts in them); each key is stated in exactly one document."""
+    n_docs = _n_docs(rng, cfg)
+    keys = rng.sample(_all_keys(), n_docs * cfg.facts_per_doc)
+    facts = [(k, str(rng.randrange(1000, 10000))) for k in keys]
+    per = cfg.facts_per_doc
+    sentences = [[f"The code of the {k} is {v}." for k, v in facts[d * per:(d + 1) * per]] for d in range(n_docs)]
+    return _documents(rng, cfg, filler, sentences), facts
+
+
+def multihop_set(rng: random.Random, cfg: RetrievalConfig,
+                 filler: list[str]) -> tuple[list[str], list[tuple[str, str, str, int, int]]]:
+    """Documents of two-hop chains, in random order: for each chain, one document states "The owner of the {key} is
+    the {owner}." and another "The code of the {owner} is {value}.". Returns the documents and, per chain, (key,
+    owner, value, index of the owner document, index of the code document)."""
+    n_chains = max(1, _n_docs(rng, cfg) // 2)
+    names = rng.sample(_all_keys(), 2 * n_chains)
+    chains = [(names[2 * i], names[2 * i + 1], str(rng.randrange(1000, 10000))) for i in range(n_chains)]
+    sentences = [s for key, owner, value in chains
+                 for s in ([f"The owner of the {key} is the {owner}."], [f"The code of the {owner} is {value}."])]
+    order = list(range(len(sentences)))
+    rng.shuffle(order)
+    docs = _documents(rng, cfg, filler, [sentences[i] for i in order])
+    where = {old: new for new, old in enumerate(order)}
+    return docs, [(k, o, v, where[2 * i], where[2 * i + 1]) for i, (k, o, v) in enumerate(chains)]
+
+
+def multihop_question(key: str) -> str:
+    return f"What is the code of the owner of the {key}?"
+
+
+def _n_docs(rng: random.Random, cfg: RetrievalConfig) -> int:
+    words = rng.randint(cfg.words, cfg.max_words) if cfg.max_words else cfg.words
+    return max(2, words // (cfg.filler_words + 8 * cfg.facts_per_doc))
+
+
+def _all_keys() -> list[str]:
+    return [f"{a} {n}" for a in ADJECTIVES for n in NOUNS]
+
+
+def _documents(rng: random.Random, cfg: RetrievalConfig, filler: list[str], sentences: list[list[str]]) -> list[str]:
+    """One document per sentence list: the sentences around a random cut of filler prose."""
+    docs = []
+    for d, facts in enumerate(sentences):
+        start = rng.randrange(len(filler) - cfg.filler_words)
+        prose = " ".join(filler[start:start + cfg.filler_words])
+        cut = rng.randrange(len(facts) + 1)
+        docs.append(f"Document {d + 1}: " + " ".join([*facts[:cut], prose, *facts[cut:]]))
+    return docs
 
 
 def question(key: str) -> str:

@@ -6,7 +6,10 @@ batch (a CUDA graph on the GPU) over the slot KV cache (`kv_cache.py`); the samp
 every row's token with tensor ops, and the step's tokens cross to the host in one copy. Then each sequence's text
 advances through its incremental detokenizer (`text.py`), finished sequences free their slots, and the new deltas
 go to each request's sink. With `lazy` on, prompts of at least `lazyllm.min_prompt_tokens` tokens run through
-LazyLLM (`lazyllm.py`) one at a time beside the batch (the paper's batch size 1).
+LazyLLM (`lazyllm.py`) one at a time beside the batch (the paper's batch size 1). A RAG request (`Request.forkjoin`)
+with superposition on runs its fork-join prefill (`superposition.py`), one request per step, then waits for a slot
+like a prompt whose KV is copied in rather than computed, and decodes in the batch; with superposition off it is
+the naive RAG prompt (every document in one sequence).
 
 Three ways in: `generate`/`stream` step the engine on the caller's thread; `astream` and `add_request` hand requests
 to a background thread that steps while there is work, for asyncio servers (each request joins the running batch
@@ -29,11 +32,13 @@ from typing import Any
 import torch
 
 from raytrain.config import ConfigError, RaytrainError
+from raytrain.infer.forkjoin import ForkJoinPrompt
 from raytrain.infer.lazyllm import LazyConfig, LazySequence, pays_off
 from raytrain.infer.kv_cache import SlotKVCache
 from raytrain.infer.model_runner import ModelRunner
 from raytrain.infer.sampling import SamplingParams, SamplingTable
 from raytrain.infer.scheduler import Plan, Scheduler, Sequence
+from raytrain.infer.superposition import Selection, Superposer, SuperpositionConfig
 from raytrain.infer.text import TextStream, fast_decode
 from raytrain.models import ops
 from raytrain.models.decoder import Decoder
@@ -51,13 +56,15 @@ class EngineConfig:
     overlap: bool | None = None  # host work of step t while the device runs step t+1; None = on CUDA
     lazy: bool = False  # LazyLLM for prompts of at least lazyllm.min_prompt_tokens tokens
     lazyllm: LazyConfig = field(default_factory=LazyConfig)
+    superposition: SuperpositionConfig = field(default_factory=SuperpositionConfig)  # for RAG requests
 
 
 @dataclass
 class Request:
-    prompt: str | list[int]  # text (BOS is prepended) or token ids (used as given)
+    prompt: str | list[int] = ""  # text (BOS is prepended) or token ids (used as given); or a forkjoin
     params: SamplingParams = field(default_factory=SamplingParams)
     cancel: threading.Event | None = field(default=None, compare=False)  # set: stop at the next step
+    forkjoin: ForkJoinPrompt | None = None  # a RAG prompt: preamble, documents, query, postamble (token ids)
 
 
 @dataclass
@@ -68,6 +75,7 @@ class Completion:
     prompt_tokens: int
     ttft_s: float  # wall time from the request's arrival to its first token
     prompt_fraction_computed: float = 1.0  # share of prompt (token, layer) pairs computed (< 1 with LazyLLM)
+    superposition: Selection | None = None  # a superposed request's kept documents and path scores
 
 
 @dataclass
@@ -104,6 +112,8 @@ class Engine:
         self.sampling = SamplingTable(n_slots + 1, model.cfg.vocab_size, self.device)  # + a row for LazyLLM
         self.lazy_waiting: deque[Sequence] = deque()
         self.lazy_running: Sequence | None = None
+        self.superposer = Superposer(model, self.config.superposition, "generation.superposition")
+        self.superposing: deque[Sequence] = deque()  # superposed requests waiting for their fork-join prefill
         self._inbox: deque[Sequence] = deque()  # added from other threads, admitted at the next step
         self._lock = threading.Lock()  # one step at a time
         self._wake = threading.Event()
@@ -176,9 +186,22 @@ class Engine:
             raise RaytrainError(f"prompt token ids must be integers in [0, {vocab})")
         return ids
 
+    def superposed(self, request: Request) -> bool:
+        """Whether a request runs through superposition prompting (a RAG request, with it on)."""
+        fj = request.forkjoin
+        return fj is not None and (fj.superpose if fj.superpose is not None else self.config.superposition.enabled)
+
     def encode(self, request: Request) -> list[int]:
-        """Prompt token ids, checked against the context window before any compute."""
-        ids = self.tokenize(request.prompt)
+        """Prompt token ids, checked against the context window before any compute (a superposed request's are
+        known after its fork-join prefill: its worst case is checked, and [] returned)."""
+        if request.forkjoin is not None and request.prompt:
+            raise RaytrainError("a request takes a prompt or a forkjoin prompt, not both")
+        if self.superposed(request):
+            self.superposer.check(request.forkjoin, request.params.max_new_tokens, self.max_len)
+            return []
+        if request.forkjoin is not None:
+            request.forkjoin.check(self.model.cfg.vocab_size)
+        ids = self.tokenize(request.forkjoin.flat() if request.forkjoin is not None else request.prompt)
         if len(ids) + request.params.max_new_tokens > self.max_len:
             raise RaytrainError(f"prompt ({len(ids)} tokens) + max_new_tokens ({request.params.max_new_tokens}) "
                                 f"exceeds the model's context window of {self.max_len} tokens")
@@ -192,7 +215,8 @@ class Engine:
         ids = prompt if prompt is not None else self.encode(request)
         seed = request.params.seed if request.params.seed is not None else random.getrandbits(64)
         seq = Sequence(ids, request.params, TextStream(self.tokenizer, request.params.stop, self._detokenize), sink, index=index,
-                       cancel=request.cancel, seed=seed, arrival=time.perf_counter())
+                       cancel=request.cancel, seed=seed, arrival=time.perf_counter(),
+                       forkjoin=request.forkjoin if self.superposed(request) else None)
         self._inbox.append(seq)
         self._wake.set()
         return seq
@@ -224,7 +248,7 @@ class Engine:
 
     def has_work(self) -> bool:
         return bool(self._inbox or self.scheduler.has_work() or self.lazy_waiting or self.lazy_running
-                    or self._inflight)
+                    or self._inflight or self.superposing)
 
     def step(self) -> None:
         """Admit queued requests, launch one step's compute, hand every new delta to its sink."""
@@ -245,6 +269,7 @@ class Engine:
         device computes this one: a sequence that hit EOS or a stop string computes one extra token, discarded."""
         self._admit()
         outputs = [(seq, self._finish(seq, "cancelled")) for seq in self._cancelled()]
+        self._superpose()
         launched = self._launch(self.scheduler.schedule())
         if self.overlap:
             launched, self._inflight = self._inflight, launched
@@ -253,6 +278,9 @@ class Engine:
     def _admit(self) -> None:
         while self._inbox:
             seq = self._inbox.popleft()
+            if seq.forkjoin is not None:
+                self.superposing.append(seq)
+                continue
             (self.lazy_waiting if self._runs_lazy(len(seq.prompt)) else self.scheduler.waiting).append(seq)
 
     def _runs_lazy(self, prompt_tokens: int) -> bool:
@@ -263,8 +291,18 @@ class Engine:
             return False
         return not lazy.never_slower or pays_off(self.model, lazy, prompt_tokens)
 
+    def _superpose(self) -> None:
+        """One superposed request's fork-join prefill (it runs whole, so it delays this step's decodes); the request
+        then waits for a slot like a prompt, the context's KV ready to copy in."""
+        if self.superposing:
+            seq = self.superposing[0]  # still queued while it runs: a failure ends it with the others in flight
+            seq.context = self.superposer.prefill(seq.forkjoin)
+            seq.prompt = seq.context.tokens
+            self.scheduler.waiting.append(self.superposing.popleft())
+
     def _cancelled(self) -> list[Sequence]:
-        every = [*self.scheduler.waiting, *self.scheduler.running, *self.lazy_waiting, self.lazy_running]
+        every = [*self.scheduler.waiting, *self.scheduler.running, *self.lazy_waiting, self.lazy_running,
+                 *self.superposing]
         return [s for s in every if s is not None and (s.aborted or (s.cancel is not None and s.cancel.is_set()))]
 
     def _launch(self, plan: Plan) -> Launched | None:
@@ -279,7 +317,7 @@ class Engine:
             owners += [(seq, len(firsts) + seq.slot) for seq in plan.decodes]
             sampled.append(self._decode(plan.decodes))
         for seq, token in firsts:  # after the decode: finished prompts join the next step's batch
-            self.runner.join(seq.slot, token, seq.position)
+            self.runner.join(seq.slot, token, seq.position, seq.context.rope_offset if seq.context else 0.0)
         lazy = self._lazy_step()
         if lazy is not None:
             owners.append((lazy[0], sum(t.numel() for t in sampled)))
@@ -315,7 +353,11 @@ class Engine:
         """Compute a prompt chunk; the sequence's first token (a device tensor) once its whole prompt is in."""
         if first == 0:
             self.sampling.assign(seq.slot, seq.params, seq.seed, seq.prompt)
-        logits = self.runner.prefill(seq.slot, seq.prompt[first:end], first)
+        if seq.context is not None:  # superposed: the KV is computed, copy it in
+            self.runner.install(seq.slot, seq.context.keys, seq.context.values, first, end)
+            logits = seq.context.logits
+        else:
+            logits = self.runner.prefill(seq.slot, seq.prompt[first:end], first)
         seq.computed = end
         if not seq.prefilled:
             return None
@@ -370,13 +412,17 @@ class Engine:
         seq.finish_reason = reason
         fraction = seq.lazy.prompt_fraction_computed() if seq.lazy is not None else float(seq.computed > 0)
         self._release(seq)
-        completion = Completion(seq.stream.text, seq.output, reason, len(seq.prompt), seq.ttft_s or 0.0, fraction)
+        prompt_tokens = len(seq.forkjoin.flat()) if seq.forkjoin is not None else len(seq.prompt)
+        completion = Completion(seq.stream.text, seq.output, reason, prompt_tokens, seq.ttft_s or 0.0, fraction,
+                                seq.context.selection if seq.context is not None else None)
         return Delta(seq.index, text, completion)
 
     def _release(self, seq: Sequence) -> None:
         """Give back whatever the sequence holds: its slot, or the LazyLLM turn, or its place in a queue."""
         if seq is self.lazy_running:
             self.lazy_running = None
+        elif seq in self.superposing:
+            self.superposing.remove(seq)
         elif seq in self.lazy_waiting:
             self.lazy_waiting.remove(seq)
         elif seq.slot is not None:
@@ -387,9 +433,11 @@ class Engine:
             self.scheduler.finish(seq)
 
     def _drop_all(self) -> list[Sequence]:
-        dropped = [*self.scheduler.clear(), *self.lazy_waiting, *([self.lazy_running] if self.lazy_running else [])]
+        dropped = [*self.scheduler.clear(), *self.lazy_waiting, *([self.lazy_running] if self.lazy_running else []),
+                   *self.superposing]
         dropped += [seq for seq, _ in (self._inflight.owners if self._inflight else []) if seq not in dropped]
         self.lazy_waiting.clear()
+        self.superposing.clear()
         self.lazy_running = self._inflight = None
         self.runner.live.zero_()
         self.runner.write_index.fill_(self.max_len)

@@ -12,6 +12,9 @@ Two modes, set by the model runner before each forward:
   first start+T keys (SDPA: the flash kernel when start is 0);
 - decode: rows 0..W-1 (row = slot), one token each at `positions`, written at `write_index` (the position, or the
   scratch index for idle rows), attending to the first `length` keys of their slot under a per-row length mask.
+  `rope_positions`, when given, are the (real-valued) positions RoPE rotates by instead: a superposed prompt's
+  context is packed at indices 0..C-1 while its tokens sit at other positions (`raytrain/infer/superposition.py`).
+A superposed prompt's KV, computed outside the slots, is copied in with `write`.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ class SlotKVCache:
         self.rows = torch.arange(n_slots, device=device)
         self.slot, self.seen = 0, 0  # prefill: the slot and the chunk's first position
         self.positions: torch.Tensor | None = None  # decode: (W,) positions, or None in prefill mode
+        self.rope_positions: torch.Tensor | None = None  # decode: (W,) float positions for RoPE, or None
         self.write_index = self.mask = None
         self.length = 0
 
@@ -44,9 +48,11 @@ class SlotKVCache:
     def begin_prefill(self, slot: int, start: int) -> None:
         self.slot, self.seen, self.positions = slot, start, None
 
-    def begin_decode(self, positions: torch.Tensor, write_index: torch.Tensor, length: int) -> None:
+    def begin_decode(self, positions: torch.Tensor, write_index: torch.Tensor, length: int,
+                     rope_positions: torch.Tensor | None = None) -> None:
         """positions, write_index: (W,) device tensors (static buffers under CUDA graphs)."""
         self.positions, self.write_index, self.length = positions, write_index, length
+        self.rope_positions = rope_positions
         keys = torch.arange(length, device=positions.device)
         self.mask = (keys[None, :] <= positions[:, None])[:, None, None]  # (W, 1, 1, length)
 
@@ -54,7 +60,15 @@ class SlotKVCache:
 
     def position_ids(self, q_len: int) -> torch.Tensor | None:
         """(W, 1) explicit positions in decode; None in prefill (contiguous from `seen`)."""
-        return None if self.positions is None else self.positions[:, None]
+        if self.positions is None:
+            return None
+        return (self.positions if self.rope_positions is None else self.rope_positions)[:, None]
+
+    def write(self, slot: int, keys: list[torch.Tensor], values: list[torch.Tensor], first: int, end: int) -> None:
+        """Copy indices first..end-1 of per-layer (n_kv, C, hd) keys and values into `slot`."""
+        for K, V, k, v in zip(self.keys, self.values, keys, values):
+            K[slot, :, first:end] = k[:, first:end]
+            V[slot, :, first:end] = v[:, first:end]
 
     def advance(self, n_tokens: int) -> None:
         """Positions are the runner's business: nothing to count here."""

@@ -5,7 +5,9 @@ step whose batch did not change needs no host-to-device copy: sampled tokens go 
 live rows' positions advance by one. A decode step covers rows 0..W-1 for a width bucket W and attends to the first
 L keys of each slot for a length bucket L; on CUDA each (W, L) is captured once as a CUDA graph (the whole forward
 as one launch, all graphs sharing one memory pool) and replayed, with its logits written into a static buffer.
-Prefill runs eagerly, one sequence chunk per call (SDPA's flash kernel for a first chunk).
+Prefill runs eagerly, one sequence chunk per call (SDPA's flash kernel for a first chunk); a superposed prompt's KV,
+computed by `superposition.py`, is copied into its slot instead (`install`). Its rows then decode at real-valued
+positions: slot index + `rope_offset` (a decode step with such rows is a graph of its own).
 """
 
 from __future__ import annotations
@@ -43,8 +45,10 @@ class ModelRunner:
         self.positions = torch.zeros(n_slots, dtype=torch.long, device=self.device)
         self.write_index = torch.full((n_slots,), max_len, dtype=torch.long, device=self.device)
         self.live = torch.zeros(n_slots, dtype=torch.bool, device=self.device)
+        self.rope_offset = torch.zeros(n_slots, device=self.device)  # RoPE position minus KV index, per slot
+        self.offset_slots: set[int] = set()  # slots whose offset is not 0
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
-        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[tuple[int, int, bool], torch.cuda.CUDAGraph] = {}
         self.graph_pool = None
         self.logits: torch.Tensor | None = None  # (n_slots, vocab_rows): the graphs' output buffer
         # compiled with dynamic shapes: one compilation for every (width, length) bucket, each then a CUDA graph
@@ -59,19 +63,28 @@ class ModelRunner:
         x = torch.tensor([tokens], device=self.device)
         return self.model(x, cache=self.cache, last_only=True)[:, -1]
 
+    def install(self, slot: int, keys: list[torch.Tensor], values: list[torch.Tensor], first: int, end: int) -> None:
+        """Copy KV computed elsewhere (per layer (n_kv, C, hd)) into `slot` at indices first..end-1."""
+        self.cache.write(slot, keys, values, first, end)
+
     # ---- decode -----------------------------------------------------------------------------------------------
 
-    def join(self, slot: int, token: torch.Tensor, position: int) -> None:
-        """Put a sequence into the decode batch: `token` (a 1-element device tensor) at `position`."""
+    def join(self, slot: int, token: torch.Tensor, position: int, rope_offset: float = 0.0) -> None:
+        """Put a sequence into the decode batch: `token` (a 1-element device tensor) at KV index `position`, rotated
+        by RoPE as position + `rope_offset`."""
         self.tokens[slot] = token.reshape(())
         self.positions[slot] = position
         self.write_index[slot] = position
         self.live[slot] = True
+        self.rope_offset[slot] = rope_offset
+        (self.offset_slots.add if rope_offset else self.offset_slots.discard)(slot)
 
     def leave(self, slot: int) -> None:
         self.live[slot] = False
         self.positions[slot] = 0
         self.write_index[slot] = self.max_len
+        self.rope_offset[slot] = 0.0
+        self.offset_slots.discard(slot)
 
     def decode_shape(self, highest_slot: int, longest: int) -> tuple[int, int]:
         """(W, L) buckets for a batch whose highest busy slot is `highest_slot` and longest row `longest` tokens."""
@@ -80,11 +93,12 @@ class ModelRunner:
     @torch.inference_mode()
     def decode(self, width: int, length: int) -> torch.Tensor:
         """One token for rows 0..width-1 -> logits (width, V); idle rows compute garbage that nobody reads."""
+        shifted = any(slot < width for slot in self.offset_slots)
         if not self.cuda_graphs:
-            return self._decode_forward(width, length)
-        if (width, length) not in self.graphs:
-            self._capture(width, length)
-        self.graphs[width, length].replay()
+            return self._decode_forward(width, length, shifted)
+        if (width, length, shifted) not in self.graphs:
+            self._capture(width, length, shifted)
+        self.graphs[width, length, shifted].replay()
         return self.logits[:width]
 
     def advance(self, width: int, sampled: torch.Tensor) -> None:
@@ -94,11 +108,13 @@ class ModelRunner:
         self.positions[:width] += live
         self.write_index[:width] = torch.where(live, self.positions[:width], self.max_len)
 
-    def _forward(self, width: int, length: int) -> torch.Tensor:
-        self.cache.begin_decode(self.positions[:width], self.write_index[:width], length)
+    def _forward(self, width: int, length: int, shifted: bool = False) -> torch.Tensor:
+        """`shifted`: some row decodes at real-valued positions (RoPE angles computed, not looked up)."""
+        rope = self.positions[:width] + self.rope_offset[:width] if shifted else None
+        self.cache.begin_decode(self.positions[:width], self.write_index[:width], length, rope)
         return self.model(self.tokens[:width, None], cache=self.cache)[:, -1]
 
-    def _capture(self, width: int, length: int) -> None:
+    def _capture(self, width: int, length: int, shifted: bool) -> None:
         if self.logits is None:
             self.logits = torch.empty(self.n_slots, self.model.cfg.rows, dtype=self.model.embed.weight.dtype,
                                       device=self.device)
@@ -107,13 +123,13 @@ class ModelRunner:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up outside the graph: compilation, cuBLAS handles, lazy inits
-            self.logits[:width] = self._decode_forward(width, length)
+            self.logits[:width] = self._decode_forward(width, length, shifted)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.graph_pool):
-            self.logits[:width] = self._decode_forward(width, length)
+            self.logits[:width] = self._decode_forward(width, length, shifted)
         self.graph_pool = graph.pool()
-        self.graphs[width, length] = graph
+        self.graphs[width, length, shifted] = graph
         self.write_index.copy_(write_index)
 
 

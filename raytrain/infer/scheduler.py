@@ -46,6 +46,8 @@ class Sequence:
     arrival: float = 0.0
     ttft_s: float | None = None
     lazy: Any = None  # a LazySequence while it runs through LazyLLM
+    forkjoin: Any = None  # a superposed request's ForkJoinPrompt
+    context: Any = None  # its superposed Context (KV to copy into the slot) once the fork-join prefill ran
 
     @property
     def prefilled(self) -> bool:

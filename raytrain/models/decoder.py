@@ -164,12 +164,21 @@ class Embedding(nn.Embedding):
         nn.init.normal_(self.weight, std=self.std)
 
 
+def rope_frequencies(head_dim: int, theta: float) -> torch.Tensor:
+    """(hd/2,) fp32 inverse frequencies theta^(-2i/hd)."""
+    return theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+
+
+def rope_angles(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape (*positions.shape, hd) in fp32, rotate-half layout, for integer or real-valued positions."""
+    angles = positions.float()[..., None] * inv_freq  # (..., hd/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (..., hd)
+    return angles.cos(), angles.sin()
+
+
 def rope_tables(head_dim: int, positions: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables of shape (positions, head_dim) in fp32, rotate-half layout."""
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(positions, dtype=torch.float32), inv_freq)  # (P, hd/2)
-    angles = torch.cat([angles, angles], dim=-1)  # (P, hd)
-    return angles.cos(), angles.sin()
+    return rope_angles(torch.arange(positions, dtype=torch.float32), rope_frequencies(head_dim, theta))
 
 
 class Attention(nn.Module):
@@ -257,6 +266,13 @@ class Decoder(nn.Module):
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, positions: torch.Tensor | None = None,
                 last_only: bool = False) -> torch.Tensor:
         """`last_only` computes the logits of the final position alone (all a prefill needs)."""
+        x = self.hidden(tokens, cache, positions)
+        return self.logits(x[:, -1:] if last_only else x)  # (B, T or 1, vocab_rows)
+
+    def hidden(self, tokens: torch.Tensor, cache: KVCache | None = None,
+               positions: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, T) -> final hidden states (B, T, d), before the output norm and head. `positions` (B, T) may be
+        real-valued (superposition prompting's equilibrium positions)."""
         T = tokens.shape[1]
         if positions is None and cache is not None:
             positions = cache.position_ids(T)
@@ -273,10 +289,16 @@ class Decoder(nn.Module):
                 x = block(x, cos, sin, cache, i)
         if cache is not None:
             cache.advance(T)
-        return self.logits(x[:, -1:] if last_only else x)  # (B, T or 1, vocab_rows)
+        return x
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of shape (B, 1, T, hd) for explicit (B, T) position ids (padded batches, pruned token sets)."""
+        """cos, sin of shape (B, 1, T, hd) for explicit (B, T) position ids (padded batches, pruned token sets).
+        Real-valued positions get their angles computed in fp32 (pos * inv_freq, no table, no rounding); at integer
+        values these equal the table's."""
+        if positions.is_floating_point():
+            inv_freq = rope_frequencies(self.cfg.head_dim, self.cfg.rope_theta).to(positions.device)
+            cos, sin = rope_angles(positions, inv_freq)
+            return cos[:, None], sin[:, None]
         return self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,8 @@ import re
 import subprocess
 import sys
 
-from raytrain.data.retrieval import RetrievalConfig, eval_records, example, training_texts, _words
+from raytrain.data.retrieval import (RetrievalConfig, _words, document_set, eval_records, example, multihop_question,
+                                     multihop_set, training_texts)
 from tests.conftest import REPO
 
 
@@ -43,3 +44,17 @@ def test_data_command_writes_the_task(tmp_path) -> None:
     bad = subprocess.run([sys.executable, "-m", "raytrain", "data", "make=nope", f"out={tmp_path}"],
                          capture_output=True, text=True, timeout=120, cwd=REPO)
     assert bad.returncode == 2 and "make='nope' is unknown" in bad.stderr
+
+
+def test_document_sets_and_two_hop_chains_are_determined() -> None:
+    cfg, filler = RetrievalConfig(words=20 * 28, max_words=50 * 28, filler_words=20, facts_per_doc=1), _words()
+    docs, facts = document_set(random.Random(1), cfg, filler)
+    assert 20 <= len(docs) <= 50 and len({k for k, _ in facts}) == len(facts)
+    assert all(sum(f"The code of the {k} is {v}." in d for d in docs) == 1 for k, v in facts)
+    docs, chains = multihop_set(random.Random(2), cfg, filler)
+    assert len(docs) == 2 * len(chains) >= 20
+    for key, owner, value, owner_doc, code_doc in chains:
+        assert f"The owner of the {key} is the {owner}." in docs[owner_doc]
+        assert f"The code of the {owner} is {value}." in docs[code_doc]
+        assert sum(key in d for d in docs) == 1 and sum(f"the {owner} is" in d for d in docs) == 1
+    assert multihop_question("jade lantern") == "What is the code of the owner of the jade lantern?"

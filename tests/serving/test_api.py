@@ -20,8 +20,8 @@ from ray import serve
 
 from raytrain.infer.engine import Completion, Engine, EngineConfig, Request
 from raytrain.infer.lazyllm import LazyConfig
+from raytrain.infer.rag import PLAIN_CHAT_TEMPLATE, forkjoin_prompt
 from raytrain.infer.sampling import SamplingParams
-from serving.model import PLAIN_CHAT_TEMPLATE
 from tests.conftest import REPO
 from tests.serving.conftest import API_KEY, AUTH
 
@@ -127,6 +127,50 @@ def test_chat_renders_the_template_streamed_or_not(server, engines) -> None:
     assert data[-2]["choices"][0]["finish_reason"] == want.finish_reason
 
 
+DOCUMENTS = ["The if statement selects exactly one of the suites by evaluating the expressions.",
+             "A class definition defines a class object; its suite is executed in a new frame.",
+             "The while statement is used for repeated execution as long as an expression is true."]
+
+
+def test_rag_chat_answers_from_documents_by_superposition_or_naively(server, checkpoint, engines, tmp_path) -> None:
+    engine, handle = engines["default"], serve.get_deployment_handle("model-default", "raytrain")
+    messages = [{"role": "user", "content": "What is the while statement used for?"}]
+    for mode, top_k in (("superposition", 1), ("superposition", 0), ("naive", None)):
+        prompt = forkjoin_prompt(engine.tokenizer, DOCUMENTS, messages[0]["content"], template=PLAIN_CHAT_TEMPLATE)
+        prompt.superpose, prompt.top_k = mode == "superposition", top_k
+        want = engine.generate([Request(params=SamplingParams(max_new_tokens=12, temperature=0), forkjoin=prompt)])[0]
+        rag = {"documents": DOCUMENTS, "mode": mode, **({} if top_k is None else {"top_k": top_k})}
+        hits = handle.stats.remote().result()["path_cache"]["hits"]
+        r = post(server, "/v1/chat/completions", {"model": "default", "messages": messages, "max_tokens": 12,
+                                                  "temperature": 0, "rag": rag})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["choices"][0]["message"]["content"] == want.text
+        assert body["usage"]["prompt_tokens"] == len(prompt.flat())
+        if mode == "naive":
+            assert "kept_documents" not in body["choices"][0]
+            continue
+        kept = body["choices"][0]["kept_documents"]
+        assert kept == want.superposition.kept and len(kept) == (1 if top_k else len(DOCUMENTS))
+        if top_k == 0:  # the same documents again: their paths come from the replica's path cache
+            assert handle.stats.remote().result()["path_cache"]["hits"] >= hits + len(DOCUMENTS)
+    with httpx.stream("POST", f"{server}/v1/chat/completions", headers=AUTH, timeout=120,
+                      json={"model": "default", "messages": messages, "max_tokens": 12, "temperature": 0,
+                            "stream": True, "rag": {"documents": DOCUMENTS, "mode": "superposition"}}) as s:
+        data = events(s.iter_lines())
+    prompt.superpose, prompt.top_k = True, None
+    want = engine.generate([Request(params=SamplingParams(max_new_tokens=12, temperature=0), forkjoin=prompt)])[0]
+    assert data[-1] == "[DONE]" and "".join(c["choices"][0]["delta"].get("content", "") for c in data[:-1]) == want.text
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCUMENTS))
+    cli = subprocess.run([sys.executable, "-m", "raytrain", "generate", f"checkpoint={checkpoint}", "device=cpu",
+                          f"rag.documents={tmp_path / 'docs.jsonl'}", f"rag.question={messages[0]['content']}",
+                          "generation=superposition", "temperature=0", "max_new_tokens=12"],
+                         capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert cli.returncode == 0, cli.stderr
+    kept = ", ".join(str(d + 1) for d in want.superposition.kept)
+    assert cli.stdout == want.text + "\n" and f"superposition: kept document(s) {kept} of 3" in cli.stderr
+
+
 def test_concurrent_requests_are_batched_and_each_answered_right(server, engines) -> None:
     prompts = ["The if statement", "A class definition", "The while loop", "x", "Assignment statements",
                "The for statement", "Functions", "import"]
@@ -183,6 +227,15 @@ ERRORS = [  # path, body, status, param, code
     ("/v1/completions", {**COMPLETION, "presence_penalty": 0.5}, 400, "presence_penalty", "unsupported_parameter"),
     ("/v1/chat/completions", {**CHAT, "logprobs": True}, 400, "logprobs", "unsupported_parameter"),
     ("/v1/completions", {**COMPLETION, "stop": ["", "a"]}, 400, "stop", "invalid_value"),
+    ("/v1/chat/completions", {**CHAT, "rag": {"documents": ["a"] * 65}}, 400, "rag.documents", "invalid_value"),
+    ("/v1/chat/completions", {**CHAT, "rag": {"documents": []}}, 400, "rag.documents", "invalid_value"),
+    ("/v1/chat/completions", {**CHAT, "rag": {"documents": ["a", " \n"]}}, 400, "rag.documents.1", "invalid_value"),
+    ("/v1/chat/completions", {**CHAT, "rag": {"documents": ["a"], "mode": "magic"}}, 400, "rag.mode", "invalid_type"),
+    ("/v1/chat/completions", {**CHAT, "rag": {"documents": ["a"], "top_k": -1}}, 400, "rag.top_k", "invalid_value"),
+    ("/v1/chat/completions", {**CHAT, "rag": {"documents": ["a"] * 60 + ["statement " * 1100]}}, 400, "rag.documents",
+     "context_length_exceeded"),
+    ("/v1/chat/completions", {"model": "default", "messages": [{"role": "assistant", "content": "x"}],
+                              "rag": {"documents": ["a"]}}, 400, "messages", "invalid_value"),
 ]
 
 

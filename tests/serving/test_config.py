@@ -65,6 +65,8 @@ def test_models_sit_side_by_side_each_with_its_decoding_mode() -> None:
     (["serve.api.api_key=a", "serve.api.api_key_file=/k"], "serve.api: set api_key or api_key_file, not both"),
     (["serve.api.max_body_bytes=0"], "serve.api.max_body_bytes must be > 0"),
     (["serve.api.probe_timeout_s=-1"], "serve.api.probe_timeout_s must be > 0"),
+    (["generation.superposition.top_k=-2"], "serve.models.default.engine.superposition.top_k=-2 must be >= 0"),
+    (["serve.models.default.limits.max_documents=0"], "serve.models.default.limits.max_documents must be > 0"),
 ])
 def test_config_mistakes_are_named(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):

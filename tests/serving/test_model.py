@@ -15,7 +15,8 @@ from raytrain.data.tokenizer import to_files
 from raytrain.models.decoder import DecoderConfig, build_decoder
 from serving.config import model_args, model_spec
 from raytrain.data.corpus import documents
-from serving.model import PLAIN_CHAT_TEMPLATE, ModelServer, RequestError, longest_token_chars
+from raytrain.infer.rag import PLAIN_CHAT_TEMPLATE
+from serving.model import ModelServer, RequestError, longest_token_chars
 
 TOKENIZER_TEMPLATE = "{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
 CONFIG_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}"
@@ -84,6 +85,36 @@ def test_no_text_tokenizes_into_fewer_tokens_than_its_length_over_the_longest_to
                                 for _ in range(200)]
     for text in texts:  # the bound the character cap relies on
         assert len(tokenizer.encode(text, add_special_tokens=False)) * longest >= len(text), text
+
+
+@torch.inference_mode()
+def test_rag_jobs_become_fork_join_requests_within_the_limits(tmp_path, tokenizer) -> None:
+    cfg = DecoderConfig(name="rag", vocab_size=512, d_model=32, n_layers=2, head_dim=16, q_heads=2, kv_heads=2,
+                        ffn_dim=64, max_seq_len=160)
+    tokenizer.chat_template = TOKENIZER_TEMPLATE
+    try:
+        checkpoint = save_pretrained(tmp_path / "rag", cfg, model_state(build_decoder(cfg)), to_files(tokenizer))
+    finally:
+        tokenizer.chat_template = None
+    model = server(checkpoint, engine={"superposition": {"enabled": True, "hops": 2}},
+                   limits={"max_prompt_tokens": 120, "max_output_tokens": 20})
+    rag = {"documents": ["The if statement.", "A class."], "mode": None, "top_k": None}
+    request = model.prepare({"messages": MESSAGES, "params": PARAMS, "rag": rag})
+    prompt = request.forkjoin
+    assert model.engine.superposed(request) and request.prompt == "" and prompt.top_k is None
+    assert model.engine.tokenizer.decode(prompt.flat()) == (
+        "<s><user>" + "Use the documents below to answer the question. Answer with the exact value the documents "
+        "give.\n\nThe if statement.\n\nA class.\n\nQuestion: hi\n<assistant>")
+    # the context window must hold the worst pruning outcome besides the output
+    assert request.params.max_new_tokens == min(20, 160 - model.engine.superposer.bound(prompt))
+    naive = model.prepare({"messages": MESSAGES, "params": PARAMS, "rag": {**rag, "mode": "naive", "top_k": 0}})
+    assert not model.engine.superposed(naive) and naive.forkjoin.top_k == 0
+    cases = [({**rag, "documents": ["The if statement."]}, "rag", None),  # hops=2 needs 2 documents
+             ({**rag, "documents": ["statement " * 100]}, "rag.documents", "context_length_exceeded")]
+    for bad, param, code in cases:
+        with pytest.raises(RequestError) as e:
+            model.prepare({"messages": MESSAGES, "params": PARAMS, "rag": bad})
+        assert e.value.args[1:3] == (param, code), e.value.args
 
 
 @torch.inference_mode()

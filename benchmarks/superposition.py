@@ -1,0 +1,317 @@
+"""Superposition prompting against naive RAG: SmolLM2-135M-Instruct, zero-shot, procedural multi-document QA.
+
+Questions come from the retrieval task's generator (`raytrain/data/retrieval.py`): document sets of 20-50 documents,
+one fact per document, the asked key in exactly one of them, several questions per set (so document KV computed for
+one question is reused by the next: the path cache's case), and a multi-hop variant (the question asks for the code of
+a key's owner: one document names the owner, another gives the owner's code). Every method reads the same segments
+(`raytrain/infer/rag.py`) through the same engine, greedy, at batch 1:
+- naive RAG: every document in one prompt;
+- superposition without pruning (every path kept), and with top-k pruning;
+- on the multi-hop set also iterative superposition (hops=2: the best path moves into the prefix, then top-k).
+
+Figures per method: accuracy (the gold code appears in the answer), retrieval accuracy (the gold document among the
+kept ones), time to answer (wall clock from request to last token, median), for superposition split into warm
+(document KV from the path cache, the paper's setting) and cold (documents computed in the request), and FLOPs per
+answer. FLOPs are theoretical (from the segment lengths: 2 per weight per token, attention over the keys each token
+sees, the output head where logits are needed; total over all paths, and along the critical path with parallel
+paths counted once, as the paper's accounting of path parallelism) and measured (torch's FlopCounterMode over the
+same requests: what ran, padding and masked attention included). `ratio` is naive / superposition top-k warm time.
+`--theoretical-only` counts the theoretical FLOPs of every question without running the model (the gold document
+kept first), so the FLOP ratio covers the whole question set where CPU time allows only a few answered questions.
+
+    python benchmarks/superposition.py --device cpu --sets 25 --questions-per-set 4            # CPU evidence
+    python benchmarks/superposition.py --device cuda --sets 50 --questions-per-set 4 --multihop-sets 25   # H200
+    python benchmarks/superposition.py --theoretical-only --sets 50 --questions-per-set 4 --multihop-sets 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from raytrain.checkpoint.hf import read_model_config  # noqa: E402
+from raytrain.data.tokenizer import load_tokenizer  # noqa: E402
+from raytrain.data.retrieval import (RetrievalConfig, _words, document_set, multihop_question,  # noqa: E402
+                                     multihop_set)
+from raytrain.infer.engine import Engine, EngineConfig, Request  # noqa: E402
+from raytrain.infer.forkjoin import ForkJoinPrompt  # noqa: E402
+from raytrain.infer.rag import forkjoin_prompt  # noqa: E402
+from raytrain.infer.sampling import SamplingParams  # noqa: E402
+from raytrain.infer.superposition import SuperpositionConfig  # noqa: E402
+from raytrain.models.decoder import DecoderConfig  # noqa: E402
+
+CHECKPOINT = "/work/models/smollm2-135m-instruct"
+INSTRUCTION = "Each document gives the 4-digit code of one thing. Answer the question with that 4-digit number."
+ANSWER_TOKENS = 14  # "The code of the silver eagle is 1018." and EOS or newline: what the model answers
+WORDS_PER_DOC = 28  # the generator's words per document at filler_words=20, facts_per_doc=1
+
+
+def question_sets(n_sets: int, per_set: int, multihop: bool, seed: int) -> list[tuple[list[str], list[dict]]]:
+    """[(documents, [{question, answer, gold: [document indices]}, ...]), ...]"""
+    cfg = RetrievalConfig(words=20 * WORDS_PER_DOC, max_words=50 * WORDS_PER_DOC, filler_words=20, facts_per_doc=1)
+    rng, filler, out = random.Random(seed), _words(), []
+    for _ in range(n_sets):
+        if multihop:
+            docs, chains = multihop_set(rng, cfg, filler)
+            asked = [{"question": multihop_question(k), "answer": v, "gold": [a, b]}
+                     for k, _, v, a, b in rng.sample(chains, min(per_set, len(chains)))]
+        else:
+            docs, facts = document_set(rng, cfg, filler)
+            asked = [{"question": f"What is the code of the {k}?", "answer": v,
+                      "gold": [next(i for i, d in enumerate(docs) if f"the {k} is" in d)]}
+                     for k, v in rng.sample(facts, per_set)]
+        out.append((docs, asked))
+    return out
+
+
+# ---- FLOPs ---------------------------------------------------------------------------------------------------
+
+def forward_flops(cfg: DecoderConfig, new: int, before: int, logits: int) -> float:
+    """A forward of `new` tokens, token j seeing `before` + j + 1 keys, with `logits` rows of the output head."""
+    shapes = cfg.layer_shapes()
+    weights = sum(cfg.d_model * (s.q_heads + 2 * s.kv_heads) * cfg.head_dim + s.q_heads * cfg.head_dim * cfg.d_model
+                  + 3 * cfg.d_model * s.ffn_dim for s in shapes)
+    keys = new * before + new * (new + 1) / 2
+    attention = 4 * sum(s.q_heads for s in shapes) * cfg.head_dim * keys
+    return 2 * weights * new + attention + 2 * cfg.d_model * cfg.vocab_size * logits
+
+
+def decode_flops(cfg: DecoderConfig, context: int, generated: int) -> float:
+    return sum(forward_flops(cfg, 1, context + m, 1) for m in range(max(generated - 1, 0)))
+
+
+def theoretical_flops(cfg: DecoderConfig, prompt: ForkJoinPrompt, kept: list[int] | None,
+                      generated: int) -> dict[str, float]:
+    """Naive: the flat prompt, then decoding. Superposition (warm): the query copies over p + d_i, the postamble
+    over the kept context, decoding; cold adds the preamble and the documents (with their log-likelihoods).
+    `critical` counts parallel paths once (the longest), as the paper's accounting of path parallelism does."""
+    p, q, t = len(prompt.preamble), len(prompt.query), len(prompt.postamble)
+    if kept is None:
+        n = len(prompt.flat())
+        total = forward_flops(cfg, n, 0, 1) + decode_flops(cfg, n, generated)
+        return {"total": total, "critical": total}
+    lengths = [len(d) for d in prompt.documents]
+    context = p + sum(lengths[i] + q for i in kept)
+    tail = forward_flops(cfg, t, context, 1) + decode_flops(cfg, context + t, generated)
+    queries = [forward_flops(cfg, q, p + n, q - 1) for n in lengths]
+    documents = [forward_flops(cfg, n, p, n - 1) for n in lengths]
+    preamble = forward_flops(cfg, p, 0, 0)
+    return {"total": sum(queries) + tail, "critical": max(queries) + tail,
+            "cold_total": preamble + sum(documents) + sum(queries) + tail,
+            "cold_critical": preamble + max(documents) + max(queries) + tail}
+
+
+def measured_flops(engine: Engine, request: Request) -> float:
+    """FLOPs of the request as it runs (torch's counter; SDPA's CPU kernel counted as attention)."""
+    cpu_sdpa = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+                lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v)}
+    with FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as counter:
+        engine.generate([request])
+    return float(counter.get_total_flops())
+
+
+# ---- the run -------------------------------------------------------------------------------------------------
+
+def answer(engine: Engine, request: Request, device: str) -> tuple[Any, float]:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    done = engine.generate([request])[0]
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return done, time.perf_counter() - start
+
+
+def methods(args: argparse.Namespace, multihop: bool) -> dict[str, dict]:
+    """name -> {engine: naive | sp | hops2, top_k}. Single-hop: naive, top-k, every path. Multi-hop: naive, top-k,
+    and two hops (the best path into the prefix, then the top-1)."""
+    out = {"naive": {"engine": "naive", "top_k": None}}  # the first superposition method of a set computes its documents
+    out |= {f"superposition_top{k}": {"engine": "sp", "top_k": k} for k in args.top_k}
+    if multihop:
+        out["iterative_hops2_top1"] = {"engine": "hops2", "top_k": 1}
+    else:
+        out["superposition_all_paths"] = {"engine": "sp", "top_k": 0}
+    return out
+
+
+def run_set(args: argparse.Namespace, engines: dict[str, Engine], multihop: bool, deadline: float) -> dict[str, dict]:
+    """Every method on every question of the task, set by set until the sets or the time budget run out."""
+    tokenizer, cfg = engines["naive"].tokenizer, engines["naive"].model.cfg
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0, stop=["\n"])
+    rows: dict[str, list[dict]] = {name: [] for name in methods(args, multihop)}
+    flops_left = args.flop_questions
+    for s, (docs, asked) in enumerate(question_sets(args.multihop_sets if multihop else args.sets,
+                                                    args.questions_per_set, multihop, args.seed + multihop)):
+        if s and time.monotonic() > deadline:
+            break
+        for item in asked:
+            prompt = forkjoin_prompt(tokenizer, docs, item["question"], INSTRUCTION)
+            for name, how in methods(args, multihop).items():
+                fj = replace(prompt, superpose=how["engine"] != "naive", top_k=how["top_k"])
+                request = Request(params=params, forkjoin=fj)
+                engine = engines[how["engine"]]
+                done, seconds = answer(engine, request, args.device)
+                selection = done.superposition
+                row = {"correct": item["answer"] in done.text, "seconds": seconds, "ttft_s": done.ttft_s,
+                       "tokens": len(done.token_ids), "prompt_tokens": done.prompt_tokens}
+                if selection is not None:
+                    found = set(selection.kept) | set(selection.moved)
+                    row |= {"warm": selection.cached == selection.paths, "kept": len(selection.kept),
+                            "retrieved": all(g in found for g in item["gold"])}
+                if how["engine"] != "hops2":
+                    kept = None if selection is None else selection.kept
+                    row["flops"] = theoretical_flops(cfg, fj, kept, len(done.token_ids))
+                if flops_left > 0:
+                    row["measured_flops"] = measured_flops(engine, request)  # warm: the documents are cached now
+                rows[name].append(row)
+                print(json.dumps({"set": s, "multihop": multihop, "method": name, "answer": done.text,
+                                  "gold": item["answer"], **{k: v for k, v in row.items() if k != "flops"}}),
+                      file=sys.stderr, flush=True)
+            flops_left -= 1
+    return {name: summary(r) for name, r in rows.items()}
+
+
+def summary(rows: list[dict]) -> dict[str, Any]:
+    def median(key: str, where=lambda r: True) -> float | None:
+        values = [r[key] for r in rows if where(r)]
+        return statistics.median(values) if values else None
+
+    out = {"questions": len(rows), "accuracy": sum(r["correct"] for r in rows) / len(rows),
+           "time_to_answer_s": median("seconds"), "ttft_s": median("ttft_s"),
+           "prompt_tokens": statistics.mean(r["prompt_tokens"] for r in rows)}
+    if "warm" in rows[0]:
+        out |= {"retrieval_accuracy": sum(r["retrieved"] for r in rows) / len(rows),
+                "time_to_answer_warm_s": median("seconds", lambda r: r["warm"]),
+                "time_to_answer_cold_s": median("seconds", lambda r: not r["warm"]),
+                "cold_requests": sum(not r["warm"] for r in rows)}
+    if "flops" in rows[0]:
+        for key in rows[0]["flops"]:
+            out[f"flops_{key}"] = statistics.mean(r["flops"][key] for r in rows)
+    measured = [r["measured_flops"] for r in rows if "measured_flops" in r]
+    if measured:
+        out["measured_flops"] = statistics.mean(measured)
+        out["measured_flops_questions"] = len(measured)
+    return out
+
+
+def ratios(results: dict[str, dict], baseline: dict[str, Any]) -> dict[str, dict]:
+    """Naive over each method: time (warm, cold), theoretical FLOPs (total, critical path, cold) and measured."""
+    out = {}
+    for name, r in results.items():
+        pairs = {"time_warm": ("time_to_answer_s", "time_to_answer_warm_s"),
+                 "time_cold": ("time_to_answer_s", "time_to_answer_cold_s"),
+                 "flops_theoretical_total": ("flops_total", "flops_total"),
+                 "flops_theoretical_critical": ("flops_critical", "flops_critical"),
+                 "flops_theoretical_cold_total": ("flops_total", "flops_cold_total"),
+                 "flops_measured": ("measured_flops", "measured_flops")}
+        out[name] = {k: baseline[a] / r[b] for k, (a, b) in pairs.items() if baseline.get(a) and r.get(b)}
+    return out
+
+
+def theoretical_sweep(args: argparse.Namespace, tokenizer: Any, cfg: DecoderConfig) -> dict[str, dict]:
+    """Theoretical FLOPs of every question of the sets, no model run: naive against superposition keeping the gold
+    document(s) first (then the lowest other indices) for each k, with ANSWER_TOKENS generated."""
+    out = {}
+    for task, n_sets, multihop in (("single_hop", args.sets, False), ("multihop", args.multihop_sets, True)):
+        flops: dict[str, list[dict[str, float]]] = {}
+        documents, doc_tokens = [], []
+        for docs, asked in question_sets(n_sets, args.questions_per_set, multihop, args.seed + multihop):
+            for item in asked:
+                prompt = forkjoin_prompt(tokenizer, docs, item["question"], INSTRUCTION)
+                documents.append(len(docs))
+                doc_tokens += [len(d) for d in prompt.documents]
+                order = [*item["gold"], *(i for i in range(len(docs)) if i not in item["gold"])]
+                kept = {"naive": None, "superposition_all_paths": order,
+                        **{f"superposition_top{k}": sorted(order[:k]) for k in args.top_k}}
+                for name, k in kept.items():
+                    flops.setdefault(name, []).append(theoretical_flops(cfg, prompt, k, ANSWER_TOKENS))
+        if not documents:
+            continue
+        means = {name: {key: statistics.mean(r[key] for r in rows) for key in rows[0]} for name, rows in flops.items()}
+        naive = means.pop("naive")
+        out[task] = {"questions": len(documents), "documents_per_question": statistics.mean(documents),
+                     "tokens_per_document": statistics.mean(doc_tokens), "naive_flops": naive["total"],
+                     **{name: {**m, "ratio_total": naive["total"] / m["total"],
+                               "ratio_critical": naive["total"] / m["critical"],
+                               "ratio_cold_total": naive["total"] / m["cold_total"]} for name, m in means.items()}}
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--checkpoint", default=CHECKPOINT)
+    p.add_argument("--sets", type=int, default=50, help="single-hop document sets (20-50 documents each)")
+    p.add_argument("--multihop-sets", type=int, default=0)
+    p.add_argument("--questions-per-set", type=int, default=4)
+    p.add_argument("--top-k", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2])
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--flop-questions", type=int, default=2, help="questions (per task) also run under the counter")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
+    p.add_argument("--minutes", type=float, default=None, help="time budget: no new document set starts after it "
+                   "(single-hop gets the first 70%% when both tasks run)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--theoretical-only", action="store_true", help="theoretical FLOPs of every question, no model run")
+    args = p.parse_args()
+    if args.theoretical_only:
+        tokenizer, cfg = load_tokenizer(args.checkpoint), read_model_config(args.checkpoint)
+        print(json.dumps({"benchmark": "superposition_flops", "device": "none (counted from token lengths)",
+                          "config": {"checkpoint": args.checkpoint, "sets": args.sets,
+                                     "multihop_sets": args.multihop_sets, "questions_per_set": args.questions_per_set,
+                                     "top_k": args.top_k, "answer_tokens": ANSWER_TOKENS, "kept": "gold first"},
+                          "results": theoretical_sweep(args, tokenizer, cfg), "baseline": "naive RAG (one prompt)",
+                          "ratio": None, "command": " ".join(["python", *sys.argv]),
+                          "time": time.strftime("%Y-%m-%d %H:%M")}))
+        return
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = torch.bfloat16 if args.device == "cuda" else None
+    naive = Engine.from_checkpoint(args.checkpoint, EngineConfig(max_batch_size=1), device=args.device, dtype=dtype)
+    model, tokenizer = naive.model, naive.tokenizer
+    superposition = SuperpositionConfig(enabled=True, cache_mb=4096)
+    engines = {"naive": naive, "sp": Engine(model, tokenizer, EngineConfig(max_batch_size=1,
+                                                                           superposition=superposition)),
+               "hops2": Engine(model, tokenizer, EngineConfig(max_batch_size=1,
+                                                              superposition=replace(superposition, hops=2)))}
+    warm = forkjoin_prompt(tokenizer, ["Document 1: a warm-up.", "Document 2: another."], "What is this?", INSTRUCTION)
+    for engine in engines.values():  # allocations, kernels and (CUDA) graphs before anything is timed
+        engine.generate([Request(params=SamplingParams(max_new_tokens=4, temperature=0), forkjoin=warm)])
+    start, budget = time.monotonic(), 60 * args.minutes if args.minutes else float("inf")
+    share = 0.7 if args.sets and args.multihop_sets else 1.0
+    single = run_set(args, engines, False, start + share * budget) if args.sets else {}
+    multi = run_set(args, engines, True, start + budget) if args.multihop_sets else {}
+    baseline = {"single_hop": single.pop("naive", None), "multihop": multi.pop("naive", None)}
+    best = f"superposition_top{args.top_k[0]}"
+    print(json.dumps({
+        "benchmark": "superposition",
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else args.device,
+        "config": {"checkpoint": args.checkpoint, "documents_per_question": [20, 50], "sets": args.sets,
+                   "multihop_sets": args.multihop_sets, "questions_per_set": args.questions_per_set,
+                   "minutes": args.minutes,
+                   "top_k": args.top_k, "max_new_tokens": args.max_new_tokens, "decoding": "greedy, stop at newline",
+                   "instruction": INSTRUCTION, "superposition": vars(superposition),
+                   "dtype": str(model.embed.weight.dtype), "threads": torch.get_num_threads(),
+                   "torch": torch.__version__},
+        "results": {"single_hop": single, "multihop": multi,
+                    "ratios": {"single_hop": ratios(single, baseline["single_hop"]) if single else {},
+                               "multihop": ratios(multi, baseline["multihop"]) if multi else {}}},
+        "baseline": baseline,
+        "ratio": (baseline["single_hop"]["time_to_answer_s"] / single[best]["time_to_answer_warm_s"]
+                  if single and single[best].get("time_to_answer_warm_s") else None),
+        "command": " ".join(["python", *sys.argv]), "time": time.strftime("%Y-%m-%d %H:%M")}))
+
+
+if __name__ == "__main__":
+    main()

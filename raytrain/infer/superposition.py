@@ -1,0 +1,389 @@
+"""Superposition prompting (Merth et al., arXiv 2404.06910): RAG over many documents as parallel prompt paths that are
+scored, pruned and joined, on the decoder family. Spec: ../shared/specs/superposition.md.
+
+One request (`Superposer.prefill`: the paper's Alg. 2 and 3, with path caching and path parallelism):
+1. the preamble p is computed at positions 0..|p|-1 (or taken from the path cache);
+2. every document path d_i is computed over p at its equilibrium positions (`forkjoin.fork_positions`), all of them
+   in one batched forward (right-padded, the padding masked), or taken from the path cache; each path's KV is kept
+   with its mean log-likelihood doc_ll[i] (its tokens 2.. given p and its own earlier tokens);
+3. a copy of the query q runs over each prefix p + d_i, all copies in one batched forward; query_ll[i] is the mean
+   log-likelihood of the copy's tokens 2..;
+4. score[i] = query_ll[i] + w * doc_ll[i] (the official code's form of Eq. 2), or with `saliency: attention` the
+   attention the query copy pays its document (mean over layers and heads, summed over token pairs); the top-k paths
+   are kept, ties to the lower index, and the others' KV is dropped;
+5. the context is KV_p + (KV_di + KV_qi for each kept i, in document order); the postamble t runs over it, its last
+   logits give the first response token, and decoding continues over that context, token m at position
+   q0 + |q| + |t| + m (the engine's decode batch, `Context.next_position`).
+With `hops` > 1 (iterative superposition) every round but the last moves its best path's documents into the prefix,
+where they keep their positions, and the next fork starts one past the prefix's highest position (the official
+MuSiQue flow, one document per round); only the first round uses the path cache, since later forks are conditioned
+on the moved documents.
+
+Inside a batched forward, `PathAttention` gives row b's new tokens its own past (the shared prefix, then the row's
+own right-padded segment) and, causally, the row's earlier new tokens: paths never see each other.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
+from raytrain.config import ConfigError, RaytrainError
+from raytrain.infer.forkjoin import POSITIONS, Fork, ForkJoinPrompt, fork_positions, path_groups
+from raytrain.infer.path_cache import PathCache, digest
+from raytrain.models.decoder import Decoder
+from raytrain.models.kv_cache import CachedAttention
+
+SALIENCY = ("bayesian", "attention")
+CACHE_POLICIES = ("keyed", "off")
+LOGPROB_CHUNK = 2048  # token positions per output-head product when scoring (bounds the (tokens, vocab) logits)
+
+
+@dataclass
+class SuperpositionConfig:
+    enabled: bool = False  # requests with documents run through superposition; off: naive RAG (one prompt)
+    top_k: int = 1  # paths kept after pruning; 0 = every path (no pruning)
+    positions: str = "equilibrium"  # equilibrium | left_aligned
+    saliency: str = "bayesian"  # bayesian (query + document likelihood) | attention (query -> document attention)
+    doc_ll_weight: float = 1.0  # w in score = query_ll + w * doc_ll
+    factor: int | None = None  # superposition factor: documents merged into paths of round(m / factor); None = m
+    hops: int = 1  # fork-join rounds; each round but the last moves its best path into the prefix
+    cache_policy: str = "keyed"  # keyed: document KV cached by (model, preamble, document, step, start) | off
+    cache_mb: float = 1024.0  # path cache bound (least recently used entries are evicted)
+    max_batch_tokens: int = 16384  # padded tokens per batched path forward; larger forks run in several
+
+    def check(self, key: str = "superposition") -> None:
+        if self.top_k < 0:
+            raise ConfigError(f"{key}.top_k={self.top_k} must be >= 0 (0 keeps every path)")
+        choices = {"positions": POSITIONS, "saliency": SALIENCY, "cache_policy": CACHE_POLICIES}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{key}.{name}={getattr(self, name)!r} is unknown; use {' or '.join(allowed)}")
+        if self.factor is not None and self.factor < 1:
+            raise ConfigError(f"{key}.factor={self.factor} must be >= 1 (or null: one document per path)")
+        for name in ("hops", "max_batch_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{key}.{name}={getattr(self, name)} must be >= 1")
+        if not self.cache_mb >= 0:
+            raise ConfigError(f"{key}.cache_mb={self.cache_mb} must be >= 0")
+
+
+@dataclass
+class Segment:
+    """Tokens of one or more prompt segments, their positions and their per-layer KV, (n_kv, T, hd) each."""
+
+    tokens: list[int]
+    positions: torch.Tensor  # (T,) float64, on the host
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    @classmethod
+    def cat(cls, parts: list[Segment]) -> Segment:
+        return cls([t for p in parts for t in p.tokens], torch.cat([p.positions for p in parts]),
+                   [torch.cat(ks, 1) for ks in zip(*(p.keys for p in parts))],
+                   [torch.cat(vs, 1) for vs in zip(*(p.values for p in parts))])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+
+@dataclass
+class PathKV:
+    """A computed document path: its segment and its mean log-likelihood given the prefix (doc_ll)."""
+
+    segment: Segment
+    log_likelihood: float
+
+
+@dataclass
+class ForkResult:
+    """One fork over a prefix: the paths' positions, their KV, their query copies' KV and their scores."""
+
+    fork: Fork
+    documents: list[PathKV]
+    queries: list[Segment]
+    scores: torch.Tensor  # (n,) float32
+    cached: int  # paths taken from the path cache
+
+
+@dataclass
+class Selection:
+    """What a superposed request kept, and why."""
+
+    kept: list[int]  # documents of the kept paths (last round), ascending
+    moved: list[int]  # documents moved into the prefix by earlier rounds, in round order
+    scores: list[float]  # the last round's score of each path it forked (document order, moved ones left out)
+    paths: int  # paths of the first fork
+    cached: int  # of those, taken from the path cache
+
+
+@dataclass
+class Context:
+    """A superposed prompt ready to decode from: the kept KV in context order, the postamble's last logits, and the
+    real-valued position of the first generated token."""
+
+    tokens: list[int]
+    keys: list[torch.Tensor]  # per layer (n_kv, C, hd)
+    values: list[torch.Tensor]
+    logits: torch.Tensor  # (1, vocab_rows)
+    next_position: float
+    selection: Selection
+
+    @property
+    def rope_offset(self) -> float:
+        """Position minus KV index of every generated token (the context is packed at indices 0..C-1)."""
+        return self.next_position - len(self.tokens)
+
+
+class PathAttention(CachedAttention):
+    """Attention of a batch of new segments over per-row pasts. Row b's queries see the `shared` prefix, the first
+    len(rows[b]) keys of its own past segment (right-padded), and causally its own new tokens. The new keys and
+    values are kept per layer. With `track`, the attention the new tokens pay their row's own past segment is summed
+    (mean over layers and heads, summed over token pairs): the attention saliency."""
+
+    def __init__(self, batch: int, q_len: int, shared: Segment | None, rows: list[Segment] | None,
+                 device: torch.device, track: bool = False) -> None:
+        self.shared, self.rows, self.track = shared, rows, track
+        n_shared = len(shared.tokens) if shared is not None else 0
+        past = [torch.ones(batch, n_shared, dtype=torch.bool)]
+        if rows is not None:
+            lengths = torch.tensor([len(r.tokens) for r in rows])
+            past.append(torch.arange(int(lengths.max()))[None] < lengths[:, None])  # (B, R): real keys of each row
+        past_mask = torch.cat(past, 1)[:, None].expand(batch, q_len, -1)
+        causal = torch.ones(q_len, q_len, dtype=torch.bool).tril()[None].expand(batch, -1, -1)
+        self.mask = torch.cat([past_mask, causal], -1)[:, None].to(device)  # (B, 1, T, S + T)
+        self.own = slice(n_shared, past_mask.shape[-1])  # columns of each row's own past segment
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.mass = torch.zeros(batch, device=device)
+
+    def update(self, layer: int, q: torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
+        self.keys.append(k)
+        self.values.append(v)
+        B = k.shape[0]
+        past_k, past_v = [], []
+        if self.shared is not None:
+            past_k.append(self.shared.keys[layer][None].expand(B, -1, -1, -1))
+            past_v.append(self.shared.values[layer][None].expand(B, -1, -1, -1))
+        if self.rows is not None:
+            past_k.append(_padded([r.keys[layer] for r in self.rows]))
+            past_v.append(_padded([r.values[layer] for r in self.rows]))
+        keys, values = torch.cat([*past_k, k], 2), torch.cat([*past_v, v], 2)
+        if self.track:
+            self.mass += self._own_attention(q, keys)
+        return keys, values, self.mask, False
+
+    def _own_attention(self, q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """(B,) attention probability the queries put on their own past segment, summed over queries and keys,
+        averaged over heads."""
+        B, n_q, T, hd = q.shape
+        grouped = q.reshape(B, keys.shape[1], n_q // keys.shape[1], T, hd)  # query heads g*j.. read KV head j
+        scores = torch.einsum("bkgtd,bksd->bkgts", grouped.float(), keys.float()) / math.sqrt(hd)
+        probs = scores.masked_fill(~self.mask[:, :, None], float("-inf")).softmax(-1)
+        return probs[..., self.own].sum((-1, -2)).mean((1, 2))
+
+    def position_ids(self, q_len: int) -> None:
+        return None
+
+    def advance(self, n_tokens: int) -> None:
+        """Positions are explicit: nothing to count."""
+
+
+def _padded(segments: list[torch.Tensor]) -> torch.Tensor:
+    """Per-row (n_kv, L_b, hd) tensors -> (B, n_kv, max L_b, hd), zero right-padding."""
+    return pad_sequence([s.transpose(0, 1) for s in segments], batch_first=True).transpose(1, 2)
+
+
+def top_k(scores: torch.Tensor, k: int) -> list[int]:
+    """Indices of the k highest scores (k = 0: all), ascending; equal scores go to the lower index."""
+    order = torch.sort(-scores, stable=True).indices
+    return sorted(order[:k or len(scores)].tolist())
+
+
+class Superposer:
+    """Runs superposed prefills for one model, with its path cache."""
+
+    def __init__(self, model: Decoder, config: SuperpositionConfig, key: str = "superposition") -> None:
+        config.check(key)
+        self.model, self.config = model, config
+        self.device = model.embed.weight.device
+        self.cache = PathCache(int(config.cache_mb * 2 ** 20)) if config.cache_policy == "keyed" else None
+        self.model_key = (model.cfg.name, str(model.embed.weight.dtype), id(model))
+
+    # ---- checks before any compute ----------------------------------------------------------------------------
+
+    def paths(self, prompt: ForkJoinPrompt) -> list[list[int]]:
+        """Token ids of each path (documents merged by the superposition factor)."""
+        groups = path_groups(len(prompt.documents), self.config.factor)
+        return [[t for i in group for t in prompt.documents[i]] for group in groups]
+
+    def bound(self, prompt: ForkJoinPrompt) -> int:
+        """The most KV entries, or positions, the superposed prompt can need before its first generated token (the
+        worst case over every pruning outcome): what the context window must hold besides the output."""
+        lengths = sorted((len(p) for p in self.paths(prompt)), reverse=True)
+        moved = sum(lengths[:self.config.hops - 1])
+        kept = min(self._k(prompt) or len(lengths), len(lengths) - (self.config.hops - 1))
+        context = moved + sum(lengths[self.config.hops - 1:][:kept]) + kept * len(prompt.query)
+        last_position = moved + lengths[0] + len(prompt.query)
+        return len(prompt.preamble) + max(context, last_position) + len(prompt.postamble)
+
+    def check(self, prompt: ForkJoinPrompt, max_new_tokens: int, max_len: int) -> None:
+        """Refuse what cannot run: bad segments, too few documents for the hops, and a context or positions beyond
+        `max_len` tokens."""
+        prompt.check(self.model.cfg.vocab_size)
+        paths, hops = len(path_groups(len(prompt.documents), self.config.factor)), self.config.hops
+        if hops > paths:
+            raise RaytrainError(f"documents: {paths} path(s); superposition with hops={hops} needs at least {hops}")
+        needed = self.bound(prompt)
+        if needed + max_new_tokens > max_len:
+            raise RaytrainError(f"the superposed prompt may need {needed} tokens (or positions) + max_new_tokens "
+                                f"({max_new_tokens}), beyond the model's context window of {max_len}")
+
+    def _k(self, prompt: ForkJoinPrompt) -> int:
+        return self.config.top_k if prompt.top_k is None else prompt.top_k
+
+    # ---- the request ------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def prefill(self, prompt: ForkJoinPrompt) -> Context:
+        """Fork, score, prune and join; the context to decode from."""
+        groups = path_groups(len(prompt.documents), self.config.factor)
+        paths = self.paths(prompt)
+        prefix, remaining, moved = self.preamble(prompt.preamble), list(range(len(paths))), []
+        for hop in range(self.config.hops):
+            result = self.fork(prefix, [paths[i] for i in remaining], prompt.query, cacheable=hop == 0)
+            if hop == 0:
+                cached = result.cached
+            if hop == self.config.hops - 1:
+                break
+            best = top_k(result.scores, 1)[0]
+            prefix = Segment.cat([prefix, result.documents[best].segment])
+            moved.append(remaining.pop(best))
+        kept = top_k(result.scores, self._k(prompt))
+        context = Segment.cat([prefix, *(s for i in kept for s in (result.documents[i].segment, result.queries[i]))])
+        start = result.fork.query_start + len(prompt.query)
+        post, hidden, _ = self._forward([prompt.postamble], [start + _arange(len(prompt.postamble))], shared=context)
+        context = Segment.cat([context, post[0]])
+        selection = Selection(kept=[d for i in kept for d in groups[remaining[i]]],
+                              moved=[d for i in moved for d in groups[i]], scores=result.scores.tolist(),
+                              paths=len(paths), cached=cached)
+        return Context(context.tokens, context.keys, context.values, self.model.logits(hidden[:, -1]),
+                       start + len(prompt.postamble), selection)
+
+    @torch.inference_mode()
+    def fork(self, prefix: Segment, paths: list[list[int]], query: list[int], cacheable: bool = True) -> ForkResult:
+        """The paths over `prefix`, forking one past its highest position, each with a query copy, scored."""
+        fork = fork_positions(float(prefix.positions.max()) + 1, [len(p) for p in paths], self.config.positions)
+        documents, cached = self._documents(prefix, paths, fork, cacheable)
+        queries, scores = self._queries(prefix, documents, query, fork.query_start)
+        return ForkResult(fork, documents, queries, scores, cached)
+
+    @torch.inference_mode()
+    def preamble(self, preamble: list[int]) -> Segment:
+        """The preamble's KV at positions 0..|p|-1 (from the path cache when it has it)."""
+        key = (self.model_key, "preamble", digest(preamble))
+        found = self.cache.get(key) if self.cache is not None else None
+        if found is None:
+            found = self._forward([preamble], [_arange(len(preamble))])[0][0]
+            if self.cache is not None:
+                self.cache.put(key, found, found.nbytes)
+        return found
+
+    def _documents(self, prefix: Segment, paths: list[list[int]], fork: Fork,
+                   cacheable: bool) -> tuple[list[PathKV], int]:
+        """Each path over the prefix at its fork positions: from the cache, or computed together; and the hits."""
+        use_cache = cacheable and self.cache is not None
+        keys = [(self.model_key, digest(prefix.tokens), digest(p), step, float(pos[0])) if use_cache else None
+                for p, step, pos in zip(paths, fork.steps, fork.paths)]
+        found = [self.cache.get(k) if use_cache else None for k in keys]
+        missing = [i for i, f in enumerate(found) if f is None]
+        if missing:
+            segments, likelihoods, _ = self._paths([paths[i] for i in missing], [fork.paths[i] for i in missing],
+                                                   shared=prefix)
+            for i, segment, ll in zip(missing, segments, likelihoods.tolist()):
+                found[i] = PathKV(segment, ll)
+                if use_cache:
+                    self.cache.put(keys[i], found[i], segment.nbytes)
+        return found, len(paths) - len(missing)
+
+    def _queries(self, prefix: Segment, docs: list[PathKV], query: list[int],
+                 start: float) -> tuple[list[Segment], torch.Tensor]:
+        """A query copy over every prefix + document path, all in one batch; the paths' saliency scores."""
+        n, positions = len(docs), start + _arange(len(query))
+        attention = self.config.saliency == "attention"
+        segments, query_ll, mass = self._paths([query] * n, [positions] * n, shared=prefix,
+                                               rows=[d.segment for d in docs], track=attention)
+        if attention:
+            return segments, mass / len(self.model.layers)
+        doc_ll = torch.tensor([d.log_likelihood for d in docs])
+        return segments, query_ll + self.config.doc_ll_weight * doc_ll
+
+    # ---- batched forwards -------------------------------------------------------------------------------------
+
+    def _paths(self, tokens: list[list[int]], positions: list[torch.Tensor], shared: Segment,
+               rows: list[Segment] | None = None,
+               track: bool = False) -> tuple[list[Segment], torch.Tensor, torch.Tensor]:
+        """New segments over their pasts, in forwards of at most `max_batch_tokens` padded tokens: the segments,
+        their mean log-likelihoods and (with `track`) the attention they paid their own past segments, (B,) each."""
+        segments, likelihoods, masses = [], [], []
+        for chunk in self._chunks([len(t) for t in tokens]):
+            part = [tokens[i] for i in chunk]
+            new, hidden, attention = self._forward(part, [positions[i] for i in chunk], shared,
+                                                   [rows[i] for i in chunk] if rows is not None else None, track)
+            segments += new
+            likelihoods.append(self._mean_logprob(hidden, part))
+            masses.append(attention.mass.cpu())
+        return segments, torch.cat(likelihoods), torch.cat(masses)
+
+    def _chunks(self, lengths: list[int]) -> list[list[int]]:
+        """Consecutive rows whose padded size (rows x longest) stays within max_batch_tokens (at least one row)."""
+        chunks, longest = [[]], 0
+        for i, n in enumerate(lengths):
+            if chunks[-1] and (len(chunks[-1]) + 1) * max(longest, n) > self.config.max_batch_tokens:
+                chunks.append([])
+                longest = 0
+            chunks[-1].append(i)
+            longest = max(longest, n)
+        return chunks
+
+    def _forward(self, tokens: list[list[int]], positions: list[torch.Tensor], shared: Segment | None = None,
+                 rows: list[Segment] | None = None,
+                 track: bool = False) -> tuple[list[Segment], torch.Tensor, PathAttention]:
+        """One batched forward of right-padded new segments: each row's Segment, hidden states (B, T, d)."""
+        B, T = len(tokens), max(map(len, tokens))
+        ids = torch.zeros(B, T, dtype=torch.long)
+        pos = torch.zeros(B, T, dtype=torch.float64)
+        for b, (row, p) in enumerate(zip(tokens, positions)):
+            ids[b, :len(row)] = torch.tensor(row)
+            pos[b, :len(row)] = p
+        attention = PathAttention(B, T, shared, rows, self.device, track)
+        hidden = self.model.hidden(ids.to(self.device), cache=attention,
+                                   positions=pos.to(device=self.device, dtype=torch.float32))
+        segments = [Segment(row, p, [k[b, :, :len(row)].clone() for k in attention.keys],
+                            [v[b, :, :len(row)].clone() for v in attention.values])
+                    for b, (row, p) in enumerate(zip(tokens, positions))]
+        return segments, hidden, attention
+
+    def _mean_logprob(self, hidden: torch.Tensor, tokens: list[list[int]]) -> torch.Tensor:
+        """(B,) mean log-probability of each row's tokens 2.. given the earlier ones (0 for one-token rows), in fp32,
+        over the vocabulary's real entries."""
+        rows = torch.tensor([b for b, ids in enumerate(tokens) for _ in ids[1:]], dtype=torch.long)
+        cols = torch.tensor([j for ids in tokens for j in range(len(ids) - 1)], dtype=torch.long)
+        targets = torch.tensor([t for ids in tokens for t in ids[1:]], dtype=torch.long).to(self.device)
+        total = torch.zeros(len(tokens), device=self.device)
+        vocab = self.model.cfg.vocab_size
+        for s in range(0, len(rows), LOGPROB_CHUNK):
+            r, c = rows[s:s + LOGPROB_CHUNK].to(self.device), cols[s:s + LOGPROB_CHUNK].to(self.device)
+            logp = self.model.logits(hidden[r, c])[:, :vocab].float().log_softmax(-1)
+            total.index_add_(0, r, logp.gather(1, targets[s:s + LOGPROB_CHUNK, None])[:, 0])
+        counts = torch.tensor([max(len(ids) - 1, 1) for ids in tokens], device=self.device)
+        return (total / counts).cpu()
+
+
+def _arange(n: int) -> torch.Tensor:
+    return torch.arange(n, dtype=torch.float64)
