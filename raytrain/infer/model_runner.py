@@ -6,14 +6,20 @@ live rows' positions advance by one. A decode step covers rows 0..W-1 for a widt
 L keys of each slot for a length bucket L; on CUDA each (W, L) is captured once as a CUDA graph (the whole forward
 as one launch, all graphs sharing one memory pool) and replayed, with its logits written into a static buffer.
 Prefill runs eagerly, one sequence chunk per call (SDPA's flash kernel for a first chunk).
+With a `selection` (a model carrying LoRA adapter slots, `raytrain.infer.adapters`) every forward runs with the adapter slot of each row
+read from `adapter_ids` (per KV slot, -1: the base alone), a static buffer the engine fills before the step, so the
+captured graphs read the step's adapters too.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
 from raytrain.infer.kv_cache import SlotKVCache
 from raytrain.models.decoder import Decoder
+from raytrain.models.lora import AdapterSelection
 
 MIN_LENGTH_BUCKET = 128
 
@@ -30,7 +36,7 @@ def bucket(value: int, buckets: list[int]) -> int:
 
 class ModelRunner:
     def __init__(self, model: Decoder, n_slots: int, max_len: int, cuda_graphs: bool = True,
-                 compile_decode: bool = False) -> None:
+                 compile_decode: bool = False, selection: AdapterSelection | None = None) -> None:
         self.model = model
         self.device = model.embed.weight.device
         kv_heads = [block.attn.n_kv for block in model.layers]
@@ -43,6 +49,8 @@ class ModelRunner:
         self.positions = torch.zeros(n_slots, dtype=torch.long, device=self.device)
         self.write_index = torch.full((n_slots,), max_len, dtype=torch.long, device=self.device)
         self.live = torch.zeros(n_slots, dtype=torch.bool, device=self.device)
+        self.adapter_ids = torch.full((n_slots,), -1, dtype=torch.long, device=self.device)
+        self.selection = selection
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.graph_pool = None
@@ -57,7 +65,8 @@ class ModelRunner:
         """Write the KV of prompt tokens at positions start.. into `slot`; return the last one's logits (1, V)."""
         self.cache.begin_prefill(slot, start)
         x = torch.tensor([tokens], device=self.device)
-        return self.model(x, cache=self.cache, last_only=True)[:, -1]
+        with self._adapters(self.adapter_ids[slot:slot + 1]):
+            return self.model(x, cache=self.cache, last_only=True)[:, -1]
 
     # ---- decode -----------------------------------------------------------------------------------------------
 
@@ -80,12 +89,17 @@ class ModelRunner:
     @torch.inference_mode()
     def decode(self, width: int, length: int) -> torch.Tensor:
         """One token for rows 0..width-1 -> logits (width, V); idle rows compute garbage that nobody reads."""
-        if not self.cuda_graphs:
-            return self._decode_forward(width, length)
-        if (width, length) not in self.graphs:
-            self._capture(width, length)
+        with self._adapters(self.adapter_ids[:width]):
+            if not self.cuda_graphs:
+                return self._decode_forward(width, length)
+            if (width, length) not in self.graphs:
+                self._capture(width, length)
         self.graphs[width, length].replay()
         return self.logits[:width]
+
+    def _adapters(self, ids: torch.Tensor) -> contextlib.AbstractContextManager:
+        """The adapter of each row during a forward (a view of `adapter_ids`: graphs capture reads of the buffer)."""
+        return self.selection.rows(ids) if self.selection is not None else contextlib.nullcontext()
 
     def advance(self, width: int, sampled: torch.Tensor) -> None:
         """After a decode step: sampled (width,) tokens become the next inputs; live rows move one position on."""
