@@ -7,7 +7,9 @@ time, so the replica's event loop keeps answering while a long prompt is tokeniz
 engine's running batch at the next step (continuous batching: `Engine.astream`, stepped by the engine's own thread
 while the replica keeps accepting requests). A streamed request yields what its row produced since its previous
 item at most every `stream_interval_s`, so a busy replica sends fewer, larger items through Ray. A request whose
-caller goes away (client disconnect, timeout) is cancelled at the engine's next step.
+caller goes away (client disconnect, timeout) is cancelled at the engine's next step. A request for `NAME:adapter`
+runs with that LoRA adapter of the replica's base (`adapters` in the model's config, `adapter_slots` of them in
+memory at once, all checked against the base at startup); requests of different adapters share one batch.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ class RequestError(Exception):
         super().__init__(message, param, code, status)
 
 
-def load_engine(spec: ModelSpec) -> Engine:
+def load_engine(spec: ModelSpec, key: str = "model") -> Engine:
     """The engine of one model, by weight format (the one place a compressed format plugs in)."""
     device = spec.device if spec.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if spec.dtype == "auto":
@@ -53,7 +55,8 @@ def load_engine(spec: ModelSpec) -> Engine:
         raise RaytrainError(f"weights=compressed: {spec.checkpoint} holds no compressed weights (make one with "
                             "`raytrain compress`, or serve it with weights=dense)")
     return Engine.from_checkpoint(spec.checkpoint, spec.engine, device=device, dtype=dtype, tokenizer=spec.tokenizer,
-                                  keep_compressed=compressed)
+                                  keep_compressed=compressed, adapters=spec.adapters,
+                                  adapter_slots=spec.adapter_slots, adapters_key=f"{key}.adapters")
 
 
 @serve.deployment
@@ -61,7 +64,7 @@ class ModelServer:
     def __init__(self, name: str, args: dict[str, Any]) -> None:
         self.name = name
         self.spec = model_spec(args, f"models.{name}")
-        self.engine = load_engine(self.spec)
+        self.engine = load_engine(self.spec, f"models.{name}")
         self.chat_template = (self.spec.chat_template or getattr(self.engine.tokenizer, "chat_template", None)
                               or PLAIN_CHAT_TEMPLATE)
         # no text beyond this many characters tokenizes into max_prompt_tokens tokens or fewer
@@ -104,8 +107,10 @@ class ModelServer:
                 "decoding": "lazyllm" if self.spec.engine.lazy else "plain", "weights": self.spec.weights}
 
     def stats(self) -> dict[str, Any]:
-        """Engine steps run, and how many decode steps carried each number of sequences."""
-        return {"steps": self.engine.steps, "decode_rows": dict(self.engine.decode_rows)}
+        """Engine steps run, how many decode steps carried each number of sequences, adapters loaded so far."""
+        adapters = self.engine.adapters
+        return {"steps": self.engine.steps, "decode_rows": dict(self.engine.decode_rows),
+                "adapter_loads": adapters.loads if adapters is not None else 0}
 
     # ---- request preparation ----------------------------------------------------------------------------------
 
@@ -114,6 +119,10 @@ class ModelServer:
 
     def prepare(self, job: dict[str, Any]) -> Request:
         """An engine request from the ingress's job (prompt or messages, and the sampling fields), within limits."""
+        adapter = job.get("adapter")
+        if adapter is not None and adapter not in self.spec.adapters:
+            raise RequestError(f"model {self.name}:{adapter} does not exist; adapters of {self.name!r}: "
+                               f"{', '.join(self.spec.adapters) or 'none'}", "model", "model_not_found", 404)
         prompt_param = "messages" if job.get("messages") is not None else "prompt"
         ids = self._prompt_ids(job, prompt_param)
         limits, window = self.spec.limits, self.engine.context_window
@@ -138,7 +147,7 @@ class ModelServer:
             sampling = SamplingParams(max_new_tokens=max_tokens, **params)
         except SamplingError as e:
             raise RequestError(str(e), e.field, "invalid_value") from None
-        return Request(ids, sampling)
+        return Request(ids, sampling, adapter=adapter)
 
     def _prompt_ids(self, job: dict[str, Any], param: str) -> list[int]:
         tokenizer = self.engine.tokenizer

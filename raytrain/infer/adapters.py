@@ -7,7 +7,8 @@ evicting the least recently used adapter that the batch does not need. The forwa
 `selection.rows(ids)`, so one batch mixes adapters row by row. A batch that needs more distinct adapters than there
 are slots is refused (`TooManyAdapters`): the engine admits a sequence only when its adapter `fits` beside those of
 the running ones. The bank's rank is the largest an adapter may have; smaller ranks are exact (their extra columns
-stay zero). `from_dirs` builds the slots of a server from a name -> directory map, every adapter checked up front.
+stay zero). `from_dirs` builds the slots of a server from a name -> directory map, every adapter checked up front
+(`adapter_bank`).
 """
 
 from __future__ import annotations
@@ -45,27 +46,11 @@ class AdapterSlots:
     @classmethod
     def from_dirs(cls, model: nn.Module, base_path: str | Path, dirs: Mapping[str, str | Path], slots: int,
                   key: str = "adapters") -> AdapterSlots:
-        """Slots for the adapters `dirs` (name -> directory), all read and checked against the base now, so a
-        missing directory, another base or mismatched LoRA settings fail at startup naming `key.<name>`. The bank
-        takes the adapters' shared targets and splits and their largest rank."""
-        if slots < 1 or not dirs:
-            raise AdapterError(f"{key}: {len(dirs)} adapters in {slots} slots; need at least one of each")
-        fingerprint, loras = base_fingerprint(base_path), {}
-        for name, directory in dirs.items():
-            try:
-                adapter = read_adapter(directory)
-                check_base(adapter, fingerprint, base_path)
-            except AdapterError as e:
-                raise AdapterError(f"{key}.{name}: {e}") from None
-            loras[name] = adapter.lora
-        shapes = {(tuple(lora.targets), lora.split_qkv, lora.split_gate_up) for lora in loras.values()}
-        if len(shapes) != 1:
-            raise AdapterError(f"{key}: the adapters differ in LoRA targets or q/k/v, gate/up splits "
-                               f"({sorted(shapes)}); one replica's slots take one shape")
-        first = next(iter(loras.values()))
-        bank = LoRAConfig(rank=max(lora.rank for lora in loras.values()), targets=list(first.targets),
-                          split_qkv=first.split_qkv, split_gate_up=first.split_gate_up)
-        server = cls(model, base_path, fingerprint, slots, bank, lambda name: Path(dirs[name]))
+        """Slots for the adapters `dirs` (name -> directory), all checked now (`adapter_bank`)."""
+        if slots < 1:
+            raise AdapterError(f"{key}: {slots} adapter slots; need at least 1")
+        bank = adapter_bank(base_path, dirs, key)
+        server = cls(model, base_path, base_fingerprint(base_path), slots, bank, lambda name: Path(dirs[name]))
         server.names = set(dirs)
         return server
 
@@ -110,3 +95,26 @@ class AdapterSlots:
         load_adapter_state(self.model, adapter.state, adapter.lora.scale, slot)
         self.loaded[name] = slot
         self.loads += 1
+
+
+def adapter_bank(base_path: str | Path, dirs: Mapping[str, str | Path], key: str = "adapters") -> LoRAConfig:
+    """The LoRA bank that takes every adapter of `dirs` (name -> directory): their shared targets and splits, their
+    largest rank. Every adapter is read and checked against the base, so a missing directory, another base or
+    mismatched LoRA settings fail at startup naming `key.<name>`."""
+    if not dirs:
+        raise AdapterError(f"{key}: no adapters")
+    fingerprint, loras = base_fingerprint(base_path), {}
+    for name, directory in dirs.items():
+        try:
+            adapter = read_adapter(directory)
+            check_base(adapter, fingerprint, base_path)
+        except AdapterError as e:
+            raise AdapterError(f"{key}.{name}: {e}") from None
+        loras[name] = adapter.lora
+    shapes = {(tuple(lora.targets), lora.split_qkv, lora.split_gate_up) for lora in loras.values()}
+    if len(shapes) != 1:
+        raise AdapterError(f"{key}: the adapters differ in LoRA targets or q/k/v, gate/up splits "
+                           f"({sorted(shapes)}); one replica's slots take one shape")
+    first = next(iter(loras.values()))
+    return LoRAConfig(rank=max(lora.rank for lora in loras.values()), targets=list(first.targets),
+                      split_qkv=first.split_qkv, split_gate_up=first.split_gate_up)

@@ -63,8 +63,8 @@ class EngineConfig:
 class Request:
     prompt: str | list[int]  # text (BOS is prepended) or token ids (used as given)
     params: SamplingParams = field(default_factory=SamplingParams)
-    adapter: str | None = None  # a LoRA adapter of the engine's `adapters` (None: the base alone)
     cancel: threading.Event | None = field(default=None, compare=False)  # set: stop at the next step
+    adapter: str | None = None  # a LoRA adapter of the engine's `adapters` (None: the base alone)
 
 
 @dataclass

@@ -64,7 +64,8 @@ def chat_ids(engine: Engine, messages: list[dict]) -> list[int]:
 
 def test_models_and_health(server) -> None:
     models = httpx.get(f"{server}/v1/models", headers=AUTH).json()
-    assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["default", "lazy"]
+    assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["default", "default:a",
+                                                                               "default:b", "lazy"]
     health = httpx.get(f"{server}/health", headers=AUTH)
     assert health.status_code == 200 and health.json() == {"status": "ok",
                                                            "models": {"default": "ready", "lazy": "ready"}}
