@@ -104,7 +104,8 @@ class ModelServer:
 
     def info(self) -> dict[str, Any]:
         return {"context_window": self.engine.context_window, "max_batch_size": self.spec.engine.max_batch_size,
-                "decoding": "lazyllm" if self.spec.engine.lazy else "plain", "weights": self.spec.weights}
+                "decoding": "lazyllm" if self.spec.engine.lazy else "plain", "weights": self.spec.weights,
+                "adapters": list(self.spec.adapters), "adapter_slots": self.spec.adapter_slots}
 
     def stats(self) -> dict[str, Any]:
         """Engine steps run, how many decode steps carried each number of sequences, adapters loaded so far."""

@@ -126,6 +126,7 @@ class Engine:
         self.decode_rows: Counter[int] = Counter()  # decode steps by the number of sequences they carried
         self.overlap = self.config.overlap if self.config.overlap is not None else self.device.type == "cuda"
         self._inflight: Launched | None = None  # the launched step whose host work is still to do (overlap)
+        self._adapter_rows: list[str | None] | None = None  # each KV slot's adapter in `runner.adapter_ids`
         pinned = self.device.type == "cuda"
         self._pinned = [torch.empty(2 * n_slots + 1, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
         self.eos_token_id = tokenizer.eos_token_id
@@ -283,11 +284,14 @@ class Engine:
         return self.adapters.fits(seq.adapter, (s.adapter for s in self.scheduler.running))
 
     def _select_adapters(self) -> None:
-        """The adapter slot of every KV slot's sequence into the runner's ids (loading adapters on first use)."""
+        """The adapter slot of every KV slot's sequence into the runner's ids (loading adapters on first use). Only
+        when the rows' adapters changed: the copy to the device waits for the step in flight (no overlap)."""
         names: list[str | None] = [None] * self.n_slots
         for seq in self.scheduler.running:
             names[seq.slot] = seq.adapter
-        self.runner.adapter_ids.copy_(self.adapters.ids(names))
+        if names != self._adapter_rows:
+            self.runner.adapter_ids.copy_(self.adapters.ids(names))
+            self._adapter_rows = names
 
     def _runs_lazy(self, prompt_tokens: int) -> bool:
         """LazyLLM for long prompts, unless its schedule measured no faster for this length class: those prompts

@@ -229,7 +229,7 @@ def test_a_timed_out_request_answers_504_and_frees_the_replica(server) -> None:
 
 def test_the_openai_client_works_unchanged(server, engines) -> None:
     client = openai.OpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0)
-    assert [m.id for m in client.models.list()] == ["default", "lazy"]
+    assert [m.id for m in client.models.list()] == ["default", "default:a", "default:b", "lazy"]
     completion = client.completions.create(model="default", prompt="The while loop", max_tokens=16, temperature=0,
                                            extra_body={"top_k": 5})
     assert completion.choices[0].text == expect(engines["default"], "The while loop", max_new_tokens=16,
