@@ -1,8 +1,9 @@
 """The engine serving many LoRA adapters on one base (what a Serve replica runs for `model="base:adapter"`): the same
 requests through a plain engine on the base (baseline), through the adapter engine (K slots) without adapter,
 spread over K adapters with K slots (one continuous batch mixing adapters row by row), and over the same adapters
-with one slot (the queue groups them: a request waits until no other adapter runs; one timed run). Greedy tokens of the mixed run are compared with each adapter alone
-(`Engine.from_checkpoint(..., adapter=...)`, the unbatched LoRA path) for the first two adapters.
+with one slot (the queue groups them: a request waits until no other adapter runs; one timed run). Greedy tokens of
+the mixed run are compared with each adapter alone (`Engine.from_checkpoint(..., adapter=...)`, the unbatched LoRA
+path) for the first two adapters.
 
     python benchmarks/adapter_serve.py --device cuda            # AFM-3B shapes, 8 of 26 layers, bf16, CUDA graphs
     python benchmarks/adapter_serve.py --device cpu --model afm_tiny --requests 16 --prompt 32 --new 16 \
@@ -128,7 +129,8 @@ def main() -> None:
         "config": {"model": args.model, "layers": layers, "adapters": args.adapters, "rank": args.rank,
                    "requests": args.requests, "prompt_tokens": args.prompt, "new_tokens": args.new,
                    "max_batch_size": args.max_batch_size, "dtype": str(dtype or torch.float32),
-                   "cuda_graphs": args.device == "cuda", "cpu_threads": torch.get_num_threads(), "rows": "request i uses adapter i mod adapters"},
+                   "cuda_graphs": args.device == "cuda", "cpu_threads": torch.get_num_threads(),
+                   "rows": "request i uses adapter i mod adapters"},
         "results": {"base_tokens_per_s": base_tok_s, "adapter_engine_no_adapter_tokens_per_s": no_adapter_tok_s,
                     "mixed_tokens_per_s": mixed_tok_s,
                     "grouped_one_slot_tokens_per_s": grouped_tok_s, "grouped_adapter_loads": loads,

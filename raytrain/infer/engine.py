@@ -216,8 +216,9 @@ class Engine:
         loop run it (`start_loop`)."""
         ids = prompt if prompt is not None else self.encode(request)
         seed = request.params.seed if request.params.seed is not None else random.getrandbits(64)
-        seq = Sequence(ids, request.params, TextStream(self.tokenizer, request.params.stop, self._detokenize), sink, index=index,
-                       cancel=request.cancel, seed=seed, adapter=request.adapter, arrival=time.perf_counter())
+        seq = Sequence(ids, request.params, TextStream(self.tokenizer, request.params.stop, self._detokenize), sink,
+                       index=index, cancel=request.cancel, seed=seed, adapter=request.adapter,
+                       arrival=time.perf_counter())
         self._inbox.append(seq)
         self._wake.set()
         return seq

@@ -6,9 +6,9 @@ live rows' positions advance by one. A decode step covers rows 0..W-1 for a widt
 L keys of each slot for a length bucket L; on CUDA each (W, L) is captured once as a CUDA graph (the whole forward
 as one launch, all graphs sharing one memory pool) and replayed, with its logits written into a static buffer.
 Prefill runs eagerly, one sequence chunk per call (SDPA's flash kernel for a first chunk).
-With a `selection` (a model carrying LoRA adapter slots, `raytrain.infer.adapters`) every forward runs with the adapter slot of each row
-read from `adapter_ids` (per KV slot, -1: the base alone), a static buffer the engine fills before the step, so the
-captured graphs read the step's adapters too.
+With a `selection` (a model carrying LoRA adapter slots, `raytrain.infer.adapters`) every forward runs with each
+row's adapter slot read from `adapter_ids` (per KV slot, -1: the base alone), a static buffer the engine fills before
+the step, so the captured graphs read the step's adapters too.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """A tiny model trained here, and one local Serve instance (on a free port) serving it twice, shared by the test
 modules here: `default` (plain decoding, with two LoRA adapters `default:a` and `default:b` in two slots) and `lazy`
-(LazyLLM, with tight queue and timeout limits for the overload and timeout tests). The API wants a key (read from a file; requests send `AUTH`) and takes bodies of at most `MAX_BODY`
-bytes, received within 2 s."""
+(LazyLLM, with tight queue and timeout limits for the overload and timeout tests). The API wants a key (read from a
+file; requests send `AUTH`) and takes bodies of at most `MAX_BODY` bytes, received within 2 s."""
 
 from __future__ import annotations
 

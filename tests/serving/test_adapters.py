@@ -14,7 +14,7 @@ from ray import serve
 
 from raytrain.infer.engine import Engine
 from tests.serving.conftest import AUTH
-from tests.serving.test_api import events, expect, post
+from tests.serving.test_api import chat_ids, events, expect, post
 
 pytestmark = pytest.mark.integration
 
@@ -55,8 +55,6 @@ def test_two_adapters_and_the_base_in_one_batch_each_give_their_own_tokens(serve
 
 
 def test_a_streamed_chat_with_an_adapter_equals_that_adapter_alone(server, alone) -> None:
-    from tests.serving.test_api import chat_ids
-
     messages = [{"role": "user", "content": "Explain the for statement."}]
     r = httpx.post(f"{server}/v1/chat/completions", headers=AUTH, timeout=120,
                    json={"model": "default:b", "messages": messages, "max_tokens": 20, "temperature": 0,
