@@ -2,7 +2,8 @@
 
 `build_app` is the import path a Serve config names (`serving.app:build_app`, args `{"models": {name: fields}}`).
 The ingress checks the API key and reads the body within its limits (`guard.py`), validates the request
-(`protocol.py`), routes it by `model` to that model's deployment (`model.py`, which holds the engine), bounds it by the
+(`protocol.py`), routes it by `model` (`NAME`, or `NAME:ADAPTER` for one of that model's LoRA adapters, which the
+replica applies per request) to that model's deployment (`model.py`, which holds the engine), bounds it by the
 model's `request_timeout_s` (then 504, and the replica stops generating for it), turns Serve's backpressure, failed
 replicas and models without a replica (`health.py`) into 503 with Retry-After, and writes `stream: true` responses as
 server-sent events in OpenAI's chunk format, ending with `data: [DONE]`. No response carries an exception's text:
@@ -185,12 +186,12 @@ class OpenAIIngress:
     @api.get("/v1/models")
     async def models(self, request: Request) -> dict[str, Any]:
         authorize(request, self.api_key)
-        return {"object": "list", "data": [self._model_card(name) for name in self.specs]}
+        return {"object": "list", "data": [self._model_card(name) for name in self._served()]}
 
     @api.get("/v1/models/{model}")
     async def model(self, model: str, request: Request) -> dict[str, Any]:
         authorize(request, self.api_key)
-        self._check_model(model)
+        self._route(model)
         return self._model_card(model)
 
     @api.post("/v1/completions")
@@ -218,35 +219,46 @@ class OpenAIIngress:
         authorize(request, self.api_key)
         return await read_body(request, self.api.max_body_bytes, self.api.body_timeout_s)
 
+    def _served(self) -> list[str]:
+        """Every `model` value a request may name: each model, then each of its adapters as `model:adapter`."""
+        return [m for name, spec in self.specs.items() for m in (name, *(f"{name}:{a}" for a in spec.adapters))]
+
     def _model_card(self, name: str) -> dict[str, Any]:
-        """OpenAI's model object (no checkpoint path: where the weights live is no client's business)."""
-        limits = self.specs[name].limits
+        """OpenAI's model object (no checkpoint path: where the weights live is no client's business); an adapter's
+        `parent` is its base model."""
+        base, adapter = name.partition(":")[::2]
+        limits = self.specs[base].limits
         return {"id": name, "object": "model", "created": self.created, "owned_by": "raytrain",
+                **({"parent": base} if adapter else {}),
                 "max_prompt_tokens": limits.max_prompt_tokens, "max_output_tokens": limits.max_output_tokens}
 
-    def _check_model(self, model: str) -> None:
-        if model not in self.handles:
-            raise ApiError(404, f"model {shown(model)!r} does not exist; served: {', '.join(self.handles)}", "model",
-                           "model_not_found")
+    def _route(self, model: str) -> tuple[str, str | None]:
+        """(model, adapter or None) of a request's `model` field; 404 naming it when nothing serves it."""
+        base, colon, adapter = model.partition(":")
+        if base not in self.handles or (colon and adapter not in self.specs[base].adapters):
+            raise ApiError(404, f"model {shown(model)!r} does not exist; served: {', '.join(self._served())}",
+                           "model", "model_not_found")
+        return base, adapter or None
 
     # ---- routing ----------------------------------------------------------------------------------------------
 
     async def _answer(self, req: CompletionRequest | ChatRequest, prompts: list[dict[str, Any]], chat: bool) -> Any:
-        self._check_model(req.model)
-        limits = self.specs[req.model].limits
+        name, adapter = self._route(req.model)
+        limits = self.specs[name].limits
         choices = len(prompts) * req.n
         if choices > limits.max_choices:
             raise ApiError(400, f"n: {len(prompts)} prompt(s) x n={req.n} asks for {choices} choices; model "
                            f"{req.model!r} answers at most {limits.max_choices} per request", "n", "invalid_value")
-        down = self.replicas.down[req.model]
-        if down.is_set() and (await self.replicas.check())[req.model] == DOWN:  # still down, by a fresh probe
+        down = self.replicas.down[name]
+        if down.is_set() and (await self.replicas.check())[name] == DOWN:  # still down, by a fresh probe
             raise unavailable(req.model)
-        jobs = [choice(job, j) for job in prompts for j in range(req.n)]  # choice i*n + j: sample j of prompt i
+        # choice i*n + j: sample j of prompt i
+        jobs = [{**choice(job, j), "adapter": adapter} for job in prompts for j in range(req.n)]
         deadline = Deadline(limits.request_timeout_s, req.model, down)
         rid = new_id("chatcmpl" if chat else "cmpl")
         if req.stream:
-            return await self._stream(rid, req, jobs, deadline, chat)
-        handle = self.handles[req.model]
+            return await self._stream(rid, req, self.handles[name], jobs, deadline, chat)
+        handle = self.handles[name]
         responses = [handle.generate.remote(job) for job in jobs]
         try:
             results = await deadline.run(asyncio.gather(*responses))
@@ -258,9 +270,9 @@ class OpenAIIngress:
             r["sample"] = i % req.n
         return completion_body(rid, req.model, results, chat)
 
-    async def _stream(self, rid: str, req: CompletionRequest | ChatRequest, jobs: list[dict[str, Any]],
-                      deadline: Deadline, chat: bool) -> StreamingResponse:
-        handle = self.handles[req.model].options(stream=True)
+    async def _stream(self, rid: str, req: CompletionRequest | ChatRequest, model: DeploymentHandle,
+                      jobs: list[dict[str, Any]], deadline: Deadline, chat: bool) -> StreamingResponse:
+        handle = model.options(stream=True)
         streams = [handle.stream.remote(job) for job in jobs]
         try:  # the first item says the replica accepted the request, so errors still get their status code
             firsts = await deadline.run(asyncio.gather(*(s.__anext__() for s in streams)))

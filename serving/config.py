@@ -81,6 +81,8 @@ class ModelSpec:
     device: str = "auto"  # auto: cuda when the replica has a GPU, else cpu
     dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu | float32 | bfloat16 | float16
     chat_template: str | None = None  # Jinja; null: the tokenizer's own, else a plain "role: content" template
+    adapters: dict[str, str] = field(default_factory=dict)  # LoRA adapters of this base: name -> dir (`NAME:name`)
+    adapter_slots: int = 4  # adapters in memory at once per replica (loaded on first use, least recently used out)
     engine: EngineConfig = field(default_factory=EngineConfig)  # batching and decoding mode (plain or LazyLLM)
     stream_interval_s: float = 0.02  # a stream's items are at least this far apart (text accumulates between them)
     limits: Limits = field(default_factory=Limits)
@@ -148,9 +150,21 @@ def check_api(api: ApiSpec, key: str) -> None:
             raise ConfigError(f"{key}.{limit} must be > 0")
 
 
+NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"  # model and adapter names; ':' joins them as `model` in requests
+
+
 def check_model(name: str, model: ModelSpec, key: str) -> None:
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+    if not re.fullmatch(NAME, name):
         raise ConfigError(f"{key}: model names use letters, digits, '.', '_' and '-'")
+    for adapter, path in model.adapters.items():
+        if not re.fullmatch(NAME, adapter) or not path:
+            raise ConfigError(f"{key}.adapters.{adapter}: adapter names use letters, digits, '.', '_' and '-', and "
+                              "each names its directory")
+    if model.adapters and model.engine.lazy:
+        raise ConfigError(f"{key}.adapters: LoRA adapters are served with engine.lazy=false (LazyLLM runs one "
+                          "sequence beside the batch, without adapters)")
+    if model.adapter_slots < 1:
+        raise ConfigError(f"{key}.adapter_slots={model.adapter_slots} must be >= 1")
     if not model.checkpoint:
         raise ConfigError(f"{key}.checkpoint is not set (checkpoint=PATH sets the default model's)")
     if model.weights not in WEIGHT_FORMATS:

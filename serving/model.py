@@ -10,7 +10,9 @@ item at most every `stream_interval_s`, so a busy replica sends fewer, larger it
 caller goes away (client disconnect, timeout) is cancelled at the engine's next step. A chat request with `rag`
 documents becomes a fork-join prompt (`raytrain/infer/rag.py`): superposition prompting or naive RAG, per request or
 as the model's engine is configured; the replica's engine keeps the path cache, so documents sent again are not
-recomputed.
+recomputed. A request for `NAME:adapter` runs with that LoRA adapter of the replica's base (`adapters` in the
+model's config, `adapter_slots` of them in memory at once, all checked against the base at startup); requests of
+different adapters share one batch.
 
 A vision-language checkpoint (`job=vlm`) is held by a `VLMEngine` instead: chat messages may carry one image (a
 base64 `data:` URL), rendered through the chat template around it; its requests are generated a call at a time.
@@ -50,7 +52,7 @@ class RequestError(Exception):
         super().__init__(message, param, code, status)
 
 
-def load_engine(spec: ModelSpec) -> Engine | VLMEngine:
+def load_engine(spec: ModelSpec, key: str = "model") -> Engine | VLMEngine:
     """The engine of one model, by weight format (the one place a compressed format plugs in), or a VLM's."""
     device = spec.device if spec.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if spec.dtype == "auto":
@@ -58,13 +60,17 @@ def load_engine(spec: ModelSpec) -> Engine | VLMEngine:
     else:
         dtype = DTYPES[spec.dtype]
     if isinstance(read_model_config(spec.checkpoint), VLMConfig):
+        if spec.adapters:
+            raise RaytrainError(f"{key}.adapters: LoRA adapters are served on language models; "
+                                f"{spec.checkpoint} is a vision-language model")
         return VLMEngine.from_checkpoint(spec.checkpoint, device=device, dtype=dtype, tokenizer=spec.tokenizer)
     compressed = spec.weights == "compressed"
     if compressed and not is_compressed_checkpoint(spec.checkpoint):
         raise RaytrainError(f"weights=compressed: {spec.checkpoint} holds no compressed weights (make one with "
                             "`raytrain compress`, or serve it with weights=dense)")
     return Engine.from_checkpoint(spec.checkpoint, spec.engine, device=device, dtype=dtype, tokenizer=spec.tokenizer,
-                                  keep_compressed=compressed)
+                                  keep_compressed=compressed, adapters=spec.adapters,
+                                  adapter_slots=spec.adapter_slots, adapters_key=f"{key}.adapters")
 
 
 @serve.deployment
@@ -72,7 +78,7 @@ class ModelServer:
     def __init__(self, name: str, args: dict[str, Any]) -> None:
         self.name = name
         self.spec = model_spec(args, f"models.{name}")
-        self.engine = load_engine(self.spec)
+        self.engine = load_engine(self.spec, f"models.{name}")
         self.vision = isinstance(self.engine, VLMEngine)
         self.chat_template = chat_template(self.engine.tokenizer, self.spec.chat_template)
         # no text beyond this many characters tokenizes into max_prompt_tokens tokens or fewer
@@ -115,13 +121,16 @@ class ModelServer:
     def info(self) -> dict[str, Any]:
         return {"context_window": self.engine.context_window, "max_batch_size": self.spec.engine.max_batch_size,
                 "decoding": "lazyllm" if self.spec.engine.lazy else "plain", "weights": self.spec.weights,
-                "rag": "superposition" if self.spec.engine.superposition.enabled else "naive"}
+                "rag": "superposition" if self.spec.engine.superposition.enabled else "naive",
+                "adapters": list(self.spec.adapters), "adapter_slots": self.spec.adapter_slots}
 
     def stats(self) -> dict[str, Any]:
-        """Engine steps run, how many decode steps carried each number of sequences, and the path cache."""
-        cache = self.engine.superposer.cache
+        """Engine steps run, how many decode steps carried each number of sequences, the path cache, adapters loaded
+        so far."""
+        cache, adapters = self.engine.superposer.cache, self.engine.adapters
         return {"steps": self.engine.steps, "decode_rows": dict(self.engine.decode_rows),
-                "path_cache": cache.stats() if cache is not None else None}
+                "path_cache": cache.stats() if cache is not None else None,
+                "adapter_loads": adapters.loads if adapters is not None else 0}
 
     # ---- request preparation ----------------------------------------------------------------------------------
 
@@ -130,6 +139,13 @@ class ModelServer:
 
     def prepare(self, job: dict[str, Any]) -> Request | VLMRequest:
         """An engine request from the ingress's job (prompt or messages, and the sampling fields), within limits."""
+        adapter = job.get("adapter")
+        if adapter is not None and adapter not in self.spec.adapters:
+            raise RequestError(f"model {self.name}:{adapter} does not exist; adapters of {self.name!r}: "
+                               f"{', '.join(self.spec.adapters) or 'none'}", "model", "model_not_found", 404)
+        if adapter is not None and job.get("rag") is not None:
+            raise RequestError(f"rag: requests with rag run on the base model; use model {self.name!r}", "rag",
+                               "invalid_value")
         image = self._image(job.get("images") or [])
         if job.get("rag") is not None and self.vision:
             raise RequestError(f"rag: model {self.name!r} is a vision-language model; rag takes a language model",
@@ -169,7 +185,7 @@ class ModelServer:
             except RaytrainError as e:
                 raise RequestError(f"{prompt_param}: {e}", prompt_param, "invalid_value") from None
         if forkjoin is None:
-            return Request(ids, sampling)
+            return Request(ids, sampling, adapter=adapter)
         request = Request(params=sampling, forkjoin=forkjoin)
         try:
             self.engine.encode(request)  # what the checks above cannot see (e.g. more hops than documents)

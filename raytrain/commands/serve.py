@@ -15,8 +15,10 @@ from typing import Any, NoReturn
 
 from omegaconf import DictConfig
 
+from raytrain.checkpoint.adapter import AdapterError
 from raytrain.checkpoint.hf import CheckpointError, resolve_checkpoint
 from raytrain.config import ConfigError
+from raytrain.infer.adapters import adapter_bank
 from serving.config import ServeSpec, serve_config, serve_spec, to_yaml
 
 CONFIG_NAME = "serve"
@@ -54,7 +56,7 @@ def run(cfg: DictConfig) -> None:
 
 
 def check_checkpoints(spec: ServeSpec) -> None:
-    """Each model's checkpoint and tokenizer exist, before any replica tries to load them."""
+    """Each model's checkpoint and tokenizer exist and its adapters fit it, before any replica tries to load them."""
     for name, model in spec.models.items():
         try:
             path = resolve_checkpoint(model.checkpoint)
@@ -62,6 +64,11 @@ def check_checkpoints(spec: ServeSpec) -> None:
             raise ConfigError(f"serve.models.{name}.checkpoint: {e}") from None
         if not model.tokenizer and not (path / "tokenizer.json").is_file():
             raise ConfigError(f"serve.models.{name}: {path} ships no tokenizer; set tokenizer=DIR")
+        if model.adapters:
+            try:
+                adapter_bank(path, model.adapters, f"serve.models.{name}.adapters")
+            except AdapterError as e:
+                raise ConfigError(str(e)) from None
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -15,6 +15,11 @@ Three ways in: `generate`/`stream` step the engine on the caller's thread; `astr
 to a background thread that steps while there is work, for asyncio servers (each request joins the running batch
 the step after it arrives; `abort` or leaving the iteration cancels it at the next step). A request that can never
 fit (prompt + max_new_tokens beyond the context window) or is malformed fails in the caller before any compute.
+
+With `adapters` (an `AdapterSlots` on the model: many LoRA adapters on one base) each request names its adapter;
+before each step the adapter of every running sequence goes through `adapters.ids` (loaded on first use, LRU) into
+the runner's per-slot ids, so one batch mixes adapters row by row, and a request waits in the queue while its
+adapter does not fit beside the running ones (never failed for it).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import torch
 
 from raytrain.config import ConfigError, RaytrainError
 from raytrain.infer.forkjoin import ForkJoinPrompt
+from raytrain.infer.adapters import AdapterSlots
 from raytrain.infer.lazyllm import LazyConfig, LazySequence, pays_off
 from raytrain.infer.kv_cache import SlotKVCache
 from raytrain.infer.model_runner import ModelRunner
@@ -65,6 +71,7 @@ class Request:
     params: SamplingParams = field(default_factory=SamplingParams)
     cancel: threading.Event | None = field(default=None, compare=False)  # set: stop at the next step
     forkjoin: ForkJoinPrompt | None = None  # a RAG prompt: preamble, documents, query, postamble (token ids)
+    adapter: str | None = None  # a LoRA adapter of the engine's `adapters` (None: the base alone)
 
 
 @dataclass
@@ -96,19 +103,26 @@ class Delta:
 
 
 class Engine:
-    def __init__(self, model: Decoder, tokenizer: Any, config: EngineConfig | None = None) -> None:
+    def __init__(self, model: Decoder, tokenizer: Any, config: EngineConfig | None = None,
+                 adapters: AdapterSlots | None = None) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = config or EngineConfig()
+        self.adapters = adapters
+        if adapters is not None and self.config.lazy:
+            raise ConfigError("lazy: LazyLLM runs one sequence beside the batch and takes no LoRA adapters; serve "
+                              "adapters with lazy=false")
         self.device = model.embed.weight.device
         self.max_len = self._max_len()
         n_slots = self._slots()
-        self.scheduler = Scheduler(n_slots, max(1, self.config.max_step_tokens))
+        self.scheduler = Scheduler(n_slots, max(1, self.config.max_step_tokens),
+                                   self._adapter_fits if adapters is not None else None)
         cuda = self.device.type == "cuda"
         if cuda:  # process-wide: the replica or benchmark process runs one engine configuration at a time
             ops.use_fused_kernels(self.config.fused_kernels)
         self.runner = ModelRunner(model, n_slots, self.max_len, self.config.cuda_graphs,
-                                  compile_decode=cuda and self.config.compile_decode)
+                                  compile_decode=cuda and self.config.compile_decode,
+                                  selection=adapters.selection if adapters is not None else None)
         self.sampling = SamplingTable(n_slots + 1, model.cfg.vocab_size, self.device)  # + a row for LazyLLM
         self.lazy_waiting: deque[Sequence] = deque()
         self.lazy_running: Sequence | None = None
@@ -122,6 +136,7 @@ class Engine:
         self.decode_rows: Counter[int] = Counter()  # decode steps by the number of sequences they carried
         self.overlap = self.config.overlap if self.config.overlap is not None else self.device.type == "cuda"
         self._inflight: Launched | None = None  # the launched step whose host work is still to do (overlap)
+        self._adapter_rows: list[str | None] | None = None  # each KV slot's adapter in `runner.adapter_ids`
         pinned = self.device.type == "cuda"
         self._pinned = [torch.empty(2 * n_slots + 1, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
         self.eos_token_id = tokenizer.eos_token_id
@@ -132,16 +147,24 @@ class Engine:
     @classmethod
     def from_checkpoint(cls, path: str | Path, config: EngineConfig | None = None, device: str = "cpu",
                         dtype: torch.dtype | None = None, tokenizer: str | None = None,
-                        keep_compressed: bool = False, adapter: str | Path | None = None) -> Engine:
+                        keep_compressed: bool = False, adapter: str | Path | None = None,
+                        adapters: dict[str, str | Path] | None = None, adapter_slots: int = 4,
+                        adapters_key: str = "adapters") -> Engine:
         """`keep_compressed`: compressed layers stay compressed in memory; `adapter`: a LoRA adapter of this base
-        (both as `load_pretrained` takes them)."""
+        (both as `load_pretrained` takes them). `adapters` (name -> directory): many adapters selected per request,
+        `adapter_slots` of them in memory at once, all checked now (errors name `adapters_key.<name>`)."""
         from raytrain.checkpoint.hf import load_pretrained
 
         pretrained = load_pretrained(path, device=device, dtype=dtype, tokenizer=tokenizer,
                                      keep_compressed=keep_compressed, adapter=adapter)
         if pretrained.tokenizer is None:
             raise RaytrainError(f"{pretrained.path} has no tokenizer files; pass a tokenizer directory")
-        return cls(pretrained.model, pretrained.tokenizer, config)
+        slots = None
+        if adapters:
+            if adapter is not None:
+                raise ConfigError("adapter and adapters: put one adapter on the base, or serve several, not both")
+            slots = AdapterSlots.from_dirs(pretrained.model, pretrained.path, adapters, adapter_slots, adapters_key)
+        return cls(pretrained.model, pretrained.tokenizer, config, slots)
 
     def _max_len(self) -> int:
         window, asked = self.model.cfg.max_seq_len, self.config.max_model_len
@@ -194,6 +217,10 @@ class Engine:
     def encode(self, request: Request) -> list[int]:
         """Prompt token ids, checked against the context window before any compute (a superposed request's are
         known after its fork-join prefill: its worst case is checked, and [] returned)."""
+        if request.adapter is not None and (self.adapters is None or not self.adapters.serves(request.adapter)):
+            raise RaytrainError(f"adapter {request.adapter!r} is not one this engine serves")
+        if request.adapter is not None and request.forkjoin is not None:
+            raise RaytrainError("a RAG (forkjoin) request runs on the base model; it takes no adapter")
         if request.forkjoin is not None and request.prompt:
             raise RaytrainError("a request takes a prompt or a forkjoin prompt, not both")
         if self.superposed(request):
@@ -214,9 +241,9 @@ class Engine:
         loop run it (`start_loop`)."""
         ids = prompt if prompt is not None else self.encode(request)
         seed = request.params.seed if request.params.seed is not None else random.getrandbits(64)
-        seq = Sequence(ids, request.params, TextStream(self.tokenizer, request.params.stop, self._detokenize), sink, index=index,
-                       cancel=request.cancel, seed=seed, arrival=time.perf_counter(),
-                       forkjoin=request.forkjoin if self.superposed(request) else None)
+        seq = Sequence(ids, request.params, TextStream(self.tokenizer, request.params.stop, self._detokenize), sink,
+                       index=index, cancel=request.cancel, seed=seed, adapter=request.adapter,
+                       arrival=time.perf_counter(), forkjoin=request.forkjoin if self.superposed(request) else None)
         self._inbox.append(seq)
         self._wake.set()
         return seq
@@ -283,6 +310,19 @@ class Engine:
                 continue
             (self.lazy_waiting if self._runs_lazy(len(seq.prompt)) else self.scheduler.waiting).append(seq)
 
+    def _adapter_fits(self, seq: Sequence) -> bool:
+        return self.adapters.fits(seq.adapter, (s.adapter for s in self.scheduler.running))
+
+    def _select_adapters(self) -> None:
+        """The adapter slot of every KV slot's sequence into the runner's ids (loading adapters on first use). Only
+        when the rows' adapters changed: the copy to the device waits for the step in flight (no overlap)."""
+        names: list[str | None] = [None] * self.n_slots
+        for seq in self.scheduler.running:
+            names[seq.slot] = seq.adapter
+        if names != self._adapter_rows:
+            self.runner.adapter_ids.copy_(self.adapters.ids(names))
+            self._adapter_rows = names
+
     def _runs_lazy(self, prompt_tokens: int) -> bool:
         """LazyLLM for long prompts, unless its schedule measured no faster for this length class: those prompts
         join the batch (CUDA-graph decode) rather than a one-sequence plain path."""
@@ -309,6 +349,8 @@ class Engine:
         """Queue the plan's compute: prompt chunks (a first token for each finished prompt), the decode batch and
         the LazyLLM sequence; start copying every sampled token to the host. Sequences whose last token is sampled
         give their slot back now."""
+        if self.adapters is not None and self.scheduler.running:
+            self._select_adapters()
         firsts = [(seq, token) for seq, first, end in plan.prefills
                   if (token := self._prefill(seq, first, end)) is not None]
         sampled = [token for _, token in firsts]  # every token sampled this step, on the device

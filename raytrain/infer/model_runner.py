@@ -8,14 +8,20 @@ as one launch, all graphs sharing one memory pool) and replayed, with its logits
 Prefill runs eagerly, one sequence chunk per call (SDPA's flash kernel for a first chunk); a superposed prompt's KV,
 computed by `superposition.py`, is copied into its slot instead (`install`). Its rows then decode at real-valued
 positions: slot index + `rope_offset` (a decode step with such rows is a graph of its own).
+With a `selection` (a model carrying LoRA adapter slots, `raytrain.infer.adapters`) every forward runs with each
+row's adapter slot read from `adapter_ids` (per KV slot, -1: the base alone), a static buffer the engine fills before
+the step, so the captured graphs read the step's adapters too.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
 from raytrain.infer.kv_cache import SlotKVCache
 from raytrain.models.decoder import Decoder
+from raytrain.models.lora import AdapterSelection
 
 MIN_LENGTH_BUCKET = 128
 
@@ -32,7 +38,7 @@ def bucket(value: int, buckets: list[int]) -> int:
 
 class ModelRunner:
     def __init__(self, model: Decoder, n_slots: int, max_len: int, cuda_graphs: bool = True,
-                 compile_decode: bool = False) -> None:
+                 compile_decode: bool = False, selection: AdapterSelection | None = None) -> None:
         self.model = model
         self.device = model.embed.weight.device
         kv_heads = [block.attn.n_kv for block in model.layers]
@@ -47,6 +53,8 @@ class ModelRunner:
         self.live = torch.zeros(n_slots, dtype=torch.bool, device=self.device)
         self.rope_offset = torch.zeros(n_slots, device=self.device)  # RoPE position minus KV index, per slot
         self.offset_slots: set[int] = set()  # slots whose offset is not 0
+        self.adapter_ids = torch.full((n_slots,), -1, dtype=torch.long, device=self.device)
+        self.selection = selection
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.graphs: dict[tuple[int, int, bool], torch.cuda.CUDAGraph] = {}
         self.graph_pool = None
@@ -61,7 +69,8 @@ class ModelRunner:
         """Write the KV of prompt tokens at positions start.. into `slot`; return the last one's logits (1, V)."""
         self.cache.begin_prefill(slot, start)
         x = torch.tensor([tokens], device=self.device)
-        return self.model(x, cache=self.cache, last_only=True)[:, -1]
+        with self._adapters(self.adapter_ids[slot:slot + 1]):
+            return self.model(x, cache=self.cache, last_only=True)[:, -1]
 
     def install(self, slot: int, keys: list[torch.Tensor], values: list[torch.Tensor], first: int, end: int) -> None:
         """Copy KV computed elsewhere (per layer (n_kv, C, hd)) into `slot` at indices first..end-1."""
@@ -94,12 +103,17 @@ class ModelRunner:
     def decode(self, width: int, length: int) -> torch.Tensor:
         """One token for rows 0..width-1 -> logits (width, V); idle rows compute garbage that nobody reads."""
         shifted = any(slot < width for slot in self.offset_slots)
-        if not self.cuda_graphs:
-            return self._decode_forward(width, length, shifted)
-        if (width, length, shifted) not in self.graphs:
-            self._capture(width, length, shifted)
+        with self._adapters(self.adapter_ids[:width]):
+            if not self.cuda_graphs:
+                return self._decode_forward(width, length, shifted)
+            if (width, length, shifted) not in self.graphs:
+                self._capture(width, length, shifted)
         self.graphs[width, length, shifted].replay()
         return self.logits[:width]
+
+    def _adapters(self, ids: torch.Tensor) -> contextlib.AbstractContextManager:
+        """The adapter of each row during a forward (a view of `adapter_ids`: graphs capture reads of the buffer)."""
+        return self.selection.rows(ids) if self.selection is not None else contextlib.nullcontext()
 
     def advance(self, width: int, sampled: torch.Tensor) -> None:
         """After a decode step: sampled (width,) tokens become the next inputs; live rows move one position on."""

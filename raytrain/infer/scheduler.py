@@ -6,7 +6,9 @@ free (the queue never reorders, so a long prompt cannot starve); a prompt longer
 prefilled in chunks over several steps, so a long prefill delays running decodes by at most one budget's worth of
 compute. A sequence joins the decode batch the step after its prompt is done and leaves it the moment it finishes
 or is cancelled, freeing its slot for the next prompt. Slots are handed out lowest first, which keeps the decode
-batch (rows 0..highest busy slot) as narrow as the load allows.
+batch (rows 0..highest busy slot) as narrow as the load allows. With LoRA adapters, `admits` holds back the head of
+the queue while its adapter does not fit beside the running sequences' (no more distinct adapters than the replica
+has slots); it waits, in order, until enough of them finish.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class Sequence:
     cancel: Any = None  # the request's threading.Event-like flag: set = stop at the next step
     aborted: bool = False  # set by the engine's caller (any thread): stop at the next step
     seed: int = 0
+    adapter: str | None = None  # the LoRA adapter it runs with (None: the base alone)
     id: int = field(default_factory=lambda: next(_ids))
     slot: int | None = None
     computed: int = 0  # prompt tokens whose KV is in the slot
@@ -66,8 +69,9 @@ class Plan:
 
 
 class Scheduler:
-    def __init__(self, n_slots: int, token_budget: int) -> None:
+    def __init__(self, n_slots: int, token_budget: int, admits: Callable[[Sequence], bool] | None = None) -> None:
         self.token_budget = token_budget
+        self.admits = admits or (lambda seq: True)  # beyond a free slot: may this sequence start now
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admitted (own a slot), in admission order
         self.free_slots = list(range(n_slots))  # a heap: lowest first
@@ -86,7 +90,7 @@ class Scheduler:
             if not seq.prefilled and budget > 0:
                 prefills.append(self._chunk(seq, budget))
                 budget -= prefills[-1][2] - prefills[-1][1]
-        while self.waiting and self.free_slots and budget > 0:
+        while self.waiting and self.free_slots and budget > 0 and self.admits(self.waiting[0]):
             seq = self.waiting.popleft()
             seq.slot = heapq.heappop(self.free_slots)
             self.running.append(seq)

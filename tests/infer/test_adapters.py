@@ -1,5 +1,7 @@
 """Serving many adapters on one base: slots filled on first use, least recently used evicted, a batch mixing
-adapters gives each row what that adapter alone gives, and adapters of another base or shape are refused."""
+adapters gives each row what that adapter alone gives, and adapters of another base or shape are refused; through the
+engine, a continuous batch mixing adapters gives every request the tokens of its adapter alone, and requests whose
+adapter does not fit in the slots wait rather than fail."""
 
 from __future__ import annotations
 
@@ -9,7 +11,10 @@ import torch
 from raytrain.checkpoint.adapter import AdapterError, base_fingerprint, save_adapter
 from raytrain.checkpoint.hf import load_pretrained, model_state, save_pretrained
 from raytrain.data.tokenizer import to_files
+from raytrain.config import ConfigError, RaytrainError
 from raytrain.infer.adapters import AdapterSlots, TooManyAdapters
+from raytrain.infer.engine import Engine, EngineConfig, Request
+from raytrain.infer.sampling import SamplingParams
 from raytrain.models.decoder import build_decoder
 from raytrain.models.lora import LoRAConfig, adapter_state, apply_lora, lora_layers
 from tests.conftest import preset
@@ -70,3 +75,43 @@ def test_adapters_of_another_base_or_a_higher_rank_are_refused(served) -> None:
     server = AdapterSlots(narrow, base, base_fingerprint(base), 2, LoRAConfig(rank=2), lambda name: root / name)
     with pytest.raises(AdapterError, match="adapter b .* does not fit this replica's slots"):
         server.ids(["b"])
+
+
+def greedy(engine: Engine, jobs: list[tuple[list[int], str | None]]) -> list[list[int]]:
+    params = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True)
+    return [c.token_ids for c in engine.generate([Request(p, params, adapter=a) for p, a in jobs])]
+
+
+@pytest.mark.parametrize("slots", [2, 1])
+def test_the_engine_batches_mixed_adapters_and_queues_those_that_do_not_fit(served, slots) -> None:
+    """slots=2: a, b and the base decode in one batch; slots=1: a and b alternate, each waiting for the other's
+    sequences to finish and evicting it, and every request still gets its adapter's tokens."""
+    base, root = served
+    prompts = [[1, 5 + i, 9, 3 * i + 2] for i in range(6)]
+    names = ["a", "b", None, "a", "b", "a"]
+    jobs = list(zip(prompts, names))
+    expected = {name: greedy(Engine.from_checkpoint(base, adapter=root / name if name else None),
+                             [(p, None) for p, n in jobs if n == name]) for name in ("a", "b", None)}
+    engine = Engine.from_checkpoint(base, EngineConfig(max_batch_size=4), adapters={n: root / n for n in "abc"},
+                                    adapter_slots=slots)
+    got = greedy(engine, jobs)
+    for name in ("a", "b", None):
+        assert [g for g, (_, n) in zip(got, jobs) if n == name] == expected[name], name
+    assert expected["a"] != expected["b"] != expected[None]  # the adapters change the tokens
+    if slots == 2:
+        assert engine.adapters.loads == 2 and max(engine.decode_rows) == 4  # mixed rows in one decode batch
+    else:
+        assert engine.adapters.loads == 5  # a, b, a, b, a: each admitted group loads its adapter again
+
+
+def test_engine_adapters_are_checked_at_startup_and_per_request(served) -> None:
+    base, root = served
+    with pytest.raises(AdapterError, match=r"serve\.adapters\.x: adapter .* was trained on base .*base1"):
+        Engine.from_checkpoint(base, adapters={"a": root / "a", "x": root / "x"}, adapters_key="serve.adapters")
+    with pytest.raises(AdapterError, match=r"adapters\.gone: adapter .*gone: no such directory"):
+        Engine.from_checkpoint(base, adapters={"gone": root / "gone"})
+    with pytest.raises(ConfigError, match="lazy: LazyLLM .* takes no LoRA adapters"):
+        Engine.from_checkpoint(base, EngineConfig(lazy=True), adapters={"a": root / "a"})
+    engine = Engine.from_checkpoint(base, adapters={"a": root / "a"})
+    with pytest.raises(RaytrainError, match="adapter 'b' is not one this engine serves"):
+        engine.generate([Request([1, 2], adapter="b")])

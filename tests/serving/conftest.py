@@ -1,7 +1,7 @@
 """A tiny model trained here, and one local Serve instance (on a free port) serving it twice, shared by the test
-modules here: `default` (plain decoding) and `lazy` (LazyLLM, with tight queue and timeout limits for the overload and
-timeout tests). The API wants a key (read from a file; requests send `AUTH`) and takes bodies of at most `MAX_BODY`
-bytes, received within 2 s."""
+modules here: `default` (plain decoding, with two LoRA adapters `default:a` and `default:b` in two slots) and `lazy`
+(LazyLLM, with tight queue and timeout limits for the overload and timeout tests). The API wants a key (read from a
+file; requests send `AUTH`) and takes bodies of at most `MAX_BODY` bytes, received within 2 s."""
 
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from raytrain.checkpoint.hf import model_state, save_pretrained
+from raytrain.checkpoint.adapter import base_fingerprint, save_adapter
+from raytrain.checkpoint.hf import load_pretrained, model_state, save_pretrained
 from raytrain.data.corpus import documents
 from raytrain.data.tokenizer import to_files
 from raytrain.models.decoder import DecoderConfig, LayerScaling, build_decoder
+from raytrain.models.lora import LoRAConfig, adapter_state, apply_lora, lora_layers
 from raytrain.train.objectives import lm_loss
 from serving.config import serve_config, serve_spec
 from tests.conftest import compose, local_ray
@@ -45,6 +47,19 @@ def train_tiny(tokenizer, out: Path, steps: int = 150) -> Path:
     return save_pretrained(out, cfg, model_state(model), to_files(tokenizer))
 
 
+def random_adapter(base: Path, out: Path, seed: int, rank: int) -> Path:
+    """A LoRA adapter of `base` with random A and B (a trained one differs from the base the same way: B != 0)."""
+    model = load_pretrained(base).model
+    lora = LoRAConfig(rank=rank, alpha=2.0 * rank)
+    apply_lora(model, lora)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_A.normal_(std=0.2)
+            layer.lora_B.normal_(std=0.2)
+    return save_adapter(out, adapter_state(model), lora, base, base_fingerprint(base))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -66,7 +81,14 @@ def checkpoint(one_thread, tmp_path_factory, tokenizer) -> Path:
 
 
 @pytest.fixture(scope="package")
-def server(checkpoint, tmp_path_factory):
+def adapters(checkpoint, tmp_path_factory) -> dict[str, Path]:
+    """Two adapters of the served model, of different ranks and weights."""
+    root = tmp_path_factory.mktemp("adapters")
+    return {"a": random_adapter(checkpoint, root / "a", 1, 2), "b": random_adapter(checkpoint, root / "b", 2, 4)}
+
+
+@pytest.fixture(scope="package")
+def server(checkpoint, adapters, tmp_path_factory):
     """The base URL of a Serve instance started from `conf/serve.yaml` the way `raytrain serve` starts it."""
     from ray import serve
 
@@ -82,7 +104,9 @@ def server(checkpoint, tmp_path_factory):
                             "serve.models.default.deployment.max_queued_requests=8",
                             "serve.models.default.deployment.autoscaling_config.max_replicas=1",
                             "serve.models.default.limits.max_output_tokens=2000",
-                            "serve.models.default.stream_interval_s=0", LAZY])  # an item per engine step
+                            "serve.models.default.stream_interval_s=0",  # an item per engine step
+                            *(f"+serve.models.default.adapters.{name}={path}" for name, path in adapters.items()),
+                            "serve.models.default.adapter_slots=2", LAZY])
     url = start(serve_config(serve_spec(cfg.serve)), timeout_s=300)
     yield url
     serve.shutdown()

@@ -64,7 +64,8 @@ def chat_ids(engine: Engine, messages: list[dict]) -> list[int]:
 
 def test_models_and_health(server) -> None:
     models = httpx.get(f"{server}/v1/models", headers=AUTH).json()
-    assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["default", "lazy"]
+    assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["default", "default:a",
+                                                                               "default:b", "lazy"]
     health = httpx.get(f"{server}/health", headers=AUTH)
     assert health.status_code == 200 and health.json() == {"status": "ok",
                                                            "models": {"default": "ready", "lazy": "ready"}}
@@ -281,7 +282,7 @@ def test_a_timed_out_request_answers_504_and_frees_the_replica(server) -> None:
 
 def test_the_openai_client_works_unchanged(server, engines) -> None:
     client = openai.OpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0)
-    assert [m.id for m in client.models.list()] == ["default", "lazy"]
+    assert [m.id for m in client.models.list()] == ["default", "default:a", "default:b", "lazy"]
     completion = client.completions.create(model="default", prompt="The while loop", max_tokens=16, temperature=0,
                                            extra_body={"top_k": 5})
     assert completion.choices[0].text == expect(engines["default"], "The while loop", max_new_tokens=16,

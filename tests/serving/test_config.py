@@ -10,7 +10,10 @@ from ray.serve.schema import ServeDeploySchema
 
 from raytrain.cli import CONF_DIR
 from raytrain.commands import serve as serve_command
+from raytrain.checkpoint.hf import model_state, save_pretrained
 from raytrain.config import ConfigError
+from raytrain.data.tokenizer import to_files
+from raytrain.models.decoder import DecoderConfig, build_decoder
 from serving.config import ApiSpec, serve_config, serve_spec, to_yaml
 from serving.guard import API_KEY_ENV, api_key
 from tests.conftest import REPO, compose
@@ -67,6 +70,9 @@ def test_models_sit_side_by_side_each_with_its_decoding_mode() -> None:
     (["serve.api.probe_timeout_s=-1"], "serve.api.probe_timeout_s must be > 0"),
     (["generation.superposition.top_k=-2"], "serve.models.default.engine.superposition.top_k=-2 must be >= 0"),
     (["serve.models.default.limits.max_documents=0"], "serve.models.default.limits.max_documents must be > 0"),
+    (["generation=lazy", "+serve.models.default.adapters.a=/x"],
+     "serve.models.default.adapters: LoRA adapters are served with engine.lazy=false"),
+    (["serve.models.default.adapter_slots=0"], "serve.models.default.adapter_slots=0 must be >= 1"),
 ])
 def test_config_mistakes_are_named(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
@@ -94,9 +100,11 @@ def test_models_that_may_scale_to_zero_are_named_to_the_ingress() -> None:
     assert args["scale_to_zero"] == ["cold"] and args["api"]["max_body_bytes"] > 0
 
 
-def test_model_names_are_checked() -> None:
+def test_model_and_adapter_names_are_checked() -> None:
     with pytest.raises(ConfigError, match=r"serve\.models\.my model: model names use"):
         serve_spec({"models": {"my model": {"checkpoint": "/x"}}})
+    with pytest.raises(ConfigError, match=r"serve\.models\.m\.adapters\.a:b: adapter names use"):
+        serve_spec({"models": {"m": {"checkpoint": "/x", "adapters": {"a:b": "/y"}}}})
 
 
 def test_the_command_emits_the_yaml_and_checks_checkpoints_before_starting_ray(tmp_path) -> None:
@@ -105,3 +113,19 @@ def test_the_command_emits_the_yaml_and_checks_checkpoints_before_starting_ray(t
     assert out.read_text() == to_yaml(emitted(["checkpoint=/ckpt"]))
     with pytest.raises(ConfigError, match=r"serve\.models\.default\.checkpoint: checkpoint /nowhere: no such"):
         serve_command.run(compose("serve", ["checkpoint=/nowhere"]))
+
+
+def test_the_command_checks_adapters_against_their_base_before_starting_ray(tmp_path, tokenizer) -> None:
+    from tests.serving.conftest import random_adapter
+
+    cfg = DecoderConfig(name="t", vocab_size=512, d_model=32, n_layers=1, head_dim=16, q_heads=2, kv_heads=2,
+                        ffn_dim=64, max_seq_len=64)
+    base, other = (save_pretrained(tmp_path / name, cfg, model_state(build_decoder(cfg)), to_files(tokenizer))
+                   for name in ("base", "other"))
+    cases = [({"a": random_adapter(base, tmp_path / "a", 0, 1), "x": random_adapter(other, tmp_path / "x", 0, 1)},
+              r"adapters\.x: adapter .*x was trained on base .*other"),
+             ({"gone": tmp_path / "gone"}, r"adapters\.gone: adapter .*gone: no such directory")]
+    for adapters, message in cases:
+        listed = [f"+serve.models.default.adapters.{name}={path}" for name, path in adapters.items()]
+        with pytest.raises(ConfigError, match=r"serve\.models\.default\." + message):
+            serve_command.run(compose("serve", [f"checkpoint={base}", *listed]))

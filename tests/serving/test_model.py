@@ -165,3 +165,15 @@ def test_a_compressed_checkpoint_is_served_compressed_or_dense_with_the_same_out
     assert outputs[0] == outputs[1]
     with pytest.raises(RaytrainError, match="weights=compressed: .* holds no compressed weights"):
         server(src, weights="compressed")
+
+
+def test_a_request_names_one_of_the_models_adapters_or_gets_a_404_naming_model(checkpoints, tmp_path) -> None:
+    from tests.serving.conftest import random_adapter
+
+    adapter = random_adapter(checkpoints["plain"], tmp_path / "a", 0, 2)
+    served = server(checkpoints["plain"], adapters={"a": str(adapter)}, adapter_slots=1)
+    assert served.prepare({"prompt": "x", "params": PARAMS, "adapter": "a"}).adapter == "a"
+    assert served.prepare({"prompt": "x", "params": PARAMS}).adapter is None
+    with pytest.raises(RequestError) as missing:
+        served.prepare({"prompt": "x", "params": PARAMS, "adapter": "b"})
+    assert missing.value.args[1:] == ("model", "model_not_found", 404) and "m:b does not exist" in missing.value.args[0]

@@ -1,0 +1,147 @@
+"""The engine serving many LoRA adapters on one base (what a Serve replica runs for `model="base:adapter"`): the same
+requests through a plain engine on the base (baseline), through the adapter engine (K slots) without adapter,
+spread over K adapters with K slots (one continuous batch mixing adapters row by row), and over the same adapters
+with one slot (the queue groups them: a request waits until no other adapter runs; one timed run). Greedy tokens of
+the mixed run are compared with each adapter alone (`Engine.from_checkpoint(..., adapter=...)`, the unbatched LoRA
+path) for the first two adapters.
+
+    python benchmarks/adapter_serve.py --device cuda            # AFM-3B shapes, 8 of 26 layers, bf16, CUDA graphs
+    python benchmarks/adapter_serve.py --device cpu --model afm_tiny --requests 16 --prompt 32 --new 16 \
+        --max-batch-size 8 --adapters 4
+
+Random weights (a checkpoint and K adapters written to a temporary directory), prompts of `--prompt` random token
+ids, exactly `--new` tokens each (`ignore_eos`). Prints one JSON line: tokens/s per mode (end to end, prefill
+included, median of `--repeats` runs after a warm-up run that captures the graphs), baseline (the plain engine on the
+base), ratios. One torch thread on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from omegaconf import OmegaConf  # noqa: E402
+
+from raytrain.checkpoint.adapter import base_fingerprint, save_adapter  # noqa: E402
+from raytrain.checkpoint.hf import model_state, read_model_config, save_pretrained  # noqa: E402
+from raytrain.cli import CONF_DIR  # noqa: E402
+from raytrain.data.corpus import documents  # noqa: E402
+from raytrain.data.tokenizer import to_files, train_bpe  # noqa: E402
+from raytrain.infer.engine import Engine, EngineConfig, Request  # noqa: E402
+from raytrain.infer.sampling import SamplingParams  # noqa: E402
+from raytrain.models.decoder import build_decoder  # noqa: E402
+from raytrain.models.lora import LoRAConfig, adapter_state, apply_lora, lora_layers  # noqa: E402
+from raytrain.models.registry import model_config  # noqa: E402
+
+
+def write(root: Path, args: argparse.Namespace) -> tuple[Path, dict[str, Path]]:
+    """A random base checkpoint and `--adapters` random adapters of it."""
+    preset = model_config(OmegaConf.load(CONF_DIR / "model" / f"{args.model}.yaml"))
+    cfg = dataclasses.replace(preset, n_layers=min(args.layers or preset.n_layers, preset.n_layers))
+    torch.manual_seed(0)
+    model = build_decoder(cfg)
+    base = save_pretrained(root / "base", cfg, model_state(model), to_files(train_bpe(documents()[:50], 512)))
+    lora, fingerprint, adapters = LoRAConfig(rank=args.rank), base_fingerprint(base), {}
+    apply_lora(model, lora)
+    for k in range(args.adapters):
+        with torch.no_grad():
+            for layer in lora_layers(model).values():
+                layer.lora_B.normal_(std=0.02)
+        adapters[f"a{k}"] = save_adapter(root / f"a{k}", adapter_state(model), lora, base, fingerprint)
+    return base, adapters
+
+
+def run(engine: Engine, jobs: list[tuple[list[int], str | None]], new: int, warmup: int | None = None,
+        repeats: int = 1) -> tuple[float, list[list[int]]]:
+    """(tokens/s, each request's tokens) of `generate` over all jobs (median of `repeats` runs), after a warm-up run
+    of the first `warmup` jobs (all by default: every batch width's graph is captured before the timed runs)."""
+    params = SamplingParams(max_new_tokens=new, temperature=0.0, ignore_eos=True)
+    requests = [Request(prompt, params, adapter=adapter) for prompt, adapter in jobs]
+    engine.generate(requests[:warmup])
+    seconds = []
+    for _ in range(repeats):
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        outputs = engine.generate(requests)
+        seconds.append(time.perf_counter() - start)
+    return len(jobs) * new / statistics.median(seconds), [c.token_ids for c in outputs]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--model", default="afm_3b")
+    parser.add_argument("--layers", type=int, default=8, help="of the preset's layers (0: all)")
+    parser.add_argument("--adapters", type=int, default=8)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=128)
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--max-batch-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per mode (median; grouped: one)")
+    args = parser.parse_args()
+    if args.device == "cpu":
+        torch.set_num_threads(1)  # a shared CPU: a second thread mostly waits for its turn at every op
+    dtype = torch.bfloat16 if args.device == "cuda" else None
+    config = EngineConfig(max_batch_size=args.max_batch_size, max_model_len=args.prompt + args.new,
+                          max_step_tokens=max(512, args.prompt))
+    generator = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 512, (args.prompt,), generator=generator).tolist() for _ in range(args.requests)]
+    with tempfile.TemporaryDirectory() as tmp:
+        base, adapters = write(Path(tmp), args)
+        layers = read_model_config(base).n_layers
+        names = [f"a{i % args.adapters}" for i in range(args.requests)]
+
+        def engine(slots: int = 0, adapter: Path | None = None) -> Engine:
+            return Engine.from_checkpoint(base, config, args.device, dtype, adapter=adapter,
+                                          adapters=adapters if slots else None, adapter_slots=slots or 1)
+
+        base_tok_s, _ = run(engine(), [(p, None) for p in prompts], args.new, repeats=args.repeats)
+        mixed_engine = engine(args.adapters)
+        no_adapter_tok_s, _ = run(mixed_engine, [(p, None) for p in prompts], args.new, repeats=args.repeats)
+        mixed_tok_s, mixed = run(mixed_engine, list(zip(prompts, names)), args.new, repeats=args.repeats)
+        rows = mixed_engine.decode_rows
+        del mixed_engine
+        grouped_engine = engine(1)
+        # one request at a time: adapters alternate and the queue head waits for the other adapter's sequence
+        grouped_tok_s, _ = run(grouped_engine, list(zip(prompts, names)), args.new, warmup=2)
+        loads = grouped_engine.adapters.loads
+        del grouped_engine
+        same = total = 0
+        for name in ("a0", "a1")[:args.adapters]:
+            mine = [i for i, n in enumerate(names) if n == name][:4]
+            _, alone = run(engine(adapter=adapters[name]), [(prompts[i], None) for i in mine], args.new)
+            same += sum(a == b for i, want in zip(mine, alone) for a, b in zip(mixed[i], want))
+            total += len(mine) * args.new
+    print(json.dumps({
+        "benchmark": "adapter_serve", "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "config": {"model": args.model, "layers": layers, "adapters": args.adapters, "rank": args.rank,
+                   "requests": args.requests, "prompt_tokens": args.prompt, "new_tokens": args.new,
+                   "max_batch_size": args.max_batch_size, "dtype": str(dtype or torch.float32),
+                   "cuda_graphs": args.device == "cuda", "cpu_threads": torch.get_num_threads(),
+                   "rows": "request i uses adapter i mod adapters"},
+        "results": {"base_tokens_per_s": base_tok_s, "adapter_engine_no_adapter_tokens_per_s": no_adapter_tok_s,
+                    "mixed_tokens_per_s": mixed_tok_s,
+                    "grouped_one_slot_tokens_per_s": grouped_tok_s, "grouped_adapter_loads": loads,
+                    "mixed_mean_decode_rows": sum(k * v for k, v in rows.items()) / sum(rows.values()),
+                    "mixed_greedy_tokens_equal_to_adapter_alone": same / total},
+        "baseline": {"base_tokens_per_s": base_tok_s},
+        "ratio": {"mixed_over_base": mixed_tok_s / base_tok_s, "mixed_over_grouped": mixed_tok_s / grouped_tok_s,
+                  "adapter_engine_no_adapter_over_base": no_adapter_tok_s / base_tok_s},
+        "command": "python benchmarks/adapter_serve.py " + " ".join(sys.argv[1:]),
+    }))
+
+
+if __name__ == "__main__":
+    main()
