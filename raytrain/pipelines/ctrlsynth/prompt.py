@@ -58,8 +58,9 @@ def clean_caption(text: str, max_words: int) -> str:
     lines = [line for line in text.strip().splitlines() if line.strip()]
     if not lines:
         return ""
-    line = _PREAMBLE.sub("", lines[0]).strip().strip('"*`\'').strip()
-    sentence = re.split(r"(?<=[.!?])\s", line, maxsplit=1)[0]
+    line = _PREAMBLE.sub("", lines[0]).strip().lstrip('"*`\'')
+    first = re.match(r"(.+?[.!?])(?=[\"*`']*(\s|$))", line)
+    sentence = (first.group(1) if first else line).strip('"*`\' ')
     return " ".join(sentence.split()[:max_words])
 
 
