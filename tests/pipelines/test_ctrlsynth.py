@@ -138,7 +138,8 @@ def test_closed_loop_passes_everything_without_omissions_and_rejects_exactly_the
 
 def test_a_removed_object_is_absent_from_the_new_captions_tags(tagger) -> None:
     distinct = (shapes.sample(i, 0, WORLD) for i in range(60))  # objects of distinct shapes: a removal forbids
-    records = [r for r in distinct if len({o["shape"] for o in r["scene"]["objects"]}) == len(r["scene"]["objects"]) > 1][:10]
+    records = [r for r in distinct
+               if len({o["shape"] for o in r["scene"]["objects"]}) == len(r["scene"]["objects"]) > 1][:10]
     cfg = synth_config([OpConfig("remove", "object", p=1.0, max_n=1)], ["SP1", "SP3"])
     for state in _run(records, cfg, TemplateWriter(), tagger):
         for c in state["candidates"]:

@@ -21,7 +21,7 @@ class PoolConfig:
     taggers: int = 1  # actors holding the tagger (decompose, and the image filter's second tagger)
     llms: int = 1  # actors holding the caption LLM (one engine each)
     t2i: int = 1  # actors holding the text-to-image backend
-    cpus_per_actor: float = 0.5  # Ray CPUs each actor reserves: three pools of one actor fit on 2 CPUs
+    cpus: float = 0.5  # Ray CPUs each actor or task reserves: the three pools of one actor fit on 2 CPUs
     batch_size: int = 16  # records per Ray Data batch (the LLM decodes a batch's captions together)
 
 

@@ -58,7 +58,7 @@ def _file_records(path: str, fmt: str, data: imagetext.ImageTextDataConfig, coun
     return [{"key": k, "image": i, "caption": c} for k, i, c in zip(rows["key"], rows["image"], rows["caption"])]
 
 
-def read_pairs(files: list[str], fmt: str, data: imagetext.ImageTextDataConfig, counter: Any) -> Any:
+def read_pairs(files: list[str], fmt: str, data: imagetext.ImageTextDataConfig, counter: Any, cpus: float) -> Any:
     import pyarrow as pa
     import ray.data
     from ray.data.block import BlockMetadata
@@ -79,7 +79,8 @@ def read_pairs(files: list[str], fmt: str, data: imagetext.ImageTextDataConfig, 
                                                                 input_files=[f], exec_stats=None),
                              per_task_row_limit=per_task_row_limit) for i, f in enumerate(files)]
 
-    return ray.data.read_datasource(PairShards(), override_num_blocks=max(1, len(files)))
+    return ray.data.read_datasource(PairShards(), override_num_blocks=max(1, len(files)),
+                                    ray_remote_args={"num_cpus": cpus})
 
 
 # ---- stages ----------------------------------------------------------------------------------------------------
@@ -162,13 +163,14 @@ def pipeline(ds: Any, cfg: SynthConfig) -> Any:
     pool, b = cfg.pool, cfg.pool.batch_size
 
     def actors(n: int) -> dict[str, Any]:
-        return {"compute": ray.data.ActorPoolStrategy(size=n), "num_cpus": pool.cpus_per_actor, "batch_size": b,
+        return {"compute": ray.data.ActorPoolStrategy(size=n), "num_cpus": pool.cpus, "batch_size": b,
                 "fn_constructor_kwargs": {"cfg": cfg}}
 
+    tasks = {"fn_kwargs": {"cfg": cfg}, "batch_size": b, "num_cpus": pool.cpus}
     return (ds.map_batches(Decompose, **actors(pool.taggers))
-            .map_batches(control_batch, fn_kwargs={"cfg": cfg}, batch_size=b)
+            .map_batches(control_batch, **tasks)
             .map_batches(RecomposeText, **actors(pool.llms))
-            .map_batches(filter_text_batch, fn_kwargs={"cfg": cfg}, batch_size=b)
+            .map_batches(filter_text_batch, **tasks)
             .map_batches(RecomposeImage, **actors(pool.t2i)))
 
 
@@ -256,7 +258,7 @@ def run(cfg: SynthConfig, data: imagetext.ImageTextDataConfig, out: str) -> dict
     if todo:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
-        ds = pipeline(read_pairs([files[i] for i in todo], fmt, data, counter), cfg)
+        ds = pipeline(read_pairs([files[i] for i in todo], fmt, data, counter, cfg.pool.cpus), cfg)
         for row in ds.iter_rows():
             index = int(row["file"])
             pending[index].append(row)
