@@ -49,6 +49,7 @@ IMAGE_CFG = imagetext.ImageTextDataConfig(image_size=64)
 # ---- data and the pipeline -------------------------------------------------------------------------------------
 
 def write_pairs(root: Path, n: int, shard_size: int) -> None:
+    root.mkdir(parents=True, exist_ok=True)
     for start in range(0, n, shard_size):
         records = (shapes.sample(i, 0, WORLD) for i in range(start, min(n, start + shard_size)))
         imagetext.write_shard(root / f"shard-{start:06d}.tar",
@@ -204,6 +205,7 @@ def main() -> None:
     start = time.perf_counter()
     for seed in range(args.seeds):
         arms["real"].append(evaluate(train_clip([real_set], args.steps, args.batch, seed), texts, sets))
+        print(f"seed {seed}: real done at {time.perf_counter() - start:.0f} s", file=sys.stderr)
         arms["ctrlsynth"].append(evaluate(train_clip([real_set, synth_set], args.steps, args.batch, seed),
                                           texts, sets))
     mean = {arm: {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]} for arm, runs in arms.items()}

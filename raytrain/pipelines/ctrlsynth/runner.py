@@ -80,7 +80,7 @@ def read_pairs(files: list[str], fmt: str, data: imagetext.ImageTextDataConfig, 
                              per_task_row_limit=per_task_row_limit) for i, f in enumerate(files)]
 
     return ray.data.read_datasource(PairShards(), override_num_blocks=max(1, len(files)),
-                                    ray_remote_args={"num_cpus": cpus})
+                                    num_cpus=cpus)
 
 
 # ---- stages ----------------------------------------------------------------------------------------------------
