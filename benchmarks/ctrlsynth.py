@@ -12,7 +12,13 @@
    held-out pairs' full descriptions.
 
 The LLM is `--llm template` (spec 3.5's deterministic writer) by default: SmolLM2-135M on this CPU decodes a few
-tokens per second, too slow for thousands of captions; `--llm CHECKPOINT` runs the real one. Prints one JSON line.
+tokens per second, too slow for thousands of captions; `--llm CHECKPOINT` runs the real one.
+
+`--device cuda --llm CHECKPOINT`: the caption stage alone on one GPU (no Ray): SP1 + SP2 prompts of
+`--gpu-records` procedural records decoded by the engine with continuous batching (captions/s, text-filter pass
+rate per path) against the same engine fed one record (two requests) at a time (the baseline, 16 records).
+
+Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -167,6 +173,58 @@ def evaluate(clip: torch.nn.Module, texts: Texts, sets: dict) -> dict:
                 .mean().item()}
 
 
+def gpu_captions(args: argparse.Namespace) -> dict:
+    from raytrain.infer.engine import Engine, EngineConfig
+    from raytrain.pipelines.ctrlsynth import synthesize
+    from raytrain.pipelines.ctrlsynth.llm import EngineWriter
+    from raytrain.pipelines.ctrlsynth.tagger import TemplateTagger
+
+    llm = LLMConfig(checkpoint=args.llm, max_batch_size=args.gpu_batch)
+    cfg = SynthConfig(paths=["SP1", "SP2"], llm=llm)
+    engine = Engine.from_checkpoint(args.llm, EngineConfig(max_batch_size=args.gpu_batch, max_model_len=1024),
+                                    device="cuda", dtype=torch.bfloat16)
+    writer = EngineWriter(engine, llm)
+    tagger = TemplateTagger()
+
+    def prompts(n: int) -> list[dict]:
+        states = []
+        for i in range(n):
+            r = shapes.sample(i, 0, WORLD)
+            state = synthesize.new_state()
+            synthesize.decompose(state, r["image"], tagger)
+            synthesize.control(state, r["key"], r["caption"], cfg)
+            states.append(state)
+        return states
+
+    def timed(states: list[dict], batch: int) -> float:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for i in range(0, len(states), batch):
+            synthesize.recompose_text(states[i:i + batch], writer, cfg)
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    synthesize.recompose_text(prompts(8), writer, cfg)  # warm-up: CUDA graphs, allocator
+    batched = prompts(args.gpu_records)
+    seconds = timed(batched, len(batched))
+    single = prompts(16)
+    single_seconds = timed(single, 1)
+    for state in batched:
+        synthesize.filter_text(state, cfg)
+    cands = [c for s in batched for c in s["candidates"]]
+    rate = {p: sum(c["status"] == "accepted" for c in cands if c["path"] == p)
+            / max(1, sum(c["path"] == p for c in cands)) for p in cfg.paths}
+    tokens = sum(len(engine.tokenizer.encode(c.get("raw", ""), add_special_tokens=False)) for c in cands)
+    captions_per_s = len(cands) / seconds
+    baseline = 2 * len(single) / single_seconds
+    return {"config": {"llm": args.llm, "records": args.gpu_records, "captions": len(cands), "paths": cfg.paths,
+                       "max_batch_size": args.gpu_batch, "dtype": "bf16", "max_new_tokens": llm.max_new_tokens},
+            "results": {"captions_per_s": captions_per_s, "output_tokens_per_s": tokens / seconds,
+                        "text_pass_rate": rate, "example_captions": [c.get("caption") for c in cands[:6]]},
+            "baseline": {"captions_per_s_one_record_at_a_time": baseline},
+            "ratio": captions_per_s / baseline}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=600)
@@ -178,7 +236,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--llm", default="template", help="template, or an instruct checkpoint directory")
     parser.add_argument("--work", default="/tmp/ctrlsynth_bench")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--gpu-records", type=int, default=256)
+    parser.add_argument("--gpu-batch", type=int, default=64)
     args = parser.parse_args()
+    if args.device == "cuda":
+        print(json.dumps({"benchmark": "ctrlsynth_captions", "device": torch.cuda.get_device_name(),
+                          **gpu_captions(args), "command": " ".join([Path(sys.executable).name, *sys.argv])}))
+        return
     torch.set_num_threads(args.threads)
     llm = LLMConfig(backend="template") if args.llm == "template" else LLMConfig(checkpoint=args.llm)
     work = Path(args.work)

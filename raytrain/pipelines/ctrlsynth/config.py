@@ -22,6 +22,7 @@ class PoolConfig:
     llms: int = 1  # actors holding the caption LLM (one engine each)
     t2i: int = 1  # actors holding the text-to-image backend
     cpus: float = 0.5  # Ray CPUs each actor or task reserves: the three pools of one actor fit on 2 CPUs
+    llm_gpus: float = 0.0  # GPUs each LLM actor reserves (the engine runs on CUDA when it gets one)
     batch_size: int = 16  # records per Ray Data batch (the LLM decodes a batch's captions together)
 
 

@@ -61,10 +61,14 @@ class EngineWriter:
 
     @classmethod
     def from_checkpoint(cls, cfg: LLMConfig) -> EngineWriter:
+        import torch
+
         from raytrain.infer.engine import Engine, EngineConfig
 
+        cuda = torch.cuda.is_available()
         engine = Engine.from_checkpoint(cfg.checkpoint, EngineConfig(max_batch_size=cfg.max_batch_size,
-                                                                     max_model_len=1024))
+                                                                     max_model_len=1024),
+                                        device="cuda" if cuda else "cpu", dtype=torch.bfloat16 if cuda else None)
         return cls(engine, cfg, name=f"engine:{cfg.checkpoint}")
 
     def request_ids(self, prompt: str) -> list[int] | str:

@@ -162,14 +162,14 @@ def pipeline(ds: Any, cfg: SynthConfig) -> Any:
 
     pool, b = cfg.pool, cfg.pool.batch_size
 
-    def actors(n: int) -> dict[str, Any]:
-        return {"compute": ray.data.ActorPoolStrategy(size=n), "num_cpus": pool.cpus, "batch_size": b,
-                "fn_constructor_kwargs": {"cfg": cfg}}
+    def actors(n: int, gpus: float = 0.0) -> dict[str, Any]:
+        return {"compute": ray.data.ActorPoolStrategy(size=n), "num_cpus": pool.cpus, "num_gpus": gpus,
+                "batch_size": b, "fn_constructor_kwargs": {"cfg": cfg}}
 
     tasks = {"fn_kwargs": {"cfg": cfg}, "batch_size": b, "num_cpus": pool.cpus}
     return (ds.map_batches(Decompose, **actors(pool.taggers))
             .map_batches(control_batch, **tasks)
-            .map_batches(RecomposeText, **actors(pool.llms))
+            .map_batches(RecomposeText, **actors(pool.llms, pool.llm_gpus))
             .map_batches(filter_text_batch, **tasks)
             .map_batches(RecomposeImage, **actors(pool.t2i)))
 
