@@ -14,7 +14,7 @@ from raytrain.pipelines.ctrlsynth.policy import OpConfig, PolicyConfig, apply_po
 from raytrain.pipelines.ctrlsynth.prompt import caption_prompt, clean_caption
 from raytrain.pipelines.ctrlsynth.t2i import ProceduralT2I, T2IConfig, T2IError, caption_scene
 from raytrain.pipelines.ctrlsynth.tagger import TemplateTagger
-from raytrain.pipelines.ctrlsynth.tags import Tags, coverage, forbidden_mentions, parse_caption
+from raytrain.pipelines.ctrlsynth.tags import Tags, coverage, forbidden_mentions, object_precision, parse_caption
 
 WORLD = shapes.WorldConfig()
 
@@ -54,6 +54,9 @@ def test_coverage_hand_cases() -> None:
     assert coverage(parse_caption("a blue circle and a star"), required, ["attribute"]) == 0.0
     assert coverage(parse_caption("a square right of a red circle"), required, ["relation"]) == pytest.approx(1 / 3)
     assert coverage(parse_caption("nothing at all"), Tags(), ["object"]) == 1.0
+    one_cross = Tags(["cross"], [(0, "large"), (0, "red")])
+    assert object_precision(parse_caption("a large cross to the left of a red cross"), one_cross) == 0.5
+    assert object_precision(parse_caption("a large red cross"), one_cross) == 1.0
 
 
 def test_tagger_reads_the_worlds_images(tagger) -> None:

@@ -33,6 +33,7 @@ class SynthConfig:
     policies: dict[str, PolicyConfig] = field(default_factory=lambda: {"keep": PolicyConfig()})
     tau_text: float = 0.5  # [U] text coverage threshold
     tau_image: float = 0.5  # [U] image tag-match threshold
+    tau_precision: float = 0.0  # share of the caption's objects (with counts) that must be required ones; 0 = off
     text_cover: list[str] = field(default_factory=lambda: ["object"])  # [U] tag kinds the caption must cover
     image_cover: list[str] = field(default_factory=lambda: ["object"])  # [U] kinds the new image must show
     seed: int = 0
@@ -50,8 +51,9 @@ class SynthConfig:
         for name, kinds in (("text_cover", self.text_cover), ("image_cover", self.image_cover)):
             if not kinds or any(k not in KINDS for k in kinds):
                 raise ValueError(f"{name}={kinds}; expected a non-empty list of {', '.join(KINDS)}")
-        if not (0 <= self.tau_text <= 1 and 0 <= self.tau_image <= 1):
-            raise ValueError(f"tau_text={self.tau_text}, tau_image={self.tau_image}: thresholds lie in [0, 1]")
+        if not all(0 <= t <= 1 for t in (self.tau_text, self.tau_image, self.tau_precision)):
+            raise ValueError(f"tau_text={self.tau_text}, tau_image={self.tau_image}, "
+                             f"tau_precision={self.tau_precision}: thresholds lie in [0, 1]")
 
     @property
     def active_policy(self) -> PolicyConfig:

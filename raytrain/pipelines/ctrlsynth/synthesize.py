@@ -4,7 +4,8 @@ Ray Data stages (`runner.py`) can run them over batches in any process and tests
 `state` = {"tags": source tags or None, "error": why the record was dropped or None, "candidates": one per path}.
 A candidate carries its path, seeds, edited or reference tags, edits, forbidden names, prompt (and hash), caption,
 scores, and its `status`: pending, accepted, or rejected with a `reason`. Reasons: corrupt_image, no_tags (the
-record); no_reference_tags, llm_error, empty_caption, forbidden_mention, text_filter, t2i_error, image_filter
+record); no_reference_tags, llm_error, empty_caption, forbidden_mention, text_filter, precision_filter, t2i_error,
+image_filter
 (a candidate).
 """
 
@@ -21,7 +22,7 @@ from raytrain.pipelines.ctrlsynth.policy import apply_policy
 from raytrain.pipelines.ctrlsynth.prompt import caption_prompt, clean_caption, image_prompt, prompt_hash
 from raytrain.pipelines.ctrlsynth.t2i import T2I
 from raytrain.pipelines.ctrlsynth.tagger import TemplateTagger
-from raytrain.pipelines.ctrlsynth.tags import Tags, coverage, forbidden_mentions, parse_caption
+from raytrain.pipelines.ctrlsynth.tags import Tags, coverage, forbidden_mentions, object_precision, parse_caption
 
 
 def derive_seed(*parts: Any) -> int:
@@ -89,18 +90,22 @@ def recompose_text(states: list[dict[str, Any]], writer: CaptionWriter, cfg: Syn
 
 
 def filter_text(state: dict[str, Any], cfg: SynthConfig) -> None:
-    """Step 4: a caption that names a forbidden object, or covers less than tau_text of the required tags, is
-    rejected; SP1/SP2 captions that pass are accepted (their image is the real one)."""
+    """Step 4: a caption that names a forbidden object, covers less than tau_text of the required tags, or (when
+    tau_precision > 0) names too many objects the tags do not have, is rejected; SP1/SP2 captions that pass are
+    accepted (their image is the real one)."""
     for cand in state["candidates"]:
         if cand["path"] not in TEXT_PATHS or cand["status"] != "pending":
             continue
         said = forbidden_mentions(cand["caption"], cand["forbidden"])
-        score = coverage(parse_caption(cand["caption"]), Tags.from_json(cand["required"]), cfg.text_cover)
-        cand["scores"] = {"text_coverage": round(score, 4)}
+        found, required = parse_caption(cand["caption"]), Tags.from_json(cand["required"])
+        score, precision = coverage(found, required, cfg.text_cover), object_precision(found, required)
+        cand["scores"] = {"text_coverage": round(score, 4), "object_precision": round(precision, 4)}
         if said:
             cand.update(status="rejected", reason=f"forbidden_mention: {', '.join(said)}")
         elif score < cfg.tau_text:
             cand.update(status="rejected", reason="text_filter")
+        elif precision < cfg.tau_precision:
+            cand.update(status="rejected", reason="precision_filter")
         elif cand["path"] != "SP3":
             cand["status"] = "accepted"
 

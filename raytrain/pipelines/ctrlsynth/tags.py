@@ -9,6 +9,7 @@ filters compare goes through `lemma`, whose version is pinned in every output's 
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
@@ -160,6 +161,15 @@ def coverage(found: Tags, required: Tags, kinds: list[str]) -> float:
         return 1.0
     have = set().union(*(found.keys(k) for k in kinds))
     return len(need & have) / len(need)
+
+
+def object_precision(found: Tags, required: Tags) -> float:
+    """Share of the found object instances that the required tags account for (counts matter: a caption that
+    turns one cross into two has precision 1/2); 1.0 when nothing is found. Catches hallucinated extras, which
+    coverage cannot (spec trap 5)."""
+    if not found.objects:
+        return 1.0
+    return sum((Counter(found.objects) & Counter(required.objects)).values()) / len(found.objects)
 
 
 def forbidden_mentions(text: str, forbidden: list[str]) -> list[str]:
