@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
+from raytrain.config import RaytrainError
 from raytrain.data import shapes
 
 NORMALIZER_VERSION = "norm-1"
@@ -79,9 +80,14 @@ def canonical_relation(subject: str, predicate: str, obj: str) -> tuple[str, str
 
 @cache
 def _wordnet_lemma(word: str) -> str:
+    """WordNet's singular of a noun outside the vocabulary; the word itself where the WordNet data is not
+    installed (e.g. a GPU box running only the caption benchmark): such words never match a tag anyway."""
     from raytrain.data.synsets import wordnet
 
-    return wordnet().morphy(word, "n") or word
+    try:
+        return wordnet().morphy(word, "n") or word
+    except (LookupError, OSError, RaytrainError):
+        return word
 
 
 def lemma(word: str) -> str:
@@ -90,6 +96,9 @@ def lemma(word: str) -> str:
     word = SYNONYMS.get(word, word)
     if word in shapes.SHAPES or word in shapes.COLOURS or word in SIZE_WORDS or word in NUMBERS:
         return SIZE_WORDS.get(word, word)
+    for suffix in ("es", "s"):  # the vocabulary's plurals without WordNet
+        if word.endswith(suffix) and word[:-len(suffix)] in shapes.SHAPES:
+            return word[:-len(suffix)]
     if word.endswith("s") and word.isalpha():
         singular = _wordnet_lemma(word)
         return SYNONYMS.get(singular, singular)
