@@ -237,6 +237,8 @@ def main() -> None:
     parser.add_argument("--llm", default="template", help="template, or an instruct checkpoint directory")
     parser.add_argument("--work", default="/tmp/ctrlsynth_bench")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--arm", default="both", choices=["both", "real", "ctrlsynth"], help="train one arm only")
+    parser.add_argument("--synthesized", default=None, help="an earlier run's CtrlSynth output directory")
     parser.add_argument("--gpu-records", type=int, default=256)
     parser.add_argument("--gpu-batch", type=int, default=64)
     args = parser.parse_args()
@@ -250,15 +252,18 @@ def main() -> None:
     os.makedirs(work, exist_ok=True)
     load = os.getloadavg()[0]
 
-    small, full = work / "pairs_small", work / "pairs"
-    write_pairs(small, args.throughput_records, 40)
-    write_pairs(full, args.records, 100)
-    one = synthesize(small, work / f"out1_{time.time_ns()}", 1, llm)
-    two = synthesize(small, work / f"out2_{time.time_ns()}", 2, llm)
-    mix = synthesize(full, work / f"mix_{time.time_ns()}", 2, llm)
-    throughput = {f"{n}_actor_per_stage": {"pairs_per_s": s["pairs"] / s["seconds"],
-                                           "records_per_s": s["records_per_s"], "seconds": s["seconds"]}
-                  for n, s in ((1, one), (2, two))}
+    if args.synthesized:  # train on an earlier run's CtrlSynth output: no pipeline, no throughput
+        mix, throughput = {"out": args.synthesized, "pass_rate": None, "rejected": None}, None
+    else:
+        small, full = work / "pairs_small", work / "pairs"
+        write_pairs(small, args.throughput_records, 40)
+        write_pairs(full, args.records, 100)
+        one = synthesize(small, work / f"out1_{time.time_ns()}", 1, llm)
+        two = synthesize(small, work / f"out2_{time.time_ns()}", 2, llm)
+        mix = synthesize(full, work / f"mix_{time.time_ns()}", 2, llm)
+        throughput = {f"{n}_actor_per_stage": {"pairs_per_s": s["pairs"] / s["seconds"],
+                                               "records_per_s": s["records_per_s"], "seconds": s["seconds"]}
+                      for n, s in ((1, one), (2, two))}
 
     real = [shapes.sample(i, 0, WORLD) for i in range(args.records)]
     synthetic = read_pairs(Path(mix["out"]))
@@ -269,11 +274,18 @@ def main() -> None:
     arms: dict[str, list[dict]] = {"real": [], "ctrlsynth": []}
     start = time.perf_counter()
     for seed in range(args.seeds):
-        arms["real"].append(evaluate(train_clip([real_set], args.steps, args.batch, seed), texts, sets))
-        print(f"seed {seed}: real done at {time.perf_counter() - start:.0f} s", file=sys.stderr)
-        arms["ctrlsynth"].append(evaluate(train_clip([real_set, synth_set], args.steps, args.batch, seed),
-                                          texts, sets))
+        if args.arm in ("both", "real"):
+            arms["real"].append(evaluate(train_clip([real_set], args.steps, args.batch, seed), texts, sets))
+            print(f"seed {seed}: real {arms['real'][-1]} at {time.perf_counter() - start:.0f} s", file=sys.stderr)
+        if args.arm in ("both", "ctrlsynth"):
+            arms["ctrlsynth"].append(evaluate(train_clip([real_set, synth_set], args.steps, args.batch, seed),
+                                              texts, sets))
+    arms = {arm: runs for arm, runs in arms.items() if runs}
     mean = {arm: {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]} for arm, runs in arms.items()}
+    if len(mean) == 1:  # one arm of a split run: its figures only
+        print(json.dumps({"benchmark": "ctrlsynth_arm", "arm": args.arm, "results": mean[args.arm],
+                          "command": " ".join([Path(sys.executable).name, *sys.argv])}))
+        return
     print(json.dumps({
         "benchmark": "ctrlsynth", "device": "cpu",
         "config": {"records": args.records, "steps": args.steps, "batch": args.batch, "seeds": args.seeds,
@@ -282,7 +294,7 @@ def main() -> None:
                    "eval_images": args.eval, "load_average": load, "train_seconds": time.perf_counter() - start},
         "results": {**mean["ctrlsynth"], "per_seed": arms["ctrlsynth"], "synthetic_pairs": len(synthetic),
                     "pass_rate": mix["pass_rate"], "rejected": mix["rejected"], "throughput": throughput,
-                    "scaling_1_to_2": throughput["2_actor_per_stage"]["pairs_per_s"]
+                    "scaling_1_to_2": throughput and throughput["2_actor_per_stage"]["pairs_per_s"]
                     / throughput["1_actor_per_stage"]["pairs_per_s"]},
         "baseline": {**mean["real"], "per_seed": arms["real"]},
         "ratio": mean["ctrlsynth"]["compositional_attribute"] / max(mean["real"]["compositional_attribute"], 1e-9),
