@@ -29,12 +29,12 @@ PRIMARY = sorted(f.stem for f in CONF_DIR.glob("*.yaml") if f.stem != "base")
 
 def test_every_config_file_is_covered() -> None:
     assert GROUPS == ["data", "experiment", "generation", "job", "model", "objective", "optim", "recipe", "schedule",
-                      "serve", "tracking", "trainer", "vlm"]
+                      "serve", "synth", "tracking", "trainer", "vlm"]
     assert PRIMARY == ["autolabel", "autolabel_distill", "autolabel_eval", "average", "cluster_check", "compress",
-                       "generate", "labels", "make_data", "model_info", "serve", "submit", "train"]
+                       "generate", "labels", "make_data", "model_info", "serve", "submit", "synth", "train"]
 
 
-TRAIN_OPTIONS = [(g, o) for g, o in OPTIONS if g not in ("generation", "serve", "vlm")]
+TRAIN_OPTIONS = [(g, o) for g, o in OPTIONS if g not in ("generation", "serve", "synth", "vlm")]
 IMAGE_DATA = ("shapes", "imagetext")
 IMAGE_JOB = {"vit": "catlip", "clip": "clip", "vlm": "vlm"}
 AFM_3B_INPUTS = [f"data.sources.{s}=/corpus/{s}" for s in ("web", "licensed", "code", "math", "long_qa")]
@@ -185,6 +185,27 @@ def test_autolabel_configs_compose_into_typed_configs(option: str) -> None:
         typed_config(compose("autolabel", ["autolabel.mode=both"]))
     with pytest.raises(ValueError, match="vlm.backend='openseg' is unknown"):
         build_vlm(typed_config(compose("autolabel", ["vlm.backend=openseg"])).vlm)
+
+
+@pytest.mark.parametrize("option", [o for g, o in OPTIONS if g == "synth"])
+def test_synth_configs_compose_with_every_policy(option: str) -> None:
+    from raytrain.commands.synth import typed_config
+
+    base = compose("synth", [f"synth={option}", "data.path=/pairs", "synth.llm.backend=template"])
+    for policy in base.synth.policies:
+        synth, data = typed_config(compose("synth", [f"synth={option}", "data.path=/pairs",
+                                                     "synth.llm.backend=template", f"synth.policy={policy}"]))
+        assert synth.paths == list(base.synth.paths) and data.path == "/pairs"
+        assert all(op.op in ("remove", "add", "replace") for op in synth.active_policy.text_ops)
+    with pytest.raises(ConfigError, match="synth.llm: backend=engine needs checkpoint=DIR"):
+        typed_config(compose("synth", [f"synth={option}"]))
+    with pytest.raises(ConfigError, match="policy='blur' is not one of the policies"):
+        typed_config(compose("synth", ["synth.policy=blur", "synth.llm.backend=template"]))
+    with pytest.raises(ConfigError, match="paths=\\['SP5'\\]"):
+        typed_config(compose("synth", ["synth.paths=[SP5]", "synth.llm.backend=template"]))
+    with pytest.raises(ConfigError, match="op='blur'"):
+        typed_config(compose("synth", ["synth.llm.backend=template", "synth.policy=remove",
+                                       "synth.policies.remove.text_ops.0.op=blur"]))
 
 
 def test_generate_and_sample_configs_compose() -> None:
