@@ -207,10 +207,10 @@ class OpenAIIngress:
                "images": [url for m in req.messages for url in m.image_urls()],
                "params": req.sampling(req.max_completion_tokens or req.max_tokens)}
         if req.rag is not None:
-            self._check_model(req.model)
-            most = self.specs[req.model].limits.max_documents
+            base, _ = self._route(req.model)
+            most = self.specs[base].limits.max_documents
             if len(req.rag.documents) > most:
-                raise ApiError(400, f"rag.documents: {len(req.rag.documents)} documents; model {req.model!r} takes "
+                raise ApiError(400, f"rag.documents: {len(req.rag.documents)} documents; model {base!r} takes "
                                f"at most {most} per request", "rag.documents", "invalid_value")
             job["rag"] = req.rag.model_dump()
         return await self._answer(req, [job], chat=True)

@@ -140,8 +140,8 @@ def task_config(node: Any) -> Any:
 
 
 def data_config(task: Any, node: Any) -> Any:
-    cls = {LMTaskConfig: text.TextDataConfig, VLMTaskConfig: vqa.VQADataConfig}.get(type(task),
-                                                                                 imagetext.ImageTextDataConfig)
+    cls = {LMTaskConfig: text.TextDataConfig, LoRATaskConfig: text.TextDataConfig,
+           VLMTaskConfig: vqa.VQADataConfig}.get(type(task), imagetext.ImageTextDataConfig)
     return to_dataclass(cls, node, "data")
 
 
