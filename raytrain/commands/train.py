@@ -1,5 +1,6 @@
 """`raytrain train [overrides]`: train a model on Ray Train + DeepSpeed (the task: language modelling by default,
-`job=catlip`, `job=clip`, `job=probe`), then print a sample (language models) or the skipped-record counts.
+`job=catlip`, `job=clip`, `job=probe`, `job=specstream`), then print a sample (language models) or the
+skipped-record counts.
 `raytrain train recipe=NAME` runs a staged language-model recipe (`conf/recipe/`) instead, one Ray Train run per
 stage."""
 
@@ -31,7 +32,8 @@ log = logging.getLogger("raytrain")
 
 def typed_parts(cfg: DictConfig) -> dict[str, Any]:
     """The validated, typed config groups of a training job."""
-    task, model = tasks.task_config(plain(cfg.get("task"))), model_config(cfg.model)
+    task = tasks.task_config(plain(cfg.get("task")))
+    model = tasks.fit_model(task, model_config(cfg.model))
     if isinstance(task, tasks.LMTaskConfig) and not hasattr(model, "max_seq_len"):
         raise ConfigError(f"model={model.name} is not a language model; pick a job for it (job=catlip, job=clip, "
                           "job=probe)")

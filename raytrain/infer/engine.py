@@ -6,7 +6,10 @@ batch (a CUDA graph on the GPU) over the slot KV cache (`kv_cache.py`); the samp
 every row's token with tensor ops, and the step's tokens cross to the host in one copy. Then each sequence's text
 advances through its incremental detokenizer (`text.py`), finished sequences free their slots, and the new deltas
 go to each request's sink. With `lazy` on, prompts of at least `lazyllm.min_prompt_tokens` tokens run through
-LazyLLM (`lazyllm.py`) one at a time beside the batch (the paper's batch size 1).
+LazyLLM (`lazyllm.py`) one at a time beside the batch (the paper's batch size 1). With `specstream` set (a model
+with speculative streams), greedy requests decode by Speculative Streaming (`specstream.py`): their prompt's last
+token also drafts, and each step verifies a draft tree and drafts the next in one forward pass, several tokens per
+step, beside the plain batch.
 
 Three ways in: `generate`/`stream` step the engine on the caller's thread; `astream` and `add_request` hand requests
 to a background thread that steps while there is work, for asyncio servers (each request joins the running batch
@@ -34,6 +37,7 @@ from raytrain.infer.kv_cache import SlotKVCache
 from raytrain.infer.model_runner import ModelRunner
 from raytrain.infer.sampling import SamplingParams, SamplingTable
 from raytrain.infer.scheduler import Plan, Scheduler, Sequence
+from raytrain.infer.specstream import SpecState, SpecStreamConfig, SpecStreamDecoder
 from raytrain.infer.text import TextStream, fast_decode
 from raytrain.models import ops
 from raytrain.models.decoder import Decoder
@@ -51,6 +55,7 @@ class EngineConfig:
     overlap: bool | None = None  # host work of step t while the device runs step t+1; None = on CUDA
     lazy: bool = False  # LazyLLM for prompts of at least lazyllm.min_prompt_tokens tokens
     lazyllm: LazyConfig = field(default_factory=LazyConfig)
+    specstream: SpecStreamConfig | None = None  # Speculative Streaming for greedy requests; None = off
 
 
 @dataclass
@@ -99,8 +104,11 @@ class Engine:
         cuda = self.device.type == "cuda"
         if cuda and self.config.fused_kernels:
             ops.use_fused_kernels()
-        self.runner = ModelRunner(model, n_slots, self.max_len, self.config.cuda_graphs,
+        margin = SpecStreamDecoder.margin(self.config.specstream, model)  # room for a draft tree past the window
+        self.runner = ModelRunner(model, n_slots, self.max_len + margin, self.config.cuda_graphs,
                                   compile_decode=cuda and self.config.compile_decode)
+        self.speculative = (SpecStreamDecoder(model, self.runner.cache, self.config.specstream)
+                            if self.config.specstream is not None else None)
         self.sampling = SamplingTable(n_slots + 1, model.cfg.vocab_size, self.device)  # + a row for LazyLLM
         self.lazy_waiting: deque[Sequence] = deque()
         self.lazy_running: Sequence | None = None
@@ -253,6 +261,8 @@ class Engine:
         while self._inbox:
             seq = self._inbox.popleft()
             lazy = self.config.lazy and len(seq.prompt) >= self.config.lazyllm.min_prompt_tokens
+            if not lazy and self.speculative is not None and self.speculative.accepts(seq.params):
+                seq.spec = SpecState()
             (self.lazy_waiting if lazy else self.scheduler.waiting).append(seq)
 
     def _cancelled(self) -> list[Sequence]:
@@ -267,11 +277,19 @@ class Engine:
                   if (token := self._prefill(seq, first, end)) is not None]
         sampled = [token for _, token in firsts]  # every token sampled this step, on the device
         owners = [(seq, i) for i, (seq, _) in enumerate(firsts)]  # (sequence, index of its token in their concat)
-        if plan.decodes:
-            owners += [(seq, len(firsts) + seq.slot) for seq in plan.decodes]
-            sampled.append(self._decode(plan.decodes))
+        plain = [seq for seq in plan.decodes if seq.spec is None]
+        if plain:
+            owners += [(seq, len(firsts) + seq.slot) for seq in plain]
+            sampled.append(self._decode(plain))
+        if len(plain) < len(plan.decodes):  # several tokens each, in order
+            for seq, tokens in self.speculative.step([seq for seq in plan.decodes if seq.spec is not None]):
+                owners += [(seq, sum(t.numel() for t in sampled) + i) for i in range(tokens.numel())]
+                sampled.append(tokens)
         for seq, token in firsts:  # after the decode: finished prompts join the next step's batch
-            self.runner.join(seq.slot, token, seq.position)
+            if seq.spec is not None:
+                self.speculative.join(seq.spec, token)
+            else:
+                self.runner.join(seq.slot, token, seq.position)
         lazy = self._lazy_step()
         if lazy is not None:
             owners.append((lazy[0], sum(t.numel() for t in sampled)))
@@ -307,7 +325,10 @@ class Engine:
         """Compute a prompt chunk; the sequence's first token (a device tensor) once its whole prompt is in."""
         if first == 0:
             self.sampling.assign(seq.slot, seq.params, seq.seed, seq.prompt)
-        logits = self.runner.prefill(seq.slot, seq.prompt[first:end], first)
+        if seq.spec is not None and end == len(seq.prompt):  # the last chunk also drafts, from its last token
+            logits = self.speculative.prefill(seq.slot, seq.prompt[first:end], first, seq.spec)
+        else:
+            logits = self.runner.prefill(seq.slot, seq.prompt[first:end], first)
         seq.computed = end
         if not seq.prefilled:
             return None
@@ -384,7 +405,7 @@ class Engine:
         self.lazy_waiting.clear()
         self.lazy_running = self._inflight = None
         self.runner.live.zero_()
-        self.runner.write_index.fill_(self.max_len)
+        self.runner.write_index.fill_(self.runner.max_len)
         for slot in range(self.n_slots + 1):
             self.sampling.release(slot)
         return [seq for seq in dropped if seq.finish_reason is None]

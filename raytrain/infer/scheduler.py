@@ -46,6 +46,7 @@ class Sequence:
     arrival: float = 0.0
     ttft_s: float | None = None
     lazy: Any = None  # a LazySequence while it runs through LazyLLM
+    spec: Any = None  # its SpecState when it decodes by Speculative Streaming
 
     @property
     def prefilled(self) -> bool:
