@@ -80,17 +80,20 @@ def _tokenize_batch(batch: dict[str, Any], cfg: PairsDataConfig, files_json: str
 
 
 def build_dataset(cfg: PairsDataConfig, tokenizer_files: TokenizerFiles, counter: Any = None) -> Any:
-    """The pairs of `cfg.path` as training rows (a Ray Dataset); raises if none is usable."""
+    """The pairs of `cfg.path` as training rows (a Ray Dataset); raises if the first pairs hold none usable."""
     import ray.data
 
     if not cfg.path:
         raise DataError("data.path is required: a .jsonl file of prompt/completion pairs (raytrain data make=sql)")
     files, _ = resolve_files(cfg.path, "jsonl")
-    ds = ray.data.read_text(files).map_batches(
-        _tokenize_batch, batch_size=256, batch_format="numpy",
-        fn_kwargs={"cfg": cfg, "files_json": json.dumps(tokenizer_files), "key": fingerprint(tokenizer_files),
-                   "counter": counter})
-    if ds.limit(1).count() == 0:
+
+    def rows(skips: Any) -> Any:
+        return ray.data.read_text(files).map_batches(
+            _tokenize_batch, batch_size=256, batch_format="numpy",
+            fn_kwargs={"cfg": cfg, "files_json": json.dumps(tokenizer_files), "key": fingerprint(tokenizer_files),
+                       "counter": skips})
+
+    if rows(None).limit(1).count() == 0:  # uncounted: the training read counts each skipped pair once
         raise DataError(f"data.path={cfg.path}: no usable pair (fields {cfg.prompt_field!r} and "
                         f"{cfg.completion_field!r} as strings, at most data.seq_len={cfg.seq_len} tokens)")
-    return ds
+    return rows(counter)
