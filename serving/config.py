@@ -80,7 +80,7 @@ class ModelSpec:
     device: str = "auto"  # auto: cuda when the replica has a GPU, else cpu
     dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu | float32 | bfloat16 | float16
     chat_template: str | None = None  # Jinja; null: the tokenizer's own, else a plain "role: content" template
-    engine: EngineConfig = field(default_factory=EngineConfig)  # batching and decoding mode (plain or LazyLLM)
+    engine: EngineConfig = field(default_factory=EngineConfig)  # batching; decoding: plain, LazyLLM, SpecStream
     stream_interval_s: float = 0.02  # a stream's items are at least this far apart (text accumulates between them)
     limits: Limits = field(default_factory=Limits)
     deployment: Deployment = field(default_factory=Deployment)

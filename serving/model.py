@@ -100,12 +100,18 @@ class ModelServer:
                 text, sent = "", loop.time()
 
     def info(self) -> dict[str, Any]:
-        return {"context_window": self.engine.context_window, "max_batch_size": self.spec.engine.max_batch_size,
-                "decoding": "lazyllm" if self.spec.engine.lazy else "plain", "weights": self.spec.weights}
+        engine = self.spec.engine
+        modes = [mode for mode, on in (("lazyllm", engine.lazy), ("specstream", engine.specstream is not None)) if on]
+        return {"context_window": self.engine.context_window, "max_batch_size": engine.max_batch_size,
+                "decoding": "+".join(modes) or "plain", "weights": self.spec.weights}
 
     def stats(self) -> dict[str, Any]:
-        """Engine steps run, and how many decode steps carried each number of sequences."""
-        return {"steps": self.engine.steps, "decode_rows": dict(self.engine.decode_rows)}
+        """Engine steps run, how many decode steps carried each number of sequences, and with Speculative Streaming
+        its forward passes, the tokens its trees gave and how many draft tokens each tree step accepted."""
+        out = {"steps": self.engine.steps, "decode_rows": dict(self.engine.decode_rows)}
+        if (spec := self.engine.speculative) is not None:
+            out["specstream"] = {"forwards": spec.forwards, "tokens": spec.tokens, "accepted": dict(spec.accepted)}
+        return out
 
     # ---- request preparation ----------------------------------------------------------------------------------
 
