@@ -99,13 +99,13 @@ class Engine:
         self.config = config or EngineConfig()
         self.device = model.embed.weight.device
         self.max_len = self._max_len()
+        self.tree_margin = SpecStreamDecoder.margin(self.config.specstream, model)  # a draft tree past the window
         n_slots = self._slots()
         self.scheduler = Scheduler(n_slots, max(1, self.config.max_step_tokens))
         cuda = self.device.type == "cuda"
         if cuda and self.config.fused_kernels:
             ops.use_fused_kernels()
-        margin = SpecStreamDecoder.margin(self.config.specstream, model)  # room for a draft tree past the window
-        self.runner = ModelRunner(model, n_slots, self.max_len + margin, self.config.cuda_graphs,
+        self.runner = ModelRunner(model, n_slots, self.max_len + self.tree_margin, self.config.cuda_graphs,
                                   compile_decode=cuda and self.config.compile_decode)
         self.speculative = (SpecStreamDecoder(model, self.runner.cache, self.config.specstream)
                             if self.config.specstream is not None else None)
@@ -152,7 +152,7 @@ class Engine:
             raise ConfigError(f"max_batch_size={slots} must be >= 1")
         if budget is None:
             return slots
-        per_slot = (self.max_len + 1) * SlotKVCache.bytes_per_token(
+        per_slot = (self.max_len + 1 + self.tree_margin) * SlotKVCache.bytes_per_token(
             [b.attn.n_kv for b in self.model.layers], self.model.cfg.head_dim, self.model.embed.weight.dtype)
         fit = int(budget * 2 ** 30 // per_slot)
         if fit < 1:
