@@ -480,7 +480,8 @@ class SpecStreamWorker(Worker):
         """-> tokens (B, T); labels (B, T, 1 + γ) of the main stream and each stream, completion tokens only;
         stream rows (B, R), the completion positions that get streams, and which of them only pad a shorter
         completion (they repeat its last position and go unlabelled)."""
-        tokens, lengths, prompt_lengths = batch["tokens"], batch["lengths"], batch["prompt_lengths"]
+        lengths, prompt_lengths = batch["lengths"], batch["prompt_lengths"]
+        tokens = batch["tokens"][:, :int(lengths.max())]  # no column of padding only
         inputs = tokens[:, :-1]
         position = torch.arange(inputs.shape[1], device=tokens.device)
         completion = (position >= prompt_lengths[:, None] - 1) & (position < lengths[:, None] - 1)
