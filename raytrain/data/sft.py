@@ -66,7 +66,8 @@ def pair_rows(lines: list[str], cfg: PairsDataConfig, tokenizer: Any) -> tuple[d
         lengths.append(len(ids))
         prompt_lengths.append(len(head))
     rows = {"tokens": np.asarray(tokens, dtype=np.int32).reshape(-1, width),
-            "lengths": np.asarray(lengths, dtype=np.int32), "prompt_lengths": np.asarray(prompt_lengths, dtype=np.int32)}
+            "lengths": np.asarray(lengths, dtype=np.int32),
+            "prompt_lengths": np.asarray(prompt_lengths, dtype=np.int32)}
     return rows, skipped
 
 

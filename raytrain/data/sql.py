@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 INSTRUCTION = "Write the SQL query that answers the question."
 
-FIRST_NAMES = "Alice Bruno Chen Dana Emil Farah Goran Hana Ivan Julia Kofi Lena Mateo Nora Omar Priya Quinn Rosa".split()
+FIRST_NAMES = ("Alice Bruno Chen Dana Emil Farah Goran Hana Ivan Julia Kofi Lena Mateo Nora Omar Priya Quinn "
+               "Rosa").split()
 CITIES = "Lisbon Oslo Denver Lagos Osaka Lima Perth Quebec Tunis Riga Austin Bergen Cork Dakar Hanoi Kyoto".split()
 
 

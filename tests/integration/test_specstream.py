@@ -40,7 +40,8 @@ def test_specstream_fine_tunes_on_pairs_and_decodes_losslessly(ray_cluster, tmp_
     result = train.run(compose("train", [
         "job=specstream", f"init={init}", f"data.path={pairs}", "data.seq_len=256", "task.lora_rank=4",
         "tracking=disabled", f"trainer.storage_path={tmp_path / 'runs'}", "trainer.run_name=ss",
-        "trainer.num_workers=1", "trainer.micro_batch_size=4", "trainer.max_steps=4", "trainer.checkpoint_every=4", "trainer.log_every=2",
+        "trainer.num_workers=1", "trainer.micro_batch_size=4", "trainer.max_steps=4", "trainer.checkpoint_every=4",
+        "trainer.log_every=2",
         "schedule.warmup_steps=1"]))
     assert math.isfinite(result.metrics["loss"])
     assert ray.get(skip_counter("raytrain-skips-ss").get.remote()) == {"malformed_pairs": 1,
