@@ -77,7 +77,8 @@ def main() -> None:
     trees = [tuple(int(x) for x in t.split(":")) for t in args.trees.split(",")]
     modes = {"ar": Engine(model, tokenizer, EngineConfig(max_batch_size=1, max_model_len=limit))}
     for gamma, k in trees:
-        spec = SpecStreamConfig(gamma=gamma, top_k=k, prune_threshold=args.tau)
+        rows = msa_rows(model.cfg.streams.gamma, k)  # batch 1: never narrow the one tree (max_step_rows)
+        spec = SpecStreamConfig(gamma=gamma, top_k=k, prune_threshold=args.tau, max_step_rows=max(512, rows))
         modes[f"ss_g{gamma}_k{k}"] = Engine(model, tokenizer, EngineConfig(max_batch_size=1, max_model_len=limit,
                                                                            specstream=spec))
     runs = {name: [] for name in modes}
