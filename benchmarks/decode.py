@@ -9,6 +9,7 @@ step reaches: bytes one step must read (every weight once, plus the KV cache of 
 over the measured step time, over `--bandwidth` (4.8 TB/s, the H200's datasheet figure).
 
     python benchmarks/decode.py --device cuda                      # the issue's table (about 5 minutes on an H200)
+    python benchmarks/decode.py --device cuda --no-hf --models openelm_1_1b --batches 1,64 --variants eager,fused
     python benchmarks/decode.py --device cpu --models tiny --batches 1,4 --prompt 32 --new 16   # smoke test
 """
 
@@ -38,6 +39,7 @@ from raytrain.models.registry import model_config  # noqa: E402
 
 CONF = Path(__file__).resolve().parent.parent / "conf" / "model"
 # Hugging Face Llama shapes: (hidden, intermediate, layers, heads, kv heads, vocab)
+VARIANTS = {"eager": {"fused_kernels": False}, "fused": {}, "compiled": {"compile_decode": True}}
 LLAMA_SHAPES = {"tinyllama_1_1b": (2048, 5632, 22, 32, 4, 32000), "llama2_7b": (4096, 11008, 32, 32, 32, 32000),
                 "tiny": (128, 256, 2, 4, 2, 4096)}
 
@@ -52,10 +54,12 @@ def main() -> None:
     p.add_argument("--new", type=int, default=256)
     p.add_argument("--bandwidth", type=float, default=4.8e12, help="bytes/s the bandwidth fraction is taken of")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    p.add_argument("--variants", default="fused", help="engine settings to compare, of: " + ", ".join(VARIANTS))
     args = p.parse_args()
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     tokenizer = train_bpe(documents()[:200], vocab_size=4096)
-    check = greedy_check(tokenizer, args.device)
+    variants = args.variants.split(",")
+    check = greedy_check(tokenizer, args.device, VARIANTS["fused" if "fused" in variants else variants[0]])
     print("check", check, file=sys.stderr, flush=True)
     results: dict[str, Any] = {}
     baseline: dict[str, Any] = {}
@@ -63,8 +67,10 @@ def main() -> None:
         model, hf = build(name, args.device, dtype)
         results[name] = {"params": sum(p.numel() for p in model.parameters())}
         for batch in args.batches:
-            results[name][batch] = engine_run(model, tokenizer, batch, args)
-            print(name, batch, results[name][batch], file=sys.stderr, flush=True)
+            for variant in variants:
+                key = batch if variant == "fused" else f"{batch}_{variant}"
+                results[name][key] = engine_run(model, tokenizer, batch, args, VARIANTS[variant])
+                print(name, key, results[name][key], file=sys.stderr, flush=True)
             if hf is not None and not args.no_hf:
                 baseline.setdefault(name, {})[batch] = hf_run(hf, batch, args)
                 print(name, batch, "hf", baseline[name][batch], file=sys.stderr, flush=True)
@@ -73,7 +79,7 @@ def main() -> None:
         if args.device == "cuda":
             torch.cuda.empty_cache()
     ratios = {name: {b: results[name][b]["decode_tokens_per_s"] / baseline[name][b]["decode_tokens_per_s"]
-                     for b in baseline[name]} for name in baseline}
+                     for b in baseline[name] if b in results[name]} for name in baseline}
     print(json.dumps({
         "benchmark": "decode", "device": torch.cuda.get_device_name() if args.device == "cuda" else args.device,
         "config": {"prompt": args.prompt, "new": args.new, "batches": args.batches, "dtype": str(dtype),
@@ -104,11 +110,11 @@ def build(name: str, device: str, dtype: torch.dtype) -> tuple[Decoder, torch.nn
     return model.eval(), hf
 
 
-def greedy_check(tokenizer: Any, device: str) -> dict[str, Any]:
+def greedy_check(tokenizer: Any, device: str, variant: dict[str, Any]) -> dict[str, Any]:
     """The engine as the benchmark runs it (CUDA graphs, overlapped steps, staggered lengths) against transformers'
     greedy `generate`, in float32 on the tiny Llama shape: how many of 8 requests come out token for token equal."""
     model, hf = build("tiny", device, torch.float32)
-    engine = Engine(model, tokenizer, EngineConfig(max_batch_size=4, max_model_len=256, max_step_tokens=64))
+    engine = Engine(model, tokenizer, EngineConfig(max_batch_size=4, max_model_len=256, max_step_tokens=64, **variant))
     batch = [p[:20 + 9 * i] for i, p in enumerate(prompts(8, 90, 4096))]
     news = [40 + 7 * i for i in range(8)]
     outs = engine.generate([Request(p, SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True))
@@ -129,9 +135,10 @@ def prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
     return torch.randint(10, vocab, (batch, length), generator=gen).tolist()
 
 
-def engine_run(model: Decoder, tokenizer: Any, batch: int, args: argparse.Namespace) -> dict[str, float]:
+def engine_run(model: Decoder, tokenizer: Any, batch: int, args: argparse.Namespace,
+               variant: dict[str, Any]) -> dict[str, float]:
     cfg = EngineConfig(max_batch_size=batch, max_model_len=args.prompt + args.new,
-                       max_step_tokens=max(2048, args.prompt))
+                       max_step_tokens=max(2048, args.prompt), **variant)
     engine = Engine(model, tokenizer, cfg)
     params = SamplingParams(max_new_tokens=args.new, temperature=0, ignore_eos=True)
     requests = [Request(p, params) for p in prompts(batch, args.prompt, model.cfg.vocab_size)]

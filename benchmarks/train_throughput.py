@@ -47,6 +47,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--parallel", action="store_true", help="ZeRO-2 vs DDP; run under torchrun")
+    p.add_argument("--raytrain-only", action="store_true", help="skip the Hugging Face baseline (ray_scaling.py)")
     p.add_argument("--profile", action="store_true", help="print the top GPU kernels of one raytrain step to stderr")
     args = p.parse_args()
     cfg = model_config(OmegaConf.load(CONF / f"{args.model}.yaml"))
@@ -68,6 +69,9 @@ def single(args: argparse.Namespace, cfg: DecoderConfig) -> None:
                   params=ours.param_counts()["params_total"])
     del ours
     free(device)
+    if args.raytrain_only:
+        emit(args, cfg, result, None, None)
+        return
 
     llama = hf_llama_like(cfg).to(device)
     baseline = timed(autocast_step(llama, lambda t: llama(input_ids=t).logits, batch, device), args, device)
@@ -102,7 +106,8 @@ def autocast_step(model: torch.nn.Module, forward: Callable[[torch.Tensor], torc
 
 
 def timed(step: Callable[[], None], args: argparse.Namespace, device: torch.device) -> dict[str, float]:
-    """Mean tokens/s over `steps` timed training steps after `warmup` untimed ones (compilation included there)."""
+    """Mean tokens/s over `steps` timed training steps after `warmup` untimed ones (compilation included there), and
+    this process's CPU time per step."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -110,13 +115,13 @@ def timed(step: Callable[[], None], args: argparse.Namespace, device: torch.devi
         step()
     sync(device)
     warmup_s = time.perf_counter() - start
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(args.steps):
         step()
     sync(device)
-    elapsed = time.perf_counter() - start
+    elapsed, cpu_s = time.perf_counter() - start, time.process_time() - cpu
     out = {"tokens_per_s": args.steps * args.batch * args.seq / elapsed, "step_s": elapsed / args.steps,
-           "warmup_s": warmup_s}
+           "cpu_s_per_step": cpu_s / args.steps, "warmup_s": warmup_s}
     if device.type == "cuda":
         out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return out
@@ -217,7 +222,8 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def emit(args: argparse.Namespace, cfg: DecoderConfig, results: dict, baseline: dict, ratio: float) -> None:
+def emit(args: argparse.Namespace, cfg: DecoderConfig, results: dict, baseline: dict | None,
+         ratio: float | None) -> None:
     device = torch.cuda.get_device_name() if args.device == "cuda" else args.device
     print(json.dumps({"benchmark": "train_throughput", "device": device,
                       "config": {"model": cfg.name, "batch": args.batch, "seq": args.seq, "steps": args.steps,

@@ -203,6 +203,7 @@ class OpenAIIngress:
     async def chat_completions(self, request: Request) -> Any:
         req = parse(ChatRequest, await self._body(request))
         job = {"messages": [m.plain() for m in req.messages],
+               "images": [url for m in req.messages for url in m.image_urls()],
                "params": req.sampling(req.max_completion_tokens or req.max_tokens)}
         return await self._answer(req, [job], chat=True)
 

@@ -8,11 +8,16 @@ engine's running batch at the next step (continuous batching: `Engine.astream`, 
 while the replica keeps accepting requests). A streamed request yields what its row produced since its previous
 item at most every `stream_interval_s`, so a busy replica sends fewer, larger items through Ray. A request whose
 caller goes away (client disconnect, timeout) is cancelled at the engine's next step.
+
+A vision-language checkpoint (`job=vlm`) is held by a `VLMEngine` instead: chat messages may carry one image (a
+base64 `data:` URL), rendered through the chat template around it; its requests are generated a call at a time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -21,10 +26,12 @@ import torch
 from jinja2 import TemplateError
 from ray import serve
 
-from raytrain.checkpoint.hf import is_compressed_checkpoint
+from raytrain.checkpoint.hf import is_compressed_checkpoint, read_model_config
 from raytrain.config import RaytrainError
 from raytrain.infer.engine import Completion, Engine, Request
 from raytrain.infer.sampling import SamplingError, SamplingParams
+from raytrain.infer.vlm import VLMEngine, VLMRequest
+from raytrain.models.vlm import VLMConfig
 from serving.config import ModelSpec, model_spec
 
 # For tokenizers without a chat template (raytrain's own BPE): one "role: content" line per message.
@@ -41,13 +48,15 @@ class RequestError(Exception):
         super().__init__(message, param, code, status)
 
 
-def load_engine(spec: ModelSpec) -> Engine:
-    """The engine of one model, by weight format (the one place a compressed format plugs in)."""
+def load_engine(spec: ModelSpec) -> Engine | VLMEngine:
+    """The engine of one model, by weight format (the one place a compressed format plugs in), or a VLM's."""
     device = spec.device if spec.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if spec.dtype == "auto":
         dtype = torch.bfloat16 if device == "cuda" else None  # None: the model's default, float32
     else:
         dtype = DTYPES[spec.dtype]
+    if isinstance(read_model_config(spec.checkpoint), VLMConfig):
+        return VLMEngine.from_checkpoint(spec.checkpoint, device=device, dtype=dtype, tokenizer=spec.tokenizer)
     compressed = spec.weights == "compressed"
     if compressed and not is_compressed_checkpoint(spec.checkpoint):
         raise RaytrainError(f"weights=compressed: {spec.checkpoint} holds no compressed weights (make one with "
@@ -62,6 +71,7 @@ class ModelServer:
         self.name = name
         self.spec = model_spec(args, f"models.{name}")
         self.engine = load_engine(self.spec)
+        self.vision = isinstance(self.engine, VLMEngine)
         self.chat_template = (self.spec.chat_template or getattr(self.engine.tokenizer, "chat_template", None)
                               or PLAIN_CHAT_TEMPLATE)
         # no text beyond this many characters tokenizes into max_prompt_tokens tokens or fewer
@@ -118,9 +128,10 @@ class ModelServer:
     async def _prepare(self, job: dict[str, Any]) -> Request:
         return await asyncio.get_running_loop().run_in_executor(self.preparing, self.prepare, job)
 
-    def prepare(self, job: dict[str, Any]) -> Request:
+    def prepare(self, job: dict[str, Any]) -> Request | VLMRequest:
         """An engine request from the ingress's job (prompt or messages, and the sampling fields), within limits."""
         prompt_param = "messages" if job.get("messages") is not None else "prompt"
+        image = self._image(job.get("images") or [])
         ids = self._prompt_ids(job, prompt_param)
         limits, window = self.spec.limits, self.engine.context_window
         if len(ids) > limits.max_prompt_tokens:
@@ -144,7 +155,32 @@ class ModelServer:
             sampling = SamplingParams(max_new_tokens=max_tokens, **params)
         except SamplingError as e:
             raise RequestError(str(e), e.field, "invalid_value") from None
-        return Request(ids, sampling)
+        if not self.vision:
+            return Request(ids, sampling)
+        try:
+            return self.engine.request(ids, sampling, image)
+        except RaytrainError as e:
+            raise RequestError(f"{prompt_param}: {e}", prompt_param, "invalid_value") from None
+
+    def _image(self, urls: list[str]) -> bytes | None:
+        """The request's image, decoded from its base64 data URL (a VLM takes one image, a language model none)."""
+        if not urls:
+            return None
+        if not self.vision:
+            raise RequestError(f"messages: model {self.name!r} is a language model; it takes no images", "messages",
+                               "invalid_value")
+        if len(urls) > 1:
+            raise RequestError(f"messages: {len(urls)} images; model {self.name!r} takes one per request", "messages",
+                               "invalid_value")
+        head, _, data = urls[0].partition(",")
+        if not (head.startswith("data:image/") and head.endswith(";base64")):
+            raise RequestError("image_url.url: only base64 data URLs (data:image/...;base64,...) are accepted",
+                               "image_url.url", "invalid_value")
+        try:
+            return base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise RequestError("image_url.url: the data URL is not valid base64", "image_url.url",
+                               "invalid_value") from None
 
     def _prompt_ids(self, job: dict[str, Any], param: str) -> list[int]:
         tokenizer = self.engine.tokenizer
@@ -157,6 +193,8 @@ class ModelServer:
                                f"{self.spec.limits.max_prompt_tokens} tokens, which this tokenizer never spells in "
                                f"more than {self.max_prompt_chars} characters)", param, "context_length_exceeded")
         try:
+            if param == "messages" and self.vision:
+                return self.engine.tokenize(self.engine.chat_ids(job["messages"], self.chat_template))
             if param == "messages":
                 ids = tokenizer.apply_chat_template(job["messages"], chat_template=self.chat_template,
                                                     add_generation_prompt=True, tokenize=True, return_dict=False)

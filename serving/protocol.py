@@ -1,7 +1,9 @@
 """The OpenAI wire format: request schemas (validated strictly, so a wrong type or an unknown field is named, never
 coerced or ignored), OpenAI-style errors, and the bodies of responses and stream chunks.
 
-Supported beyond OpenAI's fields, under vLLM's names: `top_k`, `repetition_penalty`, `ignore_eos`. OpenAI fields
+Supported beyond OpenAI's fields, under vLLM's names: `top_k`, `repetition_penalty`, `ignore_eos`. Chat messages
+take OpenAI's content parts, text and `image_url` (vision-language models; the ingress passes the URLs on, the model
+replica accepts base64 `data:` URLs only, since nothing is downloaded). OpenAI fields
 the engine cannot honour (logprobs, penalties other than 0, logit_bias, suffix, echo, best_of > 1, tools) are
 rejected with a message naming them rather than silently dropped.
 
@@ -20,6 +22,8 @@ import uuid
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+from raytrain.data.vqa import IMAGE
 
 INT32_MAX = 2 ** 31 - 1
 INT64_MIN, INT64_MAX = -2 ** 63, 2 ** 63 - 1
@@ -157,14 +161,31 @@ class TextPart(_Strict):
     text: Text
 
 
+class ImageUrl(_Strict):
+    url: Text
+    detail: Literal["auto", "low", "high"] = "auto"
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageUrl
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: Text | Annotated[list[TextPart], Field(fail_fast=True)]
+    content: Text | Annotated[list[TextPart | ImagePart], Field(fail_fast=True)]
     name: Text | None = None
 
     def plain(self) -> dict[str, str]:
-        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        return {"role": self.role, "content": text}
+        """Role and text; an image part becomes the image placeholder (`raytrain.data.vqa.IMAGE`) in its place."""
+        if isinstance(self.content, str):
+            return {"role": self.role, "content": self.content}
+        return {"role": self.role, "content": "".join(p.text if isinstance(p, TextPart) else IMAGE
+                                                      for p in self.content)}
+
+    def image_urls(self) -> list[str]:
+        return [] if isinstance(self.content, str) else [p.image_url.url for p in self.content
+                                                         if isinstance(p, ImagePart)]
 
 
 class ChatRequest(_Sampling):
@@ -177,7 +198,7 @@ class ChatRequest(_Sampling):
         **_Sampling.UNSUPPORTED, "logprobs": (False,), "top_logprobs": (None,)}
 
 
-FIELDS = {name for m in (CompletionRequest, ChatRequest, ChatMessage, TextPart, StreamOptions)
+FIELDS = {name for m in (CompletionRequest, ChatRequest, ChatMessage, TextPart, ImagePart, ImageUrl, StreamOptions)
           for name in m.model_fields}
 
 
@@ -219,7 +240,8 @@ def parse(schema: type[_Sampling], body: bytes) -> _Sampling:
 
 # what a value of each field that takes several types may be (a wrong type is named with these, not per member)
 UNION_TYPES = {"prompt": "a string, a list of strings, a list of token ids or a list of lists of token ids",
-               "stop": "a string or a list of strings", "content": "a string or a list of text parts"}
+               "stop": "a string or a list of strings",
+               "content": "a string or a list of content parts (text, image_url)"}
 
 
 def _validation_error(errors: list[dict[str, Any]]) -> ApiError:

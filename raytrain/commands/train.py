@@ -1,11 +1,12 @@
 """`raytrain train [overrides]`: train a model on Ray Train + DeepSpeed (the task: language modelling by default,
-`job=catlip`, `job=clip`, `job=probe`, `job=specstream`), then print a sample (language models) or the
-skipped-record counts.
-`raytrain train recipe=NAME` runs a staged language-model recipe (`conf/recipe/`) instead, one Ray Train run per
-stage."""
+`job=lora` (adapters on a frozen base), `job=catlip`, `job=clip`, `job=probe`, `job=specstream`), then print a sample
+(language models) or the skipped-record counts.
+`raytrain train recipe=NAME` runs a staged recipe (`conf/recipe/`) instead, one Ray Train run per stage: a
+language-model recipe, or `job=vlm`, whose two VLM stages (projector alignment, then fine-tuning) are a recipe."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import Any
@@ -70,7 +71,8 @@ def run(cfg: DictConfig) -> Any:
                  include_dashboard=cfg.ray.dashboard)
     ray.data.DataContext.get_current().enable_progress_bars = False  # per-operator bars flood worker logs
     if stages is not None:
-        files = trainer.prepare_tokenizer(parts["data"], run_dir, parts["model"].vocab_size)
+        files = trainer.prepare_tokenizer(parts["data"], run_dir, parts["model"].vocab_size) if language_model \
+            else None
         recipes.check_before_start(stages, files)
         log.info("recipe %s in %s: stages %s; rerun with trainer.run_name=%s to continue", recipe.name, run_dir,
                  ", ".join(s.name for s in stages), name)
@@ -81,6 +83,8 @@ def run(cfg: DictConfig) -> Any:
     counter = skip_counter(f"raytrain-skips-{name}")
     prepared = tasks.prepare(parts, run_dir, counter)
     parts["model"] = prepared.model
+    if prepared.init_from is not None:
+        parts["trainer"] = dataclasses.replace(parts["trainer"], init_from=prepared.init_from)
     job = TrainJob(**parts, run_name=name, tokenizer_files=prepared.files, pad_id=prepared.pad_id,
                    snapshot=plain(cfg))
     result = trainer.launch(job, storage, prepared.datasets)
@@ -89,7 +93,7 @@ def run(cfg: DictConfig) -> Any:
     if skipped := ray.get(counter.get.remote()):
         log.warning("skipped or unlabelled records: %s", skipped)
     if params is not None:
-        _print_sample(model_dir, cfg.sample.prompt, params)
+        _print_sample(model_dir, cfg.sample.prompt, params, job.task)
     return result
 
 
@@ -107,6 +111,11 @@ def _local_cpus(cfg: DictConfig, t: TrainerConfig) -> int | None:
     return cfg.ray.num_cpus or max(os.cpu_count() or 1, needed)
 
 
-def _print_sample(model_dir: str, prompt: str, params: SamplingParams) -> None:
+def _print_sample(model_dir: str, prompt: str, params: SamplingParams, task: Any = None) -> None:
+    """A completion from the final checkpoint (a LoRA run's `model/` is an adapter of its base)."""
     log.info("sample from %s:", model_dir)
-    print_completion(Engine.from_checkpoint(model_dir), prompt, params)
+    if isinstance(task, tasks.LoRATaskConfig):
+        engine = Engine.from_checkpoint(task.base, adapter=model_dir)
+    else:
+        engine = Engine.from_checkpoint(model_dir)
+    print_completion(engine, prompt, params)

@@ -1,11 +1,12 @@
 """Compressed tensors and the safetensors file that holds them beside the uncompressed ones.
 
 A compressed [out, in] weight `NAME` is stored as arrays `NAME.<field>` (SeedLM: `seeds`, `exponents`,
-`coefficients`; RTN: `codes`, `scales`), and the file's header metadata key `raytrain.compression` records, per tensor,
-the method, its config (C, P, K, taps, exponent rule, rounding, seed convention...), the dense shape and dtype and the
-per-row padding. `load_file` checks every array against that record, so a truncated, hand-edited or mismatched file
-fails with the tensor named instead of decoding garbage. `dense_state` is the reconstructing loader; `load_file`
-keeps tensors compressed (for the GPU kernel).
+`coefficients`; RTN: `codes`, `scales`; palettization: `indices`, `lut`), and the file's header metadata key
+`raytrain.compression` records, per tensor, the method, its config (C, P, K, taps, exponent rule, rounding, seed
+convention, blocking...), the dense shape and dtype and the padding (zeros stored beyond the weights). `load_file`
+checks every array against that record, so a truncated, hand-edited or mismatched file fails with the tensor named
+instead of decoding garbage. `dense_state` is the reconstructing loader; `load_file` keeps tensors compressed (for
+the GPU kernel).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file as _save_safetensors
 
-from raytrain.compress import rtn, seedlm
+from raytrain.compress import palettize, rtn, seedlm
 from raytrain.config import RaytrainError
 
 COMPRESSION_KEY = "raytrain.compression"
@@ -33,13 +34,15 @@ class FormatError(RaytrainError):
 
 @dataclass(frozen=True)
 class Method:
-    """A codec: its config class and the module with encode / decode / pack / unpack / expected_sizes."""
+    """A codec: its config class and the module with encode / decode / pack / unpack / expected_sizes / padding /
+    row_alignment."""
 
     config_cls: type
     codec: ModuleType
 
 
-METHODS: dict[str, Method] = {"seedlm": Method(seedlm.SeedLMConfig, seedlm), "rtn": Method(rtn.RTNConfig, rtn)}
+METHODS: dict[str, Method] = {"seedlm": Method(seedlm.SeedLMConfig, seedlm), "rtn": Method(rtn.RTNConfig, rtn),
+                              "palettize": Method(palettize.PalettizeConfig, palettize)}
 
 
 @dataclass
@@ -80,9 +83,8 @@ class CompressedTensor:
         return 8 * self.stored_bytes / (self.shape[0] * self.shape[1])
 
     def meta(self) -> dict[str, Any]:
-        pad = -self.shape[1] % self.config.C if self.method == "seedlm" else 0  # zeros stored per row
         return {"method": self.method, "shape": list(self.shape), "dtype": str(self.dtype).removeprefix("torch."),
-                "pad_per_row": pad, "config": self.config.meta()}
+                "padding": self.codec.padding(self.shape, self.config), "config": self.config.meta()}
 
 
 def compress_tensor(weight: torch.Tensor, method: str, config: Any,

@@ -57,23 +57,28 @@ def emit(seed: int, n: int, cfg: LFSRConfig) -> Iterator[int]:
         yield x
 
 
+def stream_bits(cfg: LFSRConfig, n: int) -> np.ndarray:
+    """The first `n` output bits (uint8) of the register started at seed 1: bit j of the state at time t is bit t+j,
+    so the state at time t is bits t .. t+K-1 (seed 1 is bits 0 .. K-1). The stream obeys s[m+K] = XOR_j s[m+j] over
+    the taps, so it is filled K - max(taps) bits at a time."""
+    K = cfg.K
+    lag = K - max(cfg.taps)
+    bits = np.zeros(max(n, K), dtype=np.uint8)
+    bits[0] = 1  # seed 1
+    for m in range(K, len(bits), lag):
+        stop = min(m + lag, len(bits))
+        acc = np.zeros(stop - m, dtype=np.uint8)
+        for j in cfg.taps:
+            acc ^= bits[m - K + j:stop - K + j]
+        bits[m:stop] = acc
+    return bits[:n]
+
+
 @functools.lru_cache(maxsize=8)
 def cycle(cfg: LFSRConfig) -> torch.Tensor:
-    """T, int64 (N,): T[i] is the state i+1 steps after seed 1. Raises if the taps are not maximal-length.
-
-    Computed from the output bit sequence: bit j of the state at time t is bit t+j of the stream, and the stream obeys
-    s[n+K] = XOR_j s[n+j] over the taps, so the stream is filled K - max(taps) bits at a time.
-    """
+    """T, int64 (N,): T[i] is the state i+1 steps after seed 1. Raises if the taps are not maximal-length."""
     K, N = cfg.K, cfg.period
-    lag = K - max(cfg.taps)
-    bits = np.zeros(N + 2 * K, dtype=np.uint8)
-    bits[0] = 1  # seed 1
-    for n in range(K, len(bits), lag):
-        stop = min(n + lag, len(bits))
-        acc = np.zeros(stop - n, dtype=np.uint8)
-        for j in cfg.taps:
-            acc ^= bits[n - K + j:stop - K + j]
-        bits[n:stop] = acc
+    bits = stream_bits(cfg, N + 2 * K)
     weights = (1 << np.arange(K, dtype=np.int64))
     windows = np.lib.stride_tricks.sliding_window_view(bits[1:N + K], K)  # state t+1 = bits t+1 .. t+K
     table = torch.from_numpy(windows.astype(np.int64) @ weights)
@@ -98,9 +103,10 @@ def state_of_offset(offsets: torch.Tensor, cfg: LFSRConfig) -> torch.Tensor:
 
 
 def extended_cycle(cfg: LFSRConfig, window: int) -> torch.Tensor:
-    """T followed by its first `window - 1` entries, so any window of that length is a plain slice (no modulo)."""
+    """T followed by its first `window - 1` entries (wrapping again for windows longer than the cycle), so any window
+    of that length is a plain slice (no modulo)."""
     table = cycle(cfg)
-    return torch.cat([table, table[:window - 1]])
+    return table.repeat(-(-(cfg.period + window - 1) // cfg.period))[:cfg.period + window - 1]
 
 
 def window_states(offsets: torch.Tensor, C: int, P: int, cfg: LFSRConfig) -> torch.Tensor:

@@ -1,19 +1,19 @@
 """A linear layer whose weight stays compressed in memory (the serving path).
 
-On CUDA with at most 16 input rows (decode) a SeedLM weight goes through the fused Triton kernel, which never
-materialises the weight. Anything else (prefill, larger batches, CPU, RTN weights) rebuilds the dense weight for the
-call and runs a regular matmul: compute-bound shapes gain nothing from on-the-fly decoding (spec §2.6).
+On CUDA a SeedLM weight is laid out for the Triton kernels once (`SeedLMWeight`, 4 bytes per block as in the file):
+up to 16 input rows (decode) go through the fused matmul, which never materialises the weight; more rows (prefill)
+rebuild the dense weight in x's dtype with the decode kernel and run a regular matmul, since compute-bound shapes gain
+nothing from decoding on the fly (spec §2.6). The forward does no host synchronisation and branches only on the
+number of rows, so it can be captured in a CUDA graph. CPU, RTN weights and SeedLM's flat blocking (which the kernels
+do not read) rebuild the dense weight per call.
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raytrain.compress import seedlm
 from raytrain.compress.format import CompressedTensor
 
 
@@ -21,30 +21,30 @@ class CompressedLinear(nn.Module):
     def __init__(self, weight: CompressedTensor, device: torch.device | str = "cpu") -> None:
         super().__init__()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.method, self.bits_per_weight = weight.method, weight.bits_per_weight
         self.device = torch.device(device)
-        if weight.method == "seedlm" and self.device.type == "cuda":
+        self.kernel_weight = None
+        self.weight_ct = None
+        if weight.method == "seedlm" and weight.config.blocking == "row" and self.device.type == "cuda":
             from raytrain.compress.kernels.seedlm_matmul import SeedLMWeight
 
-            # cycle offsets in place of seeds: the kernel and the dense fallback share one copy of the arrays
-            arrays, cfg = seedlm.with_cycle_offsets(weight.arrays, weight.config)
-            self.weight_ct = dataclasses.replace(weight, arrays=arrays, config=cfg).to(device)
-            self.kernel_weight = SeedLMWeight.from_compressed(self.weight_ct, self.device)
+            self.kernel_weight = SeedLMWeight.from_compressed(weight, self.device)
         else:
             self.weight_ct = weight.to(device)
-            self.kernel_weight = None
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, method={self.weight_ct.method}, "
-                f"bits_per_weight={self.weight_ct.bits_per_weight:.3f}")
+        return (f"in_features={self.in_features}, out_features={self.out_features}, method={self.method}, "
+                f"bits_per_weight={self.bits_per_weight:.3f}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel_weight is not None:
-            from raytrain.compress.kernels.seedlm_matmul import MAX_BATCH, seedlm_matmul
+        if self.kernel_weight is None:
+            return F.linear(x, self.weight_ct.dense().to(x.dtype))
+        from raytrain.compress.kernels.seedlm_matmul import MAX_BATCH, seedlm_dense, seedlm_matmul
 
-            rows = x.reshape(-1, self.in_features)
-            if rows.shape[0] <= MAX_BATCH:
-                return seedlm_matmul(rows, self.kernel_weight).view(*x.shape[:-1], self.out_features)
-        return F.linear(x, self.weight_ct.dense().to(x.dtype))
+        rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] <= MAX_BATCH:
+            return seedlm_matmul(rows, self.kernel_weight).view(*x.shape[:-1], self.out_features)
+        return F.linear(x, seedlm_dense(self.kernel_weight, x.dtype))
 
 
 def replace_linears(model: nn.Module, compressed: dict[str, CompressedTensor], device: torch.device | str) -> None:

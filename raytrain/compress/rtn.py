@@ -81,6 +81,15 @@ def check_arrays(arrays: dict[str, torch.Tensor], cfg: RTNConfig) -> None:
         raise ValueError(f"scales must be finite {SCALE_DTYPE}")
 
 
+def row_alignment(cols: int, cfg: RTNConfig) -> int:
+    """Any row range encodes on its own (groups never cross rows)."""
+    return 1
+
+
+def padding(shape: tuple[int, int], cfg: RTNConfig) -> int:
+    return 0  # a row's last group may be partial
+
+
 def unpack(arrays: dict[str, torch.Tensor], cfg: RTNConfig, shape: tuple[int, int]) -> Codes:
     rows, cols = shape
     codes = unpack_bits(arrays["codes"], cfg.bits, rows * cols)

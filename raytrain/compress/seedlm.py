@@ -3,21 +3,28 @@
 Encoding is the paper's exhaustive search: for every block and every one of the 2^K - 1 candidate matrices U, the
 least-squares coefficients t = pinv(U) w (pseudo-inverses computed once in float64 by SVD, searched in fp32) are
 quantised with a shared exponent, and the candidate whose *quantised* reconstruction is closest wins (ties: lowest
-cycle offset). The search is vectorised over blocks x candidates in chunks whose size bounds the memory used, and runs
-on CPU or GPU. Blocks run along rows: each row of a [out, in] weight is zero-padded to a multiple of C (identical to the
-spec's row-major flatten whenever in % C == 0), so a block never straddles two output rows and a GEMV kernel can decode
-a row tile on its own.
+cycle offset). On CPU the search is vectorised over blocks x candidates in chunks whose size bounds the memory used; on
+CUDA it is one fused Triton kernel (`kernels/seedlm_search.py`).
 
-Codes are kept as int tensors with rows first (`offsets`, `exponents`, `coefficients`), so row ranges encoded
-separately concatenate; `pack` turns them into the stored arrays (LFSR state per block as the seed, nibble streams).
-Decoding uses the exact integer form w = 2^e / (2^(K-1) - 1) * sum_p (V - 2^(K-1)) q_p, the same arithmetic as the
-GPU kernel, so both give bitwise identical weights.
+Blocking (`blocking`): `row` (the default) zero-pads each row of a [out, in] weight to a multiple of C, so a block
+never straddles two output rows and the GPU kernels can decode a row tile on their own; it equals the spec's row-major
+flatten whenever in % C == 0, and otherwise costs bits (3-bit rows of 32 weights store 3.375 bits per weight).
+`flat` is the spec's default: the weight flattened row-major and only the tail padded (exactly 3 or 4 bits per weight
+up to one block); its checkpoints decode densely (the kernels read row blocks only).
+
+Codes are kept as int tensors, blocks in row-major order (`offsets`, `exponents`, `coefficients`; rows first with
+row blocking), so row ranges encoded separately concatenate (with flat blocking, ranges that start on a block
+boundary: `row_alignment`); `pack` turns them into the stored arrays (LFSR state per block as the seed, nibble
+streams). Decoding uses the exact integer form w = 2^e / (2^(K-1) - 1) * sum_p (V - 2^(K-1)) q_p; the GPU kernels
+compute the same exact sum (as a float with no rounding) and the same final product, so they rebuild these weights
+bitwise.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +38,7 @@ from raytrain.compress.lfsr import LFSRConfig, centred_table, matrices, offset_o
 PRESETS = {4: (8, 3), 3: (12, 4)}  # bits per weight -> (C, P) at K=16: (16 + 4 + 4P) / C bits
 EXPONENT_RULES = ("range75", "range7", "literal", "search3")
 SEED_CONVENTIONS = ("lfsr_state", "cycle_offset")
+BLOCKINGS = ("row", "flat")
 QMIN, QMAX = -8, 7  # 4-bit two's complement, for the exponent and the coefficients alike
 FIELD_BITS = 4
 Codes = dict[str, torch.Tensor]
@@ -46,9 +54,10 @@ class SeedLMConfig:
     taps: list[int] = field(default_factory=lambda: [0, 1, 3, 12])
     exponent_rule: str = "range75"  # range75 | range7 | literal | search3 (spec §6)
     seed_convention: str = "lfsr_state"  # what `seeds` stores: lfsr_state (what hardware regenerates) | cycle_offset
-    seed_chunk: int | None = None  # candidates scored per step; None: 256 on CPU (cache-sized), 4096 on GPU
-    block_chunk: int | None = None  # blocks per step; None: 1024 on CPU, 8192 on GPU. Memory of one step is
-    # about 3 * seed_chunk * block_chunk * C * 4 bytes
+    seed_chunk: int | None = None  # search_torch: candidates per step; None: 256 on CPU (cache-sized), 4096 on GPU
+    block_chunk: int | None = None  # search_torch: blocks per step; None: 1024 on CPU, 8192 on GPU. Memory of one step
+    # is about 3 * seed_chunk * block_chunk * C * 4 bytes
+    blocking: str = "row"  # row (each row padded to whole blocks; the GPU kernels' layout) | flat (spec default)
 
     def __post_init__(self) -> None:
         if self.C < 1 or not 1 <= self.P <= 4 or self.P > self.C:
@@ -58,6 +67,8 @@ class SeedLMConfig:
             raise ValueError(f"seedlm seed_convention={self.seed_convention!r}: known {', '.join(SEED_CONVENTIONS)}")
         if self.exponent_rule not in EXPONENT_RULES:
             raise ValueError(f"seedlm exponent_rule={self.exponent_rule!r}: known {', '.join(EXPONENT_RULES)}")
+        if self.blocking not in BLOCKINGS:
+            raise ValueError(f"seedlm blocking={self.blocking!r}: known {', '.join(BLOCKINGS)}")
         if (self.seed_chunk or 1) < 1 or (self.block_chunk or 1) < 1:
             raise ValueError("seedlm seed_chunk and block_chunk must be positive")
         self.lfsr  # validates K and taps
@@ -80,19 +91,44 @@ class SeedLMConfig:
     def meta(self) -> dict[str, Any]:
         """What a decoder must know, recorded with every tensor (spec §2.4)."""
         return {"C": self.C, "P": self.P, "K": self.K, "taps": list(self.taps), "exponent_rule": self.exponent_rule,
-                "rounding": "half_even", "seed_convention": self.seed_convention, "blocking": "row"}
+                "rounding": "half_even", "seed_convention": self.seed_convention, "blocking": self.blocking}
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> SeedLMConfig:
-        if meta.get("blocking") != "row" or meta.get("rounding") != "half_even":
+        if meta.get("blocking") not in BLOCKINGS or meta.get("rounding") != "half_even":
             raise ValueError(f"blocking={meta.get('blocking')!r}, rounding={meta.get('rounding')!r}: this decoder "
-                             "reads row blocking with half-even rounding")
+                             f"reads {' or '.join(BLOCKINGS)} blocking with half-even rounding")
         return cls(C=meta["C"], P=meta["P"], K=meta["K"], taps=list(meta["taps"]),
-                   exponent_rule=meta["exponent_rule"], seed_convention=meta["seed_convention"])
+                   exponent_rule=meta["exponent_rule"], seed_convention=meta["seed_convention"],
+                   blocking=meta["blocking"])
 
 
 def blocks_per_row(cols: int, cfg: SeedLMConfig) -> int:
     return math.ceil(cols / cfg.C)
+
+
+def block_count(shape: tuple[int, int], cfg: SeedLMConfig) -> int:
+    rows, cols = shape
+    return rows * blocks_per_row(cols, cfg) if cfg.blocking == "row" else math.ceil(rows * cols / cfg.C)
+
+
+def padding(shape: tuple[int, int], cfg: SeedLMConfig) -> int:
+    """Zero weights stored beyond the real ones (row blocking pads every row, flat blocking the tail only)."""
+    return block_count(shape, cfg) * cfg.C - shape[0] * shape[1]
+
+
+def row_alignment(cols: int, cfg: SeedLMConfig) -> int:
+    """Row ranges encoded separately must start at multiples of this many rows to concatenate (flat blocking: a
+    block must not straddle two ranges)."""
+    if cfg.blocking == "row":
+        return 1
+    _check_flat(cols, cfg)
+    return cfg.C // math.gcd(cols, cfg.C)
+
+
+def _check_flat(cols: int, cfg: SeedLMConfig) -> None:
+    if cols < cfg.C:  # the decoder recovers the row count from the block count: the padding must be under a row
+        raise ValueError(f"seedlm blocking=flat needs rows of at least C={cfg.C} weights; this weight has {cols}")
 
 
 def pow2(e: torch.Tensor) -> torch.Tensor:
@@ -131,7 +167,19 @@ def quantise(t: torch.Tensor, rule: str) -> list[tuple[torch.Tensor, torch.Tenso
 
 def search(blocks: torch.Tensor, cfg: SeedLMConfig, device: str | torch.device = "cpu") -> Codes:
     """Exhaustive search for (nb, C) blocks: cycle offsets int32 (nb,), exponents int8 (nb,), coefficients int8
-    (nb, P). Deterministic: candidates are scored in a fixed order and the first minimum wins."""
+    (nb, P). On CUDA the fused Triton kernel (`kernels/seedlm_search.py`, several times faster), elsewhere
+    `search_torch`; both are deterministic and pick the same codes up to ties broken by fp32 rounding."""
+    if torch.device(device).type == "cuda" and importlib.util.find_spec("triton") is not None:
+        from raytrain.compress.kernels.seedlm_search import search as fused_search
+
+        return fused_search(blocks.to(device), cfg)
+    return search_torch(blocks, cfg, device)
+
+
+def search_torch(blocks: torch.Tensor, cfg: SeedLMConfig, device: str | torch.device = "cpu") -> Codes:
+    """The search in PyTorch, vectorised over blocks x candidates in memory-bounded chunks. The winner is the
+    smallest (error, offset), and for one offset the first exponent candidate, so the result does not depend on how
+    offsets are chunked."""
     device = str(torch.device(device))
     gpu = device.startswith("cuda")
     seed_chunk = cfg.seed_chunk or (4096 if gpu else 256)
@@ -158,7 +206,8 @@ def _search_chunk(blocks: torch.Tensor, U: torch.Tensor, pinv: torch.Tensor, cfg
             err = torch.bmm(Uc, coef).sub_(wT).square_().sum(1)  # (n, nb) error of the quantised reconstruction
             i = err.argmin(0)  # first minimum: lowest offset within the chunk
             err_i = err.gather(0, i[None])[0]
-            better = err_i < best  # strict: an earlier chunk or exponent keeps ties
+            # key (error, offset) across chunks and exponents; for one offset, the earlier exponent keeps a tie
+            better = (err_i < best) | ((err_i == best) & (i + start < best_offset))
             best = torch.where(better, err_i, best)
             best_offset = torch.where(better, i + start, best_offset)
             best_e = torch.where(better, e.gather(0, i[None])[0].long(), best_e)
@@ -169,9 +218,14 @@ def _search_chunk(blocks: torch.Tensor, U: torch.Tensor, pinv: torch.Tensor, cfg
 
 
 def encode(weight: torch.Tensor, cfg: SeedLMConfig, device: str | torch.device = "cpu") -> Codes:
-    """Codes of a [rows, cols] weight: offsets / exponents (rows, bpr), coefficients (rows, bpr, P); each row is
-    zero-padded to bpr * C weights."""
+    """Codes of a [rows, cols] weight. Row blocking: offsets / exponents (rows, bpr), coefficients (rows, bpr, P),
+    each row zero-padded to bpr * C weights. Flat blocking: offsets / exponents (blocks,), coefficients
+    (blocks, P), the row-major flattened weight zero-padded to whole blocks."""
     rows, cols = weight.shape
+    if cfg.blocking == "flat":
+        _check_flat(cols, cfg)
+        flat = weight.float().reshape(-1)
+        return search(F.pad(flat, (0, padding((rows, cols), cfg))).view(-1, cfg.C), cfg, device)
     bpr = blocks_per_row(cols, cfg)
     blocks = F.pad(weight.float(), (0, bpr * cfg.C - cols)).reshape(rows * bpr, cfg.C)
     codes = search(blocks, cfg, device)
@@ -182,7 +236,8 @@ def encode(weight: torch.Tensor, cfg: SeedLMConfig, device: str | torch.device =
 # ---- decoding --------------------------------------------------------------------------------------------------
 
 def decode(codes: Codes, cfg: SeedLMConfig, cols: int, chunk_blocks: int = 1 << 18) -> torch.Tensor:
-    """fp32 [rows, cols] weight from codes, by the exact integer form (bitwise what the kernel computes)."""
+    """fp32 [rows, cols] weight from codes, by the exact integer form (bitwise what the kernel computes). With flat
+    blocking the rows follow from the block count (cols >= C: the padding is less than a row)."""
     offsets = codes["offsets"].reshape(-1).long()
     device = offsets.device
     e = codes["exponents"].reshape(-1)
@@ -195,6 +250,8 @@ def decode(codes: Codes, cfg: SeedLMConfig, cols: int, chunk_blocks: int = 1 << 
         V = table[offsets[i:i + chunk_blocks, None] + window].view(-1, cfg.C, cfg.P)  # int32 V - 2^(K-1)
         sums = (V * q[i:i + chunk_blocks, None, :]).sum(-1, dtype=torch.int32)  # exact: |sum| <= 2^21
         out[i:i + chunk_blocks] = sums.float() * (pow2(e[i:i + chunk_blocks, None]) * inv)
+    if cfg.blocking == "flat":
+        return out.view(-1)[:out.numel() // cols * cols].view(-1, cols)
     rows = codes["offsets"].shape[0]
     return out.view(rows, -1)[:, :cols]
 
@@ -213,7 +270,7 @@ def pack(codes: Codes, cfg: SeedLMConfig) -> dict[str, torch.Tensor]:
 
 
 def expected_sizes(shape: tuple[int, int], cfg: SeedLMConfig) -> dict[str, int]:
-    blocks = shape[0] * blocks_per_row(shape[1], cfg)
+    blocks = block_count(shape, cfg)
     return {"seeds": blocks, "exponents": packed_size(blocks, FIELD_BITS),
             "coefficients": packed_size(blocks * cfg.P, FIELD_BITS)}
 
@@ -243,8 +300,8 @@ def with_cycle_offsets(arrays: dict[str, torch.Tensor], cfg: SeedLMConfig
 
 def unpack(arrays: dict[str, torch.Tensor], cfg: SeedLMConfig, shape: tuple[int, int]) -> Codes:
     """Codes back from stored arrays."""
-    rows, bpr = shape[0], blocks_per_row(shape[1], cfg)
-    blocks = rows * bpr
-    return {"offsets": offsets_of(arrays, cfg).int().view(rows, bpr),
-            "exponents": unpack_bits(arrays["exponents"], FIELD_BITS, blocks).view(rows, bpr),
-            "coefficients": unpack_bits(arrays["coefficients"], FIELD_BITS, blocks * cfg.P).view(rows, bpr, cfg.P)}
+    blocks = block_count(shape, cfg)
+    lead = (shape[0], blocks_per_row(shape[1], cfg)) if cfg.blocking == "row" else (blocks,)
+    return {"offsets": offsets_of(arrays, cfg).int().view(lead),
+            "exponents": unpack_bits(arrays["exponents"], FIELD_BITS, blocks).view(lead),
+            "coefficients": unpack_bits(arrays["coefficients"], FIELD_BITS, blocks * cfg.P).view(*lead, cfg.P)}

@@ -57,6 +57,12 @@ class ImageTextDataConfig:
     shuffle_buffer: int = 1024  # rows in each worker's local shuffle buffer (0 = off)
     shuffle_seed: int = 0  # per-epoch local shuffles derive from it
     caption_tokens: int = 32  # CLIP: captions are cut or padded to this many tokens
+    variable_resolution: bool = False  # corenet's variable-batch multi-scale sampler (spec 5.4): each batch at a
+    # random side in [min_side, max_side], its size scaled to keep image_size^2 x micro_batch_size pixels
+    min_side: int = 128
+    max_side: int = 320
+    num_scales: int = 25  # requested sides (np.linspace), image_size added, rounded to multiples of side_divisor
+    side_divisor: int = 16
 
     def __post_init__(self) -> None:
         if self.format not in ("auto", "webdataset", "parquet"):
@@ -64,6 +70,14 @@ class ImageTextDataConfig:
         lo, hi = self.crop_scale
         if not 0 < lo <= hi <= 1:
             raise ValueError(f"crop_scale={self.crop_scale}; expected 0 < min <= max <= 1")
+        if self.variable_resolution and not (self.side_divisor <= self.min_side <= self.image_size <= self.max_side):
+            raise ValueError(f"variable_resolution needs side_divisor <= min_side <= image_size <= max_side; got "
+                             f"{self.side_divisor}, {self.min_side}, {self.image_size}, {self.max_side}")
+
+    @property
+    def decode_size(self) -> int:
+        """Side of the crops Ray Data produces: the largest side when batches are resized on the workers."""
+        return self.max_side if self.variable_resolution else self.image_size
 
 
 # ---- skip counting ---------------------------------------------------------------------------------------------
@@ -320,12 +334,13 @@ def decode_batch(batch: dict[str, Any], cfg: ImageTextDataConfig, train: bool, c
     keep, images = [], []
     for i, data in enumerate(batch["image"]):
         try:
-            images.append(decode(data, cfg.image_size, train, cfg, rng))
+            images.append(decode(data, cfg.decode_size if train else cfg.image_size, train, cfg, rng))
             keep.append(i)
         except Exception as e:  # PIL raises many types for bad data; the record is skipped whatever it is
             count_skip(counter, "undecodable_images", 1, f"record {batch['key'][i]}: {type(e).__name__}: {e}")
     out = {k: [v[i] for i in keep] for k, v in batch.items() if k != "image"}
-    out["image"] = np.stack(images) if images else np.zeros((0, cfg.image_size, cfg.image_size, 3), np.uint8)
+    side = cfg.decode_size if train else cfg.image_size
+    out["image"] = np.stack(images) if images else np.zeros((0, side, side, 3), np.uint8)
     return out
 
 

@@ -7,8 +7,8 @@ every key is unique within an example, so the answer is determined. The prompt e
 number of documents, so the same generator gives 500-token and 8000-token prompts.
 
 Training text (`train.jsonl`, field `text`) appends several question/answer pairs about facts of its documents, so
-each sequence carries several supervised answers; evaluation records (`eval.jsonl`) hold `prompt`, `answer` and the
-approximate length in words.
+each sequence carries several supervised answers; evaluation records (`eval.jsonl`) hold `prompt`, `answer`, the asked
+`key` and the approximate length in words.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def eval_records(n: int, cfg: RetrievalConfig, seed: int) -> Iterator[dict[str, 
     for _ in range(n):
         docs, facts = example(rng, cfg, filler)
         key, value = rng.choice(facts)
-        yield {"prompt": docs + question(key), "answer": f" {value}", "words": cfg.words}
+        yield {"prompt": docs + question(key), "answer": f" {value}", "words": cfg.words, "key": key}
 
 
 def write_jsonl(path: Path, records: Iterator[dict]) -> int:

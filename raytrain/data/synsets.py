@@ -2,9 +2,14 @@
 
 A caption is cleaned (URL-unquote, `+` to space, HTML tags removed, spaces collapsed, ftfy, lower case), split into
 sentences with a regex and tokenized by NLTK; each token is lemmatized as a noun and kept when `lemma.n.01` exists
-and is named after that lemma. Its key is the synset's offset, `n` + 8 digits (ImageNet's wnid form). The
-vocabulary is the most frequent keys of a data set, counted with Ray Data and saved as a JSON file; a caption's
-label set is the vocabulary indices of its keys (empty when none is known: the sample still trains on a zero target).
+and is named after that lemma. Its key is the synset's offset, `n` + 8 digits (ImageNet's wnid form; corenet's
+unpadded keys such as `n2084071` are read and normalised). The vocabulary is the most frequent keys of a data set,
+counted with Ray Data and saved as a JSON file; a caption's label set is the vocabulary indices of its keys (empty
+when none is known: the sample still trains on a zero target).
+
+The reference ignores the part of speech ("black" is a label). `noun_only` is the paper's stricter reading: a token
+counts only when WordNet's sense-tagged frequencies (SemCor, `cntlist.rev`) make its noun senses at least as common
+as those of any other part of speech. No POS tagger is packaged offline, so this is a context-free approximation.
 
 WordNet 3.0 is Debian's `wordnet-base` read through NLTK; `install_wordnet` lays Debian's files out the way NLTK's
 reader wants them (plus the `lexnames` file Debian lacks), with nothing downloaded.
@@ -33,7 +38,7 @@ log = logging.getLogger(__name__)
 
 DEBIAN_WORDNET = Path("/usr/share/wordnet")
 WORDNET_FILES = [f"{kind}.{pos}" for kind in ("data", "index") for pos in ("noun", "verb", "adj", "adv")] + [
-    f"{pos}.exc" for pos in ("noun", "verb", "adj", "adv")] + ["index.sense"]
+    f"{pos}.exc" for pos in ("noun", "verb", "adj", "adv")] + ["index.sense", "cntlist.rev"]
 # lexnames(5WN): file number, name, syntactic category (1 noun, 2 verb, 3 adjective, 4 adverb)
 LEXNAMES = (["adj.all", "adj.pert", "adv.all"]
             + [f"noun.{n}" for n in ("Tops", "act", "animal", "artifact", "attribute", "body", "cognition",
@@ -73,11 +78,16 @@ def default_nltk_root() -> Path:
 
 def install_wordnet(source: Path = DEBIAN_WORDNET, root: Path | None = None) -> Path:
     """Copy Debian's WordNet 3.0 files (copies: newer NLTK refuses symlinks) and `lexnames` into
-    `root/corpora/wordnet`, atomically; returns that directory."""
+    `root/corpora/wordnet`, atomically; an installation from before a file joined the list gets that file added."""
     target = (root or default_nltk_root()) / "corpora" / "wordnet"
-    if (target / "lexnames").is_file():
-        return target
     missing = [f for f in WORDNET_FILES if not (source / f).is_file()]
+    if (target / "lexnames").is_file():
+        for name in WORDNET_FILES:
+            if not (target / name).is_file() and name not in missing:
+                tmp = target / f".{name}.tmp"
+                shutil.copyfile(source / name, tmp)
+                os.replace(tmp, target / name)
+        return target
     if missing:
         raise WordNetError(f"WordNet 3.0 is not installed: {source} lacks {', '.join(missing[:3])}; run "
                            "`apt-get install wordnet-base wordnet-sense-index` (or `make setup`)")
@@ -101,6 +111,8 @@ def wordnet() -> Any:
 
     try:
         wn.ensure_loaded()
+        if not Path(str(wn.root), "cntlist.rev").is_file():  # installed before the sense counts joined the list
+            install_wordnet(root=Path(str(wn.root)).parent.parent)
     except LookupError:
         root = install_wordnet().parent.parent
         if str(root) not in nltk.data.path:
@@ -122,6 +134,13 @@ def _lemmatizer() -> Any:
 def synset_id(offset: int, pos: str = "n") -> str:
     """ImageNet-style id: `n02084071`."""
     return f"{pos}{offset:08d}"
+
+
+def normalised_id(key: str) -> str:
+    """`n2084071` (corenet's unpadded key) or `n02084071` -> `n02084071`; ValueError for anything else."""
+    if not re.fullmatch(r"n\d{1,8}", key):
+        raise ValueError(f"synset ids must look like n02084071 (or corenet's n2084071); found {key!r}")
+    return synset_id(int(key[1:]))
 
 
 def synset_name(sid: str) -> str:
@@ -150,10 +169,16 @@ def tokenize(text: str) -> list[str]:
     return [w for sentence in _SENTENCE_END.split(text) for w in nltk.word_tokenize(sentence, preserve_line=True)]
 
 
-def caption_synsets(caption: str) -> list[str]:
+def caption_synsets(caption: str, noun_only: bool = False) -> list[str]:
     """The synset ids a caption yields, in order of appearance, each once (no vocabulary filter)."""
+    return list(dict.fromkeys(occurrences(caption, noun_only)))
+
+
+def occurrences(caption: str, noun_only: bool = False) -> list[str]:
+    """The synset id of every token that yields one, in order (once per occurrence: the `occurrence` counting
+    unit)."""
     wn, lemmatize = wordnet(), _lemmatizer().lemmatize
-    out: dict[str, None] = {}
+    out = []
     for word in tokenize(clean_caption(caption)):
         lemma = lemmatize(word)
         name = f"{lemma}.n.01"
@@ -161,9 +186,20 @@ def caption_synsets(caption: str) -> list[str]:
             synset = wn.synset(name)
         except Exception:  # unknown lemma, or a malformed name (the reference skips on any exception)
             continue
-        if synset.name() == name:
-            out.setdefault(synset_id(synset.offset(), synset.pos()))
-    return list(out)
+        if synset.name() == name and (not noun_only or _mostly_noun(word)):
+            out.append(synset_id(synset.offset(), synset.pos()))
+    return out
+
+
+@functools.cache
+def _mostly_noun(word: str) -> bool:
+    """Whether the noun senses of `word` are tagged at least as often in SemCor as those of any other part of
+    speech (words never tagged count as nouns)."""
+    counts: dict[str, int] = {}
+    for lemma in wordnet().lemmas(word):
+        pos = "a" if lemma.synset().pos() == "s" else lemma.synset().pos()
+        counts[pos] = counts.get(pos, 0) + lemma.count()
+    return counts.get("n", 0) >= max(counts.values(), default=0)
 
 
 # ---- vocabulary ------------------------------------------------------------------------------------------------
@@ -176,6 +212,7 @@ class Vocabulary:
     counts: list[int]
     source: str  # fingerprint of the data set counted
     counting: str = "caption"  # caption (document frequency) | occurrence
+    noun_only: bool = False  # captions are mined with the noun filter (labels must be mined the same way)
 
     def __post_init__(self) -> None:
         self.index = {sid: i for i, sid in enumerate(self.ids)}
@@ -185,12 +222,20 @@ class Vocabulary:
 
     def labels(self, caption: str) -> list[int]:
         """Label indices of a caption (empty when none of its synsets is in the vocabulary)."""
-        return [self.index[s] for s in caption_synsets(caption) if s in self.index]
+        return [self.index[s] for s in caption_synsets(caption, self.noun_only) if s in self.index]
+
+    def truncated(self, top_k: int | None, min_count: int) -> Vocabulary:
+        """The first `top_k` entries (the file's order: most frequent first, as corenet takes the first V keys) of
+        those counted at least `min_count` times."""
+        kept = [(s, c) for s, c in zip(self.ids, self.counts) if c >= min_count][:top_k]
+        if not kept:
+            raise VocabularyError(f"no synset of the vocabulary has a count of at least min_count={min_count}")
+        return Vocabulary([s for s, _ in kept], [c for _, c in kept], self.source, self.counting, self.noun_only)
 
     def to_json(self) -> str:
         entries = [{"id": s, "name": synset_name(s), "count": c} for s, c in zip(self.ids, self.counts)]
         return json.dumps({"format": VOCAB_FORMAT, "source": self.source, "counting": self.counting,
-                           "synsets": entries}, indent=1) + "\n"
+                           "noun_only": self.noun_only, "synsets": entries}, indent=1) + "\n"
 
     @classmethod
     def from_json(cls, text: str, where: str) -> Vocabulary:
@@ -199,12 +244,13 @@ class Vocabulary:
             if raw.get("format") != VOCAB_FORMAT:
                 raise ValueError(f"format is {raw.get('format')!r}, expected {VOCAB_FORMAT!r}")
             entries = raw["synsets"]
-            ids = [e["id"] for e in entries]
-            bad = [s for s in ids if not re.fullmatch(r"n\d{8}", s)]
-            if bad or not ids:
-                raise ValueError(f"synset ids must look like n02084071; found {bad[:3] or 'none'}")
+            ids = [normalised_id(e["id"]) for e in entries]
+            if not ids:
+                raise ValueError("it lists no synsets")
+            if len(set(ids)) < len(ids):
+                raise ValueError(f"synset {next(i for i in ids if ids.count(i) > 1)} is listed twice")
             return cls(ids, [int(e.get("count", 0)) for e in entries], raw.get("source", ""),
-                       raw.get("counting", "caption"))
+                       raw.get("counting", "caption"), bool(raw.get("noun_only", False)))
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise VocabularyError(f"vocabulary file {where}: {e}") from None
 
@@ -242,43 +288,33 @@ def fingerprint(captions: Iterable[str]) -> str:
 class _KeyMiner:
     """Ray Data actor: caption batch -> one row per (caption, synset id); loads WordNet once per actor."""
 
-    def __init__(self, per_occurrence: bool) -> None:
+    def __init__(self, per_occurrence: bool, noun_only: bool) -> None:
         wordnet()
-        self.per_occurrence = per_occurrence
+        self.per_occurrence, self.noun_only = per_occurrence, noun_only
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         keys: list[str] = []
         for caption in batch["caption"]:
-            keys += occurrences(caption) if self.per_occurrence else caption_synsets(caption)
+            keys += (occurrences if self.per_occurrence else caption_synsets)(caption, self.noun_only)
         return {"key": keys}
 
 
-def occurrences(caption: str) -> list[str]:
-    """Like `caption_synsets` but once per occurrence (the `occurrence` counting unit)."""
-    found = caption_synsets(caption)
-    if not found:
-        return []
-    wn, lemmatize = wordnet(), _lemmatizer().lemmatize
-    ids = {wn.synset_from_pos_and_offset("n", int(s[1:])).name().split(".")[0]: s for s in found}
-    return [ids[lemma] for lemma in map(lemmatize, tokenize(clean_caption(caption))) if lemma in ids]
-
-
 def build_vocabulary(captions: Any, source: str, top_k: int | None, min_count: int = 1,
-                     counting: str = "caption", actors: int = 1) -> Vocabulary:
+                     counting: str = "caption", actors: int = 1, noun_only: bool = False) -> Vocabulary:
     """Count synset ids over a Ray Dataset with a `caption` column and keep the top-k / count >= min_count."""
     import ray.data
 
     if counting not in ("caption", "occurrence"):
         raise VocabularyError(f"counting={counting!r}; expected caption or occurrence")
     keys = captions.select_columns(["caption"]).map_batches(
-        _KeyMiner, fn_constructor_kwargs={"per_occurrence": counting == "occurrence"}, batch_size=256,
-        compute=ray.data.ActorPoolStrategy(size=actors))
+        _KeyMiner, fn_constructor_kwargs={"per_occurrence": counting == "occurrence", "noun_only": noun_only},
+        batch_size=256, compute=ray.data.ActorPoolStrategy(size=actors))
     counts = {row["key"]: int(row["count()"]) for row in keys.groupby("key").count().take_all()}
     kept = select(counts, top_k, min_count)
     if not kept:
         raise VocabularyError(f"no synset occurs at least {min_count} times in the captions; lower the "
                               "vocabulary's min_count or check the caption column")
-    return Vocabulary([k for k, _ in kept], [c for _, c in kept], source, counting)
+    return Vocabulary([k for k, _ in kept], [c for _, c in kept], source, counting, noun_only)
 
 
 def label_report(captions: Sequence[str], vocab: Vocabulary) -> dict[str, float]:

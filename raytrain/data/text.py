@@ -1,12 +1,14 @@
 """Text corpora on Ray Data: read, split, tokenize and chunk into fixed-length training sequences.
 
 Inputs are a directory, glob or file of .txt (one document per file), .jsonl (one document per line, field
-`text_field`) or .parquet (column `text_field`), or `embedded:<name>` (a source of `corpus.py`); with no path, the
-embedded corpus. Chunking follows OpenELM's `general_lm` rules (spec section 3): split each document into pieces
-of `words_per_piece` words, drop pieces under `min_chars` normalised characters, tokenize with BOS and EOS, drop
-pieces under `min_tokens` tokens, then truncate or pad to `seq_len + 1` tokens. `packing=true` instead
-concatenates the pieces of a batch and cuts them into full sequences (no padding; logged as a deviation from the
-reference).
+`text_field`), .parquet or .arrow (column `text_field`; .arrow files are Arrow IPC streams, what the `datasets`
+package writes), a directory a `datasets` Dataset or DatasetDict was saved to (`save_to_disk`; split `split`), or
+`embedded:<name>` (a source of `corpus.py`); with no path, the embedded corpus. Chunking follows OpenELM's
+`general_lm` rules (spec section 3): split each document into pieces of `words_per_piece` words, drop pieces under
+`min_chars` normalised characters, tokenize with BOS and EOS, drop pieces under `min_tokens` tokens, then truncate
+or pad to `seq_len + 1` tokens. `packing=true` instead concatenates the pieces of a batch and cuts them into full
+sequences (no padding; logged as a deviation from the reference). The rows travel as one fixed-shape int32 tensor
+column, "tokens".
 
 Several `sources` with `mixture` weights form a data mixture: each source is tokenized and counted, then sampled
 (repeated where its weight asks for more rows than it has) so that one epoch of the mixture holds as many rows as
@@ -35,7 +37,9 @@ from raytrain.data.tokenizer import TokenizerFiles, fingerprint, from_files
 
 log = logging.getLogger(__name__)
 
-FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
+FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".arrow": "arrow"}
+SAVED_DATASET = ("state.json", "dataset_dict.json")  # what Dataset / DatasetDict.save_to_disk write
+DATASET_METADATA = {"dataset_info.json", *SAVED_DATASET}  # beside .arrow files; not documents
 EMBEDDED = "embedded:"
 _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
 
@@ -49,8 +53,9 @@ class TextDataConfig:
     path: str | None = None  # directory, glob, file or embedded:<name>; None = the embedded corpus
     sources: dict[str, str] | None = None  # several named paths (like `path`) mixed by `mixture`; replaces `path`
     mixture: dict[str, float] | None = None  # source name -> sampling weight (absent = 0); None = natural sizes
-    format: str = "auto"  # txt | jsonl | parquet | auto (by file extension)
-    text_field: str = "text"  # jsonl field / parquet column holding the document
+    format: str = "auto"  # txt | jsonl | parquet | arrow | auto (by file extension)
+    text_field: str = "text"  # jsonl field / parquet or arrow column holding the document
+    split: str = "train"  # the split of a saved `datasets` DatasetDict
     seq_len: int = 2048
     words_per_piece: int = 2048
     min_chars: int = 200
@@ -64,7 +69,7 @@ class TextDataConfig:
 
     def __post_init__(self) -> None:
         if self.format not in ("auto", *FORMATS.values()):
-            raise ValueError(f"format={self.format!r}; expected auto, txt, jsonl or parquet")
+            raise ValueError(f"format={self.format!r}; expected auto, txt, jsonl, parquet or arrow")
         if self.seq_len < 2 or self.words_per_piece < 1:
             raise ValueError("seq_len must be >= 2 and words_per_piece >= 1")
         if self.sources is not None and self.path is not None:
@@ -134,11 +139,16 @@ def check_paths(cfg: TextDataConfig) -> None:
                 where = "data.path" if cfg.sources is None else f"data.sources.{name}"
                 raise DataError(f"{where}={path}: no such embedded source (known: {', '.join(corpus.SOURCES)})")
         else:
-            resolve_files(path, cfg.format)
+            resolve_files(path, cfg.format, cfg.split)
 
 
-def resolve_files(path: str, fmt: str = "auto") -> tuple[list[str], str]:
-    """Expand a directory, glob or file into a sorted file list of one format."""
+def resolve_files(path: str, fmt: str = "auto", split: str = "train") -> tuple[list[str], str]:
+    """Expand a directory, glob or file into a sorted file list of one format; a directory a `datasets` dataset
+    was saved to gives its Arrow files (of `split`, for a DatasetDict)."""
+    if Path(path).is_dir() and any((Path(path) / name).is_file() for name in SAVED_DATASET):
+        if fmt not in ("auto", "arrow"):
+            raise DataError(f"data.path={path} is a saved Hugging Face dataset (Arrow files), not data.format={fmt}")
+        return saved_dataset_files(path, split), "arrow"
     if any(ch in path for ch in "*?["):
         candidates = sorted(glob.glob(path, recursive=True))
         if not candidates:
@@ -148,9 +158,10 @@ def resolve_files(path: str, fmt: str = "auto") -> tuple[list[str], str]:
         if not p.exists():
             raise DataError(f"data.path={path}: no such file or directory")
         candidates = sorted(str(f) for f in p.rglob("*")) if p.is_dir() else [str(p)]
-    files = [f for f in candidates if Path(f).is_file() and Path(f).suffix in FORMATS]
+    files = [f for f in candidates
+             if Path(f).is_file() and Path(f).suffix in FORMATS and Path(f).name not in DATASET_METADATA]
     if not files:
-        raise DataError(f"data.path={path}: no .txt, .jsonl or .parquet files there")
+        raise DataError(f"data.path={path}: no .txt, .jsonl, .parquet or .arrow files there")
     formats = {FORMATS[Path(f).suffix] for f in files} if fmt == "auto" else {fmt}
     if len(formats) > 1:
         raise DataError(f"data.path={path}: mixes formats {sorted(formats)}; set data.format or narrow the path")
@@ -159,6 +170,25 @@ def resolve_files(path: str, fmt: str = "auto") -> tuple[list[str], str]:
     if all(Path(f).stat().st_size == 0 for f in files):
         raise DataError(f"data.path={path}: every file is empty")
     return files, fmt
+
+
+def saved_dataset_files(path: str, split: str) -> list[str]:
+    """The Arrow files of a `datasets` Dataset (or of split `split` of a DatasetDict) saved with `save_to_disk`.
+    `datasets` only opens them (memory-mapped); Ray Data reads them in its tasks."""
+    import datasets
+
+    try:
+        saved = datasets.load_from_disk(path)
+    except Exception as e:  # datasets raises FileNotFoundError, JSON and Arrow errors for damaged directories
+        raise DataError(f"data.path={path}: not a readable saved Hugging Face dataset ({e})") from None
+    if isinstance(saved, datasets.DatasetDict):
+        if split not in saved:
+            raise DataError(f"data.split={split}: {path} holds the splits {', '.join(saved)}")
+        saved = saved[split]
+    files = [f["filename"] for f in saved.cache_files]
+    if not files:
+        raise DataError(f"data.path={path}: the saved dataset has no Arrow files")
+    return files
 
 
 def _decode_txt(batch: dict[str, Any]) -> dict[str, Any]:
@@ -191,12 +221,17 @@ def read_documents(cfg: TextDataConfig, path: str | None) -> Any:
         return ray.data.from_items([{"text": t} for t in corpus.documents()])
     if path.startswith(EMBEDDED):
         return ray.data.from_items([{"text": t} for t in corpus.source(path.removeprefix(EMBEDDED))])
-    files, fmt = resolve_files(path, cfg.format)
+    files, fmt = resolve_files(path, cfg.format, cfg.split)
     random.Random(cfg.shuffle_seed).shuffle(files)  # the reference shuffles the file list, not documents
     if fmt == "txt":
         return ray.data.read_binary_files(files).map_batches(_decode_txt, batch_format="numpy")
     if fmt == "jsonl":
         return ray.data.read_text(files).map_batches(_parse_jsonl, fn_kwargs={"field": cfg.text_field})
+    if fmt == "arrow":
+        from raytrain.data.arrow_files import ArrowStreamFiles, check_column
+
+        check_column(files[0], cfg.text_field)
+        return ray.data.read_datasource(ArrowStreamFiles(files, cfg.text_field))
     _check_parquet_column(files[0], cfg.text_field)
     return ray.data.read_parquet(files, columns=[cfg.text_field]).rename_columns({cfg.text_field: "text"})
 
@@ -228,8 +263,13 @@ def tokenize_documents(docs: list[str], cfg: TextDataConfig, tok: Any) -> np.nda
     return to_sequences(ids, cfg, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
 
 
-def _tokenize_batch(batch: dict[str, Any], cfg: TextDataConfig, files_json: str, key: str) -> dict[str, Any]:
-    return {"tokens": tokenize_documents(list(batch["text"]), cfg, _cached_tokenizer(key, files_json))}
+def _tokenize_batch(batch: dict[str, Any], cfg: TextDataConfig, files_json: str,
+                    key: str) -> Iterator[dict[str, Any]]:
+    """Yields nothing for a batch without a usable piece: an empty (0, seq_len + 1) array is no Arrow tensor, and
+    Ray Data would store that block's column as pickled objects."""
+    tokens = tokenize_documents(list(batch["text"]), cfg, _cached_tokenizer(key, files_json))
+    if len(tokens):
+        yield {"tokens": tokens}
 
 
 def build_dataset(cfg: TextDataConfig, tokenizer_files: TokenizerFiles) -> Any:

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from raytrain.config import ConfigError, RaytrainError
-from raytrain.infer.lazyllm import LazyConfig, LazySequence
+from raytrain.infer.lazyllm import LazyConfig, LazySequence, pays_off
 from raytrain.infer.kv_cache import SlotKVCache
 from raytrain.infer.model_runner import ModelRunner
 from raytrain.infer.sampling import SamplingParams, SamplingTable
@@ -103,8 +103,8 @@ class Engine:
         n_slots = self._slots()
         self.scheduler = Scheduler(n_slots, max(1, self.config.max_step_tokens))
         cuda = self.device.type == "cuda"
-        if cuda and self.config.fused_kernels:
-            ops.use_fused_kernels()
+        if cuda:  # process-wide: the replica or benchmark process runs one engine configuration at a time
+            ops.use_fused_kernels(self.config.fused_kernels)
         self.runner = ModelRunner(model, n_slots, self.max_len + self.tree_margin, self.config.cuda_graphs,
                                   compile_decode=cuda and self.config.compile_decode)
         self.speculative = (SpecStreamDecoder(model, self.runner.cache, self.config.specstream)
@@ -130,12 +130,13 @@ class Engine:
     @classmethod
     def from_checkpoint(cls, path: str | Path, config: EngineConfig | None = None, device: str = "cpu",
                         dtype: torch.dtype | None = None, tokenizer: str | None = None,
-                        keep_compressed: bool = False) -> Engine:
-        """`keep_compressed`: compressed layers stay compressed in memory (`load_pretrained`)."""
+                        keep_compressed: bool = False, adapter: str | Path | None = None) -> Engine:
+        """`keep_compressed`: compressed layers stay compressed in memory; `adapter`: a LoRA adapter of this base
+        (both as `load_pretrained` takes them)."""
         from raytrain.checkpoint.hf import load_pretrained
 
         pretrained = load_pretrained(path, device=device, dtype=dtype, tokenizer=tokenizer,
-                                     keep_compressed=keep_compressed)
+                                     keep_compressed=keep_compressed, adapter=adapter)
         if pretrained.tokenizer is None:
             raise RaytrainError(f"{pretrained.path} has no tokenizer files; pass a tokenizer directory")
         return cls(pretrained.model, pretrained.tokenizer, config)
@@ -260,10 +261,18 @@ class Engine:
     def _admit(self) -> None:
         while self._inbox:
             seq = self._inbox.popleft()
-            lazy = self.config.lazy and len(seq.prompt) >= self.config.lazyllm.min_prompt_tokens
+            lazy = self._runs_lazy(len(seq.prompt))
             if not lazy and self.speculative is not None and self.speculative.accepts(seq.params):
                 seq.spec = SpecState()
             (self.lazy_waiting if lazy else self.scheduler.waiting).append(seq)
+
+    def _runs_lazy(self, prompt_tokens: int) -> bool:
+        """LazyLLM for long prompts, unless its schedule measured no faster for this length class: those prompts
+        join the batch (CUDA-graph decode) rather than a one-sequence plain path."""
+        lazy = self.config.lazyllm
+        if not self.config.lazy or prompt_tokens < lazy.min_prompt_tokens:
+            return False
+        return not lazy.never_slower or pays_off(self.model, lazy, prompt_tokens)
 
     def _cancelled(self) -> list[Sequence]:
         every = [*self.scheduler.waiting, *self.scheduler.running, *self.lazy_waiting, self.lazy_running]

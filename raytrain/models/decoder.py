@@ -1,9 +1,11 @@
 """Decoder-only transformer family (plain PyTorch, no Ray).
 
 One configurable architecture covers OpenELM and the AFM presets: pre-norm RMSNorm blocks, fused QKV projection with
-per-head QK RMSNorm applied before rotary embeddings, grouped-query attention through
-`scaled_dot_product_attention`, SwiGLU feed-forward and tied input/output embeddings. Per-layer widths come either
-from OpenELM's layer-wise scaling (`LayerScaling`, with the reference rounding) or from explicit head/FFN sizes.
+per-head QK RMSNorm applied before rotary embeddings (OpenELM) or after them (AFM: axlearn rotates inside the QKV
+projection; `qk_norm_after_rope`, since the learned gain does not commute with the rotation), grouped-query attention
+through `scaled_dot_product_attention`, SwiGLU feed-forward and tied input/output embeddings. Per-layer widths come
+either from OpenELM's layer-wise scaling (`LayerScaling`, with the reference rounding) or from explicit head/FFN
+sizes.
 Presets live in `conf/model/*.yaml`; see `../shared/specs/openelm.md` for the rules implemented here. With
 `streams` set, the top layers can also run Speculative Streaming's multi-stream attention (`streams.py`,
 `forward_streams`); the plain forward never uses them.
@@ -54,6 +56,7 @@ class DecoderConfig:
     rope_cache_len: int | None = None  # positions precomputed for RoPE; None = 2 * max_seq_len (reference)
     norm_eps: float = 1e-6
     qk_norm: bool = True
+    qk_norm_after_rope: bool = False  # AFM (axlearn) normalises rotated q, k; OpenELM normalises before RoPE
     tie_embeddings: bool = True
     output_init: str = "depth_scaled"  # out/down projections: depth_scaled (OpenELM) | fan_in (AFM, axlearn)
     streams: StreamConfig | None = None  # Speculative Streaming's stream embeddings and pruning adapter; None = off
@@ -184,14 +187,18 @@ class Attention(nn.Module):
         self.qkv_proj = Linear(d, (self.n_q + 2 * self.n_kv) * hd, std=d ** -0.5)
         self.q_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.norm_after_rope = cfg.qk_norm_after_rope
         self.out_proj = Linear(self.n_q * hd, d, std=cfg.output_std(self.n_q * hd))
 
     def project(self, x: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (B, T, d) -> q (B, n_q, T, hd), k and v (B, n_kv, T, hd); q and k normalised, then rotated."""
+        """x (B, T, d) -> q (B, n_q, T, hd), k and v (B, n_kv, T, hd); q and k normalised, then rotated (or rotated,
+        then normalised: `qk_norm_after_rope`)."""
         B, T, _ = x.shape
         qkv = self.qkv_proj(x).view(B, T, self.n_q + 2 * self.n_kv, self.head_dim).transpose(1, 2)
         q, k, v = qkv.split([self.n_q, self.n_kv, self.n_kv], dim=1)
+        if self.norm_after_rope:
+            return self.q_norm(ops.rope(q, cos, sin)), self.k_norm(ops.rope(k, cos, sin)), v
         return ops.rope(self.q_norm(q), cos, sin), ops.rope(self.k_norm(k), cos, sin), v
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Any, layer: int) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Model families by name: turns a model config mapping (a `conf/model/*.yaml` preset or a checkpoint's
 `config.json`) into a typed config and a module. Families: `decoder` (OpenELM, AFM), `vit` (CatLIP's image
-encoder) and `clip` (ViT image tower + decoder text tower)."""
+encoder), `clip` (ViT image tower + decoder text tower) and `vlm` (ViT -> projector -> decoder, with Victor's
+registers)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from raytrain.config import ConfigError, to_dataclass
+from raytrain.config import ConfigError, plain, to_dataclass
 from raytrain.models.clip import ClipConfig, build_clip
 from raytrain.models.decoder import DecoderConfig, build_decoder
 from raytrain.models.pillars import PillarNetConfig, build_pillarnet
 from raytrain.models.vit import ViTConfig, build_vit
+from raytrain.models.vlm import VLMConfig, build_vlm
 
 
 @dataclass(frozen=True)
@@ -26,12 +28,14 @@ class Family:
 
 FAMILIES: dict[str, Family] = {"decoder": Family(DecoderConfig, build_decoder), "vit": Family(ViTConfig, build_vit),
                                "clip": Family(ClipConfig, build_clip),
-                               "pillarnet": Family(PillarNetConfig, build_pillarnet)}
+                               "pillarnet": Family(PillarNetConfig, build_pillarnet),
+                               "vlm": Family(VLMConfig, build_vlm)}
 
 
 def model_config(node: Mapping[str, Any], key: str = "model") -> Any:
-    """`node` carries `family` (default "decoder") plus that family's config fields."""
-    fields = dict(node)
+    """`node` carries `family` (default "decoder") plus that family's config fields (interpolations resolved
+    against the whole config, e.g. job=vlm's `${vlm.registers}`)."""
+    fields = dict(plain(node))
     family = fields.pop("family", "decoder")
     if family not in FAMILIES:
         raise ConfigError(f"{key}.family={family!r} is unknown; known: {', '.join(sorted(FAMILIES))}")

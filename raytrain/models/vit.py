@@ -5,7 +5,8 @@ Differences from the original ViT (spec `catlip.md` section 2.3): a convolutiona
 embedding is added to the patch tokens only and is bilinearly resized for other input sizes; the CLS token is
 prepended after it. Pre-norm blocks with biases, LayerNorm in fp32 (eps 1e-6), GELU MLP, SDPA attention, no dropout.
 The head is final LN -> CLS -> Linear(d, num_classes); with `num_classes=0` the model returns CLS features (the
-CLIP image tower). Presets: `conf/model/vit_*.yaml`.
+CLIP image tower). With `range_augment` the model carries RangeAugment's 6 learnt range scalars
+(`range_augment.py`) and, in training mode, classifies augmented images. Presets: `conf/model/vit_*.yaml`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from raytrain.models.range_augment import RangeAugment
 
 PATCH = 16  # total stride of the stem
 BASE_GRID = 14  # the positional embedding is learnt for 224 / 16 = 14 patches per side
@@ -32,6 +35,7 @@ class ViTConfig:
     image_size: int = 224  # training resolution; other sizes resize the positional embedding
     pos_grid: int = BASE_GRID  # patches per side the positional embedding is stored for
     norm_eps: float = 1e-6
+    range_augment: bool = False  # learnt brightness / contrast / noise ranges applied in training (CatLIP recipes)
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
@@ -110,6 +114,7 @@ class ViT(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = LayerNorm(d, eps=cfg.norm_eps)
         self.head = nn.Linear(d, cfg.num_classes) if cfg.num_classes else None
+        self.augment = RangeAugment() if cfg.range_augment else None
         self.activation_checkpointing = False
         self.reset_parameters()
 
@@ -141,22 +146,31 @@ class ViT(nn.Module):
             pos = F.interpolate(pos, size=grid, mode="bilinear", align_corners=False)
         return pos.flatten(2).transpose(1, 2)
 
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> final-norm CLS vector (B, d)."""
+    def tokens(self, images: torch.Tensor, blocks: int | None = None) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, 1 + h*w, d): CLS then the patch tokens (row-major) after the first `blocks` blocks
+        (None: all of them), before the final norm."""
         x = self.stem(images)  # (B, d, h, w)
         grid = tuple(x.shape[-2:])
         x = x.flatten(2).transpose(1, 2) + self.positions(grid).to(x.dtype)  # (B, h*w, d)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)  # (B, 1 + h*w, d)
-        for block in self.layers:
+        for block in self.layers[:blocks]:
             if self.activation_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
-        return self.norm(x[:, 0])
+        return x
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> final-norm CLS vector (B, d)."""
+        return self.norm(self.tokens(images)[:, 0])
+
+    def forward(self, images: torch.Tensor, return_augmented: bool = False) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """`return_augmented`: also the images the model saw (RangeAugment's in training, else the inputs)."""
+        if self.augment is not None and self.training:
+            images = self.augment(images)
         cls = self.features(images)
-        return self.head(cls) if self.head is not None else cls
+        out = self.head(cls) if self.head is not None else cls
+        return (out, images) if return_augmented else out
 
     def param_counts(self) -> dict[str, int]:
         count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731

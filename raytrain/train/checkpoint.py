@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from raytrain.checkpoint.hf import CheckpointError, latest_run_checkpoint, model_state, save_pretrained
+from raytrain.checkpoint.hf import CheckpointError, latest_run_checkpoint, model_state
 from raytrain.data.tokenizer import fingerprint
 from raytrain.models.registry import config_dict
 from raytrain.train.config import TrainJob
@@ -47,21 +47,25 @@ def checkpoint_name(step: int) -> str:
 
 
 def save(engine: Any, model: torch.nn.Module, job: TrainJob, progress: Progress, rank: int, world: int,
-         zero3: bool, export: dict[str, torch.Tensor] | None = None) -> str:
-    """Write this rank's part of the checkpoint for `progress.step` into a fresh local directory; `model/` holds
-    `export` when given (e.g. EMA weights), else the model's weights."""
+         zero3: bool, work: Any) -> str:
+    """Write this rank's part of the checkpoint for `progress.step` into a fresh local directory; the task's worker
+    `work` (`tasks.Worker`) chooses what `model/` holds (e.g. EMA weights, an adapter; by default the model's
+    weights) and whether frozen parameters stay out of the DeepSpeed state."""
     d = Path(tempfile.mkdtemp(prefix="raytrain-ckpt-"))
     tag = checkpoint_name(progress.step)
-    engine.save_checkpoint(str(d / "ds"), tag=tag, client_state={"progress": asdict(progress)})
+    engine.save_checkpoint(str(d / "ds"), tag=tag, client_state={"progress": asdict(progress)},
+                           exclude_frozen_parameters=work.frozen_base)
     (d / "rng").mkdir()
     torch.save(_rng_state(), d / "rng" / f"rank{rank:05d}.pt")
-    state = export if export is not None else _gather_state(model, rank, zero3)
+    state = work.export_state()
+    if state is None:
+        state = _gather_state(model, rank, zero3)
     if rank == 0:
         meta = {"run": job.run_name, "step": progress.step, "tokens": progress.tokens, "model": job.model.name,
                 "seq_len": getattr(job.data, "seq_len", None),  # None for image tasks
                 "skipped_steps": progress.skipped_steps, "init_from": job.trainer.init_from,
                 "teacher": job.objective.teacher}
-        save_pretrained(d / "model", job.model, state, job.tokenizer_files, meta)
+        work.write_export(d / "model", state, meta)
         manifest = {"tag": tag, "step": progress.step, "world_size": world,
                     "zero_stage": job.trainer.zero_stage, "optim": job.optim.name, "model": config_dict(job.model),
                     "tokenizer": fingerprint(job.tokenizer_files), "run": job.run_name}
@@ -111,10 +115,12 @@ def check_compatible(manifest: dict[str, Any], job: TrainJob, where: str) -> Non
                               f"trainer.zero_stage={job.trainer.zero_stage} cannot load its shards")
 
 
-def restore(engine: Any, directory: str, job: TrainJob, rank: int, world: int) -> Progress:
+def restore(engine: Any, directory: str, job: TrainJob, rank: int, world: int, frozen_base: bool = False) -> Progress:
+    """`frozen_base`: the checkpoint holds only the trainable parameters (the rest came from the base)."""
     manifest = read_manifest(directory, world)
     check_compatible(manifest, job, directory)
-    path, client = engine.load_checkpoint(str(Path(directory) / "ds"), tag=manifest["tag"])
+    path, client = engine.load_checkpoint(str(Path(directory) / "ds"), tag=manifest["tag"],
+                                          load_module_strict=not frozen_base)
     if path is None:
         raise CheckpointError(f"checkpoint {directory}: DeepSpeed found no state under ds/{manifest['tag']}")
     _set_rng_state(torch.load(Path(directory) / "rng" / f"rank{rank:05d}.pt", weights_only=False))

@@ -28,18 +28,31 @@ def resolve_precision(precision: str, use_gpu: bool) -> str:
     return precision
 
 
+def engine_zero_stage(t: TrainerConfig) -> int:
+    """The ZeRO stage the engine runs: `trainer.zero_stage`, except ZeRO-3 on one worker, which partitions nothing
+    there (every shard is the whole tensor) and only adds its gather and release hooks around every module: it runs
+    as ZeRO-2, whose memory is the same on one rank. Checkpoints still record the configured stage."""
+    return 2 if t.zero_stage == 3 and t.num_workers == 1 else t.zero_stage
+
+
 def deepspeed_config(t: TrainerConfig, precision: str) -> dict[str, Any]:
-    zero: dict[str, Any] = {"stage": t.zero_stage}
-    if t.zero_stage == 3:
+    """Nothing in it makes the host wait for the device every step: gradient reduction overlaps the backward only
+    when there is communication to overlap (DeepSpeed synchronises the device after each backward when it does),
+    and bf16 runs without DeepSpeed's per-step overflow check (a device-to-host copy): bf16 has no loss scale to
+    adjust, and a non-finite gradient shows as a non-finite loss at the next log step, which ends the run before
+    anything is saved."""
+    stage = engine_zero_stage(t)
+    zero: dict[str, Any] = {"stage": stage}
+    if stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
-    if t.zero_stage >= 2:
-        zero.update(overlap_comm=True, contiguous_gradients=True)
+    if stage >= 2:
+        zero.update(overlap_comm=t.num_workers > 1, contiguous_gradients=True)
     return {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum,
         "gradient_clipping": t.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": precision == "bf16"},
+        "bf16": {"enabled": precision == "bf16", "check_grad_overflow": False},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,  # progress is ours; keep DeepSpeed's own step logs quiet
         "wall_clock_breakdown": False,

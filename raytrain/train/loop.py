@@ -25,8 +25,8 @@ from raytrain.models.registry import build_model
 from raytrain.train import checkpoint, tasks
 from raytrain.train.checkpoint import Progress
 from raytrain.train.config import TrainJob
-from raytrain.train.engine import (apply_model_options, deepspeed_config, initialize, model_init_context,
-                                   resolve_precision)
+from raytrain.train.engine import (apply_model_options, deepspeed_config, engine_zero_stage, initialize,
+                                   model_init_context, resolve_precision)
 from raytrain.train.optim import build_optimizer, build_scheduler
 from raytrain.train.tracking import Tracker
 
@@ -47,19 +47,23 @@ def train_loop(job: TrainJob) -> dict[str, Any]:
     t = job.trainer
     precision = resolve_precision(t.precision, t.use_gpu)
     ds_config = deepspeed_config(t, precision)
+    if rank == 0 and ds_config["zero_optimization"]["stage"] != t.zero_stage:
+        log.info("trainer.zero_stage=%d on one worker runs as ZeRO-%d: there is nothing to partition", t.zero_stage,
+                 ds_config["zero_optimization"]["stage"])
 
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     model = _build(job, ds_config, device)
     work = tasks.worker(job, model, torch.bfloat16 if precision == "bf16" else torch.float32, device)
     optimizer = build_optimizer(model, job.optim, fused=t.use_gpu, grad_clip=t.grad_clip)
     total = job.schedule.total_steps or t.max_steps
-    engine = initialize(model, optimizer, lambda opt: build_scheduler(opt, job.optim.lr, job.schedule, total),
+    skipped = getattr(optimizer, "last_step_skipped", None)  # adastar: a skipped update does not advance the LR
+    engine = initialize(model, optimizer, lambda opt: build_scheduler(opt, job.optim.lr, job.schedule, total, skipped),
                         ds_config)
 
     progress = Progress()
     if (ckpt := ray.train.get_checkpoint()) is not None:
         with ckpt.as_directory() as d:
-            progress = checkpoint.restore(engine, d, job, rank, world)
+            progress = checkpoint.restore(engine, d, job, rank, world, work.frozen_base)
             work.restore(Path(d) / "model")
         if rank == 0:
             log.info("resumed run %s at step %d", job.run_name, progress.step)
@@ -91,7 +95,8 @@ def _train(engine: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer
            progress: Progress, tracker: Tracker, rank: int, world: int, device: torch.device) -> dict[str, Any]:
     """Optimizer steps until `max_steps` (or `stop_after_steps`). Losses stay on the device and are reduced across
     ranks only at log and checkpoint steps, so the host never waits on the GPU in between; a non-finite mean at
-    such a step ends the run before anything is saved."""
+    such a step ends the run before anything is saved. The time the loop waits for batches is logged as a share of
+    each window (`data_wait`)."""
     import ray.train
 
     t = job.trainer
@@ -99,16 +104,20 @@ def _train(engine: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer
     batches = _batches(ray.train.get_dataset_shard("train"), job, progress, device, work)
     meter = _Throughput(job, work, world)
     step_units = units_per_step(job, work, world)
-    skips = getattr(optimizer, "skips", None)
+    skipped = getattr(optimizer, "last_step_skipped", None)  # adastar's skip rule (DeepSpeed does not see it)
     window, window_steps = torch.zeros(len(work.metrics), device=device), 0
     while progress.step < stop_at:
+        work.step = progress.step
         for _ in range(t.grad_accum):
-            loss, parts = work.loss(engine, next(batches))
+            waited = time.perf_counter()
+            inputs = next(batches)
+            meter.data_wait_s += time.perf_counter() - waited
+            loss, parts = work.loss(engine, inputs)
             engine.backward(loss)
             engine.step()
             window += parts
-        if not engine.was_step_applied() or (skips is not None and skips(_grad_norm(engine))):  # adastar reads
-            progress.skipped_steps += 1  # the same norm on the host inside its step, so this adds no GPU wait
+        if not engine.was_step_applied() or (skipped is not None and skipped()):
+            progress.skipped_steps += 1
         work.after_step()
         progress.step += 1
         progress.tokens += step_units
@@ -147,8 +156,8 @@ def _save_and_report(engine: Any, model: torch.nn.Module, work: tasks.Worker, jo
                      metrics: dict[str, float], rank: int, world: int) -> None:
     import ray.train
 
-    directory = checkpoint.save(engine, model, job, progress, rank, world, job.trainer.zero_stage == 3,
-                                work.export_state())
+    directory = checkpoint.save(engine, model, job, progress, rank, world, engine_zero_stage(job.trainer) == 3,
+                                work)
     ray.train.report({"step": progress.step, "loss": metrics["loss"]},
                      checkpoint=ray.train.Checkpoint.from_directory(directory),
                      checkpoint_dir_name=checkpoint.checkpoint_name(progress.step))
@@ -156,15 +165,20 @@ def _save_and_report(engine: Any, model: torch.nn.Module, work: tasks.Worker, jo
 
 def _batches(shard: Any, job: TrainJob, progress: Progress, device: torch.device, work: tasks.Worker) -> Iterator[Any]:
     """The task's inputs, a micro-batch at a time, epoch after epoch; on resume, skips what the checkpoint consumed.
-    Ray Train splits the dataset equally and in order, so every rank sees the same number of batches."""
+    Ray Train splits the dataset equally and in order, so every rank sees the same number of batches. Ray Data
+    collates and copies each batch to the GPU in a background thread; from pinned memory that copy is queued on the
+    device without the thread waiting for the work already queued there, so the next batch is ready when the loop
+    asks for it (a copy from pageable memory would wait for the device to drain, every step)."""
     skip = progress.epoch_batches
     while True:
         buffer = job.data.shuffle_buffer or None
         seen = 0
-        for batch in shard.iter_torch_batches(batch_size=job.trainer.micro_batch_size, drop_last=True,
-                                              dtypes=work.dtypes, device=device, local_shuffle_buffer_size=buffer,
-                                              local_shuffle_seed=job.data.shuffle_seed + progress.epoch
-                                              if buffer else None):
+        stream = shard.iter_torch_batches(batch_size=job.trainer.micro_batch_size, drop_last=True,
+                                          dtypes=work.dtypes, device=device, pin_memory=device.type == "cuda",
+                                          local_shuffle_buffer_size=buffer,
+                                          local_shuffle_seed=job.data.shuffle_seed + progress.epoch
+                                          if buffer else None)
+        for batch in work.regroup(stream, progress.epoch):
             seen += 1
             if skip:
                 skip -= 1
@@ -184,7 +198,10 @@ def _grad_norm(engine: Any) -> float:
 
 
 class _Throughput:
-    """Tokens/s (or images/s) and model FLOPs utilisation over the steps since the last measurement."""
+    """Over the steps since the last measurement: tokens/s (or images/s), model FLOPs utilisation, the share of the
+    time the loop waited for data (`data_wait_s`, added to by the loop) and the CPU time this worker process spent
+    per step (all its threads: the loop, Ray Data's collation, DeepSpeed), which says how much host work a step
+    costs even on a shared or busy machine."""
 
     def __init__(self, job: TrainJob, work: tasks.Worker, world: int) -> None:
         t = job.trainer
@@ -193,16 +210,19 @@ class _Throughput:
         self.flops_per_token = work.flops_per_unit()
         peak = t.peak_tflops or (GPU_PEAK_TFLOPS if t.use_gpu else None)
         self.peak_flops = peak * 1e12 * world if peak else None
-        self.last_time, self.last_step = time.perf_counter(), None
+        self.last_time, self.last_cpu, self.last_step = time.perf_counter(), time.process_time(), None
+        self.data_wait_s = 0.0
 
     def measure(self, step: int) -> dict[str, float]:
-        now = time.perf_counter()
+        now, cpu = time.perf_counter(), time.process_time()
         steps = step - self.last_step if self.last_step is not None else None
-        elapsed, self.last_time, self.last_step = now - self.last_time, now, step
+        elapsed, cpu_s, waited = now - self.last_time, cpu - self.last_cpu, self.data_wait_s
+        self.last_time, self.last_cpu, self.last_step, self.data_wait_s = now, cpu, step, 0.0
         if not steps:  # the first interval includes start-up; report nothing rather than a wrong figure
             return {}
         tokens_per_s = steps * self.tokens_per_step / elapsed
-        out = {f"{self.unit}_per_s": tokens_per_s}
+        out = {f"{self.unit}_per_s": tokens_per_s, "data_wait": waited / elapsed,
+               "cpu_ms_per_step": 1e3 * cpu_s / steps}
         if self.peak_flops and self.flops_per_token:
             out["mfu"] = tokens_per_s * self.flops_per_token / self.peak_flops
         return out
@@ -216,6 +236,10 @@ def _format(step: int, max_steps: int, m: dict[str, float]) -> str:
             parts.append(f"{unit}/s {m[f'{unit}_per_s']:,.0f}")
     if "mfu" in m:
         parts.append(f"mfu {100 * m['mfu']:.1f}%")
+    if "data_wait" in m:
+        parts.append(f"data wait {100 * m['data_wait']:.1f}%")
+    if "cpu_ms_per_step" in m:
+        parts.append(f"cpu {m['cpu_ms_per_step']:.1f} ms/step")
     if "distill" in m:
         parts.append(f"distill {m['distill']:.4f}")
     parts += [f"{name} {m[name]:.3f}" for name in ("main_ce", "stream_ce", "early_exit_ce") if name in m]

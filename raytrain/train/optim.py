@@ -7,7 +7,8 @@ floor, in corenet's or axlearn's convention.
 
 Under DeepSpeed ZeRO the optimizer sees flat fp32 partitions, not tensors. `AdaStar.attach` takes, for each flat
 partition, a `FlatLayout` saying which slice belongs to which whole tensor, so the per-tensor clip reduces over
-whole tensors (across ranks), and the global gradient norm DeepSpeed computed before calling the optimizer.
+whole tensors (across ranks), and the global gradient norm DeepSpeed computed before calling the optimizer. On
+CUDA adastar's step is two fused Triton kernels (`adastar_kernels.py`), elsewhere foreach ops.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -115,61 +117,118 @@ class AdaStar(torch.optim.Optimizer):
 
     `lr_t` is the group's scheduled LR and `lr_peak` the LR it was built with, so the decay follows the schedule
     but not the peak LR (decoupled). Groups may carry `update_scale` (mup-simple) and `weight_decay`.
+
+    One step, two implementations: on CUDA two fused Triton kernels (`adastar_kernels`, about AdamW's memory
+    traffic; `fused=None` uses them when triton is installed, `fused=True` everywhere, e.g. under
+    TRITON_INTERPRET=1), elsewhere `torch._foreach_*` ops (a handful of launches per group, not per tensor).
     """
 
     def __init__(self, params: Any, lr: float = 0.01, betas: tuple[float, float] = (0.95, 0.95), eps: float = 1e-30,
                  weight_decay: float = 0.0, update_clip: float = 1.0, update_clip_by: str = "rms",
-                 skip_grad_norm: float | None = 100.0, grad_clip: float = 1.0, update_scale: float = 1.0) -> None:
+                 skip_grad_norm: float | None = 100.0, grad_clip: float = 1.0, update_scale: float = 1.0,
+                 fused: bool | None = None) -> None:
         if update_clip_by not in ("rms", "norm"):
             raise ValueError(f"update_clip_by={update_clip_by!r}; expected rms or norm")
         defaults = dict(lr=lr, peak_lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         update_scale=update_scale)
         super().__init__(params, defaults)
         self.update_clip, self.update_clip_by = update_clip, update_clip_by
-        self.skip_grad_norm, self.grad_clip = skip_grad_norm, grad_clip
+        self.skip_grad_norm, self.grad_clip, self.fused = skip_grad_norm, grad_clip, fused
         self.layouts: dict[torch.Tensor, FlatLayout] = {}
         self.external_grad_norm: Callable[[], float] | None = None
+        self._pieces: dict[tuple[int, ...], _Pieces] = {}
+        self.skipped_last = False
 
     def attach(self, grad_norm: Callable[[], float], layouts: dict[torch.Tensor, FlatLayout]) -> None:
         """Run inside a DeepSpeed ZeRO optimizer: `grad_norm` returns the global norm DeepSpeed computed (and
         clipped by) before calling `step`; `layouts` maps each flat fp32 partition to the tensors it holds."""
         self.external_grad_norm, self.layouts = grad_norm, layouts
+        self._pieces.clear()
 
     def skips(self, grad_norm: float) -> bool:
         """The skip rule; a NaN or infinite norm is skipped too."""
         return self.skip_grad_norm is not None and not grad_norm < self.skip_grad_norm
 
+    def last_step_skipped(self) -> bool:
+        """Whether the last `step` left everything unchanged (the LR schedule must not advance either)."""
+        return self.skipped_last
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> None:
-        """One update of every group with `torch._foreach_*` kernels (a handful of launches per group, not per
-        tensor), in fp32."""
         grad_norm, clip = self._grad_norm()
-        if self.skips(grad_norm):
+        self.skipped_last = self.skips(grad_norm)
+        if self.skipped_last:
             return None
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            b1, b2 = group["betas"]
-            lr, peak = group["lr"], group["peak_lr"]
-            grads = [p.grad.float() for p in params]
-            if clip != 1.0:
-                grads = torch._foreach_mul(grads, clip)
-            states = [self._state(p) for p in params]
-            v, m = [s["v"] for s in states], [s["m"] for s in states]
-            torch._foreach_mul_(v, b2)
-            torch._foreach_addcmul_(v, grads, grads, value=1 - b2)
-            torch._foreach_add_(v, (1 - b2) * group["eps"])
-            denominators = torch._foreach_div(v, [1 - b2 ** s["step"] for s in states])  # bias-corrected v
-            torch._foreach_sqrt_(denominators)
-            updates = torch._foreach_div(grads, denominators)
-            self._clip_per_tensor(updates, params)
-            torch._foreach_mul_(m, b1)
-            torch._foreach_add_(m, updates, alpha=1 - b1)
-            if group["weight_decay"] and peak > 0:
-                torch._foreach_mul_(params, 1 - group["weight_decay"] * lr / peak)
-            torch._foreach_add_(params, [x.to(p.dtype) for x, p in zip(m, params)], alpha=-lr * group["update_scale"])
+            b2 = group["betas"][1]
+            bias_corrections = [1 - b2 ** self._state(p)["step"] for p in params]
+            kernels = self._kernels(params)
+            if kernels is not None:
+                self._fused_step(kernels, params, group, bias_corrections, clip)
+            else:
+                self._foreach_step(params, group, bias_corrections, clip)
         return None
+
+    def _foreach_step(self, params: list[torch.Tensor], group: dict[str, Any], bias_corrections: list[float],
+                      clip: float) -> None:
+        b1, b2 = group["betas"]
+        grads = [p.grad.float() for p in params]
+        v, m = [self.state[p]["v"] for p in params], [self.state[p]["m"] for p in params]
+        torch._foreach_mul_(v, b2)
+        torch._foreach_addcmul_(v, grads, grads, value=(1 - b2) * clip * clip)
+        torch._foreach_add_(v, (1 - b2) * group["eps"])
+        updates = torch._foreach_div(grads, torch._foreach_sqrt(v))  # g / sqrt(v), then x c sqrt(1 - b2^t)
+        torch._foreach_mul_(updates, [clip * math.sqrt(bc) for bc in bias_corrections])
+        if self.update_clip > 0:
+            pieces = self._pieces_of(params)
+            views = [updates[i].view(-1).narrow(0, start, length) for i, start, length in pieces.views]
+            sums = torch.stack(torch._foreach_norm(views)).square() if views else updates[0].new_zeros(0)
+            factors = self._clip_factors(pieces, sums)  # every rank of a partitioned tensor takes part
+            if views:
+                torch._foreach_mul_(views, list(factors.unbind()))
+        torch._foreach_lerp_(m, updates, 1 - b1)
+        if (decay := _decay(group)) != 1.0:
+            torch._foreach_mul_(params, decay)
+        step_size = group["lr"] * group["update_scale"]
+        torch._foreach_add_(params, [x.to(p.dtype) for x, p in zip(m, params)], alpha=-step_size)
+
+    def _fused_step(self, kernels: ModuleType, params: list[torch.Tensor], group: dict[str, Any],
+                    bias_corrections: list[float], clip: float) -> None:
+        """Updates the pieces only: the rest of a flat partition is alignment padding."""
+        pieces = self._pieces_of(params)
+        if not pieces.views:  # nothing but padding here (a small group over many ranks); the clip's all-reduce
+            if self.update_clip > 0:  # still needs this rank
+                self._clip_factors(pieces, params[0].new_zeros(0, dtype=torch.float32))
+            return
+
+        def views(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+            return [tensors[i].view(-1).narrow(0, start, length) for i, start, length in pieces.views]
+
+        b1, b2 = group["betas"]
+        grads, p = views([x.grad for x in params]), views(params)
+        v, m = views([self.state[x]["v"] for x in params]), views([self.state[x]["m"] for x in params])
+        corrections = [bias_corrections[i] for i, _, _ in pieces.views]
+        sums = kernels.second_moments(grads, v, corrections, clip, b2, group["eps"])
+        factors = self._clip_factors(pieces, sums) if self.update_clip > 0 else torch.ones_like(sums)
+        kernels.apply_updates(grads, v, m, p, corrections, factors, clip, b1, _decay(group),
+                              group["lr"] * group["update_scale"])
+
+    def _kernels(self, params: list[torch.Tensor]) -> ModuleType | None:
+        """The Triton kernels, if this step should use them: contiguous tensors on CUDA (or `fused=True`)."""
+        if self.fused is False or (self.fused is None and not params[0].is_cuda):
+            return None
+        if self.fused is None and not all(p.is_contiguous() and p.grad.is_contiguous() for p in params):
+            return None
+        try:
+            from raytrain.train import adastar_kernels
+        except ImportError:
+            if self.fused:
+                raise
+            return None
+        return adastar_kernels
 
     def _grad_norm(self) -> tuple[float, float]:
         """The global gradient norm and the factor that clips the gradients to `grad_clip` (1 when DeepSpeed
@@ -187,30 +246,52 @@ class AdaStar(torch.optim.Optimizer):
         state["step"] += 1
         return state
 
-    def _clip_per_tensor(self, updates: list[torch.Tensor], params: list[torch.Tensor]) -> None:
-        """u /= max(1, size(u) / update_clip) for each whole tensor, summing the squares of all its pieces (across
-        ranks for partitioned ones)."""
-        if self.update_clip <= 0:
-            return
-        pieces, index, numels, shared = [], [], [], []
-        for u, p in zip(updates, params):
-            layout, base, flat = self.layouts.get(p) or _whole(p), len(numels), u.view(-1)
-            pieces += [flat.narrow(0, s.start, s.length) for s in layout.segments]
-            index += [base + s.tensor for s in layout.segments]
-            numels += layout.numels
-            if layout.world > 1:
-                shared.append((base, len(layout.numels), layout.group))
-        device = updates[0].device
-        index_t = torch.tensor(index, device=device)
-        sums = torch.zeros(len(numels), device=device)
-        sums.index_add_(0, index_t, torch.stack(torch._foreach_norm(pieces)).square())
-        for base, count, group in shared:
-            torch.distributed.all_reduce(sums[base:base + count], group=group)
-        size = sums.sqrt()
+    def _pieces_of(self, params: list[torch.Tensor]) -> _Pieces:
+        """The pieces of whole tensors `params` hold (cached: layouts do not change between steps)."""
+        key = tuple(id(p) for p in params)
+        if key not in self._pieces:
+            views, slots, numels, shared = [], [], [], []
+            for i, p in enumerate(params):
+                layout, base = self.layouts.get(p) or _whole(p), len(numels)
+                views += [(i, s.start, s.length) for s in layout.segments]
+                slots += [base + s.tensor for s in layout.segments]
+                numels += layout.numels
+                if layout.world > 1:
+                    shared.append((base, len(layout.numels), layout.group))
+            device = params[0].device
+            self._pieces[key] = _Pieces(views, torch.tensor(slots, dtype=torch.long, device=device),
+                                        torch.tensor(numels, dtype=torch.float32, device=device), shared)
+        return self._pieces[key]
+
+    def _clip_factors(self, pieces: _Pieces, sums: torch.Tensor) -> torch.Tensor:
+        """1 / max(1, size(u) / update_clip) for the whole tensor of each piece, from each piece's sum of u^2
+        (summed over the pieces of a tensor, across ranks for partitioned ones); (pieces,), on the device."""
+        totals = torch.zeros(len(pieces.numels), device=sums.device).index_add_(0, pieces.slots, sums)
+        for base, count, group in pieces.shared:
+            torch.distributed.all_reduce(totals[base:base + count], group=group)
+        size = totals.sqrt()
         if self.update_clip_by == "rms":
-            size = size / torch.tensor(numels, device=device, dtype=torch.float32).sqrt()
-        scale = (size / self.update_clip).clamp_min(1.0).reciprocal()[index_t]
-        torch._foreach_mul_(pieces, list(scale.unbind()))
+            size = size / pieces.numels.sqrt()
+        return (size / self.update_clip).clamp_min(1.0).reciprocal()[pieces.slots]
+
+
+@dataclass
+class _Pieces:
+    """The contiguous pieces of whole tensors a group's parameters hold: piece k is `views[k]` = (parameter index,
+    start, length) of a flattened parameter and belongs to whole tensor `slots[k]`; `numels[slot]` is that tensor's
+    size; `shared` lists (first slot, count, process group) of tensors partitioned over other ranks too."""
+
+    views: list[tuple[int, int, int]]
+    slots: torch.Tensor
+    numels: torch.Tensor
+    shared: list[tuple[int, int, Any]]
+
+
+def _decay(group: dict[str, Any]) -> float:
+    """The factor decoupled weight decay multiplies p by: 1 - wd * lr_t / lr_peak."""
+    if not group["weight_decay"] or group["peak_lr"] <= 0:
+        return 1.0
+    return 1 - group["weight_decay"] * group["lr"] / group["peak_lr"]
 
 
 def _whole(p: torch.Tensor) -> FlatLayout:
@@ -231,13 +312,32 @@ def cosine_lr(step: int, peak: float, cfg: ScheduleConfig, total_steps: int) -> 
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, peak: float, cfg: ScheduleConfig,
-                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+class Schedule(torch.optim.lr_scheduler.LambdaLR):
+    """LambdaLR indexed by applied updates: a `step` after an update the optimizer skipped (`skipped()` true) leaves
+    the LR where it is, as axlearn's schedule, which counts the optimizer's own steps, does. DeepSpeed steps the
+    scheduler after every optimizer step it did not skip itself, so the check lives here."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, factor: Callable[[int], float],
+                 skipped: Callable[[], bool] | None = None) -> None:
+        self.skipped = skipped
+        super().__init__(optimizer, factor)
+
+    def step(self, epoch: int | None = None) -> None:
+        if self.skipped is None or not self.skipped():
+            super().step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in super().state_dict().items() if k != "skipped"}
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, peak: float, cfg: ScheduleConfig, total_steps: int,
+                    skipped: Callable[[], bool] | None = None) -> Schedule:
     """LambdaLR calls the factor with 0 for the first update. corenet's schedule is indexed from 0; axlearn's from
-    1 (its first update already uses s(1) = 1 / warmup)."""
+    1 (its first update already uses s(1) = 1 / warmup). `skipped` says whether the optimizer skipped its last
+    update (adastar's `last_step_skipped`)."""
     if cfg.name != "cosine":
         raise ConfigError(f"schedule.name={cfg.name!r} is unknown; known: cosine")
     offset = 1 if cfg.convention == "axlearn" else 0
     factor: Callable[[int], float] = lambda step: (  # noqa: E731
         cosine_lr(step + offset, peak, cfg, total_steps) / peak if peak > 0 else 0.0)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return Schedule(optimizer, factor, skipped)

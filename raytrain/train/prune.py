@@ -50,7 +50,7 @@ class PruneConfig:
 
 def check_target(source: DecoderConfig, target: DecoderConfig, heads: bool) -> None:
     """The target must be the source with fewer FFN units (and KV groups, with `heads`) per layer."""
-    same = ("d_model", "n_layers", "head_dim", "rows", "qk_norm", "tie_embeddings")
+    same = ("d_model", "n_layers", "head_dim", "rows", "qk_norm", "qk_norm_after_rope", "tie_embeddings")
     for key in same:
         if getattr(source, key) != getattr(target, key):
             raise ValueError(f"pruning keeps {key}: the source {source.name} has {getattr(source, key)}, the target "

@@ -1,9 +1,11 @@
 """Staged training recipes (`conf/recipe/*.yaml`): AFM's prune -> core (distilled) -> continued -> context
-lengthening, as successive Ray Train runs that each start from an earlier stage's final checkpoint.
+lengthening, or a VLM's projector alignment -> fine-tuning (Victor, LLaVA-1.5), as successive Ray Train runs that
+each start from an earlier stage's final checkpoint.
 
 A stage overrides the base training config: its length (`steps`, or `tokens` turned into steps), sequence length
 and RoPE base (context lengthening), data mixture weights, any optimizer, schedule, trainer, data or model keys,
-and its objective (a distillation teacher may be an earlier stage). It starts from the previous stage (`init`),
+its task keys (a VLM stage's frozen parts) and its objective (a distillation teacher may be an earlier stage). Each
+stage's data and run files come from its task (`tasks.prepare`). It starts from the previous stage (`init`),
 from a named earlier stage, from a checkpoint path, or from scratch; with `carry_optimizer` it also takes that
 stage's optimizer state. A `kind: prune` stage cuts a larger model (an earlier stage or a path) down to the
 stage's model shape (`raytrain/train/prune.py`), learning its masks in one Ray task.
@@ -28,14 +30,15 @@ from omegaconf import OmegaConf
 
 from raytrain.checkpoint.hf import CheckpointError, latest_run_checkpoint, read_model_config, save_pretrained
 from raytrain.config import ConfigError, RaytrainError, to_dataclass
+from raytrain.data.imagetext import skip_counter
 from raytrain.data.text import TextDataConfig, build_dataset, check_paths
 from raytrain.data.tokenizer import TokenizerFiles, from_files
 from raytrain.models.registry import config_dict, model_config, shape_mismatch
-from raytrain.train import checkpoint, trainer
+from raytrain.train import checkpoint, tasks, trainer
 from raytrain.train.config import ObjectiveConfig, OptimConfig, ScheduleConfig, TrainerConfig, TrainJob
 from raytrain.train.objectives import next_token_pairs
 from raytrain.train.prune import PruneConfig, check_target
-from raytrain.train.tasks import LMTaskConfig
+from raytrain.train.tasks import LMTaskConfig, VLMTaskConfig
 
 log = logging.getLogger("raytrain.recipe")
 PREVIOUS, SCRATCH = "previous", "none"
@@ -52,6 +55,7 @@ class StageConfig:
     init: str = PREVIOUS  # previous | none (random init) | an earlier stage's name | a checkpoint path
     carry_optimizer: bool = False  # also take the optimizer state of `init` (an earlier train stage or step*/)
     objective: dict[str, Any] = field(default_factory=dict)  # objective keys; teacher may name an earlier stage
+    task: dict[str, Any] = field(default_factory=dict)  # task keys (e.g. a VLM stage's `freeze`)
     model: dict[str, Any] = field(default_factory=dict)  # overrides of each config group for this stage
     data: dict[str, Any] = field(default_factory=dict)
     optim: dict[str, Any] = field(default_factory=dict)
@@ -93,9 +97,9 @@ def plan(recipe: RecipeConfig, base: dict[str, Any], run: str) -> list[Stage]:
     """Every stage with its overrides applied and its references resolved and checked (no training)."""
     if not recipe.stages:
         raise ConfigError(f"recipe {recipe.name} has no stages")
-    if not isinstance(base["task"], LMTaskConfig):
-        raise ConfigError(f"recipe={recipe.name} trains language models; task.name={base['task'].name} cannot run "
-                          "as a recipe (drop the job= or the recipe=)")
+    if type(base["task"]) not in (LMTaskConfig, VLMTaskConfig):  # LoRA (an LMTaskConfig too) trains adapters
+        raise ConfigError(f"recipe={recipe.name}: task.name={base['task'].name} cannot run as a recipe (recipes "
+                          "train language models and VLMs; drop the job= or the recipe=)")
     stages: list[Stage] = []
     for name, cfg in recipe.stages.items():
         key = f"recipe.stages.{name}"
@@ -138,6 +142,10 @@ def _plan_train(stage: Stage, cfg: StageConfig, stages: list[Stage], key: str) -
 
 
 def _stage_parts(cfg: StageConfig, base: dict[str, Any], key: str) -> dict[str, Any]:
+    text_data = isinstance(base["data"], TextDataConfig)
+    for name in ("seq_len", "mixture", "tokens"):
+        if getattr(cfg, name) is not None and not text_data:
+            raise ConfigError(f"{key}.{name}: only language-model stages have it (task.name={base['task'].name})")
     model_changes = dict(cfg.model)
     data_changes = dict(cfg.data)
     if cfg.rope_theta is not None:
@@ -148,7 +156,7 @@ def _stage_parts(cfg: StageConfig, base: dict[str, Any], key: str) -> dict[str, 
         model_changes["max_seq_len"] = max(merged_max, cfg.seq_len)
     parts = dict(base)
     parts["model"] = model_config(OmegaConf.merge(config_dict(base["model"]), model_changes), f"{key}.model")
-    data = _typed(TextDataConfig, base["data"], data_changes, f"{key}.data")
+    data = _typed(type(base["data"]), base["data"], data_changes, f"{key}.data")
     if cfg.mixture is not None:  # replaces the base weights (a merge would keep sources the stage leaves out)
         data = _typed(TextDataConfig, dataclasses.replace(data, mixture=None), {"mixture": cfg.mixture},
                       f"{key}.mixture")
@@ -156,10 +164,14 @@ def _stage_parts(cfg: StageConfig, base: dict[str, Any], key: str) -> dict[str, 
     parts["optim"] = _typed(OptimConfig, base["optim"], cfg.optim, f"{key}.optim")
     parts["schedule"] = _typed(ScheduleConfig, base["schedule"], cfg.schedule, f"{key}.schedule")
     parts["objective"] = _typed(ObjectiveConfig, base["objective"], cfg.objective, f"{key}.objective")
+    parts["task"] = _typed(type(base["task"]), base["task"], cfg.task, f"{key}.task")
     t = _typed(TrainerConfig, base["trainer"], cfg.trainer, f"{key}.trainer")
     if cfg.kind == "train":
-        per_step = t.micro_batch_size * t.grad_accum * t.num_workers * parts["data"].seq_len
-        t.max_steps = cfg.steps if cfg.steps is not None else max(1, math.ceil(cfg.tokens / per_step))
+        if cfg.steps is not None:
+            t.max_steps = cfg.steps
+        else:
+            per_step = t.micro_batch_size * t.grad_accum * t.num_workers * parts["data"].seq_len
+            t.max_steps = max(1, math.ceil(cfg.tokens / per_step))
     parts["trainer"] = t
     return parts
 
@@ -215,10 +227,11 @@ def _describe(ref: Stage | str | None) -> str:
 
 # ---- running ---------------------------------------------------------------------------------------------------
 
-def check_before_start(stages: list[Stage], files: TokenizerFiles) -> None:
+def check_before_start(stages: list[Stage], files: TokenizerFiles | None) -> None:
     """Checks that read files: every data source resolves, and teachers given as paths share the tokenizer."""
     for stage in stages:
-        check_paths(stage.parts["data"])
+        if isinstance(stage.parts["data"], TextDataConfig):
+            check_paths(stage.parts["data"])
         if isinstance(stage.teacher, str):
             trainer.check_teacher(stage.teacher, files, stage.parts["model"], stage.parts["data"].seq_len,
                                   f"recipe.stages.{stage.name}.objective.teacher")
@@ -236,28 +249,41 @@ def output(stage: Stage, recipe_dir: str) -> Path | None:
     return latest if manifest["step"] >= stage.parts["trainer"].max_steps else None
 
 
-def run(stages: list[Stage], recipe_dir: str, files: TokenizerFiles, snapshot: dict[str, Any]) -> dict[str, Any]:
-    """Run the unfinished stages in order; returns each stage's final checkpoint and the recipe's status."""
+def run(stages: list[Stage], recipe_dir: str, files: TokenizerFiles | None,
+        snapshot: dict[str, Any]) -> dict[str, Any]:
+    """Run the unfinished stages in order; returns each stage's final checkpoint and the recipe's status. `files`
+    is the language-model tokenizer all stages share (pruning uses it); other tasks find theirs in `recipe_dir`."""
     outputs: dict[str, str] = {}
+    counter = skip_counter(f"raytrain-skips-{Path(recipe_dir).name}")
     for stage in stages:
         done = output(stage, recipe_dir)
         if done is not None:
             log.info("stage %s: finished earlier (%s)", stage.name, done)
             outputs[stage.name] = str(done)
             continue
-        log.info("stage %s: %s", stage.name, "pruning" if stage.kind == "prune" else
-                 f"{stage.parts['trainer'].max_steps} steps at sequence length {stage.parts['data'].seq_len}")
+        log.info("stage %s: %s", stage.name, "pruning" if stage.kind == "prune" else _describe_steps(stage))
         if stage.kind == "prune":
             outputs[stage.name] = str(_prune(stage, recipe_dir, files, outputs))
             continue
-        datasets = {"train": build_dataset(stage.parts["data"], files)}  # the stage's mixture and length
-        result = trainer.launch(_job(stage, recipe_dir, files, snapshot, outputs), recipe_dir, datasets)
+        parts = _inputs(stage, outputs)
+        prepared = tasks.prepare(parts, recipe_dir, counter)  # the stage's data (its mixture, length) and files
+        parts["model"] = prepared.model
+        if prepared.init_from is not None:
+            parts["trainer"] = dataclasses.replace(parts["trainer"], init_from=prepared.init_from)
+        job = TrainJob(**parts, run_name=stage.run_name, tokenizer_files=prepared.files, pad_id=prepared.pad_id,
+                       snapshot={**snapshot, "recipe_stage": stage.name})
+        result = trainer.launch(job, recipe_dir, prepared.datasets)
         if (result.return_value or {}).get("status") != "finished":
             log.info("stage %s stopped at step %s; rerun the recipe to continue", stage.name,
                      result.return_value.get("step"))
             return {"status": "stopped", "stage": stage.name, "outputs": outputs}
         outputs[stage.name] = result.checkpoint.path
     return {"status": "finished", "outputs": outputs}
+
+
+def _describe_steps(stage: Stage) -> str:
+    seq_len = getattr(stage.parts["data"], "seq_len", None)
+    return f"{stage.parts['trainer'].max_steps} steps" + (f" at sequence length {seq_len}" if seq_len else "")
 
 
 def _path(ref: Stage | str | None, outputs: dict[str, str], key: str) -> str | None:
@@ -268,8 +294,8 @@ def _path(ref: Stage | str | None, outputs: dict[str, str], key: str) -> str | N
     return outputs[ref.name]
 
 
-def _job(stage: Stage, recipe_dir: str, files: TokenizerFiles, snapshot: dict[str, Any],
-         outputs: dict[str, str]) -> TrainJob:
+def _inputs(stage: Stage, outputs: dict[str, str]) -> dict[str, Any]:
+    """The stage's config groups with the checkpoints it starts from (and its teacher) as paths."""
     key = f"recipe.stages.{stage.name}"
     parts = dict(stage.parts)
     parts["trainer"] = dataclasses.replace(parts["trainer"], init_from=_path(stage.init, outputs, f"{key}.init"),
@@ -277,8 +303,7 @@ def _job(stage: Stage, recipe_dir: str, files: TokenizerFiles, snapshot: dict[st
     if stage.teacher is not None:
         parts["objective"] = dataclasses.replace(parts["objective"],
                                                  teacher=_path(stage.teacher, outputs, f"{key}.objective.teacher"))
-    return TrainJob(**parts, run_name=stage.run_name, tokenizer_files=files, pad_id=from_files(files).pad_token_id,
-                    snapshot={**snapshot, "recipe_stage": stage.name})
+    return parts
 
 
 def _prune(stage: Stage, recipe_dir: str, files: TokenizerFiles, outputs: dict[str, str]) -> Path:

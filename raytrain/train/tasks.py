@@ -8,8 +8,13 @@ and the parts of it that are logged, updates per-step state (CatLIP's EMA) and c
 export holds.
 
 Tasks (`task.name`): `lm` (next-token pretraining, the default; `objective=distill` adds AFM's frozen teacher),
-`catlip` (multi-label BCE over WordNet synsets), `clip` (contrastive image-text baseline), `classify` (linear probe
-or fine-tune of a ViT on labelled images, with Transfer Init from a CatLIP checkpoint), `specstream` (Speculative
+`lora` (LoRA adapters on a frozen base, dense or compressed, with the same objectives: AFM's feature and
+accuracy-recovery adapters), `catlip` (multi-label BCE over WordNet synsets, plus RangeAugment's loss when the ViT
+learns augmentation ranges), `clip` (contrastive image-text baseline), `classify` (linear probe or fine-tune of a ViT
+on labelled images, with Transfer Init from a CatLIP checkpoint). Image tasks with `data.variable_resolution` re-cut
+each worker's batches into corenet's multi-scale batches (`regroup`). `vlm` (a LLaVA-style vision-language model
+with Victor's registers on visual question answering; its parts `task.freeze` names stay frozen, and a first run
+starts from a checkpoint the driver assembles from an image tower and a decoder). `specstream` (Speculative
 Streaming: a decoder fine-tuned with LoRA for self-speculation on prompt/completion pairs).
 """
 
@@ -18,24 +23,30 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from raytrain.config import ConfigError, to_dataclass
-from raytrain.data import imagetext, sft, synsets, text
+from raytrain.config import ConfigError, RaytrainError, to_dataclass
+from raytrain.data import imagetext, sft, synsets, text, vqa
 from raytrain.data.tokenizer import TokenizerFiles, caption_tokens, from_files, load_tokenizer, to_files, train_bpe
+from raytrain.data.variable_batch import batch_shapes, variable_batches
 from raytrain.models.decoder import DecoderConfig, training_flops_per_token
+from raytrain.models.lora import LoRAConfig
+from raytrain.models.range_augment import range_augment_loss, target_mse
 from raytrain.models.streams import StreamConfig
 from raytrain.models.vit import ViTConfig, to_pixels, training_flops_per_image
+from raytrain.models.vlm import VLMBatch, VLMConfig
 from raytrain.train.objectives import (IGNORE_INDEX, METRICS, info_nce, label_smoothed_ce, multilabel_bce,
                                        next_token_pairs, ngram_loss, ngram_targets)
 
 log = logging.getLogger("raytrain.train")
 VOCAB_FILE, CLASSES_FILE = "synsets.json", "classes.json"
+TRANSFER_BIASES = ("copy", "mean", "none")
 
 
 # ---- configs (`task:` in conf/train.yaml and conf/job/*.yaml) --------------------------------------------------
@@ -46,12 +57,29 @@ class LMTaskConfig:
 
 
 @dataclass
+class LoRATaskConfig(LMTaskConfig):
+    """Language modelling through LoRA adapters on a frozen base (`raytrain train job=lora init=CHECKPOINT`)."""
+
+    name: str = "lora"
+    base: str | None = None  # the frozen base: a checkpoint, dense or compressed (`init=`)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    adapter_init: str | None = None  # an adapter of the same base to start from (AFM: the accuracy-recovery one)
+    base_fingerprint: str | None = None  # set by the driver (`raytrain.checkpoint.adapter.base_fingerprint`)
+
+    def __post_init__(self) -> None:
+        if not self.base:
+            raise ValueError("init=CHECKPOINT is required: the base the adapter is trained on")
+
+
+@dataclass
 class CatlipTaskConfig:
     name: str = "catlip"
-    vocab: str | None = None  # an existing vocabulary file; None = count the training captions (saved in the run)
+    vocab: str | None = None  # an existing vocabulary file (cut by top_k and min_count too); None = count the
+    # training captions (saved in the run)
     top_k: int | None = 24320  # keep the k most frequent synsets (None = no cap)
     min_count: int = 1  # and only synsets seen at least this often (the paper's V_tau; 500 at web scale)
     counting: str = "caption"  # caption (once per caption) | occurrence
+    noun_only: bool = False  # the paper's noun filter (the reference code ignores the part of speech)
     check_captions: int = 1000  # captions sampled to fingerprint the data set and check the vocabulary covers it
     ema_momentum: float = 0.0005  # ema = (1 - m) ema + m w; 0 = no EMA (the export then holds the raw weights)
 
@@ -70,11 +98,16 @@ class ClassifyTaskConfig:
     mode: str = "linear_probe"  # linear_probe (frozen trunk, head only) | finetune (everything)
     backbone: str | None = None  # a CatLIP (ViT) checkpoint whose trunk starts the model; None = from scratch
     transfer_init: bool = True  # head rows from the backbone classifier's rows for each class's synset
+    transfer_bias: str = "mean"  # copy: biases too, unmapped classes 0 | mean: copied, unmapped classes get their mean
+    # | none: weights only, every bias 0 (BCE biases of rare synsets are strongly negative: unmapped classes at 0
+    # would start ahead under softmax)
     label_smoothing: float = 0.1
 
     def __post_init__(self) -> None:
         if self.mode not in ("linear_probe", "finetune"):
             raise ValueError(f"mode={self.mode!r}; expected linear_probe or finetune")
+        if self.transfer_bias not in TRANSFER_BIASES:
+            raise ValueError(f"transfer_bias={self.transfer_bias!r}; expected one of {', '.join(TRANSFER_BIASES)}")
 
 
 @dataclass
@@ -96,8 +129,12 @@ class SpecStreamTaskConfig:
     def __post_init__(self) -> None:
         if not self.init:
             raise ValueError("init=CHECKPOINT is required: the decoder checkpoint to fine-tune")
-        if self.lora_rank < 1:
-            raise ValueError(f"lora_rank={self.lora_rank} must be >= 1")
+        _ = self.lora  # LoRAConfig raises ValueError on a bad rank or alpha
+
+    @property
+    def lora(self) -> LoRAConfig:
+        """LoRA on every projection of every block, q, k, v and gate, up as separate pairs, B zero, scale α / r."""
+        return LoRAConfig(rank=self.lora_rank, alpha=self.lora_alpha)
 
     def model(self, base: DecoderConfig) -> DecoderConfig:
         """`base` with this task's streams."""
@@ -106,8 +143,29 @@ class SpecStreamTaskConfig:
         return dataclasses.replace(base, streams=streams, name=base.name.removesuffix("-specstream") + "-specstream")
 
 
-TASK_CONFIGS = {"lm": LMTaskConfig, "catlip": CatlipTaskConfig, "clip": ClipTaskConfig,
-                "classify": ClassifyTaskConfig, "specstream": SpecStreamTaskConfig}
+
+VLM_PARTS = ("image", "projector", "registers", "decoder")
+
+
+@dataclass
+class VLMTaskConfig:
+    name: str = "vlm"
+    image_tower: str | None = None  # a ViT (CatLIP), CLIP or VLM checkpoint whose image trunk starts the tower
+    decoder: str | None = None  # a decoder-family checkpoint (e.g. SmolLM2-135M-Instruct) that starts the decoder
+    tokenizer: str | None = None  # None: the decoder checkpoint's, else the run's, else a BPE trained on the data
+    tokenizer_texts: int = 20000  # records whose questions and answers train that BPE
+    freeze: list[str] = dataclasses.field(default_factory=lambda: ["image"])  # image | projector | registers | decoder
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.freeze) - set(VLM_PARTS))
+        if unknown:
+            raise ValueError(f"freeze: unknown part {unknown[0]!r}; parts are {', '.join(VLM_PARTS)}")
+        if set(VLM_PARTS) <= set(self.freeze):
+            raise ValueError("freeze: every part is frozen; nothing would train")
+
+
+TASK_CONFIGS = {"lm": LMTaskConfig, "lora": LoRATaskConfig, "catlip": CatlipTaskConfig, "clip": ClipTaskConfig,
+                "classify": ClassifyTaskConfig, "vlm": VLMTaskConfig, "specstream": SpecStreamTaskConfig}
 
 
 def task_config(node: Any) -> Any:
@@ -119,8 +177,9 @@ def task_config(node: Any) -> Any:
 
 
 def data_config(task: Any, node: Any) -> Any:
-    cls = {LMTaskConfig: text.TextDataConfig, SpecStreamTaskConfig: sft.PairsDataConfig}.get(
-        type(task), imagetext.ImageTextDataConfig)
+    kinds = {LMTaskConfig: text.TextDataConfig, VLMTaskConfig: vqa.VQADataConfig,
+             SpecStreamTaskConfig: sft.PairsDataConfig}  # LoRATaskConfig is an LMTaskConfig: language-model data
+    cls = next((c for t, c in kinds.items() if isinstance(task, t)), imagetext.ImageTextDataConfig)
     return to_dataclass(cls, node, "data")
 
 
@@ -130,7 +189,6 @@ def fit_model(task: Any, model: Any) -> Any:
     if not isinstance(task, SpecStreamTaskConfig):
         return model
     from raytrain.checkpoint.hf import read_model_config
-    from raytrain.config import RaytrainError
 
     try:
         base = read_model_config(task.init)
@@ -152,11 +210,15 @@ class Prepared:
     files: TokenizerFiles  # saved with every checkpoint; their fingerprint must match on resume
     pad_id: int
     model: Any  # the model config, possibly fitted to the files (vocabulary size, class count)
+    init_from: str | None = None  # weights the run starts from when it has none (the VLM assembled from its parts)
 
 
 def prepare(parts: dict[str, Any], run_dir: str, counter: Any = None) -> Prepared:
-    """Build datasets and run files for `parts` (the typed config groups); `counter` sums skipped records."""
+    """Build datasets and run files for `parts` (the typed config groups); `counter` sums skipped records. LoRA fits
+    `parts` to its base in place (model config, tokenizer, trainer.init_from)."""
     task = parts["task"]
+    if isinstance(task, LoRATaskConfig):
+        fit_to_base(parts)
     if isinstance(task, LMTaskConfig):
         from raytrain.train.trainer import prepare_tokenizer
 
@@ -164,7 +226,8 @@ def prepare(parts: dict[str, Any], run_dir: str, counter: Any = None) -> Prepare
         return Prepared({"train": text.build_dataset(parts["data"], files)}, files, from_files(files).pad_token_id,
                         parts["model"])
     return {CatlipTaskConfig: _prepare_catlip, ClipTaskConfig: _prepare_clip, ClassifyTaskConfig: _prepare_classify,
-            SpecStreamTaskConfig: _prepare_specstream}[type(task)](parts, run_dir, counter)
+            VLMTaskConfig: _prepare_vlm, SpecStreamTaskConfig: _prepare_specstream}[type(task)](parts, run_dir,
+                                                                                                counter)
 
 
 def _prepare_specstream(parts: dict[str, Any], run_dir: str, counter: Any) -> Prepared:
@@ -182,6 +245,43 @@ def _prepare_specstream(parts: dict[str, Any], run_dir: str, counter: Any) -> Pr
         raise ConfigError(f"init={task.init} holds no tokenizer.json; the pairs are tokenized with the model's own")
     files = to_files(load_tokenizer(directory))
     return Prepared({"train": sft.build_dataset(data, files, counter)}, files, 0, model)
+
+
+def fit_to_base(parts: dict[str, Any]) -> None:
+    """A LoRA job trains on its base's model config and tokenizer, starts from its weights (trainer.init_from) and
+    records its fingerprint; `adapter_init` must be an adapter of this base with the same LoRA shape."""
+    from raytrain.checkpoint.adapter import base_fingerprint, check_base, read_adapter
+    from raytrain.checkpoint.hf import read_model_config, resolve_checkpoint
+    from raytrain.data.tokenizer import fingerprint
+
+    task, data, t = parts["task"], parts["data"], parts["trainer"]
+    try:
+        base = resolve_checkpoint(task.base)
+        model = read_model_config(base)
+    except RaytrainError as e:
+        raise ConfigError(f"init: {e}") from None
+    if t.zero_stage == 3:
+        raise ConfigError("job=lora keeps the frozen base whole on every rank: use trainer.zero_stage <= 2")
+    if not (base / "tokenizer.json").is_file():
+        raise ConfigError(f"init={task.base} holds no tokenizer.json; an adapter trains with its base's tokenizer")
+    if data.tokenizer and fingerprint(to_files(load_tokenizer(data.tokenizer))) != fingerprint(
+            {"tokenizer.json": (base / "tokenizer.json").read_text()}):
+        raise ConfigError(f"data.tokenizer={data.tokenizer} is not the tokenizer of init={task.base}; leave it unset")
+    if data.seq_len > model.max_seq_len:
+        raise ConfigError(f"data.seq_len={data.seq_len} exceeds the base's max_seq_len={model.max_seq_len}")
+    digest = base_fingerprint(base)
+    if task.adapter_init:
+        try:
+            adapter = read_adapter(task.adapter_init)
+            check_base(adapter, digest, base)
+        except RaytrainError as e:
+            raise ConfigError(f"adapter_init: {e}") from None
+        if dataclasses.replace(adapter.lora, dropout=task.lora.dropout) != task.lora:
+            raise ConfigError(f"adapter_init={task.adapter_init} has LoRA settings {adapter.lora}; this job's lora "
+                              f"settings are {task.lora} (rank, alpha, targets and splits must match)")
+    parts.update(model=model, data=dataclasses.replace(data, tokenizer=str(base)),
+                 task=dataclasses.replace(task, base=str(base), base_fingerprint=digest),
+                 trainer=dataclasses.replace(t, init_from=str(base)))
 
 
 def _prepare_catlip(parts: dict[str, Any], run_dir: str, counter: Any) -> Prepared:
@@ -206,20 +306,24 @@ def _one_actor() -> Any:
 
 def catlip_vocabulary(task: CatlipTaskConfig, data: imagetext.ImageTextDataConfig,
                       run_dir: str) -> synsets.Vocabulary:
-    """`task.vocab` if set, else the one saved in the run (resume), else counted now over the training captions and
-    saved in the run directory. A given vocabulary built on other data is reported; one that labels none of the
-    sampled captions is refused."""
+    """`task.vocab` if set (its first `task.top_k` synsets counted at least `task.min_count` times, as corenet takes
+    the first V keys), else the one saved in the run (resume), else counted now over the training captions and saved
+    in the run directory. A given vocabulary built on other data is reported; one that labels none of the sampled
+    captions is refused."""
     sample = [r["caption"] for r in imagetext.captions(data, task.check_captions).take_all()]
     source = synsets.fingerprint(sample)
     saved = Path(run_dir) / VOCAB_FILE
     if task.vocab:
-        vocab = synsets.Vocabulary.load(task.vocab)
+        vocab = synsets.Vocabulary.load(task.vocab).truncated(task.top_k, task.min_count)
+        if vocab.noun_only != task.noun_only:
+            raise ConfigError(f"task.noun_only={task.noun_only}, but task.vocab={task.vocab} was mined with "
+                              f"noun_only={vocab.noun_only}; labels must be mined as the vocabulary was")
     elif saved.is_file():
         vocab = synsets.Vocabulary.load(saved)
     else:
         log.info("counting WordNet synsets over the training captions (Ray Data)")
         vocab = synsets.build_vocabulary(imagetext.captions(data), source, task.top_k, task.min_count,
-                                         task.counting)
+                                         task.counting, noun_only=task.noun_only)
         vocab.save(saved)
         log.info("vocabulary: %d synsets, saved to %s", len(vocab), saved)
     synsets.check_source(vocab, sample, source, str(task.vocab or saved), data.path or "the procedural world")
@@ -289,11 +393,105 @@ def _prepare_classify(parts: dict[str, Any], run_dir: str, counter: Any) -> Prep
     return Prepared({"train": train}, {CLASSES_FILE: json.dumps(classes)}, 0, model)
 
 
+def _prepare_vlm(parts: dict[str, Any], run_dir: str, counter: Any) -> Prepared:
+    """VQA rows tokenized around their images; the tokenizer (see `vlm_tokenizer`); and, for a run that starts from
+    no checkpoint, the VLM assembled from `task.image_tower` and `task.decoder` (saved once in `run_dir/init`)."""
+    task, data, model, t = parts["task"], parts["data"], parts["model"], parts["trainer"]
+    files = vlm_tokenizer(task, data, t.init_from, run_dir, model.vocab_size)
+    tok = from_files(files)
+    if len(tok) > model.vocab_size:
+        raise ConfigError(f"the tokenizer has {len(tok)} tokens but model.decoder.vocab_size={model.vocab_size}")
+    init = None
+    if t.init_from is None and (task.image_tower or task.decoder):
+        init = str(assemble_vlm(model, task, files, Path(run_dir) / "init", t.seed))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return Prepared({"train": vqa.training_dataset(data, files, counter)}, files, pad, model, init)
+
+
+def vlm_tokenizer(task: VLMTaskConfig, data: vqa.VQADataConfig, init_from: str | None, run_dir: str,
+                  vocab_size: int) -> TokenizerFiles:
+    """`task.tokenizer`, else the decoder checkpoint's, else the checkpoint the run starts from, else the run's own,
+    else a BPE trained now on the training questions and answers (saved in the run)."""
+    from raytrain.checkpoint.hf import resolve_checkpoint
+    from raytrain.train.trainer import read_run_files, write_run_files
+
+    for given in (task.tokenizer, task.decoder, init_from):
+        if given:
+            directory = Path(given) if given == task.tokenizer else resolve_checkpoint(given)
+            return to_files(load_tokenizer(directory))
+    if files := read_run_files(run_dir, "tokenizer"):
+        return files
+    log.info("training a %d-token byte-level BPE on the VQA questions and answers", vocab_size)
+    files = to_files(train_bpe(vqa.tokenizer_texts(data, task.tokenizer_texts), vocab_size))
+    write_run_files(run_dir, "tokenizer", files)
+    return files
+
+
+def assemble_vlm(cfg: VLMConfig, task: VLMTaskConfig, files: TokenizerFiles, out: Path, seed: int) -> Path:
+    """A VLM checkpoint: the tower's trunk from `task.image_tower`, the decoder from `task.decoder`, the projector
+    and registers freshly initialised. Reused when `out` already holds one assembled from the same parts."""
+    from raytrain.checkpoint.hf import model_state, save_pretrained
+    from raytrain.models.vlm import build_vlm
+
+    sources = {"image_tower": task.image_tower, "decoder": task.decoder}
+    if (out / "raytrain.json").is_file():
+        if json.loads((out / "raytrain.json").read_text()).get("assembled_from") != sources:
+            raise ConfigError(f"{out} holds a VLM assembled from other parts; use a new trainer.run_name")
+        return out
+    torch.manual_seed(seed)
+    model = build_vlm(cfg)
+    if task.image_tower:
+        _load_part(model.image, tower_state(task.image_tower), "task.image_tower", task.image_tower)
+    if task.decoder:
+        _load_part(model.decoder, decoder_state(task.decoder, cfg), "task.decoder", task.decoder)
+    log.info("assembled the starting VLM from %s in %s", sources, out)
+    return save_pretrained(out, cfg, model_state(model), files, {"assembled_from": sources})
+
+
+def tower_state(path: str) -> dict[str, Any]:
+    """The image trunk of a ViT (CatLIP: its classifier dropped), CLIP or VLM checkpoint, by ViT parameter name."""
+    from raytrain.checkpoint.hf import read_model_config, read_weights, resolve_checkpoint
+    from raytrain.models.clip import ClipConfig
+
+    found = read_model_config(path)
+    state = read_weights(resolve_checkpoint(path))
+    if isinstance(found, ViTConfig):
+        return {k: v for k, v in state.items() if not k.startswith("head.")}
+    if isinstance(found, (ClipConfig, VLMConfig)):
+        return {k.removeprefix("image."): v for k, v in state.items() if k.startswith("image.")}
+    raise ConfigError(f"task.image_tower={path} holds model {found.name}, which has no ViT image tower")
+
+
+def decoder_state(path: str, cfg: VLMConfig) -> dict[str, Any]:
+    """A decoder checkpoint's weights, after checking its config is `model.decoder`'s (RoPE base and norms too,
+    which shapes alone would not catch)."""
+    from raytrain.checkpoint.hf import load_pretrained, read_model_config
+
+    found = read_model_config(path)
+    if not isinstance(found, DecoderConfig):
+        raise ConfigError(f"task.decoder={path} holds model {found.name}, which is not a decoder-family model")
+    differ = [f.name for f in dataclasses.fields(cfg.decoder) if f.name != "name"
+              and getattr(found, f.name, None) != getattr(cfg.decoder, f.name)]
+    if differ:
+        key = differ[0]
+        raise ConfigError(f"task.decoder={path}: its {key} is {getattr(found, key, None)!r}, model.decoder.{key} is "
+                          f"{getattr(cfg.decoder, key)!r}; pick a model preset of that decoder")
+    return load_pretrained(path).model.state_dict()
+
+
+def _load_part(module: Any, state: dict[str, Any], key: str, path: str) -> None:
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise ConfigError(f"{key}={path} does not fit this model: {first}") from None
+
+
 # ---- worker side -----------------------------------------------------------------------------------------------
 
 class Worker:
     """Per-rank behaviour of a task; see the module docstring. Subclasses set `metrics` (names of the logged loss
-    parts, the total first) and implement `inputs` and `loss`."""
+    parts, the total first) and implement `inputs` and `loss`. The loop keeps `step` at the optimizer steps done."""
 
     metrics: tuple[str, ...] = ("loss",)
     unit = "images"
@@ -301,6 +499,26 @@ class Worker:
 
     def __init__(self, job: Any, model: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> None:
         self.job, self.model, self.dtype, self.device = job, model, dtype, device
+        self.step = 0
+
+    def regroup(self, batches: Iterator[dict[str, torch.Tensor]], epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+        """The stream of dataset batches as the task trains on them: unchanged, or with
+        `data.variable_resolution` re-cut into batches of a random side and a size that keeps the pixels per batch
+        (the same sequence on every rank: seeded by the epoch)."""
+        data = self.job.data
+        if not getattr(data, "variable_resolution", False):
+            return batches
+        shapes = batch_shapes(data.image_size, self.job.trainer.micro_batch_size, data.min_side, data.max_side,
+                              data.num_scales, data.side_divisor)
+        return variable_batches(batches, shapes, seed=data.shuffle_seed + epoch)
+
+    def logits_and_augment_loss(self, engine: Any, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits, and RangeAugment's loss when the model learns augmentation ranges (None otherwise)."""
+        if getattr(self.model, "augment", None) is None:
+            return engine(images), None
+        logits, augmented = engine(images, return_augmented=True)
+        total = self.job.schedule.total_steps or self.job.trainer.max_steps
+        return logits, range_augment_loss(images, augmented, target_mse(self.step, total))
 
     def inputs(self, batch: dict[str, torch.Tensor]) -> Any:
         raise NotImplementedError
@@ -312,9 +530,17 @@ class Worker:
     def after_step(self) -> None:
         """Called once per optimizer step."""
 
+    frozen_base = False  # the model's frozen parameters stay out of the DeepSpeed checkpoints
+
     def export_state(self) -> dict[str, torch.Tensor] | None:
         """Weights for `model/` (None: the model's own)."""
         return None
+
+    def write_export(self, directory: Path, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Write `model/` (rank 0): a checkpoint that `load_pretrained` reads."""
+        from raytrain.checkpoint.hf import save_pretrained
+
+        save_pretrained(directory, self.job.model, state, self.job.tokenizer_files, meta)
 
     def restore(self, export_dir: Path) -> None:
         """Reload per-task state from a checkpoint's `model/` export."""
@@ -373,8 +599,39 @@ class LMWorker(Worker):
         return training_flops_per_token(self.job.model, self.job.data.seq_len)
 
 
+class LoRAWorker(LMWorker):
+    """LMWorker on LoRA adapters: the loop loaded the base (trainer.init_from); this freezes it, adds the adapters
+    (from `adapter_init`, or new) and exports only them, with the base's fingerprint."""
+
+    frozen_base = True
+
+    def __init__(self, job: Any, model: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+        from raytrain.checkpoint.adapter import read_adapter
+        from raytrain.models.lora import apply_lora, load_adapter_state
+
+        super().__init__(job, model, dtype, device)
+        apply_lora(model, job.task.lora)
+        if job.task.adapter_init:
+            load_adapter_state(model, read_adapter(job.task.adapter_init).state, job.task.lora.scale)
+
+    def export_state(self) -> dict[str, torch.Tensor] | None:
+        from raytrain.models.lora import adapter_state
+
+        return adapter_state(self.model)
+
+    def write_export(self, directory: Path, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        from raytrain.checkpoint.adapter import save_adapter
+
+        task = self.job.task
+        save_adapter(directory, state, task.lora, task.base, task.base_fingerprint, meta)
+
+    def flops_per_unit(self) -> float | None:
+        return None  # the frozen base has no weight gradients: the dense formula would overstate the work
+
+
 class CatlipWorker(Worker):
-    metrics = ("loss", "labels_per_image")
+    """BCE over the synsets (plus RangeAugment's loss, when the model learns augmentation ranges); the export holds
+    the EMA weights."""
 
     def __init__(self, job: Any, model: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> None:
         from raytrain.train.ema import EMA
@@ -383,14 +640,21 @@ class CatlipWorker(Worker):
         if job.task.ema_momentum and job.trainer.zero_stage == 3:
             raise ConfigError("task.ema_momentum needs whole weights on every rank: use trainer.zero_stage <= 2")
         self.ema = EMA(model, job.task.ema_momentum) if job.task.ema_momentum else None
+        augment = getattr(model, "augment", None) is not None
+        self.metrics = ("loss", "labels_per_image", *(("range_augment",) if augment else ()))
 
     def inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         return self.pixels(batch["image"]), batch["targets"]
 
     def loss(self, engine: Any, inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         images, targets = inputs
-        loss = multilabel_bce(engine(images), targets)
-        return loss, torch.stack([loss.detach(), targets.float().sum(1).mean()])
+        logits, augment_loss = self.logits_and_augment_loss(engine, images)
+        loss = multilabel_bce(logits, targets)
+        parts = [targets.float().sum(1).mean()]
+        if augment_loss is not None:
+            loss = loss + augment_loss
+            parts.append(augment_loss.detach())
+        return loss, torch.stack([loss.detach(), *parts])
 
     def after_step(self) -> None:
         if self.ema is not None:
@@ -426,7 +690,7 @@ class ClassifyWorker(Worker):
         task = job.task
         if task.backbone:
             rows = init_from_backbone(model, task.backbone, json.loads(job.tokenizer_files[CLASSES_FILE]),
-                                      task.transfer_init)
+                                      task.transfer_init, task.transfer_bias)
             log.info("Transfer Init: %d of %d classifier rows from %s", sum(r is not None for r in rows), len(rows),
                      task.backbone)
         if task.mode == "linear_probe":
@@ -440,9 +704,13 @@ class ClassifyWorker(Worker):
         images, labels = inputs
         if self.job.task.mode == "linear_probe":
             self.model.stem.eval()  # a frozen trunk keeps its BatchNorm statistics
-        logits = engine(images)
+            logits, augment_loss = engine(images), None
+        else:  # the fine-tune recipe: RangeAugment too, when the model has it
+            logits, augment_loss = self.logits_and_augment_loss(engine, images)
         loss = label_smoothed_ce(logits, labels, self.job.task.label_smoothing)
         accuracy = (logits.argmax(-1) == labels).float().mean()
+        if augment_loss is not None:
+            loss = loss + augment_loss
         return loss, torch.stack([loss.detach(), accuracy])
 
 
@@ -457,12 +725,13 @@ class SpecStreamWorker(Worker):
     dtypes = torch.int64
 
     def __init__(self, job: Any, model: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> None:
-        from raytrain.models.lora import add_lora
+        from raytrain.models.lora import apply_lora, lora_parameters
 
         super().__init__(job, model, dtype, device)
         task = job.task
         _load_base(model, task.init)
-        lora = add_lora(model, task.lora_rank, task.lora_alpha)
+        apply_lora(model, task.lora)  # freezes the model; the stream parameters train besides
+        lora = lora_parameters(model)
         model.stream_embed.requires_grad_(True)
         if model.prune_adapter is not None:
             model.prune_adapter.requires_grad_(True)
@@ -527,8 +796,40 @@ def _load_base(model: torch.nn.Module, init: str) -> None:
                           f" unexpected {unexpected[:3]})")
 
 
-WORKERS = {LMTaskConfig: LMWorker, CatlipTaskConfig: CatlipWorker, ClipTaskConfig: ClipWorker,
-           ClassifyTaskConfig: ClassifyWorker, SpecStreamTaskConfig: SpecStreamWorker}
+
+class VLMWorker(Worker):
+    """Next-token cross-entropy on the answers of VQA rows; the parts in `task.freeze` get no gradient (Stage 1:
+    tower and decoder frozen, so only the projector and the registers learn; Stage 2: the tower alone)."""
+
+    def __init__(self, job: Any, model: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__(job, model, dtype, device)
+        set_trainable(model, job.task.freeze)
+
+    def inputs(self, batch: dict[str, torch.Tensor]) -> VLMBatch:
+        tokens = batch["tokens"]
+        text_mask = torch.arange(tokens.shape[1], device=tokens.device)[None] < batch["length"][:, None]
+        return VLMBatch(tokens, text_mask, batch["image_at"], images=self.pixels(batch["image"]),
+                        labels=batch["labels"])
+
+    def loss(self, engine: Any, inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if "image" in self.job.task.freeze:
+            self.model.image.eval()  # a frozen tower keeps its BatchNorm statistics
+        loss = engine(inputs).loss
+        return loss, loss.detach()[None]
+
+    def flops_per_unit(self) -> float | None:
+        return None
+
+
+def set_trainable(model: torch.nn.Module, frozen: list[str]) -> None:
+    """Only parameters outside the `frozen` parts (image, projector, registers, decoder) require gradients."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.split(".")[0] not in frozen)
+
+
+WORKERS = {LMTaskConfig: LMWorker, LoRATaskConfig: LoRAWorker, CatlipTaskConfig: CatlipWorker,
+           ClipTaskConfig: ClipWorker, ClassifyTaskConfig: ClassifyWorker, VLMTaskConfig: VLMWorker,
+           SpecStreamTaskConfig: SpecStreamWorker}
 
 
 def worker(job: Any, model: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> Worker:
@@ -555,31 +856,38 @@ def transfer_rows(classes: list[str], vocab_ids: list[str]) -> list[int | None]:
 
 @torch.no_grad()
 def transfer_init(head: torch.nn.Linear, source_weight: torch.Tensor, source_bias: torch.Tensor,
-                  rows: list[int | None]) -> None:
-    for i, row in enumerate(rows):
-        if row is not None:
-            head.weight[i].copy_(source_weight[row])
-            head.bias[i].copy_(source_bias[row])
+                  rows: list[int | None], bias: str = "mean") -> None:
+    """Head rows of mapped classes from the source classifier; biases per `bias` (see `ClassifyTaskConfig`).
+    Unmapped rows keep their random weights."""
+    mapped = [(i, row) for i, row in enumerate(rows) if row is not None]
+    for i, row in mapped:
+        head.weight[i].copy_(source_weight[row])
+    if bias == "none" or not mapped:
+        head.bias.zero_()
+        return
+    copied = source_bias[[row for _, row in mapped]].to(head.bias.dtype)
+    head.bias.fill_(copied.mean() if bias == "mean" else 0.0)
+    head.bias[[i for i, _ in mapped]] = copied
 
 
-def init_from_backbone(model: torch.nn.Module, backbone: str, classes: list[str],
-                       use_transfer_init: bool) -> list[int | None]:
+def init_from_backbone(model: torch.nn.Module, backbone: str, classes: list[str], use_transfer_init: bool,
+                       bias: str = "mean") -> list[int | None]:
     """Load a CatLIP checkpoint's trunk into `model` and, with Transfer Init, the classifier rows of the classes'
     synsets; returns the source row of each class."""
     from raytrain.checkpoint.hf import read_weights, resolve_checkpoint
 
     path = resolve_checkpoint(backbone)
-    state = read_weights(path)
+    state = {k: v for k, v in read_weights(path).items() if not k.startswith("augment.")}  # ranges: pretraining's
     head_w, head_b = state.pop("head.weight", None), state.pop("head.bias", None)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or set(missing) - {"head.weight", "head.bias"}:
+    if unexpected or {m for m in missing if not m.startswith("augment.")} - {"head.weight", "head.bias"}:
         raise ConfigError(f"task.backbone={backbone}: not a ViT trunk of this model's shape "
                           f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     rows: list[int | None] = [None] * len(classes)
     if use_transfer_init and head_w is not None and (path / VOCAB_FILE).is_file():
         vocab = synsets.Vocabulary.load(path / VOCAB_FILE)
         rows = transfer_rows(classes, vocab.ids)
-        transfer_init(model.head, head_w, head_b, rows)
+        transfer_init(model.head, head_w, head_b, rows, bias)
     elif use_transfer_init:
         log.warning("task.backbone=%s has no classifier or no %s; the head starts random", backbone, VOCAB_FILE)
     return rows

@@ -20,10 +20,11 @@ from raytrain.config import ConfigError, RaytrainError
 from raytrain.data import text
 from raytrain.data.tokenizer import TokenizerFiles, fingerprint, from_files, load_tokenizer, to_files, train_bpe
 from raytrain.models.registry import shape_mismatch
+from raytrain.models.vlm import VLMConfig
 from raytrain.train import checkpoint
 from raytrain.train.config import OptimConfig, TrainJob, TrainerConfig
 from raytrain.train.optim import check_optim
-from raytrain.train.tasks import LMTaskConfig
+from raytrain.train.tasks import LMTaskConfig, VLMTaskConfig
 
 log = logging.getLogger("raytrain.train")
 PASSED_ENV = re.compile(r"^(WANDB_|HF_|NCCL_|TORCH_|DS_|CUDA_LAUNCH_BLOCKING$)")
@@ -107,6 +108,9 @@ def check_parts(parts: dict[str, Any], where: str = "") -> None:
     try:
         if language_model and data.seq_len > model.max_seq_len:
             raise ConfigError(f"data.seq_len={data.seq_len} exceeds model.max_seq_len={model.max_seq_len}")
+        if isinstance(task, VLMTaskConfig) != isinstance(model, VLMConfig):
+            raise ConfigError(f"task.name={task.name} cannot train model={model.name}: task=vlm (job=vlm) trains the "
+                              "vision-language models (family vlm), and only those")
         if not language_model and parts["objective"].name != "lm":
             raise ConfigError(f"objective.name={parts['objective'].name} is a language-modelling objective; "
                               f"task.name={task.name} trains with its own loss (leave objective=lm)")

@@ -51,13 +51,17 @@ def test_file_round_trip_records_config_shape_and_padding(tmp_path) -> None:
     cf.save_file(tmp_path / "w.safetensors", {"norm": torch.ones(3)}, {"a.weight": seed, "b.weight": rtn})
     dense, compressed = cf.load_file(tmp_path / "w.safetensors")
     assert list(dense) == ["norm"] and sorted(compressed) == ["a.weight", "b.weight"]
-    assert compressed["a.weight"].meta() == seed.meta() and seed.meta()["pad_per_row"] == 3  # 21 -> 2 blocks of 12
+    assert compressed["a.weight"].meta() == seed.meta() and seed.meta()["padding"] == 6 * 3  # 21 -> 2 blocks of 12
     assert seed.meta()["config"] == {"C": 12, "P": 4, "K": 8, "taps": [0, 2, 3, 4], "exponent_rule": "range75",
                                      "rounding": "half_even", "seed_convention": "lfsr_state", "blocking": "row"}
     for name, ct in (("a.weight", seed), ("b.weight", rtn)):
         back = compressed[name].dense()
         assert back.dtype == torch.bfloat16 and back.shape == (6, 21) and torch.equal(back, ct.dense())
     assert cf.dense_state(tmp_path / "w.safetensors").keys() == {"norm", "a.weight", "b.weight"}
+    flat = compress_tensor(weight, "seedlm", SeedLMConfig.for_bits(3, blocking="flat", **K8))  # 126 -> 11 blocks
+    cf.save_file(tmp_path / "f.safetensors", {}, {"f.weight": flat})
+    back = cf.load_file(tmp_path / "f.safetensors")[1]["f.weight"]
+    assert back.meta()["padding"] == 6 and back.config.blocking == "flat" and torch.equal(back.dense(), flat.dense())
 
 
 def test_compressed_checkpoint_loads_dense_and_compressed_and_generates(source, model, tmp_path) -> None:
@@ -102,7 +106,7 @@ def mismatched(tmp_path: Path, edit) -> Path:
     (lambda ct: ct.arrays.pop("coefficients"), r"array w\.coefficients is missing"),
     (lambda ct: ct.arrays["seeds"].zero_(), r"seeds outside 1\.\.255"),
     (lambda ct: setattr(ct, "shape", (4, 32)), r"w\.seeds holds 8 values"),
-    (lambda ct: setattr(ct, "method", "gptq"), r"unreadable record"),
+    (lambda ct: setattr(ct, "meta", lambda: {**type(ct).meta(ct), "method": "gptq"}), r"unreadable record"),
 ])
 def test_mismatched_files_are_named(tmp_path, edit, message) -> None:
     with pytest.raises(FormatError, match=f"compressed tensor w: .*{message}"):

@@ -6,9 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from raytrain.compress.format import relative_error
+from raytrain.commands import compress
+from raytrain.compress.format import compress_tensor, relative_error
 from raytrain.compress.lfsr import centred_table, matrices
-from raytrain.compress.seedlm import SeedLMConfig, decode, encode, pack, unpack, with_cycle_offsets
+from raytrain.compress.seedlm import SeedLMConfig, decode, encode, pack, row_alignment, unpack, with_cycle_offsets
+from raytrain.config import ConfigError
+from raytrain.pipelines.compress import plan
+from tests.conftest import compose
 
 K8 = {"K": 8, "taps": [0, 2, 3, 4]}  # 255 candidates: the same search, 257x cheaper, for tests of mechanics
 
@@ -85,11 +89,59 @@ def test_exponent_rules_order_as_in_the_spec() -> None:
     assert err["search3"] <= err["range75"] + 1e-7  # it also tries the range-filling exponent
 
 
-def test_the_search_is_deterministic_and_independent_of_chunking() -> None:
-    weight = torch.randn(16, 96, generator=torch.Generator().manual_seed(4))
-    a = encode(weight, SeedLMConfig(**K8))
-    b = encode(weight, SeedLMConfig(seed_chunk=7, block_chunk=5, **K8))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+LFSRS = {8: [0, 2, 3, 4], 12: [0, 1, 2, 8], 16: [0, 1, 3, 12]}
+CHUNKINGS = {8: [(1, 5), (7, 3)], 12: [(61, 5), (1000, 7)], 16: [(4093, None)]}  # (seed_chunk, block_chunk)
+
+
+@pytest.mark.parametrize("rule, K", [(rule, K) for rule in ("range75", "range7", "literal", "search3")
+                                     for K in (8, 12)] + [("search3", 16)])  # K=16: the paper's (slow) width
+def test_the_search_is_deterministic_and_independent_of_chunking(rule: str, K: int) -> None:
+    """Small-integer weights make exact error ties between offsets (and, with search3, between exponents of
+    different offsets) common: the lowest offset must win whatever the chunking, for every rule and K. (With
+    candidates scored exponent by exponent inside each chunk, this weight's 3-bit search3 codes at K=8 used to
+    change with seed_chunk=1 or 7.)"""
+    weight = torch.randint(-3, 4, (8, 24), generator=torch.Generator().manual_seed(4)).float()
+    for bits in (4, 3):
+        results = [encode(weight, SeedLMConfig.for_bits(bits, K=K, taps=LFSRS[K], exponent_rule=rule,
+                                                        seed_chunk=chunk, block_chunk=block))
+                   for chunk, block in [(None, None), *CHUNKINGS[K]]]
+        assert all(torch.equal(results[0][k], r[k]) for r in results[1:] for k in results[0]), (bits, rule, K)
+
+
+def test_flat_blocking_is_the_row_major_flatten_and_stores_the_nominal_bits() -> None:
+    """blocking=flat (the paper's): blocks of C consecutive weights of the flattened matrix, straddling rows, only
+    the tail padded; row blocking pads every 32-weight row to 36 (3.375 bits per weight at 3 bits)."""
+    weight = torch.randn(10, 32, generator=torch.Generator().manual_seed(5))
+    flat, row = (SeedLMConfig.for_bits(3, blocking=b, **K8) for b in ("flat", "row"))
+    codes = encode(weight, flat)
+    as_one_row = encode(weight.reshape(1, -1), row)  # a single row of 320 is the flatten
+    assert all(torch.equal(codes[k].reshape(as_one_row[k].shape), as_one_row[k]) for k in codes)
+    torch.testing.assert_close(decode(codes, flat, 32), decode(as_one_row, row, 320).view(10, 32), rtol=0, atol=0)
+    bits = {b: compress_tensor(weight, "seedlm", cfg).bits_per_weight for b, cfg in (("flat", flat), ("row", row))}
+    assert bits == {"flat": (27 * 36 + 4) / 320, "row": 3.375}  # 27 blocks (4 zeros), 27 exponent nibbles in 14 bytes
+
+
+def test_flat_row_ranges_start_on_block_boundaries_and_concatenate() -> None:
+    """The distributed job encodes row ranges separately: with flat blocking each range must start on a block
+    boundary (32 columns, C = 12: every third row), and the ranges' codes concatenate to the whole tensor's."""
+    weight = torch.randn(10, 32, generator=torch.Generator().manual_seed(6))
+    cfg = SeedLMConfig.for_bits(3, blocking="flat", **K8)
+    shards = plan({"w": (10, 32)}, ["w"], 100, lambda cols: row_alignment(cols, cfg))
+    assert [(s.start, s.stop) for s in shards] == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    parts = [encode(weight[s.start:s.stop], cfg) for s in shards]
+    whole = encode(weight, cfg)
+    assert all(torch.equal(torch.cat([p[k] for p in parts]), whole[k]) for k in whole)
+
+
+def test_the_summary_names_the_real_bits_per_weight_beside_the_nominal_ones() -> None:
+    common = ["method=seedlm", "bits=3", "matrix=gaussian", "rows=6", "cols=32", "device=cpu", "seedlm.K=8",
+              "seedlm.taps=[0,2,3,4]", "evaluation.baselines=[]"]
+    row = compress.run(compose("compress", common))
+    assert row["bits"] == 3 and row["bits_per_weight"] == 3.375 and "3.375 bits per weight" in row["bits_note"]
+    flat = compress.run(compose("compress", [*common, "seedlm.blocking=flat"]))
+    assert flat["bits_per_weight"] == 3.0 and "bits_note" not in flat
+    with pytest.raises(ConfigError, match="blocking=flat needs rows of at least C=12 weights"):
+        compress.run(compose("compress", [*common, "seedlm.blocking=flat", "cols=8"]))
 
 
 def test_bad_configs_are_named() -> None:
@@ -99,3 +151,5 @@ def test_bad_configs_are_named() -> None:
         SeedLMConfig(C=8, P=6)
     with pytest.raises(ValueError, match="bits=5"):
         SeedLMConfig.for_bits(5)
+    with pytest.raises(ValueError, match="blocking='column'"):
+        SeedLMConfig(blocking="column")

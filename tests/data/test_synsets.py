@@ -1,5 +1,6 @@
-"""CatLIP's caption -> synset rule against the spec's verification table (WordNet 3.0 from Debian), the
-vocabulary file and top-k / threshold selection, and the bad-input cases."""
+"""CatLIP's caption -> synset rule against the spec's verification table (WordNet 3.0 from Debian), the paper's
+noun filter, the vocabulary file (corenet's unpadded keys too) and top-k / threshold selection of counted and of given
+vocabularies, and the bad-input cases."""
 
 from __future__ import annotations
 
@@ -46,6 +47,20 @@ def test_reference_mock_vocabulary_target() -> None:
     assert vocab.labels("An image of black dog.") == [0, 2]  # dog is not in the mock vocabulary
 
 
+def test_noun_only_drops_words_whose_commonest_sense_is_not_a_noun() -> None:
+    """The paper keeps nouns; the reference keeps any token whose lemma names a noun synset ("black", "two",
+    "red"). noun_only drops the tokens WordNet's sense-tagged counts say are mostly adjectives or numerals."""
+    assert synsets.caption_synsets("An image of black dog.", noun_only=True) == ["n05928118", "n02084071"]
+    assert synsets.caption_synsets("Two bicycles parked near the trees", noun_only=True) == ["n02834778",
+                                                                                              "n13104059"]
+    assert synsets.caption_synsets("Stock photo: red car on the road", noun_only=True) == [
+        "n13333833", "n02958343", "n04096066"]
+    assert synsets.occurrences("a dog and a black dog", noun_only=True) == ["n02084071", "n02084071"]
+    vocab = Vocabulary(["n04960277", "n02084071"], [2, 1], "x", noun_only=True)  # black, dog
+    assert vocab.labels("a black dog") == [1]
+    assert Vocabulary.from_json(vocab.to_json(), "v").noun_only
+
+
 def test_top_k_and_threshold_with_tie_break() -> None:
     counts = {"n00000003": 5, "n00000001": 5, "n00000002": 9, "n00000004": 1}
     assert synsets.select(counts, None, 1) == [("n00000002", 9), ("n00000001", 5), ("n00000003", 5),
@@ -80,6 +95,30 @@ def test_vocabulary_file_round_trip_and_bad_files(tmp_path) -> None:
         Vocabulary.load(tmp_path / "bad.json")
     with pytest.raises(VocabularyError, match="missing.json"):
         Vocabulary.load(tmp_path / "missing.json")
+
+
+def test_corenet_unpadded_keys_are_read_and_normalised(tmp_path) -> None:
+    """corenet's vocabularies key synsets by unpadded offsets (`n2084071`); they load as ImageNet wnids."""
+    entries = [{"id": "n2084071", "count": 9}, {"id": "n02121620", "count": 4}, {"id": "n928077", "count": 2}]
+    (tmp_path / "corenet.json").write_text(json.dumps({"format": synsets.VOCAB_FORMAT, "synsets": entries}))
+    vocab = Vocabulary.load(tmp_path / "corenet.json")
+    assert vocab.ids == ["n02084071", "n02121620", "n00928077"] and vocab.labels("a cat and a dog") == [1, 0]
+    for bad, message in ((["n2084071", "n02084071"], "n02084071 is listed twice"), (["dog"], "found 'dog'"),
+                         (["n123456789"], "found 'n123456789'")):
+        (tmp_path / "bad.json").write_text(json.dumps({"format": synsets.VOCAB_FORMAT,
+                                                       "synsets": [{"id": i} for i in bad]}))
+        with pytest.raises(VocabularyError, match=message):
+            Vocabulary.load(tmp_path / "bad.json")
+
+
+def test_a_given_vocabulary_is_cut_by_top_k_and_min_count_in_its_own_order() -> None:
+    """corenet takes the first V keys of its frequency-ordered file; min_count applies to the recorded counts."""
+    vocab = Vocabulary(["n00000005", "n00000001", "n00000003", "n00000002"], [9, 7, 7, 2], "x", "occurrence")
+    cut = vocab.truncated(top_k=2, min_count=1)
+    assert cut.ids == ["n00000005", "n00000001"] and cut.counts == [9, 7] and cut.counting == "occurrence"
+    assert vocab.truncated(top_k=None, min_count=7).ids == ["n00000005", "n00000001", "n00000003"]
+    with pytest.raises(VocabularyError, match="min_count=10"):
+        vocab.truncated(top_k=None, min_count=10)
 
 
 def test_vocabulary_from_another_data_set_is_refused_or_reported(caplog) -> None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
-from raytrain.data.text import (DataError, TextDataConfig, normalized_length, resolve_files, split_document,
-                                to_sequences)
+from raytrain.data.text import (DataError, TextDataConfig, _tokenize_batch, normalized_length, resolve_files,
+                                split_document, to_sequences)
 from raytrain.data.tokenizer import fingerprint, from_files, to_files
 
 
@@ -39,7 +40,7 @@ def test_packing_concatenates_without_padding() -> None:
 def test_missing_and_empty_inputs_are_named(tmp_path) -> None:
     with pytest.raises(DataError, match="no such file"):
         resolve_files(str(tmp_path / "nope"))
-    with pytest.raises(DataError, match="no .txt, .jsonl or .parquet"):
+    with pytest.raises(DataError, match="no .txt, .jsonl, .parquet or .arrow"):
         resolve_files(str(tmp_path))
     (tmp_path / "a.txt").write_text("")
     with pytest.raises(DataError, match="every file is empty"):
@@ -74,3 +75,19 @@ def test_tokenizer_round_trips_through_its_files(tokenizer) -> None:
     assert again.decode(again.encode(text, add_special_tokens=False)) == text  # byte-level: no unknown characters
     assert again.encode(text) == tokenizer.encode(text)
     assert fingerprint(files) == fingerprint(to_files(again))
+
+
+def test_token_batches_become_fixed_size_int32_tensor_columns(tokenizer) -> None:
+    """What Ray Data stores of each tokenized batch: a (seq_len + 1) int32 tensor column. A batch with no usable
+    piece yields nothing; an empty (0, 33) array would be stored as pickled Python objects."""
+    from ray.data.block import BlockAccessor
+    from ray.data.extensions import ArrowTensorTypeV2
+
+    doc = " ".join(["the if statement selects exactly one of the suites by evaluating the expressions"] * 8)
+    cfg = TextDataConfig(seq_len=32, words_per_piece=40, min_chars=50, min_tokens=8)
+    files = to_files(tokenizer)
+    batches = [{"text": np.array(["too short", "also short"])}, {"text": np.array([doc, doc])}]
+    outputs = [out for batch in batches for out in _tokenize_batch(batch, cfg, json.dumps(files), fingerprint(files))]
+    assert [len(out["tokens"]) for out in outputs] == [2 * 3]
+    column = BlockAccessor.batch_to_block(outputs[0]).schema.field("tokens").type
+    assert isinstance(column, ArrowTensorTypeV2) and column.shape == (33,) and column.value_type == pa.int32()

@@ -129,6 +129,41 @@ def test_a_killed_job_resumes_where_it_stopped(ray_cluster, trained, tmp_path) -
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_palettized_4_bit_checkpoint_is_evaluated_and_generates(ray_cluster, trained, tmp_path, capsys) -> None:
+    out = tmp_path / "pal4"
+    summary = run_compress(f"checkpoint={trained}", f"out={out}", "method=palettize", "bits=4", "eval=true",
+                           "evaluation.max_tokens=4096", "evaluation.seq_len=64", "job.weights_per_task=4096")
+    assert summary["tensors_compressed"] == 9 and summary["embedding_bits_per_weight"] == 8 + 16 / 64
+    results = summary["eval"]["results"]
+    assert results["palettize"]["bits_per_weight"] == pytest.approx(summary["bits_per_weight"])
+    assert results["fp"]["perplexity"] < results["palettize"]["perplexity"] < 1.3 * results["fp"]["perplexity"]
+    assert results["palettize"]["mean_relative_error"] < results["rtn"]["mean_relative_error"]
+    capsys.readouterr()
+    generate.run(compose("generate", [f"checkpoint={out}", "prompt=The if", "max_new_tokens=8", "temperature=0",
+                                      "device=cpu"]))
+    assert capsys.readouterr().out.startswith("The if")
+
+
+def test_mixed_palettization_allocates_by_importance_and_resumes(ray_cluster, trained, tmp_path) -> None:
+    """A job stopped after the squared gradients and a third of its row ranges finishes from there."""
+    from raytrain.pipelines.compress import JobConfig, _prepare_work_dir, _run_fisher, _run_tasks, plan_job, run_job
+
+    cfg = compose("compress", ["method=palettize", "bits=mixed", "target_bpw=3.5", "palettize.calibration_tokens=2048"])
+    embedding, mixed = compress.palettize_options(cfg)
+    plan = plan_job(trained, tmp_path / "mixed", "palettize", compress.codec_configs(cfg)["palettize"],
+                    JobConfig(weights_per_task=2048), embedding, mixed)
+    assert all(s.start % 16 == 0 for s in plan.shards)  # ranges start on whole groups of rows
+    _prepare_work_dir(plan)
+    _run_fisher(plan)
+    _run_tasks(plan, plan.shards[:len(plan.shards) // 3])
+    summary = run_job(plan)
+    assert summary["row_ranges_resumed"] == len(plan.shards) // 3 > 0
+    assert 3.0 < summary["bits_per_weight"] <= 3.5 and set(summary["tensor_bits"].values()) == {2, 4}
+    assert sum(summary["weights_at_bits"].values()) == summary["weights_compressed"]
+    record = json.loads((tmp_path / "mixed" / "config.json").read_text())["raytrain_compression"]
+    assert record["tensor_bits"] == summary["tensor_bits"] and record["importance"] == "fisher"
+
+
 def test_gaussian_reference_check_prints_one_json_object() -> None:
     cli = subprocess.run([sys.executable, "-m", "raytrain", "compress", "matrix=gaussian", "rows=64", "cols=96",
                           "seed=1", "device=cpu"], cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -139,8 +174,13 @@ def test_gaussian_reference_check_prints_one_json_object() -> None:
 
 
 @pytest.mark.parametrize("overrides, error, message", [
-    (["method=gptq"], ConfigError, "method='gptq' is unknown; known: rtn, seedlm"),
-    (["bits=5"], ConfigError, r"bits=5: use one of \[3, 4\]"),
+    (["method=gptq"], ConfigError, "method='gptq' is unknown; known: palettize, rtn, seedlm"),
+    (["bits=5"], ConfigError, "bits=5: method=seedlm has no setting at these bits; use 3 or 4"),
+    (["bits=mixed"], ConfigError, "bits=mixed is a palettization setting; use method=palettize"),
+    (["method=palettize", "bits=mixed", "target_bpw=1.5", "checkpoint={src}", "out={tmp}/o"], CompressError,
+     "target_bpw=1.5: the narrowest setting already needs 2.0"),
+    (["method=palettize", "bits=mixed", "palettize.calibration=embedded:web", "checkpoint={src}", "out={tmp}/o"],
+     CompressError, "palettize.calibration=embedded:web: no such embedded source"),
     (["seedlm.taps=[0,1]"], ConfigError, "seedlm.taps: .* not maximal-length"),
     (["seedlm.exponent_rule=floor"], ConfigError, "seedlm: .*exponent_rule='floor'"),
     (["out=/tmp/x"], ConfigError, "checkpoint=PATH and out=PATH are required"),

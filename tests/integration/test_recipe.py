@@ -1,6 +1,7 @@
 """The AFM recipe through Ray Train + DeepSpeed (2 CPU workers): its stages end to end with micro models, each
-starting from the previous stage's final checkpoint; rerunning skips finished stages and resumes the unfinished one;
-adastar under ZeRO-3 matches ZeRO-2; bad input fails before any training."""
+starting from the previous stage's final checkpoint; rerunning skips finished stages and resumes the unfinished one
+(a stage whose every step adastar skips leaves its LR schedule where it was); adastar under ZeRO-2 and ZeRO-3 matches
+a plain single-process float64 reference; bad input fails before any training."""
 
 from __future__ import annotations
 
@@ -16,9 +17,14 @@ from raytrain.checkpoint.hf import latest_run_checkpoint, model_state, save_pret
 from raytrain.commands import train
 from raytrain.config import ConfigError
 from raytrain.data.corpus import documents
+from raytrain.data.text import TextDataConfig, tokenize_documents
 from raytrain.data.tokenizer import to_files, train_bpe
 from raytrain.models.decoder import build_decoder
+from raytrain.train.config import ScheduleConfig
+from raytrain.train.objectives import lm_loss, next_token_pairs
+from raytrain.train.optim import cosine_lr
 from tests.conftest import compose, preset
+from tests.train.test_adastar import ReferenceAdaStar
 
 pytestmark = pytest.mark.integration
 
@@ -76,6 +82,9 @@ def test_stages_chain_change_context_and_resume(ray_cluster, tmp_path, tokenizer
     context = Path(second["outputs"]["context"])
     assert sorted(p.name for p in (runs / "afm.context").glob("step*")) == ["step000000002", "step000000004"]
     assert meta(context)["skipped_steps"] == 4  # counted across the resume
+    schedule = torch.load(context / "ds" / "step000000004" / "mp_rank_00_model_states.pt",
+                          weights_only=False)["lr_scheduler"]
+    assert schedule["last_epoch"] == 0  # axlearn's schedule counts applied updates: none, so it never advanced
     for name, tensor in weights(stage["continued"]).items():
         torch.testing.assert_close(weights(context)[name], tensor, rtol=0, atol=0, msg=name)
 
@@ -86,21 +95,46 @@ def test_stages_chain_change_context_and_resume(ray_cluster, tmp_path, tokenizer
     assert configs["context"]["max_seq_len"] == 128
 
 
-def test_adastar_under_zero3_steps_like_zero2(ray_cluster, tmp_path, tokenizer_dir) -> None:
-    """With a tight per-tensor clip every update is clipped, so a partition layout that misplaced a tensor's
-    elements would change the result."""
+def test_adastar_under_zero2_and_zero3_matches_a_plain_reference(ray_cluster, tmp_path, tokenizer_dir,
+                                                                  tokenizer) -> None:
+    """Two workers, every training row the same sequence (so every micro-batch is known whatever the split): the
+    weights after 2 steps under ZeRO-2 and ZeRO-3 equal a single-process run of the same model with the spec's
+    update written out in float64 (`ReferenceAdaStar`). A tight per-tensor clip clips every update, so a partition
+    layout that misplaced a tensor's elements would change the result."""
+    doc = " ".join(documents()[0].split()[:20])
+    (tmp_path / "same.jsonl").write_text("".join(json.dumps({"text": doc}) + "\n" for _ in range(64)))
     common = ["model=afm_micro", "optim=adastar", "optim.update_clip=0.05", "tracking=disabled",
               "sample.prompt=null", f"trainer.storage_path={tmp_path}", f"data.tokenizer={tokenizer_dir}",
-              "data.seq_len=32", "data.words_per_piece=24", "data.min_tokens=8", "trainer.micro_batch_size=2",
-              "trainer.max_steps=2", "trainer.checkpoint_every=2", "schedule=afm", "schedule.warmup_steps=1"]
+              f"data.path={tmp_path / 'same.jsonl'}", "data.seq_len=32", "data.words_per_piece=24",
+              "data.min_chars=10", "data.min_tokens=8", "trainer.micro_batch_size=2", "trainer.max_steps=2",
+              "trainer.checkpoint_every=2", "schedule=afm", "schedule.warmup_steps=1"]
+    cfg = compose("train", common)
     z2 = train.run(compose("train", [*common, "trainer.run_name=z2", "trainer.zero_stage=2"]))
     z3 = train.run(compose("train", [*common, "trainer.run_name=z3", "trainer.zero_stage=3"]))
-    a, b = weights(Path(z2.checkpoint.path)), weights(Path(z3.checkpoint.path))
-    torch.manual_seed(0)
-    start = model_state(build_decoder(preset("afm_micro")))
-    for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=0, atol=2e-6, msg=name)
-        assert not torch.equal(a[name], start[name].detach())
+
+    row = tokenize_documents([doc], TextDataConfig(seq_len=32, words_per_piece=24, min_chars=10, min_tokens=8),
+                             tokenizer)
+    tokens, labels = next_token_pairs(torch.from_numpy(row).long().repeat(2, 1), tokenizer.pad_token_id)
+    torch.manual_seed(cfg.trainer.seed)
+    model = build_decoder(preset("afm_micro"))
+    names, params = zip(*model.named_parameters())  # tied head: the embedding appears once
+    o = cfg.optim
+    scale = min(o.mup_base_dim / model.cfg.d_model, 1.0)
+    reference = ReferenceAdaStar(list(params), o.lr, o.weight_decay, [scale if n.startswith("layers.") and p.dim() == 2
+                                                                        else 1.0 for n, p in zip(names, params)],
+                                 o.update_clip, grad_clip=cfg.trainer.grad_clip)
+    schedule = ScheduleConfig(**cfg.schedule)
+    for t in (1, 2):
+        model.zero_grad()
+        lm_loss(model(tokens), labels, cfg.trainer.z_loss)[0].backward()
+        reference.step([p.grad for p in params], s=cosine_lr(t, 1.0, schedule, cfg.trainer.max_steps))
+        with torch.no_grad():
+            for p, r in zip(params, reference.params):
+                p.copy_(r)
+    for run in (z2, z3):
+        trained = weights(Path(run.checkpoint.path))
+        for name, expected in zip(names, reference.params):
+            torch.testing.assert_close(trained[name].double(), expected, rtol=0, atol=2e-5, msg=name)
 
 
 @pytest.mark.parametrize("override, message", [

@@ -17,8 +17,8 @@ pytestmark = pytest.mark.integration
 DOC = " ".join(["the if statement selects exactly one of the suites by evaluating the expressions"] * 8)
 
 
-def rows(path, tokenizer, fmt: str = "auto", field: str = "text") -> np.ndarray:
-    cfg = TextDataConfig(path=str(path), format=fmt, text_field=field, seq_len=32, words_per_piece=40,
+def rows(path, tokenizer, fmt: str = "auto", field: str = "text", split: str = "train") -> np.ndarray:
+    cfg = TextDataConfig(path=str(path), format=fmt, text_field=field, split=split, seq_len=32, words_per_piece=40,
                          min_chars=50, min_tokens=8)
     ds = build_dataset(cfg, to_files(tokenizer))
     return np.stack([r["tokens"] for r in ds.take_all()])
@@ -42,6 +42,25 @@ def test_txt_files_are_documents_and_parquet_reads_its_column(ray_cluster, tmp_p
     assert len(rows(tmp_path / "d.parquet", tokenizer, field="content")) == 2 * 3
     with pytest.raises(DataError, match="data.text_field=text: .* has no such column \\(columns: content, id\\)"):
         rows(tmp_path / "d.parquet", tokenizer)
+
+
+def test_a_saved_hugging_face_dataset_is_a_path_like_any_other(ray_cluster, tmp_path, tokenizer) -> None:
+    """`save_to_disk` of a Dataset and of a DatasetDict (its `data.split`), and the .arrow files themselves (how a
+    hub dataset lies in the datasets cache)."""
+    import datasets
+
+    short = " ".join(DOC.split()[:40])  # one piece
+    datasets.Dataset.from_dict({"content": [DOC, DOC, DOC], "id": [1, 2, 3]}).save_to_disk(tmp_path / "one")
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"content": [DOC] * 2}),
+                          "test": datasets.Dataset.from_dict({"content": [short]})}).save_to_disk(tmp_path / "two")
+    assert len(rows(tmp_path / "one", tokenizer, field="content")) == 3 * 3
+    assert len(rows(tmp_path / "two", tokenizer, field="content")) == 2 * 3
+    assert len(rows(tmp_path / "two", tokenizer, field="content", split="test")) == 1
+    assert len(rows(tmp_path / "one" / "*.arrow", tokenizer, field="content")) == 3 * 3
+    with pytest.raises(DataError, match="data.split=validation: .* holds the splits train, test"):
+        rows(tmp_path / "two", tokenizer, field="content", split="validation")
+    with pytest.raises(DataError, match="data.text_field=text: .* has no such column \\(columns: content, id\\)"):
+        rows(tmp_path / "one", tokenizer)
 
 
 def test_a_weighted_mixture_has_the_weights_proportions_and_cycles_a_small_source(ray_cluster, tokenizer) -> None:

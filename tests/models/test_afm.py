@@ -64,3 +64,48 @@ def test_afm_init_draws_every_linear_layer_from_its_fan_in() -> None:
         assert block.ffn.proj_1.weight.std().item() == pytest.approx(512 ** -0.5, rel=0.03)
         assert block.ffn.proj_2.weight.std().item() == pytest.approx(1344 ** -0.5, rel=0.03)
     assert model.embed.weight.std().item() == pytest.approx(512 ** -0.5, rel=0.03)
+
+
+@pytest.mark.parametrize("after", [False, True])
+def test_qk_norm_order_against_a_hand_computed_attention(after: bool) -> None:
+    """RMSNorm with a learned gain does not commute with the rotation: AFM (axlearn) normalises the rotated q and
+    k, OpenELM normalises before rotating. One layer's attention written out by hand in float64, both orders."""
+    cfg = dataclasses.replace(preset("afm_micro"), qk_norm_after_rope=after)
+    torch.manual_seed(0)
+    attn = build_decoder(cfg).layers[0].attn.double()
+    with torch.no_grad():
+        attn.q_norm.weight.uniform_(0.5, 2.0)
+        attn.k_norm.weight.uniform_(0.5, 2.0)
+    T, hd = 7, cfg.head_dim
+    x = torch.randn(1, T, cfg.d_model, dtype=torch.float64)
+    angles = torch.arange(T, dtype=torch.float64)[:, None] * cfg.rope_theta ** (-torch.arange(0, hd, 2) / hd)
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+
+    def rotate(t: torch.Tensor) -> torch.Tensor:  # x cos + [-x2, x1] sin, per head
+        return t * cos + torch.cat([-t[..., hd // 2:], t[..., :hd // 2]], -1) * sin
+
+    def norm(t: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+        return gain * t / (t.square().mean(-1, keepdim=True) + cfg.norm_eps).sqrt()
+
+    qkv = (x @ attn.qkv_proj.weight.T).view(T, 3 + 2, hd).transpose(0, 1)  # 3 query heads, 1 K head, 1 V head
+    q, k, v = qkv[:3], qkv[3:4], qkv[4:5]
+    if after:
+        q, k = norm(rotate(q), attn.q_norm.weight), norm(rotate(k), attn.k_norm.weight)
+    else:
+        q, k = rotate(norm(q, attn.q_norm.weight)), rotate(norm(k, attn.k_norm.weight))
+    scores = (q @ k.transpose(-1, -2) / hd ** 0.5).masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf"))
+    y = (scores.softmax(-1) @ v).transpose(0, 1).reshape(1, T, 3 * hd) @ attn.out_proj.weight.T
+    with torch.no_grad():
+        out = attn(x, cos[None, None], sin[None, None], None, 0)
+        other = dataclasses.replace(cfg, qk_norm_after_rope=not after)
+        swapped = build_decoder(other).layers[0].attn.double()
+        swapped.load_state_dict(attn.state_dict())
+        out_swapped = swapped(x, cos[None, None], sin[None, None], None, 0)
+    torch.testing.assert_close(out, y, rtol=1e-5, atol=1e-6)  # the model normalises and rotates in fp32
+    assert (out_swapped - y).abs().max() > 1e-3  # the order matters once the gains are not 1
+
+
+def test_afm_presets_normalise_after_rope_and_openelm_presets_before() -> None:
+    assert all(preset(n).qk_norm_after_rope for n in ("afm_3b", "afm_tiny", "afm_tiny_teacher", "afm_micro",
+                                                       "afm_micro_teacher"))
+    assert not any(preset(n).qk_norm_after_rope for n in ("openelm_270m", "openelm_3b", "openelm_micro"))

@@ -106,18 +106,28 @@ def test_prompts_that_cannot_fit_are_refused_before_tokenizing(checkpoints, monk
 
 
 @torch.inference_mode()
-def test_a_compressed_checkpoint_is_served_compressed_or_dense_with_the_same_output(checkpoints, tmp_path) -> None:
-    from raytrain.checkpoint.hf import linear_weight_names, read_weights, save_compressed
+@pytest.mark.parametrize("method", ["rtn", "palettize"])
+def test_a_compressed_checkpoint_is_served_compressed_or_dense_with_the_same_output(checkpoints, tmp_path,
+                                                                                   method) -> None:
+    """Palettized checkpoints also hold the embedding as 8-bit integers (rebuilt on load either way)."""
+    from raytrain.checkpoint.hf import embedding_weight_names, linear_weight_names, read_weights, save_compressed
     from raytrain.compress.format import compress_tensor
     from raytrain.compress.linear import CompressedLinear
+    from raytrain.compress.palettize import PalettizeConfig
     from raytrain.compress.rtn import RTNConfig
 
     src = checkpoints["plain"]
     state = read_weights(src)
-    compressed = {n: compress_tensor(state[n], "rtn", RTNConfig(bits=4)) for n in linear_weight_names(src)}
-    out = save_compressed(tmp_path / "rtn", src, {k: v for k, v in state.items() if k not in compressed}, compressed)
+    config = RTNConfig(bits=4) if method == "rtn" else PalettizeConfig(bits=4)
+    linear = linear_weight_names(src)
+    compressed = {n: compress_tensor(state[n], method, config) for n in linear}
+    if method == "palettize":
+        compressed.update({n: compress_tensor(state[n], "rtn", RTNConfig(bits=8, group_size=32))
+                           for n in embedding_weight_names(src)})
+    out = save_compressed(tmp_path / method, src, {k: v for k, v in state.items() if k not in compressed},
+                          compressed)
     kept, dense = server(out, weights="compressed"), server(out)
-    assert sum(isinstance(m, CompressedLinear) for m in kept.engine.model.modules()) == len(compressed)
+    assert sum(isinstance(m, CompressedLinear) for m in kept.engine.model.modules()) == len(linear)
     assert not any(isinstance(m, CompressedLinear) for m in dense.engine.model.modules())
     job = {"prompt": "The if", "params": {**PARAMS, "max_tokens": 6}}
     outputs = [s.engine.generate([s.prepare(job)])[0].token_ids for s in (kept, dense)]

@@ -41,7 +41,7 @@ def test_chat_content_of_the_wrong_type_names_the_message() -> None:
     body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "a"}, {"role": "user", "content": 5}]})
     with pytest.raises(ApiError) as e:
         parse(ChatRequest, body.encode())
-    assert e.value.param == "messages.1.content" and "a string or a list of text parts" in e.value.message
+    assert e.value.param == "messages.1.content" and "a string or a list of content parts" in e.value.message
 
 
 def test_a_long_list_of_bad_items_is_one_error_per_type_tried() -> None:

@@ -66,6 +66,23 @@ def test_a_step_whose_gradient_norm_is_not_below_100_changes_nothing(grad: float
     assert opt.skips(grad) and not opt.skips(99.9)
 
 
+def test_a_skipped_step_does_not_advance_the_lr_schedule() -> None:
+    """DeepSpeed steps the scheduler after every optimizer step it did not skip itself; axlearn's schedule counts
+    applied updates only. Steps 1 and 3 apply, step 2 is skipped: step 3 runs at s(2), not s(3)."""
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = AdaStar([p], lr=0.01, weight_decay=0.0)
+    schedule = build_scheduler(opt, 0.01, AFM_SCHEDULE, 750_000, opt.last_step_skipped)
+    lrs = []
+    for grad in (0.3, 500.0, 0.3):
+        lrs.append(opt.param_groups[0]["lr"])
+        p.grad = torch.tensor([grad])
+        opt.step()
+        schedule.step()  # what DeepSpeed does after the optimizer step
+    assert lrs == pytest.approx([0.01 / 5000, 0.01 * 2 / 5000, 0.01 * 2 / 5000], rel=1e-9)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01 * 3 / 5000, rel=1e-9)
+    assert "skipped" not in schedule.state_dict()  # checkpoints hold no reference to the optimizer
+
+
 def test_weight_decay_follows_the_schedule_not_the_peak_lr() -> None:
     """At s = 1 decay alone scales p by (1 - 3.16e-4), whatever the peak LR; at s = 0.5 by (1 - 1.58e-4)."""
     for peak in (0.01, 1e-4):
@@ -80,24 +97,37 @@ def test_weight_decay_follows_the_schedule_not_the_peak_lr() -> None:
                                    atol=1e-7)
 
 
+class ReferenceAdaStar:
+    """The spec's pseudo-code (section 2.2) on whole tensors in float64, written out independently of `AdaStar`:
+    global-norm clip to 1, v with eps inside, bias-corrected v only, per-tensor RMS clip, undebiased momentum,
+    decay decoupled from the peak LR (both scaled by the schedule's multiplier s)."""
+
+    def __init__(self, params: list[torch.Tensor], lr: float, wd: float, scales: list[float], clip: float,
+                 grad_clip: float | None = 1.0, b1: float = 0.95, b2: float = 0.95) -> None:
+        self.params = [p.detach().double().clone() for p in params]
+        self.v, self.m = [torch.zeros_like(p) for p in self.params], [torch.zeros_like(p) for p in self.params]
+        self.lr, self.wd, self.scales, self.clip, self.grad_clip = lr, wd, scales, clip, grad_clip
+        self.b1, self.b2, self.t = b1, b2, 0
+
+    def step(self, grads: list[torch.Tensor], s: float = 1.0) -> None:
+        self.t += 1
+        norm = math.sqrt(sum(float(g.double().square().sum()) for g in grads))
+        factor = min(1.0, self.grad_clip / norm) if self.grad_clip else 1.0
+        for i, g in enumerate(grads):
+            g = g.double() * factor
+            self.v[i] = self.b2 * self.v[i] + (1 - self.b2) * (g * g + 1e-30)
+            u = g / (self.v[i] / (1 - self.b2 ** self.t)).sqrt()
+            u = u / max(1.0, math.sqrt(float(u.square().mean())) / self.clip)
+            self.m[i] = self.b1 * self.m[i] + (1 - self.b1) * u  # no bias correction
+            self.params[i] = self.params[i] - s * (self.lr * self.scales[i] * self.m[i] + self.wd * self.params[i])
+
+
 def reference_adastar(params: list[torch.Tensor], grads: list[list[torch.Tensor]], lr: float, wd: float,
-                      scales: list[float], clip: float, b1: float = 0.95, b2: float = 0.95) -> list[torch.Tensor]:
-    """The spec's pseudo-code, element by element in float64 with Python loops."""
-    ps = [p.double().clone() for p in params]
-    vs, ms = [torch.zeros_like(p) for p in ps], [torch.zeros_like(p) for p in ps]
-    for t, step_grads in enumerate(grads, start=1):
-        norm = math.sqrt(sum(float(g.double().square().sum()) for g in step_grads))
-        for i, g in enumerate(step_grads):
-            g = g.double() * min(1.0, 1.0 / norm)
-            u = torch.empty_like(g)
-            for j in range(g.numel()):
-                vs[i].view(-1)[j] = b2 * vs[i].view(-1)[j] + (1 - b2) * (g.view(-1)[j] ** 2 + 1e-30)
-                u.view(-1)[j] = g.view(-1)[j] / math.sqrt(vs[i].view(-1)[j] / (1 - b2 ** t))
-            rms = math.sqrt(float(u.square().sum()) / u.numel())
-            u = u / max(1.0, rms / clip)
-            ms[i] = b1 * ms[i] + (1 - b1) * u  # no bias correction
-            ps[i] = ps[i] - (lr * scales[i] * ms[i] + wd * ps[i])
-    return ps
+                      scales: list[float], clip: float) -> list[torch.Tensor]:
+    reference = ReferenceAdaStar(params, lr, wd, scales, clip)
+    for step_grads in grads:
+        reference.step(step_grads)
+    return reference.params
 
 
 def test_update_matches_the_spec_computed_by_hand() -> None:
@@ -114,6 +144,48 @@ def test_update_matches_the_spec_computed_by_hand() -> None:
     ew, eb = reference_adastar([w, b], grads, lr=0.01, wd=3.16e-4, scales=[0.25, 1.0], clip=0.5)
     torch.testing.assert_close(pw.detach().double(), ew, rtol=0, atol=1e-6)  # fp32 vs float64
     torch.testing.assert_close(pb.detach().double(), eb, rtol=0, atol=1e-6)
+
+
+def per_tensor_reference(groups: list[tuple[list[torch.Tensor], float, float]], grads: list[list[list[torch.Tensor]]],
+                         lr: float, update_clip: float, b1: float = 0.95, b2: float = 0.95,
+                         eps: float = 1e-8) -> list[list[torch.Tensor]]:
+    """The spec's step one tensor at a time, in float64: `groups` of (tensors, update_scale, weight_decay),
+    `grads[step][group][tensor]`, a constant LR (so the decay is wd itself), global-norm clip to 1."""
+    ps = [[p.double().clone() for p in tensors] for tensors, _, _ in groups]
+    vs, ms = [[torch.zeros_like(p) for p in g] for g in ps], [[torch.zeros_like(p) for p in g] for g in ps]
+    for t, step in enumerate(grads, start=1):
+        clip = min(1.0, 1.0 / math.sqrt(sum(float(g.double().square().sum()) for gs in step for g in gs)))
+        for k, (_, scale, wd) in enumerate(groups):
+            for i, g in enumerate(step[k]):
+                g = g.double() * clip
+                vs[k][i] = b2 * vs[k][i] + (1 - b2) * (g * g + eps)
+                u = g / (vs[k][i] / (1 - b2 ** t)).sqrt()
+                u = u / max(1.0, float(u.square().mean().sqrt()) / update_clip)
+                ms[k][i] = b1 * ms[k][i] + (1 - b1) * u
+                ps[k][i] = ps[k][i] - lr * scale * ms[k][i] - wd * ps[k][i]
+    return ps
+
+
+def test_the_foreach_step_equals_the_per_tensor_reference(micro_model) -> None:
+    """A decoder's 3 groups (block matrices x 0.25, embedding, norm gains), 3 steps with the global clip and every
+    tensor's update clip active."""
+    cfg = OptimConfig(name="adastar", lr=0.01, betas=[0.95, 0.95], weight_decay=3.16e-4, decay_norms=True,
+                      mup_base_dim=16, update_clip=0.5)
+    opt = build_optimizer(micro_model, cfg)
+    groups = [([p.detach().clone() for p in g["params"]], g["update_scale"], g["weight_decay"])
+              for g in opt.param_groups]
+    gen = torch.Generator().manual_seed(0)
+    grads = [[[torch.randn(p.shape, generator=gen) for p in g["params"]] for g in opt.param_groups]
+             for _ in range(3)]
+    for step in grads:
+        for g, step_grads in zip(opt.param_groups, step):
+            for p, grad in zip(g["params"], step_grads):
+                p.grad = grad
+        opt.step()
+    expected = per_tensor_reference(groups, grads, lr=0.01, update_clip=0.5, eps=cfg.eps)
+    for g, tensors in zip(opt.param_groups, expected):
+        for p, e in zip(g["params"], tensors):
+            torch.testing.assert_close(p.detach().double(), e, rtol=0, atol=1e-6)
 
 
 def test_adastar_groups_scale_block_matrices_and_decay_everything(micro_cfg) -> None:
@@ -225,6 +297,11 @@ def test_flat_partitions_over_two_ranks_step_like_whole_tensors(kind: str, two_r
     parts = two_ranks(rank_steps)
     whole, unclipped = (_whole_tensor_steps(clip) for clip in (0.3, 0.0))
     assert all((a - b).abs().max() > 1e-4 for a, b in zip(whole, unclipped))  # the clip is active in every tensor
+    reference = ReferenceAdaStar(_tensors(0), lr=0.01, wd=0.1, scales=[1.0] * 3, clip=0.3, grad_clip=None)
+    for seed in (1, 2, 3):
+        reference.step(_tensors(seed))
+    for p, r in zip(whole, reference.params):  # the whole-tensor optimizer against the independent float64 one
+        torch.testing.assert_close(p.double(), r, rtol=0, atol=1e-6)
     if kind == "zero2":
         got = torch.cat(parts)
         pieces = [got[o:o + n] for o, n in zip([0, 16, 24], NUMELS)]
@@ -233,6 +310,30 @@ def test_flat_partitions_over_two_ranks_step_like_whole_tensors(kind: str, two_r
         pieces = [torch.cat([halves[0][k], halves[1][k]])[:n] for k, n in enumerate(NUMELS)]
     for p, piece in zip(whole, pieces):
         torch.testing.assert_close(piece, p.detach().reshape(-1), rtol=0, atol=1e-6)
+
+
+def test_a_rank_holding_only_padding_takes_part_in_the_clip(two_ranks) -> None:
+    """A small group cut over many ranks can leave a rank nothing but alignment padding: it still joins the
+    all-reduce of the per-tensor sums (or the other ranks would wait for it) and changes nothing."""
+    start, grads = _tensors(0)[1], [_tensors(seed)[1] for seed in (1, 2)]  # a 7-element tensor
+
+    def rank_steps(rank: int) -> torch.Tensor:
+        flat = torch.nn.Parameter(F.pad(start, (0, 1)) if rank == 0 else torch.zeros(8))
+        opt = AdaStar([flat], lr=0.01, weight_decay=0.1, update_clip=0.3)
+        opt.attach(lambda: 1.0, {flat: contiguous_layout([0], [7], 8, rank, world=2)})  # rank 1: [8, 16)
+        for g in grads:
+            flat.grad = F.pad(g, (0, 1)) if rank == 0 else torch.zeros(8)
+            opt.step()
+        return flat.detach()
+
+    held, padding = two_ranks(rank_steps)
+    whole = torch.nn.Parameter(start.clone())
+    opt = AdaStar([whole], lr=0.01, weight_decay=0.1, update_clip=0.3, grad_clip=0.0)  # as attached: no global clip
+    for g in grads:
+        whole.grad = g
+        opt.step()
+    torch.testing.assert_close(held[:7], whole.detach(), rtol=0, atol=1e-7)
+    assert torch.equal(padding, torch.zeros(8))
 
 
 def test_a_layout_that_misses_elements_is_refused(two_ranks) -> None:

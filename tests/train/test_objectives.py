@@ -158,6 +158,32 @@ def test_ema_follows_the_recipe_formula() -> None:
     assert math.log(0.5) / math.log(1 - 0.0005) == pytest.approx(1386, abs=1)  # half-life in steps
 
 
+def test_ema_averages_batchnorm_statistics_as_corenet_does() -> None:
+    """corenet's EMA averages every state entry, BatchNorm running statistics included (integer counters by the
+    same formula, truncated); copying them instead would pair averaged weights with the last step's statistics."""
+    from raytrain.models.vit import ConvStem, ViTConfig
+    from raytrain.train.ema import EMA
+
+    torch.manual_seed(0)
+    stem = ConvStem(ViTConfig(name="s", d_model=64, n_heads=2))
+    m = 0.1
+    ema = EMA(stem, m)
+    before = {k: v.clone() for k, v in ema.state.items()}
+    stem.train()
+    for _ in range(3):
+        stem(torch.rand(4, 3, 32, 32) * 3)  # moves running_mean / running_var / num_batches_tracked
+    with torch.no_grad():
+        stem.conv1.weight.add_(1.0)
+    ema.update(stem)
+    now = dict(stem.state_dict())
+    for name in ("norm1.running_mean", "norm1.running_var", "norm2.running_var", "conv1.weight", "norm1.weight"):
+        torch.testing.assert_close(ema.state[name], (1 - m) * before[name] + m * now[name].float(), rtol=1e-6,
+                                   atol=1e-6, msg=name)
+    assert not torch.equal(ema.state["norm1.running_mean"], now["norm1.running_mean"])  # averaged, not copied
+    assert now["norm1.num_batches_tracked"].item() == 3
+    assert ema.state["norm1.num_batches_tracked"].item() == int((1 - m) * 0 + m * 3)  # 0.3 truncated, as corenet
+
+
 def test_ngram_targets_shift_the_labels_by_each_stream() -> None:
     labels = torch.tensor([[5, 6, 7, IGNORE_INDEX]])
     assert ngram_targets(labels, 2)[0].tolist() == [[5, 6, 7], [6, 7, IGNORE_INDEX], [7, IGNORE_INDEX, IGNORE_INDEX],

@@ -52,21 +52,35 @@ def test_soft_top_k_keeps_exactly_k_and_passes_gradients_through_the_threshold()
     assert set(cold.round().nonzero().flatten().tolist()) == set(scores.detach().topk(12).indices.tolist())
 
 
-def test_learned_masks_fit_the_data_better_than_magnitude(source) -> None:
+def windows(docs: list[str], tokenizer, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """n random 17-token windows of the documents' token stream: (inputs, labels) of 16 tokens each."""
+    stream = torch.tensor([t for d in docs for t in tokenizer.encode(d)])
+    starts = torch.randint(0, stream.numel() - 17, (n,), generator=generator)
+    rows = torch.stack([stream[s:s + 17] for s in starts.tolist()])
+    return rows[:, :-1], rows[:, 1:]
+
+
+def test_learned_masks_generalise_to_held_out_text_better_than_magnitude(source, tokenizer) -> None:
+    """Masks learned on one set of documents lower the loss on other documents (never seen by the mask training)
+    below the magnitude baseline's: they fit the text, not the batches they were trained on."""
+    from raytrain.data.corpus import documents
+
     torch.manual_seed(0)
+    docs = documents()[:20]
+    g = torch.Generator().manual_seed(0)
+    train = [windows(docs[:10], tokenizer, 4, g) for _ in range(16)]
+    held_out = windows(docs[10:], tokenizer, 32, g)
     target = dataclasses.replace(preset("afm_micro"), q_heads=6, kv_heads=2)
-    tokens = torch.randint(0, 512, (4, 17))
-    batch = (tokens[:, :-1], tokens[:, 1:])
 
-    def loss_with(ffn: list[torch.Tensor]) -> float:
+    def held_out_loss(ffn: list[torch.Tensor]) -> float:
         with torch.no_grad(), masked(source, *hard_masks(source, ffn)):
-            return lm_loss(source(batch[0]), batch[1], 0.0)[0].item()
+            return lm_loss(source(held_out[0]), held_out[1], 0.0)[0].item()
 
-    masks = learn_masks(source, target, iter([batch] * 12), PruneConfig(steps=12, lr=0.2, temperature=[0.5, 0.05]))
+    masks = learn_masks(source, target, iter(train), PruneConfig(steps=16, lr=0.2, temperature=[0.5, 0.05]))
     learned, _ = masks.keep()
     baseline, _ = magnitude_keep(source, target, heads=False)
     assert [len(k) for k in learned] == [168, 168]
-    assert loss_with(learned) < loss_with(baseline)
+    assert held_out_loss(learned) < held_out_loss(baseline) - 0.02  # 6.63 vs 6.69 (the same-seed run)
 
 
 @pytest.mark.parametrize("change, heads, message", [

@@ -1,14 +1,30 @@
-"""Fused SeedLM matmul in Triton: y = x W^T for a SeedLM-compressed W and a few rows of x (batch 1..16, decode).
+"""SeedLM on the GPU in Triton: the fused decode-time matmul y = x W^T (batch 1..16) and the dense decode (prefill).
 
-Each program owns BLOCK_M output rows and walks their blocks NB at a time. Per block it reads the 16-bit cycle offset,
-the exponent nibble and the P coefficient nibbles, gathers the C*P consecutive entries of the cached LFSR cycle in one
-go (int16 V - 2^(K-1), 128 KiB for K=16, so it stays in L1/L2) and rebuilds the C weights in registers with the exact
-integer form w = 2^e / (2^(K-1) - 1) * sum_p (V - 2^(K-1)) q_p, which it multiplies with x right away. The weights
-never go to memory: a step reads 4 (8,3) or 3 (12,4) bits per weight instead of 16.
+Batch-1 decode reads 4 bits per weight instead of bf16's 16, so it could be 4x faster, but only if rebuilding the
+weights costs less than the bytes it saves. At 4096x14336 the compressed weight is 29 MB (7 us of HBM on an H200),
+while the issue rate of 132 SMs x 4 schedulers x 1.98 GHz allows about 14 instructions per weight in the ~25 us a bf16
+GEMV takes. So the kernel is built around instruction counts, with every weight rebuilt in registers:
 
-Blocks run along rows (each row padded to a multiple of C), which is what `raytrain.compress.seedlm` writes. The
-decoded weights are bitwise those of `seedlm.decode`, cast to x's dtype; only the summation order differs from a dense
-matmul. Under TRITON_INTERPRET=1 the same kernel runs on CPU tensors (slowly), which is how CPU tests check it.
+* The C*P states of a block are windows of its LFSR output bit stream s: state k is bits k+1 .. k+K. The stream comes
+  from the seed in ~20 shift/XOR instructions (`stream="lfsr"`: the next K bits are an XOR of shifted copies of the
+  XOR of the tapped windows, see `inverse_shifts`), or from one 8-byte gather in a 32 KiB table of the m-sequence
+  indexed by the cycle offset (`stream="table"`, L1-resident). No 128 KiB state table, no per-state gathers.
+* A state becomes a float with one LOP3: a 32-bit copy of the stream is placed so that the state's K bits fall in the
+  mantissa, and the exponent is ORed in (F = 2^E + V 2^-K). One copy serves all P states of a weight; the exponent
+  E = P-1-p keeps every product q_p F exact, so the FFMA chain q_0 F_0 + ... - offset is the exact integer sum
+  2^-K sum_p q_p (V_p - 2^(K-1)): about two instructions per state, no integer multiply, no int->float conversion.
+* The shared exponent becomes 2^(e-7) with one LOP3 and is folded with 2^(7+K) / (2^(K-1) - 1) into one scale per
+  block, applied after the block's dot product: for a one-hot x the result is bitwise `seedlm.decode`'s weight; for any
+  x the sums differ from a dense fp32 GEMV only in rounding order.
+* Compressed arrays are reshaped at load time (`SeedLMWeight`, the file format is unchanged): one int32 word per block,
+  [q_0 .. q_P-1 nibbles | exponent | 16-bit seed], so each thread reads 4 bytes per block, coalesced along the row.
+
+Threads own block columns and `block_m` rows (the x words for a column are loaded once per `block_m` rows). Compiled
+for sm_90a (Triton 3.6 and 3.9, checked on CPU with ptxas), the batch-1 main loop is ~11.8 instructions per weight with
+the table stream and ~13.6 with the LFSR stream at block_m=4, with no shared memory, barriers or spills. Batch 1
+accumulates with FFMA and reduces the row at the end; batch 2..16 feeds each rebuilt tile to `tl.dot` (tensor cores in
+bf16). `seedlm_dense` rebuilds W (bitwise `seedlm.decode`, then rounded to the requested dtype) with 8-byte stores for
+prefill. Under TRITON_INTERPRET=1 the kernels run on CPU tensors (slowly), which is how CPU tests check them.
 """
 
 from __future__ import annotations
@@ -21,123 +37,418 @@ import triton.language as tl
 
 from raytrain.compress import seedlm
 from raytrain.compress.format import CompressedTensor
-from raytrain.compress.lfsr import centred_table
+from raytrain.compress.lfsr import LFSRConfig, state_of_offset, stream_bits
 
 MAX_BATCH = 16
+STREAMS = ("lfsr", "table")
+DEFAULT_STREAM = "lfsr"  # fewer instructions with "table" (see benchmarks/seedlm_sass.py), but its gathers need L1
+TABLE_BITS = 49  # a table entry shifted by up to 15 leaves stream bits 0..48 of the block
 
 
-@dataclass
+@dataclass(frozen=True)
 class KernelConfig:
-    block_m: int = 16  # output rows per program
-    blocks: int = 16  # SeedLM blocks per row per step (NB)
+    block_m: int = 4  # output rows per program; each thread holds all of them for its block columns
+    block_n: int = 128  # SeedLM blocks per row per step: 32 lanes x num_warps, one block column per thread
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int = 1
+    split_k: int = 1  # programs per row tile, each over a share of the blocks; > 1 adds partial sums atomically
+
+
+def default_config(batch: int) -> KernelConfig:
+    """Tiles for 1 and 2..16 rows of x (the dot path needs block_m >= 16)."""
+    return KernelConfig() if batch == 1 else KernelConfig(block_m=16, block_n=32, num_warps=4)
 
 
 @dataclass
 class SeedLMWeight:
-    """The operands of the kernel for one compressed [rows, cols] weight, on one device."""
+    """The kernel's operands for one compressed [rows, cols] weight, laid out for it on one device."""
 
-    offsets: torch.Tensor  # uint16 (int32 for K > 16) (rows * bpr,): cycle offset per block
-    exponents: torch.Tensor  # uint8 nibble stream
-    coefficients: torch.Tensor  # uint8 nibble stream
-    table: torch.Tensor  # int16 (or int32 for K > 16): the extended cycle, V - 2^(K-1)
+    words: torch.Tensor  # int32 (rows, bpr): q_p nibble at bits 4p, exponent at bits 12..15 (P <= 3), seed at 16..31
+    exps: torch.Tensor  # uint8 (rows, ceil(bpr / 2)): exponent nibbles, low nibble first (P = 4); empty otherwise
+    table: torch.Tensor  # int64: m-sequence bits 16i .. 16i+63 per entry (stream="table"); empty otherwise
+    masks: torch.Tensor  # int32 (9,): state masks (4), coefficient masks (4), exponent mask, kept in registers
     rows: int
     cols: int
     C: int
     P: int
-    K: int
+    lfsr: LFSRConfig
+    stream: str
+    inv_scale: float  # 2^(7+K) / (2^(K-1) - 1) in fp32: with the kernel's 2^(e-7), 2^K times seedlm.decode's scale
+    stream_args: dict[str, int | str]  # the constexprs of the stream: K, STREAM, TAPS, INV
 
     @classmethod
-    def from_compressed(cls, ct: CompressedTensor, device: torch.device | str) -> SeedLMWeight:
+    def from_compressed(cls, ct: CompressedTensor, device: torch.device | str, stream: str = DEFAULT_STREAM
+                        ) -> SeedLMWeight:
         if ct.method != "seedlm":
             raise ValueError(f"the SeedLM kernel takes seedlm tensors, not {ct.method}")
-        arrays, cfg = seedlm.with_cycle_offsets(ct.arrays, ct.config)
-        small = cfg.K <= 16  # 16-bit offsets and table entries: 2 bytes per block read, a 128 KiB table
-        table = centred_table(cfg.lfsr, cfg.C * cfg.P).to(torch.int16 if small else torch.int32)
-        return cls(arrays["seeds"].to(device, torch.uint16 if small else torch.int32).contiguous(),
-                   arrays["exponents"].to(device).contiguous(), arrays["coefficients"].to(device).contiguous(),
-                   table.to(device).contiguous(), ct.shape[0], ct.shape[1], cfg.C, cfg.P, cfg.K)
+        cfg: seedlm.SeedLMConfig = ct.config
+        check_supported(cfg, stream)
+        arrays = {k: v.cpu() for k, v in ct.arrays.items()}  # packed once on the host, then moved
+        codes = seedlm.unpack(arrays, cfg, ct.shape)
+        offsets = codes["offsets"]
+        if stream == "table":
+            seeds = offsets
+        elif cfg.seed_convention == "lfsr_state":
+            seeds = arrays["seeds"].to(torch.int32).view(offsets.shape)
+        else:
+            seeds = state_of_offset(offsets.reshape(-1), cfg.lfsr).view(offsets.shape)
+        words, exps = pack_words(seeds, codes["exponents"], codes["coefficients"])
+        table = stream_table(cfg.lfsr) if stream == "table" else torch.zeros(1, dtype=torch.int64)
+        m0 = 24 - cfg.K - cfg.P
+        masks = [((1 << cfg.K) - 1) << (m0 + p) for p in range(4)] + [15 << (4 * p) for p in range(4)] + [15 << 23]
+        inv = float(torch.tensor(1.0 / (cfg.lfsr.centre - 1), dtype=torch.float32) * 2.0 ** (7 + cfg.K))
+        stream_args = {"K": cfg.K, "STREAM": stream, "TAPS": sum(1 << t for t in cfg.taps),
+                       "INV": sum(1 << k for k in inverse_shifts(cfg.lfsr))}
+        return cls(words.to(device), exps.to(device), table.to(device),
+                   torch.tensor(masks, dtype=torch.int32, device=device), ct.shape[0], ct.shape[1], cfg.C, cfg.P,
+                   cfg.lfsr, stream, inv, stream_args)
 
     @property
     def blocks_per_row(self) -> int:
-        return -(-self.cols // self.C)
+        return self.words.shape[1]
+
+    @property
+    def stored_bytes(self) -> int:
+        return self.words.numel() * 4 + self.exps.numel()
+
+
+def check_supported(cfg: seedlm.SeedLMConfig, stream: str) -> None:
+    """The kernel's limits: 16-bit seeds, the whole stream of a block in 64 bits, exact FFMA sums (K + P <= 21)."""
+    if stream not in STREAMS:
+        raise ValueError(f"stream={stream!r}: known {', '.join(STREAMS)}")
+    if cfg.K > 16 or cfg.K + cfg.C * cfg.P > 64 or cfg.K + cfg.P > 21:
+        raise ValueError(f"the SeedLM kernel needs K <= 16, K + C*P <= 64 and K + P <= 21; got K={cfg.K}, "
+                         f"C={cfg.C}, P={cfg.P}")
+    if stream == "table" and cfg.K + cfg.C * cfg.P > TABLE_BITS:
+        raise ValueError(f"stream='table' reads {TABLE_BITS} stream bits per block; K + C*P = "
+                         f"{cfg.K + cfg.C * cfg.P} needs stream='lfsr'")
+
+
+def inverse_shifts(lfsr: LFSRConfig) -> list[int]:
+    """Shifts k with B = XOR_k T << k (mod 2^K) for the K stream bits B after a window A, T = XOR_t A >> t: B =
+    T ^ N B with N = sum of left shifts by K - t over the nonzero taps, so B = (1 + N)^-1 T = sum_i N^i T (N is
+    nilpotent); shifts that occur an even number of times cancel."""
+    N = [lfsr.K - t for t in lfsr.taps if t > 0]
+    total, power = {0}, {0}
+    while power:
+        step: dict[int, int] = {}
+        for a in power:
+            for b in N:
+                if a + b < lfsr.K:
+                    step[a + b] = step.get(a + b, 0) ^ 1
+        power = {k for k, odd in step.items() if odd}
+        total ^= power
+    return sorted(total)
+
+
+def pack_words(seeds: torch.Tensor, exponents: torch.Tensor, coefficients: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """int32 words (rows, bpr) [q nibbles | exponent (P <= 3) | seed << 16] and, for P = 4, the exponents as a
+    row-padded nibble stream (rows, ceil(bpr / 2)); two's complement nibbles as in the file."""
+    rows, bpr, P = coefficients.shape
+    words = seeds.to(torch.int64) << 16
+    for p in range(P):
+        words |= (coefficients[..., p].to(torch.int64) & 15) << (4 * p)
+    e = exponents.to(torch.int64) & 15
+    if P <= 3:
+        words |= e << 12
+        exps = torch.zeros(0, dtype=torch.uint8, device=seeds.device)
+    else:
+        e = torch.nn.functional.pad(e, (0, bpr % 2)).view(rows, -1, 2)
+        exps = (e[..., 0] | (e[..., 1] << 4)).to(torch.uint8).contiguous()
+    words = words - ((words >> 31) << 32)  # to int32 two's complement
+    return words.to(torch.int32).contiguous(), exps
+
+
+def stream_table(lfsr: LFSRConfig) -> torch.Tensor:
+    """int64 entries i = 0 .. (N-1) >> 4: bits 16i .. 16i+63 of the m-sequence (the stream from seed 1). The block at
+    cycle offset o has stream bits m[o + n], so entry o >> 4 shifted right by o & 15 holds its bits 0 .. 48."""
+    entries = ((lfsr.period - 1) >> 4) + 1
+    period = stream_bits(lfsr, lfsr.period)
+    m = torch.from_numpy(period[torch.arange(16 * entries + 64).remainder(lfsr.period).numpy()].astype("int64"))
+    windows = m.unfold(0, 64, 16)[:entries]  # (entries, 64)
+    return (windows << torch.arange(64)).sum(1)  # wraps to two's complement, as the kernel reads it
+
+
+# ---- decoding in registers -------------------------------------------------------------------------------------
+
+@triton.jit
+def _load_masks(masks_ptr):
+    """State masks (4), coefficient masks (4) and the exponent mask as registers: LOP3 takes one immediate, so the
+    second constant of each mask-and-OR must be a register (literals are re-materialised before every use)."""
+    return (tl.load(masks_ptr), tl.load(masks_ptr + 1), tl.load(masks_ptr + 2), tl.load(masks_ptr + 3),
+            tl.load(masks_ptr + 4), tl.load(masks_ptr + 5), tl.load(masks_ptr + 6), tl.load(masks_ptr + 7),
+            tl.load(masks_ptr + 8))
 
 
 @triton.jit
-def _nibble(stream_ptr, index, mask):
-    """Signed 4-bit value number `index` of a low-nibble-first stream."""
-    byte = tl.load(stream_ptr + (index >> 1), mask=mask, other=0).to(tl.int32)
-    nib = (byte >> ((index & 1) * 4)) & 0xF
-    return (nib ^ 8) - 8
+def _stream_lfsr(seed, K: tl.constexpr, TAPS: tl.constexpr, INV: tl.constexpr, NBITS: tl.constexpr):
+    """int64 bits 0 .. NBITS-1 of each seed's output stream (bits 0 .. K-1 are the seed), K bits per round: the next K
+    bits B after a K-bit window A obey B = T ^ sum_t (B << (K - t)) with T = XOR_t A >> t, so B is the XOR of T << k
+    over the shifts k in INV (`inverse_shifts`)."""
+    s = seed.to(tl.int64)
+    a = seed
+    for r in tl.static_range(1, (NBITS + K - 1) // K):
+        t = a
+        for i in tl.static_range(1, K):
+            if (TAPS >> i) & 1:
+                t ^= a >> i
+        b = t
+        for k in tl.static_range(1, K):
+            if (INV >> k) & 1 and k < NBITS - r * K:  # shifts past the last bit needed only make unused bits
+                b ^= t << k
+        a = b & ((1 << K) - 1)
+        s |= a.to(tl.int64) << (r * K)
+    return s
 
 
 @triton.jit
-def _seedlm_matmul_kernel(x_ptr, y_ptr, offsets_ptr, exps_ptr, coefs_ptr, table_ptr,
-                          rows, cols, bpr, batch, stride_xb, stride_yb, inv_scale,
-                          C: tl.constexpr, P: tl.constexpr, CP2: tl.constexpr, P2: tl.constexpr,
-                          BLOCK_M: tl.constexpr, NB: tl.constexpr, BATCH: tl.constexpr, USE_DOT: tl.constexpr,
-                          IEEE: tl.constexpr):
-    pid = tl.program_id(0)
-    r = pid * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,) output rows
-    c = tl.arange(0, CP2)  # (CP2,) position in a block; >= C is padding of the tile
-    p = tl.arange(0, P2)  # (P2,) coefficient index; >= P is padding of the tile
-    n = tl.arange(0, BATCH)  # (BATCH,) rows of x
-    row_ok = r < rows
-    acc = tl.zeros((BLOCK_M, BATCH), dtype=tl.float32)
-    for j0 in range(0, bpr, NB):
-        j = j0 + tl.arange(0, NB)  # (NB,) block columns
-        bmask = row_ok[:, None] & (j < bpr)[None, :]  # (BM, NB)
-        b = r[:, None] * bpr + j[None, :]  # global block index
-        off = tl.load(offsets_ptr + b, mask=bmask, other=0).to(tl.int32)
-        e = _nibble(exps_ptr, b, bmask)
-        scale = ((e + 127) << 23).to(tl.float32, bitcast=True) * inv_scale  # exact 2^e / (2^(K-1) - 1)
-        # a block's C*P table entries are one contiguous window, V[c, p] = T[o + c*P + p]: one gather for all of
-        # them, adjacent lanes on adjacent entries
-        qmask = bmask[:, :, None] & (p < P)[None, None, :]  # (BM, NB, P2)
-        q = _nibble(coefs_ptr, (b * P)[:, :, None] + p[None, None, :], qmask)
-        vmask = qmask[:, :, None, :] & (c < C)[None, None, :, None]  # (BM, NB, CP2, P2)
-        window = off[:, :, None, None] + (c * P)[None, None, :, None] + p[None, None, None, :]
-        v = tl.load(table_ptr + window, mask=vmask, other=0).to(tl.int32)
-        wint = tl.sum(v * q[:, :, None, :], axis=3)  # exact integer sums, |.| <= 2^21
-        w = wint.to(tl.float32) * scale[:, :, None]  # (BM, NB, CP2); bitwise seedlm.decode
-        col = j[:, None] * C + c[None, :]  # (NB, CP2) input index of each tile position
-        xmask = ((j < bpr)[:, None] & (c < C)[None, :] & (col < cols))[:, :, None] & (n < batch)[None, None, :]
-        xt = tl.load(x_ptr + n[None, None, :] * stride_xb + col[:, :, None], mask=xmask, other=0.0)
-        w = w.to(xt.dtype)
-        if USE_DOT:
-            w2 = tl.reshape(w, (BLOCK_M, NB * CP2))
-            x2 = tl.reshape(xt, (NB * CP2, BATCH))
+def _coefficient(w, masks, p: tl.constexpr):
+    """q_p as fp32: the nibble lands in the mantissa of 2^(23-4p), its sign bit flipped to make it q + 8."""
+    bits = (w & masks[4 + p]) ^ (((150 - 4 * p) << 23) | (8 << (4 * p)))
+    return bits.to(tl.float32, bitcast=True) - (2.0 ** (23 - 4 * p) + 8.0)
+
+
+@triton.jit
+def _block_terms(w, e_nibble, table_ptr, masks, C: tl.constexpr, P: tl.constexpr, K: tl.constexpr,
+                 STREAM: tl.constexpr, TAPS: tl.constexpr, INV: tl.constexpr):
+    """Per block: its stream bits (int64), 2^(e-7) (times inv_scale, 2^K times decode's scale 2^e / (2^(K-1) - 1)),
+    and the offset that centres the states, sum_p q_p (2^(P-1-p) + 1/2)."""
+    if STREAM == "table":
+        # gathered as a 1-D tensor: a 2-D gather has no contiguous dimension, and Triton versions break that tie in
+        # the coalescing pass differently (3.6 puts lanes along the rows); 1-D, it keeps the words' thread mapping
+        offset = tl.reshape(w >> 16 & 0xFFFF, (w.shape[0] * w.shape[1],))
+        s = tl.reshape(tl.load(table_ptr + (offset >> 4)) >> (offset & 15).to(tl.int64), w.shape)
+    else:
+        s = _stream_lfsr(w >> 16 & 0xFFFF, K, TAPS, INV, K + C * P)
+    if P <= 3:
+        ebits = (w << 11) & masks[8]
+    else:
+        ebits = e_nibble << 23
+    exp2 = (ebits ^ (120 << 23)).to(tl.float32, bitcast=True)  # 2^(e-7): exponent field 112 + (e + 8)
+    off = _coefficient(w, masks, 0) * (2.0 ** (P - 1) + 0.5)
+    for p in tl.static_range(1, P):
+        off += _coefficient(w, masks, p) * (2.0 ** (P - 1 - p) + 0.5)
+    return s, exp2, off
+
+
+@triton.jit
+def _weight(w, s, off, masks, c: tl.constexpr, P: tl.constexpr, K: tl.constexpr):
+    """2^-K sum_p q_p (V_p - 2^(K-1)) for weight c of each block, exactly: state p of weight c (stream bits
+    cP+p+1 .. cP+p+K) is moved to mantissa bits M0+p .. M0+p+K-1 of a float with exponent P-1-p, F = 2^(P-1-p) +
+    V 2^-K, so each q_p F has at most 24 - M0 - p + 3 <= 24 significant bits and every partial sum is exact."""
+    M0: tl.constexpr = 24 - K - P
+    SHIFT: tl.constexpr = c * P + 1 - M0
+    if SHIFT >= 0:
+        x = (s >> SHIFT).to(tl.int32)
+    else:
+        x = (s << -SHIFT).to(tl.int32)
+    d = -off
+    for p in tl.static_range(P):
+        f = ((x & masks[p]) | ((127 + P - 1 - p) << 23)).to(tl.float32, bitcast=True)
+        d = _coefficient(w, masks, p) * f + d
+    return d
+
+
+@triton.jit
+def _load_blocks(words_ptr, exps_ptr, r, j, rows, bpr, ebpr, P: tl.constexpr, EVEN: tl.constexpr):
+    """The (BM, NB) words of rows r, block columns j, and their exponent nibbles (P = 4; else the word again)."""
+    mask = (r < rows)[:, None] & (j < bpr)[None, :]
+    if EVEN:
+        w = tl.load(words_ptr + r[:, None] * bpr + j[None, :])
+    else:
+        w = tl.load(words_ptr + r[:, None] * bpr + j[None, :], mask=mask, other=0)  # a zero word decodes to zeros
+    if P <= 3:
+        e = w
+    else:
+        byte = tl.load(exps_ptr + r[:, None] * ebpr + (j >> 1)[None, :], mask=mask, other=0).to(tl.int32)
+        e = (byte >> ((j & 1) * 4)[None, :]) & 15
+    return w, e
+
+
+@triton.jit
+def _x_element(x_ptr, j, cols, c: tl.constexpr, C: tl.constexpr, XBITS: tl.constexpr, X_WORDS: tl.constexpr):
+    """Element c of x's block columns j (NB,) as fp32: out of the 8-byte words that hold each block (one load per
+    word after CSE, bf16 widened by a shift), else by masked scalar loads. 1-D, so that its layout is the tile's."""
+    if X_WORDS:
+        PER: tl.constexpr = 64 // XBITS
+        word = tl.load(x_ptr.to(tl.pointer_type(tl.int64)) + j * (C * XBITS // 64) + c // PER)
+        bits = (word >> (XBITS * (c % PER))).to(tl.int32)
+        if XBITS == 32:
+            v = bits.to(tl.float32, bitcast=True)
+        elif x_ptr.dtype.element_ty == tl.bfloat16:
+            v = (bits << 16).to(tl.float32, bitcast=True)
+        else:
+            v = bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    else:
+        col = j * C + c
+        v = tl.load(x_ptr + col, mask=col < cols, other=0.0).to(tl.float32)
+    return v
+
+
+# ---- kernels ---------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _gemv_kernel(x_ptr, y_ptr, words_ptr, exps_ptr, table_ptr, masks_ptr, rows, cols, bpr, ebpr, steps_per_split,
+                 inv_scale, C: tl.constexpr, P: tl.constexpr, K: tl.constexpr, STREAM: tl.constexpr,
+                 TAPS: tl.constexpr, INV: tl.constexpr, XBITS: tl.constexpr, BM: tl.constexpr, NB: tl.constexpr,
+                 EVEN: tl.constexpr, X_WORDS: tl.constexpr, SPLIT: tl.constexpr):
+    """y = W x for one row of x: per block sum_c d_c x_c (FFMA), times 2^(e-7); rows reduced and scaled at the end
+    (for a one-hot x still a single rounding of decode's weight)."""
+    r = tl.program_id(0) * BM + tl.arange(0, BM)
+    masks = _load_masks(masks_ptr)
+    acc = tl.zeros((BM, NB), tl.float32)
+    start = tl.program_id(1) * steps_per_split * NB
+    for j0 in range(start, tl.minimum(start + steps_per_split * NB, bpr), NB):
+        j = j0 + tl.arange(0, NB)
+        w, e = _load_blocks(words_ptr, exps_ptr, r, j, rows, bpr, ebpr, P, EVEN)
+        s, exp2, off = _block_terms(w, e, table_ptr, masks, C, P, K, STREAM, TAPS, INV)
+        blk = tl.zeros((BM, NB), tl.float32)
+        for c in tl.static_range(C):
+            blk += _weight(w, s, off, masks, c, P, K) * _x_element(x_ptr, j, cols, c, C, XBITS, X_WORDS)[None, :]
+        acc += blk * exp2  # exact (a power of two); the constant factor of the scale is applied once per row
+    y = tl.sum(acc, axis=1) * inv_scale
+    if SPLIT == 1:
+        tl.store(y_ptr + r, y.to(y_ptr.dtype.element_ty), mask=r < rows)
+    else:
+        tl.atomic_add(y_ptr + r, y, mask=r < rows)
+
+
+@triton.jit
+def _dot_kernel(x_ptr, y_ptr, words_ptr, exps_ptr, table_ptr, masks_ptr, rows, cols, bpr, ebpr, steps_per_split,
+                batch, stride_x, stride_y, inv_scale, C: tl.constexpr, P: tl.constexpr, K: tl.constexpr,
+                STREAM: tl.constexpr, TAPS: tl.constexpr, INV: tl.constexpr, BM: tl.constexpr, NB: tl.constexpr,
+                BATCH: tl.constexpr, EVEN: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr):
+    """Y = X W^T for 2..16 rows of x: each rebuilt (BM, NB) tile of weight c, rounded to x's dtype, goes through
+    tl.dot with x's matching columns, fp32 accumulation (what F.linear does with the dense weights)."""
+    r = tl.program_id(0) * BM + tl.arange(0, BM)
+    n = tl.arange(0, BATCH)
+    masks = _load_masks(masks_ptr)
+    acc = tl.zeros((BM, BATCH), tl.float32)
+    start = tl.program_id(1) * steps_per_split * NB
+    for j0 in range(start, tl.minimum(start + steps_per_split * NB, bpr), NB):
+        j = j0 + tl.arange(0, NB)
+        w, e = _load_blocks(words_ptr, exps_ptr, r, j, rows, bpr, ebpr, P, EVEN)
+        s, exp2, off = _block_terms(w, e, table_ptr, masks, C, P, K, STREAM, TAPS, INV)
+        scale = exp2 * inv_scale
+        for c in tl.static_range(C):
+            col = j[:, None] * C + c
+            xt = tl.load(x_ptr + n[None, :] * stride_x + col, mask=(n < batch)[None, :] & (col < cols), other=0.0)
+            wc = (_weight(w, s, off, masks, c, P, K) * scale).to(xt.dtype)
             if IEEE:
-                acc += tl.dot(w2, x2, input_precision="ieee")
+                acc = tl.dot(wc, xt, acc, input_precision="ieee")
             else:
-                acc += tl.dot(w2, x2)
-        else:  # batch 1: a register reduction, no tensor-core layout change
-            prod = w.to(tl.float32)[:, :, :, None] * xt.to(tl.float32)[None, :, :, :]
-            acc += tl.sum(tl.sum(prod, axis=2), axis=1)
-    ymask = row_ok[:, None] & (n < batch)[None, :]
-    tl.store(y_ptr + n[None, :] * stride_yb + r[:, None], acc.to(y_ptr.dtype.element_ty), mask=ymask)
+                acc = tl.dot(wc, xt, acc)
+    ptrs = y_ptr + n[None, :] * stride_y + r[:, None]
+    mask = (r < rows)[:, None] & (n < batch)[None, :]
+    if SPLIT == 1:
+        tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(ptrs, acc, mask=mask)
+
+
+@triton.jit
+def _dense_kernel(out_ptr, words_ptr, exps_ptr, table_ptr, masks_ptr, rows, cols, bpr, ebpr, inv_scale,
+                  C: tl.constexpr, P: tl.constexpr, K: tl.constexpr, STREAM: tl.constexpr, TAPS: tl.constexpr,
+                  INV: tl.constexpr, OBITS: tl.constexpr, BM: tl.constexpr, NB: tl.constexpr, EVEN_M: tl.constexpr,
+                  O_WORDS: tl.constexpr):
+    """W in out's dtype (bitwise seedlm.decode in fp32, then rounded): each block's C weights packed into 8-byte
+    words when the row is whole words, else stored one by one."""
+    r = tl.program_id(0) * BM + tl.arange(0, BM)
+    j = tl.program_id(1) * NB + tl.arange(0, NB)
+    masks = _load_masks(masks_ptr)
+    w, e = _load_blocks(words_ptr, exps_ptr, r, j, rows, bpr, ebpr, P, EVEN_M and O_WORDS)
+    s, exp2, off = _block_terms(w, e, table_ptr, masks, C, P, K, STREAM, TAPS, INV)
+    scale = exp2 * inv_scale
+    row_ok = (r < rows)[:, None]
+    PER: tl.constexpr = 64 // OBITS
+    word = tl.zeros_like(s)
+    for c in tl.static_range(C):
+        v = (_weight(w, s, off, masks, c, P, K) * scale).to(out_ptr.dtype.element_ty)
+        if O_WORDS:
+            if OBITS == 32:
+                word |= v.to(tl.uint32, bitcast=True).to(tl.int64) << (32 * (c % PER))
+            else:
+                word |= v.to(tl.uint16, bitcast=True).to(tl.int64) << (16 * (c % PER))
+            if c % PER == PER - 1:  # stored as a 1-D tile: no dimension is contiguous (see _block_terms)
+                ptrs = out_ptr.to(tl.pointer_type(tl.int64)) + r[:, None] * (bpr * C // PER) + j[None, :] * (C // PER)
+                if EVEN_M:
+                    tl.store(tl.reshape(ptrs + c // PER, (BM * NB,)), tl.reshape(word, (BM * NB,)))
+                else:
+                    tl.store(tl.reshape(ptrs + c // PER, (BM * NB,)), tl.reshape(word, (BM * NB,)),
+                             mask=tl.reshape(row_ok & (j >= 0)[None, :], (BM * NB,)))
+                word = tl.zeros_like(s)
+        else:
+            col = j[None, :] * C + c
+            tl.store(out_ptr + r[:, None] * cols + col, v, mask=row_ok & (j < bpr)[None, :] & (col < cols))
+
+
+# ---- launchers -------------------------------------------------------------------------------------------------
+
+def _common_args(weight: SeedLMWeight) -> tuple:
+    return (weight.words, weight.exps, weight.table, weight.masks)
+
+
+def _exps_row_bytes(weight: SeedLMWeight) -> int:
+    return weight.exps.shape[1] if weight.P > 3 else 0
+
+
+def _even_k(weight: SeedLMWeight, block_n: int) -> bool:
+    """Rows of whole blocks in whole steps: no masks along the row."""
+    bpr = weight.blocks_per_row
+    return bpr % block_n == 0 and weight.cols == bpr * weight.C
+
+
+def _whole_words(weight: SeedLMWeight, t: torch.Tensor, block_n: int) -> bool:
+    """x (or the output) can be read (written) as the 8-byte words that hold each block's C elements."""
+    return (_even_k(weight, block_n) and (weight.C * t.element_size()) % 8 == 0 and t.data_ptr() % 8 == 0
+            and (t.ndim == 1 or t.stride(0) * t.element_size() % 8 == 0))
 
 
 def seedlm_matmul(x: torch.Tensor, weight: SeedLMWeight, config: KernelConfig | None = None) -> torch.Tensor:
-    """x (batch, cols) with batch <= 16 -> y (batch, rows) = x @ W^T, in x's dtype (fp32 accumulation)."""
+    """x (batch, cols) with batch <= 16 -> y (batch, rows) = x @ W^T in x's dtype (fp32 accumulation)."""
     batch, cols = x.shape
     if cols != weight.cols:
         raise ValueError(f"x has {cols} features, the weight {weight.cols}")
     if not 1 <= batch <= MAX_BATCH:
         raise ValueError(f"the fused kernel takes 1..{MAX_BATCH} rows of x (decode); got {batch}")
-    cfg = config or KernelConfig()
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"the fused kernel takes fp32, bf16 or fp16 x, not {x.dtype}")
+    cfg = config or default_config(batch)
     x = x.contiguous()
-    y = torch.empty(batch, weight.rows, device=x.device, dtype=x.dtype)
-    use_dot = batch > 1
-    padded_batch = max(16, triton.next_power_of_2(batch)) if use_dot else 1
-    inv = float(torch.tensor(1.0 / ((1 << (weight.K - 1)) - 1), dtype=torch.float32))
-    grid = (triton.cdiv(weight.rows, cfg.block_m),)
-    _seedlm_matmul_kernel[grid](
-        x, y, weight.offsets, weight.exponents, weight.coefficients, weight.table,
-        weight.rows, cols, weight.blocks_per_row, batch, x.stride(0), y.stride(0), inv,
-        C=weight.C, P=weight.P, CP2=triton.next_power_of_2(weight.C), P2=triton.next_power_of_2(weight.P),
-        BLOCK_M=cfg.block_m, NB=cfg.blocks,
-        BATCH=padded_batch, USE_DOT=use_dot, IEEE=x.dtype == torch.float32,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return y
+    bpr = weight.blocks_per_row
+    steps = triton.cdiv(triton.cdiv(bpr, cfg.block_n), cfg.split_k)
+    grid = (triton.cdiv(weight.rows, cfg.block_m), cfg.split_k)
+    y = (torch.zeros if cfg.split_k > 1 else torch.empty)(
+        batch, weight.rows, device=x.device, dtype=torch.float32 if cfg.split_k > 1 else x.dtype)
+    even = weight.rows % cfg.block_m == 0 and _even_k(weight, cfg.block_n)
+    common = dict(C=weight.C, P=weight.P, **weight.stream_args, BM=cfg.block_m, NB=cfg.block_n, EVEN=even,
+                  SPLIT=cfg.split_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if batch == 1:
+        _gemv_kernel[grid](x, y, *_common_args(weight), weight.rows, cols, bpr, _exps_row_bytes(weight), steps,
+                           weight.inv_scale, XBITS=8 * x.element_size(), X_WORDS=_whole_words(weight, x, cfg.block_n),
+                           **common)
+    else:
+        _dot_kernel[grid](x, y, *_common_args(weight), weight.rows, cols, bpr, _exps_row_bytes(weight), steps,
+                          batch, x.stride(0), y.stride(0), weight.inv_scale,
+                          BATCH=max(16, triton.next_power_of_2(batch)), IEEE=x.dtype == torch.float32, **common)
+    return y.to(x.dtype) if cfg.split_k > 1 else y
+
+
+def seedlm_dense(weight: SeedLMWeight, dtype: torch.dtype = torch.float32, config: KernelConfig | None = None
+                 ) -> torch.Tensor:
+    """W (rows, cols) in `dtype`: bitwise `seedlm.decode` in fp32, rounded to nearest even for 16-bit dtypes."""
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"seedlm_dense writes fp32, bf16 or fp16, not {dtype}")
+    cfg = config or KernelConfig(block_m=4, block_n=128)
+    out = torch.empty(weight.rows, weight.cols, device=weight.words.device, dtype=dtype)
+    bpr = weight.blocks_per_row
+    obits = 8 * out.element_size()
+    grid = (triton.cdiv(weight.rows, cfg.block_m), triton.cdiv(bpr, cfg.block_n))
+    _dense_kernel[grid](out, *_common_args(weight), weight.rows, weight.cols, bpr, _exps_row_bytes(weight),
+                        weight.inv_scale, C=weight.C, P=weight.P, **weight.stream_args, OBITS=obits,
+                        BM=cfg.block_m, NB=cfg.block_n, EVEN_M=weight.rows % cfg.block_m == 0,
+                        O_WORDS=_whole_words(weight, out, cfg.block_n), num_warps=cfg.num_warps,
+                        num_stages=cfg.num_stages)
+    return out
+

@@ -1,0 +1,116 @@
+"""Static cost of the SeedLM kernels on Hopper, without a GPU: each kernel is compiled by Triton for sm_90a on this
+machine, disassembled with the cuobjdump that Triton's wheel ships, and its main loop (the body of the backward branch)
+is counted by opcode. Prints one JSON line: instructions per weight (fused matmul, dense decode) or per candidate and
+block (search), registers, spills, and whether the loop touches shared memory.
+
+    python benchmarks/seedlm_sass.py
+
+Why it matters: at batch 1 the fused kernel is bound by instruction issue, not by HBM (see the kernel module's
+docstring). `baseline` is the issue budget: instructions per weight that 132 SMs x 4 schedulers x 1.98 GHz can issue
+in the time bf16's 117 MB take at the 4.3 TB/s a device copy reaches on an H200 (4096x14336); `ratio` is that budget
+over the best fused matmul's count, the speed-up over an ideal bf16 GEMV if the kernel issued every cycle.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from raytrain.compress.kernels import seedlm_matmul as km  # noqa: E402
+from raytrain.compress.kernels import seedlm_search as ks  # noqa: E402
+from raytrain.compress.lfsr import LFSRConfig  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+WORDS = {"words_ptr": "*i32", "exps_ptr": "*u8", "table_ptr": "*i64", "masks_ptr": "*i32", "rows": "i32",
+         "cols": "i32", "bpr": "i32", "ebpr": "i32"}
+ISSUE_BUDGET = 32 * 132 * 4 * 1.98e9 * 2 / 4.3e12  # thread-instructions per weight while bf16's 2 bytes stream in
+SHARED = ("STS", "LDS", "LDSM", "STSM", "BAR", "SHFL")
+
+
+def compile_sass(fn: Any, signature: dict[str, str], constexprs: dict[str, Any], num_warps: int) -> tuple[str, str]:
+    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=TARGET,
+                            options={"num_warps": num_warps, "num_stages": 1})
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([str(CUOBJDUMP), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+        usage = subprocess.run([str(CUOBJDUMP), "-res-usage", f.name], capture_output=True, text=True,
+                               check=True).stdout
+    return sass, usage
+
+
+def main_loop(sass: str) -> collections.Counter:
+    """Opcode counts of the longest loop (the instructions between a backward branch's target and the branch), or
+    of the whole kernel if it has no loop."""
+    code = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", sass)]
+    best = [t for _, t in code]
+    looped: list[str] = []
+    for addr, text in code:
+        jump = re.search(r"BRA\b.*?0x([0-9a-f]+)", text)
+        if jump and int(jump.group(1), 16) < addr:
+            body = [t for a, t in code if int(jump.group(1), 16) <= a <= addr]
+            looped = max(looped, body, key=len)
+    return collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for t in (looped or best))
+
+
+def measure(fn: Any, signature: dict[str, str], constexprs: dict[str, Any], num_warps: int, units: float
+            ) -> dict[str, Any]:
+    sass, usage = compile_sass(fn, signature, constexprs, num_warps)
+    loop = main_loop(sass)
+    regs = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    total = sum(loop.values())
+    return {"per_unit": round(total / units, 2), "loop_instructions": total, "registers": int(regs.group(1)),
+            "stack_bytes": int(regs.group(2)), "shared_or_shuffle_in_loop": any(op.startswith(SHARED) for op in loop),
+            "top_opcodes": dict(loop.most_common(8))}
+
+
+def main() -> None:
+    lfsr = LFSRConfig()
+    stream = {"K": 16, "TAPS": sum(1 << t for t in lfsr.taps), "INV": sum(1 << k for k in km.inverse_shifts(lfsr))}
+    gemv_sig = {"x_ptr": "*bf16", "y_ptr": "*bf16", **WORDS, "steps_per_split": "i32", "inv_scale": "fp32"}
+    results: dict[str, Any] = {}
+    for name in km.STREAMS:
+        for block_m in (1, 2, 4, 8):
+            constexprs = {"C": 8, "P": 3, **stream, "STREAM": name, "XBITS": 16, "BM": block_m, "NB": 128,
+                          "EVEN": True, "X_WORDS": True, "SPLIT": 1}
+            results[f"gemv_{name}_m{block_m}"] = measure(km._gemv_kernel, gemv_sig, constexprs, 4,
+                                                         units=block_m * 128 * 8 / 128)
+        results[f"dense_{name}"] = measure(
+            km._dense_kernel, {"out_ptr": "*bf16", **WORDS, "inv_scale": "fp32"},
+            {"C": 8, "P": 3, **stream, "STREAM": name, "OBITS": 16, "BM": 4, "NB": 128, "EVEN_M": True,
+             "O_WORDS": True}, 4, units=4 * 128 * 8 / 128)
+    search_sig = {"w_ptr": "*fp32", "table_ptr": "*fp32", "offset_ptr": "*i32", "exp_ptr": "*i8", "coef_ptr": "*i8",
+                  "nb": "i32"}
+    for C, P in ((8, 3), (12, 4)):
+        results[f"search_{C}_{P}"] = measure(
+            ks._search_kernel, search_sig, {"C": C, "P": P, "N": 65535, "RULE": 0,
+                                            "THRESHOLD": ks.MANTISSA_THRESHOLD[0], "BB": 512}, 4, units=512 / 128)
+    best = min(v["per_unit"] for k, v in results.items() if k.startswith("gemv"))
+    print(json.dumps({"benchmark": "seedlm_sass", "device": "none (sm_90a code compiled on CPU)",
+                      "config": {"triton": triton.__version__, "target": "sm_90a", "shape_of_budget": "4096x14336",
+                                 "units": "gemv: instructions per weight in the main loop; search: per candidate x "
+                                          "block; dense: whole kernel per weight"},
+                      "results": results, "baseline": {"issue_budget_per_weight_at_bf16_floor": ISSUE_BUDGET},
+                      "ratio": ISSUE_BUDGET / best, "command": " ".join(["python", *sys.argv]),
+                      "time": time.strftime("%Y-%m-%d %H:%M")}))
+
+
+if __name__ == "__main__":
+    if os.environ.get("TRITON_INTERPRET"):
+        sys.exit("unset TRITON_INTERPRET: this compiles the kernels")
+    main()

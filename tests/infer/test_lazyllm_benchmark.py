@@ -1,0 +1,44 @@
+"""benchmarks/lazyllm_ttft.py's paired interval on the accuracy difference (Newcombe's method 10): it behaves as an
+interval on a difference should and covers the true difference about 95% of the time on paired samples."""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+
+import pytest
+
+from tests.conftest import REPO
+
+spec = importlib.util.spec_from_file_location("lazyllm_ttft", REPO / "benchmarks" / "lazyllm_ttft.py")
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+
+
+def paired(cells: dict[str, int]) -> tuple[list[bool], list[bool]]:
+    """Outcomes (baseline, other) from counts of both right (a), baseline only (b), other only (c), neither (d)."""
+    pairs = {"a": (True, True), "b": (True, False), "c": (False, True), "d": (False, False)}
+    rows = [pairs[k] for k, n in cells.items() for _ in range(n)]
+    return [x for x, _ in rows], [y for _, y in rows]
+
+
+def test_the_interval_holds_the_estimate_and_flips_with_the_order() -> None:
+    full, lazy = paired({"a": 150, "b": 14, "c": 4, "d": 32})
+    low, high = bench.paired_difference_ci(full, lazy)
+    assert low < (4 - 14) / 200 < high < 0  # 10 more losses than gains out of 200: a significant drop
+    assert bench.paired_difference_ci(lazy, full) == pytest.approx([-high, -low])
+    same_low, same_high = bench.paired_difference_ci(full, full)
+    assert same_low < 0 < same_high and same_high - same_low < 0.05  # no change seen: narrow, never empty
+    wide_low, wide_high = bench.paired_difference_ci(*paired({"a": 10, "b": 3, "c": 2, "d": 5}))
+    assert -1 <= wide_low < -0.2 and 0.15 < wide_high <= 1  # 20 questions: a wide interval
+
+
+def test_the_interval_covers_the_true_difference_about_95_percent_of_the_time() -> None:
+    rng = random.Random(0)
+    probs = {"a": 0.74, "b": 0.08, "c": 0.03, "d": 0.15}  # true difference c - b = -0.05
+    covered = 0
+    for _ in range(1000):
+        draws = rng.choices(list(probs), weights=list(probs.values()), k=200)
+        low, high = bench.paired_difference_ci(*paired({k: draws.count(k) for k in probs}))
+        covered += low <= -0.05 <= high
+    assert 0.93 <= covered / 1000 <= 0.975
