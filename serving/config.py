@@ -83,7 +83,7 @@ class ModelSpec:
     chat_template: str | None = None  # Jinja; null: the tokenizer's own, else a plain "role: content" template
     adapters: dict[str, str] = field(default_factory=dict)  # LoRA adapters of this base: name -> dir (`NAME:name`)
     adapter_slots: int = 4  # adapters in memory at once per replica (loaded on first use, least recently used out)
-    engine: EngineConfig = field(default_factory=EngineConfig)  # batching and decoding mode (plain or LazyLLM)
+    engine: EngineConfig = field(default_factory=EngineConfig)  # batching; decoding: plain, LazyLLM, SpecStream
     stream_interval_s: float = 0.02  # a stream's items are at least this far apart (text accumulates between them)
     limits: Limits = field(default_factory=Limits)
     deployment: Deployment = field(default_factory=Deployment)

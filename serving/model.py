@@ -119,18 +119,24 @@ class ModelServer:
                 text, sent = "", loop.time()
 
     def info(self) -> dict[str, Any]:
-        return {"context_window": self.engine.context_window, "max_batch_size": self.spec.engine.max_batch_size,
-                "decoding": "lazyllm" if self.spec.engine.lazy else "plain", "weights": self.spec.weights,
-                "rag": "superposition" if self.spec.engine.superposition.enabled else "naive",
+        engine = self.spec.engine
+        modes = [mode for mode, on in (("lazyllm", engine.lazy), ("specstream", engine.specstream is not None)) if on]
+        return {"context_window": self.engine.context_window, "max_batch_size": engine.max_batch_size,
+                "decoding": "+".join(modes) or "plain", "weights": self.spec.weights,
+                "rag": "superposition" if engine.superposition.enabled else "naive",
                 "adapters": list(self.spec.adapters), "adapter_slots": self.spec.adapter_slots}
 
     def stats(self) -> dict[str, Any]:
         """Engine steps run, how many decode steps carried each number of sequences, the path cache, adapters loaded
-        so far."""
+        so far, and with Speculative Streaming its forward passes, the tokens its trees gave and how many draft tokens
+        each tree step accepted."""
         cache, adapters = self.engine.superposer.cache, self.engine.adapters
-        return {"steps": self.engine.steps, "decode_rows": dict(self.engine.decode_rows),
-                "path_cache": cache.stats() if cache is not None else None,
-                "adapter_loads": adapters.loads if adapters is not None else 0}
+        out = {"steps": self.engine.steps, "decode_rows": dict(self.engine.decode_rows),
+               "path_cache": cache.stats() if cache is not None else None,
+               "adapter_loads": adapters.loads if adapters is not None else 0}
+        if (spec := self.engine.speculative) is not None:
+            out["specstream"] = {"forwards": spec.forwards, "tokens": spec.tokens, "accepted": dict(spec.accepted)}
+        return out
 
     # ---- request preparation ----------------------------------------------------------------------------------
 

@@ -40,10 +40,20 @@ IMAGE_JOB = {"vit": "catlip", "clip": "clip", "vlm": "vlm"}
 AFM_3B_INPUTS = [f"data.sources.{s}=/corpus/{s}" for s in ("web", "licensed", "code", "math", "long_qa")]
 
 
+@pytest.fixture(scope="module")
+def decoder_checkpoint(tmp_path_factory) -> str:
+    """A checkpoint directory as far as configs see it: a config.json of openelm_tiny."""
+    directory = tmp_path_factory.mktemp("ckpt")
+    (directory / "config.json").write_text(json.dumps(config_dict(preset("openelm_tiny"))))
+    return str(directory)
+
+
 @pytest.mark.parametrize("group, option", TRAIN_OPTIONS, ids=[f"{g}={o}" for g, o in TRAIN_OPTIONS])
-def test_train_composes_with_each_option(group: str, option: str) -> None:
+def test_train_composes_with_each_option(group: str, option: str, decoder_checkpoint: str) -> None:
     overrides = [f"{group}={option}"]
-    if group == "data" and option in IMAGE_DATA:
+    if (group, option) in (("data", "pairs"), ("job", "specstream")):
+        overrides += ["job=specstream", f"init={decoder_checkpoint}", "data.path=/pairs.jsonl"]
+    elif group == "data" and option in IMAGE_DATA:
         overrides += ["job=catlip", "data.path=/shards"]
     elif group == "data" and option == "vqa":
         overrides.append("job=vlm")
@@ -104,6 +114,7 @@ def test_generate_composes_each_generation_option(option: str) -> None:
     assert engine.lazy == (option == "lazy")
     assert engine.superposition.enabled == (option == "superposition")
     engine.superposition.check()
+    assert (engine.specstream is not None) == (option == "specstream")
     assert engine.lazyllm.schedule(32) == {9: 0.7, 19: 0.7, 28: 0.7}  # the spec's layers for L = 32
 
 
@@ -118,6 +129,7 @@ def test_make_data_and_labels_compose() -> None:
     assert compose("labels", ["text='a dog'"]).text == "a dog"
     assert compose("make_data", ["make=lidar", "out=/tmp/x"]).lidar.frames == 40
     assert compose("make_data", ["make=lidar_crops", "lidar_crops.path=/tmp/s", "out=/tmp/x"]).lidar_crops.crop == 16
+    assert compose("make_data", ["make=sql", "out=/tmp/x"]).sql.eval == 500
     assert compose("make_data", ["make=vqa", "out=/tmp/x"]).vqa.world.image_size == 128
 
 
@@ -128,6 +140,19 @@ def test_image_jobs_compose_with_the_train_config(job: str, task: str, model: st
     parts = typed_parts(compose("train", [f"job={job}", "trainer.num_workers=1"]))
     assert type(parts["task"]).__name__ == task and parts["model"].name == model
     assert parts["data"].path is None and parts["trainer"].num_workers == 1
+
+
+def test_specstream_trains_the_init_checkpoints_decoder_with_streams(decoder_checkpoint: str) -> None:
+    parts = typed_parts(compose("train", ["job=specstream", f"init={decoder_checkpoint}", "data.path=/p.jsonl"]))
+    model, task = parts["model"], parts["task"]
+    assert type(task).__name__ == "SpecStreamTaskConfig" and task.init == decoder_checkpoint
+    assert model.name == "openelm_tiny-specstream" and model.d_model == preset("openelm_tiny").d_model
+    assert (model.streams.gamma, model.streams.msa_layers, model.streams.pruning_rank) == (4, 1, 8)
+    assert type(parts["data"]).__name__ == "PairsDataConfig" and parts["data"].path == "/p.jsonl"
+    with pytest.raises(ConfigError, match="init=CHECKPOINT is required"):
+        typed_parts(compose("train", ["job=specstream"]))
+    with pytest.raises(ConfigError, match="init=/nowhere: checkpoint /nowhere: no such directory"):
+        typed_parts(compose("train", ["job=specstream", "init=/nowhere"]))
 
 
 def test_a_vision_model_without_an_image_job_is_named() -> None:

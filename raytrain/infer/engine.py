@@ -6,10 +6,13 @@ batch (a CUDA graph on the GPU) over the slot KV cache (`kv_cache.py`); the samp
 every row's token with tensor ops, and the step's tokens cross to the host in one copy. Then each sequence's text
 advances through its incremental detokenizer (`text.py`), finished sequences free their slots, and the new deltas
 go to each request's sink. With `lazy` on, prompts of at least `lazyllm.min_prompt_tokens` tokens run through
-LazyLLM (`lazyllm.py`) one at a time beside the batch (the paper's batch size 1). A RAG request (`Request.forkjoin`)
-with superposition on runs its fork-join prefill (`superposition.py`), one request per step, then waits for a slot
-like a prompt whose KV is copied in rather than computed, and decodes in the batch; with superposition off it is
-the naive RAG prompt (every document in one sequence).
+LazyLLM (`lazyllm.py`) one at a time beside the batch (the paper's batch size 1). With `specstream` set (a model
+with speculative streams), greedy requests decode by Speculative Streaming (`specstream.py`): their prompt's last
+token also drafts, and each step verifies a draft tree and drafts the next in one forward pass, several tokens per
+step, beside the plain batch. A RAG request (`Request.forkjoin`) with superposition on runs its fork-join prefill
+(`superposition.py`), one request per step, then waits for a slot like a prompt whose KV is copied in rather than
+computed, and decodes in the batch; with superposition off it is the naive RAG prompt (every document in one
+sequence).
 
 Three ways in: `generate`/`stream` step the engine on the caller's thread; `astream` and `add_request` hand requests
 to a background thread that steps while there is work, for asyncio servers (each request joins the running batch
@@ -44,6 +47,7 @@ from raytrain.infer.kv_cache import SlotKVCache
 from raytrain.infer.model_runner import ModelRunner
 from raytrain.infer.sampling import SamplingParams, SamplingTable
 from raytrain.infer.scheduler import Plan, Scheduler, Sequence
+from raytrain.infer.specstream import SpecState, SpecStreamConfig, SpecStreamDecoder
 from raytrain.infer.superposition import Selection, Superposer, SuperpositionConfig
 from raytrain.infer.text import TextStream, fast_decode
 from raytrain.models import ops
@@ -62,6 +66,7 @@ class EngineConfig:
     overlap: bool | None = None  # host work of step t while the device runs step t+1; None = on CUDA
     lazy: bool = False  # LazyLLM for prompts of at least lazyllm.min_prompt_tokens tokens
     lazyllm: LazyConfig = field(default_factory=LazyConfig)
+    specstream: SpecStreamConfig | None = None  # Speculative Streaming for greedy requests; None = off
     superposition: SuperpositionConfig = field(default_factory=SuperpositionConfig)  # for RAG requests
 
 
@@ -114,15 +119,18 @@ class Engine:
                               "adapters with lazy=false")
         self.device = model.embed.weight.device
         self.max_len = self._max_len()
+        self.tree_margin = SpecStreamDecoder.margin(self.config.specstream, model)  # a draft tree past the window
         n_slots = self._slots()
         self.scheduler = Scheduler(n_slots, max(1, self.config.max_step_tokens),
                                    self._adapter_fits if adapters is not None else None)
         cuda = self.device.type == "cuda"
         if cuda:  # process-wide: the replica or benchmark process runs one engine configuration at a time
             ops.use_fused_kernels(self.config.fused_kernels)
-        self.runner = ModelRunner(model, n_slots, self.max_len, self.config.cuda_graphs,
+        self.runner = ModelRunner(model, n_slots, self.max_len + self.tree_margin, self.config.cuda_graphs,
                                   compile_decode=cuda and self.config.compile_decode,
                                   selection=adapters.selection if adapters is not None else None)
+        self.speculative = (SpecStreamDecoder(model, self.runner.cache, self.config.specstream)
+                            if self.config.specstream is not None else None)
         self.sampling = SamplingTable(n_slots + 1, model.cfg.vocab_size, self.device)  # + a row for LazyLLM
         self.lazy_waiting: deque[Sequence] = deque()
         self.lazy_running: Sequence | None = None
@@ -178,7 +186,7 @@ class Engine:
             raise ConfigError(f"max_batch_size={slots} must be >= 1")
         if budget is None:
             return slots
-        per_slot = (self.max_len + 1) * SlotKVCache.bytes_per_token(
+        per_slot = (self.max_len + 1 + self.tree_margin) * SlotKVCache.bytes_per_token(
             [b.attn.n_kv for b in self.model.layers], self.model.cfg.head_dim, self.model.embed.weight.dtype)
         fit = int(budget * 2 ** 30 // per_slot)
         if fit < 1:
@@ -308,7 +316,14 @@ class Engine:
             if seq.forkjoin is not None:
                 self.superposing.append(seq)
                 continue
-            (self.lazy_waiting if self._runs_lazy(len(seq.prompt)) else self.scheduler.waiting).append(seq)
+            lazy = self._runs_lazy(len(seq.prompt))
+            if not lazy and self._speculates(seq):
+                seq.spec = SpecState()
+            (self.lazy_waiting if lazy else self.scheduler.waiting).append(seq)
+
+    def _speculates(self, seq: Sequence) -> bool:
+        """Speculative Streaming for greedy requests on the base model (its trees run without adapter slots)."""
+        return self.speculative is not None and seq.adapter is None and self.speculative.accepts(seq.params)
 
     def _adapter_fits(self, seq: Sequence) -> bool:
         return self.adapters.fits(seq.adapter, (s.adapter for s in self.scheduler.running))
@@ -355,11 +370,19 @@ class Engine:
                   if (token := self._prefill(seq, first, end)) is not None]
         sampled = [token for _, token in firsts]  # every token sampled this step, on the device
         owners = [(seq, i) for i, (seq, _) in enumerate(firsts)]  # (sequence, index of its token in their concat)
-        if plan.decodes:
-            owners += [(seq, len(firsts) + seq.slot) for seq in plan.decodes]
-            sampled.append(self._decode(plan.decodes))
+        plain = [seq for seq in plan.decodes if seq.spec is None]
+        if plain:
+            owners += [(seq, len(firsts) + seq.slot) for seq in plain]
+            sampled.append(self._decode(plain))
+        if len(plain) < len(plan.decodes):  # several tokens each, in order
+            for seq, tokens in self.speculative.step([seq for seq in plan.decodes if seq.spec is not None]):
+                owners += [(seq, sum(t.numel() for t in sampled) + i) for i in range(tokens.numel())]
+                sampled.append(tokens)
         for seq, token in firsts:  # after the decode: finished prompts join the next step's batch
-            self.runner.join(seq.slot, token, seq.position, seq.context.rope_offset if seq.context else 0.0)
+            if seq.spec is not None:
+                self.speculative.join(seq.spec, token)
+            else:
+                self.runner.join(seq.slot, token, seq.position, seq.context.rope_offset if seq.context else 0.0)
         lazy = self._lazy_step()
         if lazy is not None:
             owners.append((lazy[0], sum(t.numel() for t in sampled)))
@@ -398,6 +421,8 @@ class Engine:
         if seq.context is not None:  # superposed: the KV is computed, copy it in
             self.runner.install(seq.slot, seq.context.keys, seq.context.values, first, end)
             logits = seq.context.logits
+        elif seq.spec is not None and end == len(seq.prompt):  # the last chunk also drafts, from its last token
+            logits = self.speculative.prefill(seq.slot, seq.prompt[first:end], first, seq.spec)
         else:
             logits = self.runner.prefill(seq.slot, seq.prompt[first:end], first)
         seq.computed = end
@@ -482,7 +507,7 @@ class Engine:
         self.superposing.clear()
         self.lazy_running = self._inflight = None
         self.runner.live.zero_()
-        self.runner.write_index.fill_(self.max_len)
+        self.runner.write_index.fill_(self.runner.max_len)
         for slot in range(self.n_slots + 1):
             self.sampling.release(slot)
         return [seq for seq in dropped if seq.finish_reason is None]

@@ -51,6 +51,7 @@ class Sequence:
     lazy: Any = None  # a LazySequence while it runs through LazyLLM
     forkjoin: Any = None  # a superposed request's ForkJoinPrompt
     context: Any = None  # its superposed Context (KV to copy into the slot) once the fork-join prefill ran
+    spec: Any = None  # its SpecState when it decodes by Speculative Streaming
 
     @property
     def prefilled(self) -> bool:

@@ -6,7 +6,9 @@ projection; `qk_norm_after_rope`, since the learned gain does not commute with t
 through `scaled_dot_product_attention`, SwiGLU feed-forward and tied input/output embeddings. Per-layer widths come
 either from OpenELM's layer-wise scaling (`LayerScaling`, with the reference rounding) or from explicit head/FFN
 sizes.
-Presets live in `conf/model/*.yaml`; see `../shared/specs/openelm.md` for the rules implemented here.
+Presets live in `conf/model/*.yaml`; see `../shared/specs/openelm.md` for the rules implemented here. With
+`streams` set, the top layers can also run Speculative Streaming's multi-stream attention (`streams.py`,
+`forward_streams`); the plain forward never uses them.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torch import nn
 
 from raytrain.models import ops
 from raytrain.models.kv_cache import KVCache, attention
+from raytrain.models.streams import MultiStreamAttention, PruningAdapter, StreamConfig, StreamStates
 
 
 @dataclass
@@ -56,6 +59,7 @@ class DecoderConfig:
     qk_norm_after_rope: bool = False  # AFM (axlearn) normalises rotated q, k; OpenELM normalises before RoPE
     tie_embeddings: bool = True
     output_init: str = "depth_scaled"  # out/down projections: depth_scaled (OpenELM) | fan_in (AFM, axlearn)
+    streams: StreamConfig | None = None  # Speculative Streaming's stream embeddings and pruning adapter; None = off
 
     def __post_init__(self) -> None:
         if self.output_init not in ("depth_scaled", "fan_in"):
@@ -69,6 +73,9 @@ class DecoderConfig:
                                  f"not a multiple of its {s.kv_heads} KV heads")
         if self.rows < self.vocab_size:
             raise ValueError(f"model {self.name}: vocab_rows={self.vocab_rows} is below vocab_size={self.vocab_size}")
+        if self.streams is not None and self.streams.msa_layers >= self.n_layers:
+            raise ValueError(f"model {self.name}: streams.msa_layers={self.streams.msa_layers} must be below "
+                             f"n_layers={self.n_layers} (the streams start from a lower layer's output)")
 
     @property
     def max_positions(self) -> int:
@@ -247,6 +254,11 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, s) for s in cfg.layer_shapes())
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = Linear(cfg.d_model, cfg.rows, std=cfg.d_model ** -0.5)
+        streams = cfg.streams
+        if streams is not None:  # P_1..P_γ, and o_θ
+            self.stream_embed = nn.Parameter(torch.randn(streams.gamma, cfg.d_model) * streams.embedding_std)
+        self.prune_adapter = PruningAdapter(cfg.d_model, streams.pruning_rank) if streams and streams.pruning_rank \
+            else None
         self.tie_weights()
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
@@ -281,15 +293,51 @@ class Decoder(nn.Module):
             cos, sin = self.rope_cos[None, None, start:start + T], self.rope_sin[None, None, start:start + T]
         else:
             cos, sin = self.rope(positions)
-        x = self.embed(tokens)  # (B, T, d)
-        for i, block in enumerate(self.layers):
+        x = self.run_layers(self.embed(tokens), cos, sin, cache, range(len(self.layers)))  # (B, T, d)
+        if cache is not None:
+            cache.advance(T)
+        return x
+
+    def run_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Any,
+                   layers: range) -> torch.Tensor:
+        for i in layers:
+            block = self.layers[i]
             if self.activation_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, cache, i, use_reentrant=False)
             else:
                 x = block(x, cos, sin, cache, i)
-        if cache is not None:
-            cache.advance(T)
         return x
+
+    def forward_streams(self, tokens: torch.Tensor, cache: Any = None, positions: torch.Tensor | None = None,
+                        stream_rows: torch.Tensor | None = None, prune: Any = None) -> StreamStates:
+        """Main and speculative streams (spec 2.1): tokens (B, T) at `positions` (B, T) (default 0..T-1) through
+        the lower layers, then the MSA layers with γ streams on each of the `stream_rows` (B, R) (default: every
+        row). `cache` is a `CachedAttention` (main-stream K/V only; None = causal over the input). `prune(early_exit)`
+        may return the (B, T') rows that go on into the MSA layers (tree pruning); then `stream_rows` index those."""
+        B, T = tokens.shape
+        first = len(self.layers) - self.cfg.streams.msa_layers
+        if positions is None:
+            positions = torch.arange(T, device=tokens.device).expand(B, T)
+        cos, sin = self.rope(positions)
+        x = self.run_layers(self.embed(tokens), cos, sin, cache, range(first))  # the residual entering layer `first`
+        early_exit = self.prune_adapter(x.detach()) if self.prune_adapter is not None else None
+        rows = prune(early_exit) if prune is not None else None
+        if rows is not None:
+            x = x.gather(1, rows[..., None].expand(-1, -1, x.shape[-1]))
+            positions = positions.gather(1, rows)
+        n_main = x.shape[1]
+        if stream_rows is None:
+            stream_rows = torch.arange(n_main, device=x.device).expand(B, n_main)
+        gamma = self.stream_embed.shape[0]
+        anchors = x.gather(1, stream_rows[..., None].expand(-1, -1, x.shape[-1]))  # (B, R, d)
+        streams = anchors[:, :, None] + self.stream_embed  # S_j = M + P_j: (B, R, γ, d)
+        h = torch.cat([x, streams.flatten(1, 2)], dim=1)  # (B, T' + R·γ, d)
+        stream_positions = positions.gather(1, stream_rows).repeat_interleave(gamma, dim=1)  # a stream sits at its row
+        cos, sin = self.rope(torch.cat([positions, stream_positions], dim=1))
+        h = self.run_layers(h, cos, sin, MultiStreamAttention(cache, n_main, stream_rows, gamma),
+                            range(first, len(self.layers)))
+        return StreamStates(h[:, :n_main], h[:, n_main:].unflatten(1, (stream_rows.shape[1], gamma)), early_exit,
+                            rows)
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape (B, 1, T, hd) for explicit (B, T) position ids (padded batches, pruned token sets).

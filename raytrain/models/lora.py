@@ -14,6 +14,10 @@ and the model's `AdapterSelection` says which slot each batch row uses (-1: none
 one slot and no selection; a server loads several adapters into slots and runs a batch mixing them in one forward
 (each row gathers its own A and B, the plain PyTorch form of punica's / S-LoRA's batched LoRA). Adapters of a lower
 rank than the bank sit in its first columns; the others stay zero, so every slot computes its own adapter exactly.
+
+`merge_lora` folds an adapter into the model in place; `merged_state` returns the merged weights under the base
+model's parameter names and leaves the model as it is (an export during fine-tuning: Speculative Streaming's
+checkpoint is the base decoder with its LoRA folded in).
 """
 
 from __future__ import annotations
@@ -212,3 +216,27 @@ def merge_lora(model: nn.Module, slot: int = 0) -> None:
 def lora_parameters(model: nn.Module) -> int:
     """Adapter parameters of one slot."""
     return sum(layer.lora_A[0].numel() + layer.lora_B[0].numel() for layer in lora_layers(model).values())
+
+
+@torch.no_grad()
+def merged_state(model: nn.Module, slot: int = 0) -> dict[str, torch.Tensor]:
+    """The model's parameters and persistent buffers (as `checkpoint.hf.model_state` stores them) under the names of
+    the model without LoRA, one slot's update folded into each adapted weight; the model itself is unchanged."""
+    from raytrain.checkpoint.hf import model_state
+
+    layers = lora_layers(model)
+    for name, layer in layers.items():
+        if not isinstance(layer.base, nn.Linear):
+            raise ValueError(f"{name}: merging needs a dense base weight, not {type(layer.base).__name__}")
+    state = {}
+    for key, tensor in model_state(model).items():
+        owner, _, leaf = key.rpartition(".")
+        if owner in layers:  # lora_A, lora_B, scale: folded below
+            continue
+        module = owner.removesuffix(".base")
+        if owner.endswith(".base") and module in layers:
+            value = tensor + layers[module].weight_delta(slot).to(tensor.dtype) if leaf == "weight" else tensor
+            state[f"{module}.{leaf}"] = value.detach().clone()
+        else:
+            state[key] = tensor.detach().clone()
+    return state

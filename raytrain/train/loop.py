@@ -242,6 +242,7 @@ def _format(step: int, max_steps: int, m: dict[str, float]) -> str:
         parts.append(f"cpu {m['cpu_ms_per_step']:.1f} ms/step")
     if "distill" in m:
         parts.append(f"distill {m['distill']:.4f}")
+    parts += [f"{name} {m[name]:.3f}" for name in ("main_ce", "stream_ce", "early_exit_ce") if name in m]
     if m.get("skipped_steps"):
         parts.append(f"skipped {m['skipped_steps']}")
     return " | ".join(parts)

@@ -1,11 +1,14 @@
 """Training losses (plain PyTorch): next-token cross-entropy with z-loss and AFM's distillation target (language
-modelling), CatLIP's multi-label BCE, CLIP's contrastive loss, classification and feature distillation.
+modelling), Speculative Streaming's n-gram objective, CatLIP's multi-label BCE, CLIP's contrastive loss,
+classification and feature distillation.
 
 The language-modelling losses are computed in fp32 over the positions whose label is not IGNORE_INDEX, and return
 the total to backpropagate with its detached parts for logging (their names: `METRICS`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -61,6 +64,30 @@ def distill_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_logits: tor
         distill = _mean((log_p.exp() * (log_p - (logits - lse[:, None]))).sum(-1), valid)
     total = teacher_weight * distill + (1 - teacher_weight) * ce + z
     return total, ce.detach(), z.detach(), distill.detach()
+
+
+def ngram_targets(labels: torch.Tensor, gamma: int) -> torch.Tensor:
+    """Next-token labels (B, T) -> the labels of the main stream and of streams 1..γ, (B, T, 1 + γ): stream j at
+    position i predicts the label of position i + j (IGNORE_INDEX past the end)."""
+    padded = F.pad(labels, (0, gamma), value=IGNORE_INDEX)
+    return torch.stack([padded[:, j:j + labels.shape[1]] for j in range(gamma + 1)], dim=-1)
+
+
+def ngram_loss(hidden: list[torch.Tensor], targets: list[torch.Tensor], logits: Callable[[torch.Tensor], torch.Tensor],
+               weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Speculative Streaming's loss (spec 2.2, Eq. 5): Σ_h w_h · mean CE of head h over its labelled positions.
+
+    Head 0 is the main stream, head j stream j. `hidden[h]` (..., d) and `targets[h]` (...) hold head h's states
+    and labels; the LM head (`logits`) runs only on the labelled rows, so no (tokens x γ x vocabulary) tensor is ever
+    built. With α_0 = 1 and α_j = 0.1, heads that all reach cross-entropy c give c · (1 + 0.1 γ).
+    Returns (total, the detached per-head cross-entropies (1 + γ,))."""
+    parts = []
+    for h, y in zip(hidden, targets):
+        valid = y != IGNORE_INDEX
+        rows = logits(h[valid]).float()
+        parts.append(F.cross_entropy(rows, y[valid]) if valid.any() else rows.sum() * 0)
+    ces = torch.stack(parts)
+    return (ces * torch.tensor(weights, device=ces.device)).sum(), ces.detach()
 
 
 def _flat(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,

@@ -14,7 +14,8 @@ learns augmentation ranges), `clip` (contrastive image-text baseline), `classify
 on labelled images, with Transfer Init from a CatLIP checkpoint). Image tasks with `data.variable_resolution` re-cut
 each worker's batches into corenet's multi-scale batches (`regroup`). `vlm` (a LLaVA-style vision-language model
 with Victor's registers on visual question answering; its parts `task.freeze` names stay frozen, and a first run
-starts from a checkpoint the driver assembles from an image tower and a decoder).
+starts from a checkpoint the driver assembles from an image tower and a decoder). `specstream` (Speculative
+Streaming: a decoder fine-tuned with LoRA for self-speculation on prompt/completion pairs).
 """
 
 from __future__ import annotations
@@ -31,15 +32,17 @@ import numpy as np
 import torch
 
 from raytrain.config import ConfigError, RaytrainError, to_dataclass
-from raytrain.data import imagetext, synsets, text, vqa
+from raytrain.data import imagetext, sft, synsets, text, vqa
 from raytrain.data.tokenizer import TokenizerFiles, caption_tokens, from_files, load_tokenizer, to_files, train_bpe
 from raytrain.data.variable_batch import batch_shapes, variable_batches
 from raytrain.models.decoder import DecoderConfig, training_flops_per_token
 from raytrain.models.lora import LoRAConfig
 from raytrain.models.range_augment import range_augment_loss, target_mse
+from raytrain.models.streams import StreamConfig
 from raytrain.models.vit import ViTConfig, to_pixels, training_flops_per_image
 from raytrain.models.vlm import VLMBatch, VLMConfig
-from raytrain.train.objectives import METRICS, info_nce, label_smoothed_ce, multilabel_bce, next_token_pairs
+from raytrain.train.objectives import (IGNORE_INDEX, METRICS, info_nce, label_smoothed_ce, multilabel_bce,
+                                       next_token_pairs, ngram_loss, ngram_targets)
 
 log = logging.getLogger("raytrain.train")
 VOCAB_FILE, CLASSES_FILE = "synsets.json", "classes.json"
@@ -107,6 +110,40 @@ class ClassifyTaskConfig:
             raise ValueError(f"transfer_bias={self.transfer_bias!r}; expected one of {', '.join(TRANSFER_BIASES)}")
 
 
+@dataclass
+class SpecStreamTaskConfig:
+    """Speculative Streaming fine-tuning (spec 2.2 and 3): the model is `init`'s decoder with γ streams in its top
+    `msa_layers` layers; trained are LoRA on every projection, the stream embeddings and the pruning adapter."""
+
+    name: str = "specstream"
+    init: str | None = None  # the checkpoint to fine-tune (its weights stay frozen under LoRA)
+    gamma: int = 4  # speculative streams
+    msa_layers: int | None = None  # Ns; None = n_layers // 6 (the paper's choice for SQL), at least 1
+    pruning_rank: int = 8  # θ of the tree-pruning adapter; 0 = no adapter
+    lora_rank: int = 32
+    lora_alpha: float = 32.0
+    main_weight: float = 1.0  # α_0 of Eq. 5
+    stream_weight: float = 0.1  # α_j of Eq. 5, every stream
+    early_exit_weight: float = 1.0  # the adapter's next-token CE (its input is detached: it trains the adapter only)
+
+    def __post_init__(self) -> None:
+        if not self.init:
+            raise ValueError("init=CHECKPOINT is required: the decoder checkpoint to fine-tune")
+        _ = self.lora  # LoRAConfig raises ValueError on a bad rank or alpha
+
+    @property
+    def lora(self) -> LoRAConfig:
+        """LoRA on every projection of every block, q, k, v and gate, up as separate pairs, B zero, scale α / r."""
+        return LoRAConfig(rank=self.lora_rank, alpha=self.lora_alpha)
+
+    def model(self, base: DecoderConfig) -> DecoderConfig:
+        """`base` with this task's streams."""
+        ns = self.msa_layers if self.msa_layers is not None else max(1, base.n_layers // 6)
+        streams = StreamConfig(gamma=self.gamma, msa_layers=ns, pruning_rank=self.pruning_rank)
+        return dataclasses.replace(base, streams=streams, name=base.name.removesuffix("-specstream") + "-specstream")
+
+
+
 VLM_PARTS = ("image", "projector", "registers", "decoder")
 
 
@@ -128,7 +165,7 @@ class VLMTaskConfig:
 
 
 TASK_CONFIGS = {"lm": LMTaskConfig, "lora": LoRATaskConfig, "catlip": CatlipTaskConfig, "clip": ClipTaskConfig,
-                "classify": ClassifyTaskConfig, "vlm": VLMTaskConfig}
+                "classify": ClassifyTaskConfig, "vlm": VLMTaskConfig, "specstream": SpecStreamTaskConfig}
 
 
 def task_config(node: Any) -> Any:
@@ -140,9 +177,29 @@ def task_config(node: Any) -> Any:
 
 
 def data_config(task: Any, node: Any) -> Any:
-    cls = {LMTaskConfig: text.TextDataConfig, LoRATaskConfig: text.TextDataConfig,
-           VLMTaskConfig: vqa.VQADataConfig}.get(type(task), imagetext.ImageTextDataConfig)
+    kinds = {LMTaskConfig: text.TextDataConfig, VLMTaskConfig: vqa.VQADataConfig,
+             SpecStreamTaskConfig: sft.PairsDataConfig}  # LoRATaskConfig is an LMTaskConfig: language-model data
+    cls = next((c for t, c in kinds.items() if isinstance(task, t)), imagetext.ImageTextDataConfig)
     return to_dataclass(cls, node, "data")
+
+
+def fit_model(task: Any, model: Any) -> Any:
+    """The model a task trains: `model=`'s, or for `specstream` the init checkpoint's decoder with streams (its
+    config.json is read here, so a bad `init` fails before Ray starts)."""
+    if not isinstance(task, SpecStreamTaskConfig):
+        return model
+    from raytrain.checkpoint.hf import read_model_config
+
+    try:
+        base = read_model_config(task.init)
+    except RaytrainError as e:
+        raise ConfigError(f"init={task.init}: {e}") from None
+    if not isinstance(base, DecoderConfig):
+        raise ConfigError(f"init={task.init} holds a {type(base).__name__}; Speculative Streaming needs a decoder")
+    try:
+        return task.model(base)
+    except ValueError as e:
+        raise ConfigError(f"task: {e}") from None
 
 
 # ---- driver side -----------------------------------------------------------------------------------------------
@@ -169,7 +226,25 @@ def prepare(parts: dict[str, Any], run_dir: str, counter: Any = None) -> Prepare
         return Prepared({"train": text.build_dataset(parts["data"], files)}, files, from_files(files).pad_token_id,
                         parts["model"])
     return {CatlipTaskConfig: _prepare_catlip, ClipTaskConfig: _prepare_clip, ClassifyTaskConfig: _prepare_classify,
-            VLMTaskConfig: _prepare_vlm}[type(task)](parts, run_dir, counter)
+            VLMTaskConfig: _prepare_vlm, SpecStreamTaskConfig: _prepare_specstream}[type(task)](parts, run_dir,
+                                                                                                counter)
+
+
+def _prepare_specstream(parts: dict[str, Any], run_dir: str, counter: Any) -> Prepared:
+    """The init checkpoint's tokenizer, and its pairs tokenized into training rows."""
+    from raytrain.checkpoint.hf import resolve_checkpoint
+
+    task, data, model = parts["task"], parts["data"], parts["model"]
+    if parts["trainer"].zero_stage == 3:
+        raise ConfigError("task=specstream loads the init weights into whole parameters on every rank: use "
+                          "trainer.zero_stage <= 2 (the trained parameters are a small fraction anyway)")
+    if data.seq_len > model.max_seq_len:
+        raise ConfigError(f"data.seq_len={data.seq_len} exceeds the init model's max_seq_len={model.max_seq_len}")
+    directory = resolve_checkpoint(task.init)
+    if not (directory / "tokenizer.json").is_file():
+        raise ConfigError(f"init={task.init} holds no tokenizer.json; the pairs are tokenized with the model's own")
+    files = to_files(load_tokenizer(directory))
+    return Prepared({"train": sft.build_dataset(data, files, counter)}, files, 0, model)
 
 
 def fit_to_base(parts: dict[str, Any]) -> None:
@@ -639,6 +714,89 @@ class ClassifyWorker(Worker):
         return loss, torch.stack([loss.detach(), accuracy])
 
 
+class SpecStreamWorker(Worker):
+    """Speculative Streaming fine-tuning (spec 2.2): `init`'s weights, frozen, with LoRA on every projection; the
+    stream embeddings and the pruning adapter train beside it. Loss: Eq. 5 on the completion tokens (the main stream
+    at every completion position; stream j at the same positions, its label j tokens further on), plus the
+    adapter's next-token CE. The export folds LoRA into the weights: the checkpoint is the init decoder with streams,
+    20·h parameters more at γ = 4, θ = 8."""
+
+    unit = "tokens"
+    dtypes = torch.int64
+
+    def __init__(self, job: Any, model: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+        from raytrain.models.lora import apply_lora, lora_parameters
+
+        super().__init__(job, model, dtype, device)
+        task = job.task
+        _load_base(model, task.init)
+        apply_lora(model, task.lora)  # freezes the model; the stream parameters train besides
+        lora = lora_parameters(model)
+        model.stream_embed.requires_grad_(True)
+        if model.prune_adapter is not None:
+            model.prune_adapter.requires_grad_(True)
+        self.gamma = model.cfg.streams.gamma
+        self.weights = [task.main_weight] + [task.stream_weight] * self.gamma
+        self.metrics = ("loss", "main_ce", "stream_ce")
+        if model.prune_adapter is not None:
+            self.weights.append(task.early_exit_weight)
+            self.metrics += ("early_exit_ce",)
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        log.info("specstream: %d LoRA parameters; %d trained in all (%.2f%% of %d)", lora, trained,
+                 100 * trained / sum(p.numel() for p in model.parameters()), sum(p.numel() for p in model.parameters()))
+
+    def inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """-> tokens (B, T); labels (B, T, 1 + γ) of the main stream and each stream, completion tokens only;
+        stream rows (B, R), the completion positions that get streams, and which of them only pad a shorter
+        completion (they repeat its last position and go unlabelled)."""
+        lengths, prompt_lengths = batch["lengths"], batch["prompt_lengths"]
+        tokens = batch["tokens"][:, :int(lengths.max())]  # no column of padding only
+        inputs = tokens[:, :-1]
+        position = torch.arange(inputs.shape[1], device=tokens.device)
+        completion = (position >= prompt_lengths[:, None] - 1) & (position < lengths[:, None] - 1)
+        labels = ngram_targets(torch.where(completion, tokens[:, 1:], IGNORE_INDEX), self.gamma)
+        count = lengths - prompt_lengths  # labelled positions per row
+        r = torch.arange(int(count.max()), device=tokens.device)
+        rows = torch.minimum(prompt_lengths[:, None] - 1 + r, lengths[:, None] - 2)
+        return inputs, labels, rows, r[None] >= count[:, None]
+
+    def loss(self, engine: Any, inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens, labels, rows, padding = inputs
+        states = engine.module.forward_streams(tokens, stream_rows=rows)
+        stream_labels = labels.gather(1, rows[..., None].expand(-1, -1, labels.shape[-1]))[..., 1:]
+        stream_labels = stream_labels.masked_fill(padding[..., None], IGNORE_INDEX)
+        hidden = [states.main, *states.streams.unbind(2)]
+        targets = [labels[..., 0], *stream_labels.unbind(-1)]
+        if states.early_exit is not None:
+            hidden.append(states.early_exit)
+            targets.append(labels[..., 0])
+        loss, ces = ngram_loss(hidden, targets, self.model.logits, self.weights)
+        logged = [loss.detach(), ces[0], ces[1:self.gamma + 1].mean(), *ces[self.gamma + 1:]]
+        return loss, torch.stack(logged)
+
+    def export_state(self) -> dict[str, torch.Tensor] | None:
+        from raytrain.models.lora import merged_state
+
+        return merged_state(self.model)
+
+    def units_per_sample(self) -> int:
+        return self.job.data.seq_len
+
+
+def _load_base(model: torch.nn.Module, init: str) -> None:
+    """`init`'s weights into `model` (any checkpoint layout `load_pretrained` reads); the stream parameters keep
+    their initialisation unless `init` has them too."""
+    from raytrain.checkpoint.hf import load_pretrained, model_state
+
+    state = model_state(load_pretrained(init).model)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    new = {name for name, _ in model.named_parameters() if name.startswith(("stream_embed", "prune_adapter."))}
+    if unexpected or set(missing) - new - {"head.weight"}:
+        raise ConfigError(f"init={init} does not fit the model with streams (missing {sorted(set(missing) - new)[:3]},"
+                          f" unexpected {unexpected[:3]})")
+
+
+
 class VLMWorker(Worker):
     """Next-token cross-entropy on the answers of VQA rows; the parts in `task.freeze` get no gradient (Stage 1:
     tower and decoder frozen, so only the projector and the registers learn; Stage 2: the tower alone)."""
@@ -670,7 +828,8 @@ def set_trainable(model: torch.nn.Module, frozen: list[str]) -> None:
 
 
 WORKERS = {LMTaskConfig: LMWorker, LoRATaskConfig: LoRAWorker, CatlipTaskConfig: CatlipWorker,
-           ClipTaskConfig: ClipWorker, ClassifyTaskConfig: ClassifyWorker, VLMTaskConfig: VLMWorker}
+           ClipTaskConfig: ClipWorker, ClassifyTaskConfig: ClassifyWorker, VLMTaskConfig: VLMWorker,
+           SpecStreamTaskConfig: SpecStreamWorker}
 
 
 def worker(job: Any, model: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> Worker:

@@ -50,10 +50,13 @@ def test_each_serve_option_emits_a_config_serve_accepts(option: str) -> None:
 
 
 def test_models_sit_side_by_side_each_with_its_decoding_mode() -> None:
-    config = emitted(["checkpoint=/a", "+serve.models.lazy={checkpoint:/b,engine:{lazy:true}}"])
+    config = emitted(["checkpoint=/a", "+serve.models.lazy={checkpoint:/b,engine:{lazy:true}}",
+                      "+serve.models.ss={checkpoint:/c,engine:{specstream:{top_k:3}}}"])
     app = config["applications"][0]
-    assert {n: m["engine"]["lazy"] for n, m in app["args"]["models"].items()} == {"default": False, "lazy": True}
-    assert [d["name"] for d in app["deployments"]] == ["OpenAIIngress", "model-default", "model-lazy"]
+    models = app["args"]["models"]
+    assert {n: m["engine"]["lazy"] for n, m in models.items()} == {"default": False, "lazy": True, "ss": False}
+    assert models["ss"]["engine"]["specstream"]["top_k"] == 3 and models["default"]["engine"]["specstream"] is None
+    assert [d["name"] for d in app["deployments"]] == ["OpenAIIngress", "model-default", "model-lazy", "model-ss"]
 
 
 @pytest.mark.parametrize("overrides, message", [

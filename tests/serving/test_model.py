@@ -177,3 +177,19 @@ def test_a_request_names_one_of_the_models_adapters_or_gets_a_404_naming_model(c
     with pytest.raises(RequestError) as missing:
         served.prepare({"prompt": "x", "params": PARAMS, "adapter": "b"})
     assert missing.value.args[1:] == ("model", "model_not_found", 404) and "m:b does not exist" in missing.value.args[0]
+
+
+def test_a_specstream_model_serves_its_greedy_output_in_fewer_steps(tmp_path, tokenizer) -> None:
+    from raytrain.models.streams import StreamConfig
+
+    cfg = DecoderConfig(name="ss", vocab_size=512, d_model=32, n_layers=2, head_dim=16, q_heads=2, kv_heads=2,
+                        ffn_dim=64, max_seq_len=64, streams=StreamConfig(gamma=3, msa_layers=1))
+    torch.manual_seed(0)
+    checkpoint = save_pretrained(tmp_path / "ss", cfg, model_state(build_decoder(cfg)), to_files(tokenizer))
+    spec, plain = server(checkpoint, engine={"specstream": {"top_k": 2}}), server(checkpoint)
+    assert spec.info()["decoding"] == "specstream" and plain.info()["decoding"] == "plain"
+    job = {"messages": MESSAGES, "params": {**PARAMS, "max_tokens": 12}}
+    outputs = [s.engine.generate([s.prepare(job)])[0].token_ids for s in (spec, plain)]
+    assert outputs[0] == outputs[1] and len(outputs[0]) == 12
+    stats = spec.stats()["specstream"]
+    assert stats["tokens"] == 11 and stats["forwards"] < 12 and "specstream" not in plain.stats()

@@ -1,5 +1,5 @@
 """Training losses: cross-entropy + z-loss (OpenELM spec 2.5 and 5.3), the AFM distillation target, CatLIP's BCE,
-CLIP's InfoNCE (hand cases and the gathered form over 2 workers), EMA."""
+CLIP's InfoNCE (hand cases and the gathered form over 2 workers), EMA, Speculative Streaming's n-gram loss."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from raytrain.train.objectives import IGNORE_INDEX, distill_loss, lm_loss
+from raytrain.train.objectives import IGNORE_INDEX, distill_loss, lm_loss, ngram_loss, ngram_targets
 
 
 def test_zero_logits_give_the_spec_values() -> None:
@@ -182,3 +182,24 @@ def test_ema_averages_batchnorm_statistics_as_corenet_does() -> None:
     assert not torch.equal(ema.state["norm1.running_mean"], now["norm1.running_mean"])  # averaged, not copied
     assert now["norm1.num_batches_tracked"].item() == 3
     assert ema.state["norm1.num_batches_tracked"].item() == int((1 - m) * 0 + m * 3)  # 0.3 truncated, as corenet
+
+
+def test_ngram_targets_shift_the_labels_by_each_stream() -> None:
+    labels = torch.tensor([[5, 6, 7, IGNORE_INDEX]])
+    assert ngram_targets(labels, 2)[0].tolist() == [[5, 6, 7], [6, 7, IGNORE_INDEX], [7, IGNORE_INDEX, IGNORE_INDEX],
+                                                    [IGNORE_INDEX] * 3]
+
+
+@pytest.mark.parametrize("gamma", [1, 4])
+def test_ngram_loss_is_c_times_one_plus_a_tenth_gamma_when_every_head_has_cross_entropy_c(gamma: int) -> None:
+    """Spec section 5: alpha_0 = 1, alpha_j = 0.1, every head at the same CE c -> L = c (1 + 0.1 gamma) per position;
+    the LM head runs on labelled rows only."""
+    vocab, labels = 11, torch.tensor([[3, 1, IGNORE_INDEX, 4, 9, 2]])
+    hidden = [torch.zeros(1, 6, vocab) for _ in range(gamma + 1)]  # uniform logits: CE = log(vocab) everywhere
+    targets = ngram_targets(labels, gamma).unbind(-1)
+    seen = []
+    loss, parts = ngram_loss(hidden, list(targets), lambda h: seen.append(h.shape[0]) or h, [1.0] + [0.1] * gamma)
+    c = math.log(vocab)
+    assert loss.item() == pytest.approx(c * (1 + 0.1 * gamma), rel=1e-6)
+    assert parts.tolist() == pytest.approx([c] * (gamma + 1), rel=1e-6)
+    assert seen == [int((t != IGNORE_INDEX).sum()) for t in targets]
