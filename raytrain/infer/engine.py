@@ -28,6 +28,7 @@ adapter does not fit beside the running ones (never failed for it).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import threading
 import time
@@ -321,6 +322,10 @@ class Engine:
                 seq.spec = SpecState()
             (self.lazy_waiting if lazy else self.scheduler.waiting).append(seq)
 
+    def _base_only(self) -> contextlib.AbstractContextManager:
+        """Forwards outside the runner's per-row adapter ids (superposed prefill, draft trees) run on the base."""
+        return self.adapters.selection.base() if self.adapters is not None else contextlib.nullcontext()
+
     def _speculates(self, seq: Sequence) -> bool:
         """Speculative Streaming for greedy requests on the base model (its trees run without adapter slots)."""
         return self.speculative is not None and seq.adapter is None and self.speculative.accepts(seq.params)
@@ -351,7 +356,8 @@ class Engine:
         then waits for a slot like a prompt, the context's KV ready to copy in."""
         if self.superposing:
             seq = self.superposing[0]  # still queued while it runs: a failure ends it with the others in flight
-            seq.context = self.superposer.prefill(seq.forkjoin)
+            with self._base_only():
+                seq.context = self.superposer.prefill(seq.forkjoin)
             seq.prompt = seq.context.tokens
             self.scheduler.waiting.append(self.superposing.popleft())
 
@@ -375,7 +381,9 @@ class Engine:
             owners += [(seq, len(firsts) + seq.slot) for seq in plain]
             sampled.append(self._decode(plain))
         if len(plain) < len(plan.decodes):  # several tokens each, in order
-            for seq, tokens in self.speculative.step([seq for seq in plan.decodes if seq.spec is not None]):
+            with self._base_only():
+                trees = self.speculative.step([seq for seq in plan.decodes if seq.spec is not None])
+            for seq, tokens in trees:
                 owners += [(seq, sum(t.numel() for t in sampled) + i) for i in range(tokens.numel())]
                 sampled.append(tokens)
         for seq, token in firsts:  # after the decode: finished prompts join the next step's batch
@@ -422,7 +430,8 @@ class Engine:
             self.runner.install(seq.slot, seq.context.keys, seq.context.values, first, end)
             logits = seq.context.logits
         elif seq.spec is not None and end == len(seq.prompt):  # the last chunk also drafts, from its last token
-            logits = self.speculative.prefill(seq.slot, seq.prompt[first:end], first, seq.spec)
+            with self._base_only():
+                logits = self.speculative.prefill(seq.slot, seq.prompt[first:end], first, seq.spec)
         else:
             logits = self.runner.prefill(seq.slot, seq.prompt[first:end], first)
         seq.computed = end

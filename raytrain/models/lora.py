@@ -63,6 +63,7 @@ class AdapterSelection:
 
     def __init__(self) -> None:
         self.ids: torch.Tensor | None = None  # (B,) int64; None: every row uses slot 0
+        self.base_only = False  # every row on the base alone, whatever its batch size
 
     @contextlib.contextmanager
     def rows(self, ids: torch.Tensor | None) -> Iterator[None]:
@@ -71,6 +72,15 @@ class AdapterSelection:
             yield
         finally:
             self.ids = previous
+
+    @contextlib.contextmanager
+    def base(self) -> Iterator[None]:
+        """No adapter on any row: forwards that run outside per-row selection (superposed prefill, draft trees)."""
+        previous, self.base_only = self.base_only, True
+        try:
+            yield
+        finally:
+            self.base_only = previous
 
 
 class LoRALinear(nn.Module):
@@ -102,6 +112,8 @@ class LoRALinear(nn.Module):
         return f"parts={self.parts}, rank={self.rank}, slots={self.lora_A.shape[0]}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.selection is not None and self.selection.base_only:
+            return self.base(x)
         return self.base(x) + self.delta(self.dropout(x))
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
