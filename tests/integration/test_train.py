@@ -128,7 +128,7 @@ def test_bad_input_is_reported_before_training(ray_cluster, tmp_path, tokenizer_
 
 @pytest.mark.parametrize("override, message", [
     ("data.path={tmp}/missing", "data.path={tmp}/missing: no such file or directory"),
-    ("data.path={tmp}", "no .txt, .jsonl or .parquet files"),
+    ("data.path={tmp}", "no .txt, .jsonl, .parquet or .arrow files"),
     ("trainer.storage_path={tmp}/file/runs", "is not a writable directory"),
     ("trainer.init_from={tmp}", "trainer.init_from: checkpoint {tmp}: no config.json"),
     ("trainer.run_name=a/b", "trainer.run_name='a/b'"),
