@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,20 @@ from raytrain.models.decoder import DecoderConfig, LayerScaling
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 REPO = Path(__file__).resolve().parent.parent
+
+
+def triton_device(missing: str) -> str:
+    """The device a Triton kernel test runs on: CUDA, else CPU through Triton's interpreter, which must be switched
+    on before triton is first imported. Skips the calling module (`missing`: why) when triton is absent."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip(missing, allow_module_level=True)
+    if device == "cpu":
+        if "triton" in sys.modules and not os.environ.get("TRITON_INTERPRET"):
+            pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set; run this file on its own",
+                        allow_module_level=True)
+        os.environ["TRITON_INTERPRET"] = "1"
+    return device
 
 
 def compose(config_name: str, overrides: list[str] | None = None) -> DictConfig:

@@ -6,10 +6,8 @@ Triton 3.9's interpreter truncates fp32 -> bf16, so bf16 outputs are checked bit
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
-import sys
 
 import pytest
 import torch
@@ -17,15 +15,9 @@ import torch
 from raytrain.compress.format import CompressedTensor
 from raytrain.compress.lfsr import LFSRConfig, stream_bits
 from raytrain.compress.seedlm import EXPONENT_RULES, SeedLMConfig, decode, search_torch
+from tests.conftest import triton_device
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if importlib.util.find_spec("triton") is None:
-    pytest.skip("the kernel needs triton (pip install 'raytrain[kernels]')", allow_module_level=True)
-if DEVICE == "cpu":
-    if "triton" in sys.modules and not os.environ.get("TRITON_INTERPRET"):
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set; run this file on its own",
-                    allow_module_level=True)
-    os.environ["TRITON_INTERPRET"] = "1"
+DEVICE = triton_device("the kernel needs triton (pip install 'raytrain[kernels]')")
 
 from raytrain.compress.kernels import seedlm_matmul as kernel  # noqa: E402
 from raytrain.compress.kernels import seedlm_search  # noqa: E402

@@ -4,24 +4,16 @@ when its tests are done (as tests/compress/test_kernel.py does). fp32 only: the 
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 
 import pytest
 import torch
 
 from raytrain.train.engine import contiguous_layout
 from raytrain.train.optim import AdaStar
+from tests.conftest import triton_device
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if importlib.util.find_spec("triton") is None:
-    pytest.skip("the fused step needs triton", allow_module_level=True)
-if DEVICE == "cpu":
-    if "triton" in sys.modules and not os.environ.get("TRITON_INTERPRET"):
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set; run this file on its own",
-                    allow_module_level=True)
-    os.environ["TRITON_INTERPRET"] = "1"
+DEVICE = triton_device("the fused step needs triton")
 
 from raytrain.train import adastar_kernels  # noqa: E402,F401 (its kernels are decorated now, under the interpreter)
 
