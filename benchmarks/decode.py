@@ -6,7 +6,11 @@ generate exactly `--new` tokens (greedy, `ignore_eos`) through `Engine.generate`
 same prompts. Figures: end-to-end tokens/s (prefill included), decode tokens/s (after every sequence's first token;
 for transformers, the 1-token run's time subtracted), and the fraction of the memory-bandwidth limit the decode
 step reaches: bytes one step must read (every weight once, plus the KV cache of every row at its mean length)
-over the measured step time, over `--bandwidth` (4.8 TB/s, the H200's datasheet figure).
+over the measured step time, over `--bandwidth` (4.8 TB/s, the H200's datasheet figure). On CUDA, what limits the
+step: `graph_ms`, the device time of the decode step's CUDA graph alone (replayed back to back), beside `step_ms`
+(the engine's step, host included); with `--profile`, the kernels of one eager decode step (name, count, total
+device microseconds) for the first model at batch 1, and their sum against the graph's time (the rest is gaps
+between kernels).
 
     python benchmarks/decode.py --device cuda                      # the issue's table (about 5 minutes on an H200)
     python benchmarks/decode.py --device cuda --no-hf --models openelm_1_1b --batches 1,64 --variants eager,fused
@@ -39,7 +43,8 @@ from raytrain.models.registry import model_config  # noqa: E402
 
 CONF = Path(__file__).resolve().parent.parent / "conf" / "model"
 # Hugging Face Llama shapes: (hidden, intermediate, layers, heads, kv heads, vocab)
-VARIANTS = {"eager": {"fused_kernels": False}, "fused": {}, "compiled": {"compile_decode": True}}
+VARIANTS = {"eager": {"fused_kernels": False, "fused_attention": False}, "torch_attention": {"fused_attention": False},
+            "fused": {}, "compiled": {"compile_decode": True}}
 LLAMA_SHAPES = {"tinyllama_1_1b": (2048, 5632, 22, 32, 4, 32000), "llama2_7b": (4096, 11008, 32, 32, 32, 32000),
                 "tiny": (128, 256, 2, 4, 2, 4096)}
 
@@ -55,6 +60,7 @@ def main() -> None:
     p.add_argument("--bandwidth", type=float, default=4.8e12, help="bytes/s the bandwidth fraction is taken of")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     p.add_argument("--variants", default="fused", help="engine settings to compare, of: " + ", ".join(VARIANTS))
+    p.add_argument("--profile", action="store_true", help="the kernel table of one decode step (CUDA)")
     args = p.parse_args()
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     tokenizer = train_bpe(documents()[:200], vocab_size=4096)
@@ -63,13 +69,18 @@ def main() -> None:
     print("check", check, file=sys.stderr, flush=True)
     results: dict[str, Any] = {}
     baseline: dict[str, Any] = {}
+    profile = None
     for name in args.models.split(","):
         model, hf = build(name, args.device, dtype)
         results[name] = {"params": sum(p.numel() for p in model.parameters())}
         for batch in args.batches:
             for variant in variants:
                 key = batch if variant == "fused" else f"{batch}_{variant}"
-                results[name][key] = engine_run(model, tokenizer, batch, args, VARIANTS[variant])
+                results[name][key], engine = engine_run(model, tokenizer, batch, args, VARIANTS[variant])
+                if args.profile and profile is None and args.device == "cuda":
+                    profile = kernel_profile(engine, batch, args)
+                    print("profile", json.dumps(profile), file=sys.stderr, flush=True)
+                del engine
                 print(name, key, results[name][key], file=sys.stderr, flush=True)
             if hf is not None and not args.no_hf:
                 baseline.setdefault(name, {})[batch] = hf_run(hf, batch, args)
@@ -85,6 +96,7 @@ def main() -> None:
         "config": {"prompt": args.prompt, "new": args.new, "batches": args.batches, "dtype": str(dtype),
                    "sampling": "greedy, ignore_eos", "weights": "random", "torch": torch.__version__},
         "results": results, "baseline": {"transformers_generate": baseline}, "ratio": ratios, "check": check,
+        "profile": profile,
         "command": " ".join(["python", *sys.argv]), "time": time.strftime("%Y-%m-%d %H:%M")}))
 
 
@@ -136,7 +148,7 @@ def prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
 
 
 def engine_run(model: Decoder, tokenizer: Any, batch: int, args: argparse.Namespace,
-               variant: dict[str, Any]) -> dict[str, float]:
+               variant: dict[str, Any]) -> tuple[dict[str, float], Engine]:
     cfg = EngineConfig(max_batch_size=batch, max_model_len=args.prompt + args.new,
                        max_step_tokens=max(2048, args.prompt), **variant)
     engine = Engine(model, tokenizer, cfg)
@@ -151,9 +163,51 @@ def engine_run(model: Decoder, tokenizer: Any, batch: int, args: argparse.Namesp
     total = time.perf_counter() - start
     first = max(o.ttft_s for o in outs)  # every sequence has its first token: the rest is decode
     step_s = (total - first) / (args.new - 1)
-    return {"tokens_per_s": batch * args.new / total, "decode_tokens_per_s": batch * (args.new - 1) / (total - first),
-            "step_ms": 1e3 * step_s, "bandwidth_fraction": step_bytes(model, batch, args) / step_s / args.bandwidth,
-            "ttft_s": first, "full_decode_steps": engine.decode_rows[batch]}
+    result = {"tokens_per_s": batch * args.new / total, "decode_tokens_per_s": batch * (args.new - 1) / (total - first),
+              "step_ms": 1e3 * step_s, "bandwidth_fraction": step_bytes(model, batch, args) / step_s / args.bandwidth,
+              "ttft_s": first, "full_decode_steps": engine.decode_rows[batch]}
+    if engine.runner.cuda_graphs:
+        result["graph_ms"] = graph_ms(engine, *decode_bucket(engine, batch, args))
+    return result, engine
+
+
+def decode_bucket(engine: Engine, batch: int, args: argparse.Namespace) -> tuple[int, int]:
+    """The (width, length) bucket of the run's last decode steps."""
+    return engine.runner.decode_shape(batch - 1, args.prompt + args.new - 1)
+
+
+def graph_ms(engine: Engine, width: int, length: int, replays: int = 100) -> float:
+    """Device time of one decode-step graph, replayed back to back (the engine is idle: every row is scratch)."""
+    graph = engine.runner.graphs[width, length, False]
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / replays
+
+
+def kernel_profile(engine: Engine, batch: int, args: argparse.Namespace, steps: int = 10) -> dict[str, Any]:
+    """The kernels of one eager decode step at the run's bucket: per kernel name, launches and device time per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    width, length = decode_bucket(engine, batch, args)
+    runner = engine.runner
+    with torch.inference_mode():
+        runner._forward(width, length)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                runner._forward(width, length)
+            torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.count]
+    table = sorted(({"kernel": e.key[:90], "per_step": e.count / steps, "us_per_step": e.device_time_total / steps}
+                    for e in kernels), key=lambda k: -k["us_per_step"])
+    return {"width": width, "length": length, "kernels_per_step": sum(k["per_step"] for k in table),
+            "kernel_us_per_step": sum(k["us_per_step"] for k in table),
+            "graph_us": 1e3 * graph_ms(engine, width, length), "top": table[:25]}
 
 
 def step_bytes(model: Decoder, batch: int, args: argparse.Namespace) -> float:

@@ -44,7 +44,7 @@ from raytrain.config import ConfigError, RaytrainError
 from raytrain.infer.forkjoin import ForkJoinPrompt
 from raytrain.infer.adapters import AdapterSlots
 from raytrain.infer.lazyllm import LazyConfig, LazySequence, pays_off
-from raytrain.infer.kv_cache import SlotKVCache
+from raytrain.infer.kv_cache import SlotKVCache, fused_attention_supported
 from raytrain.infer.model_runner import ModelRunner
 from raytrain.infer.sampling import SamplingParams, SamplingTable
 from raytrain.infer.scheduler import Plan, Scheduler, Sequence
@@ -64,6 +64,7 @@ class EngineConfig:
     cuda_graphs: bool = True  # decode steps as CUDA graphs (GPU only)
     fused_kernels: bool = True  # the decoder's elementwise chains as compiled fused kernels (GPU only)
     compile_decode: bool = False  # the whole decode step through torch.compile before its graphs (GPU only)
+    fused_attention: bool = True  # decode attention and its cache write as one Triton kernel (GPU only)
     overlap: bool | None = None  # host work of step t while the device runs step t+1; None = on CUDA
     lazy: bool = False  # LazyLLM for prompts of at least lazyllm.min_prompt_tokens tokens
     lazyllm: LazyConfig = field(default_factory=LazyConfig)
@@ -129,7 +130,9 @@ class Engine:
             ops.use_fused_kernels(self.config.fused_kernels)
         self.runner = ModelRunner(model, n_slots, self.max_len + self.tree_margin, self.config.cuda_graphs,
                                   compile_decode=cuda and self.config.compile_decode,
-                                  selection=adapters.selection if adapters is not None else None)
+                                  selection=adapters.selection if adapters is not None else None,
+                                  fused_attention=cuda and self.config.fused_attention
+                                  and fused_attention_supported(model.cfg.head_dim))
         self.speculative = (SpecStreamDecoder(model, self.runner.cache, self.config.specstream)
                             if self.config.specstream is not None else None)
         self.sampling = SamplingTable(n_slots + 1, model.cfg.vocab_size, self.device)  # + a row for LazyLLM

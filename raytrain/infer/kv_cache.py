@@ -15,6 +15,8 @@ Two modes, set by the model runner before each forward:
   `rope_positions`, when given, are the (real-valued) positions RoPE rotates by instead: a superposed prompt's
   context is packed at indices 0..C-1 while its tokens sit at other positions (`raytrain/infer/superposition.py`).
 A superposed prompt's KV, computed outside the slots, is copied in with `write`.
+With `fused_attention` (CUDA, head_dim a power of two), a decode step's cache write and attention are one Triton
+kernel per layer (`raytrain/infer/attention_kernel.py`) that reads only each row's own keys.
 """
 
 from __future__ import annotations
@@ -27,10 +29,16 @@ from raytrain.models import ops
 from raytrain.models.kv_cache import attention, causal_mask
 
 
+def fused_attention_supported(head_dim: int) -> bool:
+    """The Triton decode attention tiles the head dimension whole: a power of two, at least 16."""
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
 class SlotKVCache:
     def __init__(self, kv_heads: list[int], head_dim: int, n_slots: int, max_len: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, fused_attention: bool = False) -> None:
         self.n_slots, self.max_len = n_slots, max_len
+        self.fused_attention = fused_attention
         shape = [(n_slots, h, max_len + 1, head_dim) for h in kv_heads]
         self.keys = [torch.zeros(s, dtype=dtype, device=device) for s in shape]
         self.values = [torch.zeros(s, dtype=dtype, device=device) for s in shape]
@@ -53,8 +61,9 @@ class SlotKVCache:
         """positions, write_index: (W,) device tensors (static buffers under CUDA graphs)."""
         self.positions, self.write_index, self.length = positions, write_index, length
         self.rope_positions = rope_positions
-        keys = torch.arange(length, device=positions.device)
-        self.mask = (keys[None, :] <= positions[:, None])[:, None, None]  # (W, 1, 1, length)
+        if not self.fused_attention:  # the kernel masks by position itself
+            keys = torch.arange(length, device=positions.device)
+            self.mask = (keys[None, :] <= positions[:, None])[:, None, None]  # (W, 1, 1, length)
 
     # ---- the decoder's cache protocol ----------------------------------------------------------------------
 
@@ -81,6 +90,10 @@ class SlotKVCache:
             V[s, :, start:start + T] = v[0]
             keys, values = K[s:s + 1, :, :start + T], V[s:s + 1, :, :start + T]
             return attention(q, keys, values, causal_mask(T, start, q.device), start == 0 and T > 1)
+        if self.fused_attention:
+            from raytrain.infer import attention_kernel  # imports triton: only where it runs
+
+            return attention_kernel.decode_attention(q, k, v, K, V, self.positions, self.write_index)
         W = q.shape[0]
         K[self.rows[:W], :, self.write_index] = k[:, :, 0]
         V[self.rows[:W], :, self.write_index] = v[:, :, 0]

@@ -38,12 +38,13 @@ def bucket(value: int, buckets: list[int]) -> int:
 
 class ModelRunner:
     def __init__(self, model: Decoder, n_slots: int, max_len: int, cuda_graphs: bool = True,
-                 compile_decode: bool = False, selection: AdapterSelection | None = None) -> None:
+                 compile_decode: bool = False, selection: AdapterSelection | None = None,
+                 fused_attention: bool = False) -> None:
         self.model = model
         self.device = model.embed.weight.device
         kv_heads = [block.attn.n_kv for block in model.layers]
         self.cache = SlotKVCache(kv_heads, model.cfg.head_dim, n_slots, max_len, model.embed.weight.dtype,
-                                 self.device)
+                                 self.device, fused_attention)
         self.n_slots, self.max_len = n_slots, max_len
         self.widths = width_buckets(n_slots)
         self.lengths = sorted({min(max_len, MIN_LENGTH_BUCKET << i) for i in range(max_len.bit_length())})
