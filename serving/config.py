@@ -129,6 +129,7 @@ def serve_spec(node: Any, key: str = "serve") -> ServeSpec:
     check_api(spec.api, f"{key}.api")
     for name, model in spec.models.items():
         check_model(name, model, f"{key}.models.{name}")
+        check_replica(model, f"{key}.models.{name}")
     return spec
 
 
@@ -177,6 +178,11 @@ def check_model(name: str, model: ModelSpec, key: str) -> None:
         if getattr(model.limits, limit) <= 0:
             raise ConfigError(f"{key}.limits.{limit} must be > 0")
     model.engine.superposition.check(f"{key}.engine.superposition")
+
+
+def check_replica(model: ModelSpec, key: str) -> None:
+    """The model's Serve deployment options. Only the spec has them: a Serve config carries them in `deployments`,
+    not in the replica's args, so the app builder checks the model alone."""
     check_deployment(model.deployment, f"{key}.deployment")
     if model.deployment.max_ongoing_requests < model.engine.max_batch_size:
         raise ConfigError(f"{key}.deployment.max_ongoing_requests={model.deployment.max_ongoing_requests} is below "

@@ -36,13 +36,16 @@ def test_the_committed_serve_configs_are_what_the_config_emits(name: str) -> Non
 def test_each_serve_option_emits_a_config_serve_accepts(option: str) -> None:
     from serving.app import build_app
 
-    config = emitted([f"serve={option}", "checkpoint=/ckpt", "generation=lazy"])
+    # a batch above the default deployment's 16 ongoing requests: the replica's args carry no deployment options
+    config = emitted([f"serve={option}", "checkpoint=/ckpt", "generation=lazy", "generation.max_batch_size=64",
+                      "serve.models.default.deployment.max_ongoing_requests=128"])
     schema = ServeDeploySchema.model_validate(yaml.safe_load(to_yaml(config)))  # what `serve run`/`deploy` parse
     app = schema.applications[0]
     assert app.import_path == "serving.app:build_app"
     assert [d.name for d in app.deployments] == ["OpenAIIngress", "model-default"]
     model = app.args["models"]["default"]
     assert model["engine"]["lazy"] and model["weights"] == "dense" and model["checkpoint"] == "/ckpt"
+    assert model["engine"]["max_batch_size"] == 64 and app.deployments[1].max_ongoing_requests == 128
     assert all(d.max_queued_requests >= 0 for d in app.deployments)  # no unbounded queue anywhere
     assert build_app(app.args) is not None  # the import path builds from exactly these args
     if option == "cluster":
