@@ -114,12 +114,19 @@ def theoretical_flops(cfg: DecoderConfig, prompt: ForkJoinPrompt, kept: list[int
 
 
 def measured_flops(engine: Engine, request: Request) -> float:
-    """FLOPs of the request as it runs (torch's counter; SDPA's CPU kernel counted as attention)."""
-    cpu_sdpa = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
-                lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v)}
-    with FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as counter:
+    """FLOPs of the request as it runs (torch's counter, with SDPA's fused kernels counted as attention over every
+    query head: grouped KV heads are attended by several query heads each, which torch's formula rejects)."""
+    aten = torch.ops.aten
+    kernels = [aten._scaled_dot_product_flash_attention_for_cpu, aten._scaled_dot_product_flash_attention,
+               aten._scaled_dot_product_efficient_attention, aten._scaled_dot_product_cudnn_attention]
+    with FlopCounterMode(display=False, custom_mapping={k: grouped_sdpa_flops for k in kernels}) as counter:
         engine.generate([request])
     return float(counter.get_total_flops())
+
+
+def grouped_sdpa_flops(q: tuple, k: tuple, v: tuple, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    """Shapes (B, H, T, d): K and V counted with the query's heads."""
+    return sdpa_flop_count(q, (*k[:1], q[1], *k[2:]), (*v[:1], q[1], *v[2:]))
 
 
 # ---- the run -------------------------------------------------------------------------------------------------

@@ -262,6 +262,7 @@ class Decoder(nn.Module):
         self.tie_weights()
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.register_buffer("rope_inv_freq", torch.empty(0), persistent=False)  # for real-valued positions
         self.init_buffers()
         self.activation_checkpointing = False
 
@@ -270,6 +271,7 @@ class Decoder(nn.Module):
         cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_positions, self.cfg.rope_theta)
         device = self.embed.weight.device
         self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
+        self.rope_inv_freq = rope_frequencies(self.cfg.head_dim, self.cfg.rope_theta).to(device)
 
     def tie_weights(self) -> None:
         if self.cfg.tie_embeddings:
@@ -342,10 +344,10 @@ class Decoder(nn.Module):
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape (B, 1, T, hd) for explicit (B, T) position ids (padded batches, pruned token sets).
         Real-valued positions get their angles computed in fp32 (pos * inv_freq, no table, no rounding); at integer
-        values these equal the table's."""
+        values these equal the table's. (The frequencies are a buffer: a decode step captured as a CUDA graph may
+        not copy from the host.)"""
         if positions.is_floating_point():
-            inv_freq = rope_frequencies(self.cfg.head_dim, self.cfg.rope_theta).to(positions.device)
-            cos, sin = rope_angles(positions, inv_freq)
+            cos, sin = rope_angles(positions, self.rope_inv_freq)
             return cos[:, None], sin[:, None]
         return self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
 

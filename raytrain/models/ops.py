@@ -42,9 +42,18 @@ _EAGER = {fn.__name__: fn for fn in (rms_norm, rope, swiglu, masked_softmax)}
 _FUSED: dict = {}
 
 
+RECOMPILE_LIMIT = 64
+
+
 def use_fused_kernels(enabled: bool = True) -> None:
-    """Swap the chains for compiled, fused versions (for inference on CUDA), or back to eager ones."""
+    """Swap the chains for compiled, fused versions (for inference on CUDA), or back to eager ones.
+
+    Dynamic shapes still specialise on sizes 0 and 1, dtype and grad mode, so one process serving several models
+    (a base and its adapters, decode and prefill) compiles each chain a few times over: Dynamo's default limit of 8
+    is raised, and a chain past the limit runs eagerly rather than failing (no `fullgraph`)."""
+    if enabled:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     for name, fn in _EAGER.items():
         if enabled and name not in _FUSED:
-            _FUSED[name] = torch.compile(fn, dynamic=True, fullgraph=True)
+            _FUSED[name] = torch.compile(fn, dynamic=True)
         globals()[name] = _FUSED[name] if enabled else fn
