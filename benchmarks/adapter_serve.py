@@ -23,7 +23,6 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -32,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from omegaconf import OmegaConf  # noqa: E402
 
+from benchmarks.timing import synced_seconds  # noqa: E402
 from raytrain.checkpoint.adapter import base_fingerprint, save_adapter  # noqa: E402
 from raytrain.checkpoint.hf import model_state, read_model_config, save_pretrained  # noqa: E402
 from raytrain.cli import CONF_DIR  # noqa: E402
@@ -68,14 +68,10 @@ def run(engine: Engine, jobs: list[tuple[list[int], str | None]], new: int, warm
     params = SamplingParams(max_new_tokens=new, temperature=0.0, ignore_eos=True)
     requests = [Request(prompt, params, adapter=adapter) for prompt, adapter in jobs]
     engine.generate(requests[:warmup])
-    seconds = []
-    for _ in range(repeats):
-        if engine.device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        outputs = engine.generate(requests)
-        seconds.append(time.perf_counter() - start)
-    return len(jobs) * new / statistics.median(seconds), [c.token_ids for c in outputs]
+    outputs: list[list] = []
+    seconds = [synced_seconds(lambda: outputs.append(engine.generate(requests)), engine.device)
+               for _ in range(repeats)]
+    return len(jobs) * new / statistics.median(seconds), [c.token_ids for c in outputs[-1]]
 
 
 def main() -> None:

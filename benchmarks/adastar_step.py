@@ -20,17 +20,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
-from raytrain.cli import CONF_DIR
-from raytrain.models.registry import build_model, model_config
-from raytrain.train.config import OptimConfig
-from raytrain.train.engine import contiguous_layout
-from raytrain.train.optim import AdaStar, build_optimizer
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.timing import synced_seconds  # noqa: E402
+from raytrain.cli import CONF_DIR  # noqa: E402
+from raytrain.models.registry import build_model, model_config  # noqa: E402
+from raytrain.train.config import OptimConfig  # noqa: E402
+from raytrain.train.engine import contiguous_layout  # noqa: E402
+from raytrain.train.optim import AdaStar, build_optimizer  # noqa: E402
 
 ADASTAR = OptimConfig(name="adastar", lr=0.01, betas=[0.95, 0.95], eps=1e-30, weight_decay=3.16e-4,
                       decay_norms=True, mup_base_dim=768, skip_grad_norm=100.0)
@@ -44,13 +47,7 @@ def timed(steps: dict[str, Callable[[], None]], device: str, repeats: int) -> di
         step(), step()
     for _ in range(repeats):
         for name, step in steps.items():
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            step()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times[name].append(1e3 * (time.perf_counter() - start))
+            times[name].append(1e3 * synced_seconds(step, device))
     return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 

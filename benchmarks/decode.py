@@ -32,13 +32,14 @@ from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.timing import sync, synced_seconds  # noqa: E402
 from raytrain.checkpoint.foreign import llama_config, llama_state  # noqa: E402
 from raytrain.data.corpus import documents  # noqa: E402
 from raytrain.data.tokenizer import train_bpe  # noqa: E402
 from raytrain.infer.engine import Engine, EngineConfig, Request  # noqa: E402
 from raytrain.infer.kv_cache import SlotKVCache  # noqa: E402
 from raytrain.infer.sampling import SamplingParams  # noqa: E402
-from raytrain.models.decoder import Decoder, DecoderConfig, build_decoder  # noqa: E402
+from raytrain.models.decoder import Decoder, build_decoder  # noqa: E402
 from raytrain.models.registry import model_config  # noqa: E402
 
 CONF = Path(__file__).resolve().parent.parent / "conf" / "model"
@@ -223,24 +224,15 @@ def hf_run(hf: torch.nn.Module, batch: int, args: argparse.Namespace) -> dict[st
     device = next(hf.parameters()).device
     ids = torch.tensor(prompts(batch, args.prompt, hf.config.vocab_size), device=device)
 
+    @torch.inference_mode()
     def timed(new: int) -> float:
-        sync(args.device)
-        start = time.perf_counter()
-        with torch.inference_mode():
-            hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
-                        do_sample=False, pad_token_id=0)
-        sync(args.device)
-        return time.perf_counter() - start
+        return synced_seconds(lambda: hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                                                  min_new_tokens=new, do_sample=False, pad_token_id=0), args.device)
 
     timed(2)  # warm-up
     prefill, total = timed(1), timed(args.new)
     return {"tokens_per_s": batch * args.new / total, "decode_tokens_per_s": batch * (args.new - 1) / (total - prefill),
             "step_ms": 1e3 * (total - prefill) / (args.new - 1)}
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 if __name__ == "__main__":

@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,25 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from omegaconf import OmegaConf  # noqa: E402
 
+from benchmarks.timing import median_seconds  # noqa: E402
 from raytrain.cli import CONF_DIR  # noqa: E402
 from raytrain.models.decoder import build_decoder  # noqa: E402
 from raytrain.models.lora import LoRAConfig, apply_lora, lora_layers  # noqa: E402
 from raytrain.models.registry import model_config  # noqa: E402
 
-
-def timed(fn, device: str, repeats: int) -> float:
-    """Median seconds of `fn()` over `repeats` runs after two warm-ups."""
-    times = []
-    for i in range(repeats + 2):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 @torch.inference_mode()
@@ -67,7 +52,7 @@ def main() -> None:
     shapes = {"decode": (args.decode_batch, 1), "prefill": (prefill_batch, prefill_tokens)}
     inputs = {k: torch.randint(0, cfg.vocab_size, s, device=args.device) for k, s in shapes.items()}
 
-    base = {k: timed(lambda t=t: model(t), args.device, args.repeats) for k, t in inputs.items()}
+    base = {k: median_seconds(lambda t=t: model(t), args.device, args.repeats) for k, t in inputs.items()}
     selection = apply_lora(model, LoRAConfig(rank=args.rank), slots=args.adapters)
     for layer in lora_layers(model).values():
         layer.lora_B.normal_(std=0.01)
@@ -87,9 +72,9 @@ def main() -> None:
                 with selection.rows(ids[picked]):
                     model(tokens[picked])
 
-        seconds = {"base": base[k], "one_adapter": timed(lambda t=tokens: model(t), args.device, args.repeats),
-                   "mixed": timed(mixed, args.device, args.repeats),
-                   "grouped": timed(grouped, args.device, args.repeats)}
+        seconds = {"base": base[k], "one_adapter": median_seconds(lambda t=tokens: model(t), args.device, args.repeats),
+                   "mixed": median_seconds(mixed, args.device, args.repeats),
+                   "grouped": median_seconds(grouped, args.device, args.repeats)}
         results[k] = {f"{mode}_tokens_per_s": tokens.numel() / s for mode, s in seconds.items()}
     print(json.dumps({
         "benchmark": "lora_batch", "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",

@@ -35,6 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.timing import median_seconds, synced_seconds  # noqa: E402
 from raytrain.compress import seedlm  # noqa: E402
 from raytrain.compress.format import CompressedTensor  # noqa: E402
 
@@ -86,13 +87,7 @@ def timed(calls: list[Callable[[], Any]], reps: int = 20) -> float:
 
 
 def cpu_time(call: Callable[[], Any], reps: int = 5) -> float:
-    call()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_seconds(call, "cpu", reps, warmup=1)
 
 
 def copies_for(nbytes: int) -> int:
@@ -262,13 +257,7 @@ def synced(call: Callable[[], Any], device: str) -> float:
     """Seconds for one call after a warm-up one, synchronised (the slow paths: the reference dequantise-then-matmul,
     whole searches, generations)."""
     call()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    call()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return synced_seconds(call, device)
 
 
 # ---- end to end --------------------------------------------------------------------------------------------------

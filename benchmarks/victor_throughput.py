@@ -37,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.timing import synced_seconds  # noqa: E402
 from raytrain.infer.sampling import SamplingParams  # noqa: E402
 from raytrain.infer.vlm import VLMRequest, collate, generate  # noqa: E402
 from raytrain.models.decoder import DecoderConfig  # noqa: E402
@@ -77,11 +78,6 @@ def prefill_flops(cfg: DecoderConfig, victor: VictorConfig, before: int, visual:
                                                                                                cfg.ffn_dim)
 
 
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def models(base: dict, shape: DecoderConfig, device: str, dtype: torch.dtype) -> dict[str, torch.nn.Module]:
     """One decoder's random weights shared by every method (each method draws its own registers)."""
     out, shared = {}, None
@@ -105,11 +101,9 @@ def models(base: dict, shape: DecoderConfig, device: str, dtype: torch.dtype) ->
 
 def timed(fn, device: str) -> tuple[float, float]:
     """(wall, process CPU) seconds of `fn()`."""
-    sync(device)
-    wall, cpu = time.perf_counter(), time.process_time()
-    fn()
-    sync(device)
-    return time.perf_counter() - wall, time.process_time() - cpu
+    cpu = time.process_time()
+    wall = synced_seconds(fn, device)
+    return wall, time.process_time() - cpu
 
 
 def generation(model: torch.nn.Module, visual: torch.Tensor, text: list[list[int]], new_tokens: int,
