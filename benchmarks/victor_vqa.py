@@ -35,6 +35,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from raytrain.checkpoint.hf import latest_run_checkpoint, load_pretrained, read_model_config  # noqa: E402
 from raytrain.data.vqa import caption, normalise  # noqa: E402
@@ -42,7 +43,7 @@ from raytrain.infer.sampling import SamplingParams  # noqa: E402
 from raytrain.infer.vlm import answer, pixels  # noqa: E402
 from raytrain.models.vlm import VictorConfig  # noqa: E402
 
-from lazyllm_ttft import paired_difference_ci, wilson  # noqa: E402  (benchmarks/ is the script's directory)
+from lazyllm_ttft import paired_difference_ci, wilson  # noqa: E402
 
 TRAINED = {"baseline": ["vlm.mode=off"], "victor_8": ["vlm.registers=8"], "victor_32": ["vlm.registers=32"],
            "registers_8_no_drop": ["vlm.registers=8", "vlm.drop_layer=99"]}
@@ -193,22 +194,37 @@ def local_variants(args: argparse.Namespace, rows: list[dict]) -> tuple[dict, di
 
 
 def train_local(name: str, victor: dict, files: dict, train: list[dict], rows: list[dict], recipe: dict) -> dict:
-    """One variant of `local_variants`: trained, then evaluated (the baseline's weights also under FastV). The rows
-    are read in order and wrap around when the steps need more of them."""
+    """One variant of `local_variants`: trained, then evaluated (the baseline's weights also under FastV)."""
+    from raytrain.data.tokenizer import from_files
+    from raytrain.models.registry import build_model
+
+    torch.set_num_threads(1)
+    model, train_cpu_s, final_loss = fit_local(victor, files, train, recipe)
+    tok = from_files(files)
+    results = {name: {**exact_match(model, tok, rows, 50), "train_cpu_s": train_cpu_s, "final_loss": final_loss}}
+    if name == "baseline":
+        fastv = build_model(dataclasses.replace(model.cfg, victor=VictorConfig(mode="fastv", keep_visual=8)))
+        fastv.load_state_dict(model.state_dict())
+        results["fastv_8"] = exact_match(fastv, tok, rows, 50)
+    print(json.dumps({"partial": results}), file=sys.stderr, flush=True)  # a run cut short keeps its figures
+    return results
+
+
+def fit_local(victor: dict, files: dict, train: list[dict], recipe: dict) -> tuple[torch.nn.Module, float, float]:
+    """vlm_tiny with the `victor` keys, from the start every variant shares, trained on `train` in order (wrapping
+    around when the steps need more rows): the model, the training CPU seconds and the last step's loss."""
     import math
 
     import numpy as np
     from omegaconf import OmegaConf
 
-    from raytrain.data.tokenizer import from_files
     from raytrain.data.vqa import Tokenize, VQADataConfig
     from raytrain.models.registry import build_model, model_config
     from raytrain.models.vit import to_pixels
     from raytrain.models.vlm import VLMBatch
     from raytrain.train.tasks import set_trainable
 
-    torch.set_num_threads(1)
-    tok, tokenize = from_files(files), Tokenize(files, VQADataConfig())
+    tokenize = Tokenize(files, VQADataConfig())
     base = model_config(OmegaConf.load(ROOT / "conf/model/vlm_tiny.yaml"))
     torch.manual_seed(0)
     start = build_model(dataclasses.replace(base, victor=VictorConfig(mode="off"))).state_dict()
@@ -237,14 +253,7 @@ def train_local(name: str, victor: dict, files: dict, train: list[dict], rows: l
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-    results = {name: {**exact_match(model, tok, rows, 50), "train_cpu_s": time.process_time() - clock,
-                      "final_loss": loss.item()}}
-    if name == "baseline":
-        fastv = build_model(dataclasses.replace(base, victor=VictorConfig(mode="fastv", keep_visual=8)))
-        fastv.load_state_dict(model.state_dict())
-        results["fastv_8"] = exact_match(fastv, tok, rows, 50)
-    print(json.dumps({"partial": results}), file=sys.stderr, flush=True)  # a run cut short keeps its figures
-    return results
+    return model, time.process_time() - clock, loss.item()
 
 
 def main() -> None:
