@@ -10,14 +10,17 @@ without the drop (M = 8, k = n). FastV (the 8 visual tokens that received the mo
 layer k = 3) is applied at inference to the baseline's weights, as the paper compares it. Every run shares one local
 Ray cluster, and a run that finished under `--storage` earlier is reused. Each model answers the held-out split
 (scenes no training record shows) greedily through `raytrain.infer.vlm.answer`; exact match after `vqa.normalise`,
-overall and per question kind, with the process CPU time of the evaluation. Prints one JSON line; `ratio` is
-Victor-8's accuracy over the baseline's.
+overall and per question kind with 95% Wilson intervals, each variant's difference to the baseline on the same
+questions with its paired 95% interval, and the process CPU time of the evaluation. Prints one JSON line; `ratio`
+is Victor-8's accuracy over the baseline's.
 
-`--local` is the small version for a machine too busy for Ray: every variant trains in its own process, one stage
-on the questions from one shared random start (the tower random and frozen), the same rows, steps and schedule.
+`--local` is the small version for a machine too busy for Ray: every variant trains in its own process (`--jobs`
+at a time), one stage on the questions from one shared random start (the tower random: frozen, or trained with the
+rest under `--train-tower`, since a random frozen tower carries too little of the image), the same rows, steps and
+schedule; the JSON line adds the answer prior (each kind's most frequent training answer) on the same questions.
 
     python benchmarks/victor_vqa.py --data DIR --tower RUN --storage DIR [--align-steps 40 --finetune-steps 250]
-    python benchmarks/victor_vqa.py --data DIR --storage DIR --local --finetune-steps 150 --heldout 400
+    python benchmarks/victor_vqa.py --data DIR --storage DIR --local --train-tower --finetune-steps 1500 --jobs 2
 """
 
 from __future__ import annotations
