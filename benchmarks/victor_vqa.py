@@ -10,14 +10,17 @@ without the drop (M = 8, k = n). FastV (the 8 visual tokens that received the mo
 layer k = 3) is applied at inference to the baseline's weights, as the paper compares it. Every run shares one local
 Ray cluster, and a run that finished under `--storage` earlier is reused. Each model answers the held-out split
 (scenes no training record shows) greedily through `raytrain.infer.vlm.answer`; exact match after `vqa.normalise`,
-overall and per question kind, with the process CPU time of the evaluation. Prints one JSON line; `ratio` is
-Victor-8's accuracy over the baseline's.
+overall and per question kind with 95% Wilson intervals, each variant's difference to the baseline on the same
+questions with its paired 95% interval, and the process CPU time of the evaluation. Prints one JSON line; `ratio`
+is Victor-8's accuracy over the baseline's.
 
-`--local` is the small version for a machine too busy for Ray: every variant trains in its own process, one stage
-on the questions from one shared random start (the tower random and frozen), the same rows, steps and schedule.
+`--local` is the small version for a machine too busy for Ray: every variant trains in its own process (`--jobs`
+at a time), one stage on the questions from one shared random start (the tower random: frozen, or trained with the
+rest under `--train-tower`, since a random frozen tower carries too little of the image), the same rows, steps and
+schedule; the JSON line adds the answer prior (each kind's most frequent training answer) on the same questions.
 
     python benchmarks/victor_vqa.py --data DIR --tower RUN --storage DIR [--align-steps 40 --finetune-steps 250]
-    python benchmarks/victor_vqa.py --data DIR --storage DIR --local --finetune-steps 150 --heldout 400
+    python benchmarks/victor_vqa.py --data DIR --storage DIR --local --train-tower --finetune-steps 1500 --jobs 2
 """
 
 from __future__ import annotations
@@ -35,12 +38,15 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from raytrain.checkpoint.hf import latest_run_checkpoint, load_pretrained, read_model_config  # noqa: E402
 from raytrain.data.vqa import caption, normalise  # noqa: E402
 from raytrain.infer.sampling import SamplingParams  # noqa: E402
 from raytrain.infer.vlm import answer, pixels  # noqa: E402
 from raytrain.models.vlm import VictorConfig  # noqa: E402
+
+from lazyllm_ttft import paired_difference_ci, wilson  # noqa: E402
 
 TRAINED = {"baseline": ["vlm.mode=off"], "victor_8": ["vlm.registers=8"], "victor_32": ["vlm.registers=32"],
            "registers_8_no_drop": ["vlm.registers=8", "vlm.drop_layer=99"]}
@@ -96,11 +102,13 @@ def train_variant(name: str, extra: list[str], decoder: Path, args: argparse.Nam
     run = f"{args.prefix}-{name}"
     if (done := finished(Path(args.storage) / run / f"{run}.finetune", args.finetune_steps)) is not None:
         return done
+    tower = ["recipe.stages.finetune.task.freeze=[]"] if args.train_tower else []
     outcome = train.run(compose(["job=vlm", *extra, f"data.path={args.data}", f"task.image_tower={args.tower}",
                                  f"task.decoder={decoder}", f"trainer.storage_path={args.storage}",
                                  f"trainer.run_name={run}", f"recipe.stages.align.steps={args.align_steps}",
                                  f"recipe.stages.finetune.steps={args.finetune_steps}",
-                                 f"trainer.micro_batch_size={args.batch}", "tracking=disabled", *args.override]))
+                                 f"trainer.micro_batch_size={args.batch}", "tracking=disabled", *tower,
+                                 *args.override]))
     return Path(outcome["outputs"]["finetune"]) / "model"
 
 
@@ -124,30 +132,50 @@ def exact_match(model: torch.nn.Module, tok, rows: list[dict], batch: int) -> di
     """Greedy answers to the held-out rows: exact match overall and per kind, and the CPU time it took."""
     model.eval()
     size = model.cfg.image.image_size
-    correct, per_kind = 0, defaultdict(lambda: [0, 0])
+    hits = []
     start = time.process_time()
     for i in range(0, len(rows), batch):
         chunk = rows[i:i + batch]
         answers = answer(model, tok, [r["question"] for r in chunk], [pixels(r["image"], size) for r in chunk],
                          SamplingParams(max_new_tokens=6, temperature=0.0))
-        for r, a in zip(chunk, answers):
-            hit = normalise(a) == normalise(r["answer"])
-            correct += hit
-            per_kind[r["kind"]][0] += hit
-            per_kind[r["kind"]][1] += 1
-    return {"exact_match": correct / len(rows), "eval_cpu_s": time.process_time() - start,
-            "per_kind": {k: round(c / n, 4) for k, (c, n) in sorted(per_kind.items())},
-            "victor": dataclasses.asdict(model.cfg.victor)}
+        hits += [normalise(a) == normalise(r["answer"]) for r, a in zip(chunk, answers)]
+    return {**scores(rows, hits), "eval_cpu_s": time.process_time() - start,
+            "victor": dataclasses.asdict(model.cfg.victor), "hits": hits}
+
+
+def scores(rows: list[dict], hits: list[bool]) -> dict:
+    """Exact match overall and per question kind, each with its 95% Wilson interval and count."""
+    def cell(outcomes: list[bool]) -> dict:
+        low, high = wilson(sum(outcomes), len(outcomes), 1.959964)
+        return {"em": round(sum(outcomes) / len(outcomes), 4), "ci95": [round(low, 4), round(high, 4)],
+                "n": len(outcomes)}
+
+    per_kind = defaultdict(list)
+    for r, hit in zip(rows, hits):
+        per_kind[r["kind"]].append(hit)
+    overall = cell(hits)
+    return {"exact_match": overall["em"], "ci95": overall["ci95"],
+            "per_kind": {k: cell(v) for k, v in sorted(per_kind.items())}}
+
+
+def answer_prior(train: list[dict], rows: list[dict]) -> dict:
+    """What answering without the image scores: each kind's most frequent training answer, on the held-out rows."""
+    counts = defaultdict(lambda: defaultdict(int))
+    for r in train:
+        counts[r["kind"]][normalise(r["answer"])] += 1
+    guess = {kind: max(c, key=c.get) for kind, c in counts.items()}
+    return scores(rows, [guess.get(r["kind"]) == normalise(r["answer"]) for r in rows])
 
 
 LOCAL = {"baseline": {"mode": "off"}, "victor_8": {"num_registers": 8}, "victor_32": {"num_registers": 32},
          "registers_8_no_drop": {"num_registers": 8, "drop_layer": 8}}  # vlm_tiny's decoder has 8 layers
 
 
-def local_variants(args: argparse.Namespace, rows: list[dict]) -> dict:
-    """`--local`: every variant trained without Ray, one process each (in parallel), one stage on the questions from
-    the same random start (tower frozen; projector, registers and decoder trained; vlm_tiny; a BPE trained on the
-    questions), with the same rows, steps, batch, AdamW and warmup-cosine schedule as job=vlm's finetune stage."""
+def local_variants(args: argparse.Namespace, rows: list[dict]) -> tuple[dict, dict]:
+    """`--local`: every variant trained without Ray, one process each (`--jobs` at a time), one stage on the
+    questions from the same random start (vlm_tiny; projector, registers and decoder trained, the tower too with
+    `--train-tower`, else frozen; a BPE trained on the questions), with the same rows, steps, batch, AdamW and
+    warmup-cosine schedule as job=vlm's finetune stage. Also returns the answer prior of those training rows."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -155,69 +183,80 @@ def local_variants(args: argparse.Namespace, rows: list[dict]) -> dict:
 
     from raytrain.data.tokenizer import to_files, train_bpe
 
-    table = pq.read_table(Path(args.data) / "train", columns=["key", "image", "question", "answer", "scene"])
+    table = pq.read_table(Path(args.data) / "train", columns=["key", "image", "question", "answer", "kind", "scene"])
     train = table.slice(0, args.finetune_steps * args.batch).to_pylist()
     files = to_files(train_bpe((f"Question: {r['question']}\nAnswer: {r['answer']}" for r in train), 512))
-    with ProcessPoolExecutor(len(LOCAL), mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {name: pool.submit(train_local, name, victor, files, train, rows, args.finetune_steps, args.batch)
-                   for name, victor in LOCAL.items()}
+    recipe = {"steps": args.finetune_steps, "batch_size": args.batch, "lr": args.lr, "train_tower": args.train_tower}
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {name: pool.submit(train_local, name, LOCAL[name], files, train, rows, recipe)
+                   for name in args.variants}
         results = {}
         for name, future in futures.items():
             results.update(future.result())
+    return results, answer_prior(train, rows)
+
+
+def train_local(name: str, victor: dict, files: dict, train: list[dict], rows: list[dict], recipe: dict) -> dict:
+    """One variant of `local_variants`: trained, then evaluated (the baseline's weights also under FastV)."""
+    from raytrain.data.tokenizer import from_files
+    from raytrain.models.registry import build_model
+
+    torch.set_num_threads(1)
+    model, train_cpu_s, final_loss = fit_local(victor, files, train, recipe)
+    tok = from_files(files)
+    results = {name: {**exact_match(model, tok, rows, 50), "train_cpu_s": train_cpu_s, "final_loss": final_loss}}
+    if name == "baseline":
+        fastv = build_model(dataclasses.replace(model.cfg, victor=VictorConfig(mode="fastv", keep_visual=8)))
+        fastv.load_state_dict(model.state_dict())
+        results["fastv_8"] = exact_match(fastv, tok, rows, 50)
+    print(json.dumps({"partial": results}), file=sys.stderr, flush=True)  # a run cut short keeps its figures
     return results
 
 
-def train_local(name: str, victor: dict, files: dict, train: list[dict], rows: list[dict], steps: int,
-                batch_size: int) -> dict:
-    """One variant of `local_variants`: trained, then evaluated (the baseline's weights also under FastV)."""
+def fit_local(victor: dict, files: dict, train: list[dict], recipe: dict) -> tuple[torch.nn.Module, float, float]:
+    """vlm_tiny with the `victor` keys, from the start every variant shares, trained on `train` in order (wrapping
+    around when the steps need more rows): the model, the training CPU seconds and the last step's loss."""
     import math
 
     import numpy as np
     from omegaconf import OmegaConf
 
-    from raytrain.data.tokenizer import from_files
     from raytrain.data.vqa import Tokenize, VQADataConfig
     from raytrain.models.registry import build_model, model_config
     from raytrain.models.vit import to_pixels
     from raytrain.models.vlm import VLMBatch
     from raytrain.train.tasks import set_trainable
 
-    torch.set_num_threads(1)
-    tok, tokenize = from_files(files), Tokenize(files, VQADataConfig())
+    tokenize = Tokenize(files, VQADataConfig())
     base = model_config(OmegaConf.load(ROOT / "conf/model/vlm_tiny.yaml"))
     torch.manual_seed(0)
     start = build_model(dataclasses.replace(base, victor=VictorConfig(mode="off"))).state_dict()
     torch.manual_seed(1)  # registers drawn alike in every variant; everything else is the shared start
     model = build_model(dataclasses.replace(base, victor=VictorConfig(**victor)))
     model.load_state_dict(start, strict=False)
-    set_trainable(model, ["image"])
+    steps, batch_size, lr = recipe["steps"], recipe["batch_size"], recipe["lr"]
+    set_trainable(model, [] if recipe["train_tower"] else ["image"])
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     clock = time.process_time()
     for step in range(steps):
-        chunk = train[step * batch_size:(step + 1) * batch_size]
+        chunk = [train[(step * batch_size + i) % len(train)] for i in range(batch_size)]
         b = tokenize({k: np.array([r[k] for r in chunk], dtype=object) for k in chunk[0]})
         tokens, length = torch.from_numpy(b["tokens"]), torch.from_numpy(b["length"])
         batch = VLMBatch(tokens, torch.arange(tokens.shape[1])[None] < length[:, None],
                          torch.from_numpy(b["image_at"]), images=to_pixels(torch.from_numpy(b["image"])),
                          labels=torch.from_numpy(b["labels"]))
         model.train()
-        model.image.eval()
+        if not recipe["train_tower"]:
+            model.image.eval()  # a frozen tower keeps its BatchNorm statistics, as in job=vlm
         for group in optimizer.param_groups:  # 9 warmup steps, then cosine to 0
-            group["lr"] = 1e-3 * min(1.0, (step + 1) / 9) * 0.5 * (1 + math.cos(math.pi * step / steps))
+            group["lr"] = lr * min(1.0, (step + 1) / 9) * 0.5 * (1 + math.cos(math.pi * step / steps))
         loss = model(batch).loss
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-    results = {name: {**exact_match(model, tok, rows, 50), "train_cpu_s": time.process_time() - clock,
-                      "final_loss": loss.item()}}
-    if name == "baseline":
-        fastv = build_model(dataclasses.replace(base, victor=VictorConfig(mode="fastv", keep_visual=8)))
-        fastv.load_state_dict(model.state_dict())
-        results["fastv_8"] = exact_match(fastv, tok, rows, 50)
-    print(f"{name}: trained and evaluated", file=sys.stderr, flush=True)
-    return results
+    return model, time.process_time() - clock, loss.item()
 
 
 def main() -> None:
@@ -237,14 +276,20 @@ def main() -> None:
     parser.add_argument("--override", nargs="*", default=[], help="more `raytrain train` overrides for every run")
     parser.add_argument("--local", action="store_true", help="train the variants in local processes (no Ray, random "
                                                              "tower, one stage): see `local_variants`")
+    parser.add_argument("--train-tower", action="store_true", help="train the tower in the question stage too (the "
+                                                                   "spec keeps it frozen)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="--local: peak learning rate")
+    parser.add_argument("--jobs", type=int, default=len(LOCAL), help="--local: variants trained at once")
+    parser.add_argument("--variants", nargs="*", default=list(LOCAL), choices=list(LOCAL),
+                        help="--local: the variants to train (FastV comes with the baseline)")
     args = parser.parse_args()
     if args.tower is None and not args.local:
         parser.error("--tower is required without --local")
     torch.set_num_threads(1)
     rows = heldout(args)
-    decoder = None
+    decoder, prior = None, None
     if args.local:
-        results = local_variants(args, rows)
+        results, prior = local_variants(args, rows)
     else:
         decoder = Path(args.decoder) if args.decoder else pretrain_decoder(args)
         checkpoints = {name: train_variant(name, extra, decoder, args) for name, extra in TRAINED.items()}
@@ -253,16 +298,20 @@ def main() -> None:
         results["fastv_8"] = evaluate(checkpoints["baseline"], rows, VictorConfig(mode="fastv", keep_visual=8,
                                                                                   drop_layer=drop), 50)
     for name, r in results.items():
-        print(f"{name}: exact match {r['exact_match']:.4f} {r['per_kind']}", file=sys.stderr)
+        print(f"{name}: exact match {r['exact_match']:.4f} {r['ci95']}", file=sys.stderr)
     baseline = results.pop("baseline")
+    for r in results.values():  # the difference to the baseline on the same questions, with its 95% interval
+        r["minus_baseline"] = round(r["exact_match"] - baseline["exact_match"], 4)
+        r["minus_baseline_ci95"] = [round(x, 4) for x in paired_difference_ci(baseline["hits"], r.pop("hits"))]
+    baseline.pop("hits")
     print(json.dumps({
         "benchmark": "victor_vqa", "device": f"cpu ({os.cpu_count()} cores)",
         "config": {"data": args.data, "tower": args.tower, "decoder": str(decoder), "heldout": len(rows),
                    "local": args.local,
                    "decoder_steps": args.decoder_steps, "align_steps": args.align_steps,
                    "finetune_steps": args.finetune_steps, "micro_batch_size": args.batch,
-                   "override": args.override},
-        "results": results, "baseline": baseline,
+                   "train_tower": args.train_tower, "lr": args.lr, "override": args.override},
+        "results": results, "baseline": baseline, "answer_prior": prior,
         "ratio": results["victor_8"]["exact_match"] / max(baseline["exact_match"], 1e-9),
         "command": "python " + " ".join(sys.argv)}))
 
