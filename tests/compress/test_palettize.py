@@ -136,3 +136,15 @@ def test_a_palettized_checkpoint_loads_densely_and_kept_compressed(tokenizer, tm
     torch.testing.assert_close(dense(tokens), kept(tokens), rtol=1e-5, atol=1e-5)
     lut = compressed["layers.0.ffn.proj_2.weight"].codes()["lut"]
     assert torch.isin(dense.layers[0].ffn.proj_2.weight[:16], lut[0].float()).all()
+
+
+def test_an_outlier_weight_keeps_a_table_entry() -> None:
+    """A group of 16 x 1536 Laplace weights (std 0.2) with one at -2.8, as in SmolLM2-135M's layer 12 FFN output:
+    from the quantiles and from the uniform grid Lloyd's steps returned it at about -1 (-0.64 on the real group);
+    the start spanning [min, max] keeps it."""
+    cfg = PalettizeConfig(bits=4)
+    g = torch.Generator().manual_seed(0)
+    sign = torch.where(torch.rand(16, 1536, generator=g) < 0.5, -1.0, 1.0)
+    w = torch.empty(16, 1536).exponential_(generator=g) * sign * 0.14
+    w[3, 100] = -2.8
+    assert abs(float(decode(encode(w, cfg), cfg, 1536)[3, 100]) + 2.8) < 0.1
