@@ -86,10 +86,12 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--out", default="outputs/afm_deploy")
-    parser.add_argument("--cpus", type=int, default=4)
+    parser.add_argument("--cpus", type=int, default=4, help="of the local Ray cluster")
     parser.add_argument("--device", default="cpu", help="cuda: compression, training and evaluation on GPUs")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="a subset of " + ", ".join(VARIANTS))
     args = parser.parse_args()
+    if args.device == "cpu" and args.cpus < 4:  # else the ARA runs wait forever for Ray Data's CPUs
+        parser.error(f"--cpus={args.cpus}: the two CPU training workers need two more CPUs for Ray Data (at least 4)")
     import ray
 
     from raytrain.checkpoint.hf import linear_weight_names, stored_tensors

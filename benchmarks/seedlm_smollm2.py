@@ -9,15 +9,17 @@ evaluated. Variants, each with its bits per weight counted from what it stores:
 - RTN with one fp16 scale per 128 weights at 4 and 3 code bits (the usual data-free baseline: 4.135 / 3.135 bpw
   here rather than 4.125 / 3.125, since the 576-wide rows are padded to whole groups),
   and per 16 weights at 3 and 2 code bits (exactly 4.000 / 3.000 bpw, equal storage).
-Text: the docstrings of 32 standard-library modules (`raytrain.data.corpus.heldout_documents`, shipped with every
-CPython; SmolLM2's pretraining data may well contain them, which matters for the absolute figure, not for the
-comparison), in windows of `--seq-len` tokens. FP is the converted checkpoint: the dequantized Q4_1 GGUF, whose
-linear weights are themselves 4-bit-derived (4.0 + 1.0 bits of fp16 scale and minimum per 32 weights), so every
-variant re-quantizes an already quantized model.
+Text (by default; `--text` picks another): the docstrings of 32 standard-library modules
+(`raytrain.data.corpus.heldout_documents`, shipped with every CPython; SmolLM2's pretraining data may well contain
+them, which matters for the absolute figure, not for the comparison), in windows of `--seq-len` tokens. FP is the
+converted checkpoint: the dequantized Q4_1 GGUF, whose linear weights are themselves 4-bit-derived (4.0 + 1.0 bits
+of fp16 scale and minimum per 32 weights), so every variant re-quantizes an already quantized model.
 
     python -m raytrain.checkpoint.from_gguf /tmp/smollm2 --gguf /tmp/smollm2.gguf   # the parts, joined (README)
     python benchmarks/seedlm_smollm2.py --checkpoint /tmp/smollm2 --device cuda              # H200: all 30 layers
     python benchmarks/seedlm_smollm2.py --checkpoint DIR --device cpu --layers 2 --max-tokens 4096   # CPU slice
+    python benchmarks/seedlm_smollm2.py --checkpoint /tmp/smollm2 --device cuda --text embedded:heldout \
+        --seq-len 64 --max-tokens 4096 --variants seedlm_4bit,seedlm_3bit,rtn_4bit_g128   # the AFM table's rows
 """
 
 from __future__ import annotations
@@ -76,13 +78,16 @@ def main() -> None:
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--max-tokens", type=int, default=32768)
+    p.add_argument("--text", default=None, help="embedded:<source>, .txt or .jsonl (default: the docstrings); "
+                   "embedded:heldout --seq-len 64 --max-tokens 4096 gives the windows of the AFM deployment table")
     args = p.parse_args()
     model = load_pretrained(args.checkpoint, device=args.device).model
     names = [n for n in linear_weight_names(args.checkpoint)
              if args.layers is None or int(n.split(".")[1]) < args.layers]
     params = {n: model.get_parameter(n) for n in names}
     original = {n: w.detach().cpu().clone() for n, w in params.items()}
-    windows = heldout_windows(args.checkpoint, EvalConfig(seq_len=args.seq_len, max_tokens=args.max_tokens))
+    windows = heldout_windows(args.checkpoint, EvalConfig(text=args.text, seq_len=args.seq_len,
+                                                          max_tokens=args.max_tokens), key="--text")
     vocab = model.cfg.vocab_size
 
     def perplexity() -> float:
@@ -109,7 +114,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if args.device == "cuda" else args.device,
         "config": {"checkpoint": args.checkpoint, "layers_compressed": args.layers or model.cfg.n_layers,
                    "linear_weights": sum(w.numel() for w in original.values()), "eval_tokens": windows[:, 1:].numel(),
-                   "seq_len": args.seq_len, "text": "standard-library docstrings (heldout_documents)",
+                   "seq_len": args.seq_len, "text": args.text or "standard-library docstrings (heldout_documents)",
                    "fp_reference": "dequantized Q4_1 GGUF (already 4-bit-derived)", "torch": torch.__version__},
         "results": results, "baseline": {"fp": fp}, "ratio": ratio,
         "ratio_is": "perplexity of RTN 3-bit g128 / SeedLM 3-bit (> 1: SeedLM better)",

@@ -9,9 +9,13 @@ group's weights, and every weight stores the b-bit index of its nearest table en
 
 k-means runs on the group's sorted values: a cluster of 1-D k-means is an interval, so each Lloyd step is a
 binary search of the centroid midpoints in the sorted values plus prefix sums (exact and deterministic, no
-scatter). It starts twice, from the uniform grid over [min, max] and from the group's quantiles, and keeps the
-tables with the lower error after rounding to fp16. Lloyd's steps never increase the error, so a group's k-means
-table is never worse than the uniform grid it started from.
+scatter). It starts three times, from the uniform grid over [min, max], from the group's quantiles, and from
+the tails start: k - 2 entries fitted to the group from its quantiles, plus its minimum and maximum; it keeps the
+tables with the lowest error after rounding to fp16. Lloyd's steps never increase the error, so a group's k-means
+table is never worse than the uniform grid it started from. The tails start is for pretrained weights: from the
+quantiles Lloyd's steps end in a local optimum that merges a heavy tail's few large weights into one entry at
+about half their value (SmolLM2-135M), while the uniform grid wastes most entries on the empty tails; on SmolLM2's
+groups with the largest weights the tails start lowers the squared error by up to 28% and keeps them.
 
 `allocate` picks the bits of each tensor for a mixed setting (AFM's 2/4-bit mix averaging 3.5 bpw).
 """
@@ -82,14 +86,17 @@ def padding(shape: tuple[int, int], cfg: PalettizeConfig) -> int:
 
 def kmeans(x: torch.Tensor, k: int, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Tables (G, k) fp16, sorted, and indices (G, n) int64 of the nearest entry for G groups of n values (G, n):
-    the better per group of Lloyd's algorithm from the uniform grid and from the quantiles."""
+    the best per group of Lloyd's algorithm from the uniform grid, from the quantiles and from the tails start."""
     xs, _ = x.double().sort(dim=1)
     prefix = F.pad(xs.cumsum(1), (1, 0))  # (G, n + 1)
-    n = xs.shape[1]
     uniform = torch.lerp(xs[:, :1], xs[:, -1:], torch.linspace(0, 1, k, dtype=xs.dtype, device=xs.device))
-    quantile = xs[:, ((torch.arange(k, device=xs.device) + 0.5) * n / k).long().clamp_max(n - 1)]
+    quantile = _quantiles(xs, k)
+    starts = [uniform, quantile]
+    if k > 2:
+        bulk = _lloyd(xs, prefix, _quantiles(xs, k - 2), iterations)
+        starts.append(torch.cat([xs[:, :1], bulk, xs[:, -1:]], dim=1))
     best_lut, best_index, best_err = None, None, None
-    for start in (uniform, quantile):
+    for start in starts:
         lut = _lloyd(xs, prefix, start, iterations).to(LUT_DTYPE).sort(dim=1).values
         index = nearest(x, lut)
         err = (x.double() - lut.double().gather(1, index)).square().sum(1)
@@ -101,6 +108,12 @@ def kmeans(x: torch.Tensor, k: int, iterations: int) -> tuple[torch.Tensor, torc
         best_index = torch.where(better[:, None], index, best_index)
         best_err = torch.minimum(err, best_err)
     return best_lut, best_index
+
+
+def _quantiles(xs: torch.Tensor, k: int) -> torch.Tensor:
+    """k values (G, k) of sorted xs (G, n) at the centres of k equal shares."""
+    n = xs.shape[1]
+    return xs[:, ((torch.arange(k, device=xs.device) + 0.5) * n / k).long().clamp_max(n - 1)]
 
 
 def _lloyd(xs: torch.Tensor, prefix: torch.Tensor, centroids: torch.Tensor, iterations: int) -> torch.Tensor:

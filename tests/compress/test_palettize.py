@@ -136,3 +136,19 @@ def test_a_palettized_checkpoint_loads_densely_and_kept_compressed(tokenizer, tm
     torch.testing.assert_close(dense(tokens), kept(tokens), rtol=1e-5, atol=1e-5)
     lut = compressed["layers.0.ffn.proj_2.weight"].codes()["lut"]
     assert torch.isin(dense.layers[0].ffn.proj_2.weight[:16], lut[0].float()).all()
+
+
+def test_the_largest_weight_of_a_heavy_tail_keeps_a_table_entry() -> None:
+    """A group of 16 x 1536 Laplace weights (std 0.2) with 30 weights of 1 to 3.5 in magnitude and one at -5, like
+    SmolLM2-135M's layer 1 FFN output: from the uniform grid and the quantiles (and with the quantiles stretched to
+    [min, max]) Lloyd's steps merged the -5 into an entry near -2.9, with more squared error than the tails start."""
+    cfg = PalettizeConfig(bits=4)
+    g = torch.Generator().manual_seed(0)
+    sign = torch.where(torch.rand(16, 1536, generator=g) < 0.5, -1.0, 1.0)
+    w = torch.empty(16, 1536).exponential_(generator=g) * sign * 0.14
+    tail = torch.randperm(w.numel(), generator=g)[:30]
+    w.view(-1)[tail] = (torch.rand(30, generator=g) * 2.5 + 1.0) * torch.where(
+        torch.rand(30, generator=g) < 0.5, -1.0, 1.0)
+    w.view(-1)[tail[0]] = -5.0
+    dense = decode(encode(w, cfg), cfg, 1536)
+    assert abs(float(dense.view(-1)[tail[0]]) + 5.0) < 0.1
