@@ -9,12 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose as hydra_compose
-from hydra import initialize_config_dir
-from omegaconf import DictConfig
 
-from raytrain.cli import CONF_DIR
-from raytrain.models.decoder import DecoderConfig, LayerScaling
+if not torch.cuda.is_available():  # before anything imports triton (raytrain.cli does): its kernels run interpreted
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from hydra import compose as hydra_compose  # noqa: E402
+from hydra import initialize_config_dir  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from raytrain.cli import CONF_DIR  # noqa: E402
+from raytrain.models.decoder import DecoderConfig, LayerScaling  # noqa: E402
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 REPO = Path(__file__).resolve().parent.parent
@@ -22,7 +26,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 def triton_device(missing: str) -> str:
     """The device a Triton kernel test runs on: CUDA, else CPU through Triton's interpreter, which must be switched
-    on before triton is first imported. Skips the calling module (`missing`: why) when triton is absent."""
+    on before triton is first imported (this module does it at import, before raytrain imports triton). Skips the
+    calling module (`missing`: why) when triton is absent."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if importlib.util.find_spec("triton") is None:
         pytest.skip(missing, allow_module_level=True)

@@ -1,13 +1,12 @@
 """The SeedLM Triton kernels against the reference decoder. Without a GPU they run under Triton's interpreter at
-shapes small enough for it: TRITON_INTERPRET=1 must be set before triton is first imported (triton.language decorates
-its own helpers then), so this module sets it at collection and removes it when its tests are done. The weights hold
+shapes small enough for it (TRITON_INTERPRET=1, which tests/conftest.py sets before triton is first imported:
+triton.language decorates its own helpers then). The weights hold
 random codes (every seed, exponent and coefficient value is valid), which exercise the decoder more than searched ones.
 Triton 3.9's interpreter truncates fp32 -> bf16, so bf16 outputs are checked bitwise on GPUs only."""
 
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -35,12 +34,6 @@ CASES = [
 ]
 IDS = [f"{bits}bit-K{lf.get('K', 16)}-{stream}-{shape[0]}x{shape[1]}" for bits, lf, stream, shape, _ in CASES]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _interpreter_only_here():
-    yield
-    if DEVICE == "cpu":
-        os.environ.pop("TRITON_INTERPRET", None)
 
 
 def random_weight(bits: int, lfsr: dict, shape: tuple[int, int], seed: int = 0) -> CompressedTensor:

@@ -1,9 +1,7 @@
 """The Triton decode attention against the slot cache's PyTorch ops, and a model runner with it against one without.
-Without a GPU it runs under Triton's interpreter (switched on at collection, removed when this module is done)."""
+Without a GPU it runs under Triton's interpreter (tests/conftest.py switches it on before triton is imported)."""
 
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
@@ -16,12 +14,6 @@ DEVICE = triton_device("the decode attention kernel needs triton")
 
 from raytrain.infer.attention_kernel import decode_attention  # noqa: E402 (decorated now, under the interpreter)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _interpreter_only_here():
-    yield
-    if DEVICE == "cpu":
-        os.environ.pop("TRITON_INTERPRET", None)
 
 
 def reference(q, k, v, keys, values, positions, write_index):

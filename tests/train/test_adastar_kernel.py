@@ -1,10 +1,9 @@
-"""adastar's fused Triton step against its foreach step. Without a GPU the kernels run under Triton's interpreter:
-TRITON_INTERPRET=1 must be set before triton is first imported, so this module sets it at collection and removes it
-when its tests are done (as tests/compress/test_kernel.py does). fp32 only: the interpreter rounds to bf16 wrongly."""
+"""adastar's fused Triton step against its foreach step. Without a GPU the kernels run under Triton's interpreter
+(TRITON_INTERPRET=1, set by tests/conftest.py before triton is first imported). fp32 only: the interpreter rounds
+to bf16 wrongly."""
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -19,12 +18,6 @@ from raytrain.train import adastar_kernels  # noqa: E402,F401 (its kernels are d
 
 SHAPES = [(5000,), (7,), (3, 5), (64, 33)]  # 5000 elements: a full 4096-element block and a partial one
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _interpreter_only_here():
-    yield
-    if DEVICE == "cpu":
-        os.environ.pop("TRITON_INTERPRET", None)
 
 
 def _steps(fused: bool, params: list[torch.Tensor], grads: list[list[torch.Tensor]],
