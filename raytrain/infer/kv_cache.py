@@ -38,7 +38,11 @@ class SlotKVCache:
     def __init__(self, kv_heads: list[int], head_dim: int, n_slots: int, max_len: int, dtype: torch.dtype,
                  device: torch.device, fused_attention: bool = False) -> None:
         self.n_slots, self.max_len = n_slots, max_len
-        self.fused_attention = fused_attention
+        self.fused_attention = None  # the Triton decode attention, imported (with triton) only where it runs
+        if fused_attention:
+            from raytrain.infer.attention_kernel import decode_attention as fused
+
+            self.fused_attention = fused
         shape = [(n_slots, h, max_len + 1, head_dim) for h in kv_heads]
         self.keys = [torch.zeros(s, dtype=dtype, device=device) for s in shape]
         self.values = [torch.zeros(s, dtype=dtype, device=device) for s in shape]
@@ -61,7 +65,7 @@ class SlotKVCache:
         """positions, write_index: (W,) device tensors (static buffers under CUDA graphs)."""
         self.positions, self.write_index, self.length = positions, write_index, length
         self.rope_positions = rope_positions
-        if not self.fused_attention:  # the kernel masks by position itself
+        if self.fused_attention is None:  # the kernel masks by position itself
             keys = torch.arange(length, device=positions.device)
             self.mask = (keys[None, :] <= positions[:, None])[:, None, None]  # (W, 1, 1, length)
 
@@ -90,10 +94,8 @@ class SlotKVCache:
             V[s, :, start:start + T] = v[0]
             keys, values = K[s:s + 1, :, :start + T], V[s:s + 1, :, :start + T]
             return attention(q, keys, values, causal_mask(T, start, q.device), start == 0 and T > 1)
-        if self.fused_attention:
-            from raytrain.infer import attention_kernel  # imports triton: only where it runs
-
-            return attention_kernel.decode_attention(q, k, v, K, V, self.positions, self.write_index)
+        if self.fused_attention is not None:
+            return self.fused_attention(q, k, v, K, V, self.positions, self.write_index)
         W = q.shape[0]
         K[self.rows[:W], :, self.write_index] = k[:, :, 0]
         V[self.rows[:W], :, self.write_index] = v[:, :, 0]
