@@ -9,7 +9,7 @@ step reaches: bytes one step must read (every weight once, plus the KV cache of 
 over the measured step time, over `--bandwidth` (4.8 TB/s, the H200's datasheet figure). On CUDA, what limits the
 step: `graph_ms`, the device time of the decode step's CUDA graph alone (replayed back to back), beside `step_ms`
 (the engine's step, host included); with `--profile`, the kernels of one eager decode step (name, count, total
-device microseconds) for the first model at batch 1, and their sum against the graph's time (the rest is gaps
+device microseconds) of the first model, batch and variant run, and their sum against the graph's time (the rest is gaps
 between kernels).
 
     python benchmarks/decode.py --device cuda                      # the issue's table (about 5 minutes on an H200)
