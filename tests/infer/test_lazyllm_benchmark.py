@@ -7,7 +7,10 @@ import importlib.util
 import random
 
 import pytest
+import torch
 
+from raytrain.infer.engine import Engine, EngineConfig, Request
+from raytrain.infer.sampling import SamplingParams
 from tests.conftest import REPO
 
 spec = importlib.util.spec_from_file_location("lazyllm_ttft", REPO / "benchmarks" / "lazyllm_ttft.py")
@@ -42,3 +45,15 @@ def test_the_interval_covers_the_true_difference_about_95_percent_of_the_time() 
         low, high = bench.paired_difference_ci(*paired({k: draws.count(k) for k in probs}))
         covered += low <= -0.05 <= high
     assert 0.93 <= covered / 1000 <= 0.975
+
+
+def test_the_accuracy_engines_run_their_schedule_even_where_it_measures_slower(lm, tokenizer, monkeypatch) -> None:
+    """A schedule that the engine would skip as no faster must still prune here, or its accuracy is full prefill's."""
+    monkeypatch.setattr("raytrain.infer.engine.pays_off", lambda *args: False)
+    monkeypatch.setattr("raytrain.infer.lazyllm.pays_off", lambda *args: False)
+    full = Engine(lm, tokenizer, EngineConfig(max_batch_size=1))
+    engine = bench.lazy_engines(full, ["lazy_0.3/0.6/0.9_keep0.4"])["lazy_0.3/0.6/0.9_keep0.4"]
+    prompt = torch.randint(4, 512, (60,), generator=torch.Generator().manual_seed(0)).tolist()
+    done = engine.generate([Request(prompt, SamplingParams(max_new_tokens=2, temperature=0))])[0]
+    assert 0 < done.prompt_fraction_computed < 1
+    assert bench.SCHEDULES["lazy_0.3/0.6/0.9_keep0.4"].never_slower  # the shared presets are left as they were
