@@ -32,6 +32,7 @@ import contextlib
 import random
 import threading
 import time
+import weakref
 from collections import Counter, defaultdict, deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -65,6 +66,7 @@ class EngineConfig:
     fused_kernels: bool = True  # the decoder's elementwise chains as compiled fused kernels (GPU only)
     compile_decode: bool = False  # the whole decode step through torch.compile before its graphs (GPU only)
     fused_attention: bool = True  # decode attention and its cache write as one Triton kernel (GPU only)
+    packed_prefill: bool = True  # a step's first prompt chunks as one right-padded forward (groups of like length)
     overlap: bool | None = None  # host work of step t while the device runs step t+1; None = on CUDA
     lazy: bool = False  # LazyLLM for prompts of at least lazyllm.min_prompt_tokens tokens
     lazyllm: LazyConfig = field(default_factory=LazyConfig)
@@ -142,7 +144,10 @@ class Engine:
         self.superposing: deque[Sequence] = deque()  # superposed requests waiting for their fork-join prefill
         self._inbox: deque[Sequence] = deque()  # added from other threads, admitted at the next step
         self._lock = threading.Lock()  # one step at a time
+        self._thread_lock = threading.Lock()  # apart from the step lock: starting the loop never waits for a step
         self._wake = threading.Event()
+        self._mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopMailbox] = \
+            weakref.WeakKeyDictionary()
         self._loop_thread: threading.Thread | None = None
         self.steps = 0
         self.decode_rows: Counter[int] = Counter()  # decode steps by the number of sequences they carried
@@ -302,6 +307,8 @@ class Engine:
             by_sink[seq.sink].append(item)
         for sink, items in by_sink.items():
             sink(items)
+        for mailbox in list(self._mailboxes.values()):
+            mailbox.flush()
 
     def _step(self) -> list[tuple[Sequence, Any]]:
         """With `overlap`, the host work of the previous step (detokenization, stop strings, deltas) runs while the
@@ -375,8 +382,7 @@ class Engine:
         give their slot back now."""
         if self.adapters is not None and self.scheduler.running:
             self._select_adapters()
-        firsts = [(seq, token) for seq, first, end in plan.prefills
-                  if (token := self._prefill(seq, first, end)) is not None]
+        firsts = self._prefill(plan.prefills)
         sampled = [token for _, token in firsts]  # every token sampled this step, on the device
         owners = [(seq, i) for i, (seq, _) in enumerate(firsts)]  # (sequence, index of its token in their concat)
         plain = [seq for seq in plan.decodes if seq.spec is None]
@@ -425,23 +431,42 @@ class Engine:
                 outputs += self._advance(seq, tokens[i], now)
         return outputs
 
-    def _prefill(self, seq: Sequence, first: int, end: int) -> torch.Tensor | None:
-        """Compute a prompt chunk; the sequence's first token (a device tensor) once its whole prompt is in."""
-        if first == 0:
-            self.sampling.assign(seq.slot, seq.params, seq.seed, seq.prompt)
-        if seq.context is not None:  # superposed: the KV is computed, copy it in
+    def _prefill(self, chunks: list[tuple[Sequence, int, int]]) -> list[tuple[Sequence, torch.Tensor]]:
+        """Compute the plan's prompt chunks; (sequence, its first token on the device) for each prompt now complete.
+        First chunks of plain prompts run packed, in groups of similar length."""
+        for seq, first, _ in chunks:
+            if first == 0:
+                self.sampling.assign(seq.slot, seq.params, seq.seed, seq.prompt)
+        packed = [chunk for chunk in chunks if self._packs(*chunk)]
+        logits = []
+        for group in pack_groups(packed):
+            rows = self.runner.prefill_packed([seq.slot for seq, _, _ in group],
+                                              [seq.prompt[first:end] for seq, first, end in group])
+            logits += [(seq, end, rows[i:i + 1]) for i, (seq, _, end) in enumerate(group)]
+        logits += [(seq, end, self._chunk_logits(seq, first, end)) for seq, first, end in chunks
+                   if (seq, first, end) not in packed]
+        firsts = []
+        for seq, end, row in logits:
+            seq.computed = end
+            if seq.prefilled:
+                seq.sampled = 1
+                firsts.append((seq, self.sampling.sample(row, slot=seq.slot)))
+        return firsts
+
+    def _packs(self, seq: Sequence, first: int, end: int) -> bool:
+        """Whether a chunk joins the step's packed prefill: a plain prompt's first."""
+        return self.config.packed_prefill and first == 0 and seq.context is None and seq.spec is None
+
+    def _chunk_logits(self, seq: Sequence, first: int, end: int) -> torch.Tensor:
+        """One chunk alone: a later chunk of a long prompt, a superposed prompt's KV copied in, or a prompt whose
+        last chunk also drafts (Speculative Streaming) -> its last-token logits (1, V)."""
+        if seq.context is not None:
             self.runner.install(seq.slot, seq.context.keys, seq.context.values, first, end)
-            logits = seq.context.logits
-        elif seq.spec is not None and end == len(seq.prompt):  # the last chunk also drafts, from its last token
+            return seq.context.logits
+        if seq.spec is not None and end == len(seq.prompt):
             with self._base_only():
-                logits = self.speculative.prefill(seq.slot, seq.prompt[first:end], first, seq.spec)
-        else:
-            logits = self.runner.prefill(seq.slot, seq.prompt[first:end], first)
-        seq.computed = end
-        if not seq.prefilled:
-            return None
-        seq.sampled = 1
-        return self.sampling.sample(logits, slot=seq.slot)
+                return self.speculative.prefill(seq.slot, seq.prompt[first:end], first, seq.spec)
+        return self.runner.prefill(seq.slot, seq.prompt[first:end], first)
 
     def _decode(self, decodes: list[Sequence]) -> torch.Tensor:
         """One token for every decoding sequence: (W,) device tokens for rows 0..W-1 (row = slot)."""
@@ -528,7 +553,7 @@ class Engine:
 
     def start_loop(self) -> None:
         """Start the background thread that steps while there is work (idempotent)."""
-        with self._lock:
+        with self._thread_lock:
             if self._loop_thread is None or not self._loop_thread.is_alive():
                 self._loop_thread = threading.Thread(target=self._loop, name="engine", daemon=True)
                 self._loop_thread.start()
@@ -553,10 +578,10 @@ class Engine:
         produced since the previous one. Leaving the iteration early cancels the requests that are still running."""
         prompts = [self.encode(r) for r in requests]
         loop, ready = asyncio.get_running_loop(), asyncio.Queue()
+        mailbox = self._mailboxes.setdefault(loop, LoopMailbox(loop))
 
         def sink(items: list) -> None:
-            if not loop.is_closed():
-                loop.call_soon_threadsafe(ready.put_nowait, items)
+            mailbox.post(ready, items)
 
         self.start_loop()
         seqs = [self.add_request(request, sink, indices[i] if indices else i, ids)
@@ -575,3 +600,52 @@ class Engine:
         finally:
             for seq in seqs:
                 seq.aborted = True
+
+
+def pack_groups(chunks: list[tuple[Sequence, int, int]], slack: float = 1.5) -> list[list[tuple[Sequence, int, int]]]:
+    """Chunks grouped longest first, a group growing while its padded size (rows x longest) stays within `slack`
+    times its real tokens: like lengths share a forward, a short prompt never pays for a long one's padding."""
+    groups: list[list[tuple[Sequence, int, int]]] = []
+    for chunk in sorted(chunks, key=_chunk_size, reverse=True):
+        group = groups[-1] if groups else []
+        if group and (len(group) + 1) * _chunk_size(group[0]) <= slack * sum(map(_chunk_size, [*group, chunk])):
+            group.append(chunk)
+        else:
+            groups.append([chunk])
+    return groups
+
+
+def _chunk_size(chunk: tuple[Sequence, int, int]) -> int:
+    return chunk[2] - chunk[1]
+
+
+class LoopMailbox:
+    """Deltas from the engine thread to one asyncio loop's request queues: a step posts every request's deltas, then
+    flushes, so however many of the loop's requests got deltas the loop is woken once per step (a
+    `call_soon_threadsafe` per request writes to the loop's self-pipe and wakes it, per request and per step)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._posted: list[tuple[asyncio.Queue, list]] = []
+        self._guard = threading.Lock()
+        self._scheduled = False
+
+    def post(self, queue: asyncio.Queue, items: list) -> None:
+        """`items` go into `queue` on the loop's thread, at the next `flush`."""
+        with self._guard:
+            self._posted.append((queue, items))
+
+    def flush(self) -> None:
+        """Wake the loop to deliver what was posted (once: a wake-up still pending delivers it too)."""
+        with self._guard:
+            if self._scheduled or not self._posted:
+                return
+            self._scheduled = True
+        if not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._guard:
+            posted, self._posted, self._scheduled = self._posted, [], False
+        for queue, items in posted:
+            queue.put_nowait(items)

@@ -7,9 +7,12 @@ so decode needs no block table, no gather and no paged-attention kernel, every d
 (CUDA graphs), and the cost, memory reserved up to `max_len` per sequence, is bounded by the `max_len` the engine
 is configured with.
 
-Two modes, set by the model runner before each forward:
+Three modes, set by the model runner before each forward:
 - prefill: one sequence's chunk of T tokens at positions start..start+T-1 in its slot, causal over the slot's
   first start+T keys (SDPA: the flash kernel when start is 0);
+- packed prefill: the first chunks of B prompts as one right-padded (B, T) batch, row b written at positions 0..T-1
+  of slot `slots[b]` and causal over its own chunk (flash). A row's padding sits after its last token, so no real
+  query attends to it, and its KV lands at indices the row's decode steps overwrite before they read them;
 - decode: rows 0..W-1 (row = slot), one token each at `positions`, written at `write_index` (the position, or the
   scratch index for idle rows), attending to the first `length` keys of their slot under a per-row length mask.
   `rope_positions`, when given, are the (real-valued) positions RoPE rotates by instead: a superposed prompt's
@@ -48,6 +51,7 @@ class SlotKVCache:
         self.values = [torch.zeros(s, dtype=dtype, device=device) for s in shape]
         self.rows = torch.arange(n_slots, device=device)
         self.slot, self.seen = 0, 0  # prefill: the slot and the chunk's first position
+        self.slots: torch.Tensor | None = None  # packed prefill: (B,) each row's slot
         self.positions: torch.Tensor | None = None  # decode: (W,) positions, or None in prefill mode
         self.rope_positions: torch.Tensor | None = None  # decode: (W,) float positions for RoPE, or None
         self.write_index = self.mask = None
@@ -58,12 +62,16 @@ class SlotKVCache:
         return 2 * sum(kv_heads) * head_dim * torch.empty(0, dtype=dtype).element_size()
 
     def begin_prefill(self, slot: int, start: int) -> None:
-        self.slot, self.seen, self.positions = slot, start, None
+        self.slot, self.seen, self.positions, self.slots = slot, start, None, None
+
+    def begin_packed_prefill(self, slots: torch.Tensor) -> None:
+        """slots (B,): the slot of each row of a packed batch of first chunks."""
+        self.seen, self.positions, self.slots = 0, None, slots
 
     def begin_decode(self, positions: torch.Tensor, write_index: torch.Tensor, length: int,
                      rope_positions: torch.Tensor | None = None) -> None:
         """positions, write_index: (W,) device tensors (static buffers under CUDA graphs)."""
-        self.positions, self.write_index, self.length = positions, write_index, length
+        self.positions, self.write_index, self.length, self.slots = positions, write_index, length, None
         self.rope_positions = rope_positions
         if self.fused_attention is None:  # the kernel masks by position itself
             keys = torch.arange(length, device=positions.device)
@@ -88,6 +96,10 @@ class SlotKVCache:
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         K, V = self.keys[layer], self.values[layer]
+        if self.slots is not None:
+            K[self.slots, :, :k.shape[2]] = k
+            V[self.slots, :, :v.shape[2]] = v
+            return attention(q, k, v, None, k.shape[2] > 1)
         if self.positions is None:
             s, start, T = self.slot, self.seen, k.shape[2]
             K[s, :, start:start + T] = k[0]

@@ -5,7 +5,9 @@ step whose batch did not change needs no host-to-device copy: sampled tokens go 
 live rows' positions advance by one. A decode step covers rows 0..W-1 for a width bucket W and attends to the first
 L keys of each slot for a length bucket L; on CUDA each (W, L) is captured once as a CUDA graph (the whole forward
 as one launch, all graphs sharing one memory pool) and replayed, with its logits written into a static buffer.
-Prefill runs eagerly, one sequence chunk per call (SDPA's flash kernel for a first chunk); a superposed prompt's KV,
+Prefill runs eagerly: the first chunks of a step's new prompts as one right-padded batch (`prefill_packed`: one
+forward for many prompts, so a burst of arrivals costs one pass of kernel launches, not one per prompt), a later
+chunk of a long prompt alone (`prefill`); SDPA's flash kernel for first chunks. A superposed prompt's KV,
 computed by `superposition.py`, is copied into its slot instead (`install`). Its rows then decode at real-valued
 positions: slot index + `rope_offset` (a decode step with such rows is a graph of its own).
 With a `selection` (a model carrying LoRA adapter slots, `raytrain.infer.adapters`) every forward runs with each
@@ -72,6 +74,19 @@ class ModelRunner:
         x = torch.tensor([tokens], device=self.device)
         with self._adapters(self.adapter_ids[slot:slot + 1]):
             return self.model(x, cache=self.cache, last_only=True)[:, -1]
+
+    @torch.inference_mode()
+    def prefill_packed(self, slots: list[int], chunks: list[list[int]]) -> torch.Tensor:
+        """Write the KV of B prompts' first chunks at positions 0.. of their slots in one forward, right-padded to the
+        longest; return each chunk's last-token logits (B, V)."""
+        longest = max(len(chunk) for chunk in chunks)
+        x = torch.tensor([chunk + [0] * (longest - len(chunk)) for chunk in chunks], device=self.device)  # (B, T)
+        rows = torch.tensor(slots, device=self.device)
+        last = torch.tensor([len(chunk) - 1 for chunk in chunks], device=self.device)
+        self.cache.begin_packed_prefill(rows)
+        with self._adapters(self.adapter_ids[rows]):
+            hidden = self.model.hidden(x, cache=self.cache)  # (B, T, d)
+        return self.model.logits(hidden[torch.arange(len(chunks), device=self.device), last])  # (B, V)
 
     def install(self, slot: int, keys: list[torch.Tensor], values: list[torch.Tensor], first: int, end: int) -> None:
         """Copy KV computed elsewhere (per layer (n_kv, C, hd)) into `slot` at indices first..end-1."""

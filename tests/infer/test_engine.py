@@ -11,7 +11,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from raytrain.config import RaytrainError
-from raytrain.infer.engine import Completion, Delta, Engine, EngineConfig, Request
+from raytrain.infer.engine import Completion, Delta, Engine, EngineConfig, Request, pack_groups
+from raytrain.infer.model_runner import ModelRunner
 from raytrain.infer.sampling import SamplingParams
 
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0)
@@ -297,3 +298,71 @@ def test_a_request_submitted_while_others_run_joins_their_batch(lm, tokenizer) -
     long_text, late_text = asyncio.run(both())
     assert late_text == engine.generate([late])[0].text and long_text == engine.generate([long])[0].text
     assert engine.decode_rows[2] > 0
+
+
+def test_a_packed_prefill_writes_each_slot_and_logit_as_one_prompt_alone(lm) -> None:
+    torch.manual_seed(3)
+    prompts = [torch.randint(4, 512, (n,)).tolist() for n in (11, 4, 17)]
+    packed, alone = ModelRunner(lm, 4, 64, cuda_graphs=False), ModelRunner(lm, 4, 64, cuda_graphs=False)
+    logits = packed.prefill_packed([2, 0, 3], prompts)
+    for row, (slot, prompt) in enumerate(zip([2, 0, 3], prompts)):
+        torch.testing.assert_close(logits[row], alone.prefill(slot, prompt, 0)[0], rtol=1e-5, atol=1e-5)
+        for layer in range(len(lm.layers)):
+            for mine, theirs in ((packed.cache.keys, alone.cache.keys), (packed.cache.values, alone.cache.values)):
+                torch.testing.assert_close(mine[layer][slot, :, :len(prompt)], theirs[layer][slot, :, :len(prompt)])
+    assert not packed.cache.keys[0][1].any()  # the slot nobody prefilled
+
+
+def test_a_burst_of_prompts_prefills_in_packed_groups_with_the_tokens_of_one_at_a_time(lm, tokenizer,
+                                                                                      monkeypatch) -> None:
+    forwards = []
+    original = ModelRunner.prefill_packed
+    monkeypatch.setattr(ModelRunner, "prefill_packed",
+                        lambda self, slots, chunks: forwards.append(len(slots)) or original(self, slots, chunks))
+    requests = staggered_requests(Engine(lm, tokenizer))
+    burst = Engine(lm, tokenizer, EngineConfig(max_batch_size=5)).generate(requests)
+    assert sum(forwards) == 5 and len(forwards) < 5  # every prompt packed, fewer forwards than prompts
+    unpacked = Engine(lm, tokenizer, EngineConfig(max_batch_size=5, packed_prefill=False)).generate(requests)
+    assert [c.token_ids for c in burst] == [c.token_ids for c in unpacked]
+
+
+def test_pack_groups_bound_the_padding_and_keep_every_chunk_once() -> None:
+    chunks = [(object(), 0, n) for n in (3, 100, 9, 90, 1, 8, 10, 64)]
+    groups = pack_groups(chunks, slack=1.5)
+    assert sorted(map(id, [c for g in groups for c in g])) == sorted(map(id, chunks))
+    for group in groups:
+        sizes = [end for _, _, end in group]
+        assert sizes == sorted(sizes, reverse=True) and len(group) * sizes[0] <= 1.5 * sum(sizes)
+    assert len(groups) < len(chunks) and [end for _, _, end in groups[0]][:2] == [100, 90]
+
+
+def test_requests_of_one_event_loop_wake_it_at_most_once_per_step(lm, tokenizer) -> None:
+    """Each request has its own queue; the engine thread still posts a step's deltas to their loop in one wake-up."""
+    engine = Engine(lm, tokenizer, EngineConfig(max_batch_size=4))
+    params = SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True)
+    wakeups = []
+
+    async def four_clients() -> list[str]:
+        loop = asyncio.get_running_loop()
+        original = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *args, **kwargs: wakeups.append(1) or original(*args, **kwargs)
+
+        async def client(prompt: str) -> str:
+            return "".join([delta.text async for delta in engine.submit(Request(prompt, params))])
+
+        return await asyncio.gather(*(client(p) for p in STAGGERED[:4]))
+
+    steps = engine.steps
+    texts = asyncio.run(four_clients())
+    assert 0 < len(wakeups) <= engine.steps - steps
+    assert texts == [engine.generate([Request(p, params)])[0].text for p in STAGGERED[:4]]
+
+
+def test_starting_the_loop_does_not_wait_for_a_step_in_progress(lm, tokenizer) -> None:
+    """A Serve replica's event loop calls `start_loop` for every request: it must never block on the step lock."""
+    engine = Engine(lm, tokenizer)
+    with engine._lock:  # a step in progress on the engine thread
+        starter = threading.Thread(target=engine.start_loop)
+        starter.start()
+        starter.join(timeout=60)  # a deadlock detector: waiting on the lock would never return
+        assert not starter.is_alive() and engine._loop_thread.is_alive()
