@@ -472,8 +472,11 @@ class Engine:
         """One token for every decoding sequence: (W,) device tokens for rows 0..W-1 (row = slot)."""
         self.decode_rows[len(decodes)] += 1
         width, length = self.runner.decode_shape(max(s.slot for s in decodes), max(s.position for s in decodes) + 1)
-        tokens = self.sampling.sample(self.runner.decode(width, length), live=self.runner.live[:width])
-        self.runner.advance(width, tokens)
+        if self.sampling.greedy(width):
+            tokens = self.runner.decode_greedy(width, length)
+        else:
+            tokens = self.sampling.sample(self.runner.decode(width, length), live=self.runner.live[:width])
+            self.runner.advance(width, tokens)
         for seq in decodes:
             seq.sampled += 1
         return tokens

@@ -4,7 +4,9 @@ Decode inputs live on the device in per-slot buffers (`tokens`, `positions`, `wr
 step whose batch did not change needs no host-to-device copy: sampled tokens go straight back into `tokens` and
 live rows' positions advance by one. A decode step covers rows 0..W-1 for a width bucket W and attends to the first
 L keys of each slot for a length bucket L; on CUDA each (W, L) is captured once as a CUDA graph (the whole forward
-as one launch, all graphs sharing one memory pool) and replayed, with its logits written into a static buffer.
+as one launch, all graphs sharing one memory pool) and replayed, with its logits written into a static buffer. A
+step whose rows are all greedy (`decode_greedy`) has graphs of its own that also take the argmax and advance the
+inputs, so such a step launches nothing but its graph and the copy of its tokens to the host.
 Prefill runs eagerly: the first chunks of a step's new prompts as one right-padded batch (`prefill_packed`: one
 forward for many prompts, so a burst of arrivals costs one pass of kernel launches, not one per prompt), a later
 chunk of a long prompt alone (`prefill`); SDPA's flash kernel for first chunks. A superposed prompt's KV,
@@ -59,9 +61,10 @@ class ModelRunner:
         self.adapter_ids = torch.full((n_slots,), -1, dtype=torch.long, device=self.device)
         self.selection = selection
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
-        self.graphs: dict[tuple[int, int, bool], torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[tuple[int, int, bool, bool], torch.cuda.CUDAGraph] = {}
         self.graph_pool = None
-        self.logits: torch.Tensor | None = None  # (n_slots, vocab_rows): the graphs' output buffer
+        self.logits = torch.empty(n_slots, model.cfg.rows, dtype=model.embed.weight.dtype, device=self.device)
+        self.sampled = torch.zeros(n_slots, dtype=torch.long, device=self.device)  # greedy steps' tokens
         # compiled with dynamic shapes: one compilation for every (width, length) bucket, each then a CUDA graph
         self._decode_forward = torch.compile(self._forward, dynamic=True) if compile_decode else self._forward
 
@@ -115,17 +118,34 @@ class ModelRunner:
         """(W, L) buckets for a batch whose highest busy slot is `highest_slot` and longest row `longest` tokens."""
         return bucket(highest_slot + 1, self.widths), bucket(longest, self.lengths)
 
-    @torch.inference_mode()
     def decode(self, width: int, length: int) -> torch.Tensor:
-        """One token for rows 0..width-1 -> logits (width, V); idle rows compute garbage that nobody reads."""
-        shifted = any(slot < width for slot in self.offset_slots)
+        """One token for rows 0..width-1 -> logits (width, V); idle rows compute garbage that nobody reads. The
+        caller samples and then `advance`s."""
+        self._step(width, length, greedy=False)
+        return self.logits[:width]
+
+    def decode_greedy(self, width: int, length: int) -> torch.Tensor:
+        """A decode step whose rows are all greedy: the argmax and `advance` run in the step's graph too ->
+        tokens (width,) (the tokens a sampler's argmax of `decode`'s logits would give)."""
+        self._step(width, length, greedy=True)
+        return self.sampled[:width]
+
+    @torch.inference_mode()
+    def _step(self, width: int, length: int, greedy: bool) -> None:
+        key = (width, length, any(slot < width for slot in self.offset_slots), greedy)
         with self._adapters(self.adapter_ids[:width]):
             if not self.cuda_graphs:
-                return self._decode_forward(width, length, shifted)
-            if (width, length, shifted) not in self.graphs:
-                self._capture(width, length, shifted)
-        self.graphs[width, length, shifted].replay()
-        return self.logits[:width]
+                return self._run(*key)
+            if key not in self.graphs:
+                self._capture(*key)
+        self.graphs[key].replay()
+
+    def _run(self, width: int, length: int, shifted: bool, greedy: bool) -> None:
+        """The decode step as captured: logits into their buffer; with `greedy`, the argmax and advance as well."""
+        self.logits[:width] = self._decode_forward(width, length, shifted)
+        if greedy:
+            self.sampled[:width] = self.logits[:width, :self.model.cfg.vocab_size].argmax(-1)
+            self.advance(width, self.sampled[:width])
 
     def _adapters(self, ids: torch.Tensor) -> contextlib.AbstractContextManager:
         """The adapter of each row during a forward (a view of `adapter_ids`: graphs capture reads of the buffer)."""
@@ -144,23 +164,23 @@ class ModelRunner:
         self.cache.begin_decode(self.positions[:width], self.write_index[:width], length, rope)
         return self.model(self.tokens[:width, None], cache=self.cache)[:, -1]
 
-    def _capture(self, width: int, length: int, shifted: bool) -> None:
-        if self.logits is None:
-            self.logits = torch.empty(self.n_slots, self.model.cfg.rows, dtype=self.model.embed.weight.dtype,
-                                      device=self.device)
-        write_index = self.write_index.clone()  # the warm-up and capture runs must not touch live rows' KV
+    def _capture(self, width: int, length: int, shifted: bool, greedy: bool) -> None:
+        # the warm-up and capture runs must not touch live rows' KV, inputs or positions
+        saved = [t.clone() for t in (self.write_index, self.live, self.tokens, self.positions)]
         self.write_index.fill_(self.max_len)
+        self.live.zero_()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up outside the graph: compilation, cuBLAS handles, lazy inits
-            self.logits[:width] = self._decode_forward(width, length, shifted)
+            self._run(width, length, shifted, greedy)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.graph_pool):
-            self.logits[:width] = self._decode_forward(width, length, shifted)
+            self._run(width, length, shifted, greedy)
         self.graph_pool = graph.pool()
-        self.graphs[width, length, shifted] = graph
-        self.write_index.copy_(write_index)
+        self.graphs[width, length, shifted, greedy] = graph
+        for buffer, value in zip((self.write_index, self.live, self.tokens, self.positions), saved):
+            buffer.copy_(value)
 
 
 class PlainSequence:

@@ -109,6 +109,11 @@ class SamplingTable:
     def release(self, slot: int) -> None:
         self.params[slot] = None
 
+    def greedy(self, rows: int) -> bool:
+        """Whether every request in slots 0..rows-1 takes the argmax of its logits (greedy, no repetition penalty):
+        such a step needs no table (a greedy row draws no noise, so its counter need not advance)."""
+        return all(p is None or (p.greedy and p.repetition_penalty == 1.0) for p in self.params[:rows])
+
     def sample(self, logits: torch.Tensor, slot: int | None = None, live: torch.Tensor | None = None) -> torch.Tensor:
         """logits (B, V) of slots 0..B-1, or (1, V) of `slot` -> next token ids (B,) on the device. Rows in `live`
         (B,) bool (None: all) advance their counter and seen mask; the others are computed and ignored."""

@@ -366,3 +366,20 @@ def test_starting_the_loop_does_not_wait_for_a_step_in_progress(lm, tokenizer) -
         starter.start()
         starter.join(timeout=60)  # a deadlock detector: waiting on the lock would never return
         assert not starter.is_alive() and engine._loop_thread.is_alive()
+
+
+def test_an_all_greedy_batch_decodes_through_the_argmax_step_and_a_mixed_one_does_not(lm, tokenizer,
+                                                                                       monkeypatch) -> None:
+    greedy_steps = []
+    original = ModelRunner.decode_greedy
+    monkeypatch.setattr(ModelRunner, "decode_greedy",
+                        lambda self, *shape: greedy_steps.append(shape) or original(self, *shape))
+    engine = Engine(lm, tokenizer, EngineConfig(max_batch_size=4))
+    greedy = [Request(p, GREEDY) for p in STAGGERED[:3]]
+    assert [c.token_ids for c in engine.generate(greedy)] == [
+        full_recompute(lm, engine.encode(r), 12) for r in greedy]
+    assert len(greedy_steps) == 11  # every decode step after the first tokens
+    greedy_steps.clear()
+    engine.generate([*greedy[:2], Request("x", SamplingParams(max_new_tokens=12, repetition_penalty=1.3,
+                                                              temperature=0))])
+    assert not greedy_steps  # a penalised row: the logits go through the sampling table
