@@ -76,7 +76,7 @@ def main() -> None:
         info = {"params": sum(p.numel() for p in engine.model.parameters()), "vocab": engine.model.cfg.vocab_size,
                 "prompt_tokens": float(np.mean([len(engine.tokenize(p)) for p in prompts]))}
         baseline, served = {}, {}
-        with serving(args, checkpoint) as level:
+        with serving(args, checkpoint, warm_up(prompts, args.max_batch_size)) as level:
             for c in args.concurrency:  # interleaved, so a change in machine load hits both sides alike
                 baseline[c] = direct(engine, prompts, args.max_tokens, c)
                 served[c] = level(prompts, c)
@@ -125,7 +125,7 @@ def make_prompts(engine: Engine, tokens: int, n: int) -> list[str]:
 def direct(engine: Engine, prompts: list[str], max_tokens: int, concurrency: int) -> dict[str, Any]:
     """The same closed-loop clients without Serve: `concurrency` of them submit straight to the engine."""
     params = SamplingParams(max_new_tokens=max_tokens, temperature=0, ignore_eos=True)
-    engine.generate([Request(prompts[0], params)])  # warm-up
+    engine.generate([Request(p, params) for p in warm_up(prompts, engine.n_slots)])
     pending, done = list(reversed(prompts)), []
 
     async def client() -> None:
@@ -144,11 +144,19 @@ def direct(engine: Engine, prompts: list[str], max_tokens: int, concurrency: int
     return summarize(done, asyncio.run(clients()), len(prompts))
 
 
+def warm_up(prompts: list[str], slots: int) -> list[str]:
+    """A burst that fills every KV slot with real prompts: the decode graphs of the widths and lengths a level meets
+    are captured (and the fused kernels compiled) before anything is timed, in both the replica and this process."""
+    return [prompts[i % len(prompts)] for i in range(slots)]
+
+
 # ---- the Serve endpoint -------------------------------------------------------------------------------------------
 
 @contextmanager
-def serving(args: argparse.Namespace, checkpoint: Path) -> Iterator[Callable[[list[str], int], dict[str, Any]]]:
-    """One model replica served as `raytrain serve` serves it; yields a function running one load level."""
+def serving(args: argparse.Namespace, checkpoint: Path,
+            burst: list[str]) -> Iterator[Callable[[list[str], int], dict[str, Any]]]:
+    """One model replica served as `raytrain serve` serves it, warmed up by `burst`; yields a function running one
+    load level."""
     import ray
     from ray import serve
 
@@ -179,7 +187,7 @@ def serving(args: argparse.Namespace, checkpoint: Path) -> Iterator[Callable[[li
             out = asyncio.run(load(url, body, prompts, concurrency))
             return {**out, "mean_decode_rows": mean_rows(before, handle.stats.remote().result()["decode_rows"])}
 
-        asyncio.run(load(url, body, ["warm-up"], 1))
+        asyncio.run(load(url, body, burst, len(burst)))
         yield level
     finally:
         serve.shutdown()

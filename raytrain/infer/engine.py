@@ -61,7 +61,7 @@ class EngineConfig:
     max_batch_size: int = 8  # KV slots: sequences decoding at once
     max_model_len: int | None = None  # tokens per slot (prompt + output); None = the model's context window
     kv_memory_gb: float | None = None  # KV budget: fewer slots than max_batch_size if they do not fit; None = no cap
-    max_step_tokens: int = 512  # tokens computed per step (decode rows + prompt chunks): bounds a prefill's stall
+    max_step_tokens: int = 2048  # tokens computed per step (decode rows + prompt chunks): bounds a prefill's stall
     cuda_graphs: bool = True  # decode steps as CUDA graphs (GPU only)
     fused_kernels: bool = True  # the decoder's elementwise chains as compiled fused kernels (GPU only)
     compile_decode: bool = False  # the whole decode step through torch.compile before its graphs (GPU only)
