@@ -407,6 +407,7 @@ class Engine:
         for seq, _ in owners:
             if seq.sampled == seq.params.max_new_tokens:
                 self._release(seq)
+        # cat copies even one tensor: a greedy step's tokens live in the runner's buffer, which the next step rewrites
         return Launched(owners, self._copy_to_host(torch.cat(sampled))) if sampled else None
 
     def _copy_to_host(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:

@@ -383,3 +383,10 @@ def test_an_all_greedy_batch_decodes_through_the_argmax_step_and_a_mixed_one_doe
     engine.generate([*greedy[:2], Request("x", SamplingParams(max_new_tokens=12, repetition_penalty=1.3,
                                                               temperature=0))])
     assert not greedy_steps  # a penalised row: the logits go through the sampling table
+
+
+def test_greedy_tokens_survive_the_next_step_when_host_work_runs_a_step_late(lm, tokenizer) -> None:
+    """With `overlap` a step's tokens are read after the next step ran, which rewrites the runner's greedy buffer."""
+    requests = [Request(p, GREEDY) for p in STAGGERED[:3]]
+    late = Engine(lm, tokenizer, EngineConfig(max_batch_size=3, overlap=True)).generate(requests)
+    assert [c.token_ids for c in late] == [full_recompute(lm, Engine(lm, tokenizer).encode(r), 12) for r in requests]
