@@ -6,7 +6,10 @@ generate exactly `--new` tokens (greedy, `ignore_eos`) through `Engine.generate`
 same prompts. Figures: end-to-end tokens/s (prefill included), decode tokens/s (after every sequence's first token;
 for transformers, the 1-token run's time subtracted), and the fraction of the memory-bandwidth limit the decode
 step reaches: bytes one step must read (every weight once, plus the KV cache of every row at its mean length)
-over the measured step time, over `--bandwidth` (4.8 TB/s, the H200's datasheet figure). On CUDA, what limits the
+over the measured step time, over `--bandwidth` (4.8 TB/s, the H200's datasheet figure). With `--prefill`, each
+variant's packed prefill forward of 1 and of 8 prompts of `--prompt` tokens: its wall time and the host's time to
+queue it (the call returning, before the device is synchronised): equal times mean the forward waits on the host
+(kernel launches), not on the device. On CUDA, what limits the
 step: `graph_ms`, the device time of the decode step's CUDA graph alone (replayed back to back), beside `step_ms`
 (the engine's step, host included); with `--profile`, the kernels of one eager decode step (name, count, total
 device microseconds) of the first model, batch and variant run, and their sum against the graph's time (the rest is gaps
@@ -14,6 +17,7 @@ between kernels).
 
     python benchmarks/decode.py --device cuda                      # the issue's table (about 5 minutes on an H200)
     python benchmarks/decode.py --device cuda --no-hf --models openelm_1_1b --batches 1,64 --variants eager,fused
+    python benchmarks/decode.py --device cuda --no-hf --models openelm_1_1b --batches 1 --new 16 --prefill
     python benchmarks/decode.py --device cpu --models tiny --batches 1,4 --prompt 32 --new 16   # smoke test
 """
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -38,6 +43,7 @@ from raytrain.data.corpus import documents  # noqa: E402
 from raytrain.data.tokenizer import train_bpe  # noqa: E402
 from raytrain.infer.engine import Engine, EngineConfig, Request  # noqa: E402
 from raytrain.infer.kv_cache import SlotKVCache  # noqa: E402
+from raytrain.infer.model_runner import ModelRunner  # noqa: E402
 from raytrain.infer.sampling import SamplingParams  # noqa: E402
 from raytrain.models.decoder import Decoder, build_decoder  # noqa: E402
 from raytrain.models.registry import model_config  # noqa: E402
@@ -62,6 +68,7 @@ def main() -> None:
     p.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     p.add_argument("--variants", default="fused", help="engine settings to compare, of: " + ", ".join(VARIANTS))
     p.add_argument("--profile", action="store_true", help="the kernel table of one decode step (CUDA)")
+    p.add_argument("--prefill", action="store_true", help="host and wall time of packed prefill forwards")
     args = p.parse_args()
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     tokenizer = train_bpe(documents()[:200], vocab_size=4096)
@@ -78,6 +85,8 @@ def main() -> None:
             for variant in variants:
                 key = batch if variant == "fused" else f"{batch}_{variant}"
                 results[name][key], engine = engine_run(model, tokenizer, batch, args, VARIANTS[variant])
+                if args.prefill and f"prefill_{variant}" not in results[name]:
+                    results[name][f"prefill_{variant}"] = prefill_times(model, args)
                 if args.profile and profile is None and args.device == "cuda":
                     profile = kernel_profile(engine, batch, args)
                     print("profile", json.dumps(profile), file=sys.stderr, flush=True)
@@ -170,6 +179,26 @@ def engine_run(model: Decoder, tokenizer: Any, batch: int, args: argparse.Namesp
     if engine.runner.cuda_graphs:
         result["graph_ms"] = graph_ms(engine, *decode_bucket(engine, batch, args))
     return result, engine
+
+
+def prefill_times(model: Decoder, args: argparse.Namespace, repeats: int = 5) -> dict[str, dict[str, float]]:
+    """Median wall and host-queueing milliseconds of one packed prefill forward of 1 and of 8 prompts (the kernels
+    as the variant's engine set them up)."""
+    runner = ModelRunner(model, 8, args.prompt + 1, cuda_graphs=False)
+    out = {}
+    for rows in (1, 8):
+        chunks = prompts(rows, args.prompt, model.cfg.vocab_size)
+        host, wall = [], []
+        for _ in range(repeats + 2):  # two warm-ups: compilation of new shapes, allocation
+            sync(args.device)
+            start = time.perf_counter()
+            runner.prefill_packed(list(range(rows)), chunks)
+            host.append(time.perf_counter() - start)
+            sync(args.device)
+            wall.append(time.perf_counter() - start)
+        out[f"{rows}x{args.prompt}"] = {"wall_ms": 1e3 * statistics.median(wall[2:]),
+                                        "host_ms": 1e3 * statistics.median(host[2:])}
+    return out
 
 
 def decode_bucket(engine: Engine, batch: int, args: argparse.Namespace) -> tuple[int, int]:
