@@ -256,6 +256,7 @@ def main() -> None:
         "benchmark": "lazyllm_ttft",
         "device": torch.cuda.get_device_name() if args.device == "cuda" else args.device,
         "config": {"schedules": {k: vars(SCHEDULES[k]) for k in args.schedules}, "parts": parts,
+                   "accuracy_schedules": "never_slower off, min_prompt_tokens 1: every schedule prunes",
                    "lengths": args.lengths, "accuracy_lengths": args.accuracy_lengths, "questions": args.questions,
                    "warmup": args.warmup, "repeats": args.repeats, "7b": LLAMA2_7B.name if args.device == "cuda"
                    else _cpu_shape().name, "checkpoint": args.checkpoint, "seed": args.seed,
