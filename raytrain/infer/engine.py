@@ -337,13 +337,13 @@ class Engine:
         return self.adapters.fits(seq.adapter, (s.adapter for s in self.scheduler.running))
 
     def _select_adapters(self) -> None:
-        """The adapter slot of every KV slot's sequence into the runner's ids (loading adapters on first use). Only
-        when the rows' adapters changed: the copy to the device waits for the step in flight (no overlap)."""
+        """The adapter slot of every KV slot's sequence into the runner's ids (loading adapters on first use), when
+        the rows' adapters changed."""
         names: list[str | None] = [None] * self.n_slots
         for seq in self.scheduler.running:
             names[seq.slot] = seq.adapter
         if names != self._adapter_rows:
-            self.runner.adapter_ids.copy_(self.adapters.ids(names))
+            self.runner.select_adapters(self.adapters.slots_of(names))
             self._adapter_rows = names
 
     def _runs_lazy(self, prompt_tokens: int) -> bool:

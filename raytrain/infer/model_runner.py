@@ -10,7 +10,9 @@ computed by `superposition.py`, is copied into its slot instead (`install`). Its
 positions: slot index + `rope_offset` (a decode step with such rows is a graph of its own).
 With a `selection` (a model carrying LoRA adapter slots, `raytrain.infer.adapters`) every forward runs with each
 row's adapter slot read from `adapter_ids` (per KV slot, -1: the base alone), a static buffer the engine fills before
-the step, so the captured graphs read the step's adapters too.
+the step (`select_adapters`), so the captured graphs read the step's adapters too. A forward none of whose rows has
+an adapter (known on the host) runs the base alone, without the LoRA terms: a decode step of such rows is a graph of
+its own.
 """
 
 from __future__ import annotations
@@ -55,9 +57,10 @@ class ModelRunner:
         self.rope_offset = torch.zeros(n_slots, device=self.device)  # RoPE position minus KV index, per slot
         self.offset_slots: set[int] = set()  # slots whose offset is not 0
         self.adapter_ids = torch.full((n_slots,), -1, dtype=torch.long, device=self.device)
+        self.adapter_slots = [-1] * n_slots  # `adapter_ids` on the host
         self.selection = selection
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
-        self.graphs: dict[tuple[int, int, bool], torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[tuple[int, int, bool, bool], torch.cuda.CUDAGraph] = {}  # (W, L, shifted, adapted)
         self.graph_pool = None
         self.logits: torch.Tensor | None = None  # (n_slots, vocab_rows): the graphs' output buffer
         # compiled with dynamic shapes: one compilation for every (width, length) bucket, each then a CUDA graph
@@ -70,7 +73,7 @@ class ModelRunner:
         """Write the KV of prompt tokens at positions start.. into `slot`; return the last one's logits (1, V)."""
         self.cache.begin_prefill(slot, start)
         x = torch.tensor([tokens], device=self.device)
-        with self._adapters(self.adapter_ids[slot:slot + 1]):
+        with self._adapters(slice(slot, slot + 1)):
             return self.model(x, cache=self.cache, last_only=True)[:, -1]
 
     def install(self, slot: int, keys: list[torch.Tensor], values: list[torch.Tensor], first: int, end: int) -> None:
@@ -104,17 +107,29 @@ class ModelRunner:
     def decode(self, width: int, length: int) -> torch.Tensor:
         """One token for rows 0..width-1 -> logits (width, V); idle rows compute garbage that nobody reads."""
         shifted = any(slot < width for slot in self.offset_slots)
-        with self._adapters(self.adapter_ids[:width]):
+        key = (width, length, shifted, any(s >= 0 for s in self.adapter_slots[:width]))
+        with self._adapters(slice(0, width)):
             if not self.cuda_graphs:
                 return self._decode_forward(width, length, shifted)
-            if (width, length, shifted) not in self.graphs:
-                self._capture(width, length, shifted)
-        self.graphs[width, length, shifted].replay()
+            if key not in self.graphs:
+                self._capture(key)
+        self.graphs[key].replay()
         return self.logits[:width]
 
-    def _adapters(self, ids: torch.Tensor) -> contextlib.AbstractContextManager:
-        """The adapter of each row during a forward (a view of `adapter_ids`: graphs capture reads of the buffer)."""
-        return self.selection.rows(ids) if self.selection is not None else contextlib.nullcontext()
+    def select_adapters(self, slots: list[int]) -> None:
+        """Each KV slot's adapter slot (-1: the base alone), copied from pinned memory without waiting for the step
+        in flight (the copy is queued behind it)."""
+        self.adapter_slots = list(slots)
+        self.adapter_ids.copy_(torch.tensor(slots, pin_memory=self.device.type == "cuda"), non_blocking=True)
+
+    def _adapters(self, rows: slice) -> contextlib.AbstractContextManager:
+        """The adapter of each row during a forward (a view of `adapter_ids`: graphs capture reads of the buffer),
+        or the base alone when no row has one."""
+        if self.selection is None:
+            return contextlib.nullcontext()
+        if all(s < 0 for s in self.adapter_slots[rows]):
+            return self.selection.base()
+        return self.selection.rows(self.adapter_ids[rows])
 
     def advance(self, width: int, sampled: torch.Tensor) -> None:
         """After a decode step: sampled (width,) tokens become the next inputs; live rows move one position on."""
@@ -129,7 +144,8 @@ class ModelRunner:
         self.cache.begin_decode(self.positions[:width], self.write_index[:width], length, rope)
         return self.model(self.tokens[:width, None], cache=self.cache)[:, -1]
 
-    def _capture(self, width: int, length: int, shifted: bool) -> None:
+    def _capture(self, key: tuple[int, int, bool, bool]) -> None:
+        width, length, shifted, _ = key  # the adapter context is the caller's
         if self.logits is None:
             self.logits = torch.empty(self.n_slots, self.model.cfg.rows, dtype=self.model.embed.weight.dtype,
                                       device=self.device)
@@ -144,7 +160,7 @@ class ModelRunner:
         with torch.cuda.graph(graph, pool=self.graph_pool):
             self.logits[:width] = self._decode_forward(width, length, shifted)
         self.graph_pool = graph.pool()
-        self.graphs[width, length, shifted] = graph
+        self.graphs[key] = graph
         self.write_index.copy_(write_index)
 
 
