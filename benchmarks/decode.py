@@ -179,7 +179,7 @@ def decode_bucket(engine: Engine, batch: int, args: argparse.Namespace) -> tuple
 
 def graph_ms(engine: Engine, width: int, length: int, replays: int = 100) -> float:
     """Device time of one decode-step graph, replayed back to back (the engine is idle: every row is scratch)."""
-    graph = engine.runner.graphs[width, length, False]
+    graph = engine.runner.graphs[width, length, False, False]  # (W, L, shifted, adapted)
     graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
