@@ -10,9 +10,9 @@ computed by `superposition.py`, is copied into its slot instead (`install`). Its
 positions: slot index + `rope_offset` (a decode step with such rows is a graph of its own).
 With a `selection` (a model carrying LoRA adapter slots, `raytrain.infer.adapters`) every forward runs with each
 row's adapter slot read from `adapter_ids` (per KV slot, -1: the base alone), a static buffer the engine fills before
-the step (`select_adapters`), so the captured graphs read the step's adapters too. A forward none of whose rows has
-an adapter (known on the host) runs the base alone, without the LoRA terms: a decode step of such rows is a graph of
-its own.
+the step (`select_adapters`), so the captured graphs read the step's adapters too. The ids are also kept on the host:
+a forward none of whose rows has an adapter runs the base alone, without the LoRA terms (a decode step of such rows
+is a graph of its own), and a prefill chunk uses its adapter's weights directly, not gathered.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class ModelRunner:
         """Write the KV of prompt tokens at positions start.. into `slot`; return the last one's logits (1, V)."""
         self.cache.begin_prefill(slot, start)
         x = torch.tensor([tokens], device=self.device)
-        with self._adapters(slice(slot, slot + 1)):
+        with self._adapters(slice(slot, slot + 1), captured=False):
             return self.model(x, cache=self.cache, last_only=True)[:, -1]
 
     def install(self, slot: int, keys: list[torch.Tensor], values: list[torch.Tensor], first: int, end: int) -> None:
@@ -108,7 +108,7 @@ class ModelRunner:
         """One token for rows 0..width-1 -> logits (width, V); idle rows compute garbage that nobody reads."""
         shifted = any(slot < width for slot in self.offset_slots)
         key = (width, length, shifted, any(s >= 0 for s in self.adapter_slots[:width]))
-        with self._adapters(slice(0, width)):
+        with self._adapters(slice(0, width), captured=self.cuda_graphs):
             if not self.cuda_graphs:
                 return self._decode_forward(width, length, shifted)
             if key not in self.graphs:
@@ -122,13 +122,17 @@ class ModelRunner:
         self.adapter_slots = list(slots)
         self.adapter_ids.copy_(torch.tensor(slots, pin_memory=self.device.type == "cuda"), non_blocking=True)
 
-    def _adapters(self, rows: slice) -> contextlib.AbstractContextManager:
-        """The adapter of each row during a forward (a view of `adapter_ids`: graphs capture reads of the buffer),
-        or the base alone when no row has one."""
+    def _adapters(self, rows: slice, captured: bool) -> contextlib.AbstractContextManager:
+        """The adapter of each row during a forward: the base alone when no row has one; in an eager forward whose
+        rows share one adapter (a prefill chunk), that slot's weights as views; else the per-row ids (a view of
+        `adapter_ids`: graphs capture reads of the buffer)."""
         if self.selection is None:
             return contextlib.nullcontext()
-        if all(s < 0 for s in self.adapter_slots[rows]):
+        slots = set(self.adapter_slots[rows])
+        if slots == {-1}:
             return self.selection.base()
+        if len(slots) == 1 and not captured:
+            return self.selection.single(slots.pop())
         return self.selection.rows(self.adapter_ids[rows])
 
     def advance(self, width: int, sampled: torch.Tensor) -> None:

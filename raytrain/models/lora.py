@@ -68,7 +68,8 @@ class AdapterSelection:
     """The adapter slot of each batch row, shared by every LoRA layer of a model; set around a forward."""
 
     def __init__(self) -> None:
-        self.ids: torch.Tensor | None = None  # (B,) int64; None: every row uses slot 0
+        self.ids: torch.Tensor | None = None  # (B,) int64; None: every row uses slot `slot`
+        self.slot = 0
         self.base_only = False  # every row on the base alone, whatever its batch size
 
     @contextlib.contextmanager
@@ -78,6 +79,16 @@ class AdapterSelection:
             yield
         finally:
             self.ids = previous
+
+    @contextlib.contextmanager
+    def single(self, slot: int) -> Iterator[None]:
+        """Every row on one slot, known on the host: its A and B are views of the bank, not gathers (not for a
+        captured graph that other slots replay)."""
+        previous, self.slot = self.slot, slot
+        try:
+            yield
+        finally:
+            self.slot = previous
 
     @contextlib.contextmanager
     def base(self) -> Iterator[None]:
@@ -131,8 +142,9 @@ class LoRALinear(nn.Module):
         """scale * B A x of each row's adapter; x (B, ..., in) -> (B, ..., out)."""
         ids = self.selection.ids if self.selection is not None else None
         if ids is None:
-            z = F.linear(x, self.lora_A[0].to(x.dtype)) * self.scale[0].to(x.dtype)  # (..., parts * r)
-            B = self.lora_B[0].to(x.dtype).split(self.parts)
+            s = self.selection.slot if self.selection is not None else 0
+            z = F.linear(x, self.lora_A[s].to(x.dtype)) * self.scale[s].to(x.dtype)  # (..., parts * r)
+            B = self.lora_B[s].to(x.dtype).split(self.parts)
             return torch.cat([F.linear(zp, bp) for zp, bp in zip(z.split(self.rank, -1), B)], dim=-1)
         one_token_rows = x.numel() == x.shape[0] * self.in_features
         if one_token_rows and ids.numel() >= self.slots:  # a decode step: the bank costs less than the rows' gathers
