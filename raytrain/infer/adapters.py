@@ -1,14 +1,14 @@
 """Many LoRA adapters on one base for serving (plain PyTorch): adapters load into slots on first use, LRU-bounded.
 
-`AdapterSlots` puts a LoRA bank of `slots` adapters on every targeted projection of the base (`apply_lora`), all
-empty; `ids(names)` turns the adapter name of each batch row (None: the base alone) into slot ids, loading an
-adapter the first time it is asked for (its directory from `resolve`, checked against the base's fingerprint) and
-evicting the least recently used adapter that the batch does not need. The forward then runs under
-`selection.rows(ids)`, so one batch mixes adapters row by row. The bank takes the model's dtype. A batch that needs more distinct adapters than there
-are slots is refused (`TooManyAdapters`): the engine admits a sequence only when its adapter `fits` beside those of
-the running ones. The bank's rank is the largest an adapter may have; smaller ranks are exact (their extra columns
-stay zero). `from_dirs` builds the slots of a server from a name -> directory map, every adapter checked up front
-(`adapter_bank`).
+`AdapterSlots` puts a LoRA bank of `slots` adapters, in the model's dtype, on every targeted projection of the base
+(`apply_lora`), all empty; `slots_of(names)` turns the adapter name of each batch row (None: the base alone) into
+slot ids (`ids`: as a tensor), loading an adapter the first time it is asked for (its directory from `resolve`,
+checked against the base's fingerprint) and evicting the least recently used adapter that the batch does not need.
+The forward then runs under `selection.rows(ids)`, so one batch mixes adapters row by row. A batch that needs more
+distinct adapters than there are slots is refused (`TooManyAdapters`): the engine admits a sequence only when its
+adapter `fits` beside those of the running ones. The bank's rank is the largest an adapter may have; smaller ranks
+are exact (their extra columns stay zero). `from_dirs` builds the slots of a server from a name -> directory map,
+every adapter checked up front (`adapter_bank`).
 """
 
 from __future__ import annotations

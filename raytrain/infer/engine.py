@@ -20,8 +20,8 @@ the step after it arrives; `abort` or leaving the iteration cancels it at the ne
 fit (prompt + max_new_tokens beyond the context window) or is malformed fails in the caller before any compute.
 
 With `adapters` (an `AdapterSlots` on the model: many LoRA adapters on one base) each request names its adapter;
-before each step the adapter of every running sequence goes through `adapters.ids` (loaded on first use, LRU) into
-the runner's per-slot ids, so one batch mixes adapters row by row, and a request waits in the queue while its
+before each step the adapter of every running sequence goes through `adapters.slots_of` (loaded on first use, LRU)
+into the runner's per-slot ids, so one batch mixes adapters row by row, and a request waits in the queue while its
 adapter does not fit beside the running ones (never failed for it).
 """
 
