@@ -13,9 +13,12 @@ calibrate it: `base_tokens_argmax_of_base` (the plain engine's tokens under the 
 floor, no adapter anywhere) and `mixed_tokens_argmax_of_other_adapter` (the same tokens under the other adapter: a
 wrong adapter's figure). Correct mixing puts the first at the noise floor and far above the control; the
 `*_max_logit_gap` figures are the largest (argmax logit - chosen token's logit), against
-`reference_logit_std`. `aten_ops_per_decode_step` counts the work of one eager decode step of `--max-batch-size` rows
-(the lowest-level ATen ops in a CPU profile, views excluded): on the plain engine's model, on the adapter engine's
-with no row on an adapter, and with row i on slot i mod K.
+`reference_logit_std`.
+
+`decode_step` isolates one decode step of `--max-batch-size` rows from prefill and scheduling, on the plain engine's
+model (`base`), on the adapter engine's with no row on an adapter (`no_adapter`) and with row i on slot i mod K
+(`mixed`): `aten_ops`, the work of an eager step (the lowest-level ATen ops in a CPU profile, views excluded), and
+`ms`, the step as the engine runs it (a CUDA graph replay on the GPU; median of 10).
 
     python benchmarks/adapter_serve.py --device cuda            # AFM-3B shapes, 8 of 26 layers, bf16, CUDA graphs
     python benchmarks/adapter_serve.py --device cpu --model afm_tiny --requests 16 --prompt 32 --new 16 \
@@ -44,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from omegaconf import OmegaConf  # noqa: E402
 
-from benchmarks.timing import synced_seconds  # noqa: E402
+from benchmarks.timing import median_seconds, synced_seconds  # noqa: E402
 from raytrain.checkpoint.adapter import base_fingerprint, save_adapter  # noqa: E402
 from raytrain.checkpoint.hf import load_pretrained, model_state, read_model_config, save_pretrained  # noqa: E402
 from raytrain.cli import CONF_DIR  # noqa: E402
@@ -108,14 +111,20 @@ def aten_ops(fn: Callable[[], object]) -> int:
     return sum(e.name not in NOT_WORK and not any(works(c) for c in e.cpu_children) for e in profile.events())
 
 
-def ops_per_decode_step(model: torch.nn.Module, selection: AdapterSelection | None, slots: list[int],
-                        length: int) -> int:
-    """`aten_ops` of one eager decode step of len(slots) rows on adapter slots `slots` (-1: none)."""
-    runner = ModelRunner(model, len(slots), length, cuda_graphs=False, selection=selection)
-    if selection is not None:
-        runner.select_adapters(slots)
-    runner.decode(len(slots), length)  # warm-up: lazy initialisation
-    return aten_ops(lambda: runner.decode(len(slots), length))
+def decode_step(model: torch.nn.Module, selection: AdapterSelection | None, slots: list[int], length: int,
+                device: str) -> dict[str, float]:
+    """`aten_ops` and `ms` (see the module docstring) of a decode step of len(slots) rows on adapter slots `slots`
+    (-1: none), attending to `length` keys."""
+    def runner(cuda_graphs: bool) -> ModelRunner:
+        built = ModelRunner(model, len(slots), length, cuda_graphs=cuda_graphs, selection=selection)
+        if selection is not None:
+            built.select_adapters(slots)
+        return built
+
+    eager, engine_like = runner(False), runner(True)
+    eager.decode(len(slots), length)  # lazy initialisation
+    step = median_seconds(lambda: engine_like.decode(len(slots), length), device, repeats=10)
+    return {"aten_ops": aten_ops(lambda: eager.decode(len(slots), length)), "ms": 1e3 * step}
 
 
 @torch.inference_mode()
@@ -167,10 +176,9 @@ def main() -> None:
         base_tok_s, plain = run(plain_engine, [(p, None) for p in prompts], args.new, repeats=args.repeats)
         mixed_engine = engine(args.adapters)
         rows, length = args.max_batch_size, args.prompt + args.new
-        ops = {"base": ops_per_decode_step(plain_engine.model, None, [-1] * rows, length)}
-        for mode, slots in (("adapter_engine_no_adapter", [-1] * rows),
-                            ("mixed", [i % args.adapters for i in range(rows)])):
-            ops[mode] = ops_per_decode_step(mixed_engine.model, mixed_engine.adapters.selection, slots, length)
+        steps = {"base": decode_step(plain_engine.model, None, [-1] * rows, length, args.device)}
+        for mode, slots in (("no_adapter", [-1] * rows), ("mixed", [i % args.adapters for i in range(rows)])):
+            steps[mode] = decode_step(mixed_engine.model, mixed_engine.adapters.selection, slots, length, args.device)
         del plain_engine
         no_adapter_tok_s, _ = run(mixed_engine, [(p, None) for p in prompts], args.new, repeats=args.repeats)
         mixed_tok_s, mixed = run(mixed_engine, list(zip(prompts, names)), args.new, repeats=args.repeats)
@@ -214,10 +222,12 @@ def main() -> None:
                     "base_tokens_argmax_of_base": (floor == 0).float().mean().item(),
                     "mixed_tokens_argmax_of_other_adapter": (wrong == 0).float().mean().item() if len(wrong) else None,
                     "mixed_max_logit_gap_own_adapter": own.max().item(), "base_max_logit_gap": floor.max().item(),
-                    "reference_logit_std": std, "aten_ops_per_decode_step": ops},
+                    "reference_logit_std": std, "decode_step": steps},
         "baseline": {"base_tokens_per_s": base_tok_s},
         "ratio": {"mixed_over_base": mixed_tok_s / base_tok_s, "mixed_over_grouped": mixed_tok_s / grouped_tok_s,
-                  "adapter_engine_no_adapter_over_base": no_adapter_tok_s / base_tok_s},
+                  "adapter_engine_no_adapter_over_base": no_adapter_tok_s / base_tok_s,
+                  "decode_step_ms_mixed_over_base": steps["mixed"]["ms"] / steps["base"]["ms"],
+                  "decode_step_ms_no_adapter_over_base": steps["no_adapter"]["ms"] / steps["base"]["ms"]},
         "command": "python benchmarks/adapter_serve.py " + " ".join(sys.argv[1:]),
     }))
 
