@@ -57,7 +57,7 @@ from raytrain.infer.engine import Engine, EngineConfig, Request  # noqa: E402
 from raytrain.infer.model_runner import ModelRunner  # noqa: E402
 from raytrain.infer.sampling import SamplingParams  # noqa: E402
 from raytrain.models.decoder import build_decoder  # noqa: E402
-from raytrain.models.lora import AdapterSelection, LoRAConfig, adapter_state, apply_lora, lora_layers  # noqa: E402
+from raytrain.models.lora import LoRAConfig, adapter_state, apply_lora, lora_layers  # noqa: E402
 from raytrain.models.registry import model_config  # noqa: E402
 
 
@@ -111,19 +111,21 @@ def aten_ops(fn: Callable[[], object]) -> int:
     return sum(e.name not in NOT_WORK and not any(works(c) for c in e.cpu_children) for e in profile.events())
 
 
-def decode_step(model: torch.nn.Module, selection: AdapterSelection | None, slots: list[int], length: int,
-                device: str) -> dict[str, float]:
-    """`aten_ops` and `ms` (see the module docstring) of a decode step of len(slots) rows on adapter slots `slots`
-    (-1: none), attending to `length` keys."""
+def decode_step(engine: Engine, slots: list[int], length: int) -> dict[str, float]:
+    """`aten_ops` and `ms` (see the module docstring) of a decode step of `engine`'s model, len(slots) rows on
+    adapter slots `slots` (-1: none), attending to `length` keys, its decode attention as the engine's."""
+    selection = engine.adapters.selection if engine.adapters is not None else None
+
     def runner(cuda_graphs: bool) -> ModelRunner:
-        built = ModelRunner(model, len(slots), length, cuda_graphs=cuda_graphs, selection=selection)
+        built = ModelRunner(engine.model, len(slots), length, cuda_graphs=cuda_graphs, selection=selection,
+                            fused_attention=engine.runner.cache.fused_attention is not None)
         if selection is not None:
             built.select_adapters(slots)
         return built
 
     eager, engine_like = runner(False), runner(True)
     eager.decode(len(slots), length)  # lazy initialisation
-    step = median_seconds(lambda: engine_like.decode(len(slots), length), device, repeats=10)
+    step = median_seconds(lambda: engine_like.decode(len(slots), length), engine.device, repeats=10)
     return {"aten_ops": aten_ops(lambda: eager.decode(len(slots), length)), "ms": 1e3 * step}
 
 
@@ -175,10 +177,10 @@ def main() -> None:
         plain_engine = engine()
         base_tok_s, plain = run(plain_engine, [(p, None) for p in prompts], args.new, repeats=args.repeats)
         mixed_engine = engine(args.adapters)
-        rows, length = args.max_batch_size, args.prompt + args.new
-        steps = {"base": decode_step(plain_engine.model, None, [-1] * rows, length, args.device)}
-        for mode, slots in (("no_adapter", [-1] * rows), ("mixed", [i % args.adapters for i in range(rows)])):
-            steps[mode] = decode_step(mixed_engine.model, mixed_engine.adapters.selection, slots, length, args.device)
+        width, length = args.max_batch_size, args.prompt + args.new
+        steps = {"base": decode_step(plain_engine, [-1] * width, length)}
+        for mode, slots in (("no_adapter", [-1] * width), ("mixed", [i % args.adapters for i in range(width)])):
+            steps[mode] = decode_step(mixed_engine, slots, length)
         del plain_engine
         no_adapter_tok_s, _ = run(mixed_engine, [(p, None) for p in prompts], args.new, repeats=args.repeats)
         mixed_tok_s, mixed = run(mixed_engine, list(zip(prompts, names)), args.new, repeats=args.repeats)
