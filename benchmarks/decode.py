@@ -208,8 +208,8 @@ def decode_bucket(engine: Engine, batch: int, args: argparse.Namespace) -> tuple
 
 def graph_ms(engine: Engine, width: int, length: int, replays: int = 100) -> float:
     """Device time of one decode-step graph, replayed back to back (the engine is idle: every row is scratch)."""
-    graph = next(g for (w, n, shifted, _), g in engine.runner.graphs.items()
-                 if (w, n, shifted) == (width, length, False))  # the run's graph, greedy or not
+    graph = next(g for (w, n, shifted, adapted, _), g in engine.runner.graphs.items()
+                 if (w, n, shifted, adapted) == (width, length, False, False))  # the run's graph, greedy or not
     graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()

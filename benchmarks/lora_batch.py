@@ -1,6 +1,8 @@
-"""What serving many LoRA adapters costs: one forward over a batch whose rows use different adapters (each row
-gathers its own A and B, `raytrain.models.lora.LoRALinear`) against the same batch on one adapter, on the bare
-base, and grouped (one forward per adapter over its rows), at a decode-like and a prefill-like shape.
+"""What serving many LoRA adapters costs: one forward over a batch whose rows use different adapters
+(`raytrain.models.lora.LoRALinear`: a decode batch runs every slot in two dense matmuls, a prefill batch of fewer rows
+than slots gathers each row's A and B) against the same batch on one adapter, on the bare base, and grouped (one
+forward per adapter over its rows), at a decode-like and a prefill-like shape. The bank is in the model's dtype, as
+a server's (`AdapterSlots`).
 
     python benchmarks/lora_batch.py --device cuda [--model afm_3b] [--layers 8] [--adapters 8] [--rank 16]
 
@@ -53,7 +55,7 @@ def main() -> None:
     inputs = {k: torch.randint(0, cfg.vocab_size, s, device=args.device) for k, s in shapes.items()}
 
     base = {k: median_seconds(lambda t=t: model(t), args.device, args.repeats) for k, t in inputs.items()}
-    selection = apply_lora(model, LoRAConfig(rank=args.rank), slots=args.adapters)
+    selection = apply_lora(model, LoRAConfig(rank=args.rank), slots=args.adapters, dtype=dtype)
     for layer in lora_layers(model).values():
         layer.lora_B.normal_(std=0.01)
         layer.scale.fill_(2.0)

@@ -1,14 +1,14 @@
 """Many LoRA adapters on one base for serving (plain PyTorch): adapters load into slots on first use, LRU-bounded.
 
-`AdapterSlots` puts a LoRA bank of `slots` adapters on every targeted projection of the base (`apply_lora`), all
-empty; `ids(names)` turns the adapter name of each batch row (None: the base alone) into slot ids, loading an
-adapter the first time it is asked for (its directory from `resolve`, checked against the base's fingerprint) and
-evicting the least recently used adapter that the batch does not need. The forward then runs under
-`selection.rows(ids)`, so one batch mixes adapters row by row. A batch that needs more distinct adapters than there
-are slots is refused (`TooManyAdapters`): the engine admits a sequence only when its adapter `fits` beside those of
-the running ones. The bank's rank is the largest an adapter may have; smaller ranks are exact (their extra columns
-stay zero). `from_dirs` builds the slots of a server from a name -> directory map, every adapter checked up front
-(`adapter_bank`).
+`AdapterSlots` puts a LoRA bank of `slots` adapters, in the model's dtype, on every targeted projection of the base
+(`apply_lora`), all empty; `slots_of(names)` turns the adapter name of each batch row (None: the base alone) into
+slot ids (`ids`: as a tensor), loading an adapter the first time it is asked for (its directory from `resolve`,
+checked against the base's fingerprint) and evicting the least recently used adapter that the batch does not need.
+The forward then runs under `selection.rows(ids)`, so one batch mixes adapters row by row. A batch that needs more
+distinct adapters than there are slots is refused (`TooManyAdapters`): the engine admits a sequence only when its
+adapter `fits` beside those of the running ones. The bank's rank is the largest an adapter may have; smaller ranks
+are exact (their extra columns stay zero). `from_dirs` builds the slots of a server from a name -> directory map,
+every adapter checked up front (`adapter_bank`).
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ class AdapterSlots:
         its directory."""
         self.model, self.base_path, self.fingerprint, self.bank, self.resolve = model, base_path, fingerprint, bank, \
             resolve
-        self.selection = apply_lora(model, bank, slots)
+        # the bank in the model's dtype: a float32 bank would be cast whole in every forward of a bf16 model
+        self.selection = apply_lora(model, bank, slots, dtype=next(model.parameters()).dtype)
         for layer in lora_layers(model).values():
             layer.scale.zero_()  # every slot starts empty
         self.slots = slots
@@ -63,6 +64,11 @@ class AdapterSlots:
         return name is None or name in held or len(held) < self.slots
 
     def ids(self, names: Sequence[str | None]) -> torch.Tensor:
+        """`slots_of` as a tensor on the model's device."""
+        device = next(iter(lora_layers(self.model).values())).scale.device
+        return torch.tensor(self.slots_of(names), device=device)
+
+    def slots_of(self, names: Sequence[str | None]) -> list[int]:
         """Slot of each row's adapter (-1 for None), loading and evicting as needed."""
         wanted = list(dict.fromkeys(n for n in names if n is not None))
         if len(wanted) > self.slots:
@@ -73,8 +79,7 @@ class AdapterSlots:
                 self.loaded.move_to_end(name)
             else:
                 self._load(name, keep=set(wanted))
-        device = next(iter(lora_layers(self.model).values())).scale.device
-        return torch.tensor([self.loaded[n] if n is not None else -1 for n in names], device=device)
+        return [self.loaded[n] if n is not None else -1 for n in names]
 
     def _load(self, name: str, keep: set[str]) -> None:
         adapter = read_adapter(self.resolve(name))

@@ -20,8 +20,8 @@ the step after it arrives; `abort` or leaving the iteration cancels it at the ne
 fit (prompt + max_new_tokens beyond the context window) or is malformed fails in the caller before any compute.
 
 With `adapters` (an `AdapterSlots` on the model: many LoRA adapters on one base) each request names its adapter;
-before each step the adapter of every running sequence goes through `adapters.ids` (loaded on first use, LRU) into
-the runner's per-slot ids, so one batch mixes adapters row by row, and a request waits in the queue while its
+before each step the adapter of every running sequence goes through `adapters.slots_of` (loaded on first use, LRU)
+into the runner's per-slot ids, so one batch mixes adapters row by row, and a request waits in the queue while its
 adapter does not fit beside the running ones (never failed for it).
 """
 
@@ -344,13 +344,13 @@ class Engine:
         return self.adapters.fits(seq.adapter, (s.adapter for s in self.scheduler.running))
 
     def _select_adapters(self) -> None:
-        """The adapter slot of every KV slot's sequence into the runner's ids (loading adapters on first use). Only
-        when the rows' adapters changed: the copy to the device waits for the step in flight (no overlap)."""
+        """The adapter slot of every KV slot's sequence into the runner's ids (loading adapters on first use), when
+        the rows' adapters changed."""
         names: list[str | None] = [None] * self.n_slots
         for seq in self.scheduler.running:
             names[seq.slot] = seq.adapter
         if names != self._adapter_rows:
-            self.runner.adapter_ids.copy_(self.adapters.ids(names))
+            self.runner.select_adapters(self.adapters.slots_of(names))
             self._adapter_rows = names
 
     def _runs_lazy(self, prompt_tokens: int) -> bool:

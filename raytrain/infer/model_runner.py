@@ -14,7 +14,9 @@ computed by `superposition.py`, is copied into its slot instead (`install`). Its
 positions: slot index + `rope_offset` (a decode step with such rows is a graph of its own).
 With a `selection` (a model carrying LoRA adapter slots, `raytrain.infer.adapters`) every forward runs with each
 row's adapter slot read from `adapter_ids` (per KV slot, -1: the base alone), a static buffer the engine fills before
-the step, so the captured graphs read the step's adapters too.
+the step (`select_adapters`), so the captured graphs read the step's adapters too. The ids are also kept on the host:
+a forward none of whose rows has an adapter runs the base alone, without the LoRA terms (a decode step of such rows
+is a graph of its own), and a prefill chunk uses its adapter's weights directly, not gathered.
 """
 
 from __future__ import annotations
@@ -59,9 +61,10 @@ class ModelRunner:
         self.rope_offset = torch.zeros(n_slots, device=self.device)  # RoPE position minus KV index, per slot
         self.offset_slots: set[int] = set()  # slots whose offset is not 0
         self.adapter_ids = torch.full((n_slots,), -1, dtype=torch.long, device=self.device)
+        self.adapter_slots = [-1] * n_slots  # `adapter_ids` on the host
         self.selection = selection
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
-        self.graphs: dict[tuple[int, int, bool, bool], torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[tuple[int, int, bool, bool, bool], torch.cuda.CUDAGraph] = {}  # (W, L, shifted, adapted, greedy)
         self.graph_pool = None
         self.logits = torch.empty(n_slots, model.cfg.rows, dtype=model.embed.weight.dtype, device=self.device)
         self.sampled = torch.zeros(n_slots, dtype=torch.long, device=self.device)  # greedy steps' tokens
@@ -75,7 +78,7 @@ class ModelRunner:
         """Write the KV of prompt tokens at positions start.. into `slot`; return the last one's logits (1, V)."""
         self.cache.begin_prefill(slot, start)
         x = torch.tensor([tokens], device=self.device)
-        with self._adapters(self.adapter_ids[slot:slot + 1]):
+        with self._adapters(slice(slot, slot + 1), captured=False):
             return self.model(x, cache=self.cache, last_only=True)[:, -1]
 
     @torch.inference_mode()
@@ -87,7 +90,7 @@ class ModelRunner:
         rows = torch.tensor(slots, device=self.device)
         last = torch.tensor([len(chunk) - 1 for chunk in chunks], device=self.device)
         self.cache.begin_packed_prefill(rows)
-        with self._adapters(self.adapter_ids[rows]):
+        with self._adapters(slots, captured=False):
             hidden = self.model.hidden(x, cache=self.cache)  # (B, T, d)
         return self.model.logits(hidden[torch.arange(len(chunks), device=self.device), last])  # (B, V)
 
@@ -132,12 +135,13 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _step(self, width: int, length: int, greedy: bool) -> None:
-        key = (width, length, any(slot < width for slot in self.offset_slots), greedy)
-        with self._adapters(self.adapter_ids[:width]):
+        shifted = any(slot < width for slot in self.offset_slots)
+        key = (width, length, shifted, any(s >= 0 for s in self.adapter_slots[:width]), greedy)
+        with self._adapters(slice(0, width), captured=self.cuda_graphs):
             if not self.cuda_graphs:
-                return self._run(*key)
+                return self._run(width, length, shifted, greedy)
             if key not in self.graphs:
-                self._capture(*key)
+                self._capture(key)
         self.graphs[key].replay()
 
     def _run(self, width: int, length: int, shifted: bool, greedy: bool) -> None:
@@ -147,9 +151,25 @@ class ModelRunner:
             self.sampled[:width] = self.logits[:width, :self.model.cfg.vocab_size].argmax(-1)
             self.advance(width, self.sampled[:width])
 
-    def _adapters(self, ids: torch.Tensor) -> contextlib.AbstractContextManager:
-        """The adapter of each row during a forward (a view of `adapter_ids`: graphs capture reads of the buffer)."""
-        return self.selection.rows(ids) if self.selection is not None else contextlib.nullcontext()
+    def select_adapters(self, slots: list[int]) -> None:
+        """Each KV slot's adapter slot (-1: the base alone), copied from pinned memory without waiting for the step
+        in flight (the copy is queued behind it)."""
+        self.adapter_slots = list(slots)
+        self.adapter_ids.copy_(torch.tensor(slots, pin_memory=self.device.type == "cuda"), non_blocking=True)
+
+    def _adapters(self, rows: slice | list[int], captured: bool) -> contextlib.AbstractContextManager:
+        """The adapter of each row (KV slots `rows`) during a forward: the base alone when no row has one; in an eager
+        forward whose rows share one adapter (a prefill chunk), that slot's weights as views; else the per-row ids
+        (for a slice, a view of `adapter_ids`: graphs capture reads of the buffer)."""
+        if self.selection is None:
+            return contextlib.nullcontext()
+        sliced = isinstance(rows, slice)
+        slots = set(self.adapter_slots[rows] if sliced else [self.adapter_slots[r] for r in rows])
+        if slots == {-1}:
+            return self.selection.base()
+        if len(slots) == 1 and not captured:
+            return self.selection.single(slots.pop())
+        return self.selection.rows(self.adapter_ids[rows if sliced else torch.tensor(rows, device=self.device)])
 
     def advance(self, width: int, sampled: torch.Tensor) -> None:
         """After a decode step: sampled (width,) tokens become the next inputs; live rows move one position on."""
@@ -164,7 +184,8 @@ class ModelRunner:
         self.cache.begin_decode(self.positions[:width], self.write_index[:width], length, rope)
         return self.model(self.tokens[:width, None], cache=self.cache)[:, -1]
 
-    def _capture(self, width: int, length: int, shifted: bool, greedy: bool) -> None:
+    def _capture(self, key: tuple[int, int, bool, bool, bool]) -> None:
+        width, length, shifted, _, greedy = key  # the adapter context is the caller's
         # the warm-up and capture runs must not touch live rows' KV, inputs or positions
         saved = [t.clone() for t in (self.write_index, self.live, self.tokens, self.positions)]
         self.write_index.fill_(self.max_len)
@@ -178,7 +199,7 @@ class ModelRunner:
         with torch.cuda.graph(graph, pool=self.graph_pool):
             self._run(width, length, shifted, greedy)
         self.graph_pool = graph.pool()
-        self.graphs[width, length, shifted, greedy] = graph
+        self.graphs[key] = graph
         for buffer, value in zip((self.write_index, self.live, self.tokens, self.positions), saved):
             buffer.copy_(value)
 

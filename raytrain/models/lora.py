@@ -11,9 +11,15 @@ split, one pair on the fused projection, 19,861,504.
 
 A `LoRALinear` holds a bank of `slots` adapters (A (slots, parts * r, in), B (slots, out, r), a scale per slot),
 and the model's `AdapterSelection` says which slot each batch row uses (-1: none, the base alone). Training uses
-one slot and no selection; a server loads several adapters into slots and runs a batch mixing them in one forward
-(each row gathers its own A and B, the plain PyTorch form of punica's / S-LoRA's batched LoRA). Adapters of a lower
-rank than the bank sit in its first columns; the others stay zero, so every slot computes its own adapter exactly.
+one slot and no selection; a server loads several adapters into slots and runs a batch mixing them in one forward.
+A decode step (one token per row) of at least as many rows as slots runs every slot at once in two dense matmuls
+rather than a per-row gather (what punica's BGMV kernel does in one): x A_all^T gives every slot's (parts * r)
+codes, each row keeps its own slot's (times its scale; zeros elsewhere), and one matmul per part against B laid out
+as (out, slots * r) sums them, so the bank is read once per step however many rows there are. B is stored out-major
+(its (slots, out, r) shape is a transposed view) so that layout is a view, not a copy. Other batches (a prefill
+chunk: one row of many tokens, where every slot's codes would cost slots x the LoRA FLOPs) gather each row's own A
+and B. Adapters of a lower rank
+than the bank sit in its first columns; the others stay zero, so every slot computes its own adapter exactly.
 
 `merge_lora` folds an adapter into the model in place; `merged_state` returns the merged weights under the base
 model's parameter names and leaves the model as it is (an export during fine-tuning: Speculative Streaming's
@@ -62,7 +68,8 @@ class AdapterSelection:
     """The adapter slot of each batch row, shared by every LoRA layer of a model; set around a forward."""
 
     def __init__(self) -> None:
-        self.ids: torch.Tensor | None = None  # (B,) int64; None: every row uses slot 0
+        self.ids: torch.Tensor | None = None  # (B,) int64; None: every row uses slot `slot`
+        self.slot = 0
         self.base_only = False  # every row on the base alone, whatever its batch size
 
     @contextlib.contextmanager
@@ -72,6 +79,16 @@ class AdapterSelection:
             yield
         finally:
             self.ids = previous
+
+    @contextlib.contextmanager
+    def single(self, slot: int) -> Iterator[None]:
+        """Every row on one slot, known on the host: its A and B are views of the bank, not gathers (not for a
+        captured graph that other slots replay)."""
+        previous, self.slot = self.slot, slot
+        try:
+            yield
+        finally:
+            self.slot = previous
 
     @contextlib.contextmanager
     def base(self) -> Iterator[None]:
@@ -87,17 +104,22 @@ class LoRALinear(nn.Module):
     """A frozen base projection plus a bank of LoRA adapters; see the module docstring."""
 
     def __init__(self, base: nn.Module, parts: list[int], rank: int, slots: int = 1, dropout: float = 0.0,
-                 selection: AdapterSelection | None = None) -> None:
+                 selection: AdapterSelection | None = None, dtype: torch.dtype | None = None) -> None:
+        """`dtype`: of the bank (default float32, the trainable adapter's; a server's bank takes the model's)."""
         super().__init__()
         if sum(parts) != base.out_features:
             raise ValueError(f"parts {parts} do not add up to the {base.out_features} outputs")
-        self.base, self.parts, self.rank = base, list(parts), rank
+        self.base, self.parts, self.rank, self.slots = base, list(parts), rank, slots
         self.in_features, self.out_features = base.in_features, base.out_features
         weight = next(base.parameters(), None)  # a CompressedLinear holds no parameters, only its device
         device = weight.device if weight is not None else base.device
-        self.lora_A = nn.Parameter(torch.empty(slots, len(parts) * rank, self.in_features, device=device))
-        self.lora_B = nn.Parameter(torch.zeros(slots, self.out_features, rank, device=device))
-        self.register_buffer("scale", torch.zeros(slots, device=device))
+        self.lora_A = nn.Parameter(torch.empty(slots, len(parts) * rank, self.in_features, device=device,
+                                               dtype=dtype))
+        # stored (out, slots, r): each part's rows are an (out_p, slots * r) matrix for the all-slots matmul
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, slots, rank, device=device, dtype=dtype)
+                                   .transpose(0, 1))
+        self.register_buffer("scale", torch.zeros(slots, device=device, dtype=dtype))
+        self.register_buffer("slot_index", torch.arange(slots, device=device), persistent=False)
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         self.selection = selection
         self.reset_parameters()
@@ -109,7 +131,7 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B)
 
     def extra_repr(self) -> str:
-        return f"parts={self.parts}, rank={self.rank}, slots={self.lora_A.shape[0]}"
+        return f"parts={self.parts}, rank={self.rank}, slots={self.slots}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.selection is not None and self.selection.base_only:
@@ -119,17 +141,35 @@ class LoRALinear(nn.Module):
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """scale * B A x of each row's adapter; x (B, ..., in) -> (B, ..., out)."""
         ids = self.selection.ids if self.selection is not None else None
-        A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
         if ids is None:
-            z = F.linear(x, A[0]) * self.scale[0].to(x.dtype)  # (..., parts * r)
-            return torch.cat([F.linear(zp, bp) for zp, bp in zip(z.split(self.rank, -1), B[0].split(self.parts))],
-                             dim=-1)
+            s = self.selection.slot if self.selection is not None else 0
+            z = F.linear(x, self.lora_A[s].to(x.dtype)) * self.scale[s].to(x.dtype)  # (..., parts * r)
+            B = self.lora_B[s].to(x.dtype).split(self.parts)
+            return torch.cat([F.linear(zp, bp) for zp, bp in zip(z.split(self.rank, -1), B)], dim=-1)
+        one_token_rows = x.numel() == x.shape[0] * self.in_features
+        if one_token_rows and ids.numel() >= self.slots:  # a decode step: the bank costs less than the rows' gathers
+            return self._all_slots(x, ids)
+        return self._gathered(x, ids)
+
+    def _all_slots(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Every slot's codes for every row, each row's own kept (reads the bank once; see the module docstring)."""
+        K, P, r = self.slots, len(self.parts), self.rank
+        A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+        z = F.linear(x, A.reshape(K * P * r, self.in_features)).unflatten(-1, (K, P, r))  # (B, ..., K, P, r)
+        weight = torch.where(ids[:, None] == self.slot_index, self.scale.to(x.dtype), 0)  # (B, K): own slot's scale
+        weight = weight.view(-1, *[1] * (x.dim() - 2), K, 1)  # (B, ..., K, 1)
+        B_parts = B.transpose(0, 1).split(self.parts)  # per part (out_p, K, r): views of the out-major bank
+        return torch.cat([F.linear((z[..., p, :] * weight).flatten(-2), bp.reshape(len(bp), K * r))
+                          for p, bp in enumerate(B_parts)], dim=-1)
+
+    def _gathered(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Each row's own A and B gathered: (B, parts * r, in) and (B, out, r) copies, then batched matmuls."""
         slot = ids.clamp_min(0)
         scale = (self.scale[slot] * (ids >= 0)).to(x.dtype).view(-1, *[1] * (x.dim() - 1))
-        z = torch.einsum("b...i,bki->b...k", x, A[slot]) * scale  # (B, ..., parts * r)
-        B_rows = B[slot].split(self.parts, dim=1)  # per part (B, out_p, r)
-        return torch.cat([torch.einsum("b...k,bok->b...o", zp, bp) for zp, bp in zip(z.split(self.rank, -1), B_rows)],
-                         dim=-1)
+        A, B = self.lora_A[slot].to(x.dtype), self.lora_B[slot].to(x.dtype)  # (B, parts * r, in), (B, out, r)
+        z = torch.einsum("b...i,bki->b...k", x, A) * scale  # (B, ..., parts * r)
+        return torch.cat([torch.einsum("b...k,bok->b...o", zp, bp)
+                          for zp, bp in zip(z.split(self.rank, -1), B.split(self.parts, dim=1))], dim=-1)
 
     def weight_delta(self, slot: int = 0) -> torch.Tensor:
         """scale * B A of one slot as an (out, in) matrix: what merging adds to the base weight."""
@@ -168,9 +208,10 @@ def projection_parts(model: nn.Module, name: str, cfg: LoRAConfig) -> list[int]:
     return [module.out_features]
 
 
-def apply_lora(model: nn.Module, cfg: LoRAConfig, slots: int = 1) -> AdapterSelection:
-    """Freeze `model` and put a LoRA bank of `slots` adapters on every targeted projection (slot 0 gets
-    `cfg.scale`, the others stay empty until loaded); returns the model's selection."""
+def apply_lora(model: nn.Module, cfg: LoRAConfig, slots: int = 1,
+               dtype: torch.dtype | None = None) -> AdapterSelection:
+    """Freeze `model` and put a LoRA bank of `slots` adapters (of `dtype`, default float32) on every targeted
+    projection (slot 0 gets `cfg.scale`, the others stay empty until loaded); returns the model's selection."""
     model.requires_grad_(False)
     selection = AdapterSelection()
     names = [n for n, m in model.named_modules() if n.rpartition(".")[2] in cfg.targets and hasattr(m, "in_features")]
@@ -179,7 +220,7 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, slots: int = 1) -> AdapterSele
     for name in names:
         parent_name, _, child = name.rpartition(".")
         layer = LoRALinear(model.get_submodule(name), projection_parts(model, name, cfg), cfg.rank, slots,
-                           cfg.dropout, selection)
+                           cfg.dropout, selection, dtype)
         layer.scale[0] = cfg.scale
         setattr(model.get_submodule(parent_name), child, layer)
     model.adapter_selection = selection

@@ -1,9 +1,12 @@
 """Serving many adapters on one base: slots filled on first use, least recently used evicted, a batch mixing
 adapters gives each row what that adapter alone gives, and adapters of another base or shape are refused; through the
 engine, a continuous batch mixing adapters gives every request the tokens of its adapter alone, and requests whose
-adapter does not fit in the slots wait rather than fail."""
+adapter does not fit in the slots wait rather than fail, also with staggered arrivals, adapters evicted beside
+running rows and a cancellation; steps without adapter rows never touch the bank."""
 
 from __future__ import annotations
+
+import threading
 
 import pytest
 import torch
@@ -115,3 +118,56 @@ def test_engine_adapters_are_checked_at_startup_and_per_request(served) -> None:
     engine = Engine.from_checkpoint(base, adapters={"a": root / "a"})
     with pytest.raises(RaytrainError, match="adapter 'b' is not one this engine serves"):
         engine.generate([Request([1, 2], adapter="b")])
+
+
+def test_staggered_arrivals_evictions_and_a_cancellation_keep_every_row_on_its_adapter(served) -> None:
+    """Requests arrive over several steps with different lengths, on 2 slots for 3 adapters: adapters are evicted
+    and reloaded into slots while other rows keep decoding, KV slots are reused, and one request is cancelled
+    mid-run. Every request's tokens (the cancelled one's as far as it got) are its adapter's alone, in float32
+    exactly."""
+    base, root = served
+    prompts = [[1, 5 + i, 9, 3 * i + 2] for i in range(8)]
+    arrivals = [(0, "a", 12), (0, None, 6), (1, "b", 4), (2, "c", 10), (3, "a", 8), (4, "b", 12), (6, "c", 5),
+                (7, None, 9)]  # (step, adapter, new tokens) of request i
+    alone = {name: greedy(Engine.from_checkpoint(base, adapter=root / name if name else None),
+                          [(p, None) for p in prompts]) for name in ("a", "b", "c", None)}
+    engine = Engine.from_checkpoint(base, EngineConfig(max_batch_size=4), adapters={n: root / n for n in "abc"},
+                                    adapter_slots=2)
+    cancel, done, step = threading.Event(), {}, 0
+
+    def sink(items: list) -> None:
+        for item in items:
+            if isinstance(item, BaseException):
+                raise item
+            if item.completion is not None:
+                done[item.index] = item.completion
+
+    while step < len(arrivals) or engine.has_work():
+        for i, (at, name, new) in enumerate(arrivals):
+            if at == step:
+                params = SamplingParams(max_new_tokens=new, temperature=0.0, ignore_eos=True)
+                engine.add_request(Request(prompts[i], params, cancel=cancel if i == 4 else None, adapter=name), sink,
+                                   i)
+        engine.step()
+        step += 1
+        if step == 10:  # request 4 has 5 of its 8 tokens
+            cancel.set()
+    for i, (_, name, new) in enumerate(arrivals):
+        tokens = done[i].token_ids
+        assert tokens == alone[name][i][:len(tokens)], (i, name)
+        assert len(tokens) == new or (i == 4 and done[i].finish_reason == "cancelled"), i
+    assert 0 < len(done[4].token_ids) < 8  # cancelled mid-run, after some tokens
+    # a, b; c evicts b while a decodes in the other slot; b comes back, evicting a, while c decodes
+    assert engine.adapters.loads == 4 and max(engine.decode_rows) >= 3
+
+
+def test_steps_without_adapter_rows_never_touch_the_bank(served) -> None:
+    """A bank of NaNs: a LoRA term with scale 0 would still turn every row to NaN; rows on the base alone must give
+    exactly the plain engine's tokens, so their steps (prefill and decode) run no LoRA term at all."""
+    base, root = served
+    jobs = [([1, 5 + i, 9, 3 * i + 2], None) for i in range(3)]
+    engine = Engine.from_checkpoint(base, EngineConfig(max_batch_size=4), adapters={n: root / n for n in "ab"})
+    with torch.no_grad():
+        for layer in lora_layers(engine.model).values():
+            layer.lora_A.fill_(float("nan"))
+    assert greedy(engine, jobs) == greedy(Engine.from_checkpoint(base), jobs)

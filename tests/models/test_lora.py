@@ -80,10 +80,12 @@ def test_split_projections_are_separate_lora_on_q_k_and_v(base) -> None:
     torch.testing.assert_close(layer(x), torch.cat(separate).T)
 
 
-def test_a_batch_mixing_adapters_gives_each_row_its_own_adapter_alone(base) -> None:
+@pytest.mark.parametrize("length", [9, 1])
+def test_a_batch_mixing_adapters_gives_each_row_its_own_adapter_alone(base, length: int) -> None:
     """Slots 0 and 1 hold two adapters of different ranks; rows pick 0, 1, none, 1. Each row must equal the model
-    carrying only that adapter (or the bare base)."""
-    tokens = torch.randint(0, 512, (4, 9))
+    carrying only that adapter (or the bare base): 9 tokens a row gather each row's adapter, one token a row (a
+    decode step, 4 rows >= 2 slots) runs every slot and keeps each row's own."""
+    tokens = torch.randint(0, 512, (4, length))
     plain = base(tokens)
     singles = []
     for seed, rank in ((3, 4), (4, 2)):
