@@ -144,7 +144,7 @@ class Engine:
         self.superposing: deque[Sequence] = deque()  # superposed requests waiting for their fork-join prefill
         self._inbox: deque[Sequence] = deque()  # added from other threads, admitted at the next step
         self._lock = threading.Lock()  # one step at a time
-        self._thread_lock = threading.Lock()  # apart from the step lock: starting the loop never waits for a step
+        self._thread_lock = threading.Lock()  # the loop thread and the mailboxes: never waits for a step
         self._wake = threading.Event()
         self._mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopMailbox] = \
             weakref.WeakKeyDictionary()
@@ -307,7 +307,9 @@ class Engine:
             by_sink[seq.sink].append(item)
         for sink, items in by_sink.items():
             sink(items)
-        for mailbox in list(self._mailboxes.values()):
+        with self._thread_lock:  # event loops register from their own threads
+            mailboxes = list(self._mailboxes.values())
+        for mailbox in mailboxes:
             mailbox.flush()
 
     def _step(self) -> list[tuple[Sequence, Any]]:
@@ -582,7 +584,8 @@ class Engine:
         produced since the previous one. Leaving the iteration early cancels the requests that are still running."""
         prompts = [self.encode(r) for r in requests]
         loop, ready = asyncio.get_running_loop(), asyncio.Queue()
-        mailbox = self._mailboxes.setdefault(loop, LoopMailbox(loop))
+        with self._thread_lock:
+            mailbox = self._mailboxes.setdefault(loop, LoopMailbox(loop))
 
         def sink(items: list) -> None:
             mailbox.post(ready, items)
