@@ -9,7 +9,9 @@ is" (`--format chat`; the model must still find the code in the documents); othe
 "Answer:" (`--format raw`). Every schedule answers the same questions; per length it reports accuracy, the
 difference from full prefill with a paired 95% interval (Newcombe's method 10: Wilson score limits combined through
 the correlation of the paired outcomes), TTFT (batch 1, median over the questions) and the share of prompt
-(token, layer) pairs computed. TTFT 7B (`--parts ttft_7b`): random prompts of `--lengths` tokens through a
+(token, layer) pairs computed, and for each schedule the share of questions whose answer tokens (the code, where the
+gold document states it) reach the last layer in its prefill (`answer_tokens_kept`: how often pruning keeps the
+needle). TTFT 7B (`--parts ttft_7b`): random prompts of `--lengths` tokens through a
 Llama-2-7B-shaped decoder with random weights (after warm-ups, median, schedules round robin). Prints one JSON
 line; `ratio` is the TTFT speed-up at the longest prompt (7B if timed, else the checkpoint's) of the fastest
 schedule whose accuracy is within one point of full prefill at every length; none while full prefill misses 80% at
@@ -93,6 +95,8 @@ def accuracy(args: argparse.Namespace, device: str) -> dict[str, dict]:
                     "ttft_ms": 1e3 * statistics.median(c.ttft_s for c in done),
                     "prompt_fraction_computed": statistics.mean(c.prompt_fraction_computed for c in done)}
             if name != "full":
+                kept = [k for k in (answer_kept(engine, ids, code) for ids, code in records) if k is not None]
+                cell["answer_tokens_kept"] = statistics.mean(kept) if kept else None
                 cell["accuracy_difference"] = cell["accuracy"] - out["full"][f"{tokens}_tokens"]["accuracy"]
                 cell["difference_ci95"] = paired_difference_ci(correct["full"], correct[name])
             out[name][f"{tokens}_tokens"] = cell
@@ -135,6 +139,19 @@ def prompt_ids(engine: Engine, record: dict, fmt: str) -> list[int]:
     ids = tok.apply_chat_template([{"role": "user", "content": message}], add_generation_prompt=True, tokenize=True,
                                   return_dict=False)
     return [*ids, *tok.encode(f"The code of the {key} is", add_special_tokens=False)]
+
+
+def answer_kept(engine: Engine, ids: list[int], code: str) -> bool | None:
+    """Whether the tokens of the code, where the prompt states it, reach the last layer in the schedule's prefill
+    (False: a boundary pruned the needle before the first answer token was computed); None where the code's own
+    tokens do not occur in the prompt (a tokenizer that merges them with their context)."""
+    needle = engine.tokenizer.encode(code, add_special_tokens=False)
+    start = next((i for i in range(len(ids) - len(needle) + 1) if ids[i:i + len(needle)] == needle), None)
+    if start is None:
+        return None
+    seq = LazySequence(engine.model, ids, engine.config.lazyllm, len(ids) + 1)
+    seq.prefill()
+    return bool((seq.depth[start:start + len(needle)] == len(engine.model.layers)).all())
 
 
 def first_number(text: str) -> str | None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from raytrain.infer.engine import Engine, EngineConfig, Request
+from raytrain.infer.lazyllm import LazyConfig
 from raytrain.infer.sampling import SamplingParams
 from tests.conftest import REPO
 
@@ -57,3 +58,16 @@ def test_the_accuracy_engines_run_their_schedule_even_where_it_measures_slower(l
     done = engine.generate([Request(prompt, SamplingParams(max_new_tokens=2, temperature=0))])[0]
     assert 0 < done.prompt_fraction_computed < 1
     assert bench.SCHEDULES["lazy_0.3/0.6/0.9_keep0.4"].never_slower  # the shared presets are left as they were
+
+
+def test_answer_kept_says_whether_the_code_tokens_reach_the_last_layer(lm, tokenizer) -> None:
+    needle = tokenizer.encode("4821", add_special_tokens=False)
+    prompt = [*torch.randint(4, 512, (30,), generator=torch.Generator().manual_seed(1)).tolist(), *needle, 7, 8, 9]
+
+    def engine(keep: float) -> Engine:
+        config = LazyConfig(layers={1: keep, 2: keep, 3: keep}, never_slower=False, min_prompt_tokens=1)
+        return Engine(lm, tokenizer, EngineConfig(max_batch_size=1, lazy=True, lazyllm=config))
+
+    assert bench.answer_kept(engine(1.0), prompt, "4821") is True  # nothing pruned
+    assert bench.answer_kept(engine(0.03), prompt, "4821") is False  # one token survives: the last
+    assert bench.answer_kept(engine(1.0), prompt[:30], "4821") is None  # the code is not in the prompt
