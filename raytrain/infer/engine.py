@@ -1,23 +1,24 @@
 """The generation engine: continuous batching over KV slots, used by `raytrain generate`, the pipelines and Serve.
 
 Requests join at any time. Each `step` the scheduler (`scheduler.py`) picks one token for every decoding sequence
-and prompt chunks within a token budget; the model runner (`model_runner.py`) prefills the chunks and decodes the
-batch (a CUDA graph on the GPU) over the slot KV cache (`kv_cache.py`); the sampling table (`sampling.py`) picks
-every row's token with tensor ops, and the step's tokens cross to the host in one copy. Then each sequence's text
-advances through its incremental detokenizer (`text.py`), finished sequences free their slots, and the new deltas
-go to each request's sink. With `lazy` on, prompts of at least `lazyllm.min_prompt_tokens` tokens run through
-LazyLLM (`lazyllm.py`) one at a time beside the batch (the paper's batch size 1). With `specstream` set (a model
-with speculative streams), greedy requests decode by Speculative Streaming (`specstream.py`): their prompt's last
-token also drafts, and each step verifies a draft tree and drafts the next in one forward pass, several tokens per
-step, beside the plain batch. A RAG request (`Request.forkjoin`) with superposition on runs its fork-join prefill
-(`superposition.py`), one request per step, then waits for a slot like a prompt whose KV is copied in rather than
-computed, and decodes in the batch; with superposition off it is the naive RAG prompt (every document in one
-sequence).
+and prompt chunks within a token budget; the model runner (`model_runner.py`) prefills the chunks (the first chunks
+of a step's new prompts packed into one forward, `pack_groups`) and decodes the batch (a CUDA graph on the GPU) over
+the slot KV cache (`kv_cache.py`); the sampling table (`sampling.py`) picks every row's token with tensor ops, and
+the step's tokens cross to the host in one copy. Then each sequence's text advances through its incremental
+detokenizer (`text.py`), finished sequences free their slots, and the new deltas go to each request's sink. With
+`lazy` on, prompts of at least `lazyllm.min_prompt_tokens` tokens run through LazyLLM (`lazyllm.py`) one at a time
+beside the batch (the paper's batch size 1). With `specstream` set (a model with speculative streams), greedy
+requests decode by Speculative Streaming (`specstream.py`): their prompt's last token also drafts, and each step
+verifies a draft tree and drafts the next in one forward pass, several tokens per step, beside the plain batch. A
+RAG request (`Request.forkjoin`) with superposition on runs its fork-join prefill (`superposition.py`), one request
+per step, then waits for a slot like a prompt whose KV is copied in rather than computed, and decodes in the batch;
+with superposition off it is the naive RAG prompt (every document in one sequence).
 
 Three ways in: `generate`/`stream` step the engine on the caller's thread; `astream` and `add_request` hand requests
-to a background thread that steps while there is work, for asyncio servers (each request joins the running batch
-the step after it arrives; `abort` or leaving the iteration cancels it at the next step). A request that can never
-fit (prompt + max_new_tokens beyond the context window) or is malformed fails in the caller before any compute.
+to a background thread that steps while there is work, for asyncio servers (each request joins the running batch the
+step after it arrives, and a step's deltas reach each event loop in one wake-up, `LoopMailbox`; `abort` or leaving
+the iteration cancels it at the next step). A request that can never fit (prompt + max_new_tokens beyond the context
+window) or is malformed fails in the caller before any compute.
 
 With `adapters` (an `AdapterSlots` on the model: many LoRA adapters on one base) each request names its adapter;
 before each step the adapter of every running sequence goes through `adapters.slots_of` (loaded on first use, LRU)
