@@ -2,13 +2,13 @@
 
 `AdapterSlots` puts a LoRA bank of `slots` adapters, in the model's dtype, on every targeted projection of the base
 (`apply_lora`), all empty; `slots_of(names)` turns the adapter name of each batch row (None: the base alone) into
-slot ids (`ids`: as a tensor), loading an adapter the first time it is asked for (its directory from `resolve`,
-checked against the base's fingerprint) and evicting the least recently used adapter that the batch does not need.
-The forward then runs under `selection.rows(ids)`, so one batch mixes adapters row by row. A batch that needs more
-distinct adapters than there are slots is refused (`TooManyAdapters`): the engine admits a sequence only when its
-adapter `fits` beside those of the running ones. The bank's rank is the largest an adapter may have; smaller ranks
-are exact (their extra columns stay zero). `from_dirs` builds the slots of a server from a name -> directory map,
-every adapter checked up front (`adapter_bank`).
+slot ids, loading an adapter the first time it is asked for (its directory from `resolve`, checked against the
+base's fingerprint) and evicting the least recently used adapter that the batch does not need. The forward then runs
+under `selection.rows(ids)` (those ids on the device), so one batch mixes adapters row by row. A batch that needs
+more distinct adapters than there are slots is refused (`TooManyAdapters`): the engine admits a sequence only when
+its adapter `fits` beside those of the running ones. The bank's rank is the largest an adapter may have; smaller
+ranks are exact (their extra columns stay zero). `from_dirs` builds the slots of a server from a name -> directory
+map, every adapter checked up front (`adapter_bank`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from raytrain.checkpoint.adapter import AdapterError, base_fingerprint, check_base, read_adapter
@@ -62,11 +61,6 @@ class AdapterSlots:
         """Whether a sequence with adapter `name` can run beside sequences using the adapters `active`."""
         held = {a for a in active if a is not None}
         return name is None or name in held or len(held) < self.slots
-
-    def ids(self, names: Sequence[str | None]) -> torch.Tensor:
-        """`slots_of` as a tensor on the model's device."""
-        device = next(iter(lora_layers(self.model).values())).scale.device
-        return torch.tensor(self.slots_of(names), device=device)
 
     def slots_of(self, names: Sequence[str | None]) -> list[int]:
         """Slot of each row's adapter (-1 for None), loading and evicting as needed."""

@@ -52,32 +52,32 @@ def test_a_mixed_batch_gives_each_row_its_adapter_and_slots_are_reused_lru(serve
     base, root = served
     server = slots_on(base, root)
     tokens = torch.randint(0, 512, (4, 8))
-    ids = server.ids(["a", None, "b", "a"])
-    assert ids.tolist() == [0, -1, 1, 0] and server.loads == 2
-    with server.selection.rows(ids):
+    ids = server.slots_of(["a", None, "b", "a"])
+    assert ids == [0, -1, 1, 0] and server.loads == 2
+    with server.selection.rows(torch.tensor(ids)):
         mixed = server.model(tokens)
     alone = {name: load_pretrained(base, adapter=root / name).model for name in ("a", "b")}
     expected = torch.stack([alone["a"](tokens[:1])[0], load_pretrained(base).model(tokens[1:2])[0],
                             alone["b"](tokens[2:3])[0], alone["a"](tokens[3:4])[0]])
     torch.testing.assert_close(mixed, expected, rtol=1e-5, atol=1e-5)
 
-    assert server.ids(["c"]).tolist() == [0] and server.loads == 3  # "a" was least recently used
-    assert server.ids(["b"]).tolist() == [1] and server.loads == 3  # still loaded
-    assert server.ids(["a"]).tolist() == [0] and server.loads == 4  # back, in the slot of "c" (now the LRU)
-    with server.selection.rows(server.ids(["a"])):
+    assert server.slots_of(["c"]) == [0] and server.loads == 3  # "a" was least recently used
+    assert server.slots_of(["b"]) == [1] and server.loads == 3  # still loaded
+    assert server.slots_of(["a"]) == [0] and server.loads == 4  # back, in the slot of "c" (now the LRU)
+    with server.selection.rows(torch.tensor(server.slots_of(["a"]))):
         torch.testing.assert_close(server.model(tokens[:1]), alone["a"](tokens[:1]), rtol=1e-5, atol=1e-5)
     with pytest.raises(TooManyAdapters, match="asks for 3 adapters; this replica holds 2"):
-        server.ids(["a", "b", "c"])
+        server.slots_of(["a", "b", "c"])
 
 
 def test_adapters_of_another_base_or_a_higher_rank_are_refused(served) -> None:
     base, root = served
     with pytest.raises(AdapterError, match="was trained on base .*base1"):
-        slots_on(base, root).ids(["x"])
+        slots_on(base, root).slots_of(["x"])
     narrow = load_pretrained(base).model
     server = AdapterSlots(narrow, base, base_fingerprint(base), 2, LoRAConfig(rank=2), lambda name: root / name)
     with pytest.raises(AdapterError, match="adapter b .* does not fit this replica's slots"):
-        server.ids(["b"])
+        server.slots_of(["b"])
 
 
 def greedy(engine: Engine, jobs: list[tuple[list[int], str | None]]) -> list[list[int]]:
