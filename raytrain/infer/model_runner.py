@@ -64,7 +64,8 @@ class ModelRunner:
         self.adapter_slots = [-1] * n_slots  # `adapter_ids` on the host
         self.selection = selection
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
-        self.graphs: dict[tuple[int, int, bool, bool, bool], torch.cuda.CUDAGraph] = {}  # (W, L, shifted, adapted, greedy)
+        # (W, L, shifted, adapted, greedy) -> the decode step's graph
+        self.graphs: dict[tuple[int, int, bool, bool, bool], torch.cuda.CUDAGraph] = {}
         self.graph_pool = None
         self.logits = torch.empty(n_slots, model.cfg.rows, dtype=model.embed.weight.dtype, device=self.device)
         self.sampled = torch.zeros(n_slots, dtype=torch.long, device=self.device)  # greedy steps' tokens
