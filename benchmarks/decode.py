@@ -7,10 +7,10 @@ same prompts. Figures: end-to-end tokens/s (prefill included), decode tokens/s (
 for transformers, the 1-token run's time subtracted), and the fraction of the memory-bandwidth limit the decode
 step reaches: bytes one step must read (every weight once, plus the KV cache of every row at its mean length)
 over the measured step time, over `--bandwidth` (4.8 TB/s, the H200's datasheet figure). With `--prefill`, each
-variant's packed prefill forward of 1 and of 8 prompts of `--prompt` tokens: its wall time and the host's time to
-queue it (the call returning, before the device is synchronised): equal times mean the forward waits on the host
-(kernel launches), not on the device. On CUDA, what limits the
-step: `graph_ms`, the device time of the decode step's CUDA graph alone (replayed back to back), beside `step_ms`
+variant's packed prefill forward of 1 and of 8 prompts of `--prompt` tokens, eager and as a static-shape CUDA graph
+(the engine's way): its wall time and the host's time to queue it (the call returning, before the device is
+synchronised): equal times mean the forward waits on the host (kernel launches), not on the device. On CUDA, what
+limits the step: `graph_ms`, the device time of the decode step's CUDA graph alone (replayed back to back), beside `step_ms`
 (the engine's step, host included); with `--profile`, the kernels of one eager decode step (name, count, total
 device microseconds) of the first model, batch and variant run, and their sum against the graph's time (the rest is gaps
 between kernels).
@@ -182,22 +182,24 @@ def engine_run(model: Decoder, tokenizer: Any, batch: int, args: argparse.Namesp
 
 
 def prefill_times(model: Decoder, args: argparse.Namespace, repeats: int = 5) -> dict[str, dict[str, float]]:
-    """Median wall and host-queueing milliseconds of one packed prefill forward of 1 and of 8 prompts (the kernels
-    as the variant's engine set them up)."""
-    runner = ModelRunner(model, 8, args.prompt + 1, cuda_graphs=False)
+    """Median wall and host-queueing milliseconds of one packed prefill forward of 1 and of 8 prompts, eager and
+    as the engine runs it (a static-shape bucket, a CUDA graph on the GPU), the kernels as the variant set them up."""
     out = {}
-    for rows in (1, 8):
-        chunks = prompts(rows, args.prompt, model.cfg.vocab_size)
-        host, wall = [], []
-        for _ in range(repeats + 2):  # two warm-ups: compilation of new shapes, allocation
-            sync(args.device)
-            start = time.perf_counter()
-            runner.prefill_packed(list(range(rows)), chunks)
-            host.append(time.perf_counter() - start)
-            sync(args.device)
-            wall.append(time.perf_counter() - start)
-        out[f"{rows}x{args.prompt}"] = {"wall_ms": 1e3 * statistics.median(wall[2:]),
-                                        "host_ms": 1e3 * statistics.median(host[2:])}
+    for mode, static_tokens in (("eager", 0), ("static", 2 * 2048)):
+        runner = ModelRunner(model, 8, args.prompt + 1, static_prefill_tokens=static_tokens)
+        for rows in (1, 8):
+            chunks = prompts(rows, args.prompt, model.cfg.vocab_size)
+            host, wall = [], []
+            for _ in range(repeats + 2):  # two warm-ups: compilation of new shapes, graph capture, allocation
+                sync(args.device)
+                start = time.perf_counter()
+                runner.prefill_packed(list(range(rows)), chunks)
+                host.append(time.perf_counter() - start)
+                sync(args.device)
+                wall.append(time.perf_counter() - start)
+            out[f"{mode}_{rows}x{args.prompt}"] = {"wall_ms": 1e3 * statistics.median(wall[2:]),
+                                                   "host_ms": 1e3 * statistics.median(host[2:])}
+        del runner
     return out
 
 

@@ -68,6 +68,7 @@ class EngineConfig:
     compile_decode: bool = False  # the whole decode step through torch.compile before its graphs (GPU only)
     fused_attention: bool = True  # decode attention and its cache write as one Triton kernel (GPU only)
     packed_prefill: bool = True  # a step's first prompt chunks as one right-padded forward (groups of like length)
+    prefill_graphs: bool = True  # packed prefills up to 2 x max_step_tokens as CUDA graphs per shape bucket (GPU)
     overlap: bool | None = None  # host work of step t while the device runs step t+1; None = on CUDA
     lazy: bool = False  # LazyLLM for prompts of at least lazyllm.min_prompt_tokens tokens
     lazyllm: LazyConfig = field(default_factory=LazyConfig)
@@ -135,7 +136,8 @@ class Engine:
                                   compile_decode=cuda and self.config.compile_decode,
                                   selection=adapters.selection if adapters is not None else None,
                                   fused_attention=cuda and self.config.fused_attention
-                                  and fused_attention_supported(model.cfg.head_dim))
+                                  and fused_attention_supported(model.cfg.head_dim),
+                                  static_prefill_tokens=self._static_prefill_tokens())
         self.speculative = (SpecStreamDecoder(model, self.runner.cache, self.config.specstream)
                             if self.config.specstream is not None else None)
         self.sampling = SamplingTable(n_slots + 1, model.cfg.vocab_size, self.device)  # + a row for LazyLLM
@@ -198,11 +200,16 @@ class Engine:
             return slots
         per_slot = (self.max_len + 1 + self.tree_margin) * SlotKVCache.bytes_per_token(
             [b.attn.n_kv for b in self.model.layers], self.model.cfg.head_dim, self.model.embed.weight.dtype)
-        fit = int(budget * 2 ** 30 // per_slot)
+        fit = int(budget * 2 ** 30 // per_slot) - bool(self._static_prefill_tokens())  # the scratch slot
         if fit < 1:
             raise ConfigError(f"kv_memory_gb={budget} holds no slot of max_model_len={self.max_len} tokens "
                               f"({per_slot / 2 ** 30:.3f} GiB each); raise it or lower max_model_len")
         return min(slots, fit)
+
+    def _static_prefill_tokens(self) -> int:
+        """The most padded tokens a packed prefill runs as a CUDA graph; 0 (always eager) off the GPU."""
+        graphs = self.device.type == "cuda" and self.config.cuda_graphs and self.config.prefill_graphs
+        return 2 * max(1, self.config.max_step_tokens) if graphs else 0
 
     # ---- requests ---------------------------------------------------------------------------------------------
 

@@ -12,7 +12,8 @@ Three modes, set by the model runner before each forward:
   first start+T keys (SDPA: the flash kernel when start is 0);
 - packed prefill: the first chunks of B prompts as one right-padded (B, T) batch, row b written at positions 0..T-1
   of slot `slots[b]` and causal over its own chunk (flash). A row's padding sits after its last token, so no real
-  query attends to it, and its KV lands at indices the row's decode steps overwrite before they read them;
+  query attends to it, and its KV lands at indices the row's decode steps overwrite before they read them. Rows that
+  only pad a batch to its static shape write to the scratch slot (`scratch_slot`, the slot after the last);
 - decode: rows 0..W-1 (row = slot), one token each at `positions`, written at `write_index` (the position, or the
   scratch index for idle rows), attending to the first `length` keys of their slot under a per-row length mask.
   `rope_positions`, when given, are the (real-valued) positions RoPE rotates by instead: a superposed prompt's
@@ -39,14 +40,15 @@ def fused_attention_supported(head_dim: int) -> bool:
 
 class SlotKVCache:
     def __init__(self, kv_heads: list[int], head_dim: int, n_slots: int, max_len: int, dtype: torch.dtype,
-                 device: torch.device, fused_attention: bool = False) -> None:
+                 device: torch.device, fused_attention: bool = False, scratch_slot: bool = False) -> None:
         self.n_slots, self.max_len = n_slots, max_len
+        self.scratch = n_slots if scratch_slot else None  # an extra slot the padding rows of a prefill write to
         self.fused_attention = None  # the Triton decode attention, imported (with triton) only where it runs
         if fused_attention:
             from raytrain.infer.attention_kernel import decode_attention as fused
 
             self.fused_attention = fused
-        shape = [(n_slots, h, max_len + 1, head_dim) for h in kv_heads]
+        shape = [(n_slots + scratch_slot, h, max_len + 1, head_dim) for h in kv_heads]
         self.keys = [torch.zeros(s, dtype=dtype, device=device) for s in shape]
         self.values = [torch.zeros(s, dtype=dtype, device=device) for s in shape]
         self.rows = torch.arange(n_slots, device=device)

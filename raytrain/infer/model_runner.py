@@ -7,9 +7,13 @@ L keys of each slot for a length bucket L; on CUDA each (W, L) is captured once 
 as one launch, all graphs sharing one memory pool) and replayed, with its logits written into a static buffer. A
 step whose rows are all greedy (`decode_greedy`) has graphs of its own that also take the argmax and advance the
 inputs, so such a step launches nothing but its graph and the copy of its tokens to the host.
-Prefill runs eagerly: the first chunks of a step's new prompts as one right-padded batch (`prefill_packed`: one
-forward for many prompts, so a burst of arrivals costs one pass of kernel launches, not one per prompt), a later
-chunk of a long prompt alone (`prefill`); SDPA's flash kernel for first chunks. A superposed prompt's KV,
+Prefill takes the first chunks of a step's new prompts as one right-padded batch (`prefill_packed`: one forward for
+many prompts, so a burst of arrivals costs one pass of kernel launches, not one per prompt) and a later chunk of a
+long prompt alone (`prefill`, eager); SDPA's flash kernel for first chunks. An eager forward of a 1B model costs the
+host about 25 ms of launches whatever its size (H200, 2026-12-04: 1x256 to 16x128 tokens took 23-27 ms eagerly, a
+graph replay of 1x256 5.5 ms), so with `static_prefill_tokens` a packed batch is padded to a (rows, tokens) bucket
+(at most 1.5x each way; padding rows write to the cache's scratch slot) and, on CUDA, each bucket is captured once
+as a CUDA graph and replayed like a decode step. A superposed prompt's KV,
 computed by `superposition.py`, is copied into its slot instead (`install`). Its rows then decode at real-valued
 positions: slot index + `rope_offset` (a decode step with such rows is a graph of its own).
 With a `selection` (a model carrying LoRA adapter slots, `raytrain.infer.adapters`) every forward runs with each
@@ -22,6 +26,7 @@ is a graph of its own), and a prefill chunk uses its adapter's weights directly,
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 
@@ -30,12 +35,22 @@ from raytrain.models.decoder import Decoder
 from raytrain.models.lora import AdapterSelection
 
 MIN_LENGTH_BUCKET = 128
+MIN_PREFILL_TOKENS = 16
 
 
 def width_buckets(n_slots: int) -> list[int]:
     """Decode batch widths: 1, 2, 4, 8, then multiples of 8 up to 32 and of 16 beyond (few graphs, little padding)."""
     widths = [w for w in (1, 2, 4) if w < n_slots] + list(range(8, 33, 8)) + list(range(48, n_slots + 16, 16))
     return sorted({min(w, n_slots) for w in widths})
+
+
+def geometric_buckets(low: int, high: int) -> list[int]:
+    """low, 1.5 low, 2 low, 3 low, 4 low, ... up to high (included): at most 1.5x padding from a few dozen shapes."""
+    sizes, size = {high}, low
+    while size < high:
+        sizes |= {size, size * 3 // 2}
+        size *= 2
+    return sorted(s for s in sizes if s <= high)
 
 
 def bucket(value: int, buckets: list[int]) -> int:
@@ -45,12 +60,14 @@ def bucket(value: int, buckets: list[int]) -> int:
 class ModelRunner:
     def __init__(self, model: Decoder, n_slots: int, max_len: int, cuda_graphs: bool = True,
                  compile_decode: bool = False, selection: AdapterSelection | None = None,
-                 fused_attention: bool = False) -> None:
+                 fused_attention: bool = False, static_prefill_tokens: int = 0) -> None:
+        """static_prefill_tokens: the most padded tokens (rows x tokens) a packed prefill runs as a static-shape
+        bucket (a CUDA graph with `cuda_graphs` on CUDA); larger ones, and all with 0, run eagerly as they come."""
         self.model = model
         self.device = model.embed.weight.device
         kv_heads = [block.attn.n_kv for block in model.layers]
         self.cache = SlotKVCache(kv_heads, model.cfg.head_dim, n_slots, max_len, model.embed.weight.dtype,
-                                 self.device, fused_attention)
+                                 self.device, fused_attention, scratch_slot=static_prefill_tokens > 0)
         self.n_slots, self.max_len = n_slots, max_len
         self.widths = width_buckets(n_slots)
         self.lengths = sorted({min(max_len, MIN_LENGTH_BUCKET << i) for i in range(max_len.bit_length())})
@@ -71,6 +88,13 @@ class ModelRunner:
         self.sampled = torch.zeros(n_slots, dtype=torch.long, device=self.device)  # greedy steps' tokens
         # compiled with dynamic shapes: one compilation for every (width, length) bucket, each then a CUDA graph
         self._decode_forward = torch.compile(self._forward, dynamic=True) if compile_decode else self._forward
+        self.static_prefill_tokens = static_prefill_tokens
+        self.prefill_rows = geometric_buckets(1, n_slots)
+        self.prefill_lengths = geometric_buckets(MIN_PREFILL_TOKENS, max_len)
+        # one flat buffer for a bucket's tokens, slots and last indices: one host-to-device copy per prefill
+        self.prefill_inputs = torch.zeros(static_prefill_tokens + 2 * n_slots, dtype=torch.long, device=self.device)
+        self.prefill_logits = self.logits.new_empty(n_slots if static_prefill_tokens else 0, model.cfg.rows)
+        self.prefill_graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
 
     # ---- prefill ----------------------------------------------------------------------------------------------
 
@@ -85,7 +109,46 @@ class ModelRunner:
     @torch.inference_mode()
     def prefill_packed(self, slots: list[int], chunks: list[list[int]]) -> torch.Tensor:
         """Write the KV of B prompts' first chunks at positions 0.. of their slots in one forward, right-padded to the
-        longest; return each chunk's last-token logits (B, V)."""
+        longest (or to its static bucket); return each chunk's last-token logits (B, V)."""
+        shape = self.prefill_shape(len(chunks), max(len(chunk) for chunk in chunks))
+        if shape is None or self.selection is not None and any(self.adapter_slots[s] >= 0 for s in slots):
+            return self._prefill_eager(slots, chunks)
+        self._load_prefill_inputs(shape, slots, chunks)
+        with self._adapters(slots, captured=False):  # the base alone
+            if not self.cuda_graphs:
+                self._prefill_static(*shape)
+            elif shape not in self.prefill_graphs:
+                self.prefill_graphs[shape] = self._graph(lambda: self._prefill_static(*shape))
+        if self.cuda_graphs:
+            self.prefill_graphs[shape].replay()
+        return self.prefill_logits[:len(chunks)].clone()  # the next prefill overwrites the buffer
+
+    def prefill_shape(self, rows: int, longest: int) -> tuple[int, int] | None:
+        """The static (rows, tokens) bucket of a packed prefill, or None: it runs eagerly."""
+        if not self.static_prefill_tokens:
+            return None
+        shape = bucket(rows, self.prefill_rows), bucket(longest, self.prefill_lengths)
+        return shape if shape[0] * shape[1] <= self.static_prefill_tokens else None
+
+    def _load_prefill_inputs(self, shape: tuple[int, int], slots: list[int], chunks: list[list[int]]) -> None:
+        """The bucket's inputs into `prefill_inputs`: tokens (R, T) right-padded with 0, each row's slot (padding
+        rows: the scratch slot), each row's last index."""
+        rows, length = shape
+        padding = rows - len(chunks)
+        tokens = [t for chunk in chunks for t in chunk + [0] * (length - len(chunk))] + [0] * (padding * length)
+        values = tokens + slots + [self.cache.scratch] * padding + [len(c) - 1 for c in chunks] + [0] * padding
+        host = torch.tensor(values, pin_memory=self.device.type == "cuda")
+        self.prefill_inputs[:len(values)].copy_(host, non_blocking=True)
+
+    def _prefill_static(self, rows: int, length: int) -> None:
+        """A bucket's forward over `prefill_inputs`, its last-token logits into `prefill_logits` (as captured)."""
+        tokens = self.prefill_inputs[:rows * length].view(rows, length)
+        slots, last = self.prefill_inputs[rows * length:rows * length + 2 * rows].view(2, rows)
+        self.cache.begin_packed_prefill(slots)
+        hidden = self.model.hidden(tokens, cache=self.cache)  # (R, T, d)
+        self.prefill_logits[:rows] = self.model.logits(hidden[self.cache.rows[:rows], last])
+
+    def _prefill_eager(self, slots: list[int], chunks: list[list[int]]) -> torch.Tensor:
         longest = max(len(chunk) for chunk in chunks)
         x = torch.tensor([chunk + [0] * (longest - len(chunk)) for chunk in chunks], device=self.device)  # (B, T)
         rows = torch.tensor(slots, device=self.device)
@@ -191,18 +254,23 @@ class ModelRunner:
         saved = [t.clone() for t in (self.write_index, self.live, self.tokens, self.positions)]
         self.write_index.fill_(self.max_len)
         self.live.zero_()
+        self.graphs[key] = self._graph(lambda: self._run(width, length, shifted, greedy))
+        for buffer, value in zip((self.write_index, self.live, self.tokens, self.positions), saved):
+            buffer.copy_(value)
+
+    def _graph(self, run: Callable[[], None]) -> torch.cuda.CUDAGraph:
+        """`run` captured as a CUDA graph in the pool all graphs share (each writes its outputs to buffers outside
+        the pool), after a warm-up run. Capturing computes nothing: the caller replays the graph."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up outside the graph: compilation, cuBLAS handles, lazy inits
-            self._run(width, length, shifted, greedy)
+            run()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.graph_pool):
-            self._run(width, length, shifted, greedy)
+            run()
         self.graph_pool = graph.pool()
-        self.graphs[key] = graph
-        for buffer, value in zip((self.write_index, self.live, self.tokens, self.positions), saved):
-            buffer.copy_(value)
+        return graph
 
 
 class PlainSequence:

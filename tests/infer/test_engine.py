@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from raytrain.config import RaytrainError
 from raytrain.infer.engine import Completion, Delta, Engine, EngineConfig, Request, pack_groups
-from raytrain.infer.model_runner import ModelRunner
+from raytrain.infer.model_runner import ModelRunner, bucket, geometric_buckets
 from raytrain.infer.sampling import SamplingParams
 
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0)
@@ -300,17 +300,49 @@ def test_a_request_submitted_while_others_run_joins_their_batch(lm, tokenizer) -
     assert engine.decode_rows[2] > 0
 
 
-def test_a_packed_prefill_writes_each_slot_and_logit_as_one_prompt_alone(lm) -> None:
+@pytest.mark.parametrize("static_tokens", [0, 512])  # right-padded to the longest; padded to a static bucket
+def test_a_packed_prefill_writes_each_slot_and_logit_as_one_prompt_alone(lm, static_tokens) -> None:
     torch.manual_seed(3)
-    prompts = [torch.randint(4, 512, (n,)).tolist() for n in (11, 4, 17)]
-    packed, alone = ModelRunner(lm, 4, 64, cuda_graphs=False), ModelRunner(lm, 4, 64, cuda_graphs=False)
-    logits = packed.prefill_packed([2, 0, 3], prompts)
-    for row, (slot, prompt) in enumerate(zip([2, 0, 3], prompts)):
+    slots = [6, 1, 3, 0, 4]
+    prompts = [torch.randint(4, 512, (n,)).tolist() for n in (11, 4, 17, 1, 9)]
+    packed = ModelRunner(lm, 8, 64, cuda_graphs=False, static_prefill_tokens=static_tokens)
+    alone = ModelRunner(lm, 8, 64, cuda_graphs=False)
+    logits = packed.prefill_packed(slots, prompts)
+    for row, (slot, prompt) in enumerate(zip(slots, prompts)):
         torch.testing.assert_close(logits[row], alone.prefill(slot, prompt, 0)[0], rtol=1e-5, atol=1e-5)
         for layer in range(len(lm.layers)):
             for mine, theirs in ((packed.cache.keys, alone.cache.keys), (packed.cache.values, alone.cache.values)):
                 torch.testing.assert_close(mine[layer][slot, :, :len(prompt)], theirs[layer][slot, :, :len(prompt)])
-    assert not packed.cache.keys[0][1].any()  # the slot nobody prefilled
+    assert logits.shape[0] == len(prompts)
+    for slot in (2, 5, 7):  # the slots nobody prefilled
+        assert not packed.cache.keys[0][slot].any()
+    if static_tokens:
+        assert packed.prefill_shape(len(prompts), 17) == (6, 24)  # a padding row, written to the scratch slot
+        assert packed.cache.keys[0][packed.cache.scratch].any()
+
+
+def test_a_packed_prefill_past_the_static_budget_runs_as_it_comes(lm) -> None:
+    runner = ModelRunner(lm, 8, 256, cuda_graphs=False, static_prefill_tokens=128)
+    assert runner.prefill_shape(4, 30) == (4, 32) and runner.prefill_shape(5, 30) is None
+    assert runner.prefill_shape(1, 200) is None and runner.prefill_lengths[-1] == 256
+
+
+def test_static_prefill_buckets_pad_at_most_by_half_and_reach_the_limit() -> None:
+    for low, high in ((1, 64), (16, 2050)):
+        buckets = geometric_buckets(low, high)
+        assert buckets[0] == low and buckets[-1] == high and len(buckets) <= 2 * high.bit_length()
+        assert all(bucket(n, buckets) <= 1.5 * n for n in range(low, high + 1))
+
+
+def test_static_prefill_through_the_engine_gives_the_tokens_of_eager_prefill(lm, tokenizer, monkeypatch) -> None:
+    """Padded prompts leave KV past their end that their decode steps must overwrite before reading it."""
+    requests = staggered_requests(Engine(lm, tokenizer)) + [Request("one two three " * 30, GREEDY)]
+    config = EngineConfig(max_batch_size=4, max_step_tokens=64)
+    eager = Engine(lm, tokenizer, config).generate(requests)
+    monkeypatch.setattr(Engine, "_static_prefill_tokens", lambda self: 128)
+    static = Engine(lm, tokenizer, config)
+    assert static.runner.cache.scratch == 4
+    assert [c.token_ids for c in static.generate(requests)] == [c.token_ids for c in eager]
 
 
 def test_a_burst_of_prompts_prefills_in_packed_groups_with_the_tokens_of_one_at_a_time(lm, tokenizer,
