@@ -125,7 +125,6 @@ def make_prompts(engine: Engine, tokens: int, n: int) -> list[str]:
 def direct(engine: Engine, prompts: list[str], max_tokens: int, concurrency: int) -> dict[str, Any]:
     """The same closed-loop clients without Serve: `concurrency` of them submit straight to the engine."""
     params = SamplingParams(max_new_tokens=max_tokens, temperature=0, ignore_eos=True)
-    engine.capture_graphs()  # as a replica does at its start
     engine.generate([Request(p, params) for p in warm_up(prompts, engine.n_slots)])
     pending, done = list(reversed(prompts)), []
 
