@@ -1,5 +1,4 @@
-"""The model deployment: each replica holds one `Engine` (the project's generation engine) for one model, its CUDA
-graphs captured before the replica takes requests.
+"""The model deployment: each replica holds one `Engine` (the project's generation engine) for one model.
 
 A request is tokenized (chat messages through the model's chat template) and checked against the model's limits on
 its own, so one bad request never fails another: a text longer than the token limit could hold is refused before it
@@ -24,8 +23,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import logging
-import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -45,7 +42,6 @@ from raytrain.models.vlm import VLMConfig
 from serving.config import ModelSpec, model_spec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-logger = logging.getLogger("ray.serve")  # the replica's log
 
 
 class RequestError(Exception):
@@ -84,10 +80,6 @@ class ModelServer:
         self.spec = model_spec(args, f"models.{name}")
         self.engine = load_engine(self.spec, f"models.{name}")
         self.vision = isinstance(self.engine, VLMEngine)
-        if not self.vision:  # before the replica reports healthy, so no request waits on a capture
-            started = time.perf_counter()
-            graphs = self.engine.capture_graphs()
-            logger.info("model %s: %d CUDA graphs captured in %.1f s", name, graphs, time.perf_counter() - started)
         self.chat_template = chat_template(self.engine.tokenizer, self.spec.chat_template)
         # no text beyond this many characters tokenizes into max_prompt_tokens tokens or fewer
         self.max_prompt_chars = self.spec.limits.max_prompt_tokens * longest_token_chars(self.engine.tokenizer)

@@ -275,12 +275,6 @@ class Engine:
 
     # ---- synchronous use --------------------------------------------------------------------------------------
 
-    def capture_graphs(self) -> int:
-        """Capture every CUDA graph the steps replay now (a replica's start) instead of at each shape's first use,
-        which holds up the request that meets it; returns how many (0 off the GPU)."""
-        with self._lock:
-            return self.runner.capture_graphs()
-
     def generate(self, requests: list[Request]) -> list[Completion]:
         done = {d.index: d.completion for d in self.stream(requests) if d.completion is not None}
         return [done[i] for i in range(len(requests))]

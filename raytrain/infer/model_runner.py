@@ -115,35 +115,13 @@ class ModelRunner:
             return self._prefill_eager(slots, chunks)
         self._load_prefill_inputs(shape, slots, chunks)
         with self._adapters(slots, captured=False):  # the base alone
-            self._prefill_bucket(shape)
+            if not self.cuda_graphs:
+                self._prefill_static(*shape)
+            elif shape not in self.prefill_graphs:
+                self.prefill_graphs[shape] = self._graph(lambda: self._prefill_static(*shape))
+        if self.cuda_graphs:
+            self.prefill_graphs[shape].replay()
         return self.prefill_logits[:len(chunks)].clone()  # the next prefill overwrites the buffer
-
-    def _prefill_bucket(self, shape: tuple[int, int]) -> None:
-        """The bucket's forward over the loaded inputs: its graph (captured at first use) on CUDA, else eagerly."""
-        if not self.cuda_graphs:
-            return self._prefill_static(*shape)
-        if shape not in self.prefill_graphs:
-            self.prefill_graphs[shape] = self._graph(lambda: self._prefill_static(*shape))
-        self.prefill_graphs[shape].replay()
-
-    @torch.inference_mode()
-    def capture_graphs(self) -> int:
-        """Capture every decode graph of the base model (shifted ones aside) and every static prefill bucket now,
-        while no sequence runs (a replica's start), rather than at each shape's first use, where the capture and
-        the fused kernels' compilation for that shape hold up the request that met it; returns how many."""
-        if not self.cuda_graphs:
-            return 0
-        for width in self.widths:
-            for length in self.lengths:
-                for greedy in (False, True):
-                    self._step(width, length, greedy)  # every row idle: writes go to the scratch index
-        with self.selection.base() if self.selection is not None else contextlib.nullcontext():
-            for rows in self.prefill_rows:
-                for length in self.prefill_lengths:
-                    if rows * length <= self.static_prefill_tokens:
-                        self._load_prefill_inputs((rows, length), [], [])  # every row pads: the scratch slot
-                        self._prefill_bucket((rows, length))
-        return len(self.graphs) + len(self.prefill_graphs)
 
     def prefill_shape(self, rows: int, longest: int) -> tuple[int, int] | None:
         """The static (rows, tokens) bucket of a packed prefill, or None: it runs eagerly."""
