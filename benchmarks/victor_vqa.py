@@ -5,8 +5,8 @@ decoder pretrained here as a language model (`raytrain train`, its own BPE) on t
 of the scenes and question/answer lines without the images (or `--decoder CKPT`), so that Stage 1 aligns to a
 decoder that knows the words, as LLaVA's does. Then each variant runs `job=vlm` (Ray Train + DeepSpeed, both recipe
 stages: captions with tower and decoder frozen, then the questions with the decoder trained; the same data, parts,
-steps, batch and seed): the LLaVA baseline (`vlm.mode=off`), Victor with M = 8 and M = 32 (k = 3), and registers
-without the drop (M = 8, k = n). FastV (the 8 visual tokens that received the most attention in layer k-1 survive
+steps, batch and seed): the LLaVA baseline (`vlm.mode=off`), Victor with M = 8 and M = 32 (k = 3), Victor M = 8 dropping
+after layer k = 5 (the paper's k sweep), and registers without the drop (M = 8, k = n). FastV (the 8 visual tokens that received the most attention in layer k-1 survive
 layer k = 3) is applied at inference to the baseline's weights, as the paper compares it. Every run shares one local
 Ray cluster, and a run that finished under `--storage` earlier is reused. Each model answers the held-out split
 (scenes no training record shows) greedily through `raytrain.infer.vlm.answer`; exact match after `vqa.normalise`,
@@ -49,6 +49,7 @@ from raytrain.models.vlm import VictorConfig  # noqa: E402
 from lazyllm_ttft import paired_difference_ci, wilson  # noqa: E402
 
 TRAINED = {"baseline": ["vlm.mode=off"], "victor_8": ["vlm.registers=8"], "victor_32": ["vlm.registers=32"],
+           "victor_8_k5": ["vlm.registers=8", "vlm.drop_layer=5"],  # the paper's k sweep: k = 5 loses nothing
            "registers_8_no_drop": ["vlm.registers=8", "vlm.drop_layer=99"]}
 DECODER = ["model=openelm_tiny", "model.name=vlm_tiny_decoder", "model.vocab_size=512", "model.n_layers=8",
            "model.layer_scaling=null", "++model.q_heads=4", "++model.kv_heads=2", "++model.ffn_dim=384",
@@ -168,6 +169,7 @@ def answer_prior(train: list[dict], rows: list[dict]) -> dict:
 
 
 LOCAL = {"baseline": {"mode": "off"}, "victor_8": {"num_registers": 8}, "victor_32": {"num_registers": 32},
+         "victor_8_k5": {"num_registers": 8, "drop_layer": 5},
          "registers_8_no_drop": {"num_registers": 8, "drop_layer": 8}}  # vlm_tiny's decoder has 8 layers
 
 
