@@ -10,10 +10,10 @@ over the measured step time, over `--bandwidth` (4.8 TB/s, the H200's datasheet 
 variant's packed prefill forward of 1 and of 8 prompts of `--prompt` tokens, eager and as a static-shape CUDA graph
 (the engine's way): its wall time and the host's time to queue it (the call returning, before the device is
 synchronised): equal times mean the forward waits on the host (kernel launches), not on the device. On CUDA, what
-limits the step: `graph_ms`, the device time of the decode step's CUDA graph alone (replayed back to back), beside `step_ms`
-(the engine's step, host included); with `--profile`, the kernels of one eager decode step (name, count, total
-device microseconds) of the first model, batch and variant run, and their sum against the graph's time (the rest is gaps
-between kernels).
+limits the step: `graph_ms`, the device time of the decode step's CUDA graph alone (replayed back to back), beside
+`step_ms` (the engine's step, host included); with `--profile`, the kernels of one eager decode step (name, count,
+total device microseconds) of the first model, batch and variant run, and their sum against the graph's time (the
+rest is gaps between kernels).
 
     python benchmarks/decode.py --device cuda                      # the issue's table (about 5 minutes on an H200)
     python benchmarks/decode.py --device cuda --no-hf --models openelm_1_1b --batches 1,64 --variants eager,fused

@@ -5,9 +5,10 @@ decoder pretrained here as a language model (`raytrain train`, its own BPE) on t
 of the scenes and question/answer lines without the images (or `--decoder CKPT`), so that Stage 1 aligns to a
 decoder that knows the words, as LLaVA's does. Then each variant runs `job=vlm` (Ray Train + DeepSpeed, both recipe
 stages: captions with tower and decoder frozen, then the questions with the decoder trained; the same data, parts,
-steps, batch and seed): the LLaVA baseline (`vlm.mode=off`), Victor with M = 8 and M = 32 (k = 3), Victor M = 8 dropping
-after layer k = 5 (the paper's k sweep), and registers without the drop (M = 8, k = n). FastV (the 8 visual tokens that received the most attention in layer k-1 survive
-layer k = 3) is applied at inference to the baseline's weights, as the paper compares it. Every run shares one local
+steps, batch and seed): the LLaVA baseline (`vlm.mode=off`), Victor with M = 8 and M = 32 (k = 3), Victor M = 8
+dropping after layer k = 5 (the paper's k sweep), and registers without the drop (M = 8, k = n). FastV (the 8 visual
+tokens that received the most attention in layer k-1 survive layer k = 3) is applied at inference to the baseline's
+weights, as the paper compares it. Every run shares one local
 Ray cluster, and a run that finished under `--storage` earlier is reused. Each model answers the held-out split
 (scenes no training record shows) greedily through `raytrain.infer.vlm.answer`; exact match after `vqa.normalise`,
 overall and per question kind with 95% Wilson intervals, each variant's difference to the baseline on the same

@@ -9,9 +9,9 @@ step whose rows are all greedy (`decode_greedy`) has graphs of its own that also
 inputs, so such a step launches nothing but its graph and the copy of its tokens to the host.
 Prefill takes the first chunks of a step's new prompts as one right-padded batch (`prefill_packed`: one forward for
 many prompts, so a burst of arrivals costs one pass of kernel launches, not one per prompt) and a later chunk of a
-long prompt alone (`prefill`, eager); SDPA's flash kernel for first chunks. An eager forward of a 1B model costs the
-host about 25 ms of launches whatever its size (H200, 2026-12-04: 1x256 to 16x128 tokens took 23-27 ms eagerly, a
-graph replay of 1x256 5.5 ms), so with `static_prefill_tokens` a packed batch is padded to a (rows, tokens) bucket
+long prompt alone (`prefill`, eager); SDPA's flash kernel for first chunks. An eager forward of a 1B model waits on
+its kernel launches whatever its size (H200, 2026-12-04, `benchmarks/decode.py --prefill`: 1x256 tokens 45 ms
+eagerly, 2.5 ms as a graph), so with `static_prefill_tokens` a packed batch is padded to a (rows, tokens) bucket
 (at most 1.5x each way; padding rows write to the cache's scratch slot) and, on CUDA, each bucket is captured once
 as a CUDA graph and replayed like a decode step. A superposed prompt's KV,
 computed by `superposition.py`, is copied into its slot instead (`install`). Its rows then decode at real-valued
