@@ -37,7 +37,7 @@ from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.timing import sync, synced_seconds  # noqa: E402
+from benchmarks.timing import replay_ms, sync, synced_seconds  # noqa: E402
 from raytrain.checkpoint.foreign import llama_config, llama_state  # noqa: E402
 from raytrain.data.corpus import documents  # noqa: E402
 from raytrain.data.tokenizer import train_bpe  # noqa: E402
@@ -208,18 +208,11 @@ def decode_bucket(engine: Engine, batch: int, args: argparse.Namespace) -> tuple
     return engine.runner.decode_shape(batch - 1, args.prompt + args.new - 1)
 
 
-def graph_ms(engine: Engine, width: int, length: int, replays: int = 100) -> float:
+def graph_ms(engine: Engine, width: int, length: int) -> float:
     """Device time of one decode-step graph, replayed back to back (the engine is idle: every row is scratch)."""
     graph = next(g for (w, n, shifted, adapted, _), g in engine.runner.graphs.items()
                  if (w, n, shifted, adapted) == (width, length, False, False))  # the run's graph, greedy or not
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / replays
+    return replay_ms(graph)
 
 
 def kernel_profile(engine: Engine, batch: int, args: argparse.Namespace, steps: int = 10) -> dict[str, Any]:

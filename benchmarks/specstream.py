@@ -5,13 +5,17 @@ One checkpoint (from `raytrain train job=specstream`), two decoders through the 
 (γ:k, tree pruning at `--tau`). For every held-out pair of `--eval` (e.g. `raytrain data make=sql`'s eval.jsonl)
 the prompt goes through the model's chat template; the modes run one after the other on each prompt (round robin,
 so a busy machine slows all of them alike). Figures:
-- tokens per forward pass (the call-reduction ratio CR): generated tokens (EOS included) over forward passes, whose
-  count does not depend on the hardware; AR's is 1 by construction;
+- tokens per forward pass (the call-reduction ratio CR): generated tokens (EOS included) over forward passes (the
+  prompt's prefill and the tree steps; its count does not depend on the hardware); AR's is 1 by construction;
 - draft tokens accepted per tree step, and how often each count occurred;
 - exact match of the completion with the reference SQL, for AR and for each speculative setting, and the fraction
   of prompts whose tokens are identical to AR's (must be all of them: greedy verification is lossless);
-- decode wall-clock per generated token (prefill included) and the speed-up over AR;
-- extra parameters of the streams and the adapter, as a fraction of the model (the paper: 20·h).
+- wall-clock per generated token, prefill included (`ms_per_token`, `speedup`) and after the first token
+  (`decode_ms_per_token`, `decode_speedup`: the paper's decoding speed-up; speculation's prefill also drafts, so it
+  runs eagerly where AR's is a CUDA graph on the GPU), over AR;
+- extra parameters of the streams and the adapter, as a fraction of the model (the paper: 20·h);
+- on CUDA, what a step costs: `decode_ms_per_step` (wall, after the first token) beside `graph_ms`, the device time
+  of each of the mode's CUDA graphs (plain decode steps, tree steps; keyed width x length), replayed back to back.
 
 With `--shape PRESET` instead (e.g. `openelm_1_1b`: a conf/model preset with γ = 4 streams in its top n_layers // 6
 layers, random weights, random prompts, `ignore_eos`), drafts are rarely right, so a tree step yields about one token:
@@ -40,6 +44,7 @@ from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.timing import replay_ms  # noqa: E402
 from raytrain.checkpoint.hf import load_pretrained  # noqa: E402
 from raytrain.data.corpus import documents  # noqa: E402
 from raytrain.data.sft import prompt_ids  # noqa: E402
@@ -69,6 +74,7 @@ def main() -> None:
     p.add_argument("--tau", type=float, default=0.0, help="tree-pruning threshold (0 = off)")
     p.add_argument("--max-new", type=int, default=48)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--graph-width", type=int, default=8, help="specstream.graph_width (0: tree steps run eagerly)")
     args = p.parse_args()
     if args.checkpoint and not args.eval:
         p.error("--checkpoint needs --eval")
@@ -78,7 +84,8 @@ def main() -> None:
     modes = {"ar": Engine(model, tokenizer, EngineConfig(max_batch_size=1, max_model_len=limit))}
     for gamma, k in trees:
         rows = msa_rows(model.cfg.streams.gamma, k)  # batch 1: never narrow the one tree (max_step_rows)
-        spec = SpecStreamConfig(gamma=gamma, top_k=k, prune_threshold=args.tau, max_step_rows=max(512, rows))
+        spec = SpecStreamConfig(gamma=gamma, top_k=k, prune_threshold=args.tau, max_step_rows=max(512, rows),
+                                graph_width=args.graph_width)
         modes[f"ss_g{gamma}_k{k}"] = Engine(model, tokenizer, EngineConfig(max_batch_size=1, max_model_len=limit,
                                                                            specstream=spec))
     runs = {name: [] for name in modes}
@@ -97,22 +104,28 @@ def main() -> None:
         s = summary(runs[name], refs)
         s["identical_to_ar"] = sum(a["tokens"] == b["tokens"] for a, b in zip(runs["ar"], runs[name])) / args.n
         s["speedup"] = ar["ms_per_token"] / s["ms_per_token"]
+        s["decode_speedup"] = ar["decode_ms_per_token"] / s["decode_ms_per_token"]
         s["step_cost"] = s["ms_per_forward"] / ar["ms_per_forward"]
         s["tree_nodes"], s["msa_rows"] = tree_size(gamma, k), msa_rows(model.cfg.streams.gamma, k)
         results[name] = s
+    if args.device.startswith("cuda"):
+        for name, figures in {"ar": ar, **results}.items():
+            figures["graph_ms"] = graph_times(modes[name])
     streams = model.cfg.streams
     total = sum(q.numel() for q in model.parameters())
     extra = extra_parameters(model.cfg.d_model, streams.gamma, streams.pruning_rank)
-    best = max(results, key=lambda n: results[n]["speedup"])
+    best = max(results, key=lambda n: results[n]["decode_speedup"])
     print(json.dumps({
         "benchmark": "specstream", "device": device_name(args.device),
         "config": {**source, "model": model.cfg.name, "d_model": model.cfg.d_model,
                    "layers": model.cfg.n_layers, "streams": vars(streams), "n": args.n,
-                   "dtype": args.dtype, "tau": args.tau, "max_new_tokens": args.max_new, "batch": 1,
+                   "dtype": args.dtype, "tau": args.tau, "graph_width": args.graph_width,
+                   "max_new_tokens": args.max_new, "batch": 1,
                    "threads": torch.get_num_threads(),
                    "extra_parameters": extra, "parameters": total, "extra_fraction": extra / total},
-        "results": results, "baseline": ar, "ratio": {"best": best, "speedup": results[best]["speedup"],
-                                                       "tokens_per_forward": results[best]["tokens_per_forward"]},
+        "results": results, "baseline": ar,
+        "ratio": {"best": best, "decode_speedup": results[best]["decode_speedup"],
+                  "speedup": results[best]["speedup"], "tokens_per_forward": results[best]["tokens_per_forward"]},
         "command": " ".join(["python", *sys.argv]), "time": time.strftime("%Y-%m-%d %H:%M")}))
 
 
@@ -148,7 +161,9 @@ def decode(engine: Engine, prompt: list[int], max_new: int, ignore_eos: bool) ->
     seconds = time.perf_counter() - start
     generated = len(out.token_ids) + (out.finish_reason == "stop")  # the EOS token took a forward pass too
     return {"tokens": out.token_ids, "text": out.text, "generated": generated, "seconds": seconds,
-            "forwards": spec.forwards - forwards0 if spec else generated,
+            "decode_seconds": seconds - out.ttft_s,
+            "forwards": spec.forwards - forwards0 + 1 if spec else generated,  # + the prompt's prefill
+            "later_steps": (spec.forwards - forwards0 if spec else generated) - 1,  # steps after the first token
             "accepted": Counter(spec.accepted) - accepted0 if spec else Counter()}
 
 
@@ -157,12 +172,26 @@ def summary(runs: list[dict[str, Any]], references: list[str] | None) -> dict[st
     accepted = sum((r["accepted"] for r in runs), Counter())
     steps = sum(accepted.values())
     seconds = sum(r["seconds"] for r in runs)
+    decoded = sum(r["generated"] - 1 for r in runs)  # tokens after each request's first
     exact = sum(r["text"].strip() == ref for r, ref in zip(runs, references)) / len(runs) if references else None
     return {"exact_match": exact, "tokens": tokens, "forwards": forwards, "tokens_per_forward": tokens / forwards,
             "accepted_per_step": sum(n * c for n, c in accepted.items()) / steps if steps else 0.0,
             "accepted_histogram": dict(sorted(accepted.items())),
             "ms_per_token": 1000 * seconds / tokens, "ms_per_forward": 1000 * seconds / forwards,
+            "decode_ms_per_token": 1000 * sum(r["decode_seconds"] for r in runs) / max(decoded, 1),
+            "decode_ms_per_step": 1000 * sum(r["decode_seconds"] for r in runs)
+            / max(sum(r["later_steps"] for r in runs), 1),
             "ms_per_request_median": 1000 * statistics.median(r["seconds"] for r in runs)}
+
+
+def graph_times(engine: Engine) -> dict[str, float]:
+    """Device milliseconds of each CUDA graph of the run's steps: plain decode steps, or tree steps; keyed
+    width x length bucket. (Replaying them after the run rewrites only idle slots.)"""
+    if engine.speculative is not None:
+        graphs = {f"{w}x{n}": g for (w, _, n), g in engine.speculative.graphs.items()}
+    else:
+        graphs = {f"{w}x{n}": g for (w, n, *_), g in engine.runner.graphs.items()}
+    return {key: replay_ms(graph) for key, graph in graphs.items()}
 
 
 def sync(engine: Engine) -> None:

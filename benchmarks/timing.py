@@ -31,3 +31,15 @@ def median_seconds(fn: Callable[[], Any], device: str | torch.device, repeats: i
     for _ in range(warmup):
         fn()
     return statistics.median(synced_seconds(fn, device) for _ in range(repeats))
+
+
+def replay_ms(graph: torch.cuda.CUDAGraph, replays: int = 100) -> float:
+    """Device milliseconds of one replay of a CUDA graph, replayed back to back after one untimed replay."""
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / replays

@@ -1,5 +1,6 @@
 """Decode attention over the slot KV cache as one Triton kernel: the new token's key and value written into the
-cache, then its query heads attending to their slot, per (row, KV head) program.
+cache, then its query heads attending to their slot, per (row, KV head) program. And the same for the rows of a
+Speculative Streaming draft tree (`tree_attention`): one program per (sequence, KV head, tree row).
 
 Why: a batch-1 decode step of a 1.1B model on an H200 spends ~1.27 ms in ~380 kernels, and the attention of one
 layer was five of them (two cache writes, scores, masked softmax, weighted sum: ~13 us a layer, 280 us a step). Here
@@ -84,6 +85,83 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: to
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
         out.stride(0), out.stride(1), 1 / math.sqrt(hd),
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=hd, BLOCK=BLOCK_KEYS,
+        IEEE=q.dtype == torch.float32, num_warps=4)
+    return out
+
+
+@triton.jit
+def _tree_attention_kernel(q_ptr, k_ptr, v_ptr, keys_ptr, values_ptr, slots_ptr, ctx_ptr, sees_ptr, out_ptr,
+                           sq_seq, sq_head, sq_row, sk_seq, sk_head, sk_row, sv_seq, sv_head, sv_row,
+                           sK_slot, sK_head, sK_index, sV_slot, sV_head, sV_index, ss_seq, ss_row,
+                           so_seq, so_head, so_row, rows, scale,
+                           GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                           BLOCK: tl.constexpr, IEEE: tl.constexpr):
+    seq, kv_head, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    slot, ctx = tl.load(slots_ptr + seq), tl.load(ctx_ptr + seq)
+    g, d = tl.arange(0, GROUP_PAD), tl.arange(0, HEAD_DIM)
+    heads = kv_head * GROUP + g
+    q = tl.load(q_ptr + seq * sq_seq + heads[:, None] * sq_head + row * sq_row + d[None, :],
+                mask=(g < GROUP)[:, None], other=0.0)
+    tree_k = k_ptr + seq * sk_seq + kv_head * sk_head
+    tree_v = v_ptr + seq * sv_seq + kv_head * sv_head
+    keys = keys_ptr + slot * sK_slot + kv_head * sK_head
+    values = values_ptr + slot * sV_slot + kv_head * sV_head
+    tl.store(keys + (ctx + row) * sK_index + d, tl.load(tree_k + row * sk_row + d))
+    tl.store(values + (ctx + row) * sV_index + d, tl.load(tree_v + row * sv_row + d))
+    best = tl.full([GROUP_PAD], -1.0e30, tl.float32)  # finite: the first block may hold no visible key
+    total = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    for start in range(0, ctx + rows, BLOCK):  # committed keys from the cache, then the tree's from the inputs
+        index = start + tl.arange(0, BLOCK)
+        committed = index < ctx
+        node = index - ctx
+        in_tree = (node >= 0) & (node < rows)
+        sees = tl.load(sees_ptr + seq * ss_seq + row * ss_row + node, mask=in_tree, other=0) != 0
+        k = tl.load(keys + index[:, None] * sK_index + d[None, :], mask=committed[:, None], other=0.0)
+        k += tl.load(tree_k + node[:, None] * sk_row + d[None, :], mask=(in_tree & sees)[:, None], other=0.0)
+        if IEEE:
+            scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            scores = tl.dot(q, tl.trans(k))
+        visible = committed | (in_tree & sees)
+        scores = tl.where(visible[None, :], scores * scale, float("-inf"))  # (GROUP_PAD, BLOCK)
+        new_best = tl.maximum(best, tl.max(scores, axis=1))
+        rescale = tl.exp(best - new_best)
+        p = tl.exp(scores - new_best[:, None])
+        total = total * rescale + tl.sum(p, axis=1)
+        v = tl.load(values + index[:, None] * sV_index + d[None, :], mask=committed[:, None], other=0.0)
+        v += tl.load(tree_v + node[:, None] * sv_row + d[None, :], mask=(in_tree & sees)[:, None], other=0.0)
+        if IEEE:
+            acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
+        best = new_best
+    out = acc / total[:, None]
+    tl.store(out_ptr + seq * so_seq + heads[:, None] * so_head + row * so_row + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=(g < GROUP)[:, None])
+
+
+@torch.compiler.disable
+def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                   slots: torch.Tensor, ctx: torch.Tensor, sees: torch.Tensor) -> torch.Tensor:
+    """q (W, n_q, m, hd), the tree rows' k and v (W, n_kv, m, hd), one layer's cache keys/values (slots, n_kv, S, hd),
+    each sequence's slot and committed length `ctx` (W,), sees (W or 1, m, m) int8 (row i attends to tree row j)
+    -> (W, n_q, m, hd). Stores row i's k, v at index ctx + i of its slot; row i attends to the slot's keys
+    0..ctx-1 and to the tree rows it sees, the latter read from k and v (not back from the cache)."""
+    W, n_q, m, hd = q.shape
+    n_kv = k.shape[1]
+    if any(t.stride(-1) != 1 for t in (q, k, v, keys, values)):
+        raise ValueError("tree_attention needs the head dimension contiguous in q, k, v and the cache")
+    group = n_q // n_kv
+    out = q.new_empty(W, m, n_q, hd).transpose(1, 2)  # rows outermost: the caller's transpose + reshape is a view
+    _tree_attention_kernel[(W, n_kv, m)](
+        q, k, v, keys, values, slots, ctx, sees, out,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
+        sees.stride(0) if sees.shape[0] > 1 else 0, sees.stride(1), out.stride(0), out.stride(1), out.stride(2),
+        m, 1 / math.sqrt(hd),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=hd, BLOCK=BLOCK_KEYS,
         IEEE=q.dtype == torch.float32, num_warps=4)
     return out

@@ -50,7 +50,7 @@ from raytrain.infer.kv_cache import SlotKVCache, fused_attention_supported
 from raytrain.infer.model_runner import ModelRunner
 from raytrain.infer.sampling import SamplingParams, SamplingTable
 from raytrain.infer.scheduler import Plan, Scheduler, Sequence
-from raytrain.infer.specstream import SpecState, SpecStreamConfig, SpecStreamDecoder
+from raytrain.infer.specstream import SpecStreamConfig, SpecStreamDecoder
 from raytrain.infer.superposition import Selection, Superposer, SuperpositionConfig
 from raytrain.infer.text import TextStream, fast_decode
 from raytrain.models import ops
@@ -102,6 +102,7 @@ class Launched:
 
     owners: list[tuple[Sequence, int]]
     tokens: tuple[torch.Tensor, torch.cuda.Event | None]
+    synced: bool = False  # the host already waited for this step's compute (a tree step reads its counts)
 
 
 @dataclass
@@ -138,7 +139,7 @@ class Engine:
                                   fused_attention=cuda and self.config.fused_attention
                                   and fused_attention_supported(model.cfg.head_dim),
                                   static_prefill_tokens=self._static_prefill_tokens())
-        self.speculative = (SpecStreamDecoder(model, self.runner.cache, self.config.specstream)
+        self.speculative = (SpecStreamDecoder(model, self.runner, self.config.specstream)
                             if self.config.specstream is not None else None)
         self.sampling = SamplingTable(n_slots + 1, model.cfg.vocab_size, self.device)  # + a row for LazyLLM
         self.lazy_waiting: deque[Sequence] = deque()
@@ -158,7 +159,9 @@ class Engine:
         self._inflight: Launched | None = None  # the launched step whose host work is still to do (overlap)
         self._adapter_rows: list[str | None] | None = None  # each KV slot's adapter in `runner.adapter_ids`
         pinned = self.device.type == "cuda"
-        self._pinned = [torch.empty(2 * n_slots + 1, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
+        # a step's tokens: first tokens and decode rows (a slot each), a tree step's δ + 1 per slot, LazyLLM's one
+        per_slot = 2 + (self.speculative.depth if self.speculative is not None else 0)
+        self._pinned = [torch.empty(per_slot * n_slots + 1, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
         self.eos_token_id = tokenizer.eos_token_id
         self._detokenize = fast_decode(tokenizer)
         if self.config.lazy:
@@ -327,9 +330,13 @@ class Engine:
         outputs = [(seq, self._finish(seq, "cancelled")) for seq in self._cancelled()]
         self._superpose()
         launched = self._launch(self.scheduler.schedule())
-        if self.overlap:
-            launched, self._inflight = self._inflight, launched
-        return outputs + self._process(launched)
+        if not self.overlap:
+            return outputs + self._process(launched)
+        previous, self._inflight = self._inflight, launched
+        if launched is not None and launched.synced:  # its tokens are known: deferring them would only cost a step
+            self._inflight = None
+            return outputs + self._process(previous) + self._process(launched)
+        return outputs + self._process(previous)
 
     def _admit(self) -> None:
         while self._inbox:
@@ -339,7 +346,7 @@ class Engine:
                 continue
             lazy = self._runs_lazy(len(seq.prompt))
             if not lazy and self._speculates(seq):
-                seq.spec = SpecState()
+                seq.speculates = True
             (self.lazy_waiting if lazy else self.scheduler.waiting).append(seq)
 
     def _base_only(self) -> contextlib.AbstractContextManager:
@@ -395,21 +402,18 @@ class Engine:
         firsts = self._prefill(plan.prefills)
         sampled = [token for _, token in firsts]  # every token sampled this step, on the device
         owners = [(seq, i) for i, (seq, _) in enumerate(firsts)]  # (sequence, index of its token in their concat)
-        plain = [seq for seq in plan.decodes if seq.spec is None]
+        plain = [seq for seq in plan.decodes if not seq.speculates]
         if plain:
             owners += [(seq, len(firsts) + seq.slot) for seq in plain]
             sampled.append(self._decode(plain))
         if len(plain) < len(plan.decodes):  # several tokens each, in order
             with self._base_only():
-                trees = self.speculative.step([seq for seq in plan.decodes if seq.spec is not None])
+                trees = self.speculative.step([seq for seq in plan.decodes if seq.speculates])
             for seq, tokens in trees:
                 owners += [(seq, sum(t.numel() for t in sampled) + i) for i in range(tokens.numel())]
                 sampled.append(tokens)
         for seq, token in firsts:  # after the decode: finished prompts join the next step's batch
-            if seq.spec is not None:
-                self.speculative.join(seq.spec, token)
-            else:
-                self.runner.join(seq.slot, token, seq.position, seq.context.rope_offset if seq.context else 0.0)
+            self.runner.join(seq.slot, token, seq.position, seq.context.rope_offset if seq.context else 0.0)
         lazy = self._lazy_step()
         if lazy is not None:
             owners.append((lazy[0], sum(t.numel() for t in sampled)))
@@ -418,7 +422,8 @@ class Engine:
             if seq.sampled == seq.params.max_new_tokens:
                 self._release(seq)
         # cat copies even one tensor: a greedy step's tokens live in the runner's buffer, which the next step rewrites
-        return Launched(owners, self._copy_to_host(torch.cat(sampled))) if sampled else None
+        return Launched(owners, self._copy_to_host(torch.cat(sampled)), synced=len(plain) < len(plan.decodes)) \
+            if sampled else None
 
     def _copy_to_host(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
         if tokens.device.type != "cuda":
@@ -445,9 +450,12 @@ class Engine:
     def _prefill(self, chunks: list[tuple[Sequence, int, int]]) -> list[tuple[Sequence, torch.Tensor]]:
         """Compute the plan's prompt chunks; (sequence, its first token on the device) for each prompt now complete.
         First chunks of plain prompts run packed, in groups of similar length."""
-        for seq, first, _ in chunks:
+        for seq, first, end in chunks:
             if first == 0:
                 self.sampling.assign(seq.slot, seq.params, seq.seed, seq.prompt)
+            if seq.speculates and end == seq.prefill_tokens:  # its last prompt token roots its first tree
+                self.speculative.start(seq.slot, seq.prompt[-1])
+        chunks = [chunk for chunk in chunks if chunk[2] > chunk[1]]  # a one-token prompt that speculates has none
         packed = [chunk for chunk in chunks if self._packs(*chunk)]
         logits = []
         for group in pack_groups(packed):
@@ -459,24 +467,21 @@ class Engine:
         firsts = []
         for seq, end, row in logits:
             seq.computed = end
-            if seq.prefilled:
+            if seq.prefilled and not seq.speculates:
                 seq.sampled = 1
                 firsts.append((seq, self.sampling.sample(row, slot=seq.slot)))
         return firsts
 
     def _packs(self, seq: Sequence, first: int, end: int) -> bool:
         """Whether a chunk joins the step's packed prefill: a plain prompt's first."""
-        return self.config.packed_prefill and first == 0 and seq.context is None and seq.spec is None
+        return self.config.packed_prefill and first == 0 and seq.context is None
 
     def _chunk_logits(self, seq: Sequence, first: int, end: int) -> torch.Tensor:
-        """One chunk alone: a later chunk of a long prompt, a superposed prompt's KV copied in, or a prompt whose
-        last chunk also drafts (Speculative Streaming) -> its last-token logits (1, V)."""
+        """One chunk alone: a later chunk of a long prompt, or a superposed prompt's KV copied in -> its last-token
+        logits (1, V)."""
         if seq.context is not None:
             self.runner.install(seq.slot, seq.context.keys, seq.context.values, first, end)
             return seq.context.logits
-        if seq.spec is not None and end == len(seq.prompt):
-            with self._base_only():
-                return self.speculative.prefill(seq.slot, seq.prompt[first:end], first, seq.spec)
         return self.runner.prefill(seq.slot, seq.prompt[first:end], first)
 
     def _decode(self, decodes: list[Sequence]) -> torch.Tensor:
@@ -528,7 +533,8 @@ class Engine:
 
     def _finish(self, seq: Sequence, reason: str, text: str = "") -> Delta:
         seq.finish_reason = reason
-        fraction = seq.lazy.prompt_fraction_computed() if seq.lazy is not None else float(seq.computed > 0)
+        started = seq.computed + seq.sampled > 0  # a one-token prompt that speculates computes no prefill
+        fraction = seq.lazy.prompt_fraction_computed() if seq.lazy is not None else float(started)
         self._release(seq)
         prompt_tokens = len(seq.forkjoin.flat()) if seq.forkjoin is not None else len(seq.prompt)
         completion = Completion(seq.stream.text, seq.output, reason, prompt_tokens, seq.ttft_s or 0.0, fraction,

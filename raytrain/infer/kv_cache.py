@@ -43,11 +43,11 @@ class SlotKVCache:
                  device: torch.device, fused_attention: bool = False, scratch_slot: bool = False) -> None:
         self.n_slots, self.max_len = n_slots, max_len
         self.scratch = n_slots if scratch_slot else None  # an extra slot the padding rows of a prefill write to
-        self.fused_attention = None  # the Triton decode attention, imported (with triton) only where it runs
+        self.fused_attention = self.tree_attention = None  # Triton kernels, imported (with triton) where they run
         if fused_attention:
-            from raytrain.infer.attention_kernel import decode_attention as fused
+            from raytrain.infer.attention_kernel import decode_attention, tree_attention
 
-            self.fused_attention = fused
+            self.fused_attention, self.tree_attention = decode_attention, tree_attention
         shape = [(n_slots + scratch_slot, h, max_len + 1, head_dim) for h in kv_heads]
         self.keys = [torch.zeros(s, dtype=dtype, device=device) for s in shape]
         self.values = [torch.zeros(s, dtype=dtype, device=device) for s in shape]

@@ -118,7 +118,7 @@ class ModelRunner:
             if not self.cuda_graphs:
                 self._prefill_static(*shape)
             elif shape not in self.prefill_graphs:
-                self.prefill_graphs[shape] = self._graph(lambda: self._prefill_static(*shape))
+                self.prefill_graphs[shape] = self.capture(lambda: self._prefill_static(*shape))
         if self.cuda_graphs:
             self.prefill_graphs[shape].replay()
         return self.prefill_logits[:len(chunks)].clone()  # the next prefill overwrites the buffer
@@ -254,11 +254,11 @@ class ModelRunner:
         saved = [t.clone() for t in (self.write_index, self.live, self.tokens, self.positions)]
         self.write_index.fill_(self.max_len)
         self.live.zero_()
-        self.graphs[key] = self._graph(lambda: self._run(width, length, shifted, greedy))
+        self.graphs[key] = self.capture(lambda: self._run(width, length, shifted, greedy))
         for buffer, value in zip((self.write_index, self.live, self.tokens, self.positions), saved):
             buffer.copy_(value)
 
-    def _graph(self, run: Callable[[], None]) -> torch.cuda.CUDAGraph:
+    def capture(self, run: Callable[[], None]) -> torch.cuda.CUDAGraph:
         """`run` captured as a CUDA graph in the pool all graphs share (each writes its outputs to buffers outside
         the pool), after a warm-up run. Capturing computes nothing: the caller replays the graph."""
         stream = torch.cuda.Stream()

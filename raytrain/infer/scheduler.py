@@ -51,11 +51,17 @@ class Sequence:
     lazy: Any = None  # a LazySequence while it runs through LazyLLM
     forkjoin: Any = None  # a superposed request's ForkJoinPrompt
     context: Any = None  # its superposed Context (KV to copy into the slot) once the fork-join prefill ran
-    spec: Any = None  # its SpecState when it decodes by Speculative Streaming
+    speculates: bool = False  # it decodes by Speculative Streaming
+
+    @property
+    def prefill_tokens(self) -> int:
+        """Prompt tokens prefilled before decoding: all of them, or for Speculative Streaming all but the last,
+        which roots the first draft tree."""
+        return len(self.prompt) - self.speculates
 
     @property
     def prefilled(self) -> bool:
-        return self.computed == len(self.prompt)
+        return self.computed == self.prefill_tokens
 
     @property
     def position(self) -> int:
@@ -101,7 +107,7 @@ class Scheduler:
 
     @staticmethod
     def _chunk(seq: Sequence, budget: int) -> tuple[Sequence, int, int]:
-        return seq, seq.computed, min(len(seq.prompt), seq.computed + budget)
+        return seq, seq.computed, min(seq.prefill_tokens, seq.computed + budget)
 
     def finish(self, seq: Sequence) -> None:
         """Remove a finished or cancelled sequence, waiting or running, and free its slot."""

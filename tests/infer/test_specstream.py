@@ -50,7 +50,7 @@ def test_tree_mask_positions_and_replicated_tokens_gamma_2_k_2() -> None:
     tokens = tree_tokens(tree, torch.tensor([7]), torch.tensor([[[10, 11], [20, 21]]]))
     assert tokens.tolist() == [[7, 10, 11, 20, 21, 20, 21]]  # nodes 3 and 5 carry the same token
     cache = SlotKVCache([1], 4, n_slots=2, max_len=16, dtype=torch.float32, device=torch.device("cpu"))
-    kv = TreeKV(cache, torch.tensor([1]), torch.tensor([3]), longest=3)
+    kv = TreeKV(cache, torch.tensor([1]), torch.tensor([3]), length=10)
     kv.use_rows(tree.ancestors[None], torch.arange(7)[None])
     assert ["".join(str(int(b)) for b in row) for row in kv.mask[0, 0]] == [
         "111" + "".join(str(int(b)) for b in row) for row in tree.ancestors]  # all committed KV + ancestors
@@ -79,7 +79,7 @@ def test_output_equals_greedy_decoding_alone_and_batched(lm, tokenizer, gamma, k
     assert [c.token_ids for c in engine.generate(requests)] == plain
     assert [engine.generate([r])[0].token_ids for r in requests] == plain
     stats = engine.speculative
-    assert stats.tokens == sum(map(len, plain)) * 2 - 6  # every token after each request's first came from trees
+    assert stats.tokens == sum(map(len, plain)) * 2  # every token came from trees, the first one too
     assert len(stats.accepted) > 1 and max(stats.accepted) <= gamma  # several acceptance lengths were exercised
 
 
@@ -93,7 +93,26 @@ def test_sampled_requests_decode_plainly_beside_speculating_ones(lm, tokenizer) 
     done = {d.index: d.completion for d in deltas if d.completion is not None}
     assert [done[i].token_ids for i in range(3)] == plain
     assert "".join(d.text for d in deltas if d.index == 0) == done[0].text
-    assert engine.speculative.tokens == 19 and engine.decode_rows  # only request 0 speculated
+    assert engine.speculative.tokens == 20 and engine.decode_rows  # only request 0 speculated
+
+
+def test_a_one_token_prompt_speculates_from_its_only_token(lm, tokenizer) -> None:
+    request = Request([7], greedy(11))
+    engine = spec_engine(lm, tokenizer)
+    assert engine.generate([request])[0].token_ids == Engine(lm, tokenizer).generate([request])[0].token_ids
+    assert engine.speculative.tokens == 11
+
+
+def test_with_overlap_a_stopped_request_runs_no_tree_step_after_its_stop(lm, tokenizer) -> None:
+    """A tree step already waits for its tokens, so its host work is not deferred behind the next step: a request
+    that hits a stop string takes as many tree steps as without overlap."""
+    text = Engine(lm, tokenizer).generate([Request(PROMPTS[2], greedy(30))])[0].text
+    request = Request(PROMPTS[2], SamplingParams(max_new_tokens=30, temperature=0, stop=[text[len(text) // 2:][:3]]))
+    runs = []
+    for overlap in (False, True):
+        engine = Engine(lm, tokenizer, EngineConfig(specstream=SpecStreamConfig(), overlap=overlap))
+        runs.append((engine.generate([request])[0].token_ids, engine.speculative.forwards))
+    assert runs[0] == runs[1] and len(runs[0][0]) < 30
 
 
 def test_under_load_the_trees_narrow_to_k_1(lm, tokenizer) -> None:
@@ -104,8 +123,9 @@ def test_under_load_the_trees_narrow_to_k_1(lm, tokenizer) -> None:
     assert engine.speculative.widths[1] > 0 and engine.generate([requests[0]]) and engine.speculative.widths[3] > 0
 
 
+@pytest.mark.parametrize("k", [1, 2])
 def test_right_drafts_commit_gamma_plus_one_tokens_and_the_cache_equals_sequential_decoding(
-        lm, tokenizer, monkeypatch) -> None:
+        lm, tokenizer, monkeypatch, k) -> None:
     """Drafts set to the true continuation: every step accepts all γ draft tokens. After every step the committed
     length is the tokens so far minus the root, those KV equal plain decoding's, and only tree rows (never stream
     rows) were ever written."""
@@ -122,29 +142,27 @@ def test_right_drafts_commit_gamma_plus_one_tokens_and_the_cache_equals_sequenti
         return update(self, layer, q, k, v)
 
     monkeypatch.setattr(specstream.TreeKV, "update", counting_update)
-    engine = spec_engine(lm, tokenizer, top_k=2)
+    engine = spec_engine(lm, tokenizer, top_k=k)
     out: list = []
     seq = engine.add_request(Request(prompt, greedy(n)), out.extend)
-    engine.step()  # the prompt, its first token and first draft
-    assert written == [len(prompt)] * 4
+    engine.step()  # the prompt but its last token, prefilled as any prompt (not through the tree's cache)
+    assert written == [] and seq.computed == len(prompt) - 1 and seq.sampled == 0
     steps = 0
     while seq.finish_reason is None:
         done = seq.sampled
         truth = reference[done:done + gamma] + [0] * gamma
-        draft = seq.spec.draft.clone()
-        draft[:, 0] = torch.tensor(truth[:gamma])
-        seq.spec.draft = draft
+        engine.speculative.drafts[seq.slot, :, 0] = torch.tensor(truth[:gamma])
         written.clear()
         engine.step()
         steps += 1
-        assert written == [build_tree(gamma, 2).size] * 4  # the tree's rows in every layer, no stream rows
+        assert written == [build_tree(gamma, k).size] * 4  # the tree's rows in every layer, no stream rows
         assert seq.sampled == min(done + gamma + 1, n)
         if seq.finish_reason is None:
             committed = seq.position  # the root's position: the KV length
             for layer, keys in enumerate(engine.runner.cache.keys):
                 torch.testing.assert_close(keys[seq.slot, :, :committed], plain_keys[layer][:, :committed],
                                            rtol=1e-4, atol=1e-5)
-    assert out[-1].completion.token_ids == reference and steps == -(-(n - 1) // (gamma + 1))
+    assert out[-1].completion.token_ids == reference and steps == -(-n // (gamma + 1))
 
 
 def test_pruning_everything_but_the_root_still_gives_greedy_decoding(lm, tokenizer) -> None:
@@ -152,7 +170,7 @@ def test_pruning_everything_but_the_root_still_gives_greedy_decoding(lm, tokeniz
     engine = spec_engine(lm, tokenizer, prune_threshold=1.0)
     assert [c.token_ids for c in engine.generate(requests)] == [
         c.token_ids for c in Engine(lm, tokenizer).generate(requests)]
-    assert set(engine.speculative.accepted) == {0} and engine.speculative.tokens == 18  # one token per step
+    assert set(engine.speculative.accepted) == {0} and engine.speculative.tokens == 20  # one token per step
 
 
 def test_bad_configurations_are_named(tokenizer, lm) -> None:
