@@ -184,3 +184,5 @@ def test_bad_configurations_are_named(tokenizer, lm) -> None:
         spec_engine(lm, tokenizer, gamma=5)
     with pytest.raises(ConfigError, match="generation.*top_k=0 must be >= 1"):
         to_dataclass(EngineConfig, {"specstream": {"top_k": 0}}, "generation")
+    with pytest.raises(ConfigError, match="generation.*graph_width=-1 must be >= 0"):
+        to_dataclass(EngineConfig, {"specstream": {"graph_width": -1}}, "generation")
