@@ -13,11 +13,13 @@ synchronised): equal times mean the forward waits on the host (kernel launches),
 limits the step: `graph_ms`, the device time of the decode step's CUDA graph alone (replayed back to back), beside
 `step_ms` (the engine's step, host included); with `--profile`, the kernels of one eager decode step (name, count,
 total device microseconds) of the first model, batch and variant run, and their sum against the graph's time (the
-rest is gaps between kernels).
+rest is gaps between kernels); with `--gemv`, the Triton GEMV of a batch-1 step against cuBLAS on every weight
+shape of each model (variant `gemv` runs the engine with it).
 
     python benchmarks/decode.py --device cuda                      # the issue's table (about 5 minutes on an H200)
     python benchmarks/decode.py --device cuda --no-hf --models openelm_1_1b --batches 1,64 --variants eager,fused
     python benchmarks/decode.py --device cuda --no-hf --models openelm_1_1b --batches 1 --new 16 --prefill
+    python benchmarks/decode.py --device cuda --no-hf --models tinyllama_1_1b --batches 1 --variants fused,gemv --gemv
     python benchmarks/decode.py --device cpu --models tiny --batches 1,4 --prompt 32 --new 16   # smoke test
 """
 
@@ -51,7 +53,7 @@ from raytrain.models.registry import model_config  # noqa: E402
 CONF = Path(__file__).resolve().parent.parent / "conf" / "model"
 # Hugging Face Llama shapes: (hidden, intermediate, layers, heads, kv heads, vocab)
 VARIANTS = {"eager": {"fused_kernels": False, "fused_attention": False}, "torch_attention": {"fused_attention": False},
-            "fused": {}, "compiled": {"compile_decode": True}}
+            "fused": {}, "compiled": {"compile_decode": True}, "gemv": {"gemv_kernel": True}}
 LLAMA_SHAPES = {"tinyllama_1_1b": (2048, 5632, 22, 32, 4, 32000), "llama2_7b": (4096, 11008, 32, 32, 32, 32000),
                 "tiny": (128, 256, 2, 4, 2, 4096)}
 
@@ -69,6 +71,7 @@ def main() -> None:
     p.add_argument("--variants", default="fused", help="engine settings to compare, of: " + ", ".join(VARIANTS))
     p.add_argument("--profile", action="store_true", help="the kernel table of one decode step (CUDA)")
     p.add_argument("--prefill", action="store_true", help="host and wall time of packed prefill forwards")
+    p.add_argument("--gemv", action="store_true", help="the Triton GEMV against cuBLAS on each weight shape (CUDA)")
     args = p.parse_args()
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     tokenizer = train_bpe(documents()[:200], vocab_size=4096)
@@ -81,6 +84,9 @@ def main() -> None:
     for name in args.models.split(","):
         model, hf = build(name, args.device, dtype)
         results[name] = {"params": sum(p.numel() for p in model.parameters())}
+        if args.gemv and args.device == "cuda":
+            results[name]["gemv"] = gemv_times(model, args.bandwidth)
+            print(name, "gemv", json.dumps(results[name]["gemv"]), file=sys.stderr, flush=True)
         for batch in args.batches:
             for variant in variants:
                 key = batch if variant == "fused" else f"{batch}_{variant}"
@@ -108,6 +114,44 @@ def main() -> None:
         "results": results, "baseline": {"transformers_generate": baseline}, "ratio": ratios, "check": check,
         "profile": profile,
         "command": " ".join(["python", *sys.argv]), "time": time.strftime("%Y-%m-%d %H:%M")}))
+
+
+def gemv_times(model: Decoder, bandwidth: float, blocks: tuple = ((4, 256), (4, 512), (8, 256), (8, 512),
+                                                                  (16, 256), (32, 256))) -> dict[str, Any]:
+    """Per distinct weight shape (N, K) of the model: microseconds of one row times W through cuBLAS
+    (`torch.matmul`) and through the Triton GEMV at its default block and at each of `blocks` (CUDA graphs of 20
+    calls, so launches do not count), and the bandwidth each reaches."""
+    from raytrain.infer.gemv_kernel import block_shape, gemv
+
+    weights: dict[tuple[int, int], torch.Tensor] = {}
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            weights.setdefault(tuple(module.weight.shape), module.weight)
+    table = {}
+    for (n, k), weight in sorted(weights.items()):
+        x = torch.randn(1, k, device=weight.device, dtype=weight.dtype)
+        calls = {"cublas": lambda: torch.matmul(x, weight.t())}
+        calls |= {f"triton_{bn}x{bk}": (lambda b=(bn, bk): gemv(x, weight, b)) for bn, bk in blocks}
+        times = {label: graph_us(call) for label, call in calls.items()}
+        default = "triton_{}x{}".format(*block_shape(n, k))
+        times.setdefault(default, graph_us(lambda: gemv(x, weight)))
+        best = min((t for label, t in times.items() if label != "cublas"))
+        table[f"{n}x{k}"] = {"us": times, "default": default, "best_over_cublas": times["cublas"] / best,
+                             "default_over_cublas": times["cublas"] / times[default],
+                             "cublas_bandwidth": 2 * n * k / times["cublas"] / 1e-6 / bandwidth,
+                             "best_bandwidth": 2 * n * k / best / 1e-6 / bandwidth}
+    return table
+
+
+def graph_us(call: Any, calls: int = 20) -> float:
+    """Device microseconds of one `call`, from a CUDA graph of `calls` of them replayed back to back."""
+    call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            call()
+    return 1e3 * replay_ms(graph) / calls
 
 
 def build(name: str, device: str, dtype: torch.dtype) -> tuple[Decoder, torch.nn.Module | None]:
