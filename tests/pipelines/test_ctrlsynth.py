@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import random
 
 import pytest
 
 from raytrain.data import shapes
-from raytrain.pipelines.ctrlsynth import synthesize
+from raytrain.pipelines.ctrlsynth import runner, synthesize
 from raytrain.pipelines.ctrlsynth.config import SynthConfig
 from raytrain.pipelines.ctrlsynth.llm import CaptionJob, EngineWriter, LLMConfig, TemplateWriter
 from raytrain.pipelines.ctrlsynth.policy import OpConfig, PolicyConfig, apply_policy
@@ -221,3 +223,18 @@ def lm():
     from tests.infer.conftest import lm as tiny
 
     return tiny.__wrapped__()
+
+
+def test_a_caption_its_image_already_has_is_a_counted_duplicate(tagger) -> None:
+    """Trap 11: the template writer's SP2 restates SP1 on the same real image, so SP2 pairs are duplicates."""
+    records = [shapes.sample(i, 0, WORLD) for i in range(4)]
+    cfg = synth_config([], ["SP1", "SP2"])
+    states = _run(records, cfg, TemplateWriter(), tagger)
+    rows = [{"key": r["key"], "caption": r["caption"], "image": r["image"], "state": json.dumps({**s, "images": {}})}
+            for r, s in zip(records, states)]
+    samples, counts, problems = runner.shard_samples(rows, cfg, "source.tar", {})
+    assert counts["accepted"] == {"SP1": 4} and counts["rejected"] == {"SP2": {"duplicate": 4}}
+    assert len(samples) == counts["distinct_captions"] == 4 and len(problems) == 4
+    assert runner.caption_key("A  large red Cross.") == runner.caption_key("a large red cross")
+    kept = runner.shard_samples(rows, dataclasses.replace(cfg, dedupe=False), "source.tar", {})[1]
+    assert kept["accepted"] == {"SP1": 4, "SP2": 4}

@@ -37,6 +37,7 @@ class SynthConfig:
     text_cover: list[str] = field(default_factory=lambda: ["object"])  # [U] tag kinds the caption must cover
     image_cover: list[str] = field(default_factory=lambda: ["object"])  # [U] kinds the new image must show
     seed: int = 0
+    dedupe: bool = True  # trap 11: drop a pair whose image and (near-exact) caption an earlier pair already has
     tagger: TaggerConfig = field(default_factory=TaggerConfig)
     llm: LLMConfig = field(default_factory=lambda: LLMConfig(backend="template"))
     t2i: T2IConfig = field(default_factory=T2IConfig)

@@ -11,7 +11,10 @@ and the outputs, under `out`:
 
 An output shard is written (atomically, records sorted by key, so the bytes do not depend on the order rows
 arrive) once every record of its input shard has come through; a rerun skips shards with a manifest of the same
-config hash, so a killed run resumes where it stopped and writes the same bytes.
+config hash, so a killed run resumes where it stopped and writes the same bytes. With `dedupe` (spec trap 11) a
+candidate whose image already has its caption, case, punctuation and spacing aside (the real pair's, or an earlier
+path's: SP2 restating SP1 on the same real image), is rejected as `duplicate`; the summary reports the distinct share
+of the kept captions (`distinct_caption_ratio`, distinct within each shard).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -184,7 +188,7 @@ def shard_samples(rows: list[dict[str, Any]], cfg: SynthConfig, source: str,
                   models: dict[str, str]) -> tuple[list[tuple[str, dict[str, bytes]]], dict[str, Any],
                                                    list[dict[str, Any]]]:
     """The samples of one output shard (sorted by source key, then path), its counts and its problems."""
-    samples, problems = [], []
+    samples, problems, captions = [], [], set()
     counts: dict[str, Any] = {"records": len(rows), "dropped": Counter(), "accepted": Counter(),
                               "rejected": defaultdict(Counter)}
     for row in sorted(rows, key=lambda r: str(r["key"])):
@@ -194,12 +198,18 @@ def shard_samples(rows: list[dict[str, Any]], cfg: SynthConfig, source: str,
             counts["dropped"][reason.split(":")[0]] += 1
             problems.append({"where": key, "reason": reason})
             continue
+        pairs = {(key, caption_key(str(row["caption"])))}  # (image, caption) of the real pair and those kept
         for cand in state["candidates"]:
             path = cand["path"]
+            pair = (f"{key}/{path}" if path in IMAGE_PATHS else key, caption_key(cand["caption"]))
+            if cand["status"] == "accepted" and cfg.dedupe and pair in pairs:
+                cand = {**cand, "status": "rejected", "reason": "duplicate: this image already has this caption"}
             if cand["status"] != "accepted":
                 counts["rejected"][path][cand["reason"].split(":")[0]] += 1
                 problems.append({"where": f"{key}/{path}", "reason": cand["reason"]})
                 continue
+            pairs.add(pair)
+            captions.add(pair[1])
             counts["accepted"][path] += 1
             image = row[f"image_{path}"] if path in IMAGE_PATHS else row["image"]
             provenance = {"source_id": key, "source_file": source, "path": path, "policy": cfg.policy,
@@ -212,9 +222,15 @@ def shard_samples(rows: list[dict[str, Any]], cfg: SynthConfig, source: str,
             name = f"{key.replace('/', '_').replace('.', '_')}_{path.lower()}"
             samples.append((name, {_ext(image): image, "txt": cand["caption"].encode(),
                                    "json": json.dumps(provenance, sort_keys=True).encode()}))
-    counts = {**counts, "pairs": len(samples), "dropped": dict(counts["dropped"]),
+    counts = {**counts, "pairs": len(samples), "distinct_captions": len(captions),
+              "dropped": dict(counts["dropped"]),
               "accepted": dict(counts["accepted"]), "rejected": {p: dict(c) for p, c in counts["rejected"].items()}}
     return samples, counts, problems
+
+
+def caption_key(caption: str) -> str:
+    """A caption with case, punctuation and spacing set aside: near-exact duplicates share it (trap 11)."""
+    return " ".join(re.findall(r"[a-z0-9]+", caption.lower()))
 
 
 def write_output_shard(out: Path, sid: str, samples: list[tuple[str, dict[str, bytes]]]) -> None:
@@ -291,5 +307,8 @@ def _totals(results: list[RecordResult]) -> dict[str, Any]:
             rejected[path].update(reasons)
     pass_rate = {p: round(accepted[p] / (accepted[p] + sum(rejected[p].values())), 4)
                  for p in sorted(set(accepted) | set(rejected)) if accepted[p] + sum(rejected[p].values())}
-    return {"pairs": sum(accepted.values()), "accepted": dict(accepted), "dropped": dict(dropped),
-            "rejected": {p: dict(c) for p, c in rejected.items()}, "pass_rate": pass_rate}
+    pairs = sum(accepted.values())
+    distinct = sum(r.counts.get("distinct_captions", 0) for r in results)
+    return {"pairs": pairs, "accepted": dict(accepted), "dropped": dict(dropped),
+            "rejected": {p: dict(c) for p, c in rejected.items()}, "pass_rate": pass_rate,
+            "distinct_caption_ratio": round(distinct / pairs, 4) if pairs else None}
