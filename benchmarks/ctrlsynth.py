@@ -5,7 +5,8 @@
    keep) over them on a local Ray cluster with 1, then 2 actors per stage: pipeline throughput (pairs/s).
 2. Trains the same tiny CLIP twice for `--steps` steps of `--batch` pairs: on the real pairs only (baseline), and
    on batches half real, half CtrlSynth (spec 3.4: 1:1 per batch, equal iterations, trap 6). BPE trained on the
-   real captions serves both.
+   real captions serves both. `--with-duplicates` adds a third arm on CtrlSynth data synthesized without dedupe
+   (trap 11), the same seeds.
 3. Evaluates on held-out images: zero-shot shape classification of one-object images ("a circle", ...), zero-shot
    colour classification ("a red shape", ...), a compositional test on two-object scenes (the true caption against
    an attribute-swapped and a relation-swapped one, SugarCrepe-style), and image->text retrieval R@1 among the
@@ -62,10 +63,10 @@ def write_pairs(root: Path, n: int, shard_size: int) -> None:
                               ((r["key"], {"png": r["image"], "txt": r["caption"].encode()}) for r in records))
 
 
-def synthesize(pairs: Path, out: Path, workers: int, llm: LLMConfig) -> dict:
+def synthesize(pairs: Path, out: Path, workers: int, llm: LLMConfig, dedupe: bool = True) -> dict:
     import ray
 
-    cfg = SynthConfig(llm=llm, pool=PoolConfig(taggers=workers, llms=workers, t2i=workers, cpus=0.25))
+    cfg = SynthConfig(llm=llm, pool=PoolConfig(taggers=workers, llms=workers, t2i=workers, cpus=0.25), dedupe=dedupe)
     ray.init(num_cpus=2, include_dashboard=False)
     try:
         return runner.run(cfg, imagetext.ImageTextDataConfig(path=str(pairs)), str(out))
@@ -239,6 +240,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--arm", default="both", choices=["both", "real", "ctrlsynth"], help="train one arm only")
     parser.add_argument("--synthesized", default=None, help="an earlier run's CtrlSynth output directory")
+    parser.add_argument("--with-duplicates", action="store_true",
+                        help="a third arm: the CtrlSynth data synthesized without dedupe (spec trap 11)")
     parser.add_argument("--gpu-records", type=int, default=256)
     parser.add_argument("--gpu-batch", type=int, default=64)
     args = parser.parse_args()
@@ -270,8 +273,11 @@ def main() -> None:
     texts = Texts([r["caption"] for r in real])
     real_set = (pixels([r["image"] for r in real]), *texts([r["caption"] for r in real]))
     synth_set = (pixels([s[0] for s in synthetic]), *texts([s[1] for s in synthetic]))
+    duplicated = read_pairs(Path(synthesize(full, work / f"dup_{time.time_ns()}", 2, llm, dedupe=False)["out"])) \
+        if args.with_duplicates and not args.synthesized else []
+    duplicated_set = (pixels([s[0] for s in duplicated]), *texts([s[1] for s in duplicated])) if duplicated else None
     sets = eval_sets(args.eval)
-    arms: dict[str, list[dict]] = {"real": [], "ctrlsynth": []}
+    arms: dict[str, list[dict]] = {"real": [], "ctrlsynth": [], "with_duplicates": []}
     start = time.perf_counter()
     for seed in range(args.seeds):
         if args.arm in ("both", "real"):
@@ -280,6 +286,9 @@ def main() -> None:
         if args.arm in ("both", "ctrlsynth"):
             arms["ctrlsynth"].append(evaluate(train_clip([real_set, synth_set], args.steps, args.batch, seed),
                                               texts, sets))
+        if duplicated_set is not None:
+            arms["with_duplicates"].append(evaluate(train_clip([real_set, duplicated_set], args.steps, args.batch,
+                                                               seed), texts, sets))
     arms = {arm: runs for arm, runs in arms.items() if runs}
     mean = {arm: {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]} for arm, runs in arms.items()}
     if len(mean) == 1:  # one arm of a split run: its figures only
@@ -296,6 +305,8 @@ def main() -> None:
                     "pass_rate": mix["pass_rate"], "rejected": mix["rejected"], "throughput": throughput,
                     "scaling_1_to_2": throughput and throughput["2_actor_per_stage"]["pairs_per_s"]
                     / throughput["1_actor_per_stage"]["pairs_per_s"]},
+        "with_duplicates": mean.get("with_duplicates") and {**mean["with_duplicates"], "synthetic_pairs":
+                                                            len(duplicated), "per_seed": arms["with_duplicates"]},
         "baseline": {**mean["real"], "per_seed": arms["real"]},
         "ratio": mean["ctrlsynth"]["compositional_attribute"] / max(mean["real"]["compositional_attribute"], 1e-9),
         "command": " ".join([Path(sys.executable).name, *sys.argv])}))
