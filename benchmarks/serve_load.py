@@ -7,9 +7,10 @@ exactly `--max-tokens` output tokens (greedy, `ignore_eos`) are sent by that man
 by itself. Every request ends as an answer, a 503 (the bounded queue is full) or an error, and all three are
 counted, so nothing is lost silently. The baseline is the same engine in this process, driven by the same number of
 closed-loop clients submitting straight to `Engine.submit` (continuous batching, no Serve), level by level between
-the Serve runs (so a change in machine load hits both alike): the ratio is Serve's tokens/s over the engine's at the
-highest level without 503s. Prints one JSON line: requests/s, tokens/s, p50/p99 latency and time to first token per
-level, and the replica's mean number of sequences per decode step.
+the Serve runs (so a change in machine load hits both alike); each level of both starts with an untimed round at
+its concurrency (first-use CUDA graph capture is not steady state): the ratio is Serve's tokens/s over the engine's
+at the highest level without 503s. Prints one JSON line: requests/s, tokens/s, p50/p99 latency and time to first
+token per level, and the replica's mean number of sequences per decode step.
 
     python benchmarks/serve_load.py --device cpu --requests 64
     python benchmarks/serve_load.py --device cuda --model openelm_1_1b --max-batch-size 64 --max-queued 256 \\
@@ -123,30 +124,38 @@ def make_prompts(engine: Engine, tokens: int, n: int) -> list[str]:
 # ---- direct engine calls (the baseline) ---------------------------------------------------------------------------
 
 def direct(engine: Engine, prompts: list[str], max_tokens: int, concurrency: int) -> dict[str, Any]:
-    """The same closed-loop clients without Serve: `concurrency` of them submit straight to the engine."""
+    """The same closed-loop clients without Serve: `concurrency` of them submit straight to the engine, after an
+    untimed round of `concurrency` requests at that concurrency (as `serving`'s levels do)."""
     params = SamplingParams(max_new_tokens=max_tokens, temperature=0, ignore_eos=True)
     engine.generate([Request(p, params) for p in warm_up(prompts, engine.n_slots)])
-    pending, done = list(reversed(prompts)), []
 
-    async def client() -> None:
-        while pending:
-            request, t0, first, tokens = Request(pending.pop(), params), time.perf_counter(), None, 0
-            async for delta in engine.submit(request):
-                first = first if first is not None else time.perf_counter() - t0
-                tokens = len(delta.completion.token_ids) if delta.completion else tokens
-            done.append({"status": 200, "latency": time.perf_counter() - t0, "ttft": first, "tokens": tokens})
+    def run(batch: list[str]) -> dict[str, Any]:
+        pending, done = list(reversed(batch)), []
 
-    async def clients() -> float:
-        start = time.perf_counter()
-        await asyncio.gather(*(client() for _ in range(concurrency)))
-        return time.perf_counter() - start
+        async def client() -> None:
+            while pending:
+                request, t0, first, tokens = Request(pending.pop(), params), time.perf_counter(), None, 0
+                async for delta in engine.submit(request):
+                    first = first if first is not None else time.perf_counter() - t0
+                    tokens = len(delta.completion.token_ids) if delta.completion else tokens
+                done.append({"status": 200, "latency": time.perf_counter() - t0, "ttft": first, "tokens": tokens})
 
-    return summarize(done, asyncio.run(clients()), len(prompts))
+        async def clients() -> float:
+            start = time.perf_counter()
+            await asyncio.gather(*(client() for _ in range(concurrency)))
+            return time.perf_counter() - start
+
+        return summarize(done, asyncio.run(clients()), len(batch))
+
+    run(prompts[:concurrency])
+    return run(prompts)
 
 
 def warm_up(prompts: list[str], slots: int) -> list[str]:
-    """A burst that fills every KV slot with real prompts: the decode graphs of the widths and lengths a level meets
-    are captured (and the fused kernels compiled) before anything is timed, in both the replica and this process."""
+    """A burst that fills every KV slot with real prompts: the decode graphs of the full width and the fused kernels
+    are captured and compiled before anything is timed, in both the replica and this process. Each level then runs
+    one untimed round at its own concurrency first, for the widths and prefill buckets only it meets (at 1 stream
+    the width-1 graphs: first use there cost the first request 1.0-1.5 s on the H200, in the timed window)."""
     return [prompts[i % len(prompts)] for i in range(slots)]
 
 
@@ -183,6 +192,7 @@ def serving(args: argparse.Namespace, checkpoint: Path,
                 "stream": True, "stream_options": {"include_usage": True}}
 
         def level(prompts: list[str], concurrency: int) -> dict[str, Any]:
+            asyncio.run(load(url, body, prompts[:concurrency], concurrency))  # untimed: this level's shapes
             before = handle.stats.remote().result()["decode_rows"]
             out = asyncio.run(load(url, body, prompts, concurrency))
             return {**out, "mean_decode_rows": mean_rows(before, handle.stats.remote().result()["decode_rows"])}
