@@ -24,6 +24,26 @@ BLOCK_KEYS = 64
 
 
 @triton.jit
+def _attend_block(q, k, v, visible, best, total, acc, scale, IEEE: tl.constexpr):
+    """One block of keys in the online softmax: q (GROUP_PAD, hd), k and v (BLOCK, hd), visible (BLOCK,) -> the
+    running max, denominator and weighted sum (fp32) after it."""
+    if IEEE:
+        scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        scores = tl.dot(q, tl.trans(k))
+    scores = tl.where(visible[None, :], scores * scale, float("-inf"))  # (GROUP_PAD, BLOCK)
+    new_best = tl.maximum(best, tl.max(scores, axis=1))
+    rescale = tl.exp(best - new_best)
+    p = tl.exp(scores - new_best[:, None])
+    total = total * rescale + tl.sum(p, axis=1)
+    if IEEE:
+        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
+    return new_best, total, acc
+
+
+@triton.jit
 def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, keys_ptr, values_ptr, pos_ptr, write_ptr, out_ptr,
                              sq_row, sq_head, sk_row, sk_head, sv_row, sv_head,
                              sK_slot, sK_head, sK_index, sV_slot, sV_head, sV_index, so_row, so_head, scale,
@@ -48,21 +68,8 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, keys_ptr, values_ptr, pos_ptr,
         index = start + tl.arange(0, BLOCK)
         valid = index < position
         k = tl.load(keys + index[:, None] * sK_index + d[None, :], mask=valid[:, None], other=0.0)
-        if IEEE:
-            scores = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            scores = tl.dot(q, tl.trans(k))
-        scores = tl.where(valid[None, :], scores * scale, float("-inf"))  # (GROUP_PAD, BLOCK)
-        new_best = tl.maximum(best, tl.max(scores, axis=1))
-        rescale = tl.exp(best - new_best)
-        p = tl.exp(scores - new_best[:, None])
-        total = total * rescale + tl.sum(p, axis=1)
         v = tl.load(values + index[:, None] * sV_index + d[None, :], mask=valid[:, None], other=0.0)
-        if IEEE:
-            acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
-        best = new_best
+        best, total, acc = _attend_block(q, k, v, valid, best, total, acc, scale, IEEE)
     out = acc / total[:, None]
     tl.store(out_ptr + row * so_row + heads[:, None] * so_head + d[None, :], out.to(out_ptr.dtype.element_ty),
              mask=(g < GROUP)[:, None])
@@ -120,23 +127,9 @@ def _tree_attention_kernel(q_ptr, k_ptr, v_ptr, keys_ptr, values_ptr, slots_ptr,
         sees = tl.load(sees_ptr + seq * ss_seq + row * ss_row + node, mask=in_tree, other=0) != 0
         k = tl.load(keys + index[:, None] * sK_index + d[None, :], mask=committed[:, None], other=0.0)
         k += tl.load(tree_k + node[:, None] * sk_row + d[None, :], mask=(in_tree & sees)[:, None], other=0.0)
-        if IEEE:
-            scores = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            scores = tl.dot(q, tl.trans(k))
-        visible = committed | (in_tree & sees)
-        scores = tl.where(visible[None, :], scores * scale, float("-inf"))  # (GROUP_PAD, BLOCK)
-        new_best = tl.maximum(best, tl.max(scores, axis=1))
-        rescale = tl.exp(best - new_best)
-        p = tl.exp(scores - new_best[:, None])
-        total = total * rescale + tl.sum(p, axis=1)
         v = tl.load(values + index[:, None] * sV_index + d[None, :], mask=committed[:, None], other=0.0)
         v += tl.load(tree_v + node[:, None] * sv_row + d[None, :], mask=(in_tree & sees)[:, None], other=0.0)
-        if IEEE:
-            acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
-        best = new_best
+        best, total, acc = _attend_block(q, k, v, committed | (in_tree & sees), best, total, acc, scale, IEEE)
     out = acc / total[:, None]
     tl.store(out_ptr + seq * so_seq + heads[:, None] * so_head + row * so_row + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=(g < GROUP)[:, None])
