@@ -11,8 +11,9 @@ so a busy machine slows all of them alike). Figures:
 - exact match of the completion with the reference SQL, for AR and for each speculative setting, and the fraction
   of prompts whose tokens are identical to AR's (must be all of them: greedy verification is lossless);
 - wall-clock per generated token, prefill included (`ms_per_token`, `speedup`) and after the first token
-  (`decode_ms_per_token`, `decode_speedup`: the paper's decoding speed-up; speculation's prefill also drafts, so it
-  runs eagerly where AR's is a CUDA graph on the GPU), over AR;
+  (`decode_ms_per_token`, `decode_speedup`: the paper's decoding speed-up; speculation's first token comes from its
+  first tree step, after a prefill of all but the prompt's last token, so its time to first token holds one step
+  more than AR's), over AR;
 - extra parameters of the streams and the adapter, as a fraction of the model (the paper: 20·h);
 - on CUDA, what a step costs: `decode_ms_per_step` (wall, after the first token) beside `graph_ms`, the device time
   of each of the mode's CUDA graphs (plain decode steps, tree steps; keyed width x length), replayed back to back.

@@ -1,7 +1,7 @@
 """Speculative Streaming decoding (spec 2.3): one forward pass verifies the previous draft tree and drafts the next.
 
-A sequence decoding speculatively holds a root (its newest token, already final and emitted, its KV not yet
-written) and a draft: the top-K tokens of each of its γ streams at the last accepted position. A step:
+A sequence decoding speculatively holds a root (its newest token, already final: emitted, or the prompt's last;
+its KV not yet written) and a draft: the top-K tokens of each of its γ streams at the last accepted position. A step:
 
 1. builds the full k-ary tree of depth γ under the root (depth-g nodes are the top-k tokens of stream g, the same
    k under every parent), flattened in BFS order; node i sits at position ctx + depth(i);

@@ -54,10 +54,10 @@ def _gemv_or_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def use_gemv_kernel(enabled: bool = True) -> None:
     """Route single-row projections (batch-1 decode) through the Triton GEMV, or back to `F.linear`."""
-    global _gemv
+    global _gemv, linear
     if enabled:
         from raytrain.infer.gemv_kernel import gemv as _gemv
-    globals()["linear"] = _gemv_or_linear if enabled else _EAGER_LINEAR
+    linear = _gemv_or_linear if enabled else _EAGER_LINEAR
 
 
 _gemv = None
