@@ -13,25 +13,32 @@ synchronised): equal times mean the forward waits on the host (kernel launches),
 limits the step: `graph_ms`, the device time of the decode step's CUDA graph alone (replayed back to back), beside
 `step_ms` (the engine's step, host included); with `--profile`, the kernels of one eager decode step (name, count,
 total device microseconds) of the first model, batch and variant run, and their sum against the graph's time (the
-rest is gaps between kernels); with `--gemv`, the Triton GEMV of a batch-1 step against cuBLAS on every weight
-shape of each model (variant `gemv` runs the engine with it).
+rest is gaps between kernels); `host_ms`, the host's own time per step (the step less its wait for the device).
+Graph and profile run with the rows at the run's mean position, so attention reads as many keys as in the run.
+Variant `unfused_decode` runs one-row steps through the model's forward instead of the fused step
+(`raytrain/infer/fused_decode.py`); with `--gemv`, each projection's Triton GEMV as the fused step calls it (RMSNorm,
+SwiGLU, residual) over a sweep of block shapes, against cuBLAS's product alone, for each model.
 
     python benchmarks/decode.py --device cuda                      # the issue's table (about 5 minutes on an H200)
     python benchmarks/decode.py --device cuda --no-hf --models openelm_1_1b --batches 1,64 --variants eager,fused
     python benchmarks/decode.py --device cuda --no-hf --models openelm_1_1b --batches 1 --new 16 --prefill
-    python benchmarks/decode.py --device cuda --no-hf --models tinyllama_1_1b --batches 1 --variants fused,gemv --gemv
+    python benchmarks/decode.py --device cuda --no-hf --models tinyllama_1_1b --batches 1 \
+        --variants fused,unfused_decode
+    python benchmarks/decode.py --device cuda --no-hf --models tinyllama_1_1b --batches 1 --new 128 --gemv
     python benchmarks/decode.py --device cpu --models tiny --batches 1,4 --prompt 32 --new 16   # smoke test
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import statistics
 import sys
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -53,7 +60,7 @@ from raytrain.models.registry import model_config  # noqa: E402
 CONF = Path(__file__).resolve().parent.parent / "conf" / "model"
 # Hugging Face Llama shapes: (hidden, intermediate, layers, heads, kv heads, vocab)
 VARIANTS = {"eager": {"fused_kernels": False, "fused_attention": False}, "torch_attention": {"fused_attention": False},
-            "fused": {}, "compiled": {"compile_decode": True}, "gemv": {"gemv_kernel": True}}
+            "fused": {}, "unfused_decode": {"fused_decode": False}, "compiled": {"compile_decode": True}}
 LLAMA_SHAPES = {"tinyllama_1_1b": (2048, 5632, 22, 32, 4, 32000), "llama2_7b": (4096, 11008, 32, 32, 32, 32000),
                 "tiny": (128, 256, 2, 4, 2, 4096)}
 
@@ -116,30 +123,49 @@ def main() -> None:
         "command": " ".join(["python", *sys.argv]), "time": time.strftime("%Y-%m-%d %H:%M")}))
 
 
-def gemv_times(model: Decoder, bandwidth: float, blocks: tuple = ((4, 256), (4, 512), (8, 256), (8, 512),
-                                                                  (16, 256), (32, 256))) -> dict[str, Any]:
-    """Per distinct weight shape (N, K) of the model: microseconds of one row times W through cuBLAS
-    (`torch.matmul`) and through the Triton GEMV at its default block and at each of `blocks` (CUDA graphs of 20
-    calls, so launches do not count), and the bandwidth each reaches."""
+def gemv_blocks(k: int) -> list[tuple[int, int, int]]:
+    """The sweep's (output rows per program, strip, warps): strips up to K rounded up, at most 8k weights a load."""
+    strips = [s for s in (512, 1024, 2048, 4096, 8192) if s <= max(512, 1 << (k - 1).bit_length())]
+    return [(n, s, w) for n in (1, 2, 4, 8, 16) for s in strips for w in (4, 8) if n * s <= 8192]
+
+
+def gemv_times(model: Decoder, bandwidth: float) -> dict[str, Any]:
+    """Per projection role and distinct weight shape (N, K): microseconds of one row times W through cuBLAS
+    (`torch.matmul`, the product alone) and through the Triton GEMV as the fused decode step calls it (RMSNorm
+    first for qkv, gate_up and head; SwiGLU for gate_up; the residual for out and down) at its default block and at
+    each of `gemv_blocks` (CUDA graphs of 20 calls, so launches do not count; one matrix up to ~46 MB may stay in the
+    50 MB L2, so bandwidths are upper bounds), and the bandwidth each reaches."""
     from raytrain.infer.gemv_kernel import block_shape, gemv
 
-    weights: dict[tuple[int, int], torch.Tensor] = {}
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear):
-            weights.setdefault(tuple(module.weight.shape), module.weight)
+    eps = model.cfg.norm_eps
+    roles: dict[str, tuple[torch.Tensor, dict[str, Any]]] = {}
+    for block in model.layers:
+        gain = block.attn_norm.weight
+        for role, weight, fused in (("qkv", block.attn.qkv_proj.weight, {"norm": gain, "eps": eps}),
+                                    ("out", block.attn.out_proj.weight, {"residual": True}),
+                                    ("gate_up", block.ffn.proj_1.weight, {"norm": gain, "eps": eps, "swiglu": True}),
+                                    ("down", block.ffn.proj_2.weight, {"residual": True})):
+            roles.setdefault("{}_{}x{}".format(role, *weight.shape), (weight, fused))
+    roles["head_{}x{}".format(*model.head.weight.shape)] = (model.head.weight, {"norm": model.norm.weight, "eps": eps})
     table = {}
-    for (n, k), weight in sorted(weights.items()):
+    for label, (weight, fused) in roles.items():
+        n, k = weight.shape
         x = torch.randn(1, k, device=weight.device, dtype=weight.dtype)
-        calls = {"cublas": lambda: torch.matmul(x, weight.t())}
-        calls |= {f"triton_{bn}x{bk}": (lambda b=(bn, bk): gemv(x, weight, b)) for bn, bk in blocks}
-        times = {label: graph_us(call) for label, call in calls.items()}
-        default = "triton_{}x{}".format(*block_shape(n, k))
-        times.setdefault(default, graph_us(lambda: gemv(x, weight)))
-        best = min((t for label, t in times.items() if label != "cublas"))
-        table[f"{n}x{k}"] = {"us": times, "default": default, "best_over_cublas": times["cublas"] / best,
-                             "default_over_cublas": times["cublas"] / times[default],
-                             "cublas_bandwidth": 2 * n * k / times["cublas"] / 1e-6 / bandwidth,
-                             "best_bandwidth": 2 * n * k / best / 1e-6 / bandwidth}
+        if fused.pop("residual", False):
+            fused["residual"] = torch.randn(1, n, device=weight.device, dtype=weight.dtype)
+        calls = {"cublas": lambda: torch.matmul(x, weight.t()), "default": lambda: gemv(x, weight, **fused)}
+        calls |= {f"triton_{bn}x{bk}w{nw}": (lambda b=(bn, bk, nw): gemv(x, weight, b, **fused))
+                  for bn, bk, nw in gemv_blocks(k)}
+        times = {name: graph_us(call) for name, call in calls.items()}
+        best = min(t for name, t in times.items() if name != "cublas")
+        outputs = n // 2 if fused.get("swiglu") else n
+        table[label] = {"us": times, "default_block": block_shape(outputs, k, fused.get("swiglu", False)),
+                        "best_block": min((t, name) for name, t in times.items() if name.startswith("triton"))[1],
+                        "best_over_cublas": times["cublas"] / best,
+                        "default_over_cublas": times["cublas"] / times["default"],
+                        "cublas_bandwidth": 2 * n * k / times["cublas"] / 1e-6 / bandwidth,
+                        "default_bandwidth": 2 * n * k / times["default"] / 1e-6 / bandwidth,
+                        "best_bandwidth": 2 * n * k / best / 1e-6 / bandwidth}
     return table
 
 
@@ -185,15 +211,21 @@ def greedy_check(tokenizer: Any, device: str, variant: dict[str, Any]) -> dict[s
     news = [40 + 7 * i for i in range(8)]
     outs = engine.generate([Request(p, SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True))
                             for p, n in zip(batch, news)])
-    equal = 0
+    equal, wants = 0, []
     for p, n, out in zip(batch, news, outs):
         ids = torch.tensor([p], device=device)
         with torch.inference_mode():
             want = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
                                do_sample=False, pad_token_id=0)[0, len(p):].tolist()
         equal += out.token_ids == want
+        wants.append(want)
+    alone = Engine(model, tokenizer, EngineConfig(max_batch_size=1, max_model_len=256, max_step_tokens=64, **variant))
+    outs = alone.generate([Request(p, SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True))
+                           for p, n in zip(batch, news)])  # one slot: every decode step has one row
     return {"requests": len(batch), "equal_to_transformers": equal, "graphs": len(engine.runner.graphs),
-            "overlap": engine.overlap}
+            "overlap": engine.overlap, "one_slot_equal_to_transformers": sum(
+                o.token_ids == w for o, w in zip(outs, wants)), "one_slot_fused_decode": alone.runner.fused_step
+            is not None}
 
 
 def prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
@@ -211,18 +243,40 @@ def engine_run(model: Decoder, tokenizer: Any, batch: int, args: argparse.Namesp
     engine.generate(requests)  # warm-up: CUDA graphs captured, kernels loaded
     sync(args.device)
     engine.decode_rows.clear()
-    start = time.perf_counter()
-    outs = engine.generate(requests)
-    sync(args.device)
-    total = time.perf_counter() - start
+    waits = host_waits() if args.device == "cuda" else contextlib.nullcontext([])
+    with waits as waited:
+        start = time.perf_counter()
+        outs = engine.generate(requests)
+        sync(args.device)
+        total = time.perf_counter() - start
     first = max(o.ttft_s for o in outs)  # every sequence has its first token: the rest is decode
     step_s = (total - first) / (args.new - 1)
     result = {"tokens_per_s": batch * args.new / total, "decode_tokens_per_s": batch * (args.new - 1) / (total - first),
               "step_ms": 1e3 * step_s, "bandwidth_fraction": step_bytes(model, batch, args) / step_s / args.bandwidth,
               "ttft_s": first, "full_decode_steps": engine.decode_rows[batch]}
+    if waited:  # the host's own time per step is the step less its waits for the device
+        result["host_ms"] = 1e3 * (total - sum(waited)) / len(waited)
     if engine.runner.cuda_graphs:
-        result["graph_ms"] = graph_ms(engine, *decode_bucket(engine, batch, args))
+        result["graph_ms"] = graph_ms(engine, *decode_bucket(engine, batch, args), mean_position(args))
     return result, engine
+
+
+@contextlib.contextmanager
+def host_waits() -> Iterator[list[float]]:
+    """Seconds the host spends in each `torch.cuda.Event.synchronize` (the engine's one wait per step) meanwhile."""
+    waited: list[float] = []
+    original = torch.cuda.Event.synchronize
+
+    def timed(event: torch.cuda.Event) -> None:
+        start = time.perf_counter()
+        original(event)
+        waited.append(time.perf_counter() - start)
+
+    torch.cuda.Event.synchronize = timed
+    try:
+        yield waited
+    finally:
+        torch.cuda.Event.synchronize = original
 
 
 def prefill_times(model: Decoder, args: argparse.Namespace, repeats: int = 5) -> dict[str, dict[str, float]]:
@@ -252,11 +306,23 @@ def decode_bucket(engine: Engine, batch: int, args: argparse.Namespace) -> tuple
     return engine.runner.decode_shape(batch - 1, args.prompt + args.new - 1)
 
 
-def graph_ms(engine: Engine, width: int, length: int) -> float:
-    """Device time of one decode-step graph, replayed back to back (the engine is idle: every row is scratch)."""
+def graph_ms(engine: Engine, width: int, length: int, position: int) -> float:
+    """Device time of one decode-step graph, replayed back to back, its rows at `position` (attention reads that
+    many keys) writing to the scratch index (the engine is idle: nothing is overwritten)."""
     graph = next(g for (w, n, shifted, adapted, _), g in engine.runner.graphs.items()
                  if (w, n, shifted, adapted) == (width, length, False, False))  # the run's graph, greedy or not
-    return replay_ms(graph)
+    with at_position(engine.runner, width, position):
+        return replay_ms(graph)
+
+
+@contextlib.contextmanager
+def at_position(runner: ModelRunner, width: int, position: int) -> Iterator[None]:
+    """Rows 0..width-1 of an idle runner at `position` (the run's mean) for timing; idle again after."""
+    runner.positions[:width] = position
+    try:
+        yield
+    finally:
+        runner.positions[:width] = 0
 
 
 def kernel_profile(engine: Engine, batch: int, args: argparse.Namespace, steps: int = 10) -> dict[str, Any]:
@@ -265,7 +331,7 @@ def kernel_profile(engine: Engine, batch: int, args: argparse.Namespace, steps: 
 
     width, length = decode_bucket(engine, batch, args)
     runner = engine.runner
-    with torch.inference_mode():
+    with torch.inference_mode(), at_position(runner, width, mean_position(args)):
         runner._forward(width, length)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -277,7 +343,11 @@ def kernel_profile(engine: Engine, batch: int, args: argparse.Namespace, steps: 
                     for e in kernels), key=lambda k: -k["us_per_step"])
     return {"width": width, "length": length, "kernels_per_step": sum(k["per_step"] for k in table),
             "kernel_us_per_step": sum(k["us_per_step"] for k in table),
-            "graph_us": 1e3 * graph_ms(engine, width, length), "top": table[:25]}
+            "graph_us": 1e3 * graph_ms(engine, width, length, mean_position(args)), "top": table[:25]}
+
+
+def mean_position(args: argparse.Namespace) -> int:
+    return args.prompt + args.new // 2
 
 
 def step_bytes(model: Decoder, batch: int, args: argparse.Namespace) -> float:

@@ -22,11 +22,31 @@ kept first), so the FLOP ratio covers the whole question set where CPU time allo
     python benchmarks/superposition.py --device cpu --sets 25 --questions-per-set 4            # CPU evidence
     python benchmarks/superposition.py --device cuda --sets 50 --questions-per-set 4 --multihop-sets 25   # H200
     python benchmarks/superposition.py --theoretical-only --sets 50 --questions-per-set 4 --multihop-sets 50
+
+Speed mode (`--shape NAME`, a Llama shape of `benchmarks/decode.py`: `llama2_7b`, `tinyllama_1_1b`, `tiny`): the
+paper's speed case, a model whose prefill compute dominates. The decoder of that shape is built with random weights
+(decode.py's `build`, the vocabulary resized to the tokenizer's; bf16 on CUDA, fp32 on CPU) and reads the same
+single-hop questions, tokenized by `--checkpoint`'s tokenizer and chat template. Answers are forced to exactly
+`--max-new-tokens` tokens (greedy, `ignore_eos`, no stop string), so every method decodes the same number of tokens;
+with random weights accuracy means nothing and is not reported. Methods: naive RAG, and superposition top-k warm
+(document KV from the path cache) and cold (a second engine with `cache_policy=off`: preamble and documents computed
+in the request). For every question each method runs once untimed (CUDA graphs of new shapes captured; warm: its
+documents cached), then `--repeats` timed runs. Figures: median time to first token (`Completion.ttft_s`: from the
+request joining the engine to its first token on the host, the same path for both methods) and time to answer (wall
+clock around `Engine.generate`, the device synchronised before and after), naive / superposition ratios of both,
+beside the theoretical FLOP ratios (to the first token, and to the whole answer; total, and critical path).
+
+    python benchmarks/superposition.py --shape llama2_7b --device cuda --checkpoint /tmp/smollm2 --sets 8 \
+        --questions-per-set 2 --top-k 1,2 --max-new-tokens 16 --minutes 3                     # H200
+    python benchmarks/superposition.py --shape tiny --device cpu --checkpoint /tmp/smollm2 --sets 1 \
+        --questions-per-set 2 --top-k 1 --max-new-tokens 8 --threads 2                      # CPU smoke run
+    python benchmarks/superposition.py --theoretical-only --shape llama2_7b --checkpoint /tmp/smollm2 --sets 50
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import statistics
@@ -256,6 +276,148 @@ def theoretical_sweep(args: argparse.Namespace, tokenizer: Any, cfg: DecoderConf
     return out
 
 
+# ---- speed mode: a random-weight model of a given shape ------------------------------------------------------
+
+def shape_model(name: str, vocab: int, device: str, dtype: torch.dtype) -> torch.nn.Module:
+    """The random-weight decoder of `benchmarks/decode.py`'s Llama shape `name` (its `build`), with a vocabulary of
+    `vocab` entries (the tokenizer's) in place of the shape's."""
+    from benchmarks.decode import LLAMA_SHAPES, build
+
+    if name not in LLAMA_SHAPES:
+        raise SystemExit(f"--shape {name}: not a Llama shape of benchmarks/decode.py ({', '.join(LLAMA_SHAPES)})")
+    key = f"{name}_vocab{vocab}"
+    LLAMA_SHAPES[key] = (*LLAMA_SHAPES[name][:5], vocab)  # build reads its shapes from this table
+    model, hf = build(key, device, dtype)
+    del hf  # the transformers copy it was converted from
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return model
+
+
+def speed_methods(top_k: list[int]) -> dict[str, tuple[str, int | None]]:
+    """name -> (engine, top_k): naive RAG, then superposition top-k warm and cold for each k."""
+    out: dict[str, tuple[str, int | None]] = {"naive": ("naive", None)}
+    for k in top_k:
+        out |= {f"superposition_top{k}_warm": ("warm", k), f"superposition_top{k}_cold": ("cold", k)}
+    return out
+
+
+def speed_row(engine_key: str, fj: ForkJoinPrompt, done: Any, seconds: float, cfg: DecoderConfig,
+              max_new_tokens: int) -> dict[str, Any]:
+    """One timed request: its times, what it computed, and its theoretical FLOPs to the first token and to the
+    answer (total and critical path; a cold request's include its preamble and documents)."""
+    selection = done.superposition
+    if len(done.token_ids) != max_new_tokens:
+        raise RuntimeError(f"{engine_key}: {len(done.token_ids)} tokens generated, not {max_new_tokens}")
+    row = {"seconds": seconds, "ttft_s": done.ttft_s, "tokens": len(done.token_ids),
+           "prompt_tokens": done.prompt_tokens}
+    kept = None
+    if selection is not None:
+        expected = selection.paths if engine_key == "warm" else 0
+        if selection.cached != expected:
+            raise RuntimeError(f"{engine_key}: {selection.cached} of {selection.paths} paths from the path cache")
+        kept = selection.kept
+        row |= {"paths": selection.paths, "cached_paths": selection.cached, "kept": len(kept),
+                "context_tokens": len(fj.preamble) + sum(len(fj.documents[i]) + len(fj.query) for i in kept)
+                + len(fj.postamble)}
+    else:
+        row["context_tokens"] = done.prompt_tokens
+    prefix = "cold_" if engine_key == "cold" else ""
+    for part, generated in (("ttft", 1), ("answer", max_new_tokens)):
+        flops = theoretical_flops(cfg, fj, kept, generated)
+        row[f"flops_{part}_total"] = flops[f"{prefix}total"]
+        row[f"flops_{part}_critical"] = flops[f"{prefix}critical"]
+    return row
+
+
+def speed_summary(rows: list[dict]) -> dict[str, Any]:
+    out = {"timed_requests": len(rows), "ttft_s": statistics.median(r["ttft_s"] for r in rows),
+           "time_to_answer_s": statistics.median(r["seconds"] for r in rows),
+           "after_first_token_s": statistics.median(r["seconds"] - r["ttft_s"] for r in rows),
+           "generated_tokens": statistics.mean(r["tokens"] for r in rows),
+           "prompt_tokens": statistics.mean(r["prompt_tokens"] for r in rows),
+           "context_tokens": statistics.mean(r["context_tokens"] for r in rows)}
+    if "paths" in rows[0]:
+        out |= {"paths": statistics.mean(r["paths"] for r in rows),
+                "cached_paths": statistics.mean(r["cached_paths"] for r in rows)}
+    for key in ("flops_ttft_total", "flops_ttft_critical", "flops_answer_total", "flops_answer_critical"):
+        out[key] = statistics.mean(r[key] for r in rows)
+    return out
+
+
+def speed_ratios(results: dict[str, dict], baseline: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Naive / method: measured TTFT and time to answer, and the theoretical FLOPs of each (naive's critical path
+    is its total)."""
+    keys = {"ttft": "ttft_s", "time_to_answer": "time_to_answer_s",
+            **{k: k for k in ("flops_ttft_total", "flops_ttft_critical", "flops_answer_total",
+                              "flops_answer_critical")}}
+    return {name: {k: baseline[key] / r[key] for k, key in keys.items()} for name, r in results.items()}
+
+
+def speed_main(args: argparse.Namespace) -> None:
+    """Naive RAG against superposition top-k (warm and cold) on a random-weight model of `--shape`: times only."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    tokenizer = load_tokenizer(args.checkpoint)
+    model = shape_model(args.shape, len(tokenizer), args.device, dtype)
+    cfg = model.cfg
+    warm_sp = SuperpositionConfig(enabled=True, cache_mb=args.cache_mb)
+    cold_sp = replace(warm_sp, cache_policy="off")
+    engines = {"naive": Engine(model, tokenizer, EngineConfig(max_batch_size=1)),
+               "warm": Engine(model, tokenizer, EngineConfig(max_batch_size=1, superposition=warm_sp)),
+               "cold": Engine(model, tokenizer, EngineConfig(max_batch_size=1, superposition=cold_sp))}
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0, ignore_eos=True)
+    methods = speed_methods(args.top_k)
+    rows: dict[str, list[dict]] = {name: [] for name in methods}
+    start, budget = time.monotonic(), 60 * args.minutes if args.minutes else float("inf")
+    for s, (docs, asked) in enumerate(question_sets(args.sets, args.questions_per_set, False, args.seed)):
+        if s and time.monotonic() > start + budget:
+            break
+        for q, item in enumerate(asked):
+            prompt = forkjoin_prompt(tokenizer, docs, item["question"], INSTRUCTION)
+            for name, (engine_key, k) in methods.items():
+                fj = replace(prompt, superpose=engine_key != "naive", top_k=k)
+                request, engine = Request(params=params, forkjoin=fj), engines[engine_key]
+                answer(engine, request, args.device)  # untimed: new shapes' graphs; warm: the documents cached
+                for _ in range(args.repeats):
+                    done, seconds = answer(engine, request, args.device)
+                    row = speed_row(engine_key, fj, done, seconds, cfg, args.max_new_tokens)
+                    rows[name].append(row)
+                    print(json.dumps({"set": s, "question": q, "method": name,
+                                      **{k: v for k, v in row.items() if not k.startswith("flops")}}),
+                          file=sys.stderr, flush=True)
+    results = {name: speed_summary(r) for name, r in rows.items()}
+    baseline = results.pop("naive")
+    ratios = speed_ratios(results, baseline)
+    print(f"naive RAG: TTFT {baseline['ttft_s']:.4f} s, time to answer {baseline['time_to_answer_s']:.4f} s",
+          file=sys.stderr)
+    for name, r in ratios.items():
+        print(f"{name}: TTFT {results[name]['ttft_s']:.4f} s, naive/superposition {r['ttft']:.2f}x "
+              f"(FLOPs {r['flops_ttft_total']:.2f}x, critical path {r['flops_ttft_critical']:.2f}x); "
+              f"time to answer {results[name]['time_to_answer_s']:.4f} s, naive/superposition "
+              f"{r['time_to_answer']:.2f}x (FLOPs {r['flops_answer_total']:.2f}x, critical path "
+              f"{r['flops_answer_critical']:.2f}x)", file=sys.stderr)
+    best = f"superposition_top{args.top_k[0]}_warm"
+    print(json.dumps({
+        "benchmark": "superposition_speed",
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else args.device,
+        "config": {"shape": args.shape, "params": sum(p.numel() for p in model.parameters()),
+                   "model": {k: getattr(cfg, k) for k in ("vocab_size", "d_model", "n_layers", "q_heads", "kv_heads",
+                                                            "head_dim", "ffn_dim")},
+                   "weights": "random (accuracy not measured)", "tokenizer": args.checkpoint,
+                   "documents_per_question": [20, 50], "sets": args.sets,
+                   "questions_per_set": args.questions_per_set, "minutes": args.minutes, "top_k": args.top_k,
+                   "max_new_tokens": args.max_new_tokens, "decoding": "greedy, ignore_eos (fixed length)",
+                   "repeats": args.repeats, "untimed_runs_before": 1, "engine": {"max_batch_size": 1},
+                   "superposition_warm": vars(warm_sp), "superposition_cold": vars(cold_sp),
+                   "dtype": str(dtype), "threads": torch.get_num_threads(), "torch": torch.__version__},
+        "results": results, "baseline": {"naive": baseline}, "ratios": ratios,
+        "ratio": ratios[best]["time_to_answer"],
+        "command": " ".join(["python", *sys.argv]), "time": time.strftime("%Y-%m-%d %H:%M")}))
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="cuda")
@@ -271,16 +433,25 @@ def main() -> None:
                    "(single-hop gets the first 70%% when both tasks run)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--theoretical-only", action="store_true", help="theoretical FLOPs of every question, no model run")
+    p.add_argument("--shape", default=None, help="speed mode: a random-weight model of this Llama shape of "
+                   "benchmarks/decode.py (e.g. llama2_7b, tiny); times only, single-hop, fixed-length answers")
+    p.add_argument("--repeats", type=int, default=1, help="speed mode: timed runs per question and method")
+    p.add_argument("--cache-mb", type=float, default=4096, help="speed mode: the warm engine's path cache bound")
     args = p.parse_args()
     if args.theoretical_only:
-        tokenizer, cfg = load_tokenizer(args.checkpoint), read_model_config(args.checkpoint)
+        tokenizer = load_tokenizer(args.checkpoint)
+        cfg = (shape_model(args.shape, len(tokenizer), "meta", torch.bfloat16).cfg if args.shape
+               else read_model_config(args.checkpoint))
         print(json.dumps({"benchmark": "superposition_flops", "device": "none (counted from token lengths)",
-                          "config": {"checkpoint": args.checkpoint, "sets": args.sets,
+                          "config": {"checkpoint": args.checkpoint, "shape": args.shape, "sets": args.sets,
                                      "multihop_sets": args.multihop_sets, "questions_per_set": args.questions_per_set,
                                      "top_k": args.top_k, "answer_tokens": ANSWER_TOKENS, "kept": "gold first"},
                           "results": theoretical_sweep(args, tokenizer, cfg), "baseline": "naive RAG (one prompt)",
                           "ratio": None, "command": " ".join(["python", *sys.argv]),
                           "time": time.strftime("%Y-%m-%d %H:%M")}))
+        return
+    if args.shape:
+        speed_main(args)
         return
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -8,8 +8,9 @@ it is one launch, and it reads exactly the keys a row has (its position, read on
 the length bucket. The grouped query heads of a KV head (GQA) are the rows of one `tl.dot` tile, padded to 16. The
 new key is scored from registers, never read back from the cache it was just stored to, so the kernel needs no
 barrier between its store and its loads. Scores and softmax are in fp32 (online softmax over blocks of keys); fp32
-inputs use IEEE dots, so float32 runs match the reference ops. Under TRITON_INTERPRET=1 it runs on CPU tensors
-(slowly), which is how the CPU tests check it.
+inputs use IEEE dots, so float32 runs match the reference ops. For the fused batch-1 step (`fused_decode.py`) the
+decode kernel also takes q and k unrotated and applies the per-head QK norm and RoPE itself (`_load_heads`). Under
+TRITON_INTERPRET=1 it runs on CPU tensors (slowly), which is how the CPU tests check it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_KEYS = 64
+BLOCK_KEYS = 128  # keys per online-softmax step (decode: 5.5 against 6.0 us for 64, 320 keys, H200 2026-12-04)
+TREE_BLOCK_KEYS = 64
 
 
 @triton.jit
@@ -44,26 +46,54 @@ def _attend_block(q, k, v, visible, best, total, acc, scale, IEEE: tl.constexpr)
 
 
 @triton.jit
+def _load_heads(ptr, heads, live, stride_head, position, cos_ptr, sin_ptr, gain_ptr, eps,
+                ROPE: tl.constexpr, QK_NORM: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Rows `heads` (H,) of a (heads, hd) tile at `ptr`; with ROPE, rotated to `position` (rotate-half: dim d pairs
+    with d ± hd/2), after a per-head RMSNorm with QK_NORM. Each rounding as `ops.rms_norm` and `ops.rope` round."""
+    d = tl.arange(0, HEAD_DIM)
+    x = tl.load(ptr + heads[:, None] * stride_head + d[None, :], mask=live[:, None], other=0.0)
+    if ROPE:
+        dtype = x.dtype
+        partner = (d + HEAD_DIM // 2) % HEAD_DIM
+        xp = tl.load(ptr + heads[:, None] * stride_head + partner[None, :], mask=live[:, None], other=0.0)
+        if QK_NORM:
+            x32 = x.to(tl.float32)
+            scale = tl.rsqrt(tl.sum(x32 * x32, axis=1) / HEAD_DIM + eps)[:, None]
+            x = (tl.load(gain_ptr + d).to(tl.float32)[None, :] * (x32 * scale).to(dtype).to(tl.float32)).to(dtype)
+            xp = (tl.load(gain_ptr + partner).to(tl.float32)[None, :]
+                  * (xp.to(tl.float32) * scale).to(dtype).to(tl.float32)).to(dtype)
+        cos = tl.load(cos_ptr + position * HEAD_DIM + d)[None, :]
+        sin = tl.load(sin_ptr + position * HEAD_DIM + d)[None, :]
+        sign = tl.where(d < HEAD_DIM // 2, -1.0, 1.0)[None, :]
+        x = (x.to(tl.float32) * cos + sign * xp.to(tl.float32) * sin).to(dtype)
+    return x
+
+
+@triton.jit
 def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, keys_ptr, values_ptr, pos_ptr, write_ptr, out_ptr,
+                             cos_ptr, sin_ptr, q_gain_ptr, k_gain_ptr, eps,
                              sq_row, sq_head, sk_row, sk_head, sv_row, sv_head,
                              sK_slot, sK_head, sK_index, sV_slot, sV_head, sV_index, so_row, so_head, scale,
                              GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                             BLOCK: tl.constexpr, IEEE: tl.constexpr):
+                             BLOCK: tl.constexpr, IEEE: tl.constexpr, ROPE: tl.constexpr, QK_NORM: tl.constexpr):
     row, kv_head = tl.program_id(0), tl.program_id(1)
     position, write_index = tl.load(pos_ptr + row), tl.load(write_ptr + row)
     g, d = tl.arange(0, GROUP_PAD), tl.arange(0, HEAD_DIM)
     heads = kv_head * GROUP + g
-    q = tl.load(q_ptr + row * sq_row + heads[:, None] * sq_head + d[None, :], mask=(g < GROUP)[:, None], other=0.0)
-    k_new = tl.load(k_ptr + row * sk_row + kv_head * sk_head + d)
-    v_new = tl.load(v_ptr + row * sv_row + kv_head * sv_head + d)
+    one = tl.arange(0, 1)  # the new key and value as (1, hd) tiles
+    q = _load_heads(q_ptr + row * sq_row, heads, g < GROUP, sq_head, position, cos_ptr, sin_ptr, q_gain_ptr, eps,
+                    ROPE, QK_NORM, HEAD_DIM)
+    k_new = _load_heads(k_ptr + row * sk_row, kv_head + one, one == 0, sk_head, position, cos_ptr, sin_ptr,
+                        k_gain_ptr, eps, ROPE, QK_NORM, HEAD_DIM)
+    v_new = tl.load(v_ptr + row * sv_row + kv_head * sv_head + d)[None, :]
     keys = keys_ptr + row * sK_slot + kv_head * sK_head
     values = values_ptr + row * sV_slot + kv_head * sV_head
-    tl.store(keys + write_index * sK_index + d, k_new)
-    tl.store(values + write_index * sV_index + d, v_new)
+    tl.store(keys + write_index * sK_index + d[None, :], k_new)
+    tl.store(values + write_index * sV_index + d[None, :], v_new)
     # the new key first: the running max, denominator and weighted sum start from it
-    best = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], axis=1) * scale  # (GROUP_PAD,)
+    best = tl.sum(q.to(tl.float32) * k_new.to(tl.float32), axis=1) * scale  # (GROUP_PAD,)
     total = tl.full([GROUP_PAD], 1.0, tl.float32)
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32) + v_new.to(tl.float32)[None, :]
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32) + v_new.to(tl.float32)
     for start in range(0, position, BLOCK):  # the cached keys 0..position-1
         index = start + tl.arange(0, BLOCK)
         valid = index < position
@@ -77,23 +107,31 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, keys_ptr, values_ptr, pos_ptr,
 
 @torch.compiler.disable  # opaque to torch.compile (it mutates the cache); replayed inside the step's CUDA graph
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                     positions: torch.Tensor, write_index: torch.Tensor) -> torch.Tensor:
+                     positions: torch.Tensor, write_index: torch.Tensor,
+                     rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> torch.Tensor:
     """q (W, n_q, 1, hd), the new k and v (W, n_kv, 1, hd), one layer's cache keys/values (n_slots, n_kv, S, hd)
     (row w is slot w), positions and write_index (W,) -> (W, n_q, 1, hd). Stores k, v at `write_index`, then each row
-    attends to its keys 0..position-1 and the new one."""
+    attends to its keys 0..position-1 and the new one. With `rope` (the fp32 cos and sin tables, (positions, hd)),
+    q and k arrive unrotated and are rotated to each row's position here, after the per-head RMSNorm of `qk_norm`
+    (the q and k gains and eps) when given: the fused decode step's attention (`raytrain/infer/fused_decode.py`)."""
     W, n_q, _, hd = q.shape
     n_kv = k.shape[1]
     if any(t.stride(-1) != 1 for t in (q, k, v, keys, values)):
         raise ValueError("decode_attention needs the head dimension contiguous in q, k, v and the cache")
+    if qk_norm is not None and rope is None:
+        raise ValueError("decode_attention normalises q and k (qk_norm) only where it rotates them (rope)")
     group = n_q // n_kv
-    out = torch.empty_like(q)
+    out = q.new_empty(W, n_q, 1, hd)
+    cos, sin = rope if rope is not None else (q, q)
+    q_gain, k_gain, eps = qk_norm if qk_norm is not None else (q, q, 0.0)
     _decode_attention_kernel[(W, n_kv)](
-        q, k, v, keys, values, positions, write_index, out,
+        q, k, v, keys, values, positions, write_index, out, cos, sin, q_gain, k_gain, eps,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
         out.stride(0), out.stride(1), 1 / math.sqrt(hd),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=hd, BLOCK=BLOCK_KEYS,
-        IEEE=q.dtype == torch.float32, num_warps=4)
+        IEEE=q.dtype == torch.float32, ROPE=rope is not None, QK_NORM=qk_norm is not None, num_warps=4)
     return out
 
 
@@ -155,6 +193,6 @@ def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torc
         keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
         sees.stride(0) if sees.shape[0] > 1 else 0, sees.stride(1), out.stride(0), out.stride(1), out.stride(2),
         m, 1 / math.sqrt(hd),
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=hd, BLOCK=BLOCK_KEYS,
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=hd, BLOCK=TREE_BLOCK_KEYS,
         IEEE=q.dtype == torch.float32, num_warps=4)
     return out

@@ -67,7 +67,7 @@ class EngineConfig:
     fused_kernels: bool = True  # the decoder's elementwise chains as compiled fused kernels (GPU only)
     compile_decode: bool = False  # the whole decode step through torch.compile before its graphs (GPU only)
     fused_attention: bool = True  # decode attention and its cache write as one Triton kernel (GPU only)
-    gemv_kernel: bool = False  # batch-1 projections through a Triton GEMV instead of cuBLAS (GPU only)
+    fused_decode: bool = True  # one-row decode steps as five Triton kernels a layer, where the model allows (GPU)
     packed_prefill: bool = True  # a step's first prompt chunks as one right-padded forward (groups of like length)
     prefill_graphs: bool = True  # packed prefills up to 2 x max_step_tokens as CUDA graphs per shape bucket (GPU)
     overlap: bool | None = None  # host work of step t while the device runs step t+1; None = on CUDA
@@ -134,13 +134,13 @@ class Engine:
         cuda = self.device.type == "cuda"
         if cuda:  # process-wide: the replica or benchmark process runs one engine configuration at a time
             ops.use_fused_kernels(self.config.fused_kernels)
-            ops.use_gemv_kernel(self.config.gemv_kernel)
         self.runner = ModelRunner(model, n_slots, self.max_len + self.tree_margin, self.config.cuda_graphs,
                                   compile_decode=cuda and self.config.compile_decode,
                                   selection=adapters.selection if adapters is not None else None,
                                   fused_attention=cuda and self.config.fused_attention
                                   and fused_attention_supported(model.cfg.head_dim),
-                                  static_prefill_tokens=self._static_prefill_tokens())
+                                  static_prefill_tokens=self._static_prefill_tokens(),
+                                  fused_decode=cuda and self.config.fused_decode)
         self.speculative = (SpecStreamDecoder(model, self.runner, self.config.specstream)
                             if self.config.specstream is not None else None)
         self.sampling = SamplingTable(n_slots + 1, model.cfg.vocab_size, self.device)  # + a row for LazyLLM

@@ -6,7 +6,9 @@ live rows' positions advance by one. A decode step covers rows 0..W-1 for a widt
 L keys of each slot for a length bucket L; on CUDA each (W, L) is captured once as a CUDA graph (the whole forward
 as one launch, all graphs sharing one memory pool) and replayed, with its logits written into a static buffer. A
 step whose rows are all greedy (`decode_greedy`) has graphs of its own that also take the argmax and advance the
-inputs, so such a step launches nothing but its graph and the copy of its tokens to the host.
+inputs, so such a step launches nothing but its graph and the copy of its tokens to the host. A step of one row
+runs `FusedDecodeStep` (`fused_decode.py`: five Triton kernels a layer) in place of the model's forward, where the
+model allows it.
 Prefill takes the first chunks of a step's new prompts as one right-padded batch (`prefill_packed`: one forward for
 many prompts, so a burst of arrivals costs one pass of kernel launches, not one per prompt) and a later chunk of a
 long prompt alone (`prefill`, eager); SDPA's flash kernel for first chunks. An eager forward of a 1B model waits on
@@ -60,9 +62,10 @@ def bucket(value: int, buckets: list[int]) -> int:
 class ModelRunner:
     def __init__(self, model: Decoder, n_slots: int, max_len: int, cuda_graphs: bool = True,
                  compile_decode: bool = False, selection: AdapterSelection | None = None,
-                 fused_attention: bool = False, static_prefill_tokens: int = 0) -> None:
+                 fused_attention: bool = False, static_prefill_tokens: int = 0, fused_decode: bool = False) -> None:
         """static_prefill_tokens: the most padded tokens (rows x tokens) a packed prefill runs as a static-shape
-        bucket (a CUDA graph with `cuda_graphs` on CUDA); larger ones, and all with 0, run eagerly as they come."""
+        bucket (a CUDA graph with `cuda_graphs` on CUDA); larger ones, and all with 0, run eagerly as they come.
+        fused_decode: one-row decode steps through `FusedDecodeStep` (Triton) where the model allows it."""
         self.model = model
         self.device = model.embed.weight.device
         kv_heads = [block.attn.n_kv for block in model.layers]
@@ -95,6 +98,12 @@ class ModelRunner:
         self.prefill_inputs = torch.zeros(static_prefill_tokens + 2 * n_slots, dtype=torch.long, device=self.device)
         self.prefill_logits = self.logits.new_empty(n_slots if static_prefill_tokens else 0, model.cfg.rows)
         self.prefill_graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.fused_step = None
+        if fused_decode:  # imported here: triton only where it runs
+            from raytrain.infer.fused_decode import FusedDecodeStep, fused_decode_unsupported
+
+            if fused_decode_unsupported(model) is None:
+                self.fused_step = FusedDecodeStep(model, self.cache)
 
     # ---- prefill ----------------------------------------------------------------------------------------------
 
@@ -244,6 +253,8 @@ class ModelRunner:
 
     def _forward(self, width: int, length: int, shifted: bool = False) -> torch.Tensor:
         """`shifted`: some row decodes at real-valued positions (RoPE angles computed, not looked up)."""
+        if self.fused_step is not None and width == 1 and not shifted:
+            return self.fused_step(self.tokens[:1], self.positions[:1], self.write_index[:1])
         rope = self.positions[:width] + self.rope_offset[:width] if shifted else None
         self.cache.begin_decode(self.positions[:width], self.write_index[:width], length, rope)
         return self.model(self.tokens[:width, None], cache=self.cache)[:, -1]

@@ -161,9 +161,6 @@ class Linear(nn.Linear):
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, std=self.std)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.linear(x, self.weight)  # looked up at call time: inference may swap in a GEMV kernel
-
 
 class Embedding(nn.Embedding):
     def __init__(self, rows: int, dim: int, std: float) -> None:

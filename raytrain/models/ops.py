@@ -4,8 +4,8 @@ Eager, as in training, each chain is several PyTorch ops. A GPU decode step at s
 per layer, and their launches, not the bytes they move, set its time; `use_fused_kernels()` (the engine calls it on
 CUDA) swaps in `torch.compile`d versions: Inductor fuses each chain into one Triton kernel, compiled with dynamic
 shapes, so one compilation serves every layer width and batch. Callers look the functions up on this module
-(`ops.rms_norm(...)`) so the swap reaches them. `use_gemv_kernel()` likewise routes single-row projections (a
-batch-1 decode step's GEMVs) through a Triton kernel.
+(`ops.rms_norm(...)`) so the swap reaches them. (A batch-1 decode step goes further on CUDA: its whole layer is five
+Triton kernels, `raytrain/infer/fused_decode.py`.)
 """
 
 from __future__ import annotations
@@ -39,29 +39,6 @@ def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, scale: float, dtype
     return (scores.float() * scale).masked_fill(~mask, float("-inf")).softmax(-1).to(dtype)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x Wᵀ (the decoder's bias-free projections)."""
-    return F.linear(x, weight)
-
-
-def _gemv_or_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """A single 16-bit row through the Triton GEMV (`raytrain.infer.gemv_kernel`), anything else as `linear`."""
-    if (x.shape[:-1].numel() == 1 and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
-            and weight.stride(1) == 1):
-        return _gemv(x, weight)
-    return F.linear(x, weight)
-
-
-def use_gemv_kernel(enabled: bool = True) -> None:
-    """Route single-row projections (batch-1 decode) through the Triton GEMV, or back to `F.linear`."""
-    global _gemv, linear
-    if enabled:
-        from raytrain.infer.gemv_kernel import gemv as _gemv
-    linear = _gemv_or_linear if enabled else _EAGER_LINEAR
-
-
-_gemv = None
-_EAGER_LINEAR = linear
 _EAGER = {fn.__name__: fn for fn in (rms_norm, rope, swiglu, masked_softmax)}
 _FUSED: dict = {}
 

