@@ -36,7 +36,7 @@ from raytrain.pipelines.ctrlsynth import synthesize
 from raytrain.pipelines.ctrlsynth.config import IMAGE_PATHS, SynthConfig
 from raytrain.pipelines.ctrlsynth.llm import build_writer
 from raytrain.pipelines.ctrlsynth.t2i import build_t2i
-from raytrain.pipelines.ctrlsynth.tagger import TAGGER_VERSION, TemplateTagger
+from raytrain.pipelines.ctrlsynth.tagger import TAGGER_VERSION, build_tagger
 from raytrain.pipelines.ctrlsynth.tags import NORMALIZER_VERSION, Tags
 
 log = logging.getLogger("raytrain")
@@ -97,7 +97,7 @@ class Decompose:
     """Tagger actor: source tags of each record."""
 
     def __init__(self, cfg: SynthConfig) -> None:
-        self.tagger = TemplateTagger(cfg.tagger)
+        self.tagger = build_tagger(cfg.tagger)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         states = []
@@ -148,7 +148,7 @@ class RecomposeImage:
     def __init__(self, cfg: SynthConfig) -> None:
         self.cfg = cfg
         self.t2i = build_t2i(cfg.t2i)
-        self.tagger = TemplateTagger(cfg.tagger)
+        self.tagger = build_tagger(cfg.tagger)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         states, images = [], {p: [] for p in IMAGE_PATHS}
@@ -242,7 +242,14 @@ def write_output_shard(out: Path, sid: str, samples: list[tuple[str, dict[str, b
 
 def models_of(cfg: SynthConfig) -> dict[str, str]:
     llm = f"engine:{cfg.llm.checkpoint}" if cfg.llm.backend == "engine" else "template-1"
-    return {"tagger": TAGGER_VERSION, "llm": llm, "t2i": cfg.t2i.backend}
+    return {"tagger": tagger_version(cfg), "llm": llm, "t2i": cfg.t2i.backend}
+
+
+def tagger_version(cfg: SynthConfig) -> str:
+    """The template tagger's version, or the neural one's with its weights' hash."""
+    if cfg.tagger.kind != "neural":
+        return TAGGER_VERSION
+    return build_tagger(cfg.tagger).version
 
 
 def run(cfg: SynthConfig, data: imagetext.ImageTextDataConfig, out: str) -> dict[str, Any]:

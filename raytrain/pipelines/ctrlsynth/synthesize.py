@@ -21,7 +21,7 @@ from raytrain.pipelines.ctrlsynth.llm import CaptionJob, CaptionWriter
 from raytrain.pipelines.ctrlsynth.policy import apply_policy
 from raytrain.pipelines.ctrlsynth.prompt import caption_prompt, clean_caption, image_prompt, prompt_hash
 from raytrain.pipelines.ctrlsynth.t2i import T2I
-from raytrain.pipelines.ctrlsynth.tagger import TemplateTagger
+from raytrain.pipelines.ctrlsynth.tagger import Tagger
 from raytrain.pipelines.ctrlsynth.tags import Tags, coverage, forbidden_mentions, object_precision, parse_caption
 
 
@@ -34,7 +34,7 @@ def new_state() -> dict[str, Any]:
     return {"tags": None, "error": None, "candidates": []}
 
 
-def decompose(state: dict[str, Any], image: bytes, tagger: TemplateTagger) -> None:
+def decompose(state: dict[str, Any], image: bytes, tagger: Tagger) -> None:
     """Step 1: tags of the source image; a record whose image does not decode or shows nothing is dropped."""
     try:
         tags = tagger.tag(image)
@@ -110,7 +110,7 @@ def filter_text(state: dict[str, Any], cfg: SynthConfig) -> None:
             cand["status"] = "accepted"
 
 
-def recompose_image(state: dict[str, Any], t2i: T2I, tagger: TemplateTagger, cfg: SynthConfig) -> dict[str, bytes]:
+def recompose_image(state: dict[str, Any], t2i: T2I, tagger: Tagger, cfg: SynthConfig) -> dict[str, bytes]:
     """Steps 5-7: SP3 draws its new caption, SP4 the original text; the tagger checks the new image against the
     required tags (at least tau_image of them). Returns the PNG of every accepted image candidate by path."""
     images = {}

@@ -7,12 +7,15 @@ the region) is matched by IoU against masks of every shape, size and rotation th
 box centre to the shape's centre, from which the spatial relations follow with the world's own rule. It reads the
 world's images almost exactly and everything else not at all: spec 3.5's tagger stand-in for the closed loop. The
 same tagger decomposes real images and judges synthetic ones (spec trap 4); its version is in the provenance.
+`synth.tagger.kind=neural` swaps in a network trained on scene records (`neural_tagger.py`), which reads the same
+colour regions (`colour_regions`).
 """
 
 from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -25,17 +28,81 @@ _WINDOW = 32  # pixels of the mask window at 64 px; larger shapes do not exist i
 
 @dataclass
 class TaggerConfig:
+    kind: str = "templates"  # templates (this module) | neural (`neural_tagger.py`, trained on scene records)
+    checkpoint: str | None = None  # kind=neural: the --out of `python -m raytrain.pipelines.ctrlsynth.neural_tagger`
     image_size: int = 64  # images are resized to this side before tagging (the world's templates' size)
     min_pixels: int = 12  # colour regions smaller than this are edge noise, not objects
     min_iou: float = 0.5  # a region whose best template matches worse is not tagged (unknown object)
     rotation_step: float = 5.0  # degrees between template rotations over the world's [-20, 20]
 
+    def __post_init__(self) -> None:
+        if self.kind not in ("templates", "neural"):
+            raise ValueError(f"synth.tagger.kind={self.kind!r}; expected templates or neural")
+        if self.kind == "neural" and not self.checkpoint:
+            raise ValueError("synth.tagger.kind=neural needs synth.tagger.checkpoint (train one with "
+                             "`python -m raytrain.pipelines.ctrlsynth.neural_tagger --out DIR`)")
+
+
+class Tagger(Protocol):
+    """What the pipeline asks of a vision tagging model."""
+
+    version: str
+
+    def tag(self, data: bytes) -> Tags: ...
+
+    def tag_image(self, image: np.ndarray) -> Tags: ...
+
+
+def build_tagger(cfg: TaggerConfig) -> Tagger:
+    """The configured tagger (`kind`)."""
+    if cfg.kind == "neural":
+        from raytrain.pipelines.ctrlsynth.neural_tagger import NeuralTagger
+
+        return NeuralTagger.load(cfg)
+    return TemplateTagger(cfg)
+
+
+def read_image(data: bytes, side: int) -> np.ndarray:
+    """An encoded image as RGB uint8 (side, side, 3); raises on bytes that do not decode."""
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    if image.size != (side, side):
+        image = image.resize((side, side), Image.Resampling.LANCZOS)
+    return np.asarray(image)
+
+
+def colour_regions(image: np.ndarray, min_pixels: int) -> list[tuple[str, np.ndarray]]:
+    """(palette colour, boolean mask) of every connected region of one object colour of at least `min_pixels`
+    pixels: pixels go to the nearest palette colour or the background (the commonest border colour)."""
+    from scipy import ndimage
+
+    pixels = image.astype(np.float32)
+    palette = np.array(list(shapes.COLOURS.values()), dtype=np.float32)
+    colours = np.concatenate([palette, _background(pixels)[None]])
+    nearest = ((pixels[:, :, None, :] - colours) ** 2).sum(-1).argmin(-1)  # (H, W), len(palette) = background
+    found = []
+    for c, name in enumerate(shapes.COLOURS):
+        regions, n = ndimage.label(nearest == c)
+        found += [(name, regions == r) for r in range(1, n + 1) if (regions == r).sum() >= min_pixels]
+    return found
+
+
+def tags_of(objects: list[shapes.SceneObject]) -> Tags:
+    """Tags of objects read from an image: each one's shape, size and colour; relations by the world's rule."""
+    tags = Tags([o.shape for o in objects])
+    for i, o in enumerate(objects):
+        tags.attributes += [(i, o.size), (i, o.colour)]
+    tags.relations = [(r.subject, r.predicate, r.object) for r in shapes.spatial_relations(objects)
+                      if r.subject < r.object]
+    return tags
+
 
 class TemplateTagger:
+    version = TAGGER_VERSION
+
     def __init__(self, cfg: TaggerConfig | None = None) -> None:
         self.cfg = cfg or TaggerConfig()
-        self.palette_names = list(shapes.COLOURS)
-        self.palette = np.array(list(shapes.COLOURS.values()), dtype=np.float32)
         self._templates()
 
     def _templates(self) -> None:
@@ -48,7 +115,7 @@ class TemplateTagger:
                     obj = shapes.SceneObject(shape, "black", size_name, 0.5, 0.5, float(rotation))
                     image = np.asarray(shapes.render(shapes.Scene([obj], "white"), size))
                     mask = np.abs(image.astype(np.float32) - 245).sum(-1) > 3 * 112  # coverage above 1/2
-                    window, centre = _window(mask)
+                    window, centre = region_window(mask)
                     masks.append(window.reshape(-1))
                     meta.append((shape, size_name, size / 2 - centre[0], size / 2 - centre[1]))
         self.templates = np.stack(masks).astype(np.float32)  # (T, W*W)
@@ -57,49 +124,25 @@ class TemplateTagger:
 
     def tag_image(self, image: np.ndarray) -> Tags:
         """Tags of an RGB uint8 image (H, W, 3) of the configured size."""
-        objects = self.detect(image)
-        tags = Tags([o.shape for o in objects])
-        for i, o in enumerate(objects):
-            tags.attributes += [(i, o.size), (i, o.colour)]
-        tags.relations = [(r.subject, r.predicate, r.object) for r in shapes.spatial_relations(objects)
-                          if r.subject < r.object]
-        return tags
+        return tags_of(self.detect(image))
 
     def tag(self, data: bytes) -> Tags:
         """Tags of an encoded image; raises on bytes that do not decode."""
-        from PIL import Image
-
-        image = Image.open(io.BytesIO(data)).convert("RGB")
-        side = self.cfg.image_size
-        if image.size != (side, side):
-            image = image.resize((side, side), Image.Resampling.LANCZOS)
-        return self.tag_image(np.asarray(image))
+        return self.tag_image(read_image(data, self.cfg.image_size))
 
     def detect(self, image: np.ndarray) -> list[shapes.SceneObject]:
-        from scipy import ndimage
-
-        pixels = image.astype(np.float32)
-        background = _background(pixels)
-        colours = np.concatenate([self.palette, background[None]])
-        nearest = ((pixels[:, :, None, :] - colours) ** 2).sum(-1).argmin(-1)  # (H, W), len(palette) = background
-        side = image.shape[0]
-        found = []
-        for c, name in enumerate(self.palette_names):
-            regions, n = ndimage.label(nearest == c)
-            for r in range(1, n + 1):
-                mask = regions == r
-                if mask.sum() < self.cfg.min_pixels:
-                    continue
-                window, centre = _window(mask)
-                w = window.reshape(-1).astype(np.float32)
-                inter = self.templates @ w
-                iou = inter / (self.template_area + w.sum() - inter)
-                best = int(iou.argmax())
-                if iou[best] < self.cfg.min_iou:
-                    continue
-                shape, size_name, dx, dy = self.meta[best]
-                found.append(shapes.SceneObject(shape, name, size_name, round((centre[0] + dx) / side, 4),
-                                                round((centre[1] + dy) / side, 4)))
+        side, found = image.shape[0], []
+        for name, mask in colour_regions(image, self.cfg.min_pixels):
+            window, centre = region_window(mask)
+            w = window.reshape(-1).astype(np.float32)
+            inter = self.templates @ w
+            iou = inter / (self.template_area + w.sum() - inter)
+            best = int(iou.argmax())
+            if iou[best] < self.cfg.min_iou:
+                continue
+            shape, size_name, dx, dy = self.meta[best]
+            found.append(shapes.SceneObject(shape, name, size_name, round((centre[0] + dx) / side, 4),
+                                            round((centre[1] + dy) / side, 4)))
         return sorted(found, key=lambda o: (o.x, o.y))
 
 
@@ -110,7 +153,7 @@ def _background(pixels: np.ndarray) -> np.ndarray:
     return values[counts.argmax()].astype(np.float32)
 
 
-def _window(mask: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
+def region_window(mask: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
     """A _WINDOW-square crop of `mask` centred on its bounding box, and that centre (x, y) in pixels."""
     ys, xs = np.nonzero(mask)
     cx, cy = (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2
