@@ -15,7 +15,7 @@ from raytrain.pipelines.ctrlsynth.llm import CaptionJob, EngineWriter, LLMConfig
 from raytrain.pipelines.ctrlsynth.policy import OpConfig, PolicyConfig, apply_policy
 from raytrain.pipelines.ctrlsynth.prompt import caption_prompt, clean_caption
 from raytrain.pipelines.ctrlsynth.t2i import ProceduralT2I, T2IConfig, T2IError, caption_scene
-from raytrain.pipelines.ctrlsynth.tagger import TemplateTagger
+from raytrain.pipelines.ctrlsynth.tagger import TemplateTagger, scene_tags
 from raytrain.pipelines.ctrlsynth.tags import Tags, coverage, forbidden_mentions, object_precision, parse_caption
 
 WORLD = shapes.WorldConfig()
@@ -24,12 +24,6 @@ WORLD = shapes.WorldConfig()
 @pytest.fixture(scope="module")
 def tagger() -> TemplateTagger:
     return TemplateTagger()
-
-
-def scene_tags(scene: shapes.Scene) -> Tags:
-    return Tags([o.shape for o in scene.objects],
-                [a for i, o in enumerate(scene.objects) for a in ((i, o.size), (i, o.colour))],
-                [(r.subject, r.predicate, r.object) for r in scene.relations])
 
 
 def three_objects() -> Tags:

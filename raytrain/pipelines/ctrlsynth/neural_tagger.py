@@ -32,7 +32,8 @@ from torch import nn
 
 from raytrain.config import RaytrainError
 from raytrain.data import shapes
-from raytrain.pipelines.ctrlsynth.tagger import TaggerConfig, colour_regions, read_image, region_window, tags_of
+from raytrain.pipelines.ctrlsynth.tagger import (TaggerConfig, colour_regions, object_mask, read_image, region_window,
+                                                 scene_tags, tags_of)
 from raytrain.pipelines.ctrlsynth.tags import Tags
 
 WEIGHTS, META = "tagger.safetensors", "tagger.json"
@@ -58,13 +59,6 @@ class RegionNet(nn.Module):
     def forward(self, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         out = self.head(self.body(windows))
         return out[:, :N_SHAPES + 1], out[:, N_SHAPES + 1:N_SHAPES + 1 + N_SIZES], out[:, -2:]
-
-
-def object_mask(o: shapes.SceneObject, side: int) -> np.ndarray:
-    """(side, side) bool: the pixels `o` covers by more than half (drawn alone, black on white)."""
-    alone = shapes.SceneObject(o.shape, "black", o.size, o.x, o.y, o.rotation)
-    image = np.asarray(shapes.render(shapes.Scene([alone], "white"), side)).astype(np.float32)
-    return np.abs(image - 245).sum(-1) > 3 * 112
 
 
 def region_samples(scene: shapes.Scene, side: int, min_pixels: int) -> list[tuple[np.ndarray, int, int, np.ndarray]]:
@@ -159,10 +153,7 @@ def exact_reads(tagger: Any, scenes: list[shapes.Scene], side: int) -> float:
     """Share of scenes whose objects, attributes and relations the tagger reads exactly."""
     exact = 0
     for scene in scenes:
-        found = tagger.tag_image(np.asarray(shapes.render(scene, side)))
-        truth = Tags([o.shape for o in scene.objects],
-                     [a for i, o in enumerate(scene.objects) for a in ((i, o.size), (i, o.colour))],
-                     [(r.subject, r.predicate, r.object) for r in scene.relations])
+        found, truth = tagger.tag_image(np.asarray(shapes.render(scene, side))), scene_tags(scene)
         exact += all(found.keys(k) == truth.keys(k) for k in ("object", "attribute", "relation"))
     return exact / len(scenes)
 

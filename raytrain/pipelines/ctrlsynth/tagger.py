@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -84,8 +84,23 @@ def colour_regions(image: np.ndarray, min_pixels: int) -> list[tuple[str, np.nda
     found = []
     for c, name in enumerate(shapes.COLOURS):
         regions, n = ndimage.label(nearest == c)
-        found += [(name, regions == r) for r in range(1, n + 1) if (regions == r).sum() >= min_pixels]
+        masks = (regions == r for r in range(1, n + 1))
+        found += [(name, mask) for mask in masks if mask.sum() >= min_pixels]
     return found
+
+
+def object_mask(o: shapes.SceneObject, side: int) -> np.ndarray:
+    """(side, side) bool: the pixels `o` covers by more than half (drawn alone, black on white)."""
+    alone = shapes.SceneObject(o.shape, "black", o.size, o.x, o.y, o.rotation)
+    image = np.asarray(shapes.render(shapes.Scene([alone], "white"), side)).astype(np.float32)
+    return np.abs(image - 245).sum(-1) > 3 * 112
+
+
+def scene_tags(scene: shapes.Scene) -> Tags:
+    """The tags a scene record says its image shows: what a tagger should read from it."""
+    return Tags([o.shape for o in scene.objects],
+                [a for i, o in enumerate(scene.objects) for a in ((i, o.size), (i, o.colour))],
+                [(r.subject, r.predicate, r.object) for r in scene.relations])
 
 
 def tags_of(objects: list[shapes.SceneObject]) -> Tags:
@@ -113,9 +128,7 @@ class TemplateTagger:
             for size_name in shapes.SIZES:
                 for rotation in np.linspace(-20, 20, steps):
                     obj = shapes.SceneObject(shape, "black", size_name, 0.5, 0.5, float(rotation))
-                    image = np.asarray(shapes.render(shapes.Scene([obj], "white"), size))
-                    mask = np.abs(image.astype(np.float32) - 245).sum(-1) > 3 * 112  # coverage above 1/2
-                    window, centre = region_window(mask)
+                    window, centre = region_window(object_mask(obj, size))
                     masks.append(window.reshape(-1))
                     meta.append((shape, size_name, size / 2 - centre[0], size / 2 - centre[1]))
         self.templates = np.stack(masks).astype(np.float32)  # (T, W*W)
