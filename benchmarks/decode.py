@@ -60,7 +60,8 @@ from raytrain.models.registry import model_config  # noqa: E402
 CONF = Path(__file__).resolve().parent.parent / "conf" / "model"
 # Hugging Face Llama shapes: (hidden, intermediate, layers, heads, kv heads, vocab)
 VARIANTS = {"eager": {"fused_kernels": False, "fused_attention": False}, "torch_attention": {"fused_attention": False},
-            "fused": {}, "unfused_decode": {"fused_decode": False}, "compiled": {"compile_decode": True}}
+            "fused": {}, "unfused_decode": {"fused_decode": False},
+            "no_dependent_launch": {"dependent_launch": False}, "compiled": {"compile_decode": True}}
 LLAMA_SHAPES = {"tinyllama_1_1b": (2048, 5632, 22, 32, 4, 32000), "llama2_7b": (4096, 11008, 32, 32, 32, 32000),
                 "tiny": (128, 256, 2, 4, 2, 4096)}
 

@@ -106,8 +106,8 @@ def accuracy(args: argparse.Namespace, device: str) -> dict[str, dict]:
 
 def eval_sets(args: argparse.Namespace, engine: Engine, fmt: str, max_new: int) -> dict[int, list[Question]]:
     """Questions by target length: from `--eval-dir` files (target = their word count), or generated here with the
-    word count that gives about 93% of the target in this tokenizer's tokens. Prompts beyond the context window are
-    dropped (counted on stderr)."""
+    word count that gives about 93% of the target in this tokenizer's tokens (twice as many as asked for, since the
+    filler's length varies by several percent). Prompts beyond the context window are dropped (counted on stderr)."""
     window = engine.context_window - max_new
     if args.eval_dir:
         files = sorted(Path(args.eval_dir).glob("eval_*.jsonl"), key=lambda p: int(p.stem.split("_")[1]))
@@ -116,23 +116,24 @@ def eval_sets(args: argparse.Namespace, engine: Engine, fmt: str, max_new: int) 
     else:
         probe = next(retrieval.eval_records(1, retrieval.RetrievalConfig(1000), args.seed))
         per_word = len(prompt_ids(engine, probe, fmt)) / 1000
-        sources = {t: list(retrieval.eval_records(args.questions, retrieval.RetrievalConfig(round(0.93 * t / per_word)),
-                                                  args.seed + t)) for t in args.accuracy_lengths}
+        sources = {t: list(retrieval.eval_records(2 * args.questions,
+                                                  retrieval.RetrievalConfig(round(0.93 * t / per_word)), args.seed + t))
+                   for t in args.accuracy_lengths}
     sets = {}
     for target, records in sources.items():
         encoded = [(prompt_ids(engine, r, fmt), r["answer"].strip()) for r in records]
-        sets[target] = [q for q in encoded if len(q[0]) <= window][:args.questions]
-        if len(sets[target]) < len(encoded):
-            print(f"{target}: {len(encoded) - len(sets[target])} questions beyond the window or the count dropped",
-                  file=sys.stderr)
+        fitting = [q for q in encoded if len(q[0]) <= window]
+        sets[target] = fitting[:args.questions]
+        print(f"{target}: {len(encoded) - len(fitting)} of {len(encoded)} questions beyond the window of {window}",
+              file=sys.stderr)
     return sets
 
 
 def prompt_ids(engine: Engine, record: dict, fmt: str) -> list[int]:
     """`raw`: the task's prompt (BOS + documents + question + "Answer:"). `chat`: documents and question as one user
     message through the chat template, the assistant's turn opened with "The code of the <key> is"."""
-    if fmt == "raw":
-        return engine.encode(Request(record["prompt"]))
+    if fmt == "raw":  # tokenized unchecked: `eval_sets` drops what exceeds the window
+        return engine.tokenize(record["prompt"])
     key = record.get("key") or re.search(r"What is the code of the (.+)\?", record["prompt"]).group(1)
     message = record["prompt"].removesuffix("\nAnswer:")
     tok = engine.tokenizer

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 
 from raytrain.checkpoint.hf import CONFIG, META, CheckpointError, load_pretrained, model_state, save_pretrained
 from raytrain.data.tokenizer import to_files

@@ -9,7 +9,9 @@ the length bucket. The grouped query heads of a KV head (GQA) are the rows of on
 new key is scored from registers, never read back from the cache it was just stored to, so the kernel needs no
 barrier between its store and its loads. Scores and softmax are in fp32 (online softmax over blocks of keys); fp32
 inputs use IEEE dots, so float32 runs match the reference ops. For the fused batch-1 step (`fused_decode.py`) the
-decode kernel also takes q and k unrotated and applies the per-head QK norm and RoPE itself (`_load_heads`). Under
+decode kernel also takes q and k unrotated and applies the per-head QK norm and RoPE itself (`_load_heads`), and is
+a programmatic dependent launch there (`dependent_launch`): it loads its first block of cached keys before waiting
+for the kernel that computed q, k and v. Each block of keys is loaded one iteration ahead of its use. Under
 TRITON_INTERPRET=1 it runs on CPU tensors (slowly), which is how the CPU tests check it.
 """
 
@@ -70,15 +72,33 @@ def _load_heads(ptr, heads, live, stride_head, position, cos_ptr, sin_ptr, gain_
 
 
 @triton.jit
+def _cached_block(keys, values, index, position, sK_index, sV_index, d):
+    """Keys and values (BLOCK, hd) at `index` of a slot's cache, zeros at and past `position`."""
+    valid = (index < position)[:, None]
+    k = tl.load(keys + index[:, None] * sK_index + d[None, :], mask=valid, other=0.0)
+    v = tl.load(values + index[:, None] * sV_index + d[None, :], mask=valid, other=0.0)
+    return k, v
+
+
+@triton.jit
 def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, keys_ptr, values_ptr, pos_ptr, write_ptr, out_ptr,
                              cos_ptr, sin_ptr, q_gain_ptr, k_gain_ptr, eps,
                              sq_row, sq_head, sk_row, sk_head, sv_row, sv_head,
                              sK_slot, sK_head, sK_index, sV_slot, sV_head, sV_index, so_row, so_head, scale,
                              GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                             BLOCK: tl.constexpr, IEEE: tl.constexpr, ROPE: tl.constexpr, QK_NORM: tl.constexpr):
+                             BLOCK: tl.constexpr, IEEE: tl.constexpr, ROPE: tl.constexpr, QK_NORM: tl.constexpr,
+                             PDL: tl.constexpr):
     row, kv_head = tl.program_id(0), tl.program_id(1)
+    # positions and the cached keys 0..position-1 were written before the step's first kernel started, so they are
+    # read before waiting for the previous kernel; each block of keys is loaded one iteration ahead
     position, write_index = tl.load(pos_ptr + row), tl.load(write_ptr + row)
     g, d = tl.arange(0, GROUP_PAD), tl.arange(0, HEAD_DIM)
+    keys = keys_ptr + row * sK_slot + kv_head * sK_head
+    values = values_ptr + row * sV_slot + kv_head * sV_head
+    k, v = _cached_block(keys, values, tl.arange(0, BLOCK), position, sK_index, sV_index, d)
+    if PDL:  # the next kernel may start reading its weights; q, k and v are the previous kernel's outputs
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     heads = kv_head * GROUP + g
     one = tl.arange(0, 1)  # the new key and value as (1, hd) tiles
     q = _load_heads(q_ptr + row * sq_row, heads, g < GROUP, sq_head, position, cos_ptr, sin_ptr, q_gain_ptr, eps,
@@ -86,8 +106,7 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, keys_ptr, values_ptr, pos_ptr,
     k_new = _load_heads(k_ptr + row * sk_row, kv_head + one, one == 0, sk_head, position, cos_ptr, sin_ptr,
                         k_gain_ptr, eps, ROPE, QK_NORM, HEAD_DIM)
     v_new = tl.load(v_ptr + row * sv_row + kv_head * sv_head + d)[None, :]
-    keys = keys_ptr + row * sK_slot + kv_head * sK_head
-    values = values_ptr + row * sV_slot + kv_head * sV_head
+    # write_index is the row's position (or past the slot for an idle row): never among the keys read
     tl.store(keys + write_index * sK_index + d[None, :], k_new)
     tl.store(values + write_index * sV_index + d[None, :], v_new)
     # the new key first: the running max, denominator and weighted sum start from it
@@ -96,10 +115,8 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, keys_ptr, values_ptr, pos_ptr,
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32) + v_new.to(tl.float32)
     for start in range(0, position, BLOCK):  # the cached keys 0..position-1
         index = start + tl.arange(0, BLOCK)
-        valid = index < position
-        k = tl.load(keys + index[:, None] * sK_index + d[None, :], mask=valid[:, None], other=0.0)
-        v = tl.load(values + index[:, None] * sV_index + d[None, :], mask=valid[:, None], other=0.0)
-        best, total, acc = _attend_block(q, k, v, valid, best, total, acc, scale, IEEE)
+        best, total, acc = _attend_block(q, k, v, index < position, best, total, acc, scale, IEEE)
+        k, v = _cached_block(keys, values, index + BLOCK, position, sK_index, sV_index, d)
     out = acc / total[:, None]
     tl.store(out_ptr + row * so_row + heads[:, None] * so_head + d[None, :], out.to(out_ptr.dtype.element_ty),
              mask=(g < GROUP)[:, None])
@@ -109,12 +126,14 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, keys_ptr, values_ptr, pos_ptr,
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                      positions: torch.Tensor, write_index: torch.Tensor,
                      rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                     qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> torch.Tensor:
+                     qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+                     dependent_launch: bool = False) -> torch.Tensor:
     """q (W, n_q, 1, hd), the new k and v (W, n_kv, 1, hd), one layer's cache keys/values (n_slots, n_kv, S, hd)
     (row w is slot w), positions and write_index (W,) -> (W, n_q, 1, hd). Stores k, v at `write_index`, then each row
     attends to its keys 0..position-1 and the new one. With `rope` (the fp32 cos and sin tables, (positions, hd)),
     q and k arrive unrotated and are rotated to each row's position here, after the per-head RMSNorm of `qk_norm`
-    (the q and k gains and eps) when given: the fused decode step's attention (`raytrain/infer/fused_decode.py`)."""
+    (the q and k gains and eps) when given: the fused decode step's attention (`raytrain/infer/fused_decode.py`).
+    `dependent_launch`: launched as a programmatic dependent of the previous kernel (`gemv`'s, CUDA sm90+)."""
     W, n_q, _, hd = q.shape
     n_kv = k.shape[1]
     if any(t.stride(-1) != 1 for t in (q, k, v, keys, values)):
@@ -131,7 +150,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: to
         keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
         out.stride(0), out.stride(1), 1 / math.sqrt(hd),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=hd, BLOCK=BLOCK_KEYS,
-        IEEE=q.dtype == torch.float32, ROPE=rope is not None, QK_NORM=qk_norm is not None, num_warps=4)
+        IEEE=q.dtype == torch.float32, ROPE=rope is not None, QK_NORM=qk_norm is not None, PDL=dependent_launch,
+        num_warps=4, launch_pdl=dependent_launch)
     return out
 
 

@@ -68,6 +68,7 @@ class EngineConfig:
     compile_decode: bool = False  # the whole decode step through torch.compile before its graphs (GPU only)
     fused_attention: bool = True  # decode attention and its cache write as one Triton kernel (GPU only)
     fused_decode: bool = True  # one-row decode steps as five Triton kernels a layer, where the model allows (GPU)
+    dependent_launch: bool = True  # the fused step's kernels start while the previous one drains (PDL, sm90+)
     packed_prefill: bool = True  # a step's first prompt chunks as one right-padded forward (groups of like length)
     prefill_graphs: bool = True  # packed prefills up to 2 x max_step_tokens as CUDA graphs per shape bucket (GPU)
     overlap: bool | None = None  # host work of step t while the device runs step t+1; None = on CUDA
@@ -140,7 +141,8 @@ class Engine:
                                   fused_attention=cuda and self.config.fused_attention
                                   and fused_attention_supported(model.cfg.head_dim),
                                   static_prefill_tokens=self._static_prefill_tokens(),
-                                  fused_decode=cuda and self.config.fused_decode)
+                                  fused_decode=cuda and self.config.fused_decode,
+                                  dependent_launch=self.config.dependent_launch)
         self.speculative = (SpecStreamDecoder(model, self.runner, self.config.specstream)
                             if self.config.specstream is not None else None)
         self.sampling = SamplingTable(n_slots + 1, model.cfg.vocab_size, self.device)  # + a row for LazyLLM

@@ -48,11 +48,17 @@ def fused_decode_unsupported(model: Decoder) -> str | None:
 class FusedDecodeStep:
     """Logits of one token per call, for a one-row decode batch over `cache` (row 0 is slot 0)."""
 
-    def __init__(self, model: Decoder, cache: SlotKVCache) -> None:
+    def __init__(self, model: Decoder, cache: SlotKVCache, dependent_launch: bool = True) -> None:
+        """dependent_launch: each kernel after the first a programmatic dependent launch of the one before, where the
+        GPU has it (sm90+): its programs start, and load their first strip of weights, while the previous kernel
+        drains."""
         reason = fused_decode_unsupported(model)
         if reason is not None:
             raise ValueError(f"fused decode: {reason}")
         self.model, self.cache = model, cache
+        device = model.embed.weight.device
+        self.pdl = (dependent_launch and device.type == "cuda"
+                    and torch.cuda.get_device_capability(device) >= (9, 0))
 
     def __call__(self, token: torch.Tensor, position: torch.Tensor, write_index: torch.Tensor) -> torch.Tensor:
         """token, position, write_index: (1,) device tensors -> logits (1, vocab_rows)."""
@@ -60,19 +66,22 @@ class FusedDecodeStep:
         x = F.embedding(token, model.embed.weight)  # (1, d)
         for i, block in enumerate(model.layers):
             x = self._layer(block, i, x, position, write_index)
-        return gemv(x, model.head.weight, norm=model.norm.weight, eps=model.norm.eps)
+        return gemv(x, model.head.weight, norm=model.norm.weight, eps=model.norm.eps, dependent_launch=self.pdl)
 
     def _layer(self, block: nn.Module, layer: int, x: torch.Tensor, position: torch.Tensor,
                write_index: torch.Tensor) -> torch.Tensor:
         attn = block.attn
         n_q, n_kv, hd = attn.n_q, attn.n_kv, attn.head_dim
-        qkv = gemv(x, attn.qkv_proj.weight, norm=block.attn_norm.weight, eps=block.attn_norm.eps)
+        pdl = self.pdl
+        qkv = gemv(x, attn.qkv_proj.weight, norm=block.attn_norm.weight, eps=block.attn_norm.eps,
+                   dependent_launch=pdl)
         q, k, v = qkv.view(1, n_q + 2 * n_kv, 1, hd).split([n_q, n_kv, n_kv], dim=1)
         qk_norm = ((attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps) if isinstance(attn.q_norm, RMSNorm)
                    else None)
         y = decode_attention(q, k, v, self.cache.keys[layer], self.cache.values[layer], position, write_index,
-                             rope=(self.model.rope_cos, self.model.rope_sin), qk_norm=qk_norm)
-        h = gemv(y.view(1, n_q * hd), attn.out_proj.weight, residual=x)
+                             rope=(self.model.rope_cos, self.model.rope_sin), qk_norm=qk_norm, dependent_launch=pdl)
+        h = gemv(y.view(1, n_q * hd), attn.out_proj.weight, residual=x, dependent_launch=pdl)
         ffn = block.ffn
-        gated = gemv(h, ffn.proj_1.weight, norm=block.ffn_norm.weight, eps=block.ffn_norm.eps, swiglu=True)
-        return gemv(gated, ffn.proj_2.weight, residual=h)
+        gated = gemv(h, ffn.proj_1.weight, norm=block.ffn_norm.weight, eps=block.ffn_norm.eps, swiglu=True,
+                     dependent_launch=pdl)
+        return gemv(gated, ffn.proj_2.weight, residual=h, dependent_launch=pdl)

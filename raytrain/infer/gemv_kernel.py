@@ -7,7 +7,10 @@ these 8-46 MB matrices, where 4.8 TB/s would take 0.43 ms); most of the rest wer
 (RMSNorm, RoPE, residual adds, SwiGLU, cuBLAS's split-K reductions) whose launches, not bytes, cost time. Each
 program here reads a block of `BLOCK_N` whole rows of W in contiguous `BLOCK_K` strips, multiplies by the matching
 strip of x in fp32 and reduces once at the end; the block shape depends on the number of rows (`block_shape`).
-Weights are loaded with `evict_first`: each is read once a step, and keeping it would push x out of L2.
+Weights are loaded with `evict_first`: each is read once a step, and keeping it would push x out of L2. Each strip
+of weights is loaded one iteration ahead of its use, and with `dependent_launch` (sm90+) the kernel is a programmatic
+dependent launch: its programs start while the previous kernel drains and load their first strip before waiting for
+it (`gdc_wait`); x, the gains and the residual are read only after (openelm_1_1b at batch 1: 961 → 1,038 tok/s).
 Fused variants, for `raytrain/infer/fused_decode.py`:
 - `norm`: x is RMS-normalised first. Every program reads all of x (a few KB, from L2) and accumulates its squares
   beside the weighted sums, scaling the sums at the end: in fp32 throughout, where `ops.rms_norm` rounds the
@@ -39,16 +42,35 @@ def block_shape(n: int, k: int, swiglu: bool = False) -> tuple[int, int, int]:
 
 
 @triton.jit
+def _weight_strip(w_ptr, rows, cols, live, K, stride_wn, up_offset, SWIGLU: tl.constexpr):
+    """The (BLOCK_N, BLOCK_K) strip of W at `cols` (zeros past K), and its up half's with SWIGLU."""
+    block = live[:, None] & (cols < K)[None, :]
+    w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :], mask=block, other=0.0,
+                eviction_policy="evict_first")  # read once: keep x and the residual in L2 instead
+    w_up = w
+    if SWIGLU:
+        w_up = tl.load(w_ptr + (rows[:, None] + up_offset) * stride_wn + cols[None, :], mask=block, other=0.0,
+                       eviction_policy="evict_first")
+    return w, w_up
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, y_ptr, gain_ptr, res_ptr, N, K, stride_wn, up_offset, eps,
-                 NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
+                 NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     dtype = y_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     live = rows < N
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    if SWIGLU:
-        acc_up = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    acc_up = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     squares = tl.zeros([BLOCK_K], tl.float32)
+    if PDL:  # let the next kernel's programs start: they read their weights while this one drains
+        tl.extra.cuda.gdc_launch_dependents()
+    # each strip's weights are loaded one iteration ahead; the first before waiting for the previous kernel,
+    # since weights are never written by it
+    w, w_up = _weight_strip(w_ptr, rows, tl.arange(0, BLOCK_K), live, K, stride_wn, up_offset, SWIGLU)
+    if PDL:  # x, the gains' consumer and the residual are the previous kernels' outputs
+        tl.extra.cuda.gdc_wait()
     for start in range(0, K, BLOCK_K):
         cols = start + tl.arange(0, BLOCK_K)
         inside = cols < K
@@ -56,14 +78,10 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, gain_ptr, res_ptr, N, K, stride_wn, up_off
         if NORM:  # the row's scale multiplies the sums at the end, so no pass over x precedes the weight loads
             squares += x * x
             x = x * tl.load(gain_ptr + cols, mask=inside, other=0.0).to(tl.float32)
-        block = live[:, None] & inside[None, :]
-        w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :], mask=block, other=0.0,
-                    eviction_policy="evict_first")  # read once: keep x and the residual in L2 instead
         acc += w.to(tl.float32) * x[None, :]
         if SWIGLU:
-            w_up = tl.load(w_ptr + (rows[:, None] + up_offset) * stride_wn + cols[None, :], mask=block, other=0.0,
-                           eviction_policy="evict_first")
             acc_up += w_up.to(tl.float32) * x[None, :]
+        w, w_up = _weight_strip(w_ptr, rows, cols + BLOCK_K, live, K, stride_wn, up_offset, SWIGLU)
     y = tl.sum(acc, axis=1)
     if NORM:
         scale = tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
@@ -82,11 +100,12 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, gain_ptr, res_ptr, N, K, stride_wn, up_off
 @torch.compiler.disable
 def gemv(x: torch.Tensor, weight: torch.Tensor, block: tuple[int, int, int] | None = None,
          norm: torch.Tensor | None = None, eps: float = 0.0, swiglu: bool = False,
-         residual: torch.Tensor | None = None) -> torch.Tensor:
+         residual: torch.Tensor | None = None, dependent_launch: bool = False) -> torch.Tensor:
     """x (..., K) holding one row, weight (N, K) with contiguous rows -> (..., N) = x Wᵀ, accumulated in fp32.
     `block`: (output rows per program, strip length, warps), default `block_shape`. `norm` (K,): the RMSNorm
     gain applied to x first (with `eps`); `swiglu`: W is (2n, K) gate and up halves and the result
-    silu(gate) * up, (..., n); `residual` (..., N): added to the result."""
+    silu(gate) * up, (..., n); `residual` (..., N): added to the result. `dependent_launch` (CUDA, sm90+): launched
+    as a programmatic dependent of the previous kernel, whose outputs it reads only after waiting for it."""
     N, K = weight.shape
     if x.shape[:-1].numel() != 1 or x.shape[-1] != K or weight.stride(1) != 1:
         raise ValueError(f"gemv takes one row of {K} and a row-major ({N}, {K}) weight; got {tuple(x.shape)}")
@@ -99,5 +118,5 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, block: tuple[int, int, int] | No
         x.contiguous(), weight, y, norm if norm is not None else x,
         residual.contiguous() if residual is not None else y,
         n, K, weight.stride(0), n, eps, NORM=norm is not None, SWIGLU=swiglu, RESIDUAL=residual is not None,
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
+        PDL=dependent_launch, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, launch_pdl=dependent_launch)
     return y

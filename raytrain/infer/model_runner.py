@@ -62,10 +62,12 @@ def bucket(value: int, buckets: list[int]) -> int:
 class ModelRunner:
     def __init__(self, model: Decoder, n_slots: int, max_len: int, cuda_graphs: bool = True,
                  compile_decode: bool = False, selection: AdapterSelection | None = None,
-                 fused_attention: bool = False, static_prefill_tokens: int = 0, fused_decode: bool = False) -> None:
+                 fused_attention: bool = False, static_prefill_tokens: int = 0, fused_decode: bool = False,
+                 dependent_launch: bool = True) -> None:
         """static_prefill_tokens: the most padded tokens (rows x tokens) a packed prefill runs as a static-shape
         bucket (a CUDA graph with `cuda_graphs` on CUDA); larger ones, and all with 0, run eagerly as they come.
-        fused_decode: one-row decode steps through `FusedDecodeStep` (Triton) where the model allows it."""
+        fused_decode: one-row decode steps through `FusedDecodeStep` (Triton) where the model allows it, its kernels
+        programmatic dependent launches with `dependent_launch` (sm90+)."""
         self.model = model
         self.device = model.embed.weight.device
         kv_heads = [block.attn.n_kv for block in model.layers]
@@ -103,7 +105,7 @@ class ModelRunner:
             from raytrain.infer.fused_decode import FusedDecodeStep, fused_decode_unsupported
 
             if fused_decode_unsupported(model) is None:
-                self.fused_step = FusedDecodeStep(model, self.cache)
+                self.fused_step = FusedDecodeStep(model, self.cache, dependent_launch)
 
     # ---- prefill ----------------------------------------------------------------------------------------------
 

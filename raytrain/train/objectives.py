@@ -121,10 +121,10 @@ def info_nce(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor,
     global batch and each rank's loss is the mean over its rows: the average over ranks equals the loss of the
     whole global batch in one process, and so do the gradients once they are averaged over ranks.
     """
-    rank, world = 0, 1
+    rank = 0
     all_image, all_text = image, text
     if gather and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        rank, world = dist.get_rank(), dist.get_world_size()
+        rank = dist.get_rank()
         all_image = torch.cat(dist_nn.all_gather(image.contiguous()))  # (world*B, e)
         all_text = torch.cat(dist_nn.all_gather(text.contiguous()))
     targets = torch.arange(image.shape[0], device=image.device) + rank * image.shape[0]

@@ -3,6 +3,7 @@ interval on a difference should and covers the true difference about 95% of the 
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import random
 
@@ -12,6 +13,7 @@ import torch
 from raytrain.infer.engine import Engine, EngineConfig, Request
 from raytrain.infer.lazyllm import LazyConfig
 from raytrain.infer.sampling import SamplingParams
+from raytrain.models.decoder import DecoderConfig, LayerScaling, build_decoder
 from tests.conftest import REPO
 
 spec = importlib.util.spec_from_file_location("lazyllm_ttft", REPO / "benchmarks" / "lazyllm_ttft.py")
@@ -71,3 +73,17 @@ def test_answer_kept_says_whether_the_code_tokens_reach_the_last_layer(lm, token
     assert bench.answer_kept(engine(1.0), prompt, "4821") is True  # nothing pruned
     assert bench.answer_kept(engine(0.03), prompt, "4821") is False  # one token survives: the last
     assert bench.answer_kept(engine(1.0), prompt[:30], "4821") is None  # the code is not in the prompt
+
+
+def test_eval_prompts_past_the_context_window_are_dropped_not_raised(tokenizer, capsys) -> None:
+    """At a target as long as the window some generated prompts run past it (the filler's length varies by whole
+    documents); they are left out and the set still holds the questions asked for, each with room for the answer."""
+    cfg = DecoderConfig(name="window", vocab_size=512, d_model=32, n_layers=1, head_dim=16, max_seq_len=1160,
+                        layer_scaling=LayerScaling(gqa_group=2, ffn_divisor=32))
+    engine = Engine(build_decoder(cfg).eval(), tokenizer, EngineConfig(max_batch_size=1))
+    args = argparse.Namespace(eval_dir=None, seed=0, questions=5, accuracy_lengths=[1160])
+    questions = bench.eval_sets(args, engine, "raw", max_new=6)[1160]
+    dropped = int(capsys.readouterr().err.split(":")[1].split()[0])
+    assert dropped > 0 and len(questions) == 5
+    assert all(len(ids) <= engine.context_window - 6 for ids, _ in questions)
+    assert all(code.isdigit() for _, code in questions)

@@ -6,7 +6,6 @@ to the uncompressed one."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

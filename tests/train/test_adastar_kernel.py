@@ -4,8 +4,6 @@ to bf16 wrongly."""
 
 from __future__ import annotations
 
-
-import pytest
 import torch
 
 from raytrain.train.engine import contiguous_layout

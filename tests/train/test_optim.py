@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from raytrain.models.decoder import build_decoder
 from raytrain.train.config import OptimConfig, ScheduleConfig
