@@ -1,19 +1,19 @@
 """Time to first token and task accuracy: full prefill against LazyLLM schedules, in one run.
 
-Accuracy (`--checkpoint`): the procedural multi-document retrieval task (`raytrain/data/retrieval.py`: one document
-of many states the asked 4-digit code), `--questions` per length generated here at about `--accuracy-lengths`
-tokens (or read from `--eval-dir`, what `raytrain data make=retrieval` wrote), answered greedily; a question counts
-when the first number of the answer is the code. A checkpoint whose tokenizer has a chat template (SmolLM2-135M-
-Instruct) gets the documents and the question as one user message, and its turn opens with "The code of the <key>
-is" (`--format chat`; the model must still find the code in the documents); others get the raw prompt ending in
-"Answer:" (`--format raw`). Every schedule answers the same questions; per length it reports accuracy, the
-difference from full prefill with a paired 95% interval (Newcombe's method 10: Wilson score limits combined through
-the correlation of the paired outcomes), TTFT (batch 1, median over the questions) and the share of prompt
-(token, layer) pairs computed, and for each schedule the share of questions whose answer tokens (the code, where the
-gold document states it) reach the last layer in its prefill (`answer_tokens_kept`: how often pruning keeps the
-needle). TTFT 7B (`--parts ttft_7b`): random prompts of `--lengths` tokens through a
-Llama-2-7B-shaped decoder with random weights (after warm-ups, median, schedules round robin). Prints one JSON
-line; `ratio` is the TTFT speed-up at the longest prompt (7B if timed, else the checkpoint's) of the fastest
+Accuracy (`--checkpoint`): the procedural multi-document retrieval task (`raytrain/data/retrieval.py`: one document of
+many states the asked 4-digit code), `--questions` per length generated here at about `--accuracy-lengths` tokens (or
+read from `--eval-dir`, what `raytrain data make=retrieval` wrote), answered greedily; a question counts when the
+first number of the answer is the code. A checkpoint whose tokenizer has a chat template (SmolLM2-135M-Instruct) gets
+the documents and the question as one user message, and its turn opens with "The code of the <key> is" (`--format
+chat`; the model must still find the code in the documents); others get the raw prompt ending in "Answer:" (`--format
+raw`). Every schedule answers the same questions; per length it reports accuracy, the difference from full prefill
+with a paired 95% interval (Newcombe's method 10: Wilson score limits combined through the correlation of the paired
+outcomes), TTFT (batch 1, median over the questions) and the share of prompt (token, layer) pairs computed, and for
+each schedule the share of questions whose answer tokens (the code, where the gold document states it) reach the last
+layer in its prefill (`answer_tokens_kept`: how often pruning keeps the needle; over the first `--needle-questions` of
+each length, since each costs one more prefill). TTFT 7B (`--parts ttft_7b`): random prompts of `--lengths` tokens
+through a Llama-2-7B-shaped decoder with random weights (after warm-ups, median, schedules round robin). Prints one
+JSON line; `ratio` is the TTFT speed-up at the longest prompt (7B if timed, else the checkpoint's) of the fastest
 schedule whose accuracy is within one point of full prefill at every length; none while full prefill misses 80% at
 some length (`full_prefill_accuracy_bar_0.8`).
 
@@ -95,8 +95,10 @@ def accuracy(args: argparse.Namespace, device: str) -> dict[str, dict]:
                     "ttft_ms": 1e3 * statistics.median(c.ttft_s for c in done),
                     "prompt_fraction_computed": statistics.mean(c.prompt_fraction_computed for c in done)}
             if name != "full":
-                kept = [k for k in (answer_kept(engine, ids, code) for ids, code in records) if k is not None]
+                traced = records[:args.needle_questions]
+                kept = [k for k in (answer_kept(engine, ids, code) for ids, code in traced) if k is not None]
                 cell["answer_tokens_kept"] = statistics.mean(kept) if kept else None
+                cell["needle_questions"] = len(kept)
                 cell["accuracy_difference"] = cell["accuracy"] - out["full"][f"{tokens}_tokens"]["accuracy"]
                 cell["difference_ci95"] = paired_difference_ci(correct["full"], correct[name])
             out[name][f"{tokens}_tokens"] = cell
@@ -251,6 +253,8 @@ def main() -> None:
     p.add_argument("--checkpoint", help="a model that can answer the retrieval task, e.g. the converted SmolLM2")
     p.add_argument("--eval-dir", help="read questions from what `raytrain data make=retrieval` wrote")
     p.add_argument("--questions", type=int, default=200, help="per length")
+    p.add_argument("--needle-questions", type=int, default=50,
+                   help="per length and schedule, the questions whose answer tokens are traced (one more prefill each)")
     p.add_argument("--accuracy-lengths", type=lambda s: [int(x) for x in s.split(",")], default=[2048, 4096, 8192])
     p.add_argument("--format", choices=["chat", "raw"], default=None, help="default: chat if the tokenizer has a "
                                                                            "chat template")

@@ -69,7 +69,7 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, gain_ptr, res_ptr, N, K, stride_wn, up_off
     # each strip's weights are loaded one iteration ahead; the first before waiting for the previous kernel,
     # since weights are never written by it
     w, w_up = _weight_strip(w_ptr, rows, tl.arange(0, BLOCK_K), live, K, stride_wn, up_offset, SWIGLU)
-    if PDL:  # x, the gains' consumer and the residual are the previous kernels' outputs
+    if PDL:  # x and the residual are the previous kernels' outputs; every store comes after this wait
         tl.extra.cuda.gdc_wait()
     for start in range(0, K, BLOCK_K):
         cols = start + tl.arange(0, BLOCK_K)
