@@ -246,8 +246,8 @@ def models_of(cfg: SynthConfig) -> dict[str, str]:
 
 
 def tagger_version(cfg: SynthConfig) -> str:
-    """The template tagger's version, or the neural one's with its weights' hash."""
-    if cfg.tagger.kind != "neural":
+    """The template tagger's version, or a trained one's with the hash of its weights (and settings)."""
+    if cfg.tagger.kind == "templates":
         return TAGGER_VERSION
     return build_tagger(cfg.tagger).version
 

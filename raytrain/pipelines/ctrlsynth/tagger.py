@@ -8,13 +8,14 @@ box centre to the shape's centre, from which the spatial relations follow with t
 world's images almost exactly and everything else not at all: spec 3.5's tagger stand-in for the closed loop. The
 same tagger decomposes real images and judges synthetic ones (spec trap 4); its version is in the provenance.
 `synth.tagger.kind=neural` swaps in a network trained on scene records (`neural_tagger.py`), which reads the same
-colour regions (`colour_regions`).
+colour regions (`colour_regions`); `synth.tagger.kind=catlip` adds the project's CatLIP classifier to either region
+tagger (`catlip_tagger.py`: union of their objects).
 """
 
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -26,21 +27,53 @@ TAGGER_VERSION = "templates-1"
 _WINDOW = 32  # pixels of the mask window at 64 px; larger shapes do not exist in the world
 
 
+REGION_KINDS = ("templates", "neural")
+
+
+@dataclass
+class CatlipTaggerConfig:
+    """The CatLIP multi-label classifier of `kind=catlip` (spec 3.2: top-20 classes with score >= 0.3)."""
+
+    checkpoint: str | None = None  # a CatLIP run (`raytrain train job=catlip`) or one of its checkpoints
+    top_k: int = 20  # at most this many classes, highest sigmoid scores first
+    threshold: float = 0.3  # and only those scoring at least this
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.threshold <= 1:
+            raise ValueError(f"synth.tagger.catlip.threshold={self.threshold}; a sigmoid score lies in [0, 1]")
+        if self.top_k < 1:
+            raise ValueError(f"synth.tagger.catlip.top_k={self.top_k}; expected at least 1")
+
+
 @dataclass
 class TaggerConfig:
     kind: str = "templates"  # templates (this module) | neural (`neural_tagger.py`, trained on scene records)
-    checkpoint: str | None = None  # kind=neural: the --out of `python -m raytrain.pipelines.ctrlsynth.neural_tagger`
+    # | catlip (the `region` tagger's tags united with CatLIP's classes, `catlip_tagger.py`)
+    region: str = "templates"  # kind=catlip: the region tagger, templates | neural (neural uses `checkpoint`)
+    checkpoint: str | None = None  # neural: the --out of `python -m raytrain.pipelines.ctrlsynth.neural_tagger`
     image_size: int = 64  # images are resized to this side before tagging (the world's templates' size)
     min_pixels: int = 12  # colour regions smaller than this are edge noise, not objects
     min_iou: float = 0.5  # a region whose best template matches worse is not tagged (unknown object)
     rotation_step: float = 5.0  # degrees between template rotations over the world's [-20, 20]
+    catlip: CatlipTaggerConfig = field(default_factory=CatlipTaggerConfig)
 
     def __post_init__(self) -> None:
-        if self.kind not in ("templates", "neural"):
-            raise ValueError(f"synth.tagger.kind={self.kind!r}; expected templates or neural")
-        if self.kind == "neural" and not self.checkpoint:
-            raise ValueError("synth.tagger.kind=neural needs synth.tagger.checkpoint (train one with "
+        if self.kind not in (*REGION_KINDS, "catlip"):
+            raise ValueError(f"synth.tagger.kind={self.kind!r}; expected templates, neural or catlip")
+        if self.region not in REGION_KINDS:
+            raise ValueError(f"synth.tagger.region={self.region!r}; expected templates or neural")
+        if self.region_kind == "neural" and not self.checkpoint:
+            key = "region" if self.kind == "catlip" else "kind"
+            raise ValueError(f"synth.tagger.{key}=neural needs synth.tagger.checkpoint (train one with "
                              "`python -m raytrain.pipelines.ctrlsynth.neural_tagger --out DIR`)")
+        if self.kind == "catlip" and not self.catlip.checkpoint:
+            raise ValueError("synth.tagger.kind=catlip needs synth.tagger.catlip.checkpoint (a CatLIP run: "
+                             "`raytrain train job=catlip`)")
+
+    @property
+    def region_kind(self) -> str:
+        """The tagger that reads objects from colour regions: `kind` itself, or `region` under kind=catlip."""
+        return self.region if self.kind == "catlip" else self.kind
 
 
 class Tagger(Protocol):
@@ -55,7 +88,16 @@ class Tagger(Protocol):
 
 def build_tagger(cfg: TaggerConfig) -> Tagger:
     """The configured tagger (`kind`)."""
-    if cfg.kind == "neural":
+    if cfg.kind == "catlip":
+        from raytrain.pipelines.ctrlsynth.catlip_tagger import CatlipTagger
+
+        return CatlipTagger.load(cfg)
+    return build_region_tagger(cfg)
+
+
+def build_region_tagger(cfg: TaggerConfig) -> Tagger:
+    """The region tagger (`region_kind`): templates, or the neural one from `checkpoint`."""
+    if cfg.region_kind == "neural":
         from raytrain.pipelines.ctrlsynth.neural_tagger import NeuralTagger
 
         return NeuralTagger.load(cfg)
