@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from raytrain.checkpoint.hf import resolve_checkpoint  # noqa: E402
 from raytrain.data import shapes  # noqa: E402
 from raytrain.pipelines.ctrlsynth.neural_tagger import META, NeuralTagger, exact_reads, train_tagger  # noqa: E402
-from raytrain.pipelines.ctrlsynth.catlip_tagger import CatlipClassifier, CatlipTagger, kept  # noqa: E402
+from raytrain.pipelines.ctrlsynth.catlip_tagger import CatlipClassifier, CatlipTagger, kept, union  # noqa: E402
 from raytrain.pipelines.ctrlsynth.tagger import CatlipTaggerConfig, TaggerConfig, TemplateTagger  # noqa: E402
 
 SWEEP = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5)  # thresholds the class precision / recall is also reported at
@@ -61,7 +61,8 @@ def added_objects(merged: CatlipTagger, held: list[shapes.Scene]) -> dict:
     added = right = 0
     for scene in held:
         image = np.asarray(shapes.render(scene, 64))
-        new = merged.tag_image(image).objects[len(merged.region.tag_image(image).objects):]
+        region = merged.region.tag_image(image)  # what merged.tag_image unites, read once
+        new = union(region, merged.catlip.objects(image)).objects[len(region.objects):]
         added += len(new)
         right += len(set(new) & {o.shape for o in scene.objects})
     return {"added_per_image": added / len(held), "added_in_record": right / added if added else None}

@@ -48,6 +48,11 @@ def write_json(path: Path, obj: Any) -> None:
     _atomic(Path(path), lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
+def write_bytes(path: Path, data: bytes) -> None:
+    """Write bytes so that readers see the old file or the whole new one, never a part."""
+    _atomic(Path(path), lambda f: f.write(data))
+
+
 def write_npz(path: Path, **arrays: np.ndarray) -> None:
     _atomic(Path(path), lambda f: np.savez(f, **arrays))
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import random
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ from torch import nn
 
 from raytrain.config import RaytrainError
 from raytrain.data import shapes
+from raytrain.pipelines.common import write_bytes, write_json
 from raytrain.pipelines.ctrlsynth.tagger import (TaggerConfig, colour_regions, object_mask, read_image, region_window,
                                                  scene_tags, tags_of)
 from raytrain.pipelines.ctrlsynth.tags import Tags
@@ -163,7 +163,7 @@ def train_tagger(out: str | Path, scenes: int = 4000, steps: int = 2000, batch: 
     """Train a `RegionNet` on the regions of `scenes` generated scene records (seed `seed`), measure the tagger's
     exact-read rate on `heldout` scenes of another seed, and write it to `out`. Returns the metadata written beside
     the weights."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     torch.manual_seed(seed)
     world, cfg = shapes.WorldConfig(image_size=side), TaggerConfig(image_size=side)
@@ -187,25 +187,14 @@ def train_tagger(out: str | Path, scenes: int = 4000, steps: int = 2000, batch: 
         losses.append(loss.item())
     seconds = time.perf_counter() - start
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous() for k, v in net.state_dict().items()}
-    _atomic(out / WEIGHTS, lambda tmp: save_file(state, str(tmp)))
+    weights = save({k: v.contiguous() for k, v in net.state_dict().items()})
+    write_bytes(out / WEIGHTS, weights)
     meta = {"width": width, "scenes": scenes, "regions": n, "steps": steps, "batch": batch, "lr": lr, "seed": seed,
             "side": side, "train_seconds": seconds, "final_loss": float(np.mean(losses[-50:])),
-            "weights_sha256": _sha256(out / WEIGHTS), "heldout_scenes": heldout,
+            "weights_sha256": hashlib.sha256(weights).hexdigest(), "heldout_scenes": heldout,
             "heldout_exact_read": exact_reads(NeuralTagger(net, cfg), held, side)}
-    _atomic(out / META, lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
+    write_json(out / META, meta)
     return meta
-
-
-def _atomic(path: Path, write: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def main() -> None:
