@@ -55,6 +55,7 @@ from raytrain.infer.superposition import Selection, Superposer, SuperpositionCon
 from raytrain.infer.text import TextStream, fast_decode
 from raytrain.models import ops
 from raytrain.models.decoder import Decoder
+from raytrain.models.kv_cache import use_inference_attention
 
 
 @dataclass
@@ -135,6 +136,7 @@ class Engine:
         cuda = self.device.type == "cuda"
         if cuda:  # process-wide: the replica or benchmark process runs one engine configuration at a time
             ops.use_fused_kernels(self.config.fused_kernels)
+            use_inference_attention()
         self.runner = ModelRunner(model, n_slots, self.max_len + self.tree_margin, self.config.cuda_graphs,
                                   compile_decode=cuda and self.config.compile_decode,
                                   selection=adapters.selection if adapters is not None else None,

@@ -24,6 +24,7 @@ import torch
 
 from raytrain.infer.engine import Completion, Delta
 from raytrain.infer.sampling import SamplingParams, SamplingTable
+from raytrain.models.kv_cache import use_inference_attention
 from raytrain.models.vlm import IGNORE, VLM, VLMBatch, VLMCache
 
 
@@ -74,6 +75,8 @@ def collate(rows: list[tuple[list[int], list[int], list[int] | None]], pad_id: i
 def generate(model: VLM, requests: list[VLMRequest], eos_id: int | None, pad_id: int) -> list[list[int]]:
     """Generated token ids of each request (EOS not included), all requests in one batch."""
     device = model.decoder.embed.weight.device
+    if device.type == "cuda":
+        use_inference_attention()
     params = [r.params or SamplingParams(max_new_tokens=16, temperature=0.0) for r in requests]
     batch = collate([(r.before, r.after, None) if r.has_image else (None, [*r.before, *r.after], None)
                      for r in requests], pad_id, left=True, device=device)
