@@ -21,6 +21,7 @@ rest under `--train-tower`, since a random frozen tower carries too little of th
 schedule; the JSON line adds the answer prior (each kind's most frequent training answer) on the same questions.
 
     python benchmarks/victor_vqa.py --data DIR --tower RUN --storage DIR [--align-steps 40 --finetune-steps 250]
+        [--variants baseline victor_8 ...] [--override model.image.image_size=64 model.image.pos_grid=4 ...]
     python benchmarks/victor_vqa.py --data DIR --storage DIR --local --train-tower --finetune-steps 1500 --jobs 2
 """
 
@@ -284,10 +285,12 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3, help="--local: peak learning rate")
     parser.add_argument("--jobs", type=int, default=len(LOCAL), help="--local: variants trained at once")
     parser.add_argument("--variants", nargs="*", default=list(LOCAL), choices=list(LOCAL),
-                        help="--local: the variants to train (FastV comes with the baseline)")
+                        help="the variants to train, baseline and victor_8 among them (FastV comes with the baseline)")
     args = parser.parse_args()
     if args.tower is None and not args.local:
         parser.error("--tower is required without --local")
+    if not {"baseline", "victor_8"} <= set(args.variants):
+        parser.error("--variants needs baseline and victor_8 (the differences, the ratio and FastV's k use them)")
     torch.set_num_threads(1)
     rows = heldout(args)
     decoder, prior = None, None
@@ -295,7 +298,7 @@ def main() -> None:
         results, prior = local_variants(args, rows)
     else:
         decoder = Path(args.decoder) if args.decoder else pretrain_decoder(args)
-        checkpoints = {name: train_variant(name, extra, decoder, args) for name, extra in TRAINED.items()}
+        checkpoints = {name: train_variant(name, TRAINED[name], decoder, args) for name in args.variants}
         results = {name: evaluate(path, rows, None, 50) for name, path in checkpoints.items()}
         drop = read_model_config(checkpoints["victor_8"]).victor.drop_layer
         results["fastv_8"] = evaluate(checkpoints["baseline"], rows, VictorConfig(mode="fastv", keep_visual=8,

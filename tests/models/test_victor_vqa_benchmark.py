@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -51,3 +54,29 @@ def test_answer_prior_is_each_kinds_most_frequent_training_answer() -> None:
     for em, (low, high) in [(prior["exact_match"], prior["ci95"]),
                             *((c["em"], c["ci95"]) for c in prior["per_kind"].values())]:
         assert 0 <= low <= em <= high <= 1 and high - low > 0.3  # 1 to 4 rows: wide intervals
+
+
+@pytest.mark.parametrize("variants", [["baseline", "victor_32"], ["victor_8"]])
+def test_variants_must_include_the_baseline_and_victor_8(monkeypatch, variants) -> None:
+    monkeypatch.setattr("sys.argv", ["victor_vqa.py", "--data", "DIR", "--tower", "RUN", "--storage", "DIR",
+                                     "--variants", *variants])
+    with pytest.raises(SystemExit) as exited:  # refused before any data is read or run trained
+        bench.main()
+    assert exited.value.code == 2
+
+
+def test_ray_path_trains_only_the_variants_asked(monkeypatch, capsys) -> None:
+    trained = []
+    monkeypatch.setattr(bench, "heldout", lambda args: [{"kind": "count", "answer": "1"}] * 2)
+    monkeypatch.setattr(bench, "pretrain_decoder", lambda args: Path("decoder"))
+    monkeypatch.setattr(bench, "train_variant", lambda name, extra, decoder, args: trained.append((name, extra))
+                        or Path(name))
+    monkeypatch.setattr(bench, "read_model_config", lambda path: SimpleNamespace(victor=VictorConfig(drop_layer=3)))
+    monkeypatch.setattr(bench, "evaluate", lambda path, rows, victor, batch: {
+        **bench.scores(rows, [True, False]), "hits": [True, False], "checkpoint": str(path)})
+    monkeypatch.setattr("sys.argv", ["victor_vqa.py", "--data", "DIR", "--tower", "RUN", "--storage", "DIR",
+                                     "--variants", "baseline", "victor_8"])
+    bench.main()
+    assert trained == [("baseline", ["vlm.mode=off"]), ("victor_8", ["vlm.registers=8"])]
+    line = json.loads(capsys.readouterr().out)
+    assert set(line["results"]) == {"victor_8", "fastv_8"} and line["results"]["victor_8"]["minus_baseline"] == 0
