@@ -170,6 +170,13 @@ def answer_prior(train: list[dict], rows: list[dict]) -> dict:
     return scores(rows, [guess.get(r["kind"]) == normalise(r["answer"]) for r in rows])
 
 
+def training_answers(data: str) -> list[dict]:
+    """The kind and answer of every training row of a `raytrain data make=vqa` directory (for the answer prior)."""
+    import pyarrow.parquet as pq
+
+    return pq.read_table(Path(data) / "train", columns=["kind", "answer"]).to_pylist()
+
+
 LOCAL = {"baseline": {"mode": "off"}, "victor_8": {"num_registers": 8}, "victor_32": {"num_registers": 32},
          "victor_8_k5": {"num_registers": 8, "drop_layer": 5},
          "registers_8_no_drop": {"num_registers": 8, "drop_layer": 8}}  # vlm_tiny's decoder has 8 layers
@@ -303,6 +310,7 @@ def main() -> None:
         drop = read_model_config(checkpoints["victor_8"]).victor.drop_layer
         results["fastv_8"] = evaluate(checkpoints["baseline"], rows, VictorConfig(mode="fastv", keep_visual=8,
                                                                                   drop_layer=drop), 50)
+        prior = answer_prior(training_answers(args.data), rows)
     for name, r in results.items():
         print(f"{name}: exact match {r['exact_match']:.4f} {r['ci95']}", file=sys.stderr)
     baseline = results.pop("baseline")
@@ -319,7 +327,7 @@ def main() -> None:
                    "train_tower": args.train_tower, "lr": args.lr, "override": args.override},
         "results": results, "baseline": baseline, "answer_prior": prior,
         "ratio": results["victor_8"]["exact_match"] / max(baseline["exact_match"], 1e-9),
-        "command": "python " + " ".join(sys.argv)}))
+        "command": "python " + " ".join(sys.argv), "time": time.strftime("%Y-%m-%d %H:%M")}))
 
 
 if __name__ == "__main__":

@@ -71,6 +71,7 @@ def test_ray_path_trains_only_the_variants_asked(monkeypatch, capsys) -> None:
     monkeypatch.setattr(bench, "pretrain_decoder", lambda args: Path("decoder"))
     monkeypatch.setattr(bench, "train_variant", lambda name, extra, decoder, args: trained.append((name, extra))
                         or Path(name))
+    monkeypatch.setattr(bench, "training_answers", lambda data: [{"kind": "count", "answer": "1"}])
     monkeypatch.setattr(bench, "read_model_config", lambda path: SimpleNamespace(victor=VictorConfig(drop_layer=3)))
     monkeypatch.setattr(bench, "evaluate", lambda path, rows, victor, batch: {
         **bench.scores(rows, [True, False]), "hits": [True, False], "checkpoint": str(path)})
@@ -80,3 +81,4 @@ def test_ray_path_trains_only_the_variants_asked(monkeypatch, capsys) -> None:
     assert trained == [("baseline", ["vlm.mode=off"]), ("victor_8", ["vlm.registers=8"])]
     line = json.loads(capsys.readouterr().out)
     assert set(line["results"]) == {"victor_8", "fastv_8"} and line["results"]["victor_8"]["minus_baseline"] == 0
+    assert line["answer_prior"]["exact_match"] == 1  # "1", the kind's most frequent training answer, is right
