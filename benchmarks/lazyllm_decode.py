@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from raytrain.infer.model_runner import PlainSequence  # noqa: E402
 from raytrain.infer.lazyllm import LazyConfig, LazySequence  # noqa: E402
 from raytrain.models.decoder import DecoderConfig, build_decoder  # noqa: E402
+from raytrain.models.kv_cache import use_inference_attention  # noqa: E402
 
 SHAPES = {  # random-weight stand-ins: the project's retrieval model, SmolLM2-135M, Llama-2-7B
     "retrieval_lm": DecoderConfig(name="retrieval_lm", vocab_size=4096, d_model=384, n_layers=6, head_dim=64,
@@ -101,6 +102,8 @@ def main() -> None:
     args = p.parse_args()
     schedule = LazyConfig(boundaries=args.boundaries, keep=args.keep)
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    if args.device == "cuda":  # the attention backends the engine runs these sequences with
+        use_inference_attention()
     results: dict[str, dict] = {}
     for name in args.shapes.split(","):
         torch.manual_seed(0)

@@ -43,6 +43,7 @@ from raytrain.infer.lazyllm import LazyConfig, LazySequence  # noqa: E402
 from raytrain.infer.model_runner import PlainSequence  # noqa: E402
 from raytrain.infer.sampling import SamplingParams  # noqa: E402
 from raytrain.models.decoder import DecoderConfig, build_decoder  # noqa: E402
+from raytrain.models.kv_cache import use_inference_attention  # noqa: E402
 
 SCHEDULES = {  # name -> LazyConfig; the spec's default first, then more aggressive ones
     "lazy_0.3/0.6/0.9_keep0.7": LazyConfig(boundaries=[0.3, 0.6, 0.9], keep=0.7),
@@ -191,6 +192,8 @@ def progress(part: str, name: str, tokens: int, cell: dict) -> None:
 
 
 def ttft_7b(args: argparse.Namespace, device: str) -> dict[str, dict]:
+    if device == "cuda":  # the attention backends the engine runs these prefills with
+        use_inference_attention()
     torch.set_default_dtype(torch.bfloat16 if device == "cuda" else torch.float32)
     torch.manual_seed(0)
     model = build_decoder(LLAMA2_7B if device == "cuda" else _cpu_shape(), device).eval()
