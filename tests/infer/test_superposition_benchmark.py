@@ -55,3 +55,13 @@ def test_speed_mode_line(tmp_path, tokenizer, monkeypatch, capsys) -> None:
         for key in ("flops_ttft_total", "flops_ttft_critical", "flops_answer_total", "flops_answer_critical"):
             assert ratio[key] == pytest.approx(naive[key] / r[key]), (name, key)
     assert line["ratio"] == line["ratios"]["superposition_top1_warm"]["time_to_answer"]
+
+
+@pytest.mark.parametrize("doc_words", [28, 100])
+def test_question_sets_document_length(doc_words) -> None:
+    """`--doc-words` sets every document's length (the fact sentence included) and keeps 20-50 documents a set, with
+    each asked fact in its gold document."""
+    for docs, asked in bench.question_sets(3, 2, False, 0, doc_words):
+        assert 20 <= len(docs) <= 50
+        assert all(abs(len(d.split()) - doc_words) <= 3 for d in docs)
+        assert all(f"is {a['answer']}." in docs[a["gold"][0]] for a in asked)
