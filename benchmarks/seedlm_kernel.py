@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import itertools
 import math
 import os
 import statistics
@@ -132,13 +133,16 @@ def check_variant(km: Any, weight: Any, reference: torch.Tensor, g: torch.Genera
 
 
 def sweep(km: Any, weights: list[Any], xs: list[torch.Tensor], tiles: list[Any]) -> tuple[dict | None, list[dict]]:
-    """Time every tile config (cycling over the weight copies); the fastest, and every attempt."""
+    """Time every tile config, with and without prefetching the next step's words (cycling over the weight copies);
+    the fastest, and every attempt."""
     attempts = []
-    for tile in tiles:
+    for tile, prefetch in itertools.product(tiles, (True, False)):
         if len(tile) == 3:
-            cfg = km.KernelConfig(block_m=tile[0], block_n=32 * tile[1], num_warps=tile[1], split_k=tile[2])
+            cfg = km.KernelConfig(block_m=tile[0], block_n=32 * tile[1], num_warps=tile[1], split_k=tile[2],
+                                  prefetch=prefetch)
         else:
-            cfg = km.KernelConfig(block_m=tile[0], block_n=tile[1], num_warps=tile[2], split_k=tile[3])
+            cfg = km.KernelConfig(block_m=tile[0], block_n=tile[1], num_warps=tile[2], split_k=tile[3],
+                                  prefetch=prefetch)
         entry = {"tile": dataclasses.asdict(cfg)}
         try:
             calls = [lambda w=w, x=x: km.seedlm_matmul(x, w, cfg) for w, x in zip(weights, xs)]
@@ -315,7 +319,7 @@ def table(results: dict[str, Any], batches: list[int]) -> str:
                 t = row["fused_tile"]
                 lines.append(f"{shape} | {b} | {row['bf16_matmul_us']:.1f} | {row['fused_us']:.1f} "
                              f"({row['fused_stream']}, m{t['block_m']} n{t['block_n']} w{t['num_warps']} "
-                             f"k{t['split_k']}) | "
+                             f"k{t['split_k']}{' prefetch' if t.get('prefetch') else ''}) | "
                              f"{row['speedup_vs_bf16']:.2f}x | {row['bandwidth_fraction']:.2f} / "
                              f"{row['bf16_bandwidth_fraction']:.2f}")
             elif "bf16_matmul_us" in row:

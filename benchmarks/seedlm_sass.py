@@ -87,7 +87,7 @@ def main() -> None:
     for name in km.STREAMS:
         for block_m in (1, 2, 4, 8):
             constexprs = {"C": 8, "P": 3, **stream, "STREAM": name, "XBITS": 16, "BM": block_m, "NB": 128,
-                          "EVEN": True, "X_WORDS": True, "SPLIT": 1}
+                          "EVEN": True, "X_WORDS": True, "SPLIT": 1, "PREFETCH": km.KernelConfig().prefetch}
             results[f"gemv_{name}_m{block_m}"] = measure(km._gemv_kernel, gemv_sig, constexprs, 4,
                                                          units=block_m * 128 * 8 / 128)
         results[f"dense_{name}"] = measure(

@@ -24,15 +24,19 @@ from raytrain.compress.kernels.seedlm_matmul import KernelConfig  # noqa: E402
 
 K8 = {"K": 8, "taps": [0, 2, 3, 4]}
 # (bits, lfsr, stream, shape, tile): whole tiles (8-byte words of x and of the output), rows and row lengths that are
-# not whole tiles, partial last blocks (37 % 8, 50 % 12), 3-bit blocks (P = 4, exponents in their own array)
+# not whole tiles, partial last blocks (37 % 8, 50 % 12), 3-bit blocks (P = 4, exponents in their own array), and
+# the next step's words prefetched: whole tiles split over programs (each split's last step prefetches inside its
+# range), and partial ones
 CASES = [
     (4, {}, "lfsr", (8, 64), KernelConfig(block_m=4, block_n=4)),
+    (4, {}, "lfsr", (8, 64), KernelConfig(block_m=4, block_n=2, split_k=2, prefetch=True)),
     (4, {}, "table", (8, 64), KernelConfig(block_m=2, block_n=8)),
-    (4, K8, "lfsr", (6, 37), KernelConfig(block_m=4, block_n=2, split_k=2)),
+    (4, K8, "lfsr", (6, 37), KernelConfig(block_m=4, block_n=2, split_k=2, prefetch=True)),
     (4, K8, "table", (6, 37), KernelConfig(block_m=1, block_n=8)),
     (3, {}, "lfsr", (5, 50), KernelConfig(block_m=2, block_n=4, split_k=3)),
 ]
-IDS = [f"{bits}bit-K{lf.get('K', 16)}-{stream}-{shape[0]}x{shape[1]}" for bits, lf, stream, shape, _ in CASES]
+IDS = [f"{bits}bit-K{lf.get('K', 16)}-{stream}-{shape[0]}x{shape[1]}-n{tile.block_n}s{tile.split_k}"
+       f"{'-prefetch' if tile.prefetch else ''}" for bits, lf, stream, shape, tile in CASES]
 
 
 
@@ -73,7 +77,7 @@ def test_fused_matmul_rebuilds_the_weights_bitwise(bits, lfsr, stream, shape, ti
     eye = torch.eye(shape[1], device=DEVICE)
     for col in (0, shape[1] - 1):
         assert torch.equal(kernel.seedlm_matmul(eye[col:col + 1], weight, tile)[0].cpu(), dense[:, col])
-    dot_tile = KernelConfig(block_m=16, block_n=tile.block_n, split_k=tile.split_k)
+    dot_tile = KernelConfig(block_m=16, block_n=tile.block_n, split_k=tile.split_k, prefetch=tile.prefetch)
     picked = kernel.seedlm_matmul(eye[-16:], weight, dot_tile)
     assert torch.equal(picked.T.cpu(), dense[:, -16:])
     g = torch.Generator().manual_seed(2)

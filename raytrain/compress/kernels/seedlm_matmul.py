@@ -19,7 +19,9 @@ GEMV takes. So the kernel is built around instruction counts, with every weight 
 * Compressed arrays are reshaped at load time (`SeedLMWeight`, the file format is unchanged): one int32 word per block,
   [q_0 .. q_P-1 nibbles | exponent | 16-bit seed], so each thread reads 4 bytes per block, coalesced along the row.
 
-Threads own block columns and `block_m` rows (the x words for a column are loaded once per `block_m` rows). Compiled
+Threads own block columns and `block_m` rows (the x words for a column are loaded once per `block_m` rows). With
+`KernelConfig.prefetch` the words are double-buffered in registers: the next step's loads are issued before this
+step's rebuild, so that their latency overlaps it (the tile sweep of `benchmarks/seedlm_kernel.py` times both). Compiled
 for sm_90a (Triton 3.6 and 3.9, checked on CPU with ptxas), the batch-1 main loop is ~11.8 instructions per weight with
 the table stream and ~13.6 with the LFSR stream at block_m=4, with no shared memory, barriers or spills. Batch 1
 accumulates with FFMA and reduces the row at the end; batch 2..16 feeds each rebuilt tile to `tl.dot` (tensor cores in
@@ -52,6 +54,7 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 1
     split_k: int = 1  # programs per row tile, each over a share of the blocks; > 1 adds partial sums atomically
+    prefetch: bool = False  # load the next step's words before rebuilding this step's weights (to hide HBM latency)
 
 
 def default_config(batch: int) -> KernelConfig:
@@ -267,6 +270,32 @@ def _load_blocks(words_ptr, exps_ptr, r, j, rows, bpr, ebpr, P: tl.constexpr, EV
 
 
 @triton.jit
+def _first_blocks(words_ptr, exps_ptr, r, j, rows, bpr, ebpr, P: tl.constexpr, EVEN: tl.constexpr,
+                  PREFETCH: tl.constexpr):
+    """The first step's words and exponents, loaded before the loop with PREFETCH (else placeholders)."""
+    if PREFETCH:
+        w, e = _load_blocks(words_ptr, exps_ptr, r, j, rows, bpr, ebpr, P, EVEN)
+    else:
+        w = tl.zeros((r.shape[0], j.shape[0]), tl.int32)
+        e = w
+    return w, e
+
+
+@triton.jit
+def _next_blocks(words_ptr, exps_ptr, r, j, end, w_next, e_next, rows, bpr, ebpr, P: tl.constexpr,
+                 EVEN: tl.constexpr, NB: tl.constexpr, PREFETCH: tl.constexpr):
+    """This step's words and exponents, and the ones the next step will use. With PREFETCH the next step's loads
+    are issued now, so that their HBM latency overlaps this step's rebuild (the last step loads its own tile again,
+    which keeps every load in bounds); otherwise this step's are loaded here and waited for."""
+    if PREFETCH:
+        ahead = tl.minimum(j + NB, end - NB + tl.arange(0, NB)) if EVEN else j + NB
+        w2, e2 = _load_blocks(words_ptr, exps_ptr, r, ahead, rows, bpr, ebpr, P, EVEN)
+        return w_next, e_next, w2, e2
+    w, e = _load_blocks(words_ptr, exps_ptr, r, j, rows, bpr, ebpr, P, EVEN)
+    return w, e, w_next, e_next
+
+
+@triton.jit
 def _x_element(x_ptr, j, cols, c: tl.constexpr, C: tl.constexpr, XBITS: tl.constexpr, X_WORDS: tl.constexpr):
     """Element c of x's block columns j (NB,) as fp32: out of the 8-byte words that hold each block (one load per
     word after CSE, bf16 widened by a shift), else by masked scalar loads. 1-D, so that its layout is the tile's."""
@@ -292,16 +321,20 @@ def _x_element(x_ptr, j, cols, c: tl.constexpr, C: tl.constexpr, XBITS: tl.const
 def _gemv_kernel(x_ptr, y_ptr, words_ptr, exps_ptr, table_ptr, masks_ptr, rows, cols, bpr, ebpr, steps_per_split,
                  inv_scale, C: tl.constexpr, P: tl.constexpr, K: tl.constexpr, STREAM: tl.constexpr,
                  TAPS: tl.constexpr, INV: tl.constexpr, XBITS: tl.constexpr, BM: tl.constexpr, NB: tl.constexpr,
-                 EVEN: tl.constexpr, X_WORDS: tl.constexpr, SPLIT: tl.constexpr):
+                 EVEN: tl.constexpr, X_WORDS: tl.constexpr, SPLIT: tl.constexpr, PREFETCH: tl.constexpr):
     """y = W x for one row of x: per block sum_c d_c x_c (FFMA), times 2^(e-7); rows reduced and scaled at the end
     (for a one-hot x still a single rounding of decode's weight)."""
     r = tl.program_id(0) * BM + tl.arange(0, BM)
     masks = _load_masks(masks_ptr)
     acc = tl.zeros((BM, NB), tl.float32)
     start = tl.program_id(1) * steps_per_split * NB
-    for j0 in range(start, tl.minimum(start + steps_per_split * NB, bpr), NB):
+    end = tl.minimum(start + steps_per_split * NB, bpr)
+    w_next, e_next = _first_blocks(words_ptr, exps_ptr, r, start + tl.arange(0, NB), rows, bpr, ebpr, P, EVEN,
+                                   PREFETCH)
+    for j0 in range(start, end, NB):
         j = j0 + tl.arange(0, NB)
-        w, e = _load_blocks(words_ptr, exps_ptr, r, j, rows, bpr, ebpr, P, EVEN)
+        w, e, w_next, e_next = _next_blocks(words_ptr, exps_ptr, r, j, end, w_next, e_next, rows, bpr, ebpr, P, EVEN,
+                                            NB, PREFETCH)
         s, exp2, off = _block_terms(w, e, table_ptr, masks, C, P, K, STREAM, TAPS, INV)
         blk = tl.zeros((BM, NB), tl.float32)
         for c in tl.static_range(C):
@@ -318,7 +351,8 @@ def _gemv_kernel(x_ptr, y_ptr, words_ptr, exps_ptr, table_ptr, masks_ptr, rows, 
 def _dot_kernel(x_ptr, y_ptr, words_ptr, exps_ptr, table_ptr, masks_ptr, rows, cols, bpr, ebpr, steps_per_split,
                 batch, stride_x, stride_y, inv_scale, C: tl.constexpr, P: tl.constexpr, K: tl.constexpr,
                 STREAM: tl.constexpr, TAPS: tl.constexpr, INV: tl.constexpr, BM: tl.constexpr, NB: tl.constexpr,
-                BATCH: tl.constexpr, EVEN: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr):
+                BATCH: tl.constexpr, EVEN: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
+                PREFETCH: tl.constexpr):
     """Y = X W^T for 2..16 rows of x: each rebuilt (BM, NB) tile of weight c, rounded to x's dtype, goes through
     tl.dot with x's matching columns, fp32 accumulation (what F.linear does with the dense weights)."""
     r = tl.program_id(0) * BM + tl.arange(0, BM)
@@ -326,9 +360,13 @@ def _dot_kernel(x_ptr, y_ptr, words_ptr, exps_ptr, table_ptr, masks_ptr, rows, c
     masks = _load_masks(masks_ptr)
     acc = tl.zeros((BM, BATCH), tl.float32)
     start = tl.program_id(1) * steps_per_split * NB
-    for j0 in range(start, tl.minimum(start + steps_per_split * NB, bpr), NB):
+    end = tl.minimum(start + steps_per_split * NB, bpr)
+    w_next, e_next = _first_blocks(words_ptr, exps_ptr, r, start + tl.arange(0, NB), rows, bpr, ebpr, P, EVEN,
+                                   PREFETCH)
+    for j0 in range(start, end, NB):
         j = j0 + tl.arange(0, NB)
-        w, e = _load_blocks(words_ptr, exps_ptr, r, j, rows, bpr, ebpr, P, EVEN)
+        w, e, w_next, e_next = _next_blocks(words_ptr, exps_ptr, r, j, end, w_next, e_next, rows, bpr, ebpr, P, EVEN,
+                                            NB, PREFETCH)
         s, exp2, off = _block_terms(w, e, table_ptr, masks, C, P, K, STREAM, TAPS, INV)
         scale = exp2 * inv_scale
         for c in tl.static_range(C):
@@ -423,7 +461,7 @@ def seedlm_matmul(x: torch.Tensor, weight: SeedLMWeight, config: KernelConfig | 
         batch, weight.rows, device=x.device, dtype=torch.float32 if cfg.split_k > 1 else x.dtype)
     even = weight.rows % cfg.block_m == 0 and _even_k(weight, cfg.block_n)
     common = dict(C=weight.C, P=weight.P, **weight.stream_args, BM=cfg.block_m, NB=cfg.block_n, EVEN=even,
-                  SPLIT=cfg.split_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                  SPLIT=cfg.split_k, PREFETCH=cfg.prefetch, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if batch == 1:
         _gemv_kernel[grid](x, y, *_common_args(weight), weight.rows, cols, bpr, _exps_row_bytes(weight), steps,
                            weight.inv_scale, XBITS=8 * x.element_size(), X_WORDS=_whole_words(weight, x, cfg.block_n),
