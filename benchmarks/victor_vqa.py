@@ -6,14 +6,14 @@ of the scenes and question/answer lines without the images (or `--decoder CKPT`)
 decoder that knows the words, as LLaVA's does. Then each variant runs `job=vlm` (Ray Train + DeepSpeed, both recipe
 stages: captions with tower and decoder frozen, then the questions with the decoder trained; the same data, parts,
 steps, batch and seed): the LLaVA baseline (`vlm.mode=off`), Victor with M = 8 and M = 32 (k = 3), Victor M = 8
-dropping after layer k = 5 (the paper's k sweep), and registers without the drop (M = 8, k = n). FastV (the 8 visual
-tokens that received the most attention in layer k-1 survive layer k = 3) is applied at inference to the baseline's
-weights, as the paper compares it. Every run shares one local
-Ray cluster, and a run that finished under `--storage` earlier is reused. Each model answers the held-out split
-(scenes no training record shows) greedily through `raytrain.infer.vlm.answer`; exact match after `vqa.normalise`,
-overall and per question kind with 95% Wilson intervals, each variant's difference to the baseline on the same
-questions with its paired 95% interval, and the process CPU time of the evaluation. Prints one JSON line; `ratio`
-is Victor-8's accuracy over the baseline's.
+dropping after layer k = 5 (the paper's k sweep), registers without the drop (M = 8, k = n), and Victor M = 8 with
+`register_init: pooled` (each image's visual tokens pooled into the 8 registers, plus their learned weight). FastV
+(the 8 visual tokens that received the most attention in layer k-1 survive layer k = 3) is applied at inference to
+the baseline's weights, as the paper compares it. Every run shares one local Ray cluster, and a run that finished
+under `--storage` earlier is reused. Each model answers the held-out split (scenes no training record shows) greedily
+through `raytrain.infer.vlm.answer`; exact match after `vqa.normalise`, overall and per question kind with 95% Wilson
+intervals, each variant's difference to the baseline on the same questions with its paired 95% interval, and the
+process CPU time of the evaluation. Prints one JSON line; `ratio` is Victor-8's accuracy over the baseline's.
 
 `--local` is the small version for a machine too busy for Ray: every variant trains in its own process (`--jobs`
 at a time), one stage on the questions from one shared random start (the tower random: frozen, or trained with the
@@ -52,7 +52,8 @@ from lazyllm_ttft import paired_difference_ci, wilson  # noqa: E402
 
 TRAINED = {"baseline": ["vlm.mode=off"], "victor_8": ["vlm.registers=8"], "victor_32": ["vlm.registers=32"],
            "victor_8_k5": ["vlm.registers=8", "vlm.drop_layer=5"],  # the paper's k sweep: k = 5 loses nothing
-           "registers_8_no_drop": ["vlm.registers=8", "vlm.drop_layer=99"]}
+           "registers_8_no_drop": ["vlm.registers=8", "vlm.drop_layer=99"],
+           "victor_8_pooled": ["vlm.registers=8", "vlm.register_init=pooled"]}  # registers = pooled image + weight
 DECODER = ["model=openelm_tiny", "model.name=vlm_tiny_decoder", "model.vocab_size=512", "model.n_layers=8",
            "model.layer_scaling=null", "++model.q_heads=4", "++model.kv_heads=2", "++model.ffn_dim=384",
            "model.max_seq_len=512", "model.qk_norm=false"]  # vlm_tiny's decoder (conf/model/vlm_tiny.yaml)
@@ -179,7 +180,8 @@ def training_answers(data: str) -> list[dict]:
 
 LOCAL = {"baseline": {"mode": "off"}, "victor_8": {"num_registers": 8}, "victor_32": {"num_registers": 32},
          "victor_8_k5": {"num_registers": 8, "drop_layer": 5},
-         "registers_8_no_drop": {"num_registers": 8, "drop_layer": 8}}  # vlm_tiny's decoder has 8 layers
+         "registers_8_no_drop": {"num_registers": 8, "drop_layer": 8},  # vlm_tiny's decoder has 8 layers
+         "victor_8_pooled": {"num_registers": 8, "register_init": "pooled"}}
 
 
 def local_variants(args: argparse.Namespace, rows: list[dict]) -> tuple[dict, dict]:

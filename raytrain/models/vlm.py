@@ -7,10 +7,12 @@ row's `image_at` says (spec `victor.md`, trap 1: the image never has to come fir
 Victor (Wen et al., arXiv 2410.14072): M learned register embeddings follow each visual span. Layers 0..k-1 run on
 the whole sequence; at the input of layer k every visual token is deleted (hidden state, position, label, and so
 every later layer's keys and values), and layers k..n-1 run on the text and the registers, which summarised the image
-under the causal mask. Survivors keep their original position ids (`position_ids: keep`; `renumber` makes them
-contiguous). The drop is a gather: each row keeps its surviving tokens in order and the rows are re-padded at the
-end, so the attention mask is rebuilt from validity alone, and when no row is padded there is no mask at all and
-SDPA runs its causal (flash) kernels.
+under the causal mask. The registers are one learned (M, d) weight (`register_init` normal or zeros), or with
+`pooled` that weight (zeros at init) plus the image's own visual tokens average-pooled into M regions, so that they
+start from a summary of the image and differ between images. Survivors keep their original position ids
+(`position_ids: keep`; `renumber` makes them contiguous). The drop is a gather: each row keeps its surviving tokens
+in order and the rows are re-padded at the end, so the attention mask is rebuilt from validity alone, and when no row
+is padded there is no mask at all and SDPA runs its causal (flash) kernels.
 
 `victor.mode`: `off` (the LLaVA baseline: every visual token in every layer), `registers` (Victor;
 `drop_layer >= n_layers` keeps every visual token: registers without the drop), `keep_last_visual` (the paper's
@@ -38,6 +40,7 @@ from raytrain.models.vit import PATCH, ViT, ViTConfig
 
 IGNORE = -100  # label of a position that is not supervised
 MODES = ("off", "registers", "keep_last_visual", "fastv")
+REGISTER_INITS = ("normal", "zeros", "pooled")
 TEXT, VISUAL, REGISTER = 1, 2, 3  # token kinds in a spliced row (0: padding)
 
 
@@ -47,7 +50,7 @@ class VictorConfig:
     num_registers: int = 8  # M (mode=registers)
     drop_layer: int = 3  # k: visual tokens are gone from the input of this layer on; >= n_layers: never dropped
     keep_visual: int = 8  # keep_last_visual / fastv: visual tokens that survive layer k
-    register_init: str = "normal"  # normal (std register_init_std) | zeros
+    register_init: str = "normal"  # normal (std register_init_std) | zeros | pooled (input-dependent, see Registers)
     register_init_std: float = 0.02
     position_ids: str = "keep"  # keep (original positions after the drop) | renumber (contiguous after it)
 
@@ -62,8 +65,8 @@ class VictorConfig:
                              "the baseline without registers)")
         if self.keep_visual < 0:
             raise ValueError(f"keep_visual={self.keep_visual} must be >= 0")
-        if self.register_init not in ("normal", "zeros"):
-            raise ValueError(f"register_init={self.register_init!r}; expected normal or zeros")
+        if self.register_init not in REGISTER_INITS:
+            raise ValueError(f"register_init={self.register_init!r}; expected one of {', '.join(REGISTER_INITS)}")
         if self.position_ids not in ("keep", "renumber"):
             raise ValueError(f"position_ids={self.position_ids!r}; expected keep or renumber")
 
@@ -121,8 +124,11 @@ class Projector(nn.Module):
 
 
 class Registers(nn.Module):
-    """The M register embeddings shared by every image. A module whose forward is called (not a bare parameter read),
-    so that ZeRO-3 gathers the partitioned weight before it is used (spec trap 9)."""
+    """The M register embeddings that follow each image: the learned weight itself, or with `init: pooled` the
+    image's visual tokens pooled into M regions (`pool_visual`) plus the weight, which starts at zeros so that the
+    registers start as exactly the pooled tokens (spec 2.6: the paper's input-dependent variant). A module whose
+    forward is called (not a bare parameter read), so that ZeRO-3 gathers the partitioned weight before it is used
+    (spec trap 9); it is called once per batch, whatever the rows."""
 
     def __init__(self, count: int, dim: int, init: str, std: float) -> None:
         super().__init__()
@@ -131,13 +137,31 @@ class Registers(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        if self.init == "zeros":
+        if self.init in ("zeros", "pooled"):
             nn.init.zeros_(self.weight)
         else:
             nn.init.normal_(self.weight, std=self.std)
 
-    def forward(self) -> torch.Tensor:
-        return self.weight  # (M, d)
+    def forward(self, visual: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """Each row's (N_b, d) visual tokens (None: a text-only row) -> its (M, d) register inputs (None there)."""
+        if self.init == "pooled":
+            return [pool_visual(v, len(self.weight)) + self.weight if v is not None else None for v in visual]
+        return [self.weight if v is not None else None for v in visual]
+
+
+def pool_visual(visual: torch.Tensor, groups: int) -> torch.Tensor:
+    """(N, d) visual tokens -> (groups, d) means of contiguous regions. When N is a square, the tokens are the tower's
+    patch grid in row-major order, so the regions are an r x c grid of rectangles (r * c = groups, r the largest
+    divisor of `groups` not above its square root; 8 on 8 x 8 patches: 2 x 4 regions of 4 x 2 patches), in row-major
+    order; otherwise they are contiguous chunks of the sequence. Both use PyTorch's adaptive average pooling: equal,
+    disjoint bins where the sizes divide, else neighbouring bins share a token (never an empty one)."""
+    n, d = visual.shape
+    side = math.isqrt(n)
+    if side * side == n:
+        rows = max(r for r in range(1, math.isqrt(groups) + 1) if groups % r == 0)
+        grid = visual.T.reshape(1, d, side, side)
+        return F.adaptive_avg_pool2d(grid, (rows, groups // rows)).reshape(d, groups).T
+    return F.adaptive_avg_pool1d(visual.T[None], groups)[0].T
 
 
 @dataclass
@@ -243,9 +267,8 @@ class VLM(nn.Module):
         """Embeddings (B, S, d) of `[text before ; visual ; registers ; text after]` per row, padded at the end, and
         their positions (left padding aware: the first real token is position 0), kinds and labels."""
         text = self.decoder.embed(batch.tokens)  # (B, L, d)
-        visual = batch.visual if batch.visual is not None else (
-            self.visual_tokens(batch.images) if batch.images is not None else None)
-        registers = self.registers().to(text.dtype) if self.registers is not None else text[0, :0]  # (M, d)
+        visual = self.image_spans(batch, text.dtype)
+        registers = self.registers(visual) if self.registers is not None else [None] * len(visual)
         labels = batch.labels if batch.labels is not None else torch.full_like(batch.tokens, IGNORE)
         kinds = torch.where(batch.text_mask, TEXT, 0)
         rows = []
@@ -253,10 +276,9 @@ class VLM(nn.Module):
             if at < 0:
                 rows.append((text[b], kinds[b], labels[b]))
                 continue
-            if visual is None or visual[b] is None:
-                raise ValueError(f"row {b} has an image position but no image")
-            span = torch.cat([visual[b].to(text.dtype), registers])  # (N_b + M, d)
-            span_kinds = torch.tensor([VISUAL] * len(visual[b]) + [REGISTER] * len(registers), device=text.device)
+            own = registers[b].to(text.dtype) if registers[b] is not None else text[b, :0]  # (M, d)
+            span = torch.cat([visual[b], own])  # (N_b + M, d)
+            span_kinds = torch.tensor([VISUAL] * len(visual[b]) + [REGISTER] * len(own), device=text.device)
             rows.append((torch.cat([text[b, :at], span, text[b, at:]]),
                          torch.cat([kinds[b, :at], span_kinds, kinds[b, at:]]),
                          torch.cat([labels[b, :at], labels.new_full((len(span),), IGNORE), labels[b, at:]])))
@@ -266,6 +288,17 @@ class VLM(nn.Module):
         index = torch.arange(kind.shape[1], device=kind.device).expand_as(kind)
         positions = (valid.long().cumsum(1) - 1).clamp_min(0)
         return hidden, TokenSet(positions, valid, kind == VISUAL, label.masked_fill(~valid, IGNORE), index)
+
+    def image_spans(self, batch: VLMBatch, dtype: torch.dtype) -> list[torch.Tensor | None]:
+        """Each row's projected visual tokens (N_b, d) in `dtype`; None for a text-only row."""
+        visual = batch.visual if batch.visual is not None else (
+            self.visual_tokens(batch.images) if batch.images is not None else None)
+        spans = []
+        for b, at in enumerate(batch.image_at.tolist()):
+            if at >= 0 and (visual is None or visual[b] is None):
+                raise ValueError(f"row {b} has an image position but no image")
+            spans.append(visual[b].to(dtype) if at >= 0 else None)
+        return spans
 
     def keep_at_drop(self, tokens: TokenSet, received: torch.Tensor | None) -> torch.Tensor:
         """(B, S) bool: the tokens that go on to layer k (text and registers; for the ablations some visual ones)."""

@@ -1,6 +1,7 @@
 """benchmarks/victor_vqa.py's `--local` recipe and scoring: the training rows wrap around when the steps need more
 of them, `train_tower` decides whether the image tower learns, and the answer prior and per-kind scores are what
-answering without the image would get, with intervals around them."""
+answering without the image would get, with intervals around them; victor_8_pooled selects pooled registers on the
+Ray and `--local` paths."""
 
 from __future__ import annotations
 
@@ -82,3 +83,15 @@ def test_ray_path_trains_only_the_variants_asked(monkeypatch, capsys) -> None:
     line = json.loads(capsys.readouterr().out)
     assert set(line["results"]) == {"victor_8", "fastv_8"} and line["results"]["victor_8"]["minus_baseline"] == 0
     assert line["answer_prior"]["exact_match"] == 1  # "1", the kind's most frequent training answer, is right
+
+
+def test_pooled_variant_selects_pooled_registers_on_both_paths() -> None:
+    """victor_8_pooled's overrides reach model.victor through job=vlm's `vlm.*` keys (the Ray path), its LOCAL entry
+    builds the same Victor block, and victor_8 keeps the default learned registers."""
+    from raytrain.models.registry import model_config
+
+    victor = {name: model_config(bench.compose(["job=vlm", *bench.TRAINED[name]]).model).victor
+              for name in ("victor_8", "victor_8_pooled")}
+    assert (victor["victor_8_pooled"].register_init, victor["victor_8_pooled"].num_registers) == ("pooled", 8)
+    assert victor["victor_8"].register_init == "normal"
+    assert VictorConfig(**bench.LOCAL["victor_8_pooled"]) == victor["victor_8_pooled"]

@@ -2,7 +2,8 @@
 baseline and registers-only runs equal a plain decoder over the spliced sequence; the drop equals a full-length run
 that hides visual keys from layer k on (with and without a text prefix); a padded batch with mixed visual lengths and
 a text-only row equals its rows run alone; cached generation equals recomputing every step; per-layer KV lengths;
-the FastV and keep-last ablations; a checkpoint round trip keeps the registers bit for bit."""
+the FastV and keep-last ablations; pooled registers (the pooled regions, input dependence, a training step, and the
+batch and generation facts); a checkpoint round trip keeps the registers bit for bit."""
 
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ def test_baseline_and_registers_without_drop_equal_a_plain_forward(mode: str, dr
     batch.images = image
     out = model(batch)
     visual = model.visual_tokens(image)[0]
-    registers = model.registers() if model.registers is not None else visual[:0]
+    registers = model.registers([visual])[0] if model.registers is not None else visual[:0]
     expected = plain_logits(model, [model.decoder.embed(torch.tensor(before)), visual, registers,
                                     model.decoder.embed(torch.tensor(after))])
     assert out.hidden.shape[1] == 5 + N + len(registers) + 7
@@ -126,10 +127,11 @@ def test_drop_equals_masking_the_visual_keys(prefix: int, positions: str) -> Non
 
 @torch.no_grad()
 @pytest.mark.parametrize("left", [True, False])
-@pytest.mark.parametrize("mode", ["off", "registers", "fastv"])
-def test_padded_batch_with_mixed_images_equals_each_row_alone(left: bool, mode: str) -> None:
+@pytest.mark.parametrize("mode, init", [("off", "normal"), ("registers", "normal"), ("registers", "pooled"),
+                                        ("fastv", "normal")])
+def test_padded_batch_with_mixed_images_equals_each_row_alone(left: bool, mode: str, init: str) -> None:
     """Fact 5: rows with 16 and 9 visual tokens, a text-only row and a 30-token prefix, padded left or right."""
-    model = make(mode, keep_visual=4)
+    model = make(mode, keep_visual=4, register_init=init)
     torch.manual_seed(1)
     rows = [(ids(3, 5), ids(4, 6), 16), (ids(2, 7), ids(11, 8), 9), (None, ids(6, 9), 0), (ids(30, 10), ids(2, 11), 16)]
     visual = [torch.randn(n, 64) if n else None for *_, n in rows]
@@ -163,11 +165,14 @@ def test_kv_lengths_per_layer_after_prefill() -> None:
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("mode", ["registers", "fastv", "off"])
-def test_cached_generation_equals_recomputing_every_step(mode: str) -> None:
+@pytest.mark.parametrize("mode, init", [("registers", "normal"), ("registers", "pooled"), ("fastv", "normal"),
+                                        ("off", "normal")])
+def test_cached_generation_equals_recomputing_every_step(mode: str, init: str) -> None:
     """Fact 6: greedy tokens with the per-layer KV cache (drop active) equal a full forward at every step; the
     requests run together in one padded batch, each recomputation alone."""
-    model = make(mode, drop=2, keep_visual=5).double()
+    model = make(mode, drop=2, keep_visual=5, register_init=init).double()
+    if init == "pooled":  # a learned part that is not zero, so that both halves of the registers count
+        model.registers.weight.data.normal_(generator=torch.Generator().manual_seed(3))
     torch.manual_seed(2)
     requests = [VLMRequest(ids(4, 16), ids(3, 17), torch.rand(3, 64, 64).double()),
                 VLMRequest(ids(1, 18), ids(8, 19), torch.rand(3, 64, 64).double()),
@@ -201,6 +206,61 @@ def test_fastv_and_keep_last_visual_keep_their_visual_tokens() -> None:
     torch.testing.assert_close(everything.hidden, reference(batch).hidden, rtol=0, atol=1e-5)
 
 
+@torch.no_grad()
+def test_pooled_registers_at_init_are_the_means_of_their_visual_regions() -> None:
+    """register_init=pooled with its zero learned weight: a 4 x 4 grid gives 2 x 2 quadrants, a 3 x 3 grid 2 x 2
+    overlapping windows (adaptive pooling's bins), 8 tokens (no square) 4 chunks of 2; each image's registers sit right
+    after its visual tokens."""
+    model = make(registers=4, register_init="pooled")
+    assert not model.registers.weight.any()
+    groups = {16: [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]],
+              9: [[0, 1, 3, 4], [1, 2, 4, 5], [3, 4, 6, 7], [4, 5, 7, 8]],
+              8: [[0, 1], [2, 3], [4, 5], [6, 7]]}
+    rows = [(ids(2, 30), ids(3, 31), None), (ids(5, 32), ids(1, 33), None), (ids(1, 34), ids(4, 35), None)]
+    batch = collate(rows, pad_id=0, left=False)
+    batch.visual = [torch.randn(n, 64) for n in groups]
+    h, tokens = model.splice(batch)
+    for b, (n, members) in enumerate(groups.items()):
+        start = len(rows[b][0]) + n  # the prefix, then the visual tokens
+        expected = torch.stack([batch.visual[b][m].mean(0) for m in members])
+        torch.testing.assert_close(h[b, start:start + 4], expected, rtol=0, atol=1e-6)
+        assert not tokens.visual[b, start:start + 4].any() and tokens.visual[b, start - n:start].all()
+
+
+@torch.no_grad()
+def test_pooled_registers_differ_between_images_and_learned_ones_do_not() -> None:
+    """Two images in one batch: their pooled registers differ, learned registers are the same weight in both rows."""
+    images = torch.rand(2, 3, 64, 64)
+    for init, differ in (("pooled", True), ("normal", False)):
+        model = make(register_init=init)
+        batch = collate([(ids(2, 36), ids(3, 37), None)] * 2, pad_id=0, left=False)
+        batch.images = images
+        h, _ = model.splice(batch)
+        registers = h[:, 2 + N:2 + N + 3]
+        assert torch.allclose(registers[0], registers[1]) != differ
+
+
+def test_pooled_registers_train_their_learned_weight() -> None:
+    """One optimizer step on a labelled batch: the gradient reaches the learned weight, the weight moves, and the
+    registers stay the pooled tokens plus the new weight."""
+    model = make(register_init="pooled").train()
+    before, after = ids(3, 38), ids(6, 39)
+    batch = single(before, after, [IGNORE] * 6 + after[3:])
+    batch.images = torch.rand(1, 3, 64, 64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(batch).loss.backward()
+    grad = model.registers.weight.grad
+    assert grad is not None and grad.abs().sum() > 0 and torch.isfinite(grad).all()
+    optimizer.step()
+    assert model.registers.weight.abs().sum() > 0
+    with torch.no_grad():
+        h, _ = model.splice(batch)
+        visual = model.visual_tokens(batch.images)[0]
+    grid = visual.reshape(4, 4, -1)  # M = 3 on 4 x 4: 1 x 3 regions, adaptive bins over columns 0-1, 1-2, 2-3
+    bands = torch.stack([grid[:, i:i + 2].mean((0, 1)) for i in range(3)])
+    torch.testing.assert_close(h[0, 3 + N:3 + N + 3], bands + model.registers.weight, rtol=0, atol=1e-6)
+
+
 def test_config_refuses_drop_at_layer_zero_and_unknown_modes() -> None:
     with pytest.raises(ValueError, match="drop_layer=0"):
         VictorConfig(drop_layer=0)
@@ -208,6 +268,8 @@ def test_config_refuses_drop_at_layer_zero_and_unknown_modes() -> None:
         VictorConfig(mode="prune")
     with pytest.raises(ValueError, match="num_registers=0"):
         VictorConfig(num_registers=0)
+    with pytest.raises(ValueError, match="register_init='image_token'; expected one of normal, zeros, pooled"):
+        VictorConfig(register_init="image_token")
 
 
 def test_registers_round_trip_a_checkpoint_bit_exactly(tmp_path) -> None:
