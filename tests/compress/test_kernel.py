@@ -26,10 +26,11 @@ K8 = {"K": 8, "taps": [0, 2, 3, 4]}
 # (bits, lfsr, stream, shape, tile): whole tiles (8-byte words of x and of the output), rows and row lengths that are
 # not whole tiles, partial last blocks (37 % 8, 50 % 12), 3-bit blocks (P = 4, exponents in their own array), and
 # the next step's words prefetched: whole tiles split over programs (each split's last step prefetches inside its
-# range), and partial ones
+# range; a split with no step), and partial ones
 CASES = [
     (4, {}, "lfsr", (8, 64), KernelConfig(block_m=4, block_n=4)),
     (4, {}, "lfsr", (8, 64), KernelConfig(block_m=4, block_n=2, split_k=2, prefetch=True)),
+    (4, {}, "table", (8, 64), KernelConfig(block_m=2, block_n=2, split_k=3, prefetch=True)),  # the last split: none
     (4, {}, "table", (8, 64), KernelConfig(block_m=2, block_n=8)),
     (4, K8, "lfsr", (6, 37), KernelConfig(block_m=4, block_n=2, split_k=2, prefetch=True)),
     (4, K8, "table", (6, 37), KernelConfig(block_m=1, block_n=8)),

@@ -270,13 +270,15 @@ def _load_blocks(words_ptr, exps_ptr, r, j, rows, bpr, ebpr, P: tl.constexpr, EV
 
 
 @triton.jit
-def _first_blocks(words_ptr, exps_ptr, r, j, rows, bpr, ebpr, P: tl.constexpr, EVEN: tl.constexpr,
-                  PREFETCH: tl.constexpr):
-    """The first step's words and exponents, loaded before the loop with PREFETCH (else placeholders)."""
+def _first_blocks(words_ptr, exps_ptr, r, start, rows, bpr, ebpr, P: tl.constexpr, EVEN: tl.constexpr,
+                  NB: tl.constexpr, PREFETCH: tl.constexpr):
+    """The first step's words and exponents, loaded before the loop with PREFETCH (else placeholders). A split past
+    the row's end (split_k > steps) has no step: its unmasked load is moved onto the last tile, in bounds."""
     if PREFETCH:
-        w, e = _load_blocks(words_ptr, exps_ptr, r, j, rows, bpr, ebpr, P, EVEN)
+        first = tl.minimum(start, bpr - NB) if EVEN else start
+        w, e = _load_blocks(words_ptr, exps_ptr, r, first + tl.arange(0, NB), rows, bpr, ebpr, P, EVEN)
     else:
-        w = tl.zeros((r.shape[0], j.shape[0]), tl.int32)
+        w = tl.zeros((r.shape[0], NB), tl.int32)
         e = w
     return w, e
 
@@ -329,8 +331,7 @@ def _gemv_kernel(x_ptr, y_ptr, words_ptr, exps_ptr, table_ptr, masks_ptr, rows, 
     acc = tl.zeros((BM, NB), tl.float32)
     start = tl.program_id(1) * steps_per_split * NB
     end = tl.minimum(start + steps_per_split * NB, bpr)
-    w_next, e_next = _first_blocks(words_ptr, exps_ptr, r, start + tl.arange(0, NB), rows, bpr, ebpr, P, EVEN,
-                                   PREFETCH)
+    w_next, e_next = _first_blocks(words_ptr, exps_ptr, r, start, rows, bpr, ebpr, P, EVEN, NB, PREFETCH)
     for j0 in range(start, end, NB):
         j = j0 + tl.arange(0, NB)
         w, e, w_next, e_next = _next_blocks(words_ptr, exps_ptr, r, j, end, w_next, e_next, rows, bpr, ebpr, P, EVEN,
@@ -361,8 +362,7 @@ def _dot_kernel(x_ptr, y_ptr, words_ptr, exps_ptr, table_ptr, masks_ptr, rows, c
     acc = tl.zeros((BM, BATCH), tl.float32)
     start = tl.program_id(1) * steps_per_split * NB
     end = tl.minimum(start + steps_per_split * NB, bpr)
-    w_next, e_next = _first_blocks(words_ptr, exps_ptr, r, start + tl.arange(0, NB), rows, bpr, ebpr, P, EVEN,
-                                   PREFETCH)
+    w_next, e_next = _first_blocks(words_ptr, exps_ptr, r, start, rows, bpr, ebpr, P, EVEN, NB, PREFETCH)
     for j0 in range(start, end, NB):
         j = j0 + tl.arange(0, NB)
         w, e, w_next, e_next = _next_blocks(words_ptr, exps_ptr, r, j, end, w_next, e_next, rows, bpr, ebpr, P, EVEN,
