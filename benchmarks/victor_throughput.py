@@ -5,7 +5,8 @@ Generation: batch `--batch` of prompts `[BOS ; N visual tokens ; M registers ; t
 the image), `--new-tokens` greedy tokens each (EOS ignored), through `raytrain.infer.vlm.generate` (one batched
 prefill, then one decode step per token over per-layer caches). The visual tokens are random projected features:
 the image tower is left out of every method (spec trap 11), so the figures are the language model's. Methods:
-`baseline` (mode off), `victor` with each M in `--registers` (k = `--drop-layer`), registers without the drop
+`baseline` (mode off), `victor` with each M in `--registers` (k = `--drop-layer`), Victor-8 with pooled registers
+(`register_init: pooled`: each image's visual tokens pooled into the registers), registers without the drop
 (M = 8), FastV keeping 8 visual tokens at the same k. Samples/s = batch / wall time of the whole generation
 (median of `--repeats`, methods interleaved). On CPU the process's CPU time is measured too and the ratios use it:
 on a machine shared with other jobs, wall time mostly measures the others.
@@ -57,6 +58,7 @@ TOWER = ViTConfig(name="unused_tower", d_model=64, n_layers=1, n_heads=1, ffn_di
 def methods(registers: list[int], drop: int, n_layers: int) -> dict[str, VictorConfig]:
     out = {"baseline": VictorConfig(mode="off")}
     out.update({f"victor_{m}": VictorConfig(num_registers=m, drop_layer=drop) for m in registers})
+    out["victor_8_pooled"] = VictorConfig(num_registers=8, drop_layer=drop, register_init="pooled")
     out["registers_8_no_drop"] = VictorConfig(num_registers=8, drop_layer=n_layers)
     out["fastv_8"] = VictorConfig(mode="fastv", keep_visual=8, drop_layer=drop)
     return out
