@@ -62,6 +62,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from raytrain.checkpoint.hf import read_model_config  # noqa: E402
+from raytrain.config import RaytrainError  # noqa: E402
 from raytrain.data.tokenizer import load_tokenizer  # noqa: E402
 from raytrain.data.retrieval import (RetrievalConfig, _words, document_set, multihop_question,  # noqa: E402
                                      multihop_set)
@@ -177,12 +178,20 @@ def methods(args: argparse.Namespace, multihop: bool) -> dict[str, dict]:
     return out
 
 
+def answer_line(text: str) -> str:
+    """The line that answers: the first one with a digit in it (with `--stop none` a model may write "... is:" and
+    the code on the next line), else the first. With `--stop newline` the text is one line already."""
+    lines = text.split("\n")
+    return next((line for line in lines if any(ch.isdigit() for ch in line)), lines[0])
+
+
 def run_set(args: argparse.Namespace, engines: dict[str, Engine], multihop: bool, deadline: float) -> dict[str, dict]:
     """Every method on every question of the task, set by set until the sets or the time budget run out."""
     tokenizer, cfg = engines["naive"].tokenizer, engines["naive"].model.cfg
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0, stop=["\n"])
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0,
+                            stop=["\n"] if args.stop == "newline" else [])
     rows: dict[str, list[dict]] = {name: [] for name in methods(args, multihop)}
-    flops_left = args.flop_questions
+    flops_left, skipped = args.flop_questions, 0
     for s, (docs, asked) in enumerate(question_sets(args.multihop_sets if multihop else args.sets,
                                                     args.questions_per_set, multihop, args.seed + multihop,
                                                     args.doc_words)):
@@ -190,14 +199,20 @@ def run_set(args: argparse.Namespace, engines: dict[str, Engine], multihop: bool
             break
         for item in asked:
             prompt = forkjoin_prompt(tokenizer, docs, item["question"], INSTRUCTION)
+            requests = {name: Request(params=params, forkjoin=replace(prompt, superpose=how["engine"] != "naive",
+                                                                       top_k=how["top_k"]))
+                        for name, how in methods(args, multihop).items()}
+            if (refused := refusal(engines, requests, methods(args, multihop))) is not None:
+                skipped += 1  # every method skips it, so that the methods answer the same questions
+                print(json.dumps({"set": s, "multihop": multihop, "skipped": refused}), file=sys.stderr, flush=True)
+                continue
             for name, how in methods(args, multihop).items():
-                fj = replace(prompt, superpose=how["engine"] != "naive", top_k=how["top_k"])
-                request = Request(params=params, forkjoin=fj)
+                request, fj = requests[name], requests[name].forkjoin
                 engine = engines[how["engine"]]
                 done, seconds = answer(engine, request, args.device)
                 selection = done.superposition
-                row = {"correct": item["answer"] in done.text, "seconds": seconds, "ttft_s": done.ttft_s,
-                       "tokens": len(done.token_ids), "prompt_tokens": done.prompt_tokens}
+                row = {"correct": item["answer"] in answer_line(done.text), "seconds": seconds,
+                       "ttft_s": done.ttft_s, "tokens": len(done.token_ids), "prompt_tokens": done.prompt_tokens}
                 if selection is not None:
                     found = set(selection.kept) | set(selection.moved)
                     row |= {"warm": selection.cached == selection.paths, "kept": len(selection.kept),
@@ -212,7 +227,18 @@ def run_set(args: argparse.Namespace, engines: dict[str, Engine], multihop: bool
                                   "gold": item["answer"], **{k: v for k, v in row.items() if k != "flops"}}),
                       file=sys.stderr, flush=True)
             flops_left -= 1
-    return {name: summary(r) for name, r in rows.items()}
+    return {name: summary(r) | {"skipped_questions": skipped} for name, r in rows.items() if r}
+
+
+def refusal(engines: dict[str, Engine], requests: dict[str, Request], how: dict[str, dict]) -> str | None:
+    """Why some method's engine refuses its request before any compute (a prompt past the context window), or
+    None."""
+    for name, request in requests.items():
+        try:
+            engines[how[name]["engine"]].encode(request)
+        except RaytrainError as e:
+            return f"{name}: {e}"
+    return None
 
 
 def summary(rows: list[dict]) -> dict[str, Any]:
@@ -259,7 +285,8 @@ def theoretical_sweep(args: argparse.Namespace, tokenizer: Any, cfg: DecoderConf
     for task, n_sets, multihop in (("single_hop", args.sets, False), ("multihop", args.multihop_sets, True)):
         flops: dict[str, list[dict[str, float]]] = {}
         documents, doc_tokens = [], []
-        for docs, asked in question_sets(n_sets, args.questions_per_set, multihop, args.seed + multihop, args.doc_words):
+        for docs, asked in question_sets(n_sets, args.questions_per_set, multihop, args.seed + multihop,
+                                         args.doc_words):
             for item in asked:
                 prompt = forkjoin_prompt(tokenizer, docs, item["question"], INSTRUCTION)
                 documents.append(len(docs))
@@ -377,7 +404,8 @@ def speed_main(args: argparse.Namespace) -> None:
     methods = speed_methods(args.top_k)
     rows: dict[str, list[dict]] = {name: [] for name in methods}
     start, budget = time.monotonic(), 60 * args.minutes if args.minutes else float("inf")
-    for s, (docs, asked) in enumerate(question_sets(args.sets, args.questions_per_set, False, args.seed, args.doc_words)):
+    sets = question_sets(args.sets, args.questions_per_set, False, args.seed, args.doc_words)
+    for s, (docs, asked) in enumerate(sets):
         if s and time.monotonic() > start + budget:
             break
         for q, item in enumerate(asked):
@@ -437,6 +465,8 @@ def main() -> None:
     p.add_argument("--minutes", type=float, default=None, help="time budget: no new document set starts after it "
                    "(single-hop gets the first 70%% when both tasks run)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", default="newline", choices=["newline", "none"], help="end an answer at its first newline "
+                   "(newline) or after --max-new-tokens tokens (none; scored on the first line with a digit)")
     p.add_argument("--doc-words", type=int, default=28, help="words per document, its one fact included (28: ~50 "
                    "tokens; the paper's NaturalQuestions passages are 100 words)")
     p.add_argument("--theoretical-only", action="store_true", help="theoretical FLOPs of every question, no model run")
@@ -451,7 +481,8 @@ def main() -> None:
                else read_model_config(args.checkpoint))
         print(json.dumps({"benchmark": "superposition_flops", "device": "none (counted from token lengths)",
                           "config": {"checkpoint": args.checkpoint, "shape": args.shape, "sets": args.sets,
-                                     "doc_words": args.doc_words, "multihop_sets": args.multihop_sets, "questions_per_set": args.questions_per_set,
+                                     "doc_words": args.doc_words, "multihop_sets": args.multihop_sets,
+                                     "questions_per_set": args.questions_per_set,
                                      "top_k": args.top_k, "answer_tokens": ANSWER_TOKENS, "kept": "gold first"},
                           "results": theoretical_sweep(args, tokenizer, cfg), "baseline": "naive RAG (one prompt)",
                           "ratio": None, "command": " ".join(["python", *sys.argv]),
@@ -485,7 +516,7 @@ def main() -> None:
         "config": {"checkpoint": args.checkpoint, "documents_per_question": [20, 50], "doc_words": args.doc_words,
                    "sets": args.sets, "multihop_sets": args.multihop_sets, "questions_per_set": args.questions_per_set,
                    "minutes": args.minutes,
-                   "top_k": args.top_k, "max_new_tokens": args.max_new_tokens, "decoding": "greedy, stop at newline",
+                   "top_k": args.top_k, "max_new_tokens": args.max_new_tokens, "decoding": f"greedy, stop: {args.stop}",
                    "instruction": INSTRUCTION, "superposition": vars(superposition),
                    "dtype": str(model.embed.weight.dtype), "threads": torch.get_num_threads(),
                    "torch": torch.__version__},

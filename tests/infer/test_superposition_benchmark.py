@@ -65,3 +65,35 @@ def test_question_sets_document_length(doc_words) -> None:
         assert 20 <= len(docs) <= 50
         assert all(abs(len(d.split()) - doc_words) <= 3 for d in docs)
         assert all(f"is {a['answer']}." in docs[a["gold"][0]] for a in asked)
+
+
+def test_answer_line_is_the_first_line_with_a_digit() -> None:
+    assert bench.answer_line("The code of the azure canyon is:\n6796.\nThe code") == "6796."
+    assert bench.answer_line("The code of the jade otter is 4821.\nIt is 1234.") == "The code of the jade otter is 4821."
+    assert bench.answer_line("The answer:\n\nNone") == "The answer:"
+
+
+def test_refusal_names_the_method_whose_prompt_does_not_fit(micro_model, tokenizer) -> None:
+    """A question that some method's engine cannot hold (every path kept: all documents plus a query copy per path,
+    past the 64-token window) is refused before any compute, naming that method; one that fits is not."""
+    from dataclasses import replace
+
+    from raytrain.infer.engine import Engine, EngineConfig, Request
+    from raytrain.infer.forkjoin import ForkJoinPrompt
+    from raytrain.infer.sampling import SamplingParams
+    from raytrain.infer.superposition import SuperpositionConfig
+
+    engines = {"naive": Engine(micro_model, tokenizer, EngineConfig(max_batch_size=1)),
+               "sp": Engine(micro_model, tokenizer, EngineConfig(max_batch_size=1,
+                                                                 superposition=SuperpositionConfig(enabled=True)))}
+    how = {"naive": {"engine": "naive", "top_k": None}, "superposition_all_paths": {"engine": "sp", "top_k": 0}}
+    params = SamplingParams(max_new_tokens=16, temperature=0)
+
+    def requests(doc_tokens: int) -> dict:
+        prompt = ForkJoinPrompt([1, 2, 3, 4], [[10 + d] * doc_tokens for d in range(4)], [5, 6, 7, 8], [9, 9])
+        return {name: Request(params=params, forkjoin=replace(prompt, superpose=h["engine"] != "naive",
+                                                                     top_k=h["top_k"])) for name, h in how.items()}
+
+    refused = bench.refusal(engines, requests(8), how)  # flat 42 + 16 fits; 4 x (8 + 4) + 6 + 16 = 70 does not
+    assert refused is not None and refused.startswith("superposition_all_paths:") and "context window" in refused
+    assert bench.refusal(engines, requests(3), how) is None
