@@ -9,7 +9,12 @@ a key's owner: one document names the owner, another gives the owner's code). Ev
 - superposition without pruning (every path kept), and with top-k pruning;
 - on the multi-hop set also iterative superposition (hops=2: the best path moves into the prefix, then top-k).
 
-Figures per method: accuracy (the gold code appears in the answer), retrieval accuracy (the gold document among the
+Documents are `--doc-words` words long (28 by default, about 50 tokens; 100 is the paper's NaturalQuestions passage
+length). A question that some method's engine cannot hold (a prompt past the context window) is skipped for every
+method and counted (`skipped_questions`), so every method answers the same questions.
+
+Figures per method: accuracy (the gold code appears in the answer: its first line, or with `--stop none` its first
+line that holds a digit), retrieval accuracy (the gold document among the
 kept ones), time to answer (wall clock from request to last token, median), for superposition split into warm
 (document KV from the path cache, the paper's setting) and cold (documents computed in the request), and FLOPs per
 answer. FLOPs are theoretical (from the segment lengths: 2 per weight per token, attention over the keys each token
@@ -84,8 +89,8 @@ def question_sets(n_sets: int, per_set: int, multihop: bool, seed: int, doc_word
                   ) -> list[tuple[list[str], list[dict]]]:
     """[(documents, [{question, answer, gold: [document indices]}, ...]), ...]: 20-50 documents of `doc_words`
     words, one fact each."""
-    filler = doc_words - FACT_WORDS
-    cfg = RetrievalConfig(words=20 * doc_words, max_words=50 * doc_words, filler_words=filler, facts_per_doc=1)
+    cfg = RetrievalConfig(words=20 * doc_words, max_words=50 * doc_words, filler_words=doc_words - FACT_WORDS,
+                          facts_per_doc=1)
     rng, filler, out = random.Random(seed), _words(), []
     for _ in range(n_sets):
         if multihop:
