@@ -195,7 +195,8 @@ def run_set(args: argparse.Namespace, engines: dict[str, Engine], multihop: bool
     tokenizer, cfg = engines["naive"].tokenizer, engines["naive"].model.cfg
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0,
                             stop=["\n"] if args.stop == "newline" else [])
-    rows: dict[str, list[dict]] = {name: [] for name in methods(args, multihop)}
+    task_methods = methods(args, multihop)
+    rows: dict[str, list[dict]] = {name: [] for name in task_methods}
     flops_left, skipped = args.flop_questions, 0
     for s, (docs, asked) in enumerate(question_sets(args.multihop_sets if multihop else args.sets,
                                                     args.questions_per_set, multihop, args.seed + multihop,
@@ -206,12 +207,12 @@ def run_set(args: argparse.Namespace, engines: dict[str, Engine], multihop: bool
             prompt = forkjoin_prompt(tokenizer, docs, item["question"], INSTRUCTION)
             requests = {name: Request(params=params, forkjoin=replace(prompt, superpose=how["engine"] != "naive",
                                                                        top_k=how["top_k"]))
-                        for name, how in methods(args, multihop).items()}
-            if (refused := refusal(engines, requests, methods(args, multihop))) is not None:
+                        for name, how in task_methods.items()}
+            if (refused := refusal(engines, requests, task_methods)) is not None:
                 skipped += 1  # every method skips it, so that the methods answer the same questions
                 print(json.dumps({"set": s, "multihop": multihop, "skipped": refused}), file=sys.stderr, flush=True)
                 continue
-            for name, how in methods(args, multihop).items():
+            for name, how in task_methods.items():
                 request, fj = requests[name], requests[name].forkjoin
                 engine = engines[how["engine"]]
                 done, seconds = answer(engine, request, args.device)
