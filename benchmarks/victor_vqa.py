@@ -7,7 +7,8 @@ decoder that knows the words, as LLaVA's does. Then each variant runs `job=vlm` 
 stages: captions with tower and decoder frozen, then the questions with the decoder trained; the same data, parts,
 steps, batch and seed): the LLaVA baseline (`vlm.mode=off`), Victor with M = 8 and M = 32 (k = 3), Victor M = 8
 dropping after layer k = 5 (the paper's k sweep), registers without the drop (M = 8, k = n), and Victor M = 8 with
-`register_init: pooled` (each image's visual tokens pooled into the 8 registers, plus their learned weight). FastV
+`register_init: pooled` (each image's visual tokens pooled into the 8 registers, plus their learned weight) or
+`image_token` (every register starts as the decoder's embedding of "Image", the paper's other initialisation). FastV
 (the 8 visual tokens that received the most attention in layer k-1 survive layer k = 3) is applied at inference to
 the baseline's weights, as the paper compares it. Every run shares one local Ray cluster, and a run that finished
 under `--storage` earlier is reused. Each model answers the held-out split (scenes no training record shows) greedily
@@ -53,7 +54,8 @@ from lazyllm_ttft import paired_difference_ci, wilson  # noqa: E402
 TRAINED = {"baseline": ["vlm.mode=off"], "victor_8": ["vlm.registers=8"], "victor_32": ["vlm.registers=32"],
            "victor_8_k5": ["vlm.registers=8", "vlm.drop_layer=5"],  # the paper's k sweep: k = 5 loses nothing
            "registers_8_no_drop": ["vlm.registers=8", "vlm.drop_layer=99"],
-           "victor_8_pooled": ["vlm.registers=8", "vlm.register_init=pooled"]}  # registers = pooled image + weight
+           "victor_8_pooled": ["vlm.registers=8", "vlm.register_init=pooled"],  # registers = pooled image + weight
+           "victor_8_image_token": ["vlm.registers=8", "vlm.register_init=image_token"]}  # = embedding of "Image"
 DECODER = ["model=openelm_tiny", "model.name=vlm_tiny_decoder", "model.vocab_size=512", "model.n_layers=8",
            "model.layer_scaling=null", "++model.q_heads=4", "++model.kv_heads=2", "++model.ffn_dim=384",
            "model.max_seq_len=512", "model.qk_norm=false"]  # vlm_tiny's decoder (conf/model/vlm_tiny.yaml)
@@ -181,7 +183,8 @@ def training_answers(data: str) -> list[dict]:
 LOCAL = {"baseline": {"mode": "off"}, "victor_8": {"num_registers": 8}, "victor_32": {"num_registers": 32},
          "victor_8_k5": {"num_registers": 8, "drop_layer": 5},
          "registers_8_no_drop": {"num_registers": 8, "drop_layer": 8},  # vlm_tiny's decoder has 8 layers
-         "victor_8_pooled": {"num_registers": 8, "register_init": "pooled"}}
+         "victor_8_pooled": {"num_registers": 8, "register_init": "pooled"},
+         "victor_8_image_token": {"num_registers": 8, "register_init": "image_token"}}
 
 
 def local_variants(args: argparse.Namespace, rows: list[dict]) -> tuple[dict, dict]:
@@ -238,7 +241,7 @@ def fit_local(victor: dict, files: dict, train: list[dict], recipe: dict) -> tup
     from raytrain.models.registry import build_model, model_config
     from raytrain.models.vit import to_pixels
     from raytrain.models.vlm import VLMBatch
-    from raytrain.train.tasks import set_trainable
+    from raytrain.train.tasks import init_registers_from_word, set_trainable
 
     tokenize = Tokenize(files, VQADataConfig())
     base = model_config(OmegaConf.load(ROOT / "conf/model/vlm_tiny.yaml"))
@@ -247,6 +250,8 @@ def fit_local(victor: dict, files: dict, train: list[dict], recipe: dict) -> tup
     torch.manual_seed(1)  # registers drawn alike in every variant; everything else is the shared start
     model = build_model(dataclasses.replace(base, victor=VictorConfig(**victor)))
     model.load_state_dict(start, strict=False)
+    if model.cfg.victor.register_init == "image_token":
+        init_registers_from_word(model, files)
     steps, batch_size, lr = recipe["steps"], recipe["batch_size"], recipe["lr"]
     set_trainable(model, [] if recipe["train_tower"] else ["image"])
     params = [p for p in model.parameters() if p.requires_grad]

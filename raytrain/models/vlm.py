@@ -7,7 +7,8 @@ row's `image_at` says (spec `victor.md`, trap 1: the image never has to come fir
 Victor (Wen et al., arXiv 2410.14072): M learned register embeddings follow each visual span. Layers 0..k-1 run on
 the whole sequence; at the input of layer k every visual token is deleted (hidden state, position, label, and so
 every later layer's keys and values), and layers k..n-1 run on the text and the registers, which summarised the image
-under the causal mask. The registers are one learned (M, d) weight (`register_init` normal or zeros), or with
+under the causal mask. The registers are one learned (M, d) weight (`register_init` normal, zeros, or
+`image_token`: every row the embedding of the word "Image", set by the task that knows the tokenizer), or with
 `pooled` that weight (zeros at init) plus the image's own visual tokens average-pooled into M regions, so that they
 start from a summary of the image and differ between images. Survivors keep their original position ids
 (`position_ids: keep`; `renumber` makes them contiguous). The drop is a gather: each row keeps its surviving tokens
@@ -40,7 +41,7 @@ from raytrain.models.vit import PATCH, ViT, ViTConfig
 
 IGNORE = -100  # label of a position that is not supervised
 MODES = ("off", "registers", "keep_last_visual", "fastv")
-REGISTER_INITS = ("normal", "zeros", "pooled")
+REGISTER_INITS = ("normal", "zeros", "pooled", "image_token")
 TEXT, VISUAL, REGISTER = 1, 2, 3  # token kinds in a spliced row (0: padding)
 
 
@@ -51,7 +52,9 @@ class VictorConfig:
     drop_layer: int = 3  # k: visual tokens are gone from the input of this layer on; >= n_layers: never dropped
     keep_visual: int = 8  # keep_last_visual / fastv: visual tokens that survive layer k
     register_init: str = "normal"  # normal (std register_init_std) | zeros | pooled (input-dependent, see Registers)
+    # | image_token (every row the mean embedding of register_init_word's tokens: VLM.init_registers_from_tokens)
     register_init_std: float = 0.02
+    register_init_word: str = "Image"
     position_ids: str = "keep"  # keep (original positions after the drop) | renumber (contiguous after it)
 
     def __post_init__(self) -> None:
@@ -137,7 +140,7 @@ class Registers(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        if self.init in ("zeros", "pooled"):
+        if self.init in ("zeros", "pooled", "image_token"):  # image_token: zeros until its embedding is copied in
             nn.init.zeros_(self.weight)
         else:
             nn.init.normal_(self.weight, std=self.std)
@@ -249,6 +252,15 @@ class VLM(nn.Module):
         return {"params_total": count(self), "params_image": count(self.image),
                 "params_projector": count(self.projector), "params_registers": count(self.registers),
                 "params_decoder": count(self.decoder)}
+
+    @torch.no_grad()
+    def init_registers_from_tokens(self, token_ids: list[int]) -> None:
+        """`register_init: image_token` (spec 2.6): every register row becomes the mean of the decoder's input
+        embeddings of `token_ids` (the tokenized `register_init_word`); called once the decoder's weights are in."""
+        if self.registers is None or not token_ids:
+            raise ValueError("init_registers_from_tokens needs registers (mode=registers) and at least one token id")
+        word = self.decoder.embed.weight[token_ids].mean(0)
+        self.registers.weight.copy_(word.expand_as(self.registers.weight))
 
     @property
     def drop_layer(self) -> int | None:

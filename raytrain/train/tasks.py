@@ -395,14 +395,15 @@ def _prepare_classify(parts: dict[str, Any], run_dir: str, counter: Any) -> Prep
 
 def _prepare_vlm(parts: dict[str, Any], run_dir: str, counter: Any) -> Prepared:
     """VQA rows tokenized around their images; the tokenizer (see `vlm_tokenizer`); and, for a run that starts from
-    no checkpoint, the VLM assembled from `task.image_tower` and `task.decoder` (saved once in `run_dir/init`)."""
+    no checkpoint, the VLM assembled from `task.image_tower` and `task.decoder` (saved once in `run_dir/init`), also
+    when neither is given but the registers start from a word's embedding (`register_init: image_token`)."""
     task, data, model, t = parts["task"], parts["data"], parts["model"], parts["trainer"]
     files = vlm_tokenizer(task, data, t.init_from, run_dir, model.vocab_size)
     tok = from_files(files)
     if len(tok) > model.vocab_size:
         raise ConfigError(f"the tokenizer has {len(tok)} tokens but model.decoder.vocab_size={model.vocab_size}")
     init = None
-    if t.init_from is None and (task.image_tower or task.decoder):
+    if t.init_from is None and (task.image_tower or task.decoder or model.victor.register_init == "image_token"):
         init = str(assemble_vlm(model, task, files, Path(run_dir) / "init", t.seed))
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     return Prepared({"train": vqa.training_dataset(data, files, counter)}, files, pad, model, init)
@@ -429,11 +430,14 @@ def vlm_tokenizer(task: VLMTaskConfig, data: vqa.VQADataConfig, init_from: str |
 
 def assemble_vlm(cfg: VLMConfig, task: VLMTaskConfig, files: TokenizerFiles, out: Path, seed: int) -> Path:
     """A VLM checkpoint: the tower's trunk from `task.image_tower`, the decoder from `task.decoder`, the projector
-    and registers freshly initialised. Reused when `out` already holds one assembled from the same parts."""
+    freshly initialised, the registers too or, with `register_init: image_token`, set from the (loaded) decoder's
+    embedding of `register_init_word`. Reused when `out` already holds one assembled from the same parts."""
     from raytrain.checkpoint.hf import model_state, save_pretrained
     from raytrain.models.vlm import build_vlm
 
     sources = {"image_tower": task.image_tower, "decoder": task.decoder}
+    if cfg.victor.register_init == "image_token":
+        sources["register_init_word"] = cfg.victor.register_init_word
     if (out / "raytrain.json").is_file():
         if json.loads((out / "raytrain.json").read_text()).get("assembled_from") != sources:
             raise ConfigError(f"{out} holds a VLM assembled from other parts; use a new trainer.run_name")
@@ -444,8 +448,21 @@ def assemble_vlm(cfg: VLMConfig, task: VLMTaskConfig, files: TokenizerFiles, out
         _load_part(model.image, tower_state(task.image_tower), "task.image_tower", task.image_tower)
     if task.decoder:
         _load_part(model.decoder, decoder_state(task.decoder, cfg), "task.decoder", task.decoder)
+    if cfg.victor.register_init == "image_token" and model.registers is not None:
+        init_registers_from_word(model, files)
     log.info("assembled the starting VLM from %s in %s", sources, out)
     return save_pretrained(out, cfg, model_state(model), files, {"assembled_from": sources})
+
+
+def init_registers_from_word(model: Any, files: TokenizerFiles) -> None:
+    """`register_init: image_token`: every register row becomes the decoder's embedding of `register_init_word`
+    (the mean over its tokens when the tokenizer splits it)."""
+    word = model.cfg.victor.register_init_word
+    token_ids = from_files(files).encode(word, add_special_tokens=False)
+    if not token_ids:
+        raise ConfigError(f"model.victor.register_init_word={word!r} gives no tokens; name a word of the vocabulary")
+    log.info("registers start as the embedding of %r (token ids %s)", word, token_ids)
+    model.init_registers_from_tokens(token_ids)
 
 
 def tower_state(path: str) -> dict[str, Any]:

@@ -85,13 +85,14 @@ def test_ray_path_trains_only_the_variants_asked(monkeypatch, capsys) -> None:
     assert line["answer_prior"]["exact_match"] == 1  # "1", the kind's most frequent training answer, is right
 
 
-def test_pooled_variant_selects_pooled_registers_on_both_paths() -> None:
-    """victor_8_pooled's overrides reach model.victor through job=vlm's `vlm.*` keys (the Ray path), its LOCAL entry
+@pytest.mark.parametrize("init", ["pooled", "image_token"])
+def test_register_init_variants_select_their_init_on_both_paths(init: str) -> None:
+    """victor_8_<init>'s overrides reach model.victor through job=vlm's `vlm.*` keys (the Ray path), its LOCAL entry
     builds the same Victor block, and victor_8 keeps the default learned registers."""
     from raytrain.models.registry import model_config
 
-    victor = {name: model_config(bench.compose(["job=vlm", *bench.TRAINED[name]]).model).victor
-              for name in ("victor_8", "victor_8_pooled")}
-    assert (victor["victor_8_pooled"].register_init, victor["victor_8_pooled"].num_registers) == ("pooled", 8)
+    name = f"victor_8_{init}"
+    victor = {n: model_config(bench.compose(["job=vlm", *bench.TRAINED[n]]).model).victor for n in ("victor_8", name)}
+    assert (victor[name].register_init, victor[name].num_registers) == (init, 8)
     assert victor["victor_8"].register_init == "normal"
-    assert VictorConfig(**bench.LOCAL["victor_8_pooled"]) == victor["victor_8_pooled"]
+    assert VictorConfig(**bench.LOCAL[name]) == victor[name]

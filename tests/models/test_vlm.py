@@ -3,7 +3,7 @@ baseline and registers-only runs equal a plain decoder over the spliced sequence
 that hides visual keys from layer k on (with and without a text prefix); a padded batch with mixed visual lengths and
 a text-only row equals its rows run alone; cached generation equals recomputing every step; per-layer KV lengths;
 the FastV and keep-last ablations; pooled registers (the pooled regions, input dependence, a training step, and the
-batch and generation facts); a checkpoint round trip keeps the registers bit for bit."""
+batch and generation facts); registers from a word's embedding; a checkpoint round trip keeps the registers bit for bit."""
 
 from __future__ import annotations
 
@@ -261,6 +261,23 @@ def test_pooled_registers_train_their_learned_weight() -> None:
     torch.testing.assert_close(h[0, 3 + N:3 + N + 3], bands + model.registers.weight, rtol=0, atol=1e-6)
 
 
+@torch.no_grad()
+def test_image_token_registers_are_the_mean_embedding_of_the_word_in_every_row() -> None:
+    """register_init=image_token: zeros until the task copies the word's embedding in (the mean over its tokens),
+    then every row is that embedding and the spliced registers carry it."""
+    model = make(registers=4, register_init="image_token")
+    assert not model.registers.weight.any()
+    model.init_registers_from_tokens([5, 9])
+    word = (model.decoder.embed.weight[5] + model.decoder.embed.weight[9]) / 2
+    torch.testing.assert_close(model.registers.weight, word.expand(4, -1), rtol=0, atol=0)
+    batch = single(ids(2, 40), ids(3, 41))
+    batch.images = torch.rand(1, 3, 64, 64)
+    h, _ = model.splice(batch)
+    torch.testing.assert_close(h[0, 2 + N:2 + N + 4], word.expand(4, -1), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="at least one token id"):
+        model.init_registers_from_tokens([])
+
+
 def test_config_refuses_drop_at_layer_zero_and_unknown_modes() -> None:
     with pytest.raises(ValueError, match="drop_layer=0"):
         VictorConfig(drop_layer=0)
@@ -268,8 +285,8 @@ def test_config_refuses_drop_at_layer_zero_and_unknown_modes() -> None:
         VictorConfig(mode="prune")
     with pytest.raises(ValueError, match="num_registers=0"):
         VictorConfig(num_registers=0)
-    with pytest.raises(ValueError, match="register_init='image_token'; expected one of normal, zeros, pooled"):
-        VictorConfig(register_init="image_token")
+    with pytest.raises(ValueError, match="register_init='word'; expected one of normal, zeros, pooled, image_token"):
+        VictorConfig(register_init="word")
 
 
 def test_registers_round_trip_a_checkpoint_bit_exactly(tmp_path) -> None:

@@ -10,7 +10,7 @@ import torch
 
 from raytrain.checkpoint.hf import load_pretrained, model_state, save_pretrained
 from raytrain.config import ConfigError
-from raytrain.data.tokenizer import to_files
+from raytrain.data.tokenizer import from_files, to_files
 from raytrain.infer.vlm import collate
 from raytrain.models.clip import ClipConfig, build_clip
 from raytrain.models.decoder import build_decoder
@@ -80,3 +80,20 @@ def test_a_decoder_of_another_config_is_refused_by_name(tmp_path, tokenizer) -> 
     with pytest.raises(ConfigError, match="task.image_tower=.* does not fit this model"):
         assemble_vlm(make().cfg, VLMTaskConfig(image_tower=str(tower)), to_files(tokenizer),
                      tmp_path / "init2", 0)
+
+
+def test_image_token_registers_start_as_the_loaded_decoders_embedding_of_the_word(tmp_path, tokenizer) -> None:
+    """register_init=image_token: the assembled VLM's every register row is the embedding of "Image" in the decoder
+    it was assembled from (not the random one it was built with); a word with no tokens is refused by its key."""
+    decoder_cfg = dataclasses.replace(DECODER, vocab_size=len(tokenizer))
+    torch.manual_seed(2)
+    decoder = build_decoder(decoder_cfg)
+    path = save_pretrained(tmp_path / "decoder", decoder_cfg, model_state(decoder), to_files(tokenizer))
+    cfg = dataclasses.replace(make(registers=4, register_init="image_token").cfg, decoder=decoder_cfg)
+    out = assemble_vlm(cfg, VLMTaskConfig(decoder=str(path)), to_files(tokenizer), tmp_path / "init", seed=0)
+    word = from_files(to_files(tokenizer)).encode("Image", add_special_tokens=False)
+    expected = decoder.embed.weight[word].mean(0).expand(4, -1)
+    torch.testing.assert_close(load_pretrained(out).model.registers.weight, expected, rtol=0, atol=0)
+    silent = dataclasses.replace(cfg, victor=dataclasses.replace(cfg.victor, register_init_word=""))
+    with pytest.raises(ConfigError, match="model.victor.register_init_word='' gives no tokens"):
+        assemble_vlm(silent, VLMTaskConfig(decoder=str(path)), to_files(tokenizer), tmp_path / "init2", seed=0)
