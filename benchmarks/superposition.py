@@ -39,7 +39,10 @@ in the request). For every question each method runs once untimed (CUDA graphs o
 documents cached), then `--repeats` timed runs. Figures: median time to first token (`Completion.ttft_s`: from the
 request joining the engine to its first token on the host, the same path for both methods) and time to answer (wall
 clock around `Engine.generate`, the device synchronised before and after), naive / superposition ratios of both,
-beside the theoretical FLOP ratios (to the first token, and to the whole answer; total, and critical path).
+beside the theoretical FLOP ratios (to the first token, and to the whole answer; total, and critical path), and the
+ATen operators a request dispatches from the host to its first token (`ttft_aten_ops`, one more untimed run cut to one
+token: kernel launches on a GPU, where a replayed CUDA graph counts none). `--shape llama2_7b_narrow` has the 7B's 32
+layers and 32 heads at width 256: its host work per request is the 7B's, its compute small.
 
     python benchmarks/superposition.py --shape llama2_7b --device cuda --checkpoint /tmp/smollm2 --sets 8 \
         --questions-per-set 2 --top-k 1,2 --max-new-tokens 16 --minutes 3                     # H200
@@ -62,6 +65,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -160,6 +164,27 @@ def grouped_sdpa_flops(q: tuple, k: tuple, v: tuple, *args: Any, out_shape: Any 
 
 
 # ---- the run -------------------------------------------------------------------------------------------------
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen operators a request dispatches from the host, views left out (they launch no kernel): on a GPU
+    each is a kernel launch, except inside a replayed CUDA graph, which dispatches none."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        self.ops += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+def ops_to_first_token(engine: Engine, request: Request) -> int:
+    """ATen operators dispatched by `request` cut to its first token (the prefill's share: decode steps cost both
+    methods alike)."""
+    with OpCounter() as counter:
+        engine.generate([replace(request, params=replace(request.params, max_new_tokens=1))])
+    return counter.ops
+
 
 def answer(engine: Engine, request: Request, device: str) -> tuple[Any, float]:
     if device == "cuda":
@@ -375,7 +400,8 @@ def speed_summary(rows: list[dict]) -> dict[str, Any]:
            "after_first_token_s": statistics.median(r["seconds"] - r["ttft_s"] for r in rows),
            "generated_tokens": statistics.mean(r["tokens"] for r in rows),
            "prompt_tokens": statistics.mean(r["prompt_tokens"] for r in rows),
-           "context_tokens": statistics.mean(r["context_tokens"] for r in rows)}
+           "context_tokens": statistics.mean(r["context_tokens"] for r in rows),
+           "ttft_aten_ops": statistics.median(r["ttft_aten_ops"] for r in rows)}
     if "paths" in rows[0]:
         out |= {"paths": statistics.mean(r["paths"] for r in rows),
                 "cached_paths": statistics.mean(r["cached_paths"] for r in rows)}
@@ -420,9 +446,10 @@ def speed_main(args: argparse.Namespace) -> None:
                 fj = replace(prompt, superpose=engine_key != "naive", top_k=k)
                 request, engine = Request(params=params, forkjoin=fj), engines[engine_key]
                 answer(engine, request, args.device)  # untimed: new shapes' graphs; warm: the documents cached
+                ops = ops_to_first_token(engine, request)
                 for _ in range(args.repeats):
                     done, seconds = answer(engine, request, args.device)
-                    row = speed_row(engine_key, fj, done, seconds, cfg, args.max_new_tokens)
+                    row = speed_row(engine_key, fj, done, seconds, cfg, args.max_new_tokens) | {"ttft_aten_ops": ops}
                     rows[name].append(row)
                     print(json.dumps({"set": s, "question": q, "method": name,
                                       **{k: v for k, v in row.items() if not k.startswith("flops")}}),
@@ -430,14 +457,15 @@ def speed_main(args: argparse.Namespace) -> None:
     results = {name: speed_summary(r) for name, r in rows.items()}
     baseline = results.pop("naive")
     ratios = speed_ratios(results, baseline)
-    print(f"naive RAG: TTFT {baseline['ttft_s']:.4f} s, time to answer {baseline['time_to_answer_s']:.4f} s",
-          file=sys.stderr)
+    print(f"naive RAG: TTFT {baseline['ttft_s']:.4f} s, time to answer {baseline['time_to_answer_s']:.4f} s, "
+          f"{baseline['ttft_aten_ops']:.0f} ATen ops to the first token", file=sys.stderr)
     for name, r in ratios.items():
         print(f"{name}: TTFT {results[name]['ttft_s']:.4f} s, naive/superposition {r['ttft']:.2f}x "
               f"(FLOPs {r['flops_ttft_total']:.2f}x, critical path {r['flops_ttft_critical']:.2f}x); "
               f"time to answer {results[name]['time_to_answer_s']:.4f} s, naive/superposition "
               f"{r['time_to_answer']:.2f}x (FLOPs {r['flops_answer_total']:.2f}x, critical path "
-              f"{r['flops_answer_critical']:.2f}x)", file=sys.stderr)
+              f"{r['flops_answer_critical']:.2f}x); {results[name]['ttft_aten_ops']:.0f} ATen ops to the first token",
+              file=sys.stderr)
     best = f"superposition_top{args.top_k[0]}_warm"
     print(json.dumps({
         "benchmark": "superposition_speed",

@@ -21,10 +21,15 @@ on the moved documents.
 
 Inside a batched forward, `PathAttention` gives row b's new tokens its own past (the shared prefix, then the row's
 own right-padded segment) and, causally, the row's earlier new tokens: paths never see each other.
+
+A segment's KV is one token-major tensor, each token's row holding every layer's keys and values (`KVLayout`): joining,
+padding and splitting segments is then one operation for all layers, not one per layer and path, which matters when
+a request has 50 paths, 32 layers and each operation is a kernel launch.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -71,24 +76,48 @@ class SuperpositionConfig:
             raise ConfigError(f"{key}.cache_mb={self.cache_mb} must be >= 0")
 
 
+class KVLayout:
+    """Where a decoder's layers sit in a token's packed KV row: layer 0's keys, its values, layer 1's keys, ...,
+    n_kv_l * hd entries each (head counts may differ between layers)."""
+
+    def __init__(self, model: Decoder) -> None:
+        self.sizes = [(layer.attn.n_kv, layer.attn.head_dim) for layer in model.layers]
+        widths = [2 * n * hd for n, hd in self.sizes]
+        self.starts = [0, *itertools.accumulate(widths)][:-1]
+        self.width = sum(widths)
+
+    def split(self, kv: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(..., T, W) packed rows -> the layer's keys and values, (..., n_kv, T, hd) views."""
+        (n, hd), start = self.sizes[layer], self.starts[layer]
+        k, v = kv[..., start:start + 2 * n * hd].unflatten(-1, (2, n, hd)).unbind(-3)
+        return k.transpose(-3, -2), v.transpose(-3, -2)
+
+    def pack(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
+        """Per-layer (B, n_kv, T, hd) keys and values -> (B, T, W) packed rows."""
+        return torch.cat([x.transpose(1, 2).flatten(2) for kv in zip(keys, values) for x in kv], -1)
+
+    def unpack(self, kv: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(T, W) -> per-layer (n_kv, T, hd) keys and values (views)."""
+        keys, values = zip(*(self.split(kv, layer) for layer in range(len(self.sizes))))
+        return list(keys), list(values)
+
+
 @dataclass
 class Segment:
-    """Tokens of one or more prompt segments, their positions and their per-layer KV, (n_kv, T, hd) each."""
+    """Tokens of one or more prompt segments, their positions and their KV, packed token-major (`KVLayout`)."""
 
     tokens: list[int]
     positions: torch.Tensor  # (T,) float64, on the host
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
+    kv: torch.Tensor  # (T, W)
 
     @classmethod
     def cat(cls, parts: list[Segment]) -> Segment:
         return cls([t for p in parts for t in p.tokens], torch.cat([p.positions for p in parts]),
-                   [torch.cat(ks, 1) for ks in zip(*(p.keys for p in parts))],
-                   [torch.cat(vs, 1) for vs in zip(*(p.values for p in parts))])
+                   torch.cat([p.kv for p in parts]))
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+        return self.kv.numel() * self.kv.element_size()
 
 
 @dataclass
@@ -146,8 +175,9 @@ class PathAttention(CachedAttention):
     (mean over layers and heads, summed over token pairs): the attention saliency."""
 
     def __init__(self, batch: int, q_len: int, shared: Segment | None, rows: list[Segment] | None,
-                 device: torch.device, track: bool = False) -> None:
-        self.shared, self.rows, self.track = shared, rows, track
+                 device: torch.device, layout: KVLayout, track: bool = False) -> None:
+        self.shared, self.layout, self.track = shared, layout, track
+        self.rows = pad_sequence([r.kv for r in rows], batch_first=True) if rows is not None else None  # (B, R, W)
         n_shared = len(shared.tokens) if shared is not None else 0
         past = [torch.ones(batch, n_shared, dtype=torch.bool)]
         if rows is not None:
@@ -168,11 +198,13 @@ class PathAttention(CachedAttention):
         B = k.shape[0]
         past_k, past_v = [], []
         if self.shared is not None:
-            past_k.append(self.shared.keys[layer][None].expand(B, -1, -1, -1))
-            past_v.append(self.shared.values[layer][None].expand(B, -1, -1, -1))
+            shared_k, shared_v = self.layout.split(self.shared.kv, layer)
+            past_k.append(shared_k.expand(B, -1, -1, -1))
+            past_v.append(shared_v.expand(B, -1, -1, -1))
         if self.rows is not None:
-            past_k.append(_padded([r.keys[layer] for r in self.rows]))
-            past_v.append(_padded([r.values[layer] for r in self.rows]))
+            row_k, row_v = self.layout.split(self.rows, layer)
+            past_k.append(row_k)
+            past_v.append(row_v)
         keys, values = torch.cat([*past_k, k], 2), torch.cat([*past_v, v], 2)
         if self.track:
             self.mass += self._own_attention(q, keys)
@@ -194,11 +226,6 @@ class PathAttention(CachedAttention):
         """Positions are explicit: nothing to count."""
 
 
-def _padded(segments: list[torch.Tensor]) -> torch.Tensor:
-    """Per-row (n_kv, L_b, hd) tensors -> (B, n_kv, max L_b, hd), zero right-padding."""
-    return pad_sequence([s.transpose(0, 1) for s in segments], batch_first=True).transpose(1, 2)
-
-
 def top_k(scores: torch.Tensor, k: int) -> list[int]:
     """Indices of the k highest scores (k = 0: all), ascending; equal scores go to the lower index."""
     order = torch.sort(-scores, stable=True).indices
@@ -213,6 +240,7 @@ class Superposer:
         self.model, self.config = model, config
         self.device = model.embed.weight.device
         self.cache = PathCache(int(config.cache_mb * 2 ** 20)) if config.cache_policy == "keyed" else None
+        self.layout = KVLayout(model)
         self.model_key = (model.cfg.name, str(model.embed.weight.dtype), id(model))
 
     # ---- checks before any compute ----------------------------------------------------------------------------
@@ -272,7 +300,7 @@ class Superposer:
         selection = Selection(kept=[d for i in kept for d in groups[remaining[i]]],
                               moved=[d for i in moved for d in groups[i]], scores=result.scores.tolist(),
                               paths=len(paths), cached=cached)
-        return Context(context.tokens, context.keys, context.values, self.model.logits(hidden[:, -1]),
+        return Context(context.tokens, *self.layout.unpack(context.kv), self.model.logits(hidden[:, -1]),
                        start + len(prompt.postamble), selection)
 
     @torch.inference_mode()
@@ -361,12 +389,11 @@ class Superposer:
         for b, (row, p) in enumerate(zip(tokens, positions)):
             ids[b, :len(row)] = torch.tensor(row)
             pos[b, :len(row)] = p
-        attention = PathAttention(B, T, shared, rows, self.device, track)
+        attention = PathAttention(B, T, shared, rows, self.device, self.layout, track)
         hidden = self.model.hidden(ids.to(self.device), cache=attention,
                                    positions=pos.to(device=self.device, dtype=torch.float32))
-        segments = [Segment(row, p, [k[b, :, :len(row)].clone() for k in attention.keys],
-                            [v[b, :, :len(row)].clone() for v in attention.values])
-                    for b, (row, p) in enumerate(zip(tokens, positions))]
+        kv = self.layout.pack(attention.keys, attention.values)  # (B, T, W)
+        segments = [Segment(row, p, kv[b, :len(row)].clone()) for b, (row, p) in enumerate(zip(tokens, positions))]
         return segments, hidden, attention
 
     def _mean_logprob(self, hidden: torch.Tensor, tokens: list[list[int]]) -> torch.Tensor:

@@ -14,7 +14,7 @@ from raytrain.infer.forkjoin import ForkJoinPrompt, MaskedAttention, fork_positi
 from raytrain.infer.model_runner import ModelRunner, bucket
 from raytrain.infer.path_cache import PathCache
 from raytrain.infer.sampling import SamplingParams
-from raytrain.infer.superposition import Segment, Superposer, SuperpositionConfig, top_k
+from raytrain.infer.superposition import KVLayout, Segment, Superposer, SuperpositionConfig, top_k
 
 ATOL = 1e-4
 GREEDY = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
@@ -165,7 +165,7 @@ def test_changing_one_document_leaves_the_other_paths_untouched(lm) -> None:
     for i in (0, 1, 3):
         assert after.scores[i] == before.scores[i]
         for a, b in ((after.documents[i].segment, before.documents[i].segment), (after.queries[i], before.queries[i])):
-            assert all(torch.equal(x, y) for x, y in zip(a.keys + a.values, b.keys + b.values))
+            assert torch.equal(a.kv, b.kv)
     assert after.scores[2] != before.scores[2]
 
 
@@ -320,8 +320,24 @@ def test_bad_superposition_input_fails_before_any_compute(lm, tokenizer) -> None
 
 
 def test_segments_concatenate_along_the_sequence() -> None:
-    a = Segment([1, 2], torch.tensor([0.0, 1.0]), [torch.zeros(2, 2, 4)], [torch.ones(2, 2, 4)])
-    b = Segment([3], torch.tensor([2.5]), [torch.ones(2, 1, 4)], [torch.zeros(2, 1, 4)])
+    a = Segment([1, 2], torch.tensor([0.0, 1.0]), torch.zeros(2, 16))
+    b = Segment([3], torch.tensor([2.5]), torch.ones(1, 16))
     joined = Segment.cat([a, b])
     assert joined.tokens == [1, 2, 3] and joined.positions.tolist() == [0, 1, 2.5]
-    assert joined.keys[0].shape == (2, 3, 4) and joined.nbytes == a.nbytes + b.nbytes
+    assert joined.kv.shape == (3, 16) and joined.nbytes == a.nbytes + b.nbytes and joined.kv[2].all()
+
+
+def test_kv_layout_packs_layers_of_different_head_counts_and_splits_them_back(lm) -> None:
+    """Each layer's keys and values survive pack -> split unchanged, whatever its KV head count (OpenELM's layers
+    differ), and unpack gives every layer of one packed segment."""
+    layout = KVLayout(lm)
+    assert len({n for n, _ in layout.sizes}) > 1  # the fixture's layers do differ
+    keys = [torch.randn(3, n, 5, hd) for n, hd in layout.sizes]
+    values = [torch.randn(3, n, 5, hd) for n, hd in layout.sizes]
+    kv = layout.pack(keys, values)
+    assert kv.shape == (3, 5, layout.width)
+    for layer, (k, v) in enumerate(zip(keys, values)):
+        split_k, split_v = layout.split(kv, layer)
+        assert torch.equal(split_k, k) and torch.equal(split_v, v)
+    row_keys, row_values = layout.unpack(kv[1])
+    assert all(torch.equal(a, b[1]) for a, b in zip(row_keys + row_values, keys + values))

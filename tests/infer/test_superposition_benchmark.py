@@ -46,6 +46,7 @@ def test_speed_mode_line(tmp_path, tokenizer, monkeypatch, capsys) -> None:
         assert warm["paths"] == len(docs) and warm["cached_paths"] == len(docs) and cold["cached_paths"] == 0
         assert cold["flops_ttft_total"] > warm["flops_ttft_total"]  # a cold request also computes its documents
         assert warm["context_tokens"] == cold["context_tokens"] < naive["prompt_tokens"]
+        assert cold["ttft_aten_ops"] > warm["ttft_aten_ops"] > 0  # a cold request also runs its documents' forward
     assert results["superposition_top1_warm"]["context_tokens"] < results["superposition_top2_warm"]["context_tokens"]
     assert naive["flops_ttft_critical"] == naive["flops_ttft_total"]
     for name, ratio in line["ratios"].items():
@@ -97,3 +98,28 @@ def test_refusal_names_the_method_whose_prompt_does_not_fit(micro_model, tokeniz
     refused = bench.refusal(engines, requests(8), how)  # flat 42 + 16 fits; 4 x (8 + 4) + 6 + 16 = 70 does not
     assert refused is not None and refused.startswith("superposition_all_paths:") and "context window" in refused
     assert bench.refusal(engines, requests(3), how) is None
+
+
+def test_warm_prefill_operators_do_not_grow_with_paths_times_layers() -> None:
+    """The host work of a warm superposed prefill (what runs eagerly on a GPU) grows by a few operators per path, not
+    by a few per path and layer: segments keep every layer's KV in one tensor (KVLayout). On 16 layers each path cost
+    39 more operators before (2 clones per layer), now 8 (its rows, positions and one clone)."""
+    import torch
+
+    from raytrain.models.decoder import DecoderConfig, build_decoder
+    from tests.infer.test_superposition import random_prompt, superposer
+
+    torch.manual_seed(0)
+    deep = build_decoder(DecoderConfig(name="deep", vocab_size=512, d_model=32, n_layers=16, head_dim=8, q_heads=4,
+                                       kv_heads=2, ffn_dim=64, max_seq_len=256, qk_norm=False)).eval()
+
+    def warm_ops(documents: int) -> int:
+        sp = superposer(deep, top_k=1)
+        prompt = random_prompt([6] * documents, seed=documents)
+        sp.prefill(prompt)  # the documents cached
+        with bench.OpCounter() as counter:
+            sp.prefill(prompt)
+        return counter.ops
+
+    per_path = (warm_ops(8) - warm_ops(4)) / 4
+    assert 0 < per_path < len(deep.layers)
