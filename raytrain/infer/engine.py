@@ -51,7 +51,7 @@ from raytrain.infer.model_runner import ModelRunner
 from raytrain.infer.sampling import SamplingParams, SamplingTable
 from raytrain.infer.scheduler import Plan, Scheduler, Sequence
 from raytrain.infer.specstream import SpecStreamConfig, SpecStreamDecoder
-from raytrain.infer.superposition import Selection, Superposer, SuperpositionConfig
+from raytrain.infer.superposition import Selection, Superposer, SuperpositionConfig, run_stages
 from raytrain.infer.text import TextStream, fast_decode
 from raytrain.models import ops
 from raytrain.models.decoder import Decoder
@@ -385,12 +385,22 @@ class Engine:
         return not lazy.never_slower or pays_off(self.model, lazy, prompt_tokens)
 
     def _superpose(self) -> None:
-        """One superposed request's fork-join prefill (it runs whole, so it delays this step's decodes); the request
-        then waits for a slot like a prompt, the context's KV ready to copy in."""
-        if self.superposing:
-            seq = self.superposing[0]  # still queued while it runs: a failure ends it with the others in flight
+        """One stage of the oldest superposed request's fork-join prefill: one batched forward, so that the running
+        requests decode between its stages (`superposition.interleave`; off: the whole prefill in one step). When it
+        is done, the request waits for a slot like a prompt, the context's KV ready to copy in."""
+        if not self.superposing:
+            return
+        seq = self.superposing[0]  # still queued while it runs: a failure ends it with the others in flight
+        if seq.stages is None:
+            seq.stages = self.superposer.stages(seq.forkjoin)
+        try:
             with self._base_only():
-                seq.context = self.superposer.prefill(seq.forkjoin)
+                next(seq.stages)
+                if not self.config.superposition.interleave:
+                    seq.context = run_stages(seq.stages)
+        except StopIteration as done:
+            seq.context = done.value
+        if seq.context is not None:
             seq.prompt = seq.context.tokens
             self.scheduler.waiting.append(self.superposing.popleft())
 

@@ -51,6 +51,7 @@ class Sequence:
     lazy: Any = None  # a LazySequence while it runs through LazyLLM
     forkjoin: Any = None  # a superposed request's ForkJoinPrompt
     context: Any = None  # its superposed Context (KV to copy into the slot) once the fork-join prefill ran
+    stages: Any = None  # that prefill while it runs, a stage per engine step (Superposer.stages)
     speculates: bool = False  # it decodes by Speculative Streaming
 
     @property

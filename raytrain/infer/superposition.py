@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Generator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
@@ -59,6 +61,8 @@ class SuperpositionConfig:
     cache_policy: str = "keyed"  # keyed: document KV cached by (model, preamble, document, step, start) | off
     cache_mb: float = 1024.0  # path cache bound (least recently used entries are evicted)
     max_batch_tokens: int = 16384  # padded tokens per batched path forward; larger forks run in several
+    interleave: bool = True  # in an engine, one stage (batched forward) of a superposed prefill per step, so that
+    # running requests decode between stages; false: the whole prefill in one step
 
     def check(self, key: str = "superposition") -> None:
         if self.top_k < 0:
@@ -277,14 +281,23 @@ class Superposer:
 
     # ---- the request ------------------------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def prefill(self, prompt: ForkJoinPrompt) -> Context:
         """Fork, score, prune and join; the context to decode from."""
+        return run_stages(self.stages(prompt))
+
+    @torch.inference_mode()
+    def stages(self, prompt: ForkJoinPrompt) -> Generator[None, None, Context]:
+        """`prefill` as a generator that pauses after each batched forward that ran (the preamble, each fork's
+        documents, each fork's query copies; the postamble's ends it), so that an engine can run decode steps in
+        between; it returns the context."""
         groups = path_groups(len(prompt.documents), self.config.factor)
         paths = self.paths(prompt)
-        prefix, remaining, moved = self.preamble(prompt.preamble), list(range(len(paths))), []
+        prefix, computed = self._preamble(prompt.preamble)
+        if computed:
+            yield
+        remaining, moved = list(range(len(paths))), []
         for hop in range(self.config.hops):
-            result = self.fork(prefix, [paths[i] for i in remaining], prompt.query, cacheable=hop == 0)
+            result = yield from self._fork(prefix, [paths[i] for i in remaining], prompt.query, cacheable=hop == 0)
             if hop == 0:
                 cached = result.cached
             if hop == self.config.hops - 1:
@@ -303,24 +316,36 @@ class Superposer:
         return Context(context.tokens, *self.layout.unpack(context.kv), self.model.logits(hidden[:, -1]),
                        start + len(prompt.postamble), selection)
 
-    @torch.inference_mode()
     def fork(self, prefix: Segment, paths: list[list[int]], query: list[int], cacheable: bool = True) -> ForkResult:
         """The paths over `prefix`, forking one past its highest position, each with a query copy, scored."""
-        fork = fork_positions(float(prefix.positions.max()) + 1, [len(p) for p in paths], self.config.positions)
-        documents, cached = self._documents(prefix, paths, fork, cacheable)
-        queries, scores = self._queries(prefix, documents, query, fork.query_start)
-        return ForkResult(fork, documents, queries, scores, cached)
+        return run_stages(self._fork(prefix, paths, query, cacheable))
 
     @torch.inference_mode()
+    def _fork(self, prefix: Segment, paths: list[list[int]], query: list[int],
+              cacheable: bool) -> Generator[None, None, ForkResult]:
+        fork = fork_positions(float(prefix.positions.max()) + 1, [len(p) for p in paths], self.config.positions)
+        documents, cached = self._documents(prefix, paths, fork, cacheable)
+        if cached < len(paths):
+            yield
+        queries, scores = self._queries(prefix, documents, query, fork.query_start)
+        yield
+        return ForkResult(fork, documents, queries, scores, cached)
+
     def preamble(self, preamble: list[int]) -> Segment:
         """The preamble's KV at positions 0..|p|-1 (from the path cache when it has it)."""
+        return self._preamble(preamble)[0]
+
+    @torch.inference_mode()
+    def _preamble(self, preamble: list[int]) -> tuple[Segment, bool]:
+        """The preamble's segment, and whether it was computed (not found in the path cache)."""
         key = (self.model_key, "preamble", digest(preamble))
         found = self.cache.get(key) if self.cache is not None else None
-        if found is None:
-            found = self._forward([preamble], [_arange(len(preamble))])[0][0]
-            if self.cache is not None:
-                self.cache.put(key, found, found.nbytes)
-        return found
+        if found is not None:
+            return found, False
+        found = self._forward([preamble], [_arange(len(preamble))])[0][0]
+        if self.cache is not None:
+            self.cache.put(key, found, found.nbytes)
+        return found, True
 
     def _documents(self, prefix: Segment, paths: list[list[int]], fork: Fork,
                    cacheable: bool) -> tuple[list[PathKV], int]:
@@ -410,6 +435,15 @@ class Superposer:
             total.index_add_(0, r, logp.gather(1, targets[s:s + LOGPROB_CHUNK, None])[:, 0])
         counts = torch.tensor([max(len(ids) - 1, 1) for ids in tokens], device=self.device)
         return (total / counts).cpu()
+
+
+def run_stages(stages: Generator[None, None, Any]) -> Any:
+    """Run a staged computation to its end; its return value."""
+    while True:
+        try:
+            next(stages)
+        except StopIteration as done:
+            return done.value
 
 
 def _arange(n: int) -> torch.Tensor:

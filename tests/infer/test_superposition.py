@@ -288,6 +288,30 @@ def test_superposed_requests_decode_in_the_batch_without_changing_others(lm, tok
     assert alone[2].prompt_tokens == len(prompt.flat()) and alone[0].superposition is None
 
 
+@pytest.mark.parametrize("interleave", [True, False])
+def test_running_requests_decode_between_the_stages_of_a_superposed_prefill(lm, tokenizer, interleave) -> None:
+    """A cold superposed prefill has four batched forwards (preamble, documents, query copies, postamble).
+    Interleaved, they take four engine steps and a running request gets a token in each; otherwise the prefill takes
+    one step. The answer is the oracle's either way."""
+    sp = SuperpositionConfig(enabled=True, top_k=1, cache_policy="off", interleave=interleave)
+    engine = Engine(lm, tokenizer, EngineConfig(superposition=sp, overlap=False))
+    running = engine.add_request(Request("The if statement", SamplingParams(max_new_tokens=20, temperature=0,
+                                                                            ignore_eos=True)), lambda items: None)
+    engine.step()
+    rag = engine.add_request(Request(params=GREEDY, forkjoin=random_prompt([3, 7, 4, 6], seed=13)), lambda items: None)
+    prefill_steps, before = 0, len(running.output)
+    while rag.context is None:
+        engine.step()
+        prefill_steps += 1
+    assert prefill_steps == (4 if interleave else 1)
+    assert len(running.output) - before == prefill_steps  # the running request decoded at every one of those steps
+    while engine.has_work():
+        engine.step()
+    expected = superposer(lm, top_k=1).prefill(rag.forkjoin)
+    assert rag.output == decode_against_oracle(lm, rag.forkjoin, expected, expected.selection.kept,
+                                               steps=len(rag.output) - 1)
+
+
 def test_naive_rag_is_the_flat_prompt_and_superposition_is_per_request(lm, tokenizer) -> None:
     engine = Engine(lm, tokenizer)  # superposition off: RAG requests read every document in one prompt
     prompt = random_prompt([3, 7, 4], seed=14)
