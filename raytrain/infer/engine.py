@@ -11,7 +11,8 @@ beside the batch (the paper's batch size 1). With `specstream` set (a model with
 requests decode by Speculative Streaming (`specstream.py`): their prompt's last token also drafts, and each step
 verifies a draft tree and drafts the next in one forward pass, several tokens per step, beside the plain batch. A
 RAG request (`Request.forkjoin`) with superposition on runs its fork-join prefill (`superposition.py`), one request
-per step, then waits for a slot like a prompt whose KV is copied in rather than computed, and decodes in the batch;
+at a time and one batched forward per step (the batch decodes in between), then waits for a slot like a prompt whose
+KV is copied in rather than computed, and decodes in the batch;
 with superposition off it is the naive RAG prompt (every document in one sequence).
 
 Three ways in: `generate`/`stream` step the engine on the caller's thread; `astream` and `add_request` hand requests
