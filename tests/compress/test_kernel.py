@@ -88,6 +88,16 @@ def test_fused_matmul_rebuilds_the_weights_bitwise(bits, lfsr, stream, shape, ti
         torch.testing.assert_close(y, x.double() @ dense.double().T, rtol=2e-6, atol=2e-6 * y.abs().max().item())
 
 
+def test_the_default_batch_one_tile_rebuilds_the_weights_bitwise() -> None:
+    """default_config(1) (8 rows, prefetch) on a weight whose rows and blocks fill no whole tile."""
+    ct = random_weight(4, {}, (13, 72), seed=3)
+    weight, dense = kernel.SeedLMWeight.from_compressed(ct, DEVICE), ct.dense()
+    assert kernel.default_config(1).prefetch and kernel.default_config(1).block_m == 8
+    eye = torch.eye(72, device=DEVICE)
+    for col in (0, 71):
+        assert torch.equal(kernel.seedlm_matmul(eye[col:col + 1], weight)[0].cpu(), dense[:, col])
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_x_is_read_from_whole_words(dtype: torch.dtype) -> None:
     """With rows of whole tiles, x is read as the 8-byte words holding each block and widened in registers; the
