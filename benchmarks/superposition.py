@@ -427,7 +427,7 @@ def speed_main(args: argparse.Namespace) -> None:
     tokenizer = load_tokenizer(args.checkpoint)
     model = shape_model(args.shape, len(tokenizer), args.device, dtype)
     cfg = model.cfg
-    warm_sp = SuperpositionConfig(enabled=True, cache_mb=args.cache_mb)
+    warm_sp = SuperpositionConfig(enabled=True, cache_mb=args.cache_mb, graph_tokens=args.graph_tokens)
     cold_sp = replace(warm_sp, cache_policy="off")
     engines = {"naive": Engine(model, tokenizer, EngineConfig(max_batch_size=1)),
                "warm": Engine(model, tokenizer, EngineConfig(max_batch_size=1, superposition=warm_sp)),
@@ -499,6 +499,9 @@ def main() -> None:
     p.add_argument("--minutes", type=float, default=None, help="time budget: no new document set starts after it "
                    "(single-hop gets the first 70%% when both tasks run)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--graph-tokens", type=int, default=SuperpositionConfig.graph_tokens,
+                   help="superposition.graph_tokens: path forwards of up to this many padded tokens as CUDA graphs "
+                   "(0: eager)")
     p.add_argument("--stop", default="newline", choices=["newline", "none"], help="end an answer at its first newline "
                    "(newline) or after --max-new-tokens tokens (none; scored on the first line with a digit)")
     p.add_argument("--doc-words", type=int, default=28, help="words per document, its one fact included (28: ~50 "
@@ -530,7 +533,7 @@ def main() -> None:
     dtype = torch.bfloat16 if args.device == "cuda" else None
     naive = Engine.from_checkpoint(args.checkpoint, EngineConfig(max_batch_size=1), device=args.device, dtype=dtype)
     model, tokenizer = naive.model, naive.tokenizer
-    superposition = SuperpositionConfig(enabled=True, cache_mb=4096)
+    superposition = SuperpositionConfig(enabled=True, cache_mb=4096, graph_tokens=args.graph_tokens)
     engines = {"naive": naive, "sp": Engine(model, tokenizer, EngineConfig(max_batch_size=1,
                                                                            superposition=superposition)),
                "hops2": Engine(model, tokenizer, EngineConfig(max_batch_size=1,

@@ -19,30 +19,27 @@ where they keep their positions, and the next fork starts one past the prefix's 
 MuSiQue flow, one document per round); only the first round uses the path cache, since later forks are conditioned
 on the moved documents.
 
-Inside a batched forward, `PathAttention` gives row b's new tokens its own past (the shared prefix, then the row's
-own right-padded segment) and, causally, the row's earlier new tokens: paths never see each other.
-
-A segment's KV is one token-major tensor, each token's row holding every layer's keys and values (`KVLayout`): joining,
-padding and splitting segments is then one operation for all layers, not one per layer and path, which matters when
-a request has 50 paths, 32 layers and each operation is a kernel launch.
+The batched forwards are `path_forward.PathForward`'s: row b's new tokens see their own past (the shared prefix, then
+the row's own right-padded segment) and, causally, the row's earlier new tokens, so paths never see each other; small
+ones (the query copies, the postamble) are CUDA graphs on the GPU (`graph_tokens`). A segment's KV is one token-major
+tensor, each token's row holding every layer's keys and values (`KVLayout`): joining, padding and splitting segments
+is then one operation for all layers, not one per layer and path, which matters when a request has 50 paths, 32
+layers and each operation is a kernel launch.
 """
 
 from __future__ import annotations
 
-import itertools
-import math
 from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.nn.utils.rnn import pad_sequence
 
 from raytrain.config import ConfigError, RaytrainError
 from raytrain.infer.forkjoin import POSITIONS, Fork, ForkJoinPrompt, fork_positions, path_groups
 from raytrain.infer.path_cache import PathCache, digest
+from raytrain.infer.path_forward import KVLayout, PathForward, Segment
 from raytrain.models.decoder import Decoder
-from raytrain.models.kv_cache import CachedAttention
 
 SALIENCY = ("bayesian", "attention")
 CACHE_POLICIES = ("keyed", "off")
@@ -63,6 +60,8 @@ class SuperpositionConfig:
     max_batch_tokens: int = 16384  # padded tokens per batched path forward; larger forks run in several
     interleave: bool = True  # in an engine, one stage (batched forward) of a superposed prefill per step, so that
     # running requests decode between stages; false: the whole prefill in one step
+    graph_tokens: int = 4096  # batched forwards of at most this many padded new tokens (rows x tokens) run padded to
+    # a shape bucket, each bucket a CUDA graph (GPU only); 0 = every forward eager
 
     def check(self, key: str = "superposition") -> None:
         if self.top_k < 0:
@@ -73,55 +72,13 @@ class SuperpositionConfig:
                 raise ConfigError(f"{key}.{name}={getattr(self, name)!r} is unknown; use {' or '.join(allowed)}")
         if self.factor is not None and self.factor < 1:
             raise ConfigError(f"{key}.factor={self.factor} must be >= 1 (or null: one document per path)")
+        if self.graph_tokens < 0:
+            raise ConfigError(f"{key}.graph_tokens={self.graph_tokens} must be >= 0 (0: eager forwards)")
         for name in ("hops", "max_batch_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{key}.{name}={getattr(self, name)} must be >= 1")
         if not self.cache_mb >= 0:
             raise ConfigError(f"{key}.cache_mb={self.cache_mb} must be >= 0")
-
-
-class KVLayout:
-    """Where a decoder's layers sit in a token's packed KV row: layer 0's keys, its values, layer 1's keys, ...,
-    n_kv_l * hd entries each (head counts may differ between layers)."""
-
-    def __init__(self, model: Decoder) -> None:
-        self.sizes = [(layer.attn.n_kv, layer.attn.head_dim) for layer in model.layers]
-        widths = [2 * n * hd for n, hd in self.sizes]
-        self.starts = [0, *itertools.accumulate(widths)][:-1]
-        self.width = sum(widths)
-
-    def split(self, kv: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(..., T, W) packed rows -> the layer's keys and values, (..., n_kv, T, hd) views."""
-        (n, hd), start = self.sizes[layer], self.starts[layer]
-        k, v = kv[..., start:start + 2 * n * hd].unflatten(-1, (2, n, hd)).unbind(-3)
-        return k.transpose(-3, -2), v.transpose(-3, -2)
-
-    def pack(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
-        """Per-layer (B, n_kv, T, hd) keys and values -> (B, T, W) packed rows."""
-        return torch.cat([x.transpose(1, 2).flatten(2) for kv in zip(keys, values) for x in kv], -1)
-
-    def unpack(self, kv: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """(T, W) -> per-layer (n_kv, T, hd) keys and values (views)."""
-        keys, values = zip(*(self.split(kv, layer) for layer in range(len(self.sizes))))
-        return list(keys), list(values)
-
-
-@dataclass
-class Segment:
-    """Tokens of one or more prompt segments, their positions and their KV, packed token-major (`KVLayout`)."""
-
-    tokens: list[int]
-    positions: torch.Tensor  # (T,) float64, on the host
-    kv: torch.Tensor  # (T, W)
-
-    @classmethod
-    def cat(cls, parts: list[Segment]) -> Segment:
-        return cls([t for p in parts for t in p.tokens], torch.cat([p.positions for p in parts]),
-                   torch.cat([p.kv for p in parts]))
-
-    @property
-    def nbytes(self) -> int:
-        return self.kv.numel() * self.kv.element_size()
 
 
 @dataclass
@@ -172,64 +129,6 @@ class Context:
         return self.next_position - len(self.tokens)
 
 
-class PathAttention(CachedAttention):
-    """Attention of a batch of new segments over per-row pasts. Row b's queries see the `shared` prefix, the first
-    len(rows[b]) keys of its own past segment (right-padded), and causally its own new tokens. The new keys and
-    values are kept per layer. With `track`, the attention the new tokens pay their row's own past segment is summed
-    (mean over layers and heads, summed over token pairs): the attention saliency."""
-
-    def __init__(self, batch: int, q_len: int, shared: Segment | None, rows: list[Segment] | None,
-                 device: torch.device, layout: KVLayout, track: bool = False) -> None:
-        self.shared, self.layout, self.track = shared, layout, track
-        self.rows = pad_sequence([r.kv for r in rows], batch_first=True) if rows is not None else None  # (B, R, W)
-        n_shared = len(shared.tokens) if shared is not None else 0
-        past = [torch.ones(batch, n_shared, dtype=torch.bool)]
-        if rows is not None:
-            lengths = torch.tensor([len(r.tokens) for r in rows])
-            past.append(torch.arange(int(lengths.max()))[None] < lengths[:, None])  # (B, R): real keys of each row
-        past_mask = torch.cat(past, 1)[:, None].expand(batch, q_len, -1)
-        causal = torch.ones(q_len, q_len, dtype=torch.bool).tril()[None].expand(batch, -1, -1)
-        self.mask = torch.cat([past_mask, causal], -1)[:, None].to(device)  # (B, 1, T, S + T)
-        self.own = slice(n_shared, past_mask.shape[-1])  # columns of each row's own past segment
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
-        self.mass = torch.zeros(batch, device=device)
-
-    def update(self, layer: int, q: torch.Tensor, k: torch.Tensor,
-               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
-        self.keys.append(k)
-        self.values.append(v)
-        B = k.shape[0]
-        past_k, past_v = [], []
-        if self.shared is not None:
-            shared_k, shared_v = self.layout.split(self.shared.kv, layer)
-            past_k.append(shared_k.expand(B, -1, -1, -1))
-            past_v.append(shared_v.expand(B, -1, -1, -1))
-        if self.rows is not None:
-            row_k, row_v = self.layout.split(self.rows, layer)
-            past_k.append(row_k)
-            past_v.append(row_v)
-        keys, values = torch.cat([*past_k, k], 2), torch.cat([*past_v, v], 2)
-        if self.track:
-            self.mass += self._own_attention(q, keys)
-        return keys, values, self.mask, False
-
-    def _own_attention(self, q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """(B,) attention probability the queries put on their own past segment, summed over queries and keys,
-        averaged over heads."""
-        B, n_q, T, hd = q.shape
-        grouped = q.reshape(B, keys.shape[1], n_q // keys.shape[1], T, hd)  # query heads g*j.. read KV head j
-        scores = torch.einsum("bkgtd,bksd->bkgts", grouped.float(), keys.float()) / math.sqrt(hd)
-        probs = scores.masked_fill(~self.mask[:, :, None], float("-inf")).softmax(-1)
-        return probs[..., self.own].sum((-1, -2)).mean((1, 2))
-
-    def position_ids(self, q_len: int) -> None:
-        return None
-
-    def advance(self, n_tokens: int) -> None:
-        """Positions are explicit: nothing to count."""
-
-
 def top_k(scores: torch.Tensor, k: int) -> list[int]:
     """Indices of the k highest scores (k = 0: all), ascending; equal scores go to the lower index."""
     order = torch.sort(-scores, stable=True).indices
@@ -245,6 +144,7 @@ class Superposer:
         self.device = model.embed.weight.device
         self.cache = PathCache(int(config.cache_mb * 2 ** 20)) if config.cache_policy == "keyed" else None
         self.layout = KVLayout(model)
+        self.forward = PathForward(model, self.layout, config.graph_tokens if self.device.type == "cuda" else 0)
         self.model_key = (model.cfg.name, str(model.embed.weight.dtype), id(model))
 
     # ---- checks before any compute ----------------------------------------------------------------------------
@@ -308,7 +208,7 @@ class Superposer:
         kept = top_k(result.scores, self._k(prompt))
         context = Segment.cat([prefix, *(s for i in kept for s in (result.documents[i].segment, result.queries[i]))])
         start = result.fork.query_start + len(prompt.query)
-        post, hidden, _ = self._forward([prompt.postamble], [start + _arange(len(prompt.postamble))], shared=context)
+        post, hidden, _ = self.forward([prompt.postamble], [start + _arange(len(prompt.postamble))], shared=context)
         context = Segment.cat([context, post[0]])
         selection = Selection(kept=[d for i in kept for d in groups[remaining[i]]],
                               moved=[d for i in moved for d in groups[i]], scores=result.scores.tolist(),
@@ -342,7 +242,7 @@ class Superposer:
         found = self.cache.get(key) if self.cache is not None else None
         if found is not None:
             return found, False
-        found = self._forward([preamble], [_arange(len(preamble))])[0][0]
+        found = self.forward([preamble], [_arange(len(preamble))])[0][0]
         if self.cache is not None:
             self.cache.put(key, found, found.nbytes)
         return found, True
@@ -386,12 +286,12 @@ class Superposer:
         segments, likelihoods, masses = [], [], []
         for chunk in self._chunks([len(t) for t in tokens]):
             part = [tokens[i] for i in chunk]
-            new, hidden, attention = self._forward(part, [positions[i] for i in chunk], shared,
-                                                   [rows[i] for i in chunk] if rows is not None else None, track)
+            new, hidden, mass = self.forward(part, [positions[i] for i in chunk], shared,
+                                             [rows[i] for i in chunk] if rows is not None else None, track)
             segments += new
             likelihoods.append(self._mean_logprob(hidden, part))
-            masses.append(attention.mass.cpu())
-        return segments, torch.cat(likelihoods), torch.cat(masses)
+            masses.append(mass.clone())
+        return segments, torch.cat(likelihoods).cpu(), torch.cat(masses).cpu()
 
     def _chunks(self, lengths: list[int]) -> list[list[int]]:
         """Consecutive rows whose padded size (rows x longest) stays within max_batch_tokens (at least one row)."""
@@ -403,23 +303,6 @@ class Superposer:
             chunks[-1].append(i)
             longest = max(longest, n)
         return chunks
-
-    def _forward(self, tokens: list[list[int]], positions: list[torch.Tensor], shared: Segment | None = None,
-                 rows: list[Segment] | None = None,
-                 track: bool = False) -> tuple[list[Segment], torch.Tensor, PathAttention]:
-        """One batched forward of right-padded new segments: each row's Segment, hidden states (B, T, d)."""
-        B, T = len(tokens), max(map(len, tokens))
-        ids = torch.zeros(B, T, dtype=torch.long)
-        pos = torch.zeros(B, T, dtype=torch.float64)
-        for b, (row, p) in enumerate(zip(tokens, positions)):
-            ids[b, :len(row)] = torch.tensor(row)
-            pos[b, :len(row)] = p
-        attention = PathAttention(B, T, shared, rows, self.device, self.layout, track)
-        hidden = self.model.hidden(ids.to(self.device), cache=attention,
-                                   positions=pos.to(device=self.device, dtype=torch.float32))
-        kv = self.layout.pack(attention.keys, attention.values)  # (B, T, W)
-        segments = [Segment(row, p, kv[b, :len(row)].clone()) for b, (row, p) in enumerate(zip(tokens, positions))]
-        return segments, hidden, attention
 
     def _mean_logprob(self, hidden: torch.Tensor, tokens: list[list[int]]) -> torch.Tensor:
         """(B,) mean log-probability of each row's tokens 2.. given the earlier ones (0 for one-token rows), in fp32,
@@ -434,7 +317,7 @@ class Superposer:
             logp = self.model.logits(hidden[r, c])[:, :vocab].float().log_softmax(-1)
             total.index_add_(0, r, logp.gather(1, targets[s:s + LOGPROB_CHUNK, None])[:, 0])
         counts = torch.tensor([max(len(ids) - 1, 1) for ids in tokens], device=self.device)
-        return (total / counts).cpu()
+        return total / counts
 
 
 def run_stages(stages: Generator[None, None, Any]) -> Any:

@@ -13,8 +13,9 @@ from raytrain.infer.engine import Engine, EngineConfig, Request
 from raytrain.infer.forkjoin import ForkJoinPrompt, MaskedAttention, fork_positions, oracle_layout, oracle_logits
 from raytrain.infer.model_runner import ModelRunner, bucket
 from raytrain.infer.path_cache import PathCache
+from raytrain.infer.path_forward import KVLayout, Segment
 from raytrain.infer.sampling import SamplingParams
-from raytrain.infer.superposition import KVLayout, Segment, Superposer, SuperpositionConfig, top_k
+from raytrain.infer.superposition import Superposer, SuperpositionConfig, top_k
 
 ATOL = 1e-4
 GREEDY = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
@@ -351,15 +352,20 @@ def test_segments_concatenate_along_the_sequence() -> None:
     assert joined.kv.shape == (3, 16) and joined.nbytes == a.nbytes + b.nbytes and joined.kv[2].all()
 
 
-def test_kv_layout_packs_layers_of_different_head_counts_and_splits_them_back(lm) -> None:
-    """Each layer's keys and values survive pack -> split unchanged, whatever its KV head count (OpenELM's layers
-    differ), and unpack gives every layer of one packed segment."""
+def test_kv_layout_splits_a_row_into_disjoint_layers_of_different_head_counts(lm) -> None:
+    """Keys and values written through each layer's split views all survive (the views do not overlap), whatever
+    the layer's KV head count (OpenELM's layers differ), they fill the row, and unpack gives every layer of one
+    packed segment."""
     layout = KVLayout(lm)
     assert len({n for n, _ in layout.sizes}) > 1  # the fixture's layers do differ
     keys = [torch.randn(3, n, 5, hd) for n, hd in layout.sizes]
     values = [torch.randn(3, n, 5, hd) for n, hd in layout.sizes]
-    kv = layout.pack(keys, values)
-    assert kv.shape == (3, 5, layout.width)
+    kv = torch.full((3, 5, layout.width), float("nan"))
+    for layer, (k, v) in enumerate(zip(keys, values)):
+        split_k, split_v = layout.split(kv, layer)
+        split_k.copy_(k)
+        split_v.copy_(v)
+    assert not kv.isnan().any()
     for layer, (k, v) in enumerate(zip(keys, values)):
         split_k, split_v = layout.split(kv, layer)
         assert torch.equal(split_k, k) and torch.equal(split_v, v)
