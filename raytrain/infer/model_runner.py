@@ -8,7 +8,7 @@ as one launch, all graphs sharing one memory pool) and replayed, with its logits
 step whose rows are all greedy (`decode_greedy`) has graphs of its own that also take the argmax and advance the
 inputs, so such a step launches nothing but its graph and the copy of its tokens to the host. A step of one row
 runs `FusedDecodeStep` (`fused_decode.py`: five Triton kernels a layer) in place of the model's forward, where the
-model allows it.
+model allows it, also at real-valued positions.
 Prefill takes the first chunks of a step's new prompts as one right-padded batch (`prefill_packed`: one forward for
 many prompts, so a burst of arrivals costs one pass of kernel launches, not one per prompt) and a later chunk of a
 long prompt alone (`prefill`, eager); SDPA's flash kernel for first chunks. An eager forward of a 1B model waits on
@@ -255,9 +255,9 @@ class ModelRunner:
 
     def _forward(self, width: int, length: int, shifted: bool = False) -> torch.Tensor:
         """`shifted`: some row decodes at real-valued positions (RoPE angles computed, not looked up)."""
-        if self.fused_step is not None and width == 1 and not shifted:
-            return self.fused_step(self.tokens[:1], self.positions[:1], self.write_index[:1])
         rope = self.positions[:width] + self.rope_offset[:width] if shifted else None
+        if self.fused_step is not None and width == 1:
+            return self.fused_step(self.tokens[:1], self.positions[:1], self.write_index[:1], rope)
         self.cache.begin_decode(self.positions[:width], self.write_index[:width], length, rope)
         return self.model(self.tokens[:width, None], cache=self.cache)[:, -1]
 

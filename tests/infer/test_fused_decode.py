@@ -89,8 +89,9 @@ def test_decode_attention_rotates_and_normalises_q_and_k_like_the_decoder(qk_nor
     assert torch.equal(dev[4].cpu(), want_values)
 
 
-@pytest.mark.parametrize("qk_norm", [False, True])
-def test_a_runner_with_the_fused_step_decodes_the_same_logits_and_cache(qk_norm: bool) -> None:
+@pytest.mark.parametrize("qk_norm,rope_offset", [(False, 0.0), (True, 0.0), (False, 2.75), (True, -0.5)])
+def test_a_runner_with_the_fused_step_decodes_the_same_logits_and_cache(qk_norm: bool, rope_offset: float) -> None:
+    """Rows at integer positions, and rows rotated to real-valued ones (a superposed prompt's `rope_offset`)."""
     model = llama_like(qk_norm).to(DEVICE)
     runners = [ModelRunner(model, n_slots=2, max_len=96, cuda_graphs=False, fused_attention=True, fused_decode=fused)
                for fused in (False, True)]
@@ -98,7 +99,7 @@ def test_a_runner_with_the_fused_step_decodes_the_same_logits_and_cache(qk_norm:
     prompt = list(range(3, 70))  # past a 64-key block of the attention kernel
     steps = []
     for runner in runners:
-        runner.join(0, runner.prefill(0, prompt, 0).argmax(-1), len(prompt))
+        runner.join(0, runner.prefill(0, prompt, 0).argmax(-1), len(prompt), rope_offset)
         logits = []
         for _ in range(3):
             logits.append(runner.decode(1, 96).clone())
