@@ -273,17 +273,23 @@ class ModelRunner:
 
     def capture(self, run: Callable[[], None]) -> torch.cuda.CUDAGraph:
         """`run` captured as a CUDA graph in the pool all graphs share (each writes its outputs to buffers outside
-        the pool), after a warm-up run. Capturing computes nothing: the caller replays the graph."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up outside the graph: compilation, cuBLAS handles, lazy inits
-            run()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.graph_pool):
-            run()
+        the pool). Capturing computes nothing: the caller replays the graph."""
+        graph = capture_graph(run, self.graph_pool)
         self.graph_pool = graph.pool()
         return graph
+
+
+def capture_graph(run: Callable[[], None], pool: tuple | None) -> torch.cuda.CUDAGraph:
+    """`run` captured as a CUDA graph in memory pool `pool` (None: a new one), after a warm-up run."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up outside the graph: compilation, cuBLAS handles, lazy inits
+        run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        run()
+    return graph
 
 
 class PlainSequence:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from raytrain.infer.model_runner import bucket, geometric_buckets
+from raytrain.infer.model_runner import bucket, capture_graph, geometric_buckets
 from raytrain.models.decoder import Decoder
 from raytrain.models.kv_cache import CachedAttention
 
@@ -201,8 +201,8 @@ class PathForward:
 
     def _allocate(self, B: int, T: int, S: int, R: int) -> PathInputs:
         """An eager forward's tensors at its own shape (`_load` zeroes what the rows' pasts leave as padding)."""
-        kv = torch.empty(B, S + R + T, self.layout.width, dtype=self.dtype, device=self.device)
         device = self.device
+        kv = torch.empty(B, S + R + T, self.layout.width, dtype=self.dtype, device=device)
         return PathInputs(torch.empty(B, T, dtype=torch.long, device=device), torch.empty(B, T, device=device),
                           torch.empty(B, 3, dtype=torch.long, device=device), kv, S, S + R,
                           torch.empty(B, T, self.model.cfg.d_model, dtype=self.dtype, device=device),
@@ -248,17 +248,10 @@ class PathForward:
         return self.buffers[name][:size].view(shape)
 
     def _capture(self, inputs: PathInputs, track: bool) -> torch.cuda.CUDAGraph:
-        """The bucket's forward as a CUDA graph (after a warm-up run), its hidden states into `inputs.hidden`."""
+        """The bucket's forward as a CUDA graph, its hidden states into `inputs.hidden`."""
         def run() -> None:
             inputs.hidden.copy_(self._run(inputs, track))
 
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            run()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            run()
+        graph = capture_graph(run, self.pool)
         self.pool = graph.pool()
         return graph
