@@ -329,6 +329,8 @@ def test_bad_superposition_input_fails_before_any_compute(lm, tokenizer) -> None
         Engine(lm, tokenizer, EngineConfig(superposition=SuperpositionConfig(top_k=-1)))
     with pytest.raises(ConfigError, match=r"generation\.superposition\.positions='middle' is unknown"):
         Engine(lm, tokenizer, EngineConfig(superposition=SuperpositionConfig(positions="middle")))
+    with pytest.raises(ConfigError, match=r"generation\.superposition\.graph_tokens=-1 must be >= 0"):
+        Engine(lm, tokenizer, EngineConfig(superposition=SuperpositionConfig(graph_tokens=-1)))
     engine = Engine(lm, tokenizer, EngineConfig(superposition=SuperpositionConfig(enabled=True, hops=3)))
     prompt = random_prompt([3, 7, 4])
     cases = {r"documents\[1\]: the segment is empty": ForkJoinPrompt([5], [[6], []], [7], [8]),
