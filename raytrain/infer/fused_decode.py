@@ -31,7 +31,6 @@ from torch import nn
 from raytrain.infer.attention_kernel import decode_attention
 from raytrain.infer.gemv_kernel import gemv
 from raytrain.infer.kv_cache import SlotKVCache, fused_attention_supported
-from raytrain.models import ops
 from raytrain.models.decoder import Decoder, Linear, RMSNorm
 
 
@@ -85,7 +84,7 @@ class FusedDecodeStep:
                    dependent_launch=pdl)
         q, k, v = qkv.view(1, n_q + 2 * n_kv, 1, hd).split([n_q, n_kv, n_kv], dim=1)
         if rope is not None:  # rotated here, as the model's forward does: the kernel takes them as they are
-            q, k = ops.rope(attn.q_norm(q), *rope), ops.rope(attn.k_norm(k), *rope)
+            q, k = attn.rotate(q, k, *rope)
             y = decode_attention(q, k, v, self.cache.keys[layer], self.cache.values[layer], position, write_index)
         else:
             qk_norm = ((attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps)

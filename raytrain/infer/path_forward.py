@@ -179,7 +179,7 @@ class PathForward:
         lengths = torch.tensor([[S, len(rows[b].tokens) if rows is not None else 0, len(row)]
                                 for b, row in enumerate(tokens)])
         static = 0 < B * T <= self.graph_tokens
-        key = self._bucket(B, T, S, R, track)
+        key = self._bucket(B, T, S, R, track) if static else None
         inputs = self._inputs(*key[:4]) if static else self._allocate(B, T, S, R)
         self._load(inputs, ids, pos, lengths, shared, rows)
         if static and self.cuda_graphs:
