@@ -18,8 +18,8 @@ It runs the model's own weights; it applies when every projection is a plain `Li
 projections are matrix products cuBLAS does well, run the model's forward. A row at a real-valued position (a
 superposed prompt's: its KV index plus `rope_offset`) has its q and k normalised and rotated by the model's own ops
 between kernels 1 and 2 (`rope_positions`), which adds a few small kernels a layer where the unfused forward has a
-dozen more (SmolLM2's shape on an H200, 2026-12-05: such rows decoded at 1.1 ms a token through the forward, at
-0.46 ms through this step, plain rows at 0.44 ms).
+dozen more (on an H200, the 7B shape's superposed decode went from 0.092 to 0.073 s for 15 tokens: README,
+"Superposition prompting").
 """
 
 from __future__ import annotations
