@@ -1,4 +1,5 @@
-"""The Triton decode attention against the slot cache's PyTorch ops, and a model runner with it against one without;
+"""The Triton decode attention against the slot cache's PyTorch ops, split over chunks of keys (split-KV, with small
+blocks and splits so that a few dozen keys make several) and not, and a model runner with it against one without;
 the Triton tree attention against the tree cache's ops, and Speculative Streaming with it against greedy decoding.
 Without a GPU it runs under Triton's interpreter (tests/conftest.py switches it on before triton is imported)."""
 
@@ -13,13 +14,14 @@ from raytrain.infer.kv_cache import decode_attention as reference_attention
 from raytrain.infer.model_runner import ModelRunner
 from raytrain.infer.sampling import SamplingParams
 from raytrain.infer.specstream import SpecStreamConfig, TreeKV, build_tree
+from raytrain.models import ops
 from raytrain.models.kv_cache import attention
 from tests.conftest import triton_device
 
 DEVICE = triton_device("the decode attention kernel needs triton")
 
-from raytrain.infer.attention_kernel import decode_attention, tree_attention  # noqa: E402 (under the interpreter)
-
+import raytrain.infer.attention_kernel as attention_kernel  # noqa: E402 (under the interpreter)
+from raytrain.infer.attention_kernel import decode_attention, tree_attention  # noqa: E402
 
 
 def reference(q, k, v, keys, values, positions, write_index):
@@ -46,6 +48,95 @@ def test_the_kernel_writes_the_new_key_and_attends_like_the_cache_ops(n_q: int, 
     got = decode_attention(*dev)
     torch.testing.assert_close(got.cpu()[:2], want[:2], atol=1e-5, rtol=1e-5)
     assert torch.equal(dev[3].cpu(), want_keys) and torch.equal(dev[4].cpu(), want_values)  # nothing else written
+
+
+@pytest.fixture
+def small_splits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks of 16 keys and splits of 32, so that a few dozen keys make several splits of several blocks."""
+    monkeypatch.setattr(attention_kernel, "BLOCK_KEYS", 16)
+    monkeypatch.setattr(attention_kernel, "SPLIT_KEYS", 32)
+
+
+def test_the_split_count_follows_the_bound(small_splits: None) -> None:
+    """One split (the plain kernel) up to SPLIT_KEYS keys or with no bound; chunks of SPLIT_KEYS past it."""
+    assert attention_kernel._key_splits(None) == (1, 0) and attention_kernel._key_splits(32) == (1, 0)
+    assert attention_kernel._key_splits(33) == (2, 32) and attention_kernel._key_splits(64) == (2, 32)
+    bound = 3 * attention_kernel.MAX_SPLITS * 32 + 5  # past MAX_SPLITS chunks: fewer, longer ones, whole blocks
+    splits, chunk = attention_kernel._key_splits(bound)
+    assert splits <= attention_kernel.MAX_SPLITS and chunk % 16 == 0 and (splits - 1) * chunk < bound <= splits * chunk
+
+
+def split_case(n_q: int, n_kv: int, positions: list[int], hd: int = 16, slots: int = 4,
+               max_len: int = 120) -> tuple[torch.Tensor, ...]:
+    """q, k, v, a random cache and the rows' positions, each row writing at its position."""
+    torch.manual_seed(0)
+    W = len(positions)
+    q, k, v = (torch.randn(W, n, 1, hd) for n in (n_q, n_kv, n_kv))
+    keys, values = torch.randn(slots, n_kv, max_len, hd), torch.randn(slots, n_kv, max_len, hd)
+    positions = torch.tensor(positions)
+    return q, k, v, keys, values, positions, positions.clone()
+
+
+def split_and_single(case, max_position: int, **kwargs) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """decode_attention with several splits and with one (each on its own copy of the cache): outputs and the
+    split run's inputs (its cache as it left it); the two caches must be equal."""
+    runs = []
+    for bound in (max_position, None):
+        dev = [t.to(DEVICE) for t in case]
+        runs.append((decode_attention(*dev, max_position=bound, **kwargs).cpu(), dev))
+    (split, dev), (single, single_dev) = runs
+    assert attention_kernel._key_splits(max_position)[0] > 1
+    assert torch.equal(dev[3].cpu(), single_dev[3].cpu()) and torch.equal(dev[4].cpu(), single_dev[4].cpu())
+    return split, single, dev
+
+
+@pytest.mark.parametrize("max_position", [64, 100])  # the longest row ends the last split; splits 2, 3 hold no key
+@pytest.mark.parametrize("n_q, n_kv", [(8, 2), (2, 2)])
+def test_split_keys_attend_like_the_cache_ops_and_the_single_kernel(small_splits: None, n_q: int, n_kv: int,
+                                                                    max_position: int) -> None:
+    """Rows at 64 (on a split boundary), 45 (mid-split) and 0 (the new key alone) in one call: the combined splits
+    equal the eager decode and the one-split kernel, and the cache gains the new key and value once, at write_index."""
+    case = split_case(n_q, n_kv, [64, 45, 0])
+    want_keys, want_values = case[3].clone(), case[4].clone()
+    want = reference(*case[:3], want_keys, want_values, *case[5:])
+    got, single, dev = split_and_single(case, max_position)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, single, atol=1e-5, rtol=1e-5)
+    assert torch.equal(dev[3].cpu(), want_keys) and torch.equal(dev[4].cpu(), want_values)  # nothing else written
+
+
+@pytest.mark.parametrize("qk_norm, rope_rows", [(False, False), (True, False), (False, True), (True, True)])
+def test_split_keys_rotate_and_normalise_the_new_key_once(small_splits: None, qk_norm: bool, rope_rows: bool) -> None:
+    """With RoPE (from position tables, or one row per row of q) and QK norm, three query heads a KV head: every
+    split rotates q alike and only one stores and counts the rotated new key; equal to the eager ops."""
+    case = split_case(6, 2, [64, 45, 0])
+    q, k, v, _, _, positions, write_index = case
+    W, hd = q.shape[0], q.shape[-1]
+    cos, sin = torch.randn(W if rope_rows else 100, hd), torch.randn(W if rope_rows else 100, hd)
+    q_gain, k_gain = torch.rand(hd) + 0.5, torch.rand(hd) + 0.5
+    at = torch.arange(W) if rope_rows else positions
+
+    def rotate(x: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+        return ops.rope(ops.rms_norm(x, gain, 1e-5) if qk_norm else x, cos[at][:, None, None], sin[at][:, None, None])
+
+    want_keys, want_values = case[3].clone(), case[4].clone()
+    want = reference(rotate(q, q_gain), rotate(k, k_gain), v, want_keys, want_values, positions, write_index)
+    got, single, dev = split_and_single(case, 100, rope=(cos.to(DEVICE), sin.to(DEVICE)), rope_rows=rope_rows,
+                                        qk_norm=(q_gain.to(DEVICE), k_gain.to(DEVICE), 1e-5) if qk_norm else None)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, single, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dev[3].cpu(), want_keys, atol=1e-6, rtol=1e-6)
+    assert torch.equal(dev[4].cpu(), want_values)
+
+
+def test_a_row_past_max_position_is_still_attended_exactly(small_splits: None) -> None:
+    """max_position is a speed bound, not a limit: the last split reads whatever keys lie past it."""
+    case = split_case(4, 2, [100, 30])
+    want_keys, want_values = case[3].clone(), case[4].clone()
+    want = reference(*case[:3], want_keys, want_values, *case[5:])
+    got, _, dev = split_and_single(case, 40)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(dev[3].cpu(), want_keys) and torch.equal(dev[4].cpu(), want_values)
 
 
 def test_a_model_runner_with_the_kernel_decodes_the_same_logits(lm: torch.nn.Module) -> None:
