@@ -188,8 +188,9 @@ class PathForward:
             self.graphs[key].replay()
         else:
             inputs.hidden.copy_(self._run(inputs, track))
-        segments = [Segment(row, p, inputs.new[b, :len(row)].clone())
-                    for b, (row, p) in enumerate(zip(tokens, positions))]
+        kv = [torch.empty(len(row), self.layout.width, dtype=self.dtype, device=self.device) for row in tokens]
+        torch._foreach_copy_(kv, [inputs.new[b, :len(row)] for b, row in enumerate(tokens)])  # one launch, not B
+        segments = [Segment(row, p, k) for row, p, k in zip(tokens, positions, kv)]
         return segments, inputs.hidden[:B, :T], inputs.mass[:B]
 
     def _bucket(self, B: int, T: int, S: int, R: int, track: bool) -> tuple[int, int, int, int, bool]:
@@ -228,10 +229,12 @@ class PathForward:
         inputs.lengths.zero_()[:B].copy_(lengths)
         if shared is not None:
             inputs.kv[:B, :len(shared.tokens)].copy_(shared.kv.expand(B, -1, -1))
-        for b, row in enumerate(rows or []):
-            own = inputs.kv[b, inputs.shared:inputs.past]
-            own[:len(row.tokens)].copy_(row.kv)
-            own[len(row.tokens):].zero_()
+        if rows:  # one launch each for all rows (a request has dozens of paths), not two per row
+            owns = inputs.kv[:len(rows), inputs.shared:inputs.past].unbind(0)
+            torch._foreach_copy_([own[:len(row.tokens)] for own, row in zip(owns, rows)], [row.kv for row in rows])
+            padding = [own[len(row.tokens):] for own, row in zip(owns, rows) if len(row.tokens) < len(own)]
+            if padding:
+                torch._foreach_zero_(padding)
 
     def _run(self, inputs: PathInputs, track: bool) -> torch.Tensor:
         inputs.mass.zero_()
