@@ -267,15 +267,17 @@ def synced(call: Callable[[], Any], device: str) -> float:
 # ---- end to end --------------------------------------------------------------------------------------------------
 
 def engine_decode(model_name: str, bits: int, new_tokens: int, device: str) -> dict[str, Any]:
-    """Batch-1 greedy decode tokens/s on today's engine (eager PyTorch, one launch per op): a `conf/model` preset with
-    random bf16 weights, then the same model with every linear layer of its blocks a CompressedLinear of random
-    SeedLM codes."""
+    """Batch-1 greedy decode tokens/s on today's engine: a `conf/model` preset with random bf16 weights, then the same
+    model with every linear layer of its blocks a CompressedLinear of random SeedLM codes. On CUDA both must decode
+    through the fused step (`FusedDecodeStep`: five Triton kernels a layer, SeedLM projections through `seedlm_gemv`);
+    `decode_path` records which path each ran (on CPU the engine runs the model's forward)."""
     from omegaconf import OmegaConf
 
     from raytrain.compress.linear import CompressedLinear
     from raytrain.data.corpus import documents
     from raytrain.data.tokenizer import train_bpe
     from raytrain.infer.engine import Engine, Request
+    from raytrain.infer.fused_decode import fused_decode_unsupported
     from raytrain.infer.sampling import SamplingParams
     from raytrain.models.registry import build_model, model_config
 
@@ -287,14 +289,17 @@ def engine_decode(model_name: str, bits: int, new_tokens: int, device: str) -> d
     model = build_model(dataclasses.replace(preset, vocab_size=len(tokenizer)), device).to(dtype).eval()
     request = Request(list(range(3, 35)), SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True))
 
-    def tokens_per_s() -> float:
+    def tokens_per_s() -> tuple[float, str]:
         engine = Engine(model, tokenizer)
+        path = "fused_step" if engine.runner.fused_step is not None else "forward"
+        if device == "cuda" and path != "fused_step":
+            raise RuntimeError(f"the engine decodes without the fused step: {fused_decode_unsupported(model)}")
         runs = []
         for _ in range(3):
             runs.append(new_tokens / synced(lambda: engine.generate([request]), device))
-        return statistics.median(runs)
+        return statistics.median(runs), path
 
-    bf16 = tokens_per_s()
+    bf16, bf16_path = tokens_per_s()
     cfg = seedlm.SeedLMConfig.for_bits(bits)
     linears = [(name, m) for name, m in model.named_modules()
                if isinstance(m, torch.nn.Linear) and m is not model.head and m.bias is None]
@@ -302,9 +307,10 @@ def engine_decode(model_name: str, bits: int, new_tokens: int, device: str) -> d
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child,
                 CompressedLinear(random_weight(m.out_features, m.in_features, cfg, seed=i), device))
-    compressed = tokens_per_s()
+    compressed, seedlm_path = tokens_per_s()
     return {"model": model_name, "new_tokens": new_tokens, "linears_compressed": len(linears),
-            "bf16_tokens_per_s": bf16, "seedlm_tokens_per_s": compressed, "speedup": compressed / bf16}
+            "bf16_tokens_per_s": bf16, "seedlm_tokens_per_s": compressed, "speedup": compressed / bf16,
+            "decode_path": {"bf16": bf16_path, "seedlm": seedlm_path}}
 
 
 # ---- report ------------------------------------------------------------------------------------------------------

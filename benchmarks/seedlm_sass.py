@@ -82,12 +82,15 @@ def measure(fn: Any, signature: dict[str, str], constexprs: dict[str, Any], num_
 def main() -> None:
     lfsr = LFSRConfig()
     stream = {"K": 16, "TAPS": sum(1 << t for t in lfsr.taps), "INV": sum(1 << k for k in km.inverse_shifts(lfsr))}
-    gemv_sig = {"x_ptr": "*bf16", "y_ptr": "*bf16", **WORDS, "steps_per_split": "i32", "inv_scale": "fp32"}
+    gemv_sig = {"x_ptr": "*bf16", "y_ptr": "*bf16", "gain_ptr": "*bf16", "res_ptr": "*bf16", **WORDS,
+                "steps_per_split": "i32", "inv_scale": "fp32", "eps": "fp32"}
     results: dict[str, Any] = {}
     for name in km.STREAMS:
         for block_m in (1, 2, 4, 8):
             constexprs = {"C": 8, "P": 3, **stream, "STREAM": name, "XBITS": 16, "BM": block_m, "NB": 128,
-                          "EVEN": True, "X_WORDS": True, "SPLIT": 1, "PREFETCH": km.KernelConfig().prefetch}
+                          "EVEN": True, "X_WORDS": True, "SPLIT": 1, "PREFETCH": km.KernelConfig().prefetch,
+                          "GBITS": 16, "G_WORDS": False, "NORM": False, "SWIGLU": False, "RESIDUAL": False,
+                          "PDL": False}
             results[f"gemv_{name}_m{block_m}"] = measure(km._gemv_kernel, gemv_sig, constexprs, 4,
                                                          units=block_m * 128 * 8 / 128)
         results[f"dense_{name}"] = measure(

@@ -10,24 +10,34 @@ Here a layer is
 4. RMSNorm + gate/up projection + SwiGLU (`gemv(norm=..., swiglu=True)`),
 5. down projection + residual,
 each rounding where the unfused ops round, so it computes what `Decoder.forward` computes for one token up to fp32
-summation order (tests compare them, and an engine's greedy tokens with and without it).
+summation order (tests compare them, and an engine's greedy tokens with and without it). A projection that is a
+SeedLM `CompressedLinear` laid out for the kernels (`kernel_weight`: on CUDA, row blocking) runs the same fused
+variants through `seedlm_gemv` (`raytrain/compress/kernels/seedlm_matmul.py`), which rebuilds its weights in
+registers; the tests compare such a model's fused step with its own forward too.
 
-It runs the model's own weights; it applies when every projection is a plain `Linear` (no LoRA slots, no
-`CompressedLinear`), q and k are normalised before RoPE or not at all, and the head dim suits the attention kernel
-(`fused_decode_unsupported` says why not). The model runner uses it for decode steps of width 1; wider batches, whose
-projections are matrix products cuBLAS does well, run the model's forward. A row at a real-valued position (a
-superposed prompt's: its KV index plus `rope_offset`) has its q and k normalised and rotated by the model's own ops
-between kernels 1 and 2 (`rope_positions`), which adds a few small kernels a layer where the unfused forward has a
-dozen more (on an H200, the 7B shape's superposed decode went from 0.092 to 0.073 s for 15 tokens: README,
-"Superposition prompting").
+It runs the model's own weights; it applies when every projection is a plain `Linear` or such a `CompressedLinear`
+(no LoRA slots, no RTN or flat-blocked weights), q and k are normalised before RoPE or not at all, and the head dim
+suits the attention kernel (`fused_decode_unsupported` says why not). The model runner uses it for decode steps of
+width 1; wider batches, whose projections are matrix products cuBLAS does well, run the model's forward. A row at a
+real-valued position (a superposed prompt's: its KV index plus `rope_offset`, `rope_positions`) has its angles
+computed once a step and handed to every layer's attention kernel as a one-row table (`rope_rows`), so it runs the
+same five kernels a layer as a row at an integer position; before, its q and k were normalised and rotated by the
+model's own ops between kernels 1 and 2, a few more small kernels a layer (not yet timed on a GPU against that). With
+the runner's length bucket as `max_position`, attention over a long context splits the keys across programs
+(`decode_attention`'s split-KV: one more kernel a layer past 256 keys).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raytrain.compress.kernels.seedlm_matmul import seedlm_gemv
+from raytrain.compress.linear import CompressedLinear
 from raytrain.infer.attention_kernel import decode_attention
 from raytrain.infer.gemv_kernel import gemv
 from raytrain.infer.kv_cache import SlotKVCache, fused_attention_supported
@@ -44,9 +54,19 @@ def fused_decode_unsupported(model: Decoder) -> str | None:
     projections = [model.head] + [m for block in model.layers
                                   for m in (block.attn.qkv_proj, block.attn.out_proj, block.ffn.proj_1,
                                             block.ffn.proj_2)]
-    if any(type(m) is not Linear for m in projections):
-        return "a projection is not a plain Linear (LoRA adapter slots or compressed weights)"
-    return None
+    return next((reason for reason in map(_projection_unsupported, projections) if reason is not None), None)
+
+
+def _projection_unsupported(m: nn.Module) -> str | None:
+    if type(m) is Linear or (isinstance(m, CompressedLinear) and m.kernel_weight is not None):
+        return None
+    if not isinstance(m, CompressedLinear):
+        return f"a projection is a {type(m).__name__}, not a plain Linear or a SeedLM CompressedLinear (LoRA slots?)"
+    if m.method != "seedlm":
+        return f"a projection is {m.method}-compressed (the fused step runs plain and SeedLM weights only)"
+    if m.weight_ct.config.blocking != "row":
+        return f"a SeedLM projection has {m.weight_ct.config.blocking} blocking (the kernel reads row blocks)"
+    return "a SeedLM projection is not laid out for the kernel (a CompressedLinear off CUDA, or with kernel=False)"
 
 
 class FusedDecodeStep:
@@ -65,35 +85,41 @@ class FusedDecodeStep:
                     and torch.cuda.get_device_capability(device) >= (9, 0))
 
     def __call__(self, token: torch.Tensor, position: torch.Tensor, write_index: torch.Tensor,
-                 rope_positions: torch.Tensor | None = None) -> torch.Tensor:
+                 rope_positions: torch.Tensor | None = None, max_position: int | None = None) -> torch.Tensor:
         """token, position, write_index: (1,) device tensors -> logits (1, vocab_rows). `rope_positions` (1,) fp32:
-        rotate q and k to these real-valued positions instead of `position`."""
+        rotate q and k to these real-valued positions instead of `position`. `max_position`: a bound on `position`
+        known on the host (the graph's length bucket), past which attention splits the keys (`decode_attention`)."""
         model = self.model
-        rope = model.rope(rope_positions[:, None]) if rope_positions is not None else None  # (1, 1, 1, hd) each
+        tables, by_row = (model.rope_cos, model.rope_sin), False
+        if rope_positions is not None:  # the angles once for all layers, then looked up by row
+            tables, by_row = tuple(t.reshape(1, -1) for t in model.rope(rope_positions[:, None])), True
         x = F.embedding(token, model.embed.weight)  # (1, d)
         for i, block in enumerate(model.layers):
-            x = self._layer(block, i, x, position, write_index, rope)
-        return gemv(x, model.head.weight, norm=model.norm.weight, eps=model.norm.eps, dependent_launch=self.pdl)
+            attention = partial(decode_attention, keys=self.cache.keys[i], values=self.cache.values[i],
+                                positions=position, write_index=write_index, rope=tables, rope_rows=by_row,
+                                max_position=max_position, dependent_launch=self.pdl)
+            x = self._layer(block, x, attention)
+        return self._project(model.head, x, norm=model.norm)
 
-    def _layer(self, block: nn.Module, layer: int, x: torch.Tensor, position: torch.Tensor, write_index: torch.Tensor,
-               rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def _layer(self, block: nn.Module, x: torch.Tensor, attention: Callable[..., torch.Tensor]) -> torch.Tensor:
+        """`attention(q, k, v, qk_norm=...)`: the layer's decode attention over its cache."""
         attn = block.attn
         n_q, n_kv, hd = attn.n_q, attn.n_kv, attn.head_dim
-        pdl = self.pdl
-        qkv = gemv(x, attn.qkv_proj.weight, norm=block.attn_norm.weight, eps=block.attn_norm.eps,
-                   dependent_launch=pdl)
+        qkv = self._project(attn.qkv_proj, x, norm=block.attn_norm)
         q, k, v = qkv.view(1, n_q + 2 * n_kv, 1, hd).split([n_q, n_kv, n_kv], dim=1)
-        if rope is not None:  # rotated here, as the model's forward does: the kernel takes them as they are
-            q, k = attn.rotate(q, k, *rope)
-            y = decode_attention(q, k, v, self.cache.keys[layer], self.cache.values[layer], position, write_index)
-        else:
-            qk_norm = ((attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps)
-                       if isinstance(attn.q_norm, RMSNorm) else None)
-            y = decode_attention(q, k, v, self.cache.keys[layer], self.cache.values[layer], position, write_index,
-                                 rope=(self.model.rope_cos, self.model.rope_sin), qk_norm=qk_norm,
-                                 dependent_launch=pdl)
-        h = gemv(y.view(1, n_q * hd), attn.out_proj.weight, residual=x, dependent_launch=pdl)
+        qk_norm = ((attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps)
+                   if isinstance(attn.q_norm, RMSNorm) else None)
+        y = attention(q, k, v, qk_norm=qk_norm)
+        h = self._project(attn.out_proj, y.view(1, n_q * hd), residual=x)
         ffn = block.ffn
-        gated = gemv(h, ffn.proj_1.weight, norm=block.ffn_norm.weight, eps=block.ffn_norm.eps, swiglu=True,
-                     dependent_launch=pdl)
-        return gemv(gated, ffn.proj_2.weight, residual=h, dependent_launch=pdl)
+        gated = self._project(ffn.proj_1, h, norm=block.ffn_norm, swiglu=True)
+        return self._project(ffn.proj_2, gated, residual=h)
+
+    def _project(self, layer: nn.Module, x: torch.Tensor, norm: RMSNorm | None = None, swiglu: bool = False,
+                 residual: torch.Tensor | None = None) -> torch.Tensor:
+        """`layer`'s GEMV kernel on one row, with the RMSNorm before it and the SwiGLU and residual after it fused."""
+        gain, eps = (norm.weight, norm.eps) if norm is not None else (None, 0.0)
+        if isinstance(layer, CompressedLinear):
+            return seedlm_gemv(x, layer.kernel_weight, norm=gain, eps=eps, swiglu=swiglu, residual=residual,
+                               dependent_launch=self.pdl)
+        return gemv(x, layer.weight, norm=gain, eps=eps, swiglu=swiglu, residual=residual, dependent_launch=self.pdl)

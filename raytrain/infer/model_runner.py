@@ -257,7 +257,7 @@ class ModelRunner:
         """`shifted`: some row decodes at real-valued positions (RoPE angles computed, not looked up)."""
         rope = self.positions[:width] + self.rope_offset[:width] if shifted else None
         if self.fused_step is not None and width == 1:
-            return self.fused_step(self.tokens[:1], self.positions[:1], self.write_index[:1], rope)
+            return self.fused_step(self.tokens[:1], self.positions[:1], self.write_index[:1], rope, length)
         self.cache.begin_decode(self.positions[:width], self.write_index[:width], length, rope)
         return self.model(self.tokens[:width, None], cache=self.cache)[:, -1]
 

@@ -1,8 +1,10 @@
 """The SeedLM Triton kernels against the reference decoder. Without a GPU they run under Triton's interpreter at
 shapes small enough for it (TRITON_INTERPRET=1, which tests/conftest.py sets before triton is first imported:
 triton.language decorates its own helpers then). The weights hold
-random codes (every seed, exponent and coefficient value is valid), which exercise the decoder more than searched ones.
-Triton 3.9's interpreter truncates fp32 -> bf16, so bf16 outputs are checked bitwise on GPUs only."""
+random codes (every seed, exponent and coefficient value is valid), which exercise the decoder more than searched ones;
+the batch-1 kernel's fused variants (RMSNorm, SwiGLU, residual: `seedlm_gemv`) are compared with the decoder's ops on
+searched codes, whose weights have an LLM's magnitudes. Triton 3.9's interpreter truncates fp32 -> bf16, so bf16
+outputs are checked bitwise on GPUs only."""
 
 from __future__ import annotations
 
@@ -10,10 +12,12 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from raytrain.compress.format import CompressedTensor
+from raytrain.compress.format import CompressedTensor, compress_tensor
 from raytrain.compress.lfsr import LFSRConfig, stream_bits
 from raytrain.compress.seedlm import EXPONENT_RULES, SeedLMConfig, decode, search_torch
+from raytrain.models import ops
 from tests.conftest import triton_device
 
 DEVICE = triton_device("the kernel needs triton (pip install 'raytrain[kernels]')")
@@ -108,6 +112,65 @@ def test_half_precision_x_is_read_from_whole_words(dtype: torch.dtype) -> None:
     y = kernel.seedlm_matmul(x.to(DEVICE), weight, KernelConfig(block_m=4, block_n=4)).cpu()
     reference = x.double() @ ct.dense().double().T
     assert y.dtype == dtype and ((y.double() - reference).abs().max() / reference.abs().max()) < 2 ** -7
+
+
+# (bits, stream, shape, tile) of the fused batch-1 variants: whole tiles (x and the gain read as words; with swiglu 8
+# rows a half), rows and swiglu halves that are not whole tiles with partial last blocks (14 and 7 rows, 37 % 8),
+# and 3-bit blocks (their exponents' array offset for the up half) at the default tile (8 rows, prefetch)
+FUSED_CASES = [
+    (4, "lfsr", (16, 64), KernelConfig(block_m=4, block_n=4)),
+    (4, "table", (14, 37), KernelConfig(block_m=4, block_n=2, prefetch=True)),
+    (3, "lfsr", (10, 50), None),
+]
+FUSED_IDS = [f"{bits}bit-{stream}-{shape[0]}x{shape[1]}" for bits, stream, shape, _ in FUSED_CASES]
+
+
+@pytest.mark.parametrize("variant", ["norm", "swiglu", "residual", "norm+swiglu"])
+@pytest.mark.parametrize("bits, stream, shape, tile", FUSED_CASES, ids=FUSED_IDS)
+def test_fused_gemv_variants_equal_the_unfused_ops(variant, bits, stream, shape, tile) -> None:
+    """seedlm_gemv with RMSNorm, SwiGLU and residual against the decoder's ops on `seedlm.decode`'s weight, in fp32
+    to summation order and in bf16 to a few of its roundings (the reference rounds the weight, the normalised x and
+    each op's output to bf16; the interpreter's kernel truncates its conversions)."""
+    ct = compress_tensor(torch.randn(*shape, generator=torch.Generator().manual_seed(bits)) / shape[1] ** 0.5,
+                         "seedlm", SeedLMConfig.for_bits(bits, **K8))
+    weight, dense = kernel.SeedLMWeight.from_compressed(ct, DEVICE, stream), ct.dense()
+    norm, swiglu, residual = "norm" in variant, "swiglu" in variant, "residual" in variant
+    g = torch.Generator().manual_seed(7)
+    x, gain = torch.randn(1, 1, shape[1], generator=g), 1 + 0.5 * torch.randn(shape[1], generator=g)
+    res = torch.randn(1, 1, shape[0] // 2 if swiglu else shape[0], generator=g)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
+        xs, gs, rs = x.to(dtype), gain.to(dtype), res.to(dtype)
+        want = F.linear(ops.rms_norm(xs, gs, 1e-5) if norm else xs, dense.to(dtype))
+        if swiglu:
+            want = ops.swiglu(want)
+        if residual:
+            want = rs + want
+        got = kernel.seedlm_gemv(xs.to(DEVICE), weight, gs.to(DEVICE) if norm else None, 1e-5, swiglu,
+                                 rs.to(DEVICE) if residual else None, config=tile).cpu()
+        assert got.dtype == dtype and got.shape == want.shape
+        torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * want.abs().max().item())
+
+
+@pytest.mark.parametrize("bits, stream, shape, tile", FUSED_CASES, ids=FUSED_IDS)
+def test_fused_gemv_without_its_variants_is_the_batch_one_kernel(bits, stream, shape, tile) -> None:
+    """Flags off: a one-hot x picks decode's column bitwise, a random x gives seedlm_matmul's y bitwise."""
+    ct = random_weight(bits, K8, shape)
+    weight = kernel.SeedLMWeight.from_compressed(ct, DEVICE, stream)
+    assert torch.equal(kernel.seedlm_gemv(torch.eye(shape[1], device=DEVICE)[-1], weight, config=tile).cpu(),
+                       ct.dense()[:, -1])
+    x = torch.randn(1, shape[1], device=DEVICE)
+    assert torch.equal(kernel.seedlm_gemv(x, weight, config=tile), kernel.seedlm_matmul(x, weight, tile))
+
+
+def test_fused_gemv_refuses_what_it_cannot_do() -> None:
+    weight = kernel.SeedLMWeight.from_compressed(random_weight(4, K8, (7, 16)), DEVICE)
+    x = torch.randn(1, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="split_k=2"):
+        kernel.seedlm_gemv(x, weight, norm=torch.ones(16, device=DEVICE), config=KernelConfig(split_k=2))
+    with pytest.raises(ValueError, match="odd 7 rows"):
+        kernel.seedlm_gemv(x, weight, swiglu=True)
+    with pytest.raises(ValueError, match="one row of x"):
+        kernel.seedlm_gemv(torch.randn(2, 16, device=DEVICE), weight)
 
 
 def test_stream_tables_and_shifts_reproduce_the_lfsr_stream() -> None:

@@ -1,15 +1,21 @@
 """The fused batch-1 decode step (`raytrain/infer/fused_decode.py`) and its kernels' fused variants against the
 decoder's own ops: the GEMV with RMSNorm, SwiGLU and residual, the decode attention with QK norm and RoPE, and a
-model runner's decode steps with and without the fused step. Without a GPU it runs under Triton's interpreter
-(tests/conftest.py switches it on before triton is imported), in fp32, where the kernels must match to summation
-order."""
+model runner's decode steps with and without the fused step, for plain weights and for SeedLM-compressed projections
+(`seedlm_gemv`). Without a GPU it runs under Triton's interpreter (tests/conftest.py switches it on before triton is
+imported), in fp32, where the kernels must match to summation order."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from raytrain.compress.format import compress_tensor
+from raytrain.compress.linear import replace_linears
+from raytrain.compress.rtn import RTNConfig
+from raytrain.compress.seedlm import SeedLMConfig
 from raytrain.infer.kv_cache import decode_attention as reference_attention
 from raytrain.infer.model_runner import ModelRunner
 from raytrain.models import ops
@@ -26,11 +32,12 @@ from raytrain.infer.gemv_kernel import gemv  # noqa: E402
 TOL = {"atol": 1e-4, "rtol": 1e-4}
 
 
-def llama_like(qk_norm: bool, after_rope: bool = False) -> torch.nn.Module:
-    """Two layers with different head counts and FFN widths, 4 query heads per KV head in the first."""
-    cfg = DecoderConfig(name="fused", vocab_size=300, d_model=64, n_layers=2, head_dim=16, q_heads=[4, 2],
-                        kv_heads=[1, 2], ffn_dim=[96, 160], max_seq_len=128, qk_norm=qk_norm,
-                        qk_norm_after_rope=after_rope, norm_eps=1e-5)
+def llama_like(qk_norm: bool, after_rope: bool = False, **sizes) -> torch.nn.Module:
+    """Two layers with different head counts and FFN widths, 4 query heads per KV head in the first (`sizes`:
+    other DecoderConfig sizes)."""
+    cfg = DecoderConfig(**{"name": "fused", "vocab_size": 300, "d_model": 64, "n_layers": 2, "head_dim": 16,
+                           "q_heads": [4, 2], "kv_heads": [1, 2], "ffn_dim": [96, 160], "max_seq_len": 128,
+                           "qk_norm": qk_norm, "qk_norm_after_rope": after_rope, "norm_eps": 1e-5, **sizes})
     torch.manual_seed(0)
     model = build_decoder(cfg).eval()
     with torch.no_grad():  # non-trivial gains, so that a gain applied to the wrong entries shows
@@ -60,9 +67,10 @@ def test_gemv_refuses_an_odd_gate_up_weight() -> None:
         gemv(torch.randn(1, 8, device=DEVICE), torch.randn(7, 8, device=DEVICE), swiglu=True)
 
 
-@pytest.mark.parametrize("qk_norm", [False, True])
-def test_decode_attention_rotates_and_normalises_q_and_k_like_the_decoder(qk_norm: bool) -> None:
-    """Unrotated q, k in; the cache must hold the rotated (normalised) key and the output equal the decoder's ops."""
+@pytest.mark.parametrize("qk_norm,rope_rows", [(False, False), (True, False), (False, True), (True, True)])
+def test_decode_attention_rotates_and_normalises_q_and_k_like_the_decoder(qk_norm: bool, rope_rows: bool) -> None:
+    """Unrotated q, k in; the cache must hold the rotated (normalised) key and the output equal the decoder's ops.
+    With `rope_rows` the tables hold each row's own angles (here those of its position), indexed by row."""
     torch.manual_seed(0)
     W, n_q, n_kv, hd, max_len = 2, 4, 2, 16, 80
     model = llama_like(qk_norm=True)
@@ -82,11 +90,22 @@ def test_decode_attention_rotates_and_normalises_q_and_k_like_the_decoder(qk_nor
     mask = (torch.arange(71)[None, :] <= positions[:, None])[:, None, None]
     want = reference_attention(q_rot, want_keys[:, :, :71], want_values[:, :, :71], mask)
     dev = [t.to(DEVICE) for t in (q, k, v, keys, values, positions)]
-    got = decode_attention(*dev, dev[5], rope=(model.rope_cos.to(DEVICE), model.rope_sin.to(DEVICE)),
-                           qk_norm=(q_gain.to(DEVICE), k_gain.to(DEVICE), 1e-5) if qk_norm else None)
+    tables = (cos, sin) if rope_rows else (model.rope_cos, model.rope_sin)
+    got = decode_attention(*dev, dev[5], rope=tuple(t.reshape(-1, hd).contiguous().to(DEVICE) for t in tables),
+                           qk_norm=(q_gain.to(DEVICE), k_gain.to(DEVICE), 1e-5) if qk_norm else None,
+                           rope_rows=rope_rows)
     torch.testing.assert_close(got.cpu(), want, **TOL)
     torch.testing.assert_close(dev[3].cpu(), want_keys, **TOL)
     assert torch.equal(dev[4].cpu(), want_values)
+
+
+def test_decode_attention_refuses_rope_rows_that_are_not_one_row_per_row() -> None:
+    q, k = torch.randn(2, 4, 1, 16, device=DEVICE), torch.randn(2, 2, 1, 16, device=DEVICE)
+    cache = torch.randn(2, 2, 8, 16, device=DEVICE)
+    positions = torch.tensor([3, 5], device=DEVICE)
+    table = torch.randn(1, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="rope_rows"):
+        decode_attention(q, k, k, cache, cache.clone(), positions, positions, rope=(table, table), rope_rows=True)
 
 
 @pytest.mark.parametrize("qk_norm,rope_offset", [(False, 0.0), (True, 0.0), (False, 2.75), (True, -0.5)])
@@ -121,3 +140,39 @@ def test_the_fused_step_refuses_what_it_cannot_run() -> None:
     assert runner.fused_step is None  # the runner falls back to the model's forward
     with pytest.raises(ValueError, match="fused decode: a projection"):
         FusedDecodeStep(adapted, runner.cache)
+
+
+def compressed(model: torch.nn.Module, method: str, kernel: bool | None = None, **seedlm) -> torch.nn.Module:
+    """A copy of `model` with its blocks' projections compressed (SeedLM with an 8-bit LFSR: 255 candidates keep the
+    search fast)."""
+    config = SeedLMConfig.for_bits(4, K=8, taps=[0, 2, 3, 4], **seedlm) if method == "seedlm" else RTNConfig()
+    weights = {name: compress_tensor(p.detach(), method, config) for name, p in model.named_parameters()
+               if name.startswith("layers.") and name.endswith(("_proj.weight", "proj_1.weight", "proj_2.weight"))}
+    model = copy.deepcopy(model)
+    replace_linears(model, weights, DEVICE, kernel)
+    return model
+
+
+def test_the_fused_step_runs_seedlm_projections_like_the_forward() -> None:
+    """SeedLM projections in the kernels' layout through the fused step (norm, swiglu and residual variants of
+    `seedlm_gemv`) against the forward of the model holding the same codes decoded densely: the logits of one decode
+    step, fp32. One small layer (2 query heads, 1 KV head, 44 FFN rows: a partial row tile and block) keeps the
+    interpreter fast."""
+    model = llama_like(qk_norm=True, d_model=32, n_layers=1, q_heads=[2], kv_heads=[1], ffn_dim=[44]).to(DEVICE)
+    fused, dense = compressed(model, "seedlm", kernel=True), compressed(model, "seedlm", kernel=False)
+    assert fused_decode_unsupported(fused) is None
+    runners = [ModelRunner(m, n_slots=1, max_len=16, cuda_graphs=False, fused_attention=True, fused_decode=on)
+               for m, on in ((dense, False), (fused, True))]
+    assert runners[1].fused_step is not None
+    logits = []
+    for runner in runners:
+        runner.join(0, runner.prefill(0, [5, 17, 3], 0).argmax(-1), 3)
+        logits.append(runner.decode(1, 16))
+    torch.testing.assert_close(logits[1], logits[0], **TOL)
+
+
+def test_the_fused_step_names_the_compressed_projections_it_cannot_run() -> None:
+    model = llama_like(qk_norm=False)
+    assert "rtn-compressed" in fused_decode_unsupported(compressed(model, "rtn"))
+    assert "flat blocking" in fused_decode_unsupported(compressed(model, "seedlm", blocking="flat"))
+    assert "kernel=False" in fused_decode_unsupported(compressed(model, "seedlm", kernel=False))

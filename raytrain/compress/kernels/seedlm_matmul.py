@@ -27,6 +27,14 @@ the table stream and ~13.6 with the LFSR stream at block_m=4, with no shared mem
 accumulates with FFMA and reduces the row at the end; batch 2..16 feeds each rebuilt tile to `tl.dot` (tensor cores in
 bf16). `seedlm_dense` rebuilds W (bitwise `seedlm.decode`, then rounded to the requested dtype) with 8-byte stores for
 prefill. Under TRITON_INTERPRET=1 the kernels run on CPU tensors (slowly), which is how CPU tests check them.
+
+`seedlm_gemv` is the batch-1 kernel with the fused variants of `raytrain/infer/gemv_kernel.py`, for the fused decode
+step (`raytrain/infer/fused_decode.py`), rounding where that kernel rounds: `norm` (x RMS-normalised with a gain: the
+squares of x accumulated as x is read, the row sums scaled at the end, so split_k must be 1), `swiglu` (W holds gate
+and up halves; each program runs its gate rows, then its up rows, through the same loop) and `residual`, each a
+constexpr that is off in `seedlm_matmul`, whose code is unchanged by them. With `dependent_launch` (sm90+) it is a
+programmatic dependent launch: the first step's words (never written by the previous kernel) are loaded before it
+waits, x, the gain and the residual after.
 """
 
 from __future__ import annotations
@@ -321,30 +329,78 @@ def _x_element(x_ptr, j, cols, c: tl.constexpr, C: tl.constexpr, XBITS: tl.const
 # ---- kernels ---------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _gemv_kernel(x_ptr, y_ptr, words_ptr, exps_ptr, table_ptr, masks_ptr, rows, cols, bpr, ebpr, steps_per_split,
-                 inv_scale, C: tl.constexpr, P: tl.constexpr, K: tl.constexpr, STREAM: tl.constexpr,
-                 TAPS: tl.constexpr, INV: tl.constexpr, XBITS: tl.constexpr, BM: tl.constexpr, NB: tl.constexpr,
-                 EVEN: tl.constexpr, X_WORDS: tl.constexpr, SPLIT: tl.constexpr, PREFETCH: tl.constexpr):
-    """y = W x for one row of x: per block sum_c d_c x_c (FFMA), times 2^(e-7); rows reduced and scaled at the end
-    (for a one-hot x still a single rounding of decode's weight)."""
-    r = tl.program_id(0) * BM + tl.arange(0, BM)
-    masks = _load_masks(masks_ptr)
-    acc = tl.zeros((BM, NB), tl.float32)
-    start = tl.program_id(1) * steps_per_split * NB
-    end = tl.minimum(start + steps_per_split * NB, bpr)
-    w_next, e_next = _first_blocks(words_ptr, exps_ptr, r, start, rows, bpr, ebpr, P, EVEN, NB, PREFETCH)
+def _row_sums(x_ptr, gain_ptr, words_ptr, exps_ptr, table_ptr, masks, r, start, end, w_next, e_next, rows, cols, bpr,
+              ebpr, C: tl.constexpr, P: tl.constexpr, K: tl.constexpr, STREAM: tl.constexpr, TAPS: tl.constexpr,
+              INV: tl.constexpr, XBITS: tl.constexpr, GBITS: tl.constexpr, NB: tl.constexpr, EVEN: tl.constexpr,
+              X_WORDS: tl.constexpr, G_WORDS: tl.constexpr, NORM: tl.constexpr, PREFETCH: tl.constexpr):
+    """Rows r of W x over block columns start .. end, short of the constant factor inv_scale, from the first step's
+    words w_next, e_next: per block sum_c d_c x_c (FFMA), times 2^(e-7), rows reduced at the end. With NORM x is
+    multiplied by the gain and the sum of its squares is returned too (else 0)."""
+    acc = tl.zeros((r.shape[0], NB), tl.float32)
+    squares = tl.zeros((NB,), tl.float32)
     for j0 in range(start, end, NB):
         j = j0 + tl.arange(0, NB)
         w, e, w_next, e_next = _next_blocks(words_ptr, exps_ptr, r, j, end, w_next, e_next, rows, bpr, ebpr, P, EVEN,
                                             NB, PREFETCH)
         s, exp2, off = _block_terms(w, e, table_ptr, masks, C, P, K, STREAM, TAPS, INV)
-        blk = tl.zeros((BM, NB), tl.float32)
+        blk = tl.zeros((r.shape[0], NB), tl.float32)
         for c in tl.static_range(C):
-            blk += _weight(w, s, off, masks, c, P, K) * _x_element(x_ptr, j, cols, c, C, XBITS, X_WORDS)[None, :]
+            xc = _x_element(x_ptr, j, cols, c, C, XBITS, X_WORDS)
+            if NORM:  # the row's scale multiplies the sums at the end: no pass over x before the weights
+                squares += xc * xc
+                xc = xc * _x_element(gain_ptr, j, cols, c, C, GBITS, G_WORDS)
+            blk += _weight(w, s, off, masks, c, P, K) * xc[None, :]
         acc += blk * exp2  # exact (a power of two); the constant factor of the scale is applied once per row
-    y = tl.sum(acc, axis=1) * inv_scale
+    total = 0.0
+    if NORM:
+        total = tl.sum(squares, axis=0)
+    return tl.sum(acc, axis=1), total
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, y_ptr, gain_ptr, res_ptr, words_ptr, exps_ptr, table_ptr, masks_ptr, rows, cols, bpr, ebpr,
+                 steps_per_split, inv_scale, eps, C: tl.constexpr, P: tl.constexpr, K: tl.constexpr,
+                 STREAM: tl.constexpr, TAPS: tl.constexpr, INV: tl.constexpr, XBITS: tl.constexpr,
+                 GBITS: tl.constexpr, BM: tl.constexpr, NB: tl.constexpr, EVEN: tl.constexpr, X_WORDS: tl.constexpr,
+                 G_WORDS: tl.constexpr, SPLIT: tl.constexpr, PREFETCH: tl.constexpr, NORM: tl.constexpr,
+                 SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr):
+    """y = W x for one row of x (for a one-hot x still a single rounding of decode's weight), `rows` outputs. The
+    fused variants round where `raytrain/infer/gemv_kernel.py` does: NORM scales the sums by x's rsqrt(mean square +
+    eps) at the end (x times the gain in fp32); SWIGLU reads up rows r + rows after gate rows r and gives silu(gate)
+    * up of the two rounded to y's dtype; RESIDUAL adds the residual row to the rounded y in fp32. With PDL the
+    words of the first step are loaded before waiting for the previous kernel; x, the gain and the residual after."""
+    dtype = y_ptr.dtype.element_ty
+    r = tl.program_id(0) * BM + tl.arange(0, BM)
+    if PDL:  # let the next kernel's programs start: they load their words while this one drains
+        tl.extra.cuda.gdc_launch_dependents()
+    masks = _load_masks(masks_ptr)
+    start = tl.program_id(1) * steps_per_split * NB
+    end = tl.minimum(start + steps_per_split * NB, bpr)
+    w_next, e_next = _first_blocks(words_ptr, exps_ptr, r, start, rows, bpr, ebpr, P, EVEN, NB, PREFETCH)
+    if SWIGLU:  # the up half: the same row tiles, `rows` rows further on
+        up_words, up_exps = words_ptr + rows * bpr, exps_ptr + rows * ebpr
+        wu_next, eu_next = _first_blocks(up_words, up_exps, r, start, rows, bpr, ebpr, P, EVEN, NB, PREFETCH)
+    if PDL:  # x and the residual are the previous kernels' outputs; every store comes after this wait
+        tl.extra.cuda.gdc_wait()
+    y, squares = _row_sums(x_ptr, gain_ptr, words_ptr, exps_ptr, table_ptr, masks, r, start, end, w_next, e_next, rows,
+                           cols, bpr, ebpr, C, P, K, STREAM, TAPS, INV, XBITS, GBITS, NB, EVEN, X_WORDS, G_WORDS,
+                           NORM, PREFETCH)
+    y = y * inv_scale
+    if NORM:
+        scale = tl.rsqrt(squares / cols + eps)
+        y = y * scale
+    if SWIGLU:  # gate and up rounded as the unfused projection's output is, the product in fp32
+        up = _row_sums(x_ptr, gain_ptr, up_words, up_exps, table_ptr, masks, r, start, end, wu_next, eu_next, rows,
+                       cols, bpr, ebpr, C, P, K, STREAM, TAPS, INV, XBITS, GBITS, NB, EVEN, X_WORDS, G_WORDS, NORM,
+                       PREFETCH)[0] * inv_scale
+        if NORM:
+            up = up * scale
+        gate = y.to(dtype).to(tl.float32)
+        y = gate * tl.sigmoid(gate) * up.to(dtype).to(tl.float32)
+    if RESIDUAL:
+        y = y.to(dtype).to(tl.float32) + tl.load(res_ptr + r, mask=r < rows, other=0.0).to(tl.float32)
     if SPLIT == 1:
-        tl.store(y_ptr + r, y.to(y_ptr.dtype.element_ty), mask=r < rows)
+        tl.store(y_ptr + r, y.to(dtype), mask=r < rows)
     else:
         tl.atomic_add(y_ptr + r, y, mask=r < rows)
 
@@ -444,8 +500,7 @@ def _whole_words(weight: SeedLMWeight, t: torch.Tensor, block_n: int) -> bool:
             and (t.ndim == 1 or t.stride(0) * t.element_size() % 8 == 0))
 
 
-def seedlm_matmul(x: torch.Tensor, weight: SeedLMWeight, config: KernelConfig | None = None) -> torch.Tensor:
-    """x (batch, cols) with batch <= 16 -> y (batch, rows) = x @ W^T in x's dtype (fp32 accumulation)."""
+def _check_x(x: torch.Tensor, weight: SeedLMWeight) -> None:
     batch, cols = x.shape
     if cols != weight.cols:
         raise ValueError(f"x has {cols} features, the weight {weight.cols}")
@@ -453,25 +508,83 @@ def seedlm_matmul(x: torch.Tensor, weight: SeedLMWeight, config: KernelConfig | 
         raise ValueError(f"the fused kernel takes 1..{MAX_BATCH} rows of x (decode); got {batch}")
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"the fused kernel takes fp32, bf16 or fp16 x, not {x.dtype}")
+
+
+def _steps(weight: SeedLMWeight, cfg: KernelConfig) -> int:
+    """Steps of block_n blocks per program along a row."""
+    return triton.cdiv(triton.cdiv(weight.blocks_per_row, cfg.block_n), cfg.split_k)
+
+
+def _common_constexprs(weight: SeedLMWeight, cfg: KernelConfig, rows: int) -> dict:
+    even = rows % cfg.block_m == 0 and _even_k(weight, cfg.block_n)
+    return dict(C=weight.C, P=weight.P, **weight.stream_args, BM=cfg.block_m, NB=cfg.block_n, EVEN=even,
+                SPLIT=cfg.split_k, PREFETCH=cfg.prefetch, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _gemv(x: torch.Tensor, weight: SeedLMWeight, cfg: KernelConfig, norm: torch.Tensor | None = None,
+          eps: float = 0.0, swiglu: bool = False, residual: torch.Tensor | None = None,
+          dependent_launch: bool = False) -> torch.Tensor:
+    """The batch-1 kernel on a checked, contiguous x (1, cols) -> y (1, rows, or rows / 2 with swiglu)."""
+    n = weight.rows // 2 if swiglu else weight.rows
+    split = cfg.split_k > 1
+    y = (torch.zeros if split else torch.empty)(1, n, device=x.device, dtype=torch.float32 if split else x.dtype)
+    gain = norm if norm is not None else x
+    _gemv_kernel[(triton.cdiv(n, cfg.block_m), cfg.split_k)](
+        x, y, gain, residual if residual is not None else y, *_common_args(weight), n, weight.cols,
+        weight.blocks_per_row, _exps_row_bytes(weight), _steps(weight, cfg), weight.inv_scale, eps,
+        XBITS=8 * x.element_size(), GBITS=8 * gain.element_size(), X_WORDS=_whole_words(weight, x, cfg.block_n),
+        G_WORDS=norm is not None and _whole_words(weight, norm, cfg.block_n), NORM=norm is not None, SWIGLU=swiglu,
+        RESIDUAL=residual is not None, PDL=dependent_launch, launch_pdl=dependent_launch,
+        **_common_constexprs(weight, cfg, n))
+    return y.to(x.dtype) if split else y
+
+
+def seedlm_matmul(x: torch.Tensor, weight: SeedLMWeight, config: KernelConfig | None = None) -> torch.Tensor:
+    """x (batch, cols) with batch <= 16 -> y (batch, rows) = x @ W^T in x's dtype (fp32 accumulation)."""
+    _check_x(x, weight)
+    batch = x.shape[0]
     cfg = config or default_config(batch)
     x = x.contiguous()
-    bpr = weight.blocks_per_row
-    steps = triton.cdiv(triton.cdiv(bpr, cfg.block_n), cfg.split_k)
-    grid = (triton.cdiv(weight.rows, cfg.block_m), cfg.split_k)
+    if batch == 1:
+        return _gemv(x, weight, cfg)
     y = (torch.zeros if cfg.split_k > 1 else torch.empty)(
         batch, weight.rows, device=x.device, dtype=torch.float32 if cfg.split_k > 1 else x.dtype)
-    even = weight.rows % cfg.block_m == 0 and _even_k(weight, cfg.block_n)
-    common = dict(C=weight.C, P=weight.P, **weight.stream_args, BM=cfg.block_m, NB=cfg.block_n, EVEN=even,
-                  SPLIT=cfg.split_k, PREFETCH=cfg.prefetch, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if batch == 1:
-        _gemv_kernel[grid](x, y, *_common_args(weight), weight.rows, cols, bpr, _exps_row_bytes(weight), steps,
-                           weight.inv_scale, XBITS=8 * x.element_size(), X_WORDS=_whole_words(weight, x, cfg.block_n),
-                           **common)
-    else:
-        _dot_kernel[grid](x, y, *_common_args(weight), weight.rows, cols, bpr, _exps_row_bytes(weight), steps,
-                          batch, x.stride(0), y.stride(0), weight.inv_scale,
-                          BATCH=max(16, triton.next_power_of_2(batch)), IEEE=x.dtype == torch.float32, **common)
+    _dot_kernel[(triton.cdiv(weight.rows, cfg.block_m), cfg.split_k)](
+        x, y, *_common_args(weight), weight.rows, weight.cols, weight.blocks_per_row, _exps_row_bytes(weight),
+        _steps(weight, cfg), batch, x.stride(0), y.stride(0), weight.inv_scale,
+        BATCH=max(16, triton.next_power_of_2(batch)), IEEE=x.dtype == torch.float32,
+        **_common_constexprs(weight, cfg, weight.rows))
     return y.to(x.dtype) if cfg.split_k > 1 else y
+
+
+@torch.compiler.disable
+def seedlm_gemv(x: torch.Tensor, weight: SeedLMWeight, norm: torch.Tensor | None = None, eps: float = 0.0,
+                swiglu: bool = False, residual: torch.Tensor | None = None, dependent_launch: bool = False,
+                config: KernelConfig | None = None) -> torch.Tensor:
+    """x (..., cols) holding one row -> (..., rows) = x W^T in x's dtype, with `raytrain.infer.gemv_kernel.gemv`'s
+    fused variants and rounding: `norm` (cols,) the RMSNorm gain applied to x first (with `eps`); `swiglu`: W holds
+    (gate, up) halves of n rows each and the result is silu(gate) * up, (..., n); `residual` (..., rows or n): added
+    to the result. `dependent_launch` (CUDA, sm90+): a programmatic dependent launch, reading x, the gain and the
+    residual only after waiting for the previous kernel. The fused variants need `config.split_k == 1`."""
+    cols = x.shape[-1]
+    if x.shape[:-1].numel() != 1:
+        raise ValueError(f"seedlm_gemv takes one row of x; got shape {tuple(x.shape)}")
+    row = x.reshape(1, cols)
+    _check_x(row, weight)
+    cfg = config or default_config(1)
+    if cfg.split_k > 1 and (norm is not None or swiglu or residual is not None):
+        raise ValueError(f"seedlm_gemv's norm, swiglu and residual need the whole row in one program; got "
+                         f"split_k={cfg.split_k}")
+    if swiglu and weight.rows % 2:
+        raise ValueError(f"seedlm_gemv with swiglu takes (gate, up) halves; the weight has an odd {weight.rows} rows")
+    n = weight.rows // 2 if swiglu else weight.rows
+    if norm is not None and norm.shape != (cols,):
+        raise ValueError(f"the norm gain must be ({cols},); got {tuple(norm.shape)}")
+    if residual is not None and residual.numel() != n:
+        raise ValueError(f"the residual must hold one row of {n}; got shape {tuple(residual.shape)}")
+    y = _gemv(row.contiguous(), weight, cfg, norm.contiguous() if norm is not None else None, eps, swiglu,
+              residual.contiguous() if residual is not None else None, dependent_launch)
+    return y.view(*x.shape[:-1], n)
 
 
 def seedlm_dense(weight: SeedLMWeight, dtype: torch.dtype = torch.float32, config: KernelConfig | None = None
