@@ -41,8 +41,11 @@ request joining the engine to its first token on the host, the same path for bot
 clock around `Engine.generate`, the device synchronised before and after), naive / superposition ratios of both,
 beside the theoretical FLOP ratios (to the first token, and to the whole answer; total, and critical path), and the
 ATen operators a request dispatches from the host to its first token (`ttft_aten_ops`, one more untimed run cut to one
-token: kernel launches on a GPU, where a replayed CUDA graph counts none). `--shape llama2_7b_narrow` has the 7B's 32
-layers and 32 heads at width 256: its host work per request is the 7B's, its compute small.
+token: kernel launches on a GPU, where a replayed CUDA graph counts none). Where the time goes: two more untimed runs
+time every engine step with the device synchronised around it (`ttft_steps_ms`: the steps of a one-token request, one
+per batched forward of a superposed prefill, medians step by step; `decode_step_ms`: the median step after them).
+`--shape llama2_7b_narrow` has the 7B's 32 layers and 32 heads at width 256: its host work per request is the 7B's,
+its compute small.
 
     python benchmarks/superposition.py --shape llama2_7b --device cuda --checkpoint /tmp/smollm2 --sets 8 \
         --questions-per-set 2 --top-k 1,2 --max-new-tokens 16 --minutes 3                     # H200
@@ -70,6 +73,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.timing import sync  # noqa: E402
 from raytrain.checkpoint.hf import read_model_config  # noqa: E402
 from raytrain.config import RaytrainError  # noqa: E402
 from raytrain.data.tokenizer import load_tokenizer  # noqa: E402
@@ -184,6 +188,33 @@ def ops_to_first_token(engine: Engine, request: Request) -> int:
     with OpCounter() as counter:
         engine.generate([replace(request, params=replace(request.params, max_new_tokens=1))])
     return counter.ops
+
+
+def synced_steps_ms(engine: Engine, request: Request, device: str) -> list[float]:
+    """Wall time (ms) of each engine step of `request`, the device synchronised around every step: where a request's
+    time goes (a diagnostic: synchronising removes the overlap of host and device work that the timed runs keep)."""
+    step, times = engine.step, []
+
+    def timed_step() -> None:
+        sync(device)
+        start = time.perf_counter()
+        step()
+        sync(device)
+        times.append(1e3 * (time.perf_counter() - start))
+
+    engine.step = timed_step
+    try:
+        engine.generate([request])
+    finally:
+        del engine.step  # the class's method again
+    return times
+
+
+def step_breakdown(engine: Engine, request: Request, device: str) -> dict[str, Any]:
+    """The synced steps to the first token (a one-token request) and the median synced step after it."""
+    first = synced_steps_ms(engine, replace(request, params=replace(request.params, max_new_tokens=1)), device)
+    whole = synced_steps_ms(engine, request, device)
+    return {"ttft_steps_ms": first, "decode_step_ms": statistics.median(whole[len(first):] or [0.0])}
 
 
 def answer(engine: Engine, request: Request, device: str) -> tuple[Any, float]:
@@ -401,13 +432,21 @@ def speed_summary(rows: list[dict]) -> dict[str, Any]:
            "generated_tokens": statistics.mean(r["tokens"] for r in rows),
            "prompt_tokens": statistics.mean(r["prompt_tokens"] for r in rows),
            "context_tokens": statistics.mean(r["context_tokens"] for r in rows),
-           "ttft_aten_ops": statistics.median(r["ttft_aten_ops"] for r in rows)}
+           "ttft_aten_ops": statistics.median(r["ttft_aten_ops"] for r in rows),
+           "ttft_steps_ms": median_steps([r["ttft_steps_ms"] for r in rows]),
+           "decode_step_ms": statistics.median(r["decode_step_ms"] for r in rows)}
     if "paths" in rows[0]:
         out |= {"paths": statistics.mean(r["paths"] for r in rows),
                 "cached_paths": statistics.mean(r["cached_paths"] for r in rows)}
     for key in ("flops_ttft_total", "flops_ttft_critical", "flops_answer_total", "flops_answer_critical"):
         out[key] = statistics.mean(r[key] for r in rows)
     return out
+
+
+def median_steps(runs: list[list[float]]) -> list[float]:
+    """Step by step medians over the runs of the most common step count."""
+    count = statistics.mode(len(r) for r in runs)
+    return [statistics.median(r[i] for r in runs if len(r) == count) for i in range(count)]
 
 
 def speed_ratios(results: dict[str, dict], baseline: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -447,9 +486,11 @@ def speed_main(args: argparse.Namespace) -> None:
                 request, engine = Request(params=params, forkjoin=fj), engines[engine_key]
                 answer(engine, request, args.device)  # untimed: new shapes' graphs; warm: the documents cached
                 ops = ops_to_first_token(engine, request)
+                steps = step_breakdown(engine, request, args.device)
                 for _ in range(args.repeats):
                     done, seconds = answer(engine, request, args.device)
-                    row = speed_row(engine_key, fj, done, seconds, cfg, args.max_new_tokens) | {"ttft_aten_ops": ops}
+                    row = speed_row(engine_key, fj, done, seconds, cfg, args.max_new_tokens) | {"ttft_aten_ops": ops,
+                                                                                              **steps}
                     rows[name].append(row)
                     print(json.dumps({"set": s, "question": q, "method": name,
                                       **{k: v for k, v in row.items() if not k.startswith("flops")}}),

@@ -41,12 +41,16 @@ def test_speed_mode_line(tmp_path, tokenizer, monkeypatch, capsys) -> None:
         assert r["timed_requests"] == len(asked) * 2 and r["generated_tokens"] == 5, name
         assert 0 < r["ttft_s"] < r["time_to_answer_s"], name
         assert r["flops_ttft_total"] < r["flops_answer_total"] and r["flops_ttft_critical"] <= r["flops_ttft_total"]
+        assert r["decode_step_ms"] > 0 and all(ms > 0 for ms in r["ttft_steps_ms"]), name
     for k in (1, 2):
         warm, cold = results[f"superposition_top{k}_warm"], results[f"superposition_top{k}_cold"]
         assert warm["paths"] == len(docs) and warm["cached_paths"] == len(docs) and cold["cached_paths"] == 0
         assert cold["flops_ttft_total"] > warm["flops_ttft_total"]  # a cold request also computes its documents
         assert warm["context_tokens"] == cold["context_tokens"] < naive["prompt_tokens"]
         assert cold["ttft_aten_ops"] > warm["ttft_aten_ops"] > 0  # a cold request also runs its documents' forward
+        # steps to the first token: naive RAG's prefill; warm, the query copies', then the postamble's with the
+        # first token; cold, the preamble's and the documents' forwards before those
+        assert len(naive["ttft_steps_ms"]) == 1 and len(warm["ttft_steps_ms"]) == 2 and len(cold["ttft_steps_ms"]) == 4
     assert results["superposition_top1_warm"]["context_tokens"] < results["superposition_top2_warm"]["context_tokens"]
     assert naive["flops_ttft_critical"] == naive["flops_ttft_total"]
     for name, ratio in line["ratios"].items():
