@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The decode kernels built on 2026-12-05 without a GPU, timed on one (README: "Split-KV decode attention", "SeedLM
+# inside the fused decode step"). Three commands, about 6 minutes on an H100/H200, each writing one JSON line to OUT
+# (its table and per-point lines to a .log beside it):
+#
+#   bash benchmarks/gpu/decode_kernels.sh [OUT]
+#
+# 1. decode_attention.py: split-KV against the single-program kernel per shape and context, chunk sizes swept (which
+#    SPLIT_KEYS to keep);
+# 2. decode.py at 3,900-token prompts (TinyLlama's shape, 4 KV heads, a 4,096-token window here): batch-1 decode end
+#    to end, where split-KV should show;
+# 3. seedlm_kernel.py on 4096x4096 with the engine: SeedLM 4-bit openelm_1_1b against bf16, both through the fused
+#    decode step now.
+# Random weights throughout; nothing is downloaded.
+set -euo pipefail
+out=${1:-outputs/decode_kernels}
+day=$(date +%F)
+gpu=$(python -c 'import re, torch; m = re.search(r"[A-Z]\d{3}", torch.cuda.get_device_name()); print(m[0].lower() if m else "gpu")')
+mkdir -p "$out"
+python benchmarks/decode_attention.py --device cuda > "$out/decode_attention_${gpu}_$day.jsonl" \
+  2> "$out/decode_attention_${gpu}_$day.log"
+python benchmarks/decode.py --device cuda --no-hf --models tinyllama_1_1b --batches 1 --prompt 3900 --new 128 \
+  > "$out/decode_prompt3900_${gpu}_$day.jsonl" 2> "$out/decode_prompt3900_${gpu}_$day.log"
+python benchmarks/seedlm_kernel.py --device cuda --shapes 4096x4096 --streams lfsr --search-blocks 65536 \
+  > "$out/seedlm_kernel_engine_${gpu}_$day.jsonl" 2> "$out/seedlm_kernel_engine_${gpu}_$day.log"
+tail -n 3 "$out"/*_"$day".log
