@@ -15,7 +15,8 @@
 set -euo pipefail
 out=${1:-outputs/decode_kernels}
 day=$(date +%F)
-gpu=$(python -c 'import re, torch; m = re.search(r"[A-Z]\d{3}", torch.cuda.get_device_name()); print(m[0].lower() if m else "gpu")')
+gpu=$(python -c 'import re, torch; m = re.search(r"[A-Z]\d{3}", torch.cuda.get_device_name())
+print(m[0].lower() if m else "gpu")')  # h100, h200: in the file names
 mkdir -p "$out"
 python benchmarks/decode_attention.py --device cuda > "$out/decode_attention_${gpu}_$day.jsonl" \
   2> "$out/decode_attention_${gpu}_$day.log"
