@@ -20,7 +20,8 @@ Three modes, set by the model runner before each forward:
   context is packed at indices 0..C-1 while its tokens sit at other positions (`raytrain/infer/superposition.py`).
 A superposed prompt's KV, computed outside the slots, is copied in with `write`.
 With `fused_attention` (CUDA, head_dim a power of two), a decode step's cache write and attention are one Triton
-kernel per layer (`raytrain/infer/attention_kernel.py`) that reads only each row's own keys.
+kernel per layer (`raytrain/infer/attention_kernel.py`) that reads only each row's own keys; past 256 keys in the
+length bucket it splits them across programs (split-KV: a second, combining kernel).
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ class SlotKVCache:
             keys, values = K[s:s + 1, :, :start + T], V[s:s + 1, :, :start + T]
             return attention(q, keys, values, causal_mask(T, start, q.device), start == 0 and T > 1)
         if self.fused_attention is not None:
-            return self.fused_attention(q, k, v, K, V, self.positions, self.write_index)
+            return self.fused_attention(q, k, v, K, V, self.positions, self.write_index, max_position=self.length)
         W = q.shape[0]
         K[self.rows[:W], :, self.write_index] = k[:, :, 0]
         V[self.rows[:W], :, self.write_index] = v[:, :, 0]

@@ -139,7 +139,11 @@ def test_a_row_past_max_position_is_still_attended_exactly(small_splits: None) -
     assert torch.equal(dev[3].cpu(), want_keys) and torch.equal(dev[4].cpu(), want_values)
 
 
-def test_a_model_runner_with_the_kernel_decodes_the_same_logits(lm: torch.nn.Module) -> None:
+@pytest.mark.parametrize("split", [False, True])  # split: the runner's length bucket (96) makes 3 splits of 32 keys
+def test_a_model_runner_with_the_kernel_decodes_the_same_logits(lm: torch.nn.Module, split: bool,
+                                                                 request: pytest.FixtureRequest) -> None:
+    if split:
+        request.getfixturevalue("small_splits")
     model = lm.to(DEVICE)
     runners = [ModelRunner(model, n_slots=2, max_len=96, cuda_graphs=False, fused_attention=fused)
                for fused in (False, True)]
