@@ -206,14 +206,9 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         qkv = self.qkv_proj(x).view(B, T, self.n_q + 2 * self.n_kv, self.head_dim).transpose(1, 2)
         q, k, v = qkv.split([self.n_q, self.n_kv, self.n_kv], dim=1)
-        return *self.rotate(q, k, cos, sin), v
-
-    def rotate(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
-               sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Projected q and k normalised, then rotated (or rotated, then normalised: `qk_norm_after_rope`)."""
         if self.norm_after_rope:
-            return self.q_norm(ops.rope(q, cos, sin)), self.k_norm(ops.rope(k, cos, sin))
-        return ops.rope(self.q_norm(q), cos, sin), ops.rope(self.k_norm(k), cos, sin)
+            return self.q_norm(ops.rope(q, cos, sin)), self.k_norm(ops.rope(k, cos, sin)), v
+        return ops.rope(self.q_norm(q), cos, sin), ops.rope(self.k_norm(k), cos, sin), v
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Any, layer: int) -> torch.Tensor:
         """`cache` (a `KVCache` or any object with its `attend`) decides which keys the queries see."""
