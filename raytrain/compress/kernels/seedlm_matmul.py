@@ -521,13 +521,19 @@ def _common_constexprs(weight: SeedLMWeight, cfg: KernelConfig, rows: int) -> di
                 SPLIT=cfg.split_k, PREFETCH=cfg.prefetch, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
+def _output(x: torch.Tensor, rows: int, cfg: KernelConfig) -> torch.Tensor:
+    """y (batch, rows) for the kernels to write: zeroed fp32 when split_k programs add partial sums atomically."""
+    split = cfg.split_k > 1
+    return (torch.zeros if split else torch.empty)(x.shape[0], rows, device=x.device,
+                                                   dtype=torch.float32 if split else x.dtype)
+
+
 def _gemv(x: torch.Tensor, weight: SeedLMWeight, cfg: KernelConfig, norm: torch.Tensor | None = None,
           eps: float = 0.0, swiglu: bool = False, residual: torch.Tensor | None = None,
           dependent_launch: bool = False) -> torch.Tensor:
     """The batch-1 kernel on a checked, contiguous x (1, cols) -> y (1, rows, or rows / 2 with swiglu)."""
     n = weight.rows // 2 if swiglu else weight.rows
-    split = cfg.split_k > 1
-    y = (torch.zeros if split else torch.empty)(1, n, device=x.device, dtype=torch.float32 if split else x.dtype)
+    y = _output(x, n, cfg)
     gain = norm if norm is not None else x
     _gemv_kernel[(triton.cdiv(n, cfg.block_m), cfg.split_k)](
         x, y, gain, residual if residual is not None else y, *_common_args(weight), n, weight.cols,
@@ -536,7 +542,7 @@ def _gemv(x: torch.Tensor, weight: SeedLMWeight, cfg: KernelConfig, norm: torch.
         G_WORDS=norm is not None and _whole_words(weight, norm, cfg.block_n), NORM=norm is not None, SWIGLU=swiglu,
         RESIDUAL=residual is not None, PDL=dependent_launch, launch_pdl=dependent_launch,
         **_common_constexprs(weight, cfg, n))
-    return y.to(x.dtype) if split else y
+    return y.to(x.dtype)
 
 
 def seedlm_matmul(x: torch.Tensor, weight: SeedLMWeight, config: KernelConfig | None = None) -> torch.Tensor:
@@ -547,14 +553,13 @@ def seedlm_matmul(x: torch.Tensor, weight: SeedLMWeight, config: KernelConfig | 
     x = x.contiguous()
     if batch == 1:
         return _gemv(x, weight, cfg)
-    y = (torch.zeros if cfg.split_k > 1 else torch.empty)(
-        batch, weight.rows, device=x.device, dtype=torch.float32 if cfg.split_k > 1 else x.dtype)
+    y = _output(x, weight.rows, cfg)
     _dot_kernel[(triton.cdiv(weight.rows, cfg.block_m), cfg.split_k)](
         x, y, *_common_args(weight), weight.rows, weight.cols, weight.blocks_per_row, _exps_row_bytes(weight),
         _steps(weight, cfg), batch, x.stride(0), y.stride(0), weight.inv_scale,
         BATCH=max(16, triton.next_power_of_2(batch)), IEEE=x.dtype == torch.float32,
         **_common_constexprs(weight, cfg, weight.rows))
-    return y.to(x.dtype) if cfg.split_k > 1 else y
+    return y.to(x.dtype)
 
 
 @torch.compiler.disable
