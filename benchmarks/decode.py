@@ -46,7 +46,7 @@ from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.timing import replay_ms, sync, synced_seconds  # noqa: E402
+from benchmarks.timing import capture, replay_ms, sync, synced_seconds  # noqa: E402
 from raytrain.checkpoint.foreign import llama_config, llama_state  # noqa: E402
 from raytrain.data.corpus import documents  # noqa: E402
 from raytrain.data.tokenizer import train_bpe  # noqa: E402
@@ -173,13 +173,7 @@ def gemv_times(model: Decoder, bandwidth: float) -> dict[str, Any]:
 
 def graph_us(call: Any, calls: int = 20) -> float:
     """Device microseconds of one `call`, from a CUDA graph of `calls` of them replayed back to back."""
-    call()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            call()
-    return 1e3 * replay_ms(graph) / calls
+    return 1e3 * replay_ms(capture([call] * calls)) / calls
 
 
 def build(name: str, device: str, dtype: torch.dtype, max_positions: int = 4096

@@ -51,7 +51,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.timing import median_seconds, replay_ms, sync  # noqa: E402
+from benchmarks.timing import capture, cold_copies, median_seconds, replay_ms, sync  # noqa: E402
 
 # (query heads, KV heads, head_dim) of one attention layer
 SHAPES = {"smollm2_135m": (9, 3, 64), "tinyllama_1_1b": (32, 4, 64), "llama2_7b": (32, 32, 128),
@@ -87,13 +87,7 @@ def split_settings(ak: Any, split_keys: int, max_splits: int) -> Iterator[None]:
 def graph_us(calls: list[Callable[[], Any]], trials: int = 7, trial_ms: float = 5.0) -> float:
     """Device microseconds per call of `calls`, captured in one CUDA graph and replayed back to back: the median over
     `trials` of about `trial_ms` of replays each (at least 10). The calls run once before capture (compilation)."""
-    for call in calls:
-        call()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
+    graph = capture(calls)
     replays = max(10, min(500, math.ceil(trial_ms / replay_ms(graph, 1))))
     ms = statistics.median(replay_ms(graph, replays) for _ in range(trials))
     del graph
@@ -123,10 +117,7 @@ def copy_bandwidth(gpu: bool) -> float:
 def copies_for(nbytes: int, max_copies: int, gpu: bool) -> int:
     """Copies of the cache to cycle through so that one pass exceeds 3x the L2 cache (cold reads), at least 2 and at
     most `max_copies`; 1 under the interpreter."""
-    if not gpu:
-        return 1
-    l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    return max(2, min(max_copies, math.ceil(3 * l2 / nbytes)))
+    return cold_copies(nbytes, max_copies) if gpu else 1
 
 
 # ---- one point: a shape, a batch width and a key count ------------------------------------------------------------

@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.timing import median_seconds, synced_seconds  # noqa: E402
+from benchmarks.timing import capture, cold_copies, median_seconds, synced_seconds  # noqa: E402
 from raytrain.compress import seedlm  # noqa: E402
 from raytrain.compress.format import CompressedTensor  # noqa: E402
 
@@ -65,15 +65,7 @@ def timed(calls: list[Callable[[], Any]], reps: int = 20) -> float:
     (where this only smoke-tests the script)."""
     if not torch.cuda.is_available():
         return cpu_time(lambda: [call() for call in calls], reps=2) / len(calls)
-    for call in calls:
-        call()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        with torch.cuda.graph(graph, stream=stream):
-            for call in calls:
-                call()
+    graph = capture(calls)
     graph.replay()
     torch.cuda.synchronize()
     times = []
@@ -93,8 +85,7 @@ def cpu_time(call: Callable[[], Any], reps: int = 5) -> float:
 
 def copies_for(nbytes: int) -> int:
     """Copies of an operand to cycle through so that one pass exceeds 3x the L2 cache (cold reads)."""
-    l2 = torch.cuda.get_device_properties(0).L2_cache_size if torch.cuda.is_available() else nbytes
-    return max(2, min(64, math.ceil(3 * l2 / nbytes)))
+    return cold_copies(nbytes, 64) if torch.cuda.is_available() else 3
 
 
 def copy_bandwidth(device: str) -> float:

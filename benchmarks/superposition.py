@@ -218,12 +218,10 @@ def step_breakdown(engine: Engine, request: Request, device: str) -> dict[str, A
 
 
 def answer(engine: Engine, request: Request, device: str) -> tuple[Any, float]:
-    if device == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     start = time.perf_counter()
     done = engine.generate([request])[0]
-    if device == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     return done, time.perf_counter() - start
 
 

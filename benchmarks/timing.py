@@ -4,6 +4,7 @@ which pay for compilation, allocation and lazy initialisation."""
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -43,3 +44,21 @@ def replay_ms(graph: torch.cuda.CUDAGraph, replays: int = 100) -> float:
     end.record()
     end.synchronize()
     return start.elapsed_time(end) / replays
+
+
+def capture(calls: list[Callable[[], Any]]) -> torch.cuda.CUDAGraph:
+    """`calls`, each run once first (compilation, allocation), then captured in order as one CUDA graph."""
+    for call in dict.fromkeys(calls):
+        call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    return graph
+
+
+def cold_copies(nbytes: int, most: int) -> int:
+    """Copies of an operand of `nbytes` to cycle through so that one pass reads more than 3x the L2 cache (each
+    read from HBM), at least 2 and at most `most`."""
+    return max(2, min(most, math.ceil(3 * torch.cuda.get_device_properties(0).L2_cache_size / nbytes)))
