@@ -8,7 +8,15 @@ block (search), registers, spills, and whether the loop touches shared memory.
 Why it matters: at batch 1 the fused kernel is bound by instruction issue, not by HBM (see the kernel module's
 docstring). `baseline` is the issue budget: instructions per weight that 132 SMs x 4 schedulers x 1.98 GHz can issue
 in the time bf16's 117 MB take at the 4.3 TB/s a device copy reaches on an H200 (4096x14336); `ratio` is that budget
-over the best fused matmul's count, the speed-up over an ideal bf16 GEMV if the kernel issued every cycle.
+over the best fused matmul's bound (below), the speed-up over an ideal bf16 GEMV if the kernel ran at that bound.
+
+Issue is not the only limit: a Hopper SM sub-partition issues one warp instruction a cycle, but its integer and logic
+pipe ("alu" in Nsight Compute: LOP3, shifts, IADD3, LEA, compares) is 16 lanes wide, so a warp instruction holds it
+two cycles, as does IMAD on the 16-lane "fmaheavy" pipe; FP32 FFMA/FADD/FMUL may take either of the two 16-lane
+FMA pipes (the Programming Guide's throughputs for 9.0: 128 FP32 and 64 integer or logic operations a clock per SM).
+`cycles` gives each limit in cycles per weight (per candidate and block for the search) on one sub-partition's
+scale (issue: instructions; alu: 2 x its instructions; fma: the FP32 and IMAD instructions over both FMA pipes, at
+least 2 x IMAD), and `bound` is the largest: the best a kernel can do if nothing else (latency, memory) stalls it.
 """
 
 from __future__ import annotations
@@ -40,6 +48,10 @@ WORDS = {"words_ptr": "*i32", "exps_ptr": "*u8", "table_ptr": "*i64", "masks_ptr
          "cols": "i32", "bpr": "i32", "ebpr": "i32"}
 ISSUE_BUDGET = 32 * 132 * 4 * 1.98e9 * 2 / 4.3e12  # thread-instructions per weight while bf16's 2 bytes stream in
 SHARED = ("STS", "LDS", "LDSM", "STSM", "BAR", "SHFL")
+ALU = ("LOP3", "LOP", "SHF", "SHL", "SHR", "IADD3", "LEA", "ISETP", "FSETP", "SEL", "FSEL", "PRMT", "FMNMX", "IMNMX",
+       "MOV", "F2FP", "BMSK", "POPC", "FLO", "BREV", "IABS")
+FP32 = ("FFMA", "FADD", "FMUL")
+FMA_HEAVY = ("IMAD", "IMUL", "IDP")
 
 
 def compile_sass(fn: Any, signature: dict[str, str], constexprs: dict[str, Any], num_warps: int) -> tuple[str, str]:
@@ -68,13 +80,25 @@ def main_loop(sass: str) -> collections.Counter:
     return collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for t in (looped or best))
 
 
+def pipe_cycles(loop: collections.Counter, units: float) -> dict[str, float]:
+    """Cycles per unit that issue, the alu pipe and the FMA pipes each need (see the module docstring)."""
+    def count(names: tuple[str, ...]) -> int:
+        return sum(n for op, n in loop.items() if op.split(".")[0] in names)
+
+    alu, fp32, heavy = count(ALU), count(FP32), count(FMA_HEAVY)
+    cycles = {"issue": sum(loop.values()), "alu": 2 * alu, "fma": max(fp32 + heavy, 2 * heavy)}
+    return {k: round(v / units, 2) for k, v in cycles.items()}
+
+
 def measure(fn: Any, signature: dict[str, str], constexprs: dict[str, Any], num_warps: int, units: float
             ) -> dict[str, Any]:
     sass, usage = compile_sass(fn, signature, constexprs, num_warps)
     loop = main_loop(sass)
     regs = re.search(r"REG:(\d+) STACK:(\d+)", usage)
     total = sum(loop.values())
-    return {"per_unit": round(total / units, 2), "loop_instructions": total, "registers": int(regs.group(1)),
+    cycles = pipe_cycles(loop, units)
+    return {"per_unit": round(total / units, 2), "cycles": cycles, "bound": max(cycles, key=cycles.get),
+            "bound_per_unit": max(cycles.values()), "loop_instructions": total, "registers": int(regs.group(1)),
             "stack_bytes": int(regs.group(2)), "shared_or_shuffle_in_loop": any(op.startswith(SHARED) for op in loop),
             "top_opcodes": dict(loop.most_common(8))}
 
@@ -103,11 +127,12 @@ def main() -> None:
         results[f"search_{C}_{P}"] = measure(
             ks._search_kernel, search_sig, {"C": C, "P": P, "N": 65535, "RULE": 0,
                                             "THRESHOLD": ks.MANTISSA_THRESHOLD[0], "BB": 512}, 4, units=512 / 128)
-    best = min(v["per_unit"] for k, v in results.items() if k.startswith("gemv"))
+    best = min(v["bound_per_unit"] for k, v in results.items() if k.startswith("gemv"))
     print(json.dumps({"benchmark": "seedlm_sass", "device": "none (sm_90a code compiled on CPU)",
                       "config": {"triton": triton.__version__, "target": "sm_90a", "shape_of_budget": "4096x14336",
                                  "units": "gemv: instructions per weight in the main loop; search: per candidate x "
                                           "block; dense: whole kernel per weight"},
+                      "pipes": {"alu": ALU, "fp32": FP32, "fma_heavy": FMA_HEAVY},
                       "results": results, "baseline": {"issue_budget_per_weight_at_bf16_floor": ISSUE_BUDGET},
                       "ratio": ISSUE_BUDGET / best, "command": " ".join(["python", *sys.argv]),
                       "time": time.strftime("%Y-%m-%d %H:%M")}))

@@ -7,6 +7,8 @@ a key's owner: one document names the owner, another gives the owner's code). Ev
 (`raytrain/infer/rag.py`) through the same engine, greedy, at batch 1:
 - naive RAG: every document in one prompt;
 - superposition without pruning (every path kept), and with top-k pruning;
+- the Prompt Cache baseline (`superposition.method=prompt_cache`: documents cached as modules that attend only to
+  themselves, one query over all of them, nothing pruned);
 - on the multi-hop set also iterative superposition (hops=2: the best path moves into the prefix, then top-k).
 
 Documents are `--doc-words` words long (28 by default, about 50 tokens; 100 is the paper's NaturalQuestions passage
@@ -35,8 +37,8 @@ single-hop questions, tokenized by `--checkpoint`'s tokenizer and chat template.
 `--max-new-tokens` tokens (greedy, `ignore_eos`, no stop string), so every method decodes the same number of tokens;
 with random weights accuracy means nothing and is not reported. Methods: naive RAG, and superposition top-k warm
 (document KV from the path cache) and cold (a second engine with `cache_policy=off`: preamble and documents computed
-in the request). For every question each method runs once untimed (CUDA graphs of new shapes captured; warm: its
-documents cached), then `--repeats` timed runs. Figures: median time to first token (`Completion.ttft_s`: from the
+in the request), and the Prompt Cache baseline warm and cold. For every question each method runs once untimed
+(CUDA graphs of new shapes captured; warm: its documents cached), then `--repeats` timed runs. Figures: median time to first token (`Completion.ttft_s`: from the
 request joining the engine to its first token on the host, the same path for both methods) and time to answer (wall
 clock around `Engine.generate`, the device synchronised before and after), naive / superposition ratios of both,
 beside the theoretical FLOP ratios (to the first token, and to the whole answer; total, and critical path), and the
@@ -151,6 +153,26 @@ def theoretical_flops(cfg: DecoderConfig, prompt: ForkJoinPrompt, kept: list[int
             "cold_critical": preamble + max(documents) + max(queries) + tail}
 
 
+def prompt_cache_flops(cfg: DecoderConfig, prompt: ForkJoinPrompt, generated: int) -> dict[str, float]:
+    """The Prompt Cache baseline, warm: the query and postamble over the preamble and every document, then decoding;
+    cold adds the preamble and the documents, each computed alone without logits (all in parallel on the critical
+    path)."""
+    lengths = [len(d) for d in prompt.documents]
+    context = len(prompt.preamble) + sum(lengths)
+    tail = len(prompt.query) + len(prompt.postamble)
+    warm = forward_flops(cfg, tail, context, 1) + decode_flops(cfg, context + tail, generated)
+    modules = [forward_flops(cfg, n, 0, 0) for n in [len(prompt.preamble), *lengths]]
+    return {"total": warm, "critical": warm, "cold_total": sum(modules) + warm, "cold_critical": max(modules) + warm}
+
+
+def method_flops(cfg: DecoderConfig, method: str, prompt: ForkJoinPrompt, kept: list[int] | None,
+                 generated: int) -> dict[str, float]:
+    """`theoretical_flops`, or `prompt_cache_flops` for the baseline's engines (named pc...)."""
+    if method.startswith("pc"):
+        return prompt_cache_flops(cfg, prompt, generated)
+    return theoretical_flops(cfg, prompt, kept, generated)
+
+
 def measured_flops(engine: Engine, request: Request) -> float:
     """FLOPs of the request as it runs (torch's counter, with SDPA's fused kernels counted as attention over every
     query head: grouped KV heads are attended by several query heads each, which torch's formula rejects)."""
@@ -226,10 +248,11 @@ def answer(engine: Engine, request: Request, device: str) -> tuple[Any, float]:
 
 
 def methods(args: argparse.Namespace, multihop: bool) -> dict[str, dict]:
-    """name -> {engine: naive | sp | hops2, top_k}. Single-hop: naive, top-k, every path. Multi-hop: naive, top-k,
-    and two hops (the best path into the prefix, then the top-1)."""
+    """name -> {engine: naive | sp | pc | hops2, top_k}. Single-hop: naive, top-k, every path, Prompt Cache.
+    Multi-hop: naive, top-k, Prompt Cache and two hops (the best path into the prefix, then the top-1)."""
     out = {"naive": {"engine": "naive", "top_k": None}}  # the first superposition method of a set computes its documents
     out |= {f"superposition_top{k}": {"engine": "sp", "top_k": k} for k in args.top_k}
+    out["prompt_cache"] = {"engine": "pc", "top_k": None}
     if multihop:
         out["iterative_hops2_top1"] = {"engine": "hops2", "top_k": 1}
     else:
@@ -279,7 +302,7 @@ def run_set(args: argparse.Namespace, engines: dict[str, Engine], multihop: bool
                             "retrieved": all(g in found for g in item["gold"])}
                 if how["engine"] != "hops2":
                     kept = None if selection is None else selection.kept
-                    row["flops"] = theoretical_flops(cfg, fj, kept, len(done.token_ids))
+                    row["flops"] = method_flops(cfg, how["engine"], fj, kept, len(done.token_ids))
                 if flops_left > 0:
                     row["measured_flops"] = measured_flops(engine, request)  # warm: the documents are cached now
                 rows[name].append(row)
@@ -388,11 +411,12 @@ def shape_model(name: str, vocab: int, device: str, dtype: torch.dtype) -> torch
 
 
 def speed_methods(top_k: list[int]) -> dict[str, tuple[str, int | None]]:
-    """name -> (engine, top_k): naive RAG, then superposition top-k warm and cold for each k."""
+    """name -> (engine, top_k): naive RAG, superposition top-k warm and cold for each k, the Prompt Cache baseline
+    warm and cold."""
     out: dict[str, tuple[str, int | None]] = {"naive": ("naive", None)}
     for k in top_k:
         out |= {f"superposition_top{k}_warm": ("warm", k), f"superposition_top{k}_cold": ("cold", k)}
-    return out
+    return out | {"prompt_cache_warm": ("pc_warm", None), "prompt_cache_cold": ("pc_cold", None)}
 
 
 def speed_row(engine_key: str, fj: ForkJoinPrompt, done: Any, seconds: float, cfg: DecoderConfig,
@@ -406,18 +430,19 @@ def speed_row(engine_key: str, fj: ForkJoinPrompt, done: Any, seconds: float, cf
            "prompt_tokens": done.prompt_tokens}
     kept = None
     if selection is not None:
-        expected = selection.paths if engine_key == "warm" else 0
+        expected = selection.paths if engine_key.endswith("warm") else 0
         if selection.cached != expected:
             raise RuntimeError(f"{engine_key}: {selection.cached} of {selection.paths} paths from the path cache")
         kept = selection.kept
+        copies = 1 if engine_key.startswith("pc") else len(kept)  # Prompt Cache reads the query once
         row |= {"paths": selection.paths, "cached_paths": selection.cached, "kept": len(kept),
-                "context_tokens": len(fj.preamble) + sum(len(fj.documents[i]) + len(fj.query) for i in kept)
-                + len(fj.postamble)}
+                "context_tokens": len(fj.preamble) + sum(len(fj.documents[i]) for i in kept)
+                + copies * len(fj.query) + len(fj.postamble)}
     else:
         row["context_tokens"] = done.prompt_tokens
-    prefix = "cold_" if engine_key == "cold" else ""
+    prefix = "cold_" if engine_key.endswith("cold") else ""
     for part, generated in (("ttft", 1), ("answer", max_new_tokens)):
-        flops = theoretical_flops(cfg, fj, kept, generated)
+        flops = method_flops(cfg, engine_key, fj, kept, generated)
         row[f"flops_{part}_total"] = flops[f"{prefix}total"]
         row[f"flops_{part}_critical"] = flops[f"{prefix}critical"]
     return row
@@ -468,7 +493,10 @@ def speed_main(args: argparse.Namespace) -> None:
     cold_sp = replace(warm_sp, cache_policy="off")
     engines = {"naive": Engine(model, tokenizer, EngineConfig(max_batch_size=1)),
                "warm": Engine(model, tokenizer, EngineConfig(max_batch_size=1, superposition=warm_sp)),
-               "cold": Engine(model, tokenizer, EngineConfig(max_batch_size=1, superposition=cold_sp))}
+               "cold": Engine(model, tokenizer, EngineConfig(max_batch_size=1, superposition=cold_sp)),
+               **{f"pc_{name}": Engine(model, tokenizer, EngineConfig(
+                   max_batch_size=1, superposition=replace(sp, method="prompt_cache")))
+                  for name, sp in (("warm", warm_sp), ("cold", cold_sp))}}
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0, ignore_eos=True)
     methods = speed_methods(args.top_k)
     rows: dict[str, list[dict]] = {name: [] for name in methods}
@@ -575,6 +603,8 @@ def main() -> None:
     superposition = SuperpositionConfig(enabled=True, cache_mb=4096, graph_tokens=args.graph_tokens)
     engines = {"naive": naive, "sp": Engine(model, tokenizer, EngineConfig(max_batch_size=1,
                                                                            superposition=superposition)),
+               "pc": Engine(model, tokenizer, EngineConfig(
+                   max_batch_size=1, superposition=replace(superposition, method="prompt_cache"))),
                "hops2": Engine(model, tokenizer, EngineConfig(max_batch_size=1,
                                                               superposition=replace(superposition, hops=2)))}
     warm = forkjoin_prompt(tokenizer, ["Document 1: a warm-up.", "Document 2: another."], "What is this?", INSTRUCTION)

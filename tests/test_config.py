@@ -112,7 +112,8 @@ def test_model_info_composes_each_model(option: str) -> None:
 def test_generate_composes_each_generation_option(option: str) -> None:
     engine = to_dataclass(EngineConfig, compose("generate", [f"generation={option}"]).generation, "generation")
     assert engine.lazy == (option == "lazy")
-    assert engine.superposition.enabled == (option == "superposition")
+    assert engine.superposition.enabled == (option in ("superposition", "prompt_cache"))
+    assert engine.superposition.method == ("prompt_cache" if option == "prompt_cache" else "superposition")
     engine.superposition.check()
     assert (engine.specstream is not None) == (option == "specstream")
     assert engine.lazyllm.schedule(32) == {9: 0.7, 19: 0.7, 28: 0.7}  # the spec's layers for L = 32

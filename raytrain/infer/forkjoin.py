@@ -16,7 +16,7 @@ or `left_aligned` (Prompt Cache's): step 1 for every document, the query after t
 
 `oracle_layout` lays the whole DAG out as one sequence (p, d_1, q_1, ..., d_n, q_n, t, response) with its attention
 mask; that is how the official evaluation runs the method, and it is the reference that the path-wise computation of
-`superposition.py` is tested against.
+`superposition.py` is tested against. `prompt_cache_layout` does the same for the Prompt Cache baseline's graph.
 """
 
 from __future__ import annotations
@@ -114,25 +114,49 @@ def oracle_layout(prompt: ForkJoinPrompt, positions: str = "equilibrium", kept: 
     start = float(preamble_positions.max()) + 1
     fork = fork_positions(start, [len(d) for d in prompt.documents], positions)
     query = fork.query_start + torch.arange(len(prompt.query), dtype=torch.float64)
-    tail = [*prompt.postamble, *(response or [])]
     pieces = [(prompt.preamble, preamble_positions, ("preamble", 0))]
     for i, d in enumerate(prompt.documents):
         pieces += [(d, fork.paths[i], ("document", i)), (prompt.query, query, ("query", i))]
-    tail_start = fork.query_start + len(prompt.query)
-    pieces.append((tail, tail_start + torch.arange(len(tail), dtype=torch.float64), ("postamble", 0)))
-    segment_of = {"preamble": lambda i: 0, "document": lambda i: 2 * i + 1, "query": lambda i: 2 * i + 2,
-                  "postamble": lambda i: 2 * n + 1}
-    tokens, spans, segments = [], {}, []
-    for ids, _, (kind, i) in pieces:
-        spans[kind, i] = slice(len(tokens), len(tokens) + len(ids))
-        tokens += ids
-        segments += [segment_of[kind](i)] * len(ids)
+    pieces.append(_tail(prompt, response, fork.query_start + len(prompt.query)))
     ancestor = torch.zeros(2 * n + 2, 2 * n + 2, dtype=torch.bool)  # ancestor[v, u]: u -> ... -> v
     ancestor[1:, 0] = True
     for i in range(n):
         ancestor[2 * i + 2, 2 * i + 1] = True
         if kept is None or i in kept:
             ancestor[2 * n + 1, [2 * i + 1, 2 * i + 2]] = True
+    return _layout(pieces, ancestor)
+
+
+def prompt_cache_layout(prompt: ForkJoinPrompt, response: list[int] | None = None) -> Layout:
+    """The Prompt Cache baseline's graph (spec section 6) as one sequence p, d_1, ..., d_n, q, t, response: the
+    preamble and each document are modules that attend only to themselves, the documents at left-aligned positions
+    |p|, |p| + 1, ...; one query (after the longest document) attends to all of them, and t to everything."""
+    n, p = len(prompt.documents), len(prompt.preamble)
+    fork = fork_positions(p, [len(d) for d in prompt.documents], "left_aligned")
+    pieces = [(prompt.preamble, torch.arange(p, dtype=torch.float64), ("preamble", 0)),
+              *((d, fork.paths[i], ("document", i)) for i, d in enumerate(prompt.documents)),
+              (prompt.query, fork.query_start + torch.arange(len(prompt.query), dtype=torch.float64), ("query", 0)),
+              _tail(prompt, response, fork.query_start + len(prompt.query))]
+    ancestor = torch.zeros(n + 3, n + 3, dtype=torch.bool)  # explicit edges, no propagation through the modules
+    ancestor[n + 1:, :n + 1] = True
+    ancestor[n + 2, n + 1] = True
+    return _layout(pieces, ancestor)
+
+
+def _tail(prompt: ForkJoinPrompt, response: list[int] | None, start: float) -> tuple[list[int], torch.Tensor, tuple]:
+    """The postamble and the response so far, from position `start`."""
+    tail = [*prompt.postamble, *(response or [])]
+    return tail, start + torch.arange(len(tail), dtype=torch.float64), ("postamble", 0)
+
+
+def _layout(pieces: list[tuple[list[int], torch.Tensor, tuple[str, int]]], ancestor: torch.Tensor) -> Layout:
+    """Pieces (tokens, positions, span name) laid out in order, piece j being segment j of `ancestor`: a row attends
+    to the columns of its segment's ancestors, and to its own segment's columns at or before it."""
+    tokens, spans, segments = [], {}, []
+    for j, (ids, _, name) in enumerate(pieces):
+        spans[name] = slice(len(tokens), len(tokens) + len(ids))
+        tokens += ids
+        segments += [j] * len(ids)
     seg = torch.tensor(segments)
     index = torch.arange(len(tokens))
     mask = ancestor[seg[:, None], seg[None, :]] | ((seg[:, None] == seg[None, :]) & (index[None, :] <= index[:, None]))

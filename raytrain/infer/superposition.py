@@ -9,8 +9,9 @@ One request (`Superposer.prefill`: the paper's Alg. 2 and 3, with path caching a
 3. a copy of the query q runs over each prefix p + d_i, all copies in one batched forward; query_ll[i] is the mean
    log-likelihood of the copy's tokens 2..;
 4. score[i] = query_ll[i] + w * doc_ll[i] (the official code's form of Eq. 2), or with `saliency: attention` the
-   attention the query copy pays its document (mean over layers and heads, summed over token pairs); the top-k paths
-   are kept, ties to the lower index, and the others' KV is dropped;
+   attention the query copy pays its document (mean over layers and heads, summed over token pairs), or with
+   `saliency: random` a draw seeded by the request's tokens (the official code's ablation); the top-k paths are kept,
+   ties to the lower index, and the others' KV is dropped;
 5. the context is KV_p + (KV_di + KV_qi for each kept i, in document order); the postamble t runs over it, its last
    logits give the first response token, and decoding continues over that context, token m at position
    q0 + |q| + |t| + m (the engine's decode batch, `Context.next_position`).
@@ -18,6 +19,10 @@ With `hops` > 1 (iterative superposition) every round but the last moves its bes
 where they keep their positions, and the next fork starts one past the prefix's highest position (the official
 MuSiQue flow, one document per round); only the first round uses the path cache, since later forks are conditioned
 on the moved documents.
+
+`method: prompt_cache` runs the spec's baseline instead (Prompt Cache, Gim et al.): the preamble and each document are
+modules computed alone (no preamble -> document edge) at left-aligned positions and cached; one query and the
+postamble attend to all of them, nothing is scored or pruned (`forkjoin.prompt_cache_layout` is its oracle).
 
 The batched forwards are `path_forward.PathForward`'s: row b's new tokens see their own past (the shared prefix, then
 the row's own right-padded segment) and, causally, the row's earlier new tokens, so paths never see each other; small
@@ -41,7 +46,8 @@ from raytrain.infer.path_cache import PathCache, digest
 from raytrain.infer.path_forward import KVLayout, PathForward, Segment
 from raytrain.models.decoder import Decoder
 
-SALIENCY = ("bayesian", "attention")
+METHODS = ("superposition", "prompt_cache")
+SALIENCY = ("bayesian", "attention", "random")
 CACHE_POLICIES = ("keyed", "off")
 LOGPROB_CHUNK = 2048  # token positions per output-head product when scoring (bounds the (tokens, vocab) logits)
 
@@ -49,9 +55,12 @@ LOGPROB_CHUNK = 2048  # token positions per output-head product when scoring (bo
 @dataclass
 class SuperpositionConfig:
     enabled: bool = False  # requests with documents run through superposition; off: naive RAG (one prompt)
+    method: str = "superposition"  # or prompt_cache: the spec's baseline (documents as independent cached modules,
+    # one query over all of them, nothing pruned); top_k, positions, saliency and hops are then unused
     top_k: int = 1  # paths kept after pruning; 0 = every path (no pruning)
     positions: str = "equilibrium"  # equilibrium | left_aligned
     saliency: str = "bayesian"  # bayesian (query + document likelihood) | attention (query -> document attention)
+    # | random (the official code's ablation: scores drawn from a generator seeded by the request's tokens)
     doc_ll_weight: float = 1.0  # w in score = query_ll + w * doc_ll
     factor: int | None = None  # superposition factor: documents merged into paths of round(m / factor); None = m
     hops: int = 1  # fork-join rounds; each round but the last moves its best path into the prefix
@@ -66,7 +75,7 @@ class SuperpositionConfig:
     def check(self, key: str = "superposition") -> None:
         if self.top_k < 0:
             raise ConfigError(f"{key}.top_k={self.top_k} must be >= 0 (0 keeps every path)")
-        choices = {"positions": POSITIONS, "saliency": SALIENCY, "cache_policy": CACHE_POLICIES}
+        choices = {"method": METHODS, "positions": POSITIONS, "saliency": SALIENCY, "cache_policy": CACHE_POLICIES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{key}.{name}={getattr(self, name)!r} is unknown; use {' or '.join(allowed)}")
@@ -79,6 +88,8 @@ class SuperpositionConfig:
                 raise ConfigError(f"{key}.{name}={getattr(self, name)} must be >= 1")
         if not self.cache_mb >= 0:
             raise ConfigError(f"{key}.cache_mb={self.cache_mb} must be >= 0")
+        if self.method == "prompt_cache" and self.hops != 1:
+            raise ConfigError(f"{key}.hops={self.hops}: method=prompt_cache has no hops (it prunes nothing)")
 
 
 @dataclass
@@ -158,6 +169,8 @@ class Superposer:
         """The most KV entries, or positions, the superposed prompt can need before its first generated token (the
         worst case over every pruning outcome): what the context window must hold besides the output."""
         lengths = sorted((len(p) for p in self.paths(prompt)), reverse=True)
+        if self.config.method == "prompt_cache":
+            return len(prompt.preamble) + sum(lengths) + len(prompt.query) + len(prompt.postamble)
         moved = sum(lengths[:self.config.hops - 1])
         kept = min(self._k(prompt) or len(lengths), len(lengths) - (self.config.hops - 1))
         context = moved + sum(lengths[self.config.hops - 1:][:kept]) + kept * len(prompt.query)
@@ -190,6 +203,8 @@ class Superposer:
         """`prefill` as a generator that pauses after each batched forward that ran (the preamble, each fork's
         documents, each fork's query copies; the postamble's ends it), so that an engine can run decode steps in
         between; it returns the context."""
+        if self.config.method == "prompt_cache":
+            return (yield from self._modules(prompt))
         groups = path_groups(len(prompt.documents), self.config.factor)
         paths = self.paths(prompt)
         prefix, computed = self._preamble(prompt.preamble)
@@ -215,6 +230,27 @@ class Superposer:
                               paths=len(paths), cached=cached)
         return Context(context.tokens, *self.layout.unpack(context.kv), self.model.logits(hidden[:, -1]),
                        start + len(prompt.postamble), selection)
+
+    def _modules(self, prompt: ForkJoinPrompt) -> Generator[None, None, Context]:
+        """The Prompt Cache baseline (spec section 6): the preamble and each path are modules computed alone, the
+        paths at left-aligned positions |p|, |p| + 1, ... and cached by (model, path, start); then one forward of the
+        query and the postamble over every module, nothing scored or pruned."""
+        paths = self.paths(prompt)
+        preamble, computed = self._preamble(prompt.preamble)
+        if computed:
+            yield
+        fork = fork_positions(len(prompt.preamble), [len(p) for p in paths], "left_aligned")
+        modules, cached = self._documents(None, paths, fork, cacheable=True)
+        if cached < len(paths):
+            yield
+        context = Segment.cat([preamble, *(m.segment for m in modules)])
+        tail = prompt.query + prompt.postamble
+        joined, hidden, _ = self.forward([tail], [fork.query_start + _arange(len(tail))], shared=context)
+        context = Segment.cat([context, joined[0]])
+        selection = Selection(kept=list(range(len(prompt.documents))), moved=[], scores=[], paths=len(paths),
+                              cached=cached)
+        return Context(context.tokens, *self.layout.unpack(context.kv), self.model.logits(hidden[:, -1]),
+                       fork.query_start + len(tail), selection)
 
     def fork(self, prefix: Segment, paths: list[list[int]], query: list[int], cacheable: bool = True) -> ForkResult:
         """The paths over `prefix`, forking one past its highest position, each with a query copy, scored."""
@@ -247,17 +283,19 @@ class Superposer:
             self.cache.put(key, found, found.nbytes)
         return found, True
 
-    def _documents(self, prefix: Segment, paths: list[list[int]], fork: Fork,
+    def _documents(self, prefix: Segment | None, paths: list[list[int]], fork: Fork,
                    cacheable: bool) -> tuple[list[PathKV], int]:
-        """Each path over the prefix at its fork positions: from the cache, or computed together; and the hits."""
+        """Each path over the prefix (None: alone, a Prompt Cache module, not scored) at its fork positions: from the
+        cache, or computed together; and the hits."""
         use_cache = cacheable and self.cache is not None
-        keys = [(self.model_key, digest(prefix.tokens), digest(p), step, float(pos[0])) if use_cache else None
+        over = digest(prefix.tokens) if prefix is not None else "module"
+        keys = [(self.model_key, over, digest(p), step, float(pos[0])) if use_cache else None
                 for p, step, pos in zip(paths, fork.steps, fork.paths)]
         found = [self.cache.get(k) if use_cache else None for k in keys]
         missing = [i for i, f in enumerate(found) if f is None]
         if missing:
             segments, likelihoods, _ = self._paths([paths[i] for i in missing], [fork.paths[i] for i in missing],
-                                                   shared=prefix)
+                                                   shared=prefix, score=prefix is not None)
             for i, segment, ll in zip(missing, segments, likelihoods.tolist()):
                 found[i] = PathKV(segment, ll)
                 if use_cache:
@@ -273,23 +311,28 @@ class Superposer:
                                                rows=[d.segment for d in docs], track=attention)
         if attention:
             return segments, mass / len(self.model.layers)
+        if self.config.saliency == "random":
+            seed = int(digest([*query, *(t for d in docs for t in d.segment.tokens)])[:15], 16)
+            return segments, torch.rand(n, generator=torch.Generator().manual_seed(seed))
         doc_ll = torch.tensor([d.log_likelihood for d in docs])
         return segments, query_ll + self.config.doc_ll_weight * doc_ll
 
     # ---- batched forwards -------------------------------------------------------------------------------------
 
-    def _paths(self, tokens: list[list[int]], positions: list[torch.Tensor], shared: Segment,
-               rows: list[Segment] | None = None,
-               track: bool = False) -> tuple[list[Segment], torch.Tensor, torch.Tensor]:
+    def _paths(self, tokens: list[list[int]], positions: list[torch.Tensor], shared: Segment | None,
+               rows: list[Segment] | None = None, track: bool = False,
+               score: bool = True) -> tuple[list[Segment], torch.Tensor, torch.Tensor]:
         """New segments over their pasts, in forwards of at most `max_batch_tokens` padded tokens: the segments,
-        their mean log-likelihoods and (with `track`) the attention they paid their own past segments, (B,) each."""
+        their mean log-likelihoods (with `score`, else zeros) and (with `track`) the attention they paid their own
+        past segments, (B,) each."""
         segments, likelihoods, masses = [], [], []
         for chunk in self._chunks([len(t) for t in tokens]):
             part = [tokens[i] for i in chunk]
             new, hidden, mass = self.forward(part, [positions[i] for i in chunk], shared,
                                              [rows[i] for i in chunk] if rows is not None else None, track)
             segments += new
-            likelihoods.append(self._mean_logprob(hidden, part))
+            likelihoods.append(self._mean_logprob(hidden, part) if score
+                               else torch.zeros(len(part), device=self.device))
             masses.append(mass.clone())
         return segments, torch.cat(likelihoods).cpu(), torch.cat(masses).cpu()
 

@@ -10,7 +10,8 @@ import torch
 
 from raytrain.config import ConfigError, RaytrainError
 from raytrain.infer.engine import Engine, EngineConfig, Request
-from raytrain.infer.forkjoin import ForkJoinPrompt, MaskedAttention, fork_positions, oracle_layout, oracle_logits
+from raytrain.infer.forkjoin import (ForkJoinPrompt, MaskedAttention, fork_positions, oracle_layout, oracle_logits,
+                                     prompt_cache_layout)
 from raytrain.infer.model_runner import ModelRunner, bucket
 from raytrain.infer.path_cache import PathCache
 from raytrain.infer.path_forward import KVLayout, Segment
@@ -103,9 +104,12 @@ def test_float_rope_equals_the_table_at_integers_and_moves_between_them(lm) -> N
 
 # ---- the path-wise computation against the oracle ---------------------------------------------------------------
 
-def decode_against_oracle(model, prompt: ForkJoinPrompt, context, kept: list[int] | None, steps: int) -> list[int]:
+def decode_against_oracle(model, prompt: ForkJoinPrompt, context, kept: list[int] | None, steps: int,
+                          layout=None) -> list[int]:
     """Greedy decode from `context` in a one-slot model runner (the engine's decode path), each step's logits
-    checked against the oracle's with the response so far; returns the tokens."""
+    checked against the oracle's with the response so far (`layout(response)`, by default the superposition DAG's
+    with `kept`); returns the tokens."""
+    layout = layout or (lambda response: oracle_layout(prompt, kept=kept, response=response))
     runner = ModelRunner(model, 1, 128, cuda_graphs=False)
     n = len(context.tokens)
     runner.install(0, context.keys, context.values, 0, n)
@@ -114,7 +118,7 @@ def decode_against_oracle(model, prompt: ForkJoinPrompt, context, kept: list[int
     response = [int(token)]
     for step in range(steps):
         logits = runner.decode(1, bucket(n + step + 1, runner.lengths))[0]
-        want = oracle_logits(model, oracle_layout(prompt, kept=kept, response=response))[-1]
+        want = oracle_logits(model, layout(response))[-1]
         torch.testing.assert_close(logits, want, rtol=0, atol=ATOL)
         token = logits.argmax()[None]
         runner.advance(1, token)
@@ -261,6 +265,52 @@ def test_cache_hits_equal_recomputation_bitwise(lm, tokenizer) -> None:
     assert engine.superposer.prefill(other).selection.cached == 0  # other lengths: other steps, other keys
 
 
+def test_random_saliency_is_seeded_by_the_request(lm) -> None:
+    prompt = random_prompt([3, 7, 4, 6], seed=14)
+    a, b = (superposer(lm, top_k=2, saliency="random").prefill(prompt) for _ in range(2))
+    scores = torch.tensor(a.selection.scores)
+    assert a.selection.scores == b.selection.scores and len(set(a.selection.scores)) == 4
+    assert bool(((scores >= 0) & (scores < 1)).all()) and a.selection.kept == top_k(scores, 2)
+    other = random_prompt([3, 7, 4, 6], seed=15)
+    assert superposer(lm, saliency="random").prefill(other).selection.scores != a.selection.scores
+
+
+# ---- the Prompt Cache baseline ----------------------------------------------------------------------------------
+
+def test_prompt_cache_equals_its_oracle(lm) -> None:
+    """Modules alone at left-aligned positions, one query over all of them: the context, its first logits and every
+    decode step equal the single-sequence forward under the baseline's mask."""
+    prompt = random_prompt([3, 7, 4, 6], seed=16)
+    context = superposer(lm, method="prompt_cache").prefill(prompt)
+    layout = prompt_cache_layout(prompt)
+    assert context.tokens == layout.tokens and context.selection.kept == [0, 1, 2, 3]
+    assert layout.positions[layout.spans["document", 2]].tolist() == [5, 6, 7, 8]  # left-aligned after |p| = 5
+    assert layout.positions[layout.spans["query", 0]][0] == 5 + 7
+    torch.testing.assert_close(context.logits[0], oracle_logits(lm, layout)[-1], rtol=0, atol=ATOL)
+    assert context.next_position == pytest.approx(float(layout.positions[-1]) + 1)
+    decode_against_oracle(lm, prompt, context, None, steps=4,
+                          layout=lambda response: prompt_cache_layout(prompt, response))
+
+
+def test_prompt_cache_modules_ignore_the_preamble_and_are_reused_across_preambles(lm, tokenizer) -> None:
+    prompt = random_prompt([3, 7, 4, 6], seed=17)
+    other = ForkJoinPrompt([9, 10, 11, 12, 13], prompt.documents, prompt.query, prompt.postamble)  # same |p|
+    engine = Engine(lm, tokenizer, EngineConfig(superposition=SuperpositionConfig(enabled=True,
+                                                                                  method="prompt_cache")))
+    first, second = (engine.generate([Request(params=GREEDY, forkjoin=p)])[0] for p in (prompt, other))
+    assert (first.superposition.cached, second.superposition.cached) == (0, 4)
+    fresh = superposer(lm, method="prompt_cache", cache_policy="off").prefill(other)
+    hit = engine.superposer.prefill(other)
+    assert torch.equal(hit.logits, fresh.logits)
+    assert all(torch.equal(a, b) for a, b in zip(hit.keys + hit.values, fresh.keys + fresh.values))
+    p, documents = len(prompt.preamble), slice(5, 5 + 20)
+    plain = superposer(lm, method="prompt_cache", cache_policy="off").prefill(prompt)
+    assert all(torch.equal(a[:, documents], b[:, documents]) for a, b in zip(plain.keys, fresh.keys)) and p == 5
+    assert not torch.equal(plain.keys[0][:, :p], fresh.keys[0][:, :p])
+    assert second.token_ids == decode_against_oracle(lm, other, fresh, None, steps=5,
+                                                     layout=lambda response: prompt_cache_layout(other, response))
+
+
 def test_the_path_cache_is_a_bounded_lru() -> None:
     cache = PathCache(max_bytes=100)
     cache.put("a", 1, 40)
@@ -329,6 +379,10 @@ def test_bad_superposition_input_fails_before_any_compute(lm, tokenizer) -> None
         Engine(lm, tokenizer, EngineConfig(superposition=SuperpositionConfig(top_k=-1)))
     with pytest.raises(ConfigError, match=r"generation\.superposition\.positions='middle' is unknown"):
         Engine(lm, tokenizer, EngineConfig(superposition=SuperpositionConfig(positions="middle")))
+    with pytest.raises(ConfigError, match=r"generation\.superposition\.method='prompt_caching' is unknown"):
+        Engine(lm, tokenizer, EngineConfig(superposition=SuperpositionConfig(method="prompt_caching")))
+    with pytest.raises(ConfigError, match=r"generation\.superposition\.hops=2: method=prompt_cache has no hops"):
+        Engine(lm, tokenizer, EngineConfig(superposition=SuperpositionConfig(method="prompt_cache", hops=2)))
     with pytest.raises(ConfigError, match=r"generation\.superposition\.graph_tokens=-1 must be >= 0"):
         Engine(lm, tokenizer, EngineConfig(superposition=SuperpositionConfig(graph_tokens=-1)))
     engine = Engine(lm, tokenizer, EngineConfig(superposition=SuperpositionConfig(enabled=True, hops=3)))

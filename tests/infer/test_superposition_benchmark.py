@@ -35,7 +35,7 @@ def test_speed_mode_line(tmp_path, tokenizer, monkeypatch, capsys) -> None:
     assert line["config"]["model"]["vocab_size"] == len(tokenizer) and line["config"]["model"]["d_model"] == 128
     naive, results = line["baseline"]["naive"], line["results"]
     assert set(results) == {"superposition_top1_warm", "superposition_top1_cold", "superposition_top2_warm",
-                            "superposition_top2_cold"}
+                            "superposition_top2_cold", "prompt_cache_warm", "prompt_cache_cold"}
     assert not any("accuracy" in key for r in (naive, *results.values()) for key in r)  # random weights
     for name, r in {"naive": naive, **results}.items():
         assert r["timed_requests"] == len(asked) * 2 and r["generated_tokens"] == 5, name
@@ -52,6 +52,14 @@ def test_speed_mode_line(tmp_path, tokenizer, monkeypatch, capsys) -> None:
         # first token; cold, the preamble's and the documents' forwards before those
         assert len(naive["ttft_steps_ms"]) == 1 and len(warm["ttft_steps_ms"]) == 2 and len(cold["ttft_steps_ms"]) == 4
     assert results["superposition_top1_warm"]["context_tokens"] < results["superposition_top2_warm"]["context_tokens"]
+    pc_warm, pc_cold = results["prompt_cache_warm"], results["prompt_cache_cold"]
+    assert pc_warm["cached_paths"] == len(docs) and pc_cold["cached_paths"] == 0
+    # every document once and the query once: the naive prompt's tokens; warm, one forward (query and postamble),
+    # cold the preamble's and the documents' before it
+    assert pc_warm["context_tokens"] == pc_cold["context_tokens"] == naive["prompt_tokens"]
+    assert len(pc_warm["ttft_steps_ms"]) == 1 and len(pc_cold["ttft_steps_ms"]) == 3
+    assert pc_cold["flops_ttft_total"] > pc_warm["flops_ttft_total"] and pc_warm["flops_ttft_total"] < naive[
+        "flops_ttft_total"]
     assert naive["flops_ttft_critical"] == naive["flops_ttft_total"]
     for name, ratio in line["ratios"].items():
         r = results[name]

@@ -1,0 +1,31 @@
+"""benchmarks/seedlm_sass.py's pipe model: which opcodes load which Hopper pipe, and the cycles each limit needs."""
+
+from __future__ import annotations
+
+import collections
+import importlib.util
+
+from tests.conftest import REPO
+
+spec = importlib.util.spec_from_file_location("seedlm_sass", REPO / "benchmarks" / "seedlm_sass.py")
+sass = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(sass)
+
+
+def test_pipe_cycles_count_half_rate_integer_pipes_twice() -> None:
+    loop = collections.Counter({"LOP3.LUT": 6, "SHF.R.U64": 2, "FFMA": 8, "IMAD.SHL.U32": 1, "LDG.E.64": 1})
+    # 18 instructions issued; 8 on the 16-lane alu pipe (2 cycles each); 8 FFMA over two FMA pipes plus one IMAD
+    assert sass.pipe_cycles(loop, units=2) == {"issue": 9.0, "alu": 8.0, "fma": 4.5}
+    imad_heavy = collections.Counter({"IMAD.MOV.U32": 5, "FADD": 1})
+    assert sass.pipe_cycles(imad_heavy, units=1)["fma"] == 10  # IMAD only on fmaheavy: 2 cycles each
+
+
+def test_main_loop_is_the_longest_backward_branch() -> None:
+    code = """
+        /*0000*/ MOV R1, c[0x0][0x28] ;
+        /*0010*/ LOP3.LUT R2, R3, R4, RZ, 0xc0, !PT ;
+        /*0020*/ FFMA R5, R2, R2, R5 ;
+        /*0030*/ @P0 BRA 0x10 ;
+        /*0040*/ EXIT ;
+    """
+    assert sass.main_loop(code) == collections.Counter({"LOP3.LUT": 1, "FFMA": 1, "BRA": 1})
