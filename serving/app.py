@@ -209,7 +209,7 @@ class OpenAIIngress:
         if req.rag is not None:
             base, _ = self._route(req.model)
             most = self.specs[base].limits.max_documents
-            if len(req.rag.documents) > most:
+            if req.rag.documents is not None and len(req.rag.documents) > most:
                 raise ApiError(400, f"rag.documents: {len(req.rag.documents)} documents; model {base!r} takes "
                                f"at most {most} per request", "rag.documents", "invalid_value")
             job["rag"] = req.rag.model_dump()

@@ -83,6 +83,10 @@ class ModelSpec:
     chat_template: str | None = None  # Jinja; null: the tokenizer's own, else a plain "role: content" template
     adapters: dict[str, str] = field(default_factory=dict)  # LoRA adapters of this base: name -> dir (`NAME:name`)
     adapter_slots: int = 4  # adapters in memory at once per replica (loaded on first use, least recently used out)
+    document_stores: dict[str, str] = field(default_factory=dict)  # rag: name -> a documents file (.jsonl or text, as
+    # `raytrain generate rag.documents`), read by every replica; a request names one as rag.store
+    warm_document_stores: bool = True  # with superposition on: compute each store's document KV into the path cache
+    # as the replica starts, so that the first question over a store is warm
     engine: EngineConfig = field(default_factory=EngineConfig)  # batching; decoding: plain, LazyLLM, SpecStream
     stream_interval_s: float = 0.02  # a stream's items are at least this far apart (text accumulates between them)
     limits: Limits = field(default_factory=Limits)
@@ -166,6 +170,10 @@ def check_model(name: str, model: ModelSpec, key: str) -> None:
                           "sequence beside the batch, without adapters)")
     if model.adapter_slots < 1:
         raise ConfigError(f"{key}.adapter_slots={model.adapter_slots} must be >= 1")
+    for store, path in model.document_stores.items():
+        if not re.fullmatch(NAME, store) or not path:
+            raise ConfigError(f"{key}.document_stores.{store}: store names use letters, digits, '.', '_' and '-', "
+                              "and each names its documents file")
     if not model.checkpoint:
         raise ConfigError(f"{key}.checkpoint is not set (checkpoint=PATH sets the default model's)")
     if model.weights not in WEIGHT_FORMATS:

@@ -10,7 +10,9 @@ item at most every `stream_interval_s`, so a busy replica sends fewer, larger it
 caller goes away (client disconnect, timeout) is cancelled at the engine's next step. A chat request with `rag`
 documents becomes a fork-join prompt (`raytrain/infer/rag.py`): superposition prompting or naive RAG, per request or
 as the model's engine is configured; the replica's engine keeps the path cache, so documents sent again are not
-recomputed. A request for `NAME:adapter` runs with that LoRA adapter of the replica's base (`adapters` in the
+recomputed. A request may name one of the model's document stores (`document_stores`: files read as the replica
+starts, their document KV computed into the path cache then with `warm_document_stores`) instead of sending
+documents. A request for `NAME:adapter` runs with that LoRA adapter of the replica's base (`adapters` in the
 model's config, `adapter_slots` of them in memory at once, all checked against the base at startup); requests of
 different adapters share one batch.
 
@@ -32,10 +34,10 @@ from jinja2 import TemplateError
 from ray import serve
 
 from raytrain.checkpoint.hf import is_compressed_checkpoint, read_model_config
-from raytrain.config import RaytrainError
+from raytrain.config import ConfigError, RaytrainError
 from raytrain.infer.engine import Completion, Engine, Request
 from raytrain.infer.forkjoin import ForkJoinPrompt
-from raytrain.infer.rag import chat_template, forkjoin_prompt
+from raytrain.infer.rag import chat_template, forkjoin_prompt, read_documents
 from raytrain.infer.sampling import SamplingError, SamplingParams
 from raytrain.infer.vlm import VLMEngine, VLMRequest
 from raytrain.models.vlm import VLMConfig
@@ -84,6 +86,9 @@ class ModelServer:
         # no text beyond this many characters tokenizes into max_prompt_tokens tokens or fewer
         self.max_prompt_chars = self.spec.limits.max_prompt_tokens * longest_token_chars(self.engine.tokenizer)
         self.preparing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
+        self.stores = load_stores(self.spec, f"models.{name}", self.vision)
+        if self.spec.warm_document_stores and self.stores and self.spec.engine.superposition.enabled:
+            self._warm_stores(f"models.{name}")
 
     # ---- called by the ingress ------------------------------------------------------------------------------
 
@@ -124,7 +129,8 @@ class ModelServer:
         return {"context_window": self.engine.context_window, "max_batch_size": engine.max_batch_size,
                 "decoding": "+".join(modes) or "plain", "weights": self.spec.weights,
                 "rag": "superposition" if engine.superposition.enabled else "naive",
-                "adapters": list(self.spec.adapters), "adapter_slots": self.spec.adapter_slots}
+                "adapters": list(self.spec.adapters), "adapter_slots": self.spec.adapter_slots,
+                "document_stores": {name: len(documents) for name, documents in self.stores.items()}}
 
     def stats(self) -> dict[str, Any]:
         """Engine steps run, how many decode steps carried each number of sequences, the path cache, adapters loaded
@@ -157,7 +163,8 @@ class ModelServer:
             raise RequestError(f"rag: model {self.name!r} is a vision-language model; rag takes a language model",
                                "rag", "invalid_value")
         if job.get("rag") is not None:
-            prompt_param, ids, forkjoin = "rag.documents", None, self._forkjoin(job)
+            prompt_param = "rag.documents" if job["rag"].get("store") is None else "rag.store"
+            ids, forkjoin = None, self._forkjoin(job)
             length, needed = len(forkjoin.flat()), self._needed(forkjoin)
         else:
             prompt_param = "messages" if job.get("messages") is not None else "prompt"
@@ -203,20 +210,42 @@ class ModelServer:
         """The fork-join prompt of a rag job: earlier messages, then the instruction, the documents and the last
         (user) message as the question."""
         rag, messages = job["rag"], job["messages"]
-        chars = sum(len(m["content"]) for m in messages) + sum(map(len, rag["documents"]))
+        documents, param = self._documents(rag)
+        chars = sum(len(m["content"]) for m in messages) + sum(map(len, documents))
         if chars > self.max_prompt_chars:
-            raise RequestError(f"rag.documents: {chars} characters of documents and messages are more than model "
+            raise RequestError(f"{param}: {chars} characters of documents and messages are more than model "
                                f"{self.name!r} accepts (at most {self.spec.limits.max_prompt_tokens} tokens, which "
                                f"this tokenizer never spells in more than {self.max_prompt_chars} characters)",
-                               "rag.documents", "context_length_exceeded")
+                               param, "context_length_exceeded")
         try:
-            prompt = forkjoin_prompt(self.engine.tokenizer, rag["documents"], messages[-1]["content"],
+            prompt = forkjoin_prompt(self.engine.tokenizer, documents, messages[-1]["content"],
                                      history=messages[:-1], template=self.chat_template)
         except (TemplateError, RaytrainError) as e:
             raise RequestError(f"messages: the chat template rejected them ({e})", "messages") from None
         prompt.superpose = None if rag["mode"] is None else rag["mode"] == "superposition"
         prompt.top_k = rag["top_k"]
         return prompt
+
+    def _documents(self, rag: dict[str, Any]) -> tuple[list[str], str]:
+        """The job's documents, sent or from the named store, and the field they came from."""
+        if rag.get("store") is None:
+            return rag["documents"], "rag.documents"
+        if rag["store"] not in self.stores:
+            raise RequestError(f"rag.store: model {self.name!r} has no document store {rag['store']!r}; its stores: "
+                               f"{', '.join(self.stores) or 'none'}", "rag.store", "invalid_value")
+        return self.stores[rag["store"]], "rag.store"
+
+    def _warm_stores(self, key: str) -> None:
+        """Each store's preamble and document KV into the path cache, by a one-token request over it (a question's
+        query copies are computed per request anyway): the first real question is then warm. A store the context
+        window cannot hold fails here, naming it."""
+        for name, documents in self.stores.items():
+            prompt = forkjoin_prompt(self.engine.tokenizer, documents, "", template=self.chat_template)
+            try:
+                self.engine.generate([Request(params=SamplingParams(max_new_tokens=1, temperature=0),
+                                              forkjoin=prompt)])
+            except RaytrainError as e:
+                raise ConfigError(f"{key}.document_stores.{name}: {e}") from None
 
     def _needed(self, prompt: ForkJoinPrompt) -> int:
         """Context entries the prompt needs before its output: the naive prompt's length, or with superposition
@@ -276,6 +305,21 @@ class ModelServer:
             raise RequestError(f"prompt: token id {outside} is outside the vocabulary of model {self.name!r} "
                                f"(0 to {vocab - 1})", "prompt", "invalid_value")
         return self.engine.tokenize(ids)
+
+
+def load_stores(spec: ModelSpec, key: str, vision: bool) -> dict[str, list[str]]:
+    """Each document store's documents, read from its file as this replica sees it, at most `limits.max_documents`
+    (what one request may send)."""
+    if spec.document_stores and vision:
+        raise ConfigError(f"{key}.document_stores: rag takes a language model; {spec.checkpoint} is a "
+                          "vision-language model")
+    stores = {}
+    for name, path in spec.document_stores.items():
+        stores[name] = read_documents(path, f"{key}.document_stores.{name}")
+        if len(stores[name]) > spec.limits.max_documents:
+            raise ConfigError(f"{key}.document_stores.{name}: {path} holds {len(stores[name])} documents; a request "
+                              f"takes at most limits.max_documents={spec.limits.max_documents}")
+    return stores
 
 
 def longest_token_chars(tokenizer: Any) -> int:

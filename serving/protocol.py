@@ -191,14 +191,19 @@ class ChatMessage(_Strict):
 
 
 class Rag(_Strict):
-    """Retrieval-augmented generation: answer the last user message from `documents`."""
+    """Retrieval-augmented generation: answer the last user message from `documents`, or from the documents of the
+    model's document store named `store`."""
 
-    documents: Texts
+    documents: Texts | None = None
+    store: Text | None = None
     mode: Literal["superposition", "naive"] | None = None  # None: as the model is configured
     top_k: int | None = Field(None, ge=0, le=INT32_MAX)  # superposition: paths kept, 0 = all; None: the model's
 
     def check(self) -> None:
-        empty = next((i for i, d in enumerate(self.documents) if not d.strip()), None)
+        if (self.documents is None) == (self.store is None):
+            raise ApiError(400, "rag: give documents, or the name of one of the model's document stores as store, "
+                           "not both", "rag", "invalid_value")
+        empty = next((i for i, d in enumerate(self.documents or []) if not d.strip()), None)
         if empty is not None:
             raise ApiError(400, f"rag.documents.{empty}: the document is empty", f"rag.documents.{empty}",
                            "invalid_value")

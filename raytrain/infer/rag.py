@@ -51,20 +51,21 @@ def forkjoin_prompt(tokenizer: Any, documents: list[str], question: str, instruc
                           encode(f"Question: {question.strip()}\n"), encode(after))
 
 
-def read_documents(path: str | Path) -> list[str]:
+def read_documents(path: str | Path, key: str = "rag.documents") -> list[str]:
     """Documents from a file: JSON lines (`{"text": ..., "title": ...}`, title optional, written as the paper's
-    `[Document](Title: ...) text`), or plain text with documents separated by blank lines."""
+    `[Document](Title: ...) text`), or plain text with documents separated by blank lines. Errors name `key` (the
+    setting that gave the path) or the file and line."""
     path = Path(path)
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"rag.documents: cannot read {path} ({e})") from None
+        raise ConfigError(f"{key}: cannot read {path} ({e})") from None
     if path.suffix == ".jsonl":
         documents = [_document(line, f"{path}:{n}") for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     else:
         documents = [d.strip() for d in text.split("\n\n") if d.strip()]
     if not documents:
-        raise ConfigError(f"rag.documents: {path} holds no documents")
+        raise ConfigError(f"{key}: {path} holds no documents")
     return documents
 
 

@@ -24,6 +24,9 @@ from tests.conftest import compose, local_ray
 API_KEY = "sk-test-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 MAX_BODY = 300_000
+DOCUMENTS = ["The if statement selects exactly one of the suites by evaluating the expressions.",
+             "A class definition defines a class object; its suite is executed in a new frame.",
+             "The while statement is used for repeated execution as long as an expression is true."]
 LAZY = ("+serve.models.lazy={checkpoint:${checkpoint},engine:{max_batch_size:2,lazy:true,"
         "lazyllm:{min_prompt_tokens:16}},limits:{request_timeout_s:1.5,max_output_tokens:2000},"
         "deployment:{max_ongoing_requests:2,max_queued_requests:2}}")
@@ -97,6 +100,8 @@ def server(checkpoint, adapters, tmp_path_factory):
     local_ray()
     key_file = tmp_path_factory.mktemp("secret") / "api_key"
     key_file.write_text(API_KEY + "\n")
+    store = key_file.parent / "python.txt"  # `default`'s document store: DOCUMENTS, blank-line separated
+    store.write_text("\n\n".join(DOCUMENTS) + "\n")
     cfg = compose("serve", [f"checkpoint={checkpoint}", f"serve.http_options.port={free_port()}",
                             f"serve.api.api_key_file={key_file}", f"serve.api.max_body_bytes={MAX_BODY}",
                             "serve.api.body_timeout_s=2",
@@ -106,7 +111,8 @@ def server(checkpoint, adapters, tmp_path_factory):
                             "serve.models.default.limits.max_output_tokens=2000",
                             "serve.models.default.stream_interval_s=0",  # an item per engine step
                             *(f"+serve.models.default.adapters.{name}={path}" for name, path in adapters.items()),
-                            "serve.models.default.adapter_slots=2", LAZY])
+                            "serve.models.default.adapter_slots=2", f"+serve.models.default.document_stores.python={store}",
+                            LAZY])
     url = start(serve_config(serve_spec(cfg.serve)), timeout_s=300)
     yield url
     serve.shutdown()

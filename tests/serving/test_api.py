@@ -23,7 +23,7 @@ from raytrain.infer.lazyllm import LazyConfig
 from raytrain.infer.rag import PLAIN_CHAT_TEMPLATE, forkjoin_prompt
 from raytrain.infer.sampling import SamplingParams
 from tests.conftest import REPO
-from tests.serving.conftest import API_KEY, AUTH
+from tests.serving.conftest import API_KEY, AUTH, DOCUMENTS
 
 pytestmark = pytest.mark.integration
 LONG_PROMPT = ("The if statement is used for conditional execution: it selects exactly one of the suites by "
@@ -128,11 +128,6 @@ def test_chat_renders_the_template_streamed_or_not(server, engines) -> None:
     assert data[-2]["choices"][0]["finish_reason"] == want.finish_reason
 
 
-DOCUMENTS = ["The if statement selects exactly one of the suites by evaluating the expressions.",
-             "A class definition defines a class object; its suite is executed in a new frame.",
-             "The while statement is used for repeated execution as long as an expression is true."]
-
-
 def test_rag_chat_answers_from_documents_by_superposition_or_naively(server, checkpoint, engines, tmp_path) -> None:
     engine, handle = engines["default"], serve.get_deployment_handle("model-default", "raytrain")
     messages = [{"role": "user", "content": "What is the while statement used for?"}]
@@ -155,6 +150,10 @@ def test_rag_chat_answers_from_documents_by_superposition_or_naively(server, che
         assert kept == want.superposition.kept and len(kept) == (1 if top_k else len(DOCUMENTS))
         if top_k == 0:  # the same documents again: their paths come from the replica's path cache
             assert handle.stats.remote().result()["path_cache"]["hits"] >= hits + len(DOCUMENTS)
+        stored = post(server, "/v1/chat/completions", {"model": "default", "messages": messages, "max_tokens": 12,
+                                                       "temperature": 0, "rag": {**rag, "store": "python",
+                                                                                 "documents": None}})
+        assert stored.status_code == 200 and stored.json()["choices"] == body["choices"], stored.text
     with httpx.stream("POST", f"{server}/v1/chat/completions", headers=AUTH, timeout=120,
                       json={"model": "default", "messages": messages, "max_tokens": 12, "temperature": 0,
                             "stream": True, "rag": {"documents": DOCUMENTS, "mode": "superposition"}}) as s:
@@ -233,6 +232,9 @@ ERRORS = [  # path, body, status, param, code
     ("/v1/chat/completions", {**CHAT, "rag": {"documents": ["a", " \n"]}}, 400, "rag.documents.1", "invalid_value"),
     ("/v1/chat/completions", {**CHAT, "rag": {"documents": ["a"], "mode": "magic"}}, 400, "rag.mode", "invalid_type"),
     ("/v1/chat/completions", {**CHAT, "rag": {"documents": ["a"], "top_k": -1}}, 400, "rag.top_k", "invalid_value"),
+    ("/v1/chat/completions", {**CHAT, "rag": {"documents": ["a"], "store": "python"}}, 400, "rag", "invalid_value"),
+    ("/v1/chat/completions", {**CHAT, "rag": {"mode": "naive"}}, 400, "rag", "invalid_value"),
+    ("/v1/chat/completions", {**CHAT, "rag": {"store": "java"}}, 400, "rag.store", "invalid_value"),
     ("/v1/chat/completions", {**CHAT, "rag": {"documents": ["a"] * 60 + ["statement " * 1100]}}, 400, "rag.documents",
      "context_length_exceeded"),
     ("/v1/chat/completions", {"model": "default", "messages": [{"role": "assistant", "content": "x"}],

@@ -106,11 +106,15 @@ def test_models_that_may_scale_to_zero_are_named_to_the_ingress() -> None:
     assert args["scale_to_zero"] == ["cold"] and args["api"]["max_body_bytes"] > 0
 
 
-def test_model_and_adapter_names_are_checked() -> None:
+def test_model_adapter_and_store_names_are_checked() -> None:
     with pytest.raises(ConfigError, match=r"serve\.models\.my model: model names use"):
         serve_spec({"models": {"my model": {"checkpoint": "/x"}}})
     with pytest.raises(ConfigError, match=r"serve\.models\.m\.adapters\.a:b: adapter names use"):
         serve_spec({"models": {"m": {"checkpoint": "/x", "adapters": {"a:b": "/y"}}}})
+    with pytest.raises(ConfigError, match=r"serve\.models\.m\.document_stores\.a b: store names use"):
+        serve_spec({"models": {"m": {"checkpoint": "/x", "document_stores": {"a b": "/y"}}}})
+    with pytest.raises(ConfigError, match=r"serve\.models\.m\.document_stores\.docs: store names .* each names"):
+        serve_spec({"models": {"m": {"checkpoint": "/x", "document_stores": {"docs": ""}}}})
 
 
 def test_the_command_emits_the_yaml_and_checks_checkpoints_before_starting_ray(tmp_path) -> None:

@@ -4,6 +4,7 @@ long to fit is refused before it is tokenized, and token ids outside the vocabul
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -87,15 +88,20 @@ def test_no_text_tokenizes_into_fewer_tokens_than_its_length_over_the_longest_to
         assert len(tokenizer.encode(text, add_special_tokens=False)) * longest >= len(text), text
 
 
-@torch.inference_mode()
-def test_rag_jobs_become_fork_join_requests_within_the_limits(tmp_path, tokenizer) -> None:
+def rag_checkpoint(tmp_path, tokenizer):
+    """A random model with a 160-token window and a tokenizer with a chat template."""
     cfg = DecoderConfig(name="rag", vocab_size=512, d_model=32, n_layers=2, head_dim=16, q_heads=2, kv_heads=2,
                         ffn_dim=64, max_seq_len=160)
     tokenizer.chat_template = TOKENIZER_TEMPLATE
     try:
-        checkpoint = save_pretrained(tmp_path / "rag", cfg, model_state(build_decoder(cfg)), to_files(tokenizer))
+        return save_pretrained(tmp_path / "rag", cfg, model_state(build_decoder(cfg)), to_files(tokenizer))
     finally:
         tokenizer.chat_template = None
+
+
+@torch.inference_mode()
+def test_rag_jobs_become_fork_join_requests_within_the_limits(tmp_path, tokenizer) -> None:
+    checkpoint = rag_checkpoint(tmp_path, tokenizer)
     model = server(checkpoint, engine={"superposition": {"enabled": True, "hops": 2}},
                    limits={"max_prompt_tokens": 120, "max_output_tokens": 20})
     rag = {"documents": ["The if statement.", "A class."], "mode": None, "top_k": None}
@@ -115,6 +121,36 @@ def test_rag_jobs_become_fork_join_requests_within_the_limits(tmp_path, tokenize
         with pytest.raises(RequestError) as e:
             model.prepare({"messages": MESSAGES, "params": PARAMS, "rag": bad})
         assert e.value.args[1:3] == (param, code), e.value.args
+
+
+@torch.inference_mode()
+def test_document_stores_are_read_warmed_and_named_by_requests(tmp_path, tokenizer) -> None:
+    checkpoint = rag_checkpoint(tmp_path, tokenizer)
+    docs = ["The if statement.", "A class.", "The while loop."]
+    (tmp_path / "python.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    settings = {"engine": {"superposition": {"enabled": True}},
+                "limits": {"max_prompt_tokens": 120, "max_output_tokens": 20}}
+    model = server(checkpoint, **settings, document_stores={"python": str(tmp_path / "python.jsonl")})
+    assert model.engine.superposer.cache.stats()["entries"] == 1 + len(docs)  # the preamble and every document
+    assert model.info()["document_stores"] == {"python": 3}
+    rag = {"documents": None, "store": "python", "mode": None, "top_k": None}
+    stored = model.prepare({"messages": MESSAGES, "params": PARAMS, "rag": rag})
+    sent = model.prepare({"messages": MESSAGES, "params": PARAMS, "rag": {**rag, "documents": docs, "store": None}})
+    assert stored.forkjoin.flat() == sent.forkjoin.flat()
+    assert model.engine.generate([stored])[0].superposition.cached == len(docs)  # the first question is warm
+    with pytest.raises(RequestError) as e:
+        model.prepare({"messages": MESSAGES, "params": PARAMS, "rag": {**rag, "store": "java"}})
+    assert e.value.args[1:3] == ("rag.store", "invalid_value") and "its stores: python" in e.value.args[0]
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\nnot json\n')
+    (tmp_path / "long.txt").write_text("statement " * 100)
+    bad = {"bad": (r"bad\.jsonl:2: not valid JSON", {}),
+           "python": (r"models\.m\.document_stores\.python: .* holds 3 documents; a request takes at most "
+                      r"limits\.max_documents=2", {"limits": {**settings["limits"], "max_documents": 2}}),
+           "long": (r"models\.m\.document_stores\.long: .*beyond the model's context window of 160", {})}
+    for store, (message, override) in bad.items():
+        path = tmp_path / {"bad": "bad.jsonl", "python": "python.jsonl", "long": "long.txt"}[store]
+        with pytest.raises(RaytrainError, match=message):
+            server(checkpoint, **{**settings, **override}, document_stores={store: str(path)})
 
 
 @torch.inference_mode()
