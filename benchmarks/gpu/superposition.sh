@@ -4,11 +4,11 @@
 #
 #   bash benchmarks/gpu/superposition.sh [smollm2|speed|all] [OUT]
 #
-# smollm2: accuracy and time on SmolLM2-135M-Instruct (single-hop and multi-hop, every method; the README's H200
-#   command, with a 3.5-minute budget for questions in place of 4 so that loading and warm-up fit too).
+# smollm2: accuracy and time on SmolLM2-135M-Instruct (single-hop and multi-hop, every method, Prompt Cache too; the
+#   README's H200 command, with a 3.5-minute budget for questions in place of 4 so that loading and warm-up fit too).
 # speed: time only, on a random-weight decoder of the llama2_7b shape (SmolLM2's tokenizer and vocabulary), 16
-#   questions over 8 document sets: naive RAG against superposition top-1 and top-2, warm and cold, answers forced to
-#   16 tokens.
+#   questions over 8 document sets: naive RAG against superposition top-1 and top-2 and the Prompt Cache baseline,
+#   warm and cold, answers forced to 16 tokens.
 # DOC_WORDS (default 28, about 50 tokens): words per document; 100 is the paper's NaturalQuestions passage length,
 # about 160 tokens here and 3.4k-7.8k-token flat prompts. Files of other lengths than 28 carry _wN in their names.
 # CHECKPOINT (default /tmp/smollm2): the converted SmolLM2 checkpoint; when missing it is converted from the GGUF
