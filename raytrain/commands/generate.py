@@ -4,8 +4,8 @@ tokenizer's chat template, and only the answer is printed. A vision-language che
 as a question about `image=FILE`.
 
 With `rag.documents=FILE rag.question="..."` it answers the question from the documents: through superposition
-prompting with `generation=superposition` (the kept documents are logged to stderr), else as naive RAG (every
-document in one prompt).
+prompting with `generation=superposition` (the kept documents are logged to stderr), through the Prompt Cache
+baseline with `generation=prompt_cache`, else as naive RAG (every document in one prompt).
 """
 
 from __future__ import annotations
@@ -117,5 +117,10 @@ def print_answer(engine: Engine, request: Request) -> None:
     if done.superposition is None:
         print(f"naive RAG: {n} documents in one prompt of {done.prompt_tokens} tokens", file=sys.stderr)
         return
-    kept = ", ".join(str(d + 1) for d in done.superposition.kept)
+    selection = done.superposition
+    if engine.config.superposition.method == "prompt_cache":
+        print(f"prompt cache: {n} documents as modules, {selection.cached} of them from the path cache",
+              file=sys.stderr)
+        return
+    kept = ", ".join(str(d + 1) for d in selection.kept)
     print(f"superposition: kept document(s) {kept} of {n}", file=sys.stderr)

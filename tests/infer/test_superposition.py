@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from raytrain.commands.generate import print_answer
 from raytrain.config import ConfigError, RaytrainError
 from raytrain.infer.engine import Engine, EngineConfig, Request
 from raytrain.infer.forkjoin import (ForkJoinPrompt, MaskedAttention, fork_positions, oracle_layout, oracle_logits,
@@ -309,6 +310,16 @@ def test_prompt_cache_modules_ignore_the_preamble_and_are_reused_across_preamble
     assert not torch.equal(plain.keys[0][:, :p], fresh.keys[0][:, :p])
     assert second.token_ids == decode_against_oracle(lm, other, fresh, None, steps=5,
                                                      layout=lambda response: prompt_cache_layout(other, response))
+
+
+def test_generate_says_what_the_prompt_cache_reused(lm, tokenizer, capsys) -> None:
+    engine = Engine(lm, tokenizer, EngineConfig(superposition=SuperpositionConfig(enabled=True,
+                                                                                  method="prompt_cache")))
+    request = Request(params=GREEDY, forkjoin=random_prompt([3, 7, 4, 6], seed=18))
+    for cached in (0, 4):
+        print_answer(engine, request)
+        err = capsys.readouterr().err
+        assert err == f"prompt cache: 4 documents as modules, {cached} of them from the path cache\n"
 
 
 def test_the_path_cache_is_a_bounded_lru() -> None:
