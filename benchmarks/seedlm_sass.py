@@ -117,6 +117,13 @@ def main() -> None:
                           "PDL": False}
             results[f"gemv_{name}_m{block_m}"] = measure(km._gemv_kernel, gemv_sig, constexprs, 4,
                                                          units=block_m * 128 * 8 / 128)
+        dot = km.default_config(8)
+        results[f"dot_{name}_m{dot.block_m}"] = measure(
+            km._dot_kernel, {"x_ptr": "*bf16", "y_ptr": "*bf16", **WORDS, "steps_per_split": "i32", "batch": "i32",
+                             "stride_x": "i32", "stride_y": "i32", "inv_scale": "fp32"},
+            {"C": 8, "P": 3, **stream, "STREAM": name, "BM": dot.block_m, "NB": dot.block_n, "BATCH": 16,
+             "EVEN": True, "SPLIT": 1, "IEEE": False, "PREFETCH": dot.prefetch}, dot.num_warps,
+            units=dot.block_m * dot.block_n * 8 / (32 * dot.num_warps))
         results[f"dense_{name}"] = measure(
             km._dense_kernel, {"out_ptr": "*bf16", **WORDS, "inv_scale": "fp32"},
             {"C": 8, "P": 3, **stream, "STREAM": name, "OBITS": 16, "BM": 4, "NB": 128, "EVEN_M": True,
@@ -130,8 +137,8 @@ def main() -> None:
     best = min(v["bound_per_unit"] for k, v in results.items() if k.startswith("gemv"))
     print(json.dumps({"benchmark": "seedlm_sass", "device": "none (sm_90a code compiled on CPU)",
                       "config": {"triton": triton.__version__, "target": "sm_90a", "shape_of_budget": "4096x14336",
-                                 "units": "gemv: instructions per weight in the main loop; search: per candidate x "
-                                          "block; dense: whole kernel per weight"},
+                                 "units": "gemv, dot (batch 2..16, its default tile): instructions per weight in the "
+                                          "main loop; search: per candidate x block; dense: whole kernel per weight"},
                       "pipes": {"alu": ALU, "fp32": FP32, "fma_heavy": FMA_HEAVY},
                       "results": results, "baseline": {"issue_budget_per_weight_at_bf16_floor": ISSUE_BUDGET},
                       "ratio": ISSUE_BUDGET / best, "command": " ".join(["python", *sys.argv]),

@@ -428,7 +428,8 @@ def _dot_kernel(x_ptr, y_ptr, words_ptr, exps_ptr, table_ptr, masks_ptr, rows, c
         scale = exp2 * inv_scale
         for c in tl.static_range(C):
             col = j[:, None] * C + c
-            xt = tl.load(x_ptr + n[None, :] * stride_x + col, mask=(n < batch)[None, :] & (col < cols), other=0.0)
+            xt = tl.load(x_ptr + n[None, :] * stride_x + col, mask=(n < batch)[None, :] & ((col < cols) | EVEN),
+                         other=0.0)  # EVEN: no column mask, which costs a compare and an add per element
             wc = (_weight(w, s, off, masks, c, P, K) * scale).to(xt.dtype)
             if IEEE:
                 acc = tl.dot(wc, xt, acc, input_precision="ieee")
