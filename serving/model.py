@@ -87,8 +87,7 @@ class ModelServer:
         self.max_prompt_chars = self.spec.limits.max_prompt_tokens * longest_token_chars(self.engine.tokenizer)
         self.preparing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
         self.stores = load_stores(self.spec, f"models.{name}", self.vision)
-        if self.spec.warm_document_stores and self.stores and self.spec.engine.superposition.enabled:
-            self._warm_stores(f"models.{name}")
+        self._ready_stores(f"models.{name}")
 
     # ---- called by the ingress ------------------------------------------------------------------------------
 
@@ -235,12 +234,20 @@ class ModelServer:
                                f"{', '.join(self.stores) or 'none'}", "rag.store", "invalid_value")
         return self.stores[rag["store"]], "rag.store"
 
-    def _warm_stores(self, key: str) -> None:
-        """Each store's preamble and document KV into the path cache, by a one-token request over it (a question's
-        query copies are computed per request anyway): the first real question is then warm. A store the context
-        window cannot hold fails here, naming it."""
+    def _ready_stores(self, key: str) -> None:
+        """Fail on a store no request could use (its documents past `limits.max_prompt_tokens`, or past the context
+        window), naming it; with superposition on and `warm_document_stores`, each store's preamble and document KV
+        go into the path cache by a one-token request over it (a question's query copies are computed per request
+        anyway), so that the first real question is warm."""
+        warm = self.spec.warm_document_stores and self.spec.engine.superposition.enabled
         for name, documents in self.stores.items():
             prompt = forkjoin_prompt(self.engine.tokenizer, documents, "", template=self.chat_template)
+            if len(prompt.flat()) > self.spec.limits.max_prompt_tokens:
+                raise ConfigError(f"{key}.document_stores.{name}: its documents make a prompt of "
+                                  f"{len(prompt.flat())} tokens; limits.max_prompt_tokens is "
+                                  f"{self.spec.limits.max_prompt_tokens}")
+            if not warm:
+                continue
             try:
                 self.engine.generate([Request(params=SamplingParams(max_new_tokens=1, temperature=0),
                                               forkjoin=prompt)])

@@ -111,8 +111,8 @@ def server(checkpoint, adapters, tmp_path_factory):
                             "serve.models.default.limits.max_output_tokens=2000",
                             "serve.models.default.stream_interval_s=0",  # an item per engine step
                             *(f"+serve.models.default.adapters.{name}={path}" for name, path in adapters.items()),
-                            "serve.models.default.adapter_slots=2", f"+serve.models.default.document_stores.python={store}",
-                            LAZY])
+                            "serve.models.default.adapter_slots=2",
+                            f"+serve.models.default.document_stores.python={store}", LAZY])
     url = start(serve_config(serve_spec(cfg.serve)), timeout_s=300)
     yield url
     serve.shutdown()

@@ -146,9 +146,12 @@ def test_document_stores_are_read_warmed_and_named_by_requests(tmp_path, tokeniz
     bad = {"bad": (r"bad\.jsonl:2: not valid JSON", {}),
            "python": (r"models\.m\.document_stores\.python: .* holds 3 documents; a request takes at most "
                       r"limits\.max_documents=2", {"limits": {**settings["limits"], "max_documents": 2}}),
-           "long": (r"models\.m\.document_stores\.long: .*beyond the model's context window of 160", {})}
+           "long": (r"models\.m\.document_stores\.long: .*beyond the model's context window of 160",
+                    {"limits": {**settings["limits"], "max_prompt_tokens": 200}}),
+           "many": (r"models\.m\.document_stores\.many: its documents make a prompt of \d+ tokens; "
+                    r"limits\.max_prompt_tokens is 120", {})}
     for store, (message, override) in bad.items():
-        path = tmp_path / {"bad": "bad.jsonl", "python": "python.jsonl", "long": "long.txt"}[store]
+        path = tmp_path / {"bad": "bad.jsonl", "python": "python.jsonl"}.get(store, "long.txt")
         with pytest.raises(RaytrainError, match=message):
             server(checkpoint, **{**settings, **override}, document_stores={store: str(path)})
 
