@@ -13,7 +13,8 @@ over the best fused matmul's bound (below), the speed-up over an ideal bf16 GEMV
 Issue is not the only limit: a Hopper SM sub-partition issues one warp instruction a cycle, but its integer and logic
 pipe ("alu" in Nsight Compute: LOP3, shifts, IADD3, LEA, compares) is 16 lanes wide, so a warp instruction holds it
 two cycles, as does IMAD on the 16-lane "fmaheavy" pipe; FP32 FFMA/FADD/FMUL may take either of the two 16-lane
-FMA pipes (the Programming Guide's throughputs for 9.0: 128 FP32 and 64 integer or logic operations a clock per SM).
+FMA pipes (an H100 SM has 128 FP32 and 64 INT32 units, per NVIDIA's Hopper whitepaper; a model, to be checked
+against Nsight Compute's pipe utilisation on a GPU).
 `cycles` gives each limit in cycles per weight (per candidate and block for the search) on one sub-partition's
 scale (issue: instructions; alu: 2 x its instructions; fma: the FP32 and IMAD instructions over both FMA pipes, at
 least 2 x IMAD), and `bound` is the largest: the best a kernel can do if nothing else (latency, memory) stalls it.
