@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The decode kernels built on 2026-12-05 without a GPU, timed on one (README: "Split-KV decode attention", "SeedLM
-# inside the fused decode step"). Three commands, about 6 minutes on an H100/H200, each writing one JSON line to OUT
+# inside the fused decode step"). Four commands, about 7 minutes on an H100/H200, each writing one JSON line (ncu: a CSV) to OUT
 # (its table and per-point lines to a .log beside it):
 #
 #   bash benchmarks/gpu/decode_kernels.sh [OUT]
@@ -10,7 +10,10 @@
 # 2. decode.py at 3,900-token prompts (TinyLlama's shape, 4 KV heads, a 4,096-token window here): batch-1 decode end
 #    to end, where split-KV should show;
 # 3. seedlm_kernel.py on 4096x4096 with the engine: SeedLM 4-bit openelm_1_1b against bf16, both through the fused
-#    decode step now.
+#    decode step now;
+# 4. Nsight Compute on SeedLM's batch-1 kernel at 4096x14336, LFSR and table streams (seedlm_launch.py): issue and
+#    pipe utilisation, to hold against seedlm_sass.py's static model (README: "Issue is not the only limit"). A
+#    machine where ncu cannot read the counters leaves its error in the .log and the other results stand.
 # Random weights throughout; nothing is downloaded.
 set -euo pipefail
 out=${1:-outputs/decode_kernels}
@@ -24,4 +27,11 @@ python benchmarks/decode.py --device cuda --no-hf --models tinyllama_1_1b --batc
   > "$out/decode_prompt3900_${gpu}_$day.jsonl" 2> "$out/decode_prompt3900_${gpu}_$day.log"
 python benchmarks/seedlm_kernel.py --device cuda --shapes 4096x4096 --streams lfsr --search-blocks 65536 \
   > "$out/seedlm_kernel_engine_${gpu}_$day.jsonl" 2> "$out/seedlm_kernel_engine_${gpu}_$day.log"
+for stream in lfsr table; do
+  ncu --kernel-name regex:_gemv_kernel --launch-skip 2 --launch-count 1 --section SpeedOfLight \
+    --section ComputeWorkloadAnalysis --section InstructionStats --section WarpStateStats --csv --page details \
+    python benchmarks/seedlm_launch.py --device cuda --stream "$stream" \
+    > "$out/seedlm_ncu_${stream}_${gpu}_$day.csv" 2> "$out/seedlm_ncu_${stream}_${gpu}_$day.log" \
+    || echo "ncu failed for the $stream stream: see $out/seedlm_ncu_${stream}_${gpu}_$day.log" >&2
+done
 tail -n 3 "$out"/*_"$day".log

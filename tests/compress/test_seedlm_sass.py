@@ -1,9 +1,13 @@
-"""benchmarks/seedlm_sass.py's pipe model: which opcodes load which Hopper pipe, and the cycles each limit needs."""
+"""benchmarks/seedlm_sass.py's pipe model (which opcodes load which Hopper pipe, and the cycles each limit needs), and
+benchmarks/seedlm_launch.py, the kernel launches that Nsight Compute profiles on a GPU (interpreted here)."""
 
 from __future__ import annotations
 
 import collections
 import importlib.util
+import json
+import subprocess
+import sys
 
 from tests.conftest import REPO
 
@@ -29,3 +33,13 @@ def test_main_loop_is_the_longest_backward_branch() -> None:
         /*0040*/ EXIT ;
     """
     assert sass.main_loop(code) == collections.Counter({"LOP3.LUT": 1, "FFMA": 1, "BRA": 1})
+
+
+def test_the_profiled_launches_run_and_say_what_they_launched() -> None:
+    command = [sys.executable, "benchmarks/seedlm_launch.py", "--device", "cpu", "--shape", "8x1024", "--stream",
+               "table", "--launches", "2"]
+    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)  # TRITON_INTERPRET inherited
+    assert run.returncode == 0, run.stderr[-3000:]
+    line = json.loads(run.stdout.strip().splitlines()[-1])
+    assert line["shape"] == [8, 1024] and line["stream"] == "table" and line["launches"] == 2
+    assert line["tile"]["block_m"] == 8 and line["median_us"] > 0
