@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The decode kernels built on 2026-12-05 without a GPU, timed on one (README: "Split-KV decode attention", "SeedLM
-# inside the fused decode step"). Four commands, about 7 minutes on an H100/H200, each writing one JSON line (ncu: a CSV) to OUT
-# (its table and per-point lines to a .log beside it):
+# inside the fused decode step"). Four commands, about 7 minutes on an H100/H200, each writing one JSON line (ncu: a
+# CSV) to OUT (its table and per-point lines to a .log beside it):
 #
 #   bash benchmarks/gpu/decode_kernels.sh [OUT]
 #
