@@ -410,13 +410,15 @@ def shape_model(name: str, vocab: int, device: str, dtype: torch.dtype) -> torch
     return model
 
 
-def speed_methods(top_k: list[int]) -> dict[str, tuple[str, int | None]]:
-    """name -> (engine, top_k): naive RAG, superposition top-k warm and cold for each k, the Prompt Cache baseline
-    warm and cold."""
+def speed_methods(top_k: list[int], prompt_cache: bool) -> dict[str, tuple[str, int | None]]:
+    """name -> (engine, top_k): naive RAG, superposition top-k warm and cold for each k, and with `prompt_cache` the
+    Prompt Cache baseline warm and cold."""
     out: dict[str, tuple[str, int | None]] = {"naive": ("naive", None)}
     for k in top_k:
         out |= {f"superposition_top{k}_warm": ("warm", k), f"superposition_top{k}_cold": ("cold", k)}
-    return out | {"prompt_cache_warm": ("pc_warm", None), "prompt_cache_cold": ("pc_cold", None)}
+    if prompt_cache:
+        out |= {"prompt_cache_warm": ("pc_warm", None), "prompt_cache_cold": ("pc_cold", None)}
+    return out
 
 
 def speed_row(engine_key: str, fj: ForkJoinPrompt, done: Any, seconds: float, cfg: DecoderConfig,
@@ -491,14 +493,12 @@ def speed_main(args: argparse.Namespace) -> None:
     cfg = model.cfg
     warm_sp = SuperpositionConfig(enabled=True, cache_mb=args.cache_mb, graph_tokens=args.graph_tokens)
     cold_sp = replace(warm_sp, cache_policy="off")
-    engines = {"naive": Engine(model, tokenizer, EngineConfig(max_batch_size=1)),
-               "warm": Engine(model, tokenizer, EngineConfig(max_batch_size=1, superposition=warm_sp)),
-               "cold": Engine(model, tokenizer, EngineConfig(max_batch_size=1, superposition=cold_sp)),
-               **{f"pc_{name}": Engine(model, tokenizer, EngineConfig(
-                   max_batch_size=1, superposition=replace(sp, method="prompt_cache")))
-                  for name, sp in (("warm", warm_sp), ("cold", cold_sp))}}
+    configs = {"naive": SuperpositionConfig(), "warm": warm_sp, "cold": cold_sp,
+               "pc_warm": replace(warm_sp, method="prompt_cache"), "pc_cold": replace(cold_sp, method="prompt_cache")}
+    methods = speed_methods(args.top_k, args.prompt_cache)
+    engines = {key: Engine(model, tokenizer, EngineConfig(max_batch_size=1, superposition=configs[key]))
+               for key in {engine_key for engine_key, _ in methods.values()}}  # each holds a context's KV slot
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0, ignore_eos=True)
-    methods = speed_methods(args.top_k)
     rows: dict[str, list[dict]] = {name: [] for name in methods}
     start, budget = time.monotonic(), 60 * args.minutes if args.minutes else float("inf")
     sets = question_sets(args.sets, args.questions_per_set, False, args.seed, args.doc_words)
@@ -546,6 +546,7 @@ def speed_main(args: argparse.Namespace) -> None:
                    "max_new_tokens": args.max_new_tokens, "decoding": "greedy, ignore_eos (fixed length)",
                    "repeats": args.repeats, "untimed_runs_before": 1, "engine": {"max_batch_size": 1},
                    "superposition_warm": vars(warm_sp), "superposition_cold": vars(cold_sp),
+                   "prompt_cache": args.prompt_cache,
                    "dtype": str(dtype), "threads": torch.get_num_threads(), "torch": torch.__version__},
         "results": results, "baseline": {"naive": baseline}, "ratios": ratios,
         "ratio": ratios[best]["time_to_answer"],
@@ -578,6 +579,9 @@ def main() -> None:
                    "benchmarks/decode.py (e.g. llama2_7b, tiny); times only, single-hop, fixed-length answers")
     p.add_argument("--repeats", type=int, default=1, help="speed mode: timed runs per question and method")
     p.add_argument("--cache-mb", type=float, default=4096, help="speed mode: the warm engine's path cache bound")
+    p.add_argument("--prompt-cache", action=argparse.BooleanOptionalAction, default=True,
+                   help="speed mode: also time the Prompt Cache baseline (two more engines, each with its own KV slot "
+                   "and path buffers: about 7 GB more at the 7B shape)")
     args = p.parse_args()
     if args.theoretical_only:
         tokenizer = load_tokenizer(args.checkpoint)

@@ -68,6 +68,13 @@ def test_speed_mode_line(tmp_path, tokenizer, monkeypatch, capsys) -> None:
         for key in ("flops_ttft_total", "flops_ttft_critical", "flops_answer_total", "flops_answer_critical"):
             assert ratio[key] == pytest.approx(naive[key] / r[key]), (name, key)
     assert line["ratio"] == line["ratios"]["superposition_top1_warm"]["time_to_answer"]
+    assert line["config"]["prompt_cache"] is True
+
+
+def test_speed_methods_leave_the_prompt_cache_out_when_asked() -> None:
+    assert set(bench.speed_methods([1], prompt_cache=False)) == {"naive", "superposition_top1_warm",
+                                                                 "superposition_top1_cold"}
+    assert bench.speed_methods([2], prompt_cache=True)["prompt_cache_cold"] == ("pc_cold", None)
 
 
 @pytest.mark.parametrize("doc_words", [28, 100])
