@@ -580,8 +580,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1, help="speed mode: timed runs per question and method")
     p.add_argument("--cache-mb", type=float, default=4096, help="speed mode: the warm engine's path cache bound")
     p.add_argument("--prompt-cache", action=argparse.BooleanOptionalAction, default=True,
-                   help="speed mode: also time the Prompt Cache baseline (two more engines, each with its own KV slot "
-                   "and path buffers: about 7 GB more at the 7B shape)")
+                   help="speed mode: also time the Prompt Cache baseline (two more engines, each with its own "
+                   "8k-token KV slot, 4 GB at the 7B shape, and its path buffers)")
     args = p.parse_args()
     if args.theoretical_only:
         tokenizer = load_tokenizer(args.checkpoint)
