@@ -143,7 +143,9 @@ def test_document_stores_are_read_warmed_and_named_by_requests(tmp_path, tokeniz
     assert e.value.args[1:3] == ("rag.store", "invalid_value") and "its stores: python" in e.value.args[0]
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\nnot json\n')
     (tmp_path / "long.txt").write_text("statement " * 100)
+    (tmp_path / "empty.txt").write_text("\n\n")
     bad = {"bad": (r"bad\.jsonl:2: not valid JSON", {}),
+           "empty": (r"models\.m\.document_stores\.empty: .*empty\.txt holds no documents", {}),
            "python": (r"models\.m\.document_stores\.python: .* holds 3 documents; a request takes at most "
                       r"limits\.max_documents=2", {"limits": {**settings["limits"], "max_documents": 2}}),
            "long": (r"models\.m\.document_stores\.long: .*beyond the model's context window of 160",
@@ -151,7 +153,7 @@ def test_document_stores_are_read_warmed_and_named_by_requests(tmp_path, tokeniz
            "many": (r"models\.m\.document_stores\.many: its documents make a prompt of \d+ tokens; "
                     r"limits\.max_prompt_tokens is 120", {})}
     for store, (message, override) in bad.items():
-        path = tmp_path / {"bad": "bad.jsonl", "python": "python.jsonl"}.get(store, "long.txt")
+        path = tmp_path / {"bad": "bad.jsonl", "python": "python.jsonl", "empty": "empty.txt"}.get(store, "long.txt")
         with pytest.raises(RaytrainError, match=message):
             server(checkpoint, **{**settings, **override}, document_stores={store: str(path)})
 
