@@ -2,8 +2,8 @@
 coerced or ignored), OpenAI-style errors, and the bodies of responses and stream chunks.
 
 Supported beyond OpenAI's fields, under vLLM's names: `top_k`, `repetition_penalty`, `ignore_eos`; and this server's
-`rag` on chat completions (documents to answer the last user message from, by superposition prompting or naive RAG;
-the answer's choices carry `kept_documents`). Chat messages take OpenAI's content parts, text and `image_url`
+`rag` on chat completions (documents to answer the last user message from, or the name of one of the model's
+document stores, by superposition prompting or naive RAG; the answer's choices carry `kept_documents`). Chat messages take OpenAI's content parts, text and `image_url`
 (vision-language models; the ingress passes the URLs on, the model replica accepts base64 `data:` URLs only, since
 nothing is downloaded). OpenAI fields
 the engine cannot honour (logprobs, penalties other than 0, logit_bias, suffix, echo, best_of > 1, tools) are
