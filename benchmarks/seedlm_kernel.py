@@ -264,7 +264,7 @@ def engine_decode(model_name: str, bits: int, new_tokens: int, device: str) -> d
     `decode_path` records which path each ran (on CPU the engine runs the model's forward)."""
     from omegaconf import OmegaConf
 
-    from raytrain.compress.linear import CompressedLinear
+    from raytrain.compress.linear import replace_linears
     from raytrain.data.corpus import documents
     from raytrain.data.tokenizer import train_bpe
     from raytrain.infer.engine import Engine, Request
@@ -294,10 +294,8 @@ def engine_decode(model_name: str, bits: int, new_tokens: int, device: str) -> d
     cfg = seedlm.SeedLMConfig.for_bits(bits)
     linears = [(name, m) for name, m in model.named_modules()
                if isinstance(m, torch.nn.Linear) and m is not model.head and m.bias is None]
-    for i, (name, m) in enumerate(linears):
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child,
-                CompressedLinear(random_weight(m.out_features, m.in_features, cfg, seed=i), device))
+    replace_linears(model, {f"{name}.weight": random_weight(m.out_features, m.in_features, cfg, seed=i)
+                            for i, (name, m) in enumerate(linears)}, device)
     compressed, seedlm_path = tokens_per_s()
     return {"model": model_name, "new_tokens": new_tokens, "linears_compressed": len(linears),
             "bf16_tokens_per_s": bf16, "seedlm_tokens_per_s": compressed, "speedup": compressed / bf16,
