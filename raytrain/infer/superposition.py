@@ -222,14 +222,10 @@ class Superposer:
             moved.append(remaining.pop(best))
         kept = top_k(result.scores, self._k(prompt))
         context = Segment.cat([prefix, *(s for i in kept for s in (result.documents[i].segment, result.queries[i]))])
-        start = result.fork.query_start + len(prompt.query)
-        post, hidden, _ = self.forward([prompt.postamble], [start + _arange(len(prompt.postamble))], shared=context)
-        context = Segment.cat([context, post[0]])
         selection = Selection(kept=[d for i in kept for d in groups[remaining[i]]],
                               moved=[d for i in moved for d in groups[i]], scores=result.scores.tolist(),
                               paths=len(paths), cached=cached)
-        return Context(context.tokens, *self.layout.unpack(context.kv), self.model.logits(hidden[:, -1]),
-                       start + len(prompt.postamble), selection)
+        return self._join(context, prompt.postamble, result.fork.query_start + len(prompt.query), selection)
 
     def _modules(self, prompt: ForkJoinPrompt) -> Generator[None, None, Context]:
         """The Prompt Cache baseline (spec section 6): the preamble and each path are modules computed alone, the
@@ -243,14 +239,18 @@ class Superposer:
         modules, cached = self._documents(None, paths, fork, cacheable=True)
         if cached < len(paths):
             yield
-        context = Segment.cat([preamble, *(m.segment for m in modules)])
-        tail = prompt.query + prompt.postamble
-        joined, hidden, _ = self.forward([tail], [fork.query_start + _arange(len(tail))], shared=context)
-        context = Segment.cat([context, joined[0]])
         selection = Selection(kept=list(range(len(prompt.documents))), moved=[], scores=[], paths=len(paths),
                               cached=cached)
+        return self._join(Segment.cat([preamble, *(m.segment for m in modules)]), prompt.query + prompt.postamble,
+                          fork.query_start, selection)
+
+    def _join(self, context: Segment, tail: list[int], start: float, selection: Selection) -> Context:
+        """`tail` (the postamble; for the Prompt Cache, the query and the postamble) in one forward over `context`
+        from position `start`: the context to decode from, its first generated token at start + |tail|."""
+        joined, hidden, _ = self.forward([tail], [start + _arange(len(tail))], shared=context)
+        context = Segment.cat([context, joined[0]])
         return Context(context.tokens, *self.layout.unpack(context.kv), self.model.logits(hidden[:, -1]),
-                       fork.query_start + len(tail), selection)
+                       start + len(tail), selection)
 
     def fork(self, prefix: Segment, paths: list[list[int]], query: list[int], cacheable: bool = True) -> ForkResult:
         """The paths over `prefix`, forking one past its highest position, each with a query copy, scored."""
