@@ -98,6 +98,14 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, gain_ptr, res_ptr, N, K, stride_wn, up_off
 
 
 @torch.compiler.disable
+def fused_outputs(rows: int, swiglu: bool, name: str) -> int:
+    """Outputs of a GEMV over a weight of `rows` rows: with `swiglu` the weight holds (gate, up) halves, so half of
+    an even count."""
+    if swiglu and rows % 2:
+        raise ValueError(f"{name} with swiglu takes (gate, up) halves; the weight has an odd {rows} rows")
+    return rows // 2 if swiglu else rows
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor, block: tuple[int, int, int] | None = None,
          norm: torch.Tensor | None = None, eps: float = 0.0, swiglu: bool = False,
          residual: torch.Tensor | None = None, dependent_launch: bool = False) -> torch.Tensor:
@@ -109,9 +117,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, block: tuple[int, int, int] | No
     N, K = weight.shape
     if x.shape[:-1].numel() != 1 or x.shape[-1] != K or weight.stride(1) != 1:
         raise ValueError(f"gemv takes one row of {K} and a row-major ({N}, {K}) weight; got {tuple(x.shape)}")
-    if swiglu and N % 2:
-        raise ValueError(f"gemv with swiglu takes (gate, up) halves; the weight has an odd {N} rows")
-    n = N // 2 if swiglu else N
+    n = fused_outputs(N, swiglu, "gemv")
     block_n, block_k, num_warps = block or block_shape(n, K, swiglu)
     y = x.new_empty(*x.shape[:-1], n)
     _gemv_kernel[(triton.cdiv(n, block_n),)](

@@ -48,6 +48,7 @@ import triton.language as tl
 from raytrain.compress import seedlm
 from raytrain.compress.format import CompressedTensor
 from raytrain.compress.lfsr import LFSRConfig, state_of_offset, stream_bits
+from raytrain.infer.gemv_kernel import fused_outputs
 
 MAX_BATCH = 16
 STREAMS = ("lfsr", "table")
@@ -533,7 +534,7 @@ def _gemv(x: torch.Tensor, weight: SeedLMWeight, cfg: KernelConfig, norm: torch.
           eps: float = 0.0, swiglu: bool = False, residual: torch.Tensor | None = None,
           dependent_launch: bool = False) -> torch.Tensor:
     """The batch-1 kernel on a checked, contiguous x (1, cols) -> y (1, rows, or rows / 2 with swiglu)."""
-    n = weight.rows // 2 if swiglu else weight.rows
+    n = fused_outputs(weight.rows, swiglu, "seedlm_gemv")
     y = _output(x, n, cfg)
     gain = norm if norm is not None else x
     _gemv_kernel[(triton.cdiv(n, cfg.block_m), cfg.split_k)](
@@ -581,9 +582,7 @@ def seedlm_gemv(x: torch.Tensor, weight: SeedLMWeight, norm: torch.Tensor | None
     if cfg.split_k > 1 and (norm is not None or swiglu or residual is not None):
         raise ValueError(f"seedlm_gemv's norm, swiglu and residual need the whole row in one program; got "
                          f"split_k={cfg.split_k}")
-    if swiglu and weight.rows % 2:
-        raise ValueError(f"seedlm_gemv with swiglu takes (gate, up) halves; the weight has an odd {weight.rows} rows")
-    n = weight.rows // 2 if swiglu else weight.rows
+    n = fused_outputs(weight.rows, swiglu, "seedlm_gemv")
     if norm is not None and norm.shape != (cols,):
         raise ValueError(f"the norm gain must be ({cols},); got {tuple(norm.shape)}")
     if residual is not None and residual.numel() != n:
