@@ -19,6 +19,7 @@ import yaml
 
 from raytrain.config import ConfigError, to_dataclass
 from raytrain.infer.engine import EngineConfig
+from raytrain.infer.path_shards import check_shardable
 
 IMPORT_PATH = "serving.app:build_app"
 INGRESS = "OpenAIIngress"
@@ -74,6 +75,17 @@ class Deployment:
 
 
 @dataclass
+class StoreShards:
+    """A model's document stores sharded over Ray actors (`serving/shards.py`): each actor holds the model and a part
+    of every store's document KV, scores a question's query copies on its part, and sends only the kept paths' KV to
+    the replica, which decodes. Needs superposition on (one round; bayesian or attention saliency)."""
+
+    count: int = 1  # actors per store and replica; 1: the replica's own engine holds every store's KV
+    num_cpus: float = 1.0  # each actor's resources
+    num_gpus: float = 0.0
+
+
+@dataclass
 class ModelSpec:
     checkpoint: str | None = None  # as the replicas see it: absolute, relative to the cluster's working dir, or shared
     tokenizer: str | None = None  # for checkpoints that ship none
@@ -86,7 +98,8 @@ class ModelSpec:
     document_stores: dict[str, str] = field(default_factory=dict)  # rag: name -> a documents file (.jsonl or text, as
     # `raytrain generate rag.documents`), read by every replica; a request names one as rag.store
     warm_document_stores: bool = True  # with superposition on: compute each store's document KV into the path cache
-    # as the replica starts, so that the first question over a store is warm
+    # as the replica starts (or each shard's, in its actor), so that the first question over a store is warm
+    store_shards: StoreShards = field(default_factory=StoreShards)
     engine: EngineConfig = field(default_factory=EngineConfig)  # batching; decoding: plain, LazyLLM, SpecStream
     stream_interval_s: float = 0.02  # a stream's items are at least this far apart (text accumulates between them)
     limits: Limits = field(default_factory=Limits)
@@ -174,6 +187,7 @@ def check_model(name: str, model: ModelSpec, key: str) -> None:
         if not re.fullmatch(NAME, store) or not path:
             raise ConfigError(f"{key}.document_stores.{store}: store names use letters, digits, '.', '_' and '-', "
                               "and each names its documents file")
+    check_store_shards(model, key)
     if not model.checkpoint:
         raise ConfigError(f"{key}.checkpoint is not set (checkpoint=PATH sets the default model's)")
     if model.weights not in WEIGHT_FORMATS:
@@ -186,6 +200,19 @@ def check_model(name: str, model: ModelSpec, key: str) -> None:
         if getattr(model.limits, limit) <= 0:
             raise ConfigError(f"{key}.limits.{limit} must be > 0")
     model.engine.superposition.check(f"{key}.engine.superposition")
+
+
+def check_store_shards(model: ModelSpec, key: str) -> None:
+    shards, superposition = model.store_shards, model.engine.superposition
+    if shards.count < 1:
+        raise ConfigError(f"{key}.store_shards.count={shards.count} must be >= 1 (1: the replica holds every store)")
+    if shards.num_cpus < 0 or shards.num_gpus < 0:
+        raise ConfigError(f"{key}.store_shards: num_cpus and num_gpus must be >= 0")
+    if shards.count > 1 and not superposition.enabled:
+        raise ConfigError(f"{key}.store_shards.count={shards.count}: shards score superposed paths; set "
+                          "engine.superposition.enabled=true (naive RAG needs every document in one prompt)")
+    if shards.count > 1:
+        check_shardable(superposition, f"{key}.engine.superposition")
 
 
 def check_replica(model: ModelSpec, key: str) -> None:

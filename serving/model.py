@@ -25,11 +25,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import torch
 from jinja2 import TemplateError
 from ray import serve
 
@@ -37,14 +37,14 @@ from raytrain.checkpoint.hf import is_compressed_checkpoint, read_model_config
 from raytrain.config import ConfigError, RaytrainError
 from raytrain.infer.engine import Completion, Engine, Request
 from raytrain.infer.forkjoin import ForkJoinPrompt
+from raytrain.infer.path_shards import join_kept, prune
 from raytrain.infer.rag import chat_template, forkjoin_prompt, read_documents
 from raytrain.infer.sampling import SamplingError, SamplingParams
 from raytrain.infer.vlm import VLMEngine, VLMRequest
 from raytrain.models.vlm import VLMConfig
 from serving.config import ModelSpec, model_spec
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
+from serving.device import model_device
+from serving.shards import start_shards
 
 class RequestError(Exception):
     """A client error found here (prompt too long, limits, template); answered as {"error": args}, which the ingress
@@ -56,11 +56,7 @@ class RequestError(Exception):
 
 def load_engine(spec: ModelSpec, key: str = "model") -> Engine | VLMEngine:
     """The engine of one model, by weight format (the one place a compressed format plugs in), or a VLM's."""
-    device = spec.device if spec.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if spec.dtype == "auto":
-        dtype = torch.bfloat16 if device == "cuda" else None  # None: the model's default, float32
-    else:
-        dtype = DTYPES[spec.dtype]
+    device, dtype = model_device(spec)
     if isinstance(read_model_config(spec.checkpoint), VLMConfig):
         if spec.adapters:
             raise RaytrainError(f"{key}.adapters: LoRA adapters are served on language models; "
@@ -78,7 +74,7 @@ def load_engine(spec: ModelSpec, key: str = "model") -> Engine | VLMEngine:
 @serve.deployment
 class ModelServer:
     def __init__(self, name: str, args: dict[str, Any]) -> None:
-        self.name = name
+        self.name, self.args = name, args
         self.spec = model_spec(args, f"models.{name}")
         self.engine = load_engine(self.spec, f"models.{name}")
         self.vision = isinstance(self.engine, VLMEngine)
@@ -87,6 +83,7 @@ class ModelServer:
         self.max_prompt_chars = self.spec.limits.max_prompt_tokens * longest_token_chars(self.engine.tokenizer)
         self.preparing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
         self.stores = load_stores(self.spec, f"models.{name}", self.vision)
+        self.shards: dict[str, list[Any]] = {}  # store -> its shard actors (`store_shards`)
         self._ready_stores(f"models.{name}")
 
     # ---- called by the ingress ------------------------------------------------------------------------------
@@ -98,6 +95,7 @@ class ModelServer:
             request = await self._prepare(job)
         except RequestError as e:
             return {"error": e.args}
+        await self._fork_on_shards(request, job)
         async for deltas in self.engine.astream([request]):
             done = deltas[-1].completion
             if done is not None:
@@ -113,6 +111,7 @@ class ModelServer:
         except RequestError as e:
             yield {"error": e.args}
             return
+        await self._fork_on_shards(request, job)
         yield {"prompt_tokens": len(request.forkjoin.flat() if request.forkjoin is not None else request.prompt)}
         loop, text, sent = asyncio.get_running_loop(), "", 0.0
         async for deltas in self.engine.astream([request]):
@@ -129,7 +128,8 @@ class ModelServer:
                 "decoding": "+".join(modes) or "plain", "weights": self.spec.weights,
                 "rag": "superposition" if engine.superposition.enabled else "naive",
                 "adapters": list(self.spec.adapters), "adapter_slots": self.spec.adapter_slots,
-                "document_stores": {name: len(documents) for name, documents in self.stores.items()}}
+                "document_stores": {name: len(documents) for name, documents in self.stores.items()},
+                "store_shards": self.spec.store_shards.count}
 
     def stats(self) -> dict[str, Any]:
         """Engine steps run, how many decode steps carried each number of sequences, the path cache, adapters loaded
@@ -142,6 +142,18 @@ class ModelServer:
         if (spec := self.engine.speculative) is not None:
             out["specstream"] = {"forwards": spec.forwards, "tokens": spec.tokens, "accepted": dict(spec.accepted)}
         return out
+
+    async def _fork_on_shards(self, request: Request, job: dict[str, Any]) -> None:
+        """A superposed question over a sharded store: every shard scores its paths at once, the top-k over all of
+        them are kept, and only their KV comes here (`path_shards`), for the engine to join and decode."""
+        shards = self.shards.get((job.get("rag") or {}).get("store"))
+        if not shards or not self.engine.superposed(request):
+            return
+        prompt, name = request.forkjoin, uuid.uuid4().hex
+        scores = await asyncio.gather(*(s.score.remote(name, prompt.preamble, prompt.query) for s in shards))
+        kept = prune(scores, self.engine.superposer.keep(prompt))
+        taken = await asyncio.gather(*(s.take.remote(name, k) for s, k in zip(shards, kept)))
+        prompt.kept_paths = join_kept(self.engine.superposer, prompt, scores, kept, taken)
 
     # ---- request preparation ----------------------------------------------------------------------------------
 
@@ -238,7 +250,8 @@ class ModelServer:
         """Fail on a store no request could use (its documents past `limits.max_prompt_tokens`, or past the context
         window), naming it; with superposition on and `warm_document_stores`, each store's preamble and document KV
         go into the path cache by a one-token request over it (a question's query copies are computed per request
-        anyway), so that the first real question is warm."""
+        anyway), so that the first real question is warm. With `store_shards`, each store's shard actors start
+        here instead, each warming its own part."""
         warm = self.spec.warm_document_stores and self.spec.engine.superposition.enabled
         for name, documents in self.stores.items():
             prompt = forkjoin_prompt(self.engine.tokenizer, documents, "", template=self.chat_template)
@@ -246,6 +259,11 @@ class ModelServer:
                 raise ConfigError(f"{key}.document_stores.{name}: its documents make a prompt of "
                                   f"{len(prompt.flat())} tokens; limits.max_prompt_tokens is "
                                   f"{self.spec.limits.max_prompt_tokens}")
+            if self.spec.store_shards.count > 1:
+                warmup = (prompt.preamble, prompt.query) if self.spec.warm_document_stores else None
+                self.shards[name] = start_shards(self.args, key, self.spec, self.engine.superposer.paths(prompt),
+                                                 warmup)
+                continue
             if not warm:
                 continue
             try:

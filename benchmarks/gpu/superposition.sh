@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Superposition prompting against naive RAG on one GPU (README, "Superposition prompting (RAG)"): the two commands,
-# each under 5 minutes on an H200, each writing one JSON line to OUT (the per-request lines go to a .log beside it).
+# each under 5 minutes on an H100 or H200, each writing one JSON line to OUT (the per-request lines go to a .log
+# beside it).
 #
 #   bash benchmarks/gpu/superposition.sh [smollm2|speed|all] [OUT]
 #
@@ -18,6 +19,8 @@ stage=${1:-all}
 out=${2:-outputs/superposition}
 ckpt=${CHECKPOINT:-/tmp/smollm2}
 day=$(date +%F)
+gpu=$(python -c 'import re, torch; m = re.search(r"[A-Z]\d{3}", torch.cuda.get_device_name())
+print(m[0].lower() if m else "gpu")')  # h100, h200: in the file names
 words=${DOC_WORDS:-28}
 tag=$([[ $words == 28 ]] && echo "" || echo "_w$words")
 case $stage in
@@ -31,11 +34,12 @@ if [[ ! -f $ckpt/config.json ]]; then
 fi
 if [[ $stage == smollm2 || $stage == all ]]; then
   python benchmarks/superposition.py --device cuda --checkpoint "$ckpt" --sets 50 --questions-per-set 4 \
-    --multihop-sets 25 --minutes 3.5 --doc-words "$words" > "$out/superposition_smollm2_h200_$day$tag.jsonl" \
-    2> "$out/superposition_smollm2_h200_$day$tag.log"
+    --multihop-sets 25 --minutes 3.5 --doc-words "$words" > "$out/superposition_smollm2_${gpu}_$day$tag.jsonl" \
+    2> "$out/superposition_smollm2_${gpu}_$day$tag.log"
 fi
 if [[ $stage == speed || $stage == all ]]; then
   python benchmarks/superposition.py --shape llama2_7b --device cuda --checkpoint "$ckpt" --sets 8 \
     --questions-per-set 2 --top-k 1,2 --max-new-tokens 16 --minutes 3 --doc-words "$words" \
-    > "$out/superposition_speed_llama2_7b_h200_$day$tag.jsonl" 2> "$out/superposition_speed_llama2_7b_h200_$day$tag.log"
+    > "$out/superposition_speed_llama2_7b_${gpu}_$day$tag.jsonl" \
+    2> "$out/superposition_speed_llama2_7b_${gpu}_$day$tag.log"
 fi

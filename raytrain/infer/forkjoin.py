@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from fractions import Fraction
+from typing import Any
 
 import torch
 
@@ -43,6 +44,8 @@ class ForkJoinPrompt:
     postamble: list[int]
     superpose: bool | None = None  # None: as the engine is configured (generation.superposition.enabled)
     top_k: int | None = None  # paths kept after pruning; None: as the engine is configured; 0: every path
+    kept_paths: Any = None  # superposition.KeptPaths: the fork already scored and pruned (a sharded document
+    # store); only the postamble is left to run
 
     def flat(self) -> list[int]:
         """The naive RAG prompt: every document in one sequence, the query once."""
@@ -77,6 +80,10 @@ class Fork:
     paths: list[torch.Tensor]  # (|d_i|,) float64 each
     steps: list[float]
     query_start: float  # q0: the same for every path
+
+    def part(self, paths: range) -> Fork:
+        """The positions of some of the paths (a shard's), forking and joining as in the whole fork."""
+        return Fork(self.paths[paths.start:paths.stop], self.steps[paths.start:paths.stop], self.query_start)
 
 
 def fork_positions(start: float, lengths: list[int], mode: str = "equilibrium") -> Fork:

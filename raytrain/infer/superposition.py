@@ -123,6 +123,16 @@ class Selection:
 
 
 @dataclass
+class KeptPaths:
+    """A fork scored and pruned outside the engine (a sharded document store, `path_shards.py`): each kept path's
+    document and query copy KV, in path order, and where the postamble starts."""
+
+    segments: list[Segment]
+    query_end: float
+    selection: Selection
+
+
+@dataclass
 class Context:
     """A superposed prompt ready to decode from: the kept KV in context order, the postamble's last logits, and the
     real-valued position of the first generated token."""
@@ -172,7 +182,7 @@ class Superposer:
         if self.config.method == "prompt_cache":
             return len(prompt.preamble) + sum(lengths) + len(prompt.query) + len(prompt.postamble)
         moved = sum(lengths[:self.config.hops - 1])
-        kept = min(self._k(prompt) or len(lengths), len(lengths) - (self.config.hops - 1))
+        kept = min(self.keep(prompt) or len(lengths), len(lengths) - (self.config.hops - 1))
         context = moved + sum(lengths[self.config.hops - 1:][:kept]) + kept * len(prompt.query)
         last_position = moved + lengths[0] + len(prompt.query)
         return len(prompt.preamble) + max(context, last_position) + len(prompt.postamble)
@@ -189,7 +199,8 @@ class Superposer:
             raise RaytrainError(f"the superposed prompt may need {needed} tokens (or positions) + max_new_tokens "
                                 f"({max_new_tokens}), beyond the model's context window of {max_len}")
 
-    def _k(self, prompt: ForkJoinPrompt) -> int:
+    def keep(self, prompt: ForkJoinPrompt) -> int:
+        """Paths the request keeps after pruning (0: every path)."""
         return self.config.top_k if prompt.top_k is None else prompt.top_k
 
     # ---- the request ------------------------------------------------------------------------------------------
@@ -205,6 +216,8 @@ class Superposer:
         between; it returns the context."""
         if self.config.method == "prompt_cache":
             return (yield from self._modules(prompt))
+        if prompt.kept_paths is not None:
+            return (yield from self._rejoin(prompt))
         groups = path_groups(len(prompt.documents), self.config.factor)
         paths = self.paths(prompt)
         prefix, computed = self._preamble(prompt.preamble)
@@ -220,7 +233,7 @@ class Superposer:
             best = top_k(result.scores, 1)[0]
             prefix = Segment.cat([prefix, result.documents[best].segment])
             moved.append(remaining.pop(best))
-        kept = top_k(result.scores, self._k(prompt))
+        kept = top_k(result.scores, self.keep(prompt))
         context = Segment.cat([prefix, *(s for i in kept for s in (result.documents[i].segment, result.queries[i]))])
         selection = Selection(kept=[d for i in kept for d in groups[remaining[i]]],
                               moved=[d for i in moved for d in groups[i]], scores=result.scores.tolist(),
@@ -244,6 +257,16 @@ class Superposer:
         return self._join(Segment.cat([preamble, *(m.segment for m in modules)]), prompt.query + prompt.postamble,
                           fork.query_start, selection)
 
+    def _rejoin(self, prompt: ForkJoinPrompt) -> Generator[None, None, Context]:
+        """A fork scored and pruned elsewhere (`path_shards`: a sharded document store) joined here: the preamble
+        (from the path cache when it has it), the kept paths' KV brought to this device, then the postamble."""
+        kept: KeptPaths = prompt.kept_paths
+        prefix, computed = self._preamble(prompt.preamble)
+        if computed:
+            yield
+        moved = [Segment(s.tokens, s.positions, s.kv.to(self.device)) for s in kept.segments]
+        return self._join(Segment.cat([prefix, *moved]), prompt.postamble, kept.query_end, kept.selection)
+
     def _join(self, context: Segment, tail: list[int], start: float, selection: Selection) -> Context:
         """`tail` (the postamble; for the Prompt Cache, the query and the postamble) in one forward over `context`
         from position `start`: the context to decode from, its first generated token at start + |tail|."""
@@ -256,10 +279,20 @@ class Superposer:
         """The paths over `prefix`, forking one past its highest position, each with a query copy, scored."""
         return run_stages(self._fork(prefix, paths, query, cacheable))
 
-    @torch.inference_mode()
     def _fork(self, prefix: Segment, paths: list[list[int]], query: list[int],
               cacheable: bool) -> Generator[None, None, ForkResult]:
         fork = fork_positions(float(prefix.positions.max()) + 1, [len(p) for p in paths], self.config.positions)
+        return (yield from self._scored(prefix, paths, fork, query, cacheable))
+
+    @torch.inference_mode()
+    def score(self, prefix: Segment, paths: list[list[int]], fork: Fork, query: list[int]) -> ForkResult:
+        """Some paths of a larger fork (a shard of a document store: `fork` holds these paths' positions), each with
+        a query copy, scored; the documents' KV from the path cache where it has it."""
+        return run_stages(self._scored(prefix, paths, fork, query, cacheable=True))
+
+    @torch.inference_mode()
+    def _scored(self, prefix: Segment, paths: list[list[int]], fork: Fork, query: list[int],
+                cacheable: bool) -> Generator[None, None, ForkResult]:
         documents, cached = self._documents(prefix, paths, fork, cacheable)
         if cached < len(paths):
             yield

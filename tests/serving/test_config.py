@@ -79,6 +79,12 @@ def test_models_sit_side_by_side_each_with_its_decoding_mode() -> None:
     (["generation=lazy", "+serve.models.default.adapters.a=/x"],
      "serve.models.default.adapters: LoRA adapters are served with engine.lazy=false"),
     (["serve.models.default.adapter_slots=0"], "serve.models.default.adapter_slots=0 must be >= 1"),
+    (["serve.models.default.store_shards.count=0"], "serve.models.default.store_shards.count=0 must be >= 1"),
+    (["serve.models.default.store_shards.count=2"],
+     "serve.models.default.store_shards.count=2: shards score superposed paths; set engine.superposition.enabled"),
+    (["serve.models.default.store_shards.count=2", "generation=superposition", "generation.superposition.hops=2"],
+     "serve.models.default.engine.superposition.hops=2: a sharded store runs one round"),
+    (["serve.models.default.store_shards.num_gpus=-1"], "serve.models.default.store_shards: num_cpus and num_gpus"),
 ])
 def test_config_mistakes_are_named(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):

@@ -4,10 +4,12 @@ long to fit is refused before it is tokenized, and token ids outside the vocabul
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 
 import pytest
+import ray
 import torch
 
 from raytrain.checkpoint.hf import model_state, save_pretrained
@@ -18,6 +20,7 @@ from serving.config import model_args, model_spec
 from raytrain.data.corpus import documents
 from raytrain.infer.rag import PLAIN_CHAT_TEMPLATE
 from serving.model import ModelServer, RequestError, longest_token_chars
+from tests.conftest import local_ray
 
 TOKENIZER_TEMPLATE = "{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
 CONFIG_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}"
@@ -97,6 +100,36 @@ def rag_checkpoint(tmp_path, tokenizer):
         return save_pretrained(tmp_path / "rag", cfg, model_state(build_decoder(cfg)), to_files(tokenizer))
     finally:
         tokenizer.chat_template = None
+
+
+def test_a_sharded_store_answers_as_the_replica_alone(tmp_path, tokenizer) -> None:
+    """Two shard actors (Ray) score the store's paths and send the kept ones: the same answer, kept documents and
+    first tokens as the replica holding every document, and each shard warmed its part as it started."""
+    local_ray()
+    checkpoint = rag_checkpoint(tmp_path, tokenizer)
+    docs = ["The if statement.", "A class.", "The while loop.", "A list of items.", "The return value."]
+    (tmp_path / "python.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    settings = {"engine": {"superposition": {"enabled": True, "top_k": 2}}, "document_stores": {"python": str(
+        tmp_path / "python.jsonl")}, "limits": {"max_prompt_tokens": 120, "max_output_tokens": 8}}
+    alone = server(checkpoint, **settings)
+    shards = server(checkpoint, **settings, store_shards={"count": 2, "num_cpus": 0})
+    assert shards.info()["store_shards"] == 2 and len(shards.shards["python"]) == 2
+    assert shards.engine.superposer.cache.stats()["entries"] == 0  # the documents' KV lives in the shards
+    job = {"messages": MESSAGES, "params": {**PARAMS, "max_tokens": 8},
+           "rag": {"documents": None, "store": "python", "mode": None, "top_k": None}}
+    answers = [asyncio.run(model.generate(job)) for model in (alone, shards)]
+    assert answers[1] == answers[0] and len(answers[0]["kept_documents"]) == 2
+    assert asyncio.run(shards.generate({**job, "rag": {**job["rag"], "top_k": 1}}))["kept_documents"] == \
+        asyncio.run(alone.generate({**job, "rag": {**job["rag"], "top_k": 1}}))["kept_documents"]
+    naive = {**job, "rag": {**job["rag"], "mode": "naive"}}  # one prompt: the replica alone, shards unused
+    assert asyncio.run(shards.generate(naive)) == asyncio.run(alone.generate(naive))
+    scored = ray.get(shards.shards["python"][1].score.remote("q", *prompt_parts(shards, job)))
+    assert scored.cached == 2  # warmed as the shard started
+
+
+def prompt_parts(model: ModelServer, job: dict) -> tuple[list[int], list[int]]:
+    prompt = model.prepare(job).forkjoin
+    return prompt.preamble, prompt.query
 
 
 @torch.inference_mode()
