@@ -10,11 +10,11 @@ item at most every `stream_interval_s`, so a busy replica sends fewer, larger it
 caller goes away (client disconnect, timeout) is cancelled at the engine's next step. A chat request with `rag`
 documents becomes a fork-join prompt (`raytrain/infer/rag.py`): superposition prompting or naive RAG, per request or
 as the model's engine is configured; the replica's engine keeps the path cache, so documents sent again are not
-recomputed. A request may name one of the model's document stores (`document_stores`: files read as the replica
-starts, their document KV computed into the path cache then with `warm_document_stores`) instead of sending
-documents. A request for `NAME:adapter` runs with that LoRA adapter of the replica's base (`adapters` in the
-model's config, `adapter_slots` of them in memory at once, all checked against the base at startup); requests of
-different adapters share one batch.
+recomputed. A request may name one of the model's document stores (`document_stores`: files read and tokenized as
+the replica starts, their document KV computed into the path cache then with `warm_document_stores`, or into shard
+actors with `store_shards`) instead of sending documents. A request for `NAME:adapter` runs with that LoRA adapter
+of the replica's base (`adapters` in the model's config, `adapter_slots` of them in memory at once, all checked
+against the base at startup); requests of different adapters share one batch.
 
 A vision-language checkpoint (`job=vlm`) is held by a `VLMEngine` instead: chat messages may carry one image (a
 base64 `data:` URL), rendered through the chat template around it; its requests are generated a call at a time.
@@ -83,6 +83,7 @@ class ModelServer:
         self.max_prompt_chars = self.spec.limits.max_prompt_tokens * longest_token_chars(self.engine.tokenizer)
         self.preparing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
         self.stores = load_stores(self.spec, f"models.{name}", self.vision)
+        self.store_ids: dict[str, list[list[int]]] = {}  # store -> its documents' token ids
         self.shards: dict[str, list[Any]] = {}  # store -> its shard actors (`store_shards`)
         self._ready_stores(f"models.{name}")
 
@@ -221,7 +222,7 @@ class ModelServer:
         """The fork-join prompt of a rag job: earlier messages, then the instruction, the documents and the last
         (user) message as the question."""
         rag, messages = job["rag"], job["messages"]
-        documents, param = self._documents(rag)
+        documents, param, encoded = self._documents(rag)
         chars = sum(len(m["content"]) for m in messages) + sum(map(len, documents))
         if chars > self.max_prompt_chars:
             raise RequestError(f"{param}: {chars} characters of documents and messages are more than model "
@@ -229,22 +230,25 @@ class ModelServer:
                                f"this tokenizer never spells in more than {self.max_prompt_chars} characters)",
                                param, "context_length_exceeded")
         try:
-            prompt = forkjoin_prompt(self.engine.tokenizer, documents, messages[-1]["content"],
-                                     history=messages[:-1], template=self.chat_template)
+            prompt = forkjoin_prompt(self.engine.tokenizer, documents if encoded is None else [],
+                                     messages[-1]["content"], history=messages[:-1], template=self.chat_template)
         except (TemplateError, RaytrainError) as e:
             raise RequestError(f"messages: the chat template rejected them ({e})", "messages") from None
+        if encoded is not None:
+            prompt.documents = encoded
         prompt.superpose = None if rag["mode"] is None else rag["mode"] == "superposition"
         prompt.top_k = rag["top_k"]
         return prompt
 
-    def _documents(self, rag: dict[str, Any]) -> tuple[list[str], str]:
-        """The job's documents, sent or from the named store, and the field they came from."""
+    def _documents(self, rag: dict[str, Any]) -> tuple[list[str], str, list[list[int]] | None]:
+        """The job's documents, sent or from the named store, the field they came from, and a store's documents as
+        token ids (tokenized once, as the store loaded)."""
         if rag.get("store") is None:
-            return rag["documents"], "rag.documents"
+            return rag["documents"], "rag.documents", None
         if rag["store"] not in self.stores:
             raise RequestError(f"rag.store: model {self.name!r} has no document store {rag['store']!r}; its stores: "
                                f"{', '.join(self.stores) or 'none'}", "rag.store", "invalid_value")
-        return self.stores[rag["store"]], "rag.store"
+        return self.stores[rag["store"]], "rag.store", self.store_ids[rag["store"]]
 
     def _ready_stores(self, key: str) -> None:
         """Fail on a store no request could use (its documents past `limits.max_prompt_tokens`, or past the context
@@ -255,6 +259,7 @@ class ModelServer:
         warm = self.spec.warm_document_stores and self.spec.engine.superposition.enabled
         for name, documents in self.stores.items():
             prompt = forkjoin_prompt(self.engine.tokenizer, documents, "", template=self.chat_template)
+            self.store_ids[name] = prompt.documents
             if len(prompt.flat()) > self.spec.limits.max_prompt_tokens:
                 raise ConfigError(f"{key}.document_stores.{name}: its documents make a prompt of "
                                   f"{len(prompt.flat())} tokens; limits.max_prompt_tokens is "
