@@ -1,7 +1,8 @@
 """A sharded document store against the replica alone (README: "Sharded document stores"), on SmolLM2 and the
 single-hop question sets of `benchmarks/superposition.py`: each set's documents are one store of the model; the same
 questions go to a model replica whose engine holds every store's KV and to one whose stores are split over
-`--shards` Ray actors, both warmed as they start (superposition top-1).
+`--shards` Ray actors, both warmed as they start (superposition top-1, the question sets' instruction as the model's
+`rag_instruction`).
 
     python benchmarks/store_shards.py --checkpoint /tmp/smollm2 --sets 3 --questions-per-set 2 --shards 2
 
@@ -30,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.superposition import answer_line, question_sets  # noqa: E402
+from benchmarks.superposition import INSTRUCTION, answer_line, question_sets  # noqa: E402
 from serving.config import model_args, model_spec  # noqa: E402
 from serving.model import ModelServer  # noqa: E402
 
@@ -41,7 +42,8 @@ FLAT_LIMIT = 65536  # limits.max_prompt_tokens: the stores' flat prompts (naive 
 
 def server(checkpoint: str, stores: dict[str, str], shards: int) -> ModelServer:
     settings = {"checkpoint": checkpoint, "engine": {"superposition": {"enabled": True, "top_k": 1}},
-                "document_stores": stores, "store_shards": {"count": shards, "num_cpus": 0},
+                "document_stores": stores, "rag_instruction": INSTRUCTION,
+                "store_shards": {"count": shards, "num_cpus": 0},
                 "limits": {"max_prompt_tokens": FLAT_LIMIT, "max_output_tokens": 16}}
     return ModelServer.func_or_class("m", model_args(model_spec(settings, "bench")))
 
@@ -92,7 +94,8 @@ def main() -> None:
                 prompt = alone.prepare(job).forkjoin
                 kept_tokens = sum(len(prompt.documents[i]) + len(prompt.query) for i in split["kept_documents"])
                 row = {"set": s, "documents": len(docs), "agree": split == base,
-                       "correct": item["answer"] in answer_line(base["text"]), "alone_s": base_s, "sharded_s": split_s,
+                       "correct": item["answer"] in answer_line(base["text"]), "answer": base["text"],
+                       "gold_kept": item["gold"][0] in base["kept_documents"], "alone_s": base_s, "sharded_s": split_s,
                        "moved_bytes": kept_tokens * token_bytes,
                        "store_bytes": sum(map(len, prompt.documents)) * token_bytes}
                 rows.append(row)
@@ -103,6 +106,7 @@ def main() -> None:
         "command": "python benchmarks/" + " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "config": {**vars(args), "threads": torch.get_num_threads(), "top_k": 1, "max_tokens": 16},
         "questions": len(rows), "agree": sum(r["agree"] for r in rows), "correct": sum(r["correct"] for r in rows),
+        "gold_kept": sum(r["gold_kept"] for r in rows),
         "documents_mean": statistics.mean(r["documents"] for r in rows),
         "sharded": {"time_to_answer_s": sharded_s, "start_s": started["sharded_s"],
                     "moved_kv_mb_mean": statistics.mean(r["moved_bytes"] for r in rows) / 2 ** 20},

@@ -95,6 +95,7 @@ class ModelSpec:
     chat_template: str | None = None  # Jinja; null: the tokenizer's own, else a plain "role: content" template
     adapters: dict[str, str] = field(default_factory=dict)  # LoRA adapters of this base: name -> dir (`NAME:name`)
     adapter_slots: int = 4  # adapters in memory at once per replica (loaded on first use, least recently used out)
+    rag_instruction: str | None = None  # the user turn's words before a rag request's documents; null: rag.INSTRUCTION
     document_stores: dict[str, str] = field(default_factory=dict)  # rag: name -> a documents file (.jsonl or text, as
     # `raytrain generate rag.documents`), read by every replica; a request names one as rag.store
     warm_document_stores: bool = True  # with superposition on: compute each store's document KV into the path cache

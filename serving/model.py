@@ -231,7 +231,8 @@ class ModelServer:
                                param, "context_length_exceeded")
         try:
             prompt = forkjoin_prompt(self.engine.tokenizer, documents if encoded is None else [],
-                                     messages[-1]["content"], history=messages[:-1], template=self.chat_template)
+                                     messages[-1]["content"], self.spec.rag_instruction, messages[:-1],
+                                     self.chat_template)
         except (TemplateError, RaytrainError) as e:
             raise RequestError(f"messages: the chat template rejected them ({e})", "messages") from None
         if encoded is not None:
@@ -258,7 +259,8 @@ class ModelServer:
         here instead, each warming its own part."""
         warm = self.spec.warm_document_stores and self.spec.engine.superposition.enabled
         for name, documents in self.stores.items():
-            prompt = forkjoin_prompt(self.engine.tokenizer, documents, "", template=self.chat_template)
+            prompt = forkjoin_prompt(self.engine.tokenizer, documents, "", self.spec.rag_instruction,
+                                     template=self.chat_template)
             self.store_ids[name] = prompt.documents
             if len(prompt.flat()) > self.spec.limits.max_prompt_tokens:
                 raise ConfigError(f"{key}.document_stores.{name}: its documents make a prompt of "

@@ -156,6 +156,14 @@ def test_rag_jobs_become_fork_join_requests_within_the_limits(tmp_path, tokenize
         assert e.value.args[1:3] == (param, code), e.value.args
 
 
+def test_the_rag_instruction_comes_from_config(tmp_path, tokenizer) -> None:
+    model = server(rag_checkpoint(tmp_path, tokenizer), rag_instruction="Answer with the 4-digit code.",
+                   limits={"max_prompt_tokens": 120, "max_output_tokens": 20})
+    rag = {"documents": ["The code is 1234."], "mode": None, "top_k": None}
+    prompt = model.prepare({"messages": MESSAGES, "params": PARAMS, "rag": rag}).forkjoin
+    assert model.engine.tokenizer.decode(prompt.preamble) == "<s><user>Answer with the 4-digit code.\n\n"
+
+
 @torch.inference_mode()
 def test_document_stores_are_read_warmed_and_named_by_requests(tmp_path, tokenizer) -> None:
     checkpoint = rag_checkpoint(tmp_path, tokenizer)
