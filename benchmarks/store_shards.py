@@ -40,11 +40,11 @@ FLAT_LIMIT = 65536  # limits.max_prompt_tokens: the stores' flat prompts (naive 
 # a superposed question needs only the preamble, one path and the query
 
 
-def server(checkpoint: str, stores: dict[str, str], shards: int) -> ModelServer:
+def server(checkpoint: str, stores: dict[str, str], shards: int, max_tokens: int) -> ModelServer:
     settings = {"checkpoint": checkpoint, "engine": {"superposition": {"enabled": True, "top_k": 1}},
                 "document_stores": stores, "rag_instruction": INSTRUCTION,
                 "store_shards": {"count": shards, "num_cpus": 0},
-                "limits": {"max_prompt_tokens": FLAT_LIMIT, "max_output_tokens": 16}}
+                "limits": {"max_prompt_tokens": FLAT_LIMIT, "max_output_tokens": max_tokens}}
     return ModelServer.func_or_class("m", model_args(model_spec(settings, "bench")))
 
 
@@ -65,6 +65,7 @@ def main() -> None:
     p.add_argument("--questions-per-set", type=int, default=2)
     p.add_argument("--shards", type=int, default=2)
     p.add_argument("--doc-words", type=int, default=100)
+    p.add_argument("--max-tokens", type=int, default=32, help="answer tokens (SmolLM2 often writes a line first)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
@@ -76,10 +77,10 @@ def main() -> None:
             stores[f"set{s}"] = str(Path(tmp) / f"set{s}.txt")
             Path(stores[f"set{s}"]).write_text("\n\n".join(docs))
         start = time.perf_counter()
-        alone = server(args.checkpoint, stores, 1)
+        alone = server(args.checkpoint, stores, 1, args.max_tokens)
         started = {"alone_s": time.perf_counter() - start}
         start = time.perf_counter()
-        sharded = server(args.checkpoint, stores, args.shards)
+        sharded = server(args.checkpoint, stores, args.shards, args.max_tokens)
         started["sharded_s"] = time.perf_counter() - start
         engine = alone.engine
         token_bytes = engine.superposer.layout.width * engine.model.embed.weight.element_size()
@@ -88,7 +89,7 @@ def main() -> None:
             rag = {"documents": None, "store": f"set{s}", "mode": None, "top_k": None}
             for item in asked:
                 job = {"messages": [{"role": "user", "content": item["question"]}], "rag": rag,
-                       "params": {"max_tokens": 16, "temperature": 0.0, "top_p": 1.0, "top_k": 0,
+                       "params": {"max_tokens": args.max_tokens, "temperature": 0.0, "top_p": 1.0, "top_k": 0,
                                   "repetition_penalty": 1.0, "stop": [], "seed": None, "ignore_eos": False}}
                 (base, base_s), (split, split_s) = (timed(m, job, args.repeats) for m in (alone, sharded))
                 prompt = alone.prepare(job).forkjoin
@@ -104,7 +105,7 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "store_shards", "date": time.strftime("%Y-%m-%d"), "device": "cpu",
         "command": "python benchmarks/" + " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "config": {**vars(args), "threads": torch.get_num_threads(), "top_k": 1, "max_tokens": 16},
+        "config": {**vars(args), "threads": torch.get_num_threads(), "top_k": 1},
         "questions": len(rows), "agree": sum(r["agree"] for r in rows), "correct": sum(r["correct"] for r in rows),
         "gold_kept": sum(r["gold_kept"] for r in rows),
         "documents_mean": statistics.mean(r["documents"] for r in rows),
