@@ -69,7 +69,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     sets = question_sets(args.sets, args.questions_per_set, False, args.seed, args.doc_words)
     with tempfile.TemporaryDirectory() as tmp:
         stores = {}
