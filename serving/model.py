@@ -46,6 +46,7 @@ from serving.config import ModelSpec, model_spec
 from serving.device import model_device
 from serving.shards import start_shards
 
+
 class RequestError(Exception):
     """A client error found here (prompt too long, limits, template); answered as {"error": args}, which the ingress
     turns into an OpenAI error with this status."""
