@@ -17,6 +17,10 @@ from serving.config import ModelSpec, model_spec
 from serving.device import model_device
 
 
+RESTARTS = 3  # a shard that dies (its node lost, out of memory) starts again and warms its part; calls sent
+# meanwhile wait and run then, and only a question scored before the death and taken after it fails
+
+
 @ray.remote
 class DocumentShard:
     """One part of one document store: the model and its paths' KV (`PathShard`)."""
@@ -45,7 +49,8 @@ class DocumentShard:
 def start_shards(args: dict[str, Any], key: str, spec: ModelSpec, paths: list[list[int]],
                  warm: tuple[list[int], list[int]] | None) -> list[ray.actor.ActorHandle]:
     """One store's shard actors, started (a failed start raises here, as the replica starts)."""
-    options = {"num_cpus": spec.store_shards.num_cpus, "num_gpus": spec.store_shards.num_gpus}
+    options = {"num_cpus": spec.store_shards.num_cpus, "num_gpus": spec.store_shards.num_gpus,
+               "max_restarts": RESTARTS, "max_task_retries": RESTARTS}
     shards = [DocumentShard.options(**options).remote(args, key, paths, owned, warm)
               for owned in shard_ranges(len(paths), spec.store_shards.count)]
     ray.get([s.ready.remote() for s in shards])

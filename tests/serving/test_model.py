@@ -125,6 +125,9 @@ def test_a_sharded_store_answers_as_the_replica_alone(tmp_path, tokenizer) -> No
     assert asyncio.run(shards.generate(naive)) == asyncio.run(alone.generate(naive))
     scored = ray.get(shards.shards["python"][1].score.remote("q", *prompt_parts(shards, job)))
     assert scored.cached == 2  # warmed as the shard started
+    ray.kill(shards.shards["python"][0], no_restart=False)  # a shard dies: it starts again, warm
+    assert asyncio.run(shards.generate(job)) == answers[0]
+    assert ray.get(shards.shards["python"][0].score.remote("q", *prompt_parts(shards, job))).cached == 3
 
 
 def prompt_parts(model: ModelServer, job: dict) -> tuple[list[int], list[int]]:
