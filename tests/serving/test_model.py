@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 
 import pytest
@@ -125,9 +126,20 @@ def test_a_sharded_store_answers_as_the_replica_alone(tmp_path, tokenizer) -> No
     assert asyncio.run(shards.generate(naive)) == asyncio.run(alone.generate(naive))
     scored = ray.get(shards.shards["python"][1].score.remote("q", *prompt_parts(shards, job)))
     assert scored.cached == 2  # warmed as the shard started
-    ray.kill(shards.shards["python"][0], no_restart=False)  # a shard dies: it starts again, warm
+    restart(shards.shards["python"][0])  # a shard dies: it starts again, warm
     assert asyncio.run(shards.generate(job)) == answers[0]
     assert ray.get(shards.shards["python"][0].score.remote("q", *prompt_parts(shards, job))).cached == 3
+
+
+def restart(shard) -> None:
+    """Kill a shard actor and wait until its restarted self answers (`ray.kill` returns while the old one may still
+    run a call)."""
+    pid = ray.get(shard.__ray_call__.remote(lambda actor: os.getpid()))
+    ray.kill(shard, no_restart=False)
+    for _ in range(10_000):
+        if ray.get(shard.__ray_call__.remote(lambda actor: os.getpid())) != pid:
+            return
+    raise AssertionError("the shard actor did not restart")
 
 
 def prompt_parts(model: ModelServer, job: dict) -> tuple[list[int], list[int]]:
