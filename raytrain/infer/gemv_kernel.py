@@ -97,7 +97,6 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, gain_ptr, res_ptr, N, K, stride_wn, up_off
     tl.store(y_ptr + rows, y.to(dtype), mask=live)
 
 
-@torch.compiler.disable
 def fused_outputs(rows: int, swiglu: bool, name: str) -> int:
     """Outputs of a GEMV over a weight of `rows` rows: with `swiglu` the weight holds (gate, up) halves, so half of
     an even count."""
@@ -106,6 +105,7 @@ def fused_outputs(rows: int, swiglu: bool, name: str) -> int:
     return rows // 2 if swiglu else rows
 
 
+@torch.compiler.disable
 def gemv(x: torch.Tensor, weight: torch.Tensor, block: tuple[int, int, int] | None = None,
          norm: torch.Tensor | None = None, eps: float = 0.0, swiglu: bool = False,
          residual: torch.Tensor | None = None, dependent_launch: bool = False) -> torch.Tensor:
