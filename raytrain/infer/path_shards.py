@@ -19,6 +19,7 @@ in one process.
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -102,10 +103,7 @@ class PathShard:
 def prune(scores: list[ShardScores], k: int) -> list[list[int]]:
     """Each shard's kept paths, as indices within it: the top k over every shard's scores (k = 0: all), ties to the
     lower path, as one process picks them."""
-    kept = top_k(torch.tensor([x for s in scores for x in s.scores]), k)
-    starts = [0]
-    for s in scores:
-        starts.append(starts[-1] + len(s.scores))
+    kept, starts = top_k(torch.tensor([x for s in scores for x in s.scores]), k), _starts(scores)
     return [[i - a for i in kept if a <= i < b] for a, b in zip(starts, starts[1:])]
 
 
@@ -116,12 +114,16 @@ def join_kept(superposer: Superposer, prompt: ForkJoinPrompt, scores: list[Shard
     config, paths = superposer.config, superposer.paths(prompt)
     fork = fork_positions(len(prompt.preamble), [len(p) for p in paths], config.positions)
     groups = path_groups(len(prompt.documents), config.factor)
-    starts = [sum(len(s.scores) for s in scores[:i]) for i in range(len(scores))]
-    chosen = [start + i for start, local in zip(starts, kept) for i in local]
+    chosen = [start + i for start, local in zip(_starts(scores), kept) for i in local]
     selection = Selection(kept=[d for i in chosen for d in groups[i]], moved=[],
                           scores=[x for s in scores for x in s.scores], paths=len(paths),
                           cached=sum(s.cached for s in scores))
     return KeptPaths([s for part in taken for s in part], fork.query_start + len(prompt.query), selection)
+
+
+def _starts(scores: list[ShardScores]) -> list[int]:
+    """Where each shard's paths start among all paths, then the path count."""
+    return [0, *itertools.accumulate(len(s.scores) for s in scores)]
 
 
 def _on_host(segment: Segment) -> Segment:

@@ -284,7 +284,6 @@ class Superposer:
         fork = fork_positions(float(prefix.positions.max()) + 1, [len(p) for p in paths], self.config.positions)
         return (yield from self._scored(prefix, paths, fork, query, cacheable))
 
-    @torch.inference_mode()
     def score(self, prefix: Segment, paths: list[list[int]], fork: Fork, query: list[int]) -> ForkResult:
         """Some paths of a larger fork (a shard of a document store: `fork` holds these paths' positions), each with
         a query copy, scored; the documents' KV from the path cache where it has it."""
