@@ -154,7 +154,8 @@ class ModelServer:
         prompt, name = request.forkjoin, uuid.uuid4().hex
         scores = await asyncio.gather(*(s.score.remote(name, prompt.preamble, prompt.query) for s in shards))
         kept = prune(scores, self.engine.superposer.keep(prompt))
-        taken = await asyncio.gather(*(s.take.remote(name, k) for s, k in zip(shards, kept)))
+        taken = await asyncio.gather(*(s.take.remote(name, k, prompt.preamble, prompt.query)
+                                       for s, k in zip(shards, kept)))
         prompt.kept_paths = join_kept(self.engine.superposer, prompt, scores, kept, taken)
 
     # ---- request preparation ----------------------------------------------------------------------------------

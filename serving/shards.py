@@ -18,7 +18,7 @@ from serving.device import model_device
 
 
 RESTARTS = 3  # a shard that dies (its node lost, out of memory) starts again and warms its part; calls sent
-# meanwhile wait and run then, and only a question scored before the death and taken after it fails
+# meanwhile wait and run then, and a question it scored before dying is scored again when its paths are taken
 
 
 @ray.remote
@@ -42,8 +42,8 @@ class DocumentShard:
     def score(self, request: str, preamble: list[int], query: list[int]) -> ShardScores:
         return self.shard.score(request, preamble, query)
 
-    def take(self, request: str, kept: list[int]) -> list[Segment]:
-        return self.shard.take(request, kept)
+    def take(self, request: str, kept: list[int], preamble: list[int], query: list[int]) -> list[Segment]:
+        return self.shard.take(request, kept, (preamble, query))
 
 
 def start_shards(args: dict[str, Any], key: str, spec: ModelSpec, paths: list[list[int]],

@@ -90,15 +90,19 @@ class PathShard:
             self.pending.popitem(last=False)
         return ShardScores(result.scores.tolist(), result.cached)
 
-    def take(self, request: str, kept: list[int]) -> list[Segment]:
+    def take(self, request: str, kept: list[int],
+             question: tuple[list[int], list[int]] | None = None) -> list[Segment]:
         """The kept paths' (indices within this shard) document and query-copy KV, on the host, in path order; the
-        request's other paths are dropped."""
+        request's other paths are dropped. A request this shard no longer holds (it restarted after scoring it, or
+        `PENDING` later ones pushed it out) is scored again from `question` (its preamble and query) when given."""
         result = self.pending.pop(request, None)
+        if result is None and question is not None:
+            self.score(request, *question)
+            result = self.pending.pop(request)
         if result is None:
             raise RaytrainError(f"request {request!r} was not scored on this shard, or was dropped ({PENDING} "
                                 "requests were scored after it)")
         return [_on_host(s) for i in kept for s in (result.documents[i].segment, result.queries[i])]
-
 
 def prune(scores: list[ShardScores], k: int) -> list[list[int]]:
     """Each shard's kept paths, as indices within it: the top k over every shard's scores (k = 0: all), ties to the

@@ -79,6 +79,10 @@ def test_only_the_kept_paths_leave_their_shard(lm) -> None:
     assert not any(s.pending for s in shards)
     with pytest.raises(RaytrainError, match="'r' was not scored on this shard"):
         shards[0].take("r", [])
+    owner = next(s for s, part in zip(shards, taken) if part)
+    again = owner.take("r", [k for part in kept for k in part], (prompt.preamble, prompt.query))  # scored anew
+    assert [s.tokens for s in again] == [document.tokens, query.tokens] and not owner.pending
+    assert torch.equal(again[0].kv, document.kv) and torch.equal(again[1].kv, query.kv)
 
 
 def test_prune_takes_the_top_k_over_all_shards_with_ties_to_the_lower_path() -> None:

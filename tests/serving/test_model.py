@@ -128,7 +128,14 @@ def test_a_sharded_store_answers_as_the_replica_alone(tmp_path, tokenizer) -> No
     assert scored.cached == 2  # warmed as the shard started
     restart(shards.shards["python"][0])  # a shard dies: it starts again, warm
     assert asyncio.run(shards.generate(job)) == answers[0]
-    assert ray.get(shards.shards["python"][0].score.remote("q", *prompt_parts(shards, job))).cached == 3
+    shard, question = shards.shards["python"][0], prompt_parts(shards, job)
+    assert ray.get(shard.score.remote("q", *question)).cached == 3
+    before = ray.get(shard.take.remote("q", [0, 2], *question))
+    ray.get(shard.score.remote("q2", *question))
+    restart(shard)  # it dies between scoring a question and handing over its paths: it scores the question again
+    after = ray.get(shard.take.remote("q2", [0, 2], *question))
+    assert [s.tokens for s in after] == [s.tokens for s in before] and len(after) == 4
+    assert all(torch.equal(a.kv, b.kv) and torch.equal(a.positions, b.positions) for a, b in zip(after, before))
 
 
 def restart(shard) -> None:
