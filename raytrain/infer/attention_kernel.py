@@ -45,14 +45,17 @@ TREE_BLOCK_KEYS = 64
 
 
 @triton.jit
-def _attend_block(q, k, v, visible, best, total, acc, scale, IEEE: tl.constexpr):
-    """One block of keys in the online softmax: q (GROUP_PAD, hd), k and v (BLOCK, hd), visible (BLOCK,) -> the
-    running max, denominator and weighted sum (fp32) after it."""
+def _attend_block(q, k, v, visible, bias, best, total, acc, scale, IEEE: tl.constexpr, BIAS: tl.constexpr):
+    """One block of keys in the online softmax: q (GROUP_PAD, hd), k and v (BLOCK, hd), visible (BLOCK,), with BIAS
+    the keys' fp32 logit bias (BLOCK,) -> the running max, denominator and weighted sum (fp32) after it."""
     if IEEE:
         scores = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
         scores = tl.dot(q, tl.trans(k))
-    scores = tl.where(visible[None, :], scores * scale, float("-inf"))  # (GROUP_PAD, BLOCK)
+    scores = scores * scale
+    if BIAS:
+        scores = scores + bias[None, :]
+    scores = tl.where(visible[None, :], scores, float("-inf"))  # (GROUP_PAD, BLOCK)
     new_best = tl.maximum(best, tl.max(scores, axis=1))
     rescale = tl.exp(best - new_best)
     p = tl.exp(scores - new_best[:, None])
@@ -99,13 +102,14 @@ def _cached_block(keys, values, index, position, sK_index, sV_index, d):
 
 @triton.jit
 def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, keys_ptr, values_ptr, pos_ptr, write_ptr, out_ptr,
-                             part_ptr, best_ptr, total_ptr, chunk,
+                             part_ptr, best_ptr, total_ptr, chunk, bias_ptr, sB_slot,
                              cos_ptr, sin_ptr, q_gain_ptr, k_gain_ptr, eps,
                              sq_row, sq_head, sk_row, sk_head, sv_row, sv_head,
                              sK_slot, sK_head, sK_index, sV_slot, sV_head, sV_index, so_row, so_head, scale,
                              GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                              BLOCK: tl.constexpr, IEEE: tl.constexpr, ROPE: tl.constexpr, QK_NORM: tl.constexpr,
-                             ROPE_ROWS: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr):
+                             ROPE_ROWS: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr,
+                             BIAS: tl.constexpr):
     row, kv_head = tl.program_id(0), tl.program_id(1)
     # positions and the cached keys 0..position-1 were written before the step's first kernel started, so they are
     # read before waiting for the previous kernel; each block of keys is loaded one iteration ahead
@@ -142,7 +146,11 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, keys_ptr, values_ptr, pos_ptr,
     # every block holds a visible key (it starts below end), so the running max turns finite in the first one
     for block_start in range(start, end, BLOCK):  # the cached keys start..end-1
         index = block_start + tl.arange(0, BLOCK)
-        best, total, acc = _attend_block(q, k, v, index < end, best, total, acc, scale, IEEE)
+        if BIAS:  # the new key's bias is 0: generated tokens belong to no path
+            bias = tl.load(bias_ptr + row * sB_slot + index, mask=index < end, other=0.0)
+        else:
+            bias = best
+        best, total, acc = _attend_block(q, k, v, index < end, bias, best, total, acc, scale, IEEE, BIAS)
         k, v = _cached_block(keys, values, index + BLOCK, end, sK_index, sV_index, d)
     live = g < GROUP
     if SPLIT:  # the partial, unnormalised: (W, n_q, splits, hd) and (W, n_q, splits)
@@ -190,7 +198,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: to
                      positions: torch.Tensor, write_index: torch.Tensor,
                      rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                      qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None, rope_rows: bool = False,
-                     max_position: int | None = None, dependent_launch: bool = False) -> torch.Tensor:
+                     max_position: int | None = None, dependent_launch: bool = False,
+                     key_bias: torch.Tensor | None = None) -> torch.Tensor:
     """q (W, n_q, 1, hd), the new k and v (W, n_kv, 1, hd), one layer's cache keys/values (n_slots, n_kv, S, hd)
     (row w is slot w), positions and write_index (W,) -> (W, n_q, 1, hd). Stores k, v at `write_index`, then each row
     attends to its keys 0..position-1 and the new one. With `rope` (the fp32 cos and sin tables, (positions, hd)),
@@ -203,7 +212,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: to
     (split-KV, module docstring). A row past the bound is still attended exactly, its last split reading the rest of
     its keys, only slower. None, or a bound of at most SPLIT_KEYS: one program per (row, KV head), one launch.
     `dependent_launch`: launched as a programmatic dependent of the previous kernel (`gemv`'s, CUDA sm90+); split,
-    the combine is one of the split kernel (it waits for it before reading anything, and lets the next start)."""
+    the combine is one of the split kernel (it waits for it before reading anything, and lets the next start).
+    `key_bias` (n_slots, S) fp32: added to each row's attention logits of its cached keys (superposition's
+    attenuation); None: no bias, and no load of one."""
     W, n_q, _, hd = q.shape
     n_kv = k.shape[1]
     if any(t.stride(-1) != 1 for t in (q, k, v, keys, values)):
@@ -225,13 +236,14 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: to
         part, best, total = out, out, out
     _decode_attention_kernel[(W, n_kv, splits)](
         q, k, v, keys, values, positions, write_index, out, part, best, total, chunk,
+        key_bias if key_bias is not None else out, key_bias.stride(0) if key_bias is not None else 0,
         cos, sin, q_gain, k_gain, eps,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
         out.stride(0), out.stride(1), 1 / math.sqrt(hd),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=hd, BLOCK=BLOCK_KEYS,
         IEEE=q.dtype == torch.float32, ROPE=rope is not None, QK_NORM=qk_norm is not None,
-        ROPE_ROWS=rope_rows, SPLIT=splits > 1, PDL=dependent_launch,
+        ROPE_ROWS=rope_rows, SPLIT=splits > 1, PDL=dependent_launch, BIAS=key_bias is not None,
         num_warps=4, launch_pdl=dependent_launch)
     if splits > 1:
         _combine_splits_kernel[(W, n_q)](
@@ -273,7 +285,9 @@ def _tree_attention_kernel(q_ptr, k_ptr, v_ptr, keys_ptr, values_ptr, slots_ptr,
         k += tl.load(tree_k + node[:, None] * sk_row + d[None, :], mask=(in_tree & sees)[:, None], other=0.0)
         v = tl.load(values + index[:, None] * sV_index + d[None, :], mask=committed[:, None], other=0.0)
         v += tl.load(tree_v + node[:, None] * sv_row + d[None, :], mask=(in_tree & sees)[:, None], other=0.0)
-        best, total, acc = _attend_block(q, k, v, committed | (in_tree & sees), best, total, acc, scale, IEEE)
+        # no key bias: superposed requests, the only ones whose slots hold one, never speculate
+        best, total, acc = _attend_block(q, k, v, committed | (in_tree & sees), best, best, total, acc, scale, IEEE,
+                                         False)
     out = acc / total[:, None]
     tl.store(out_ptr + seq * so_seq + heads[:, None] * so_head + row * so_row + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=(g < GROUP)[:, None])

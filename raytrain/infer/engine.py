@@ -145,7 +145,8 @@ class Engine:
                                   and fused_attention_supported(model.cfg.head_dim),
                                   static_prefill_tokens=self._static_prefill_tokens(),
                                   fused_decode=cuda and self.config.fused_decode,
-                                  dependent_launch=self.config.dependent_launch)
+                                  dependent_launch=self.config.dependent_launch,
+                                  key_bias=self.config.superposition.attenuation is not None)
         self.speculative = (SpecStreamDecoder(model, self.runner, self.config.specstream)
                             if self.config.specstream is not None else None)
         self.sampling = SamplingTable(n_slots + 1, model.cfg.vocab_size, self.device)  # + a row for LazyLLM
@@ -497,7 +498,7 @@ class Engine:
         """One chunk alone: a later chunk of a long prompt, or a superposed prompt's KV copied in -> its last-token
         logits (1, V)."""
         if seq.context is not None:
-            self.runner.install(seq.slot, seq.context.keys, seq.context.values, first, end)
+            self.runner.install(seq.slot, seq.context.keys, seq.context.values, first, end, seq.context.key_bias)
             return seq.context.logits
         return self.runner.prefill(seq.slot, seq.prompt[first:end], first)
 
@@ -582,6 +583,8 @@ class Engine:
         self.lazy_running = self._inflight = None
         self.runner.live.zero_()
         self.runner.write_index.fill_(self.runner.max_len)
+        for slot in range(self.n_slots):
+            self.runner.cache.free(slot)
         for slot in range(self.n_slots + 1):
             self.sampling.release(slot)
         return [seq for seq in dropped if seq.finish_reason is None]

@@ -107,14 +107,18 @@ class Layout:
     positions: torch.Tensor  # (N,) float64
     mask: torch.Tensor  # (N, N) bool
     spans: dict[tuple[str, int], slice] = field(default_factory=dict)  # ("document"|"query", i), ("postamble", 0)
+    bias: torch.Tensor | None = None  # (N, N) float32 added to the attention logits (attenuation), or None
 
 
 def oracle_layout(prompt: ForkJoinPrompt, positions: str = "equilibrium", kept: list[int] | None = None,
-                  response: list[int] | None = None, preamble_positions: torch.Tensor | None = None) -> Layout:
+                  response: list[int] | None = None, preamble_positions: torch.Tensor | None = None,
+                  path_bias: dict[int, float] | None = None) -> Layout:
     """p, d_1, q_1, ..., d_n, q_n, t, response in topological order, one document per path. A row may attend to a
     column of an ancestor segment, or of its own segment at or before it; with `kept`, the rows from t on see none
     of the pruned paths' columns (the official evaluation's pruning by masking). `preamble_positions` (default
-    0..|p|-1) places a preamble that earlier rounds extended (iterative superposition)."""
+    0..|p|-1) places a preamble that earlier rounds extended (iterative superposition). `path_bias` {i: b}: the
+    rows from t on add b to the attention logits of path i's document and query columns (the official code's
+    attenuation)."""
     n = len(prompt.documents)
     if preamble_positions is None:
         preamble_positions = torch.arange(len(prompt.preamble), dtype=torch.float64)
@@ -131,7 +135,14 @@ def oracle_layout(prompt: ForkJoinPrompt, positions: str = "equilibrium", kept: 
         ancestor[2 * i + 2, 2 * i + 1] = True
         if kept is None or i in kept:
             ancestor[2 * n + 1, [2 * i + 1, 2 * i + 2]] = True
-    return _layout(pieces, ancestor)
+    layout = _layout(pieces, ancestor)
+    if path_bias:
+        layout.bias = torch.zeros(layout.mask.shape)
+        tail = layout.spans["postamble", 0].start
+        for i, b in path_bias.items():
+            for name in ("document", "query"):
+                layout.bias[tail:, layout.spans[name, i]] = b
+    return layout
 
 
 def prompt_cache_layout(prompt: ForkJoinPrompt, response: list[int] | None = None) -> Layout:
@@ -171,10 +182,10 @@ def _layout(pieces: list[tuple[list[int], torch.Tensor, tuple[str, int]]], ances
 
 
 class MaskedAttention(CachedAttention):
-    """Attention of one whole sequence under an explicit (N, N) boolean mask."""
+    """Attention of one whole sequence under an explicit (N, N) boolean mask, and an additive bias when given."""
 
-    def __init__(self, mask: torch.Tensor) -> None:
-        self.mask = mask[None, None]
+    def __init__(self, mask: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        self.mask = mask[None, None] if bias is None else bias.masked_fill(~mask, float("-inf"))[None, None]
 
     def update(self, layer: int, q: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
@@ -193,4 +204,5 @@ def oracle_logits(model: Decoder, layout: Layout) -> torch.Tensor:
     device = model.embed.weight.device
     tokens = torch.tensor([layout.tokens], device=device)
     positions = layout.positions.to(device=device, dtype=torch.float32)[None]
-    return model(tokens, cache=MaskedAttention(layout.mask.to(device)), positions=positions)[0]
+    bias = layout.bias.to(device=device, dtype=model.embed.weight.dtype) if layout.bias is not None else None
+    return model(tokens, cache=MaskedAttention(layout.mask.to(device), bias), positions=positions)[0]

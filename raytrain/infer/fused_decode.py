@@ -97,7 +97,7 @@ class FusedDecodeStep:
         for i, block in enumerate(model.layers):
             attention = partial(decode_attention, keys=self.cache.keys[i], values=self.cache.values[i],
                                 positions=position, write_index=write_index, rope=tables, rope_rows=by_row,
-                                max_position=max_position, dependent_launch=self.pdl)
+                                max_position=max_position, dependent_launch=self.pdl, key_bias=self.cache.key_bias)
             x = self._layer(block, x, attention)
         return self._project(model.head, x, norm=model.norm)
 

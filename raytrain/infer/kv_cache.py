@@ -18,7 +18,9 @@ Three modes, set by the model runner before each forward:
   scratch index for idle rows), attending to the first `length` keys of their slot under a per-row length mask.
   `rope_positions`, when given, are the (real-valued) positions RoPE rotates by instead: a superposed prompt's
   context is packed at indices 0..C-1 while its tokens sit at other positions (`raytrain/infer/superposition.py`).
-A superposed prompt's KV, computed outside the slots, is copied in with `write`.
+A superposed prompt's KV, computed outside the slots, is copied in with `write`; with `key_bias` (superposition's
+attenuation) the cache also holds a float32 bias per slot and key, added to decode attention's logits (zero except
+where a superposed context wrote it, and zeroed when its slot is freed).
 With `fused_attention` (CUDA, head_dim a power of two), a decode step's cache write and attention are one Triton
 kernel per layer (`raytrain/infer/attention_kernel.py`) that reads only each row's own keys; past 256 keys in the
 length bucket it splits them across programs (split-KV: a second, combining kernel).
@@ -41,7 +43,8 @@ def fused_attention_supported(head_dim: int) -> bool:
 
 class SlotKVCache:
     def __init__(self, kv_heads: list[int], head_dim: int, n_slots: int, max_len: int, dtype: torch.dtype,
-                 device: torch.device, fused_attention: bool = False, scratch_slot: bool = False) -> None:
+                 device: torch.device, fused_attention: bool = False, scratch_slot: bool = False,
+                 key_bias: bool = False) -> None:
         self.n_slots, self.max_len = n_slots, max_len
         self.scratch = n_slots if scratch_slot else None  # an extra slot the padding rows of a prefill write to
         self.fused_attention = self.tree_attention = None  # Triton kernels, imported (with triton) where they run
@@ -52,6 +55,7 @@ class SlotKVCache:
         shape = [(n_slots + scratch_slot, h, max_len + 1, head_dim) for h in kv_heads]
         self.keys = [torch.zeros(s, dtype=dtype, device=device) for s in shape]
         self.values = [torch.zeros(s, dtype=dtype, device=device) for s in shape]
+        self.key_bias = torch.zeros(n_slots, max_len + 1, device=device) if key_bias else None
         self.rows = torch.arange(n_slots, device=device)
         self.slot, self.seen = 0, 0  # prefill: the slot and the chunk's first position
         self.slots: torch.Tensor | None = None  # packed prefill: (B,) each row's slot
@@ -88,11 +92,22 @@ class SlotKVCache:
             return None
         return (self.positions if self.rope_positions is None else self.rope_positions)[:, None]
 
-    def write(self, slot: int, keys: list[torch.Tensor], values: list[torch.Tensor], first: int, end: int) -> None:
-        """Copy indices first..end-1 of per-layer (n_kv, C, hd) keys and values into `slot`."""
+    def write(self, slot: int, keys: list[torch.Tensor], values: list[torch.Tensor], first: int, end: int,
+              bias: torch.Tensor | None = None) -> None:
+        """Copy indices first..end-1 of per-layer (n_kv, C, hd) keys and values, and of the keys' (C,) attention
+        bias when given, into `slot`."""
         for K, V, k, v in zip(self.keys, self.values, keys, values):
             K[slot, :, first:end] = k[:, first:end]
             V[slot, :, first:end] = v[:, first:end]
+        if bias is not None:
+            if self.key_bias is None:
+                raise ValueError("a context with an attention bias needs a cache built with key_bias")
+            self.key_bias[slot, first:end] = bias[first:end]
+
+    def free(self, slot: int) -> None:
+        """A slot's sequence ended: its keys' bias back to zero for the next one."""
+        if self.key_bias is not None:
+            self.key_bias[slot].zero_()
 
     def advance(self, n_tokens: int) -> None:
         """Positions are the runner's business: nothing to count here."""
@@ -110,19 +125,23 @@ class SlotKVCache:
             keys, values = K[s:s + 1, :, :start + T], V[s:s + 1, :, :start + T]
             return attention(q, keys, values, causal_mask(T, start, q.device), start == 0 and T > 1)
         if self.fused_attention is not None:
-            return self.fused_attention(q, k, v, K, V, self.positions, self.write_index, max_position=self.length)
+            return self.fused_attention(q, k, v, K, V, self.positions, self.write_index, max_position=self.length,
+                                        key_bias=self.key_bias)
         W = q.shape[0]
         K[self.rows[:W], :, self.write_index] = k[:, :, 0]
         V[self.rows[:W], :, self.write_index] = v[:, :, 0]
-        return decode_attention(q, K[:W, :, :self.length], V[:W, :, :self.length], self.mask)
+        bias = self.key_bias[:W, None, None, :self.length] if self.key_bias is not None else None
+        return decode_attention(q, K[:W, :, :self.length], V[:W, :, :self.length], self.mask, bias)
 
 
-def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
     """One query per row over grouped KV heads without expanding them: q (W, n_q, 1, hd), keys/values
-    (W, n_kv, L, hd) strided views of the slots, mask (W, 1, 1, L) -> (W, n_q, 1, hd). Scores and softmax in fp32."""
+    (W, n_kv, L, hd) strided views of the slots, mask (W, 1, 1, L), bias (W, 1, 1, L) fp32 or None ->
+    (W, n_q, 1, hd). Scores and softmax in fp32."""
     W, n_q, _, hd = q.shape
     n_kv = keys.shape[1]
     grouped = q.reshape(W, n_kv, n_q // n_kv, hd)  # query heads g*j..g*j+g-1 read KV head j
     scores = torch.matmul(grouped, keys.transpose(-1, -2))  # (W, n_kv, g, L)
-    probs = ops.masked_softmax(scores, mask, 1 / math.sqrt(hd), values.dtype)
+    probs = ops.masked_softmax(scores, mask, 1 / math.sqrt(hd), values.dtype, bias)
     return torch.matmul(probs, values).reshape(W, n_q, 1, hd)

@@ -63,16 +63,18 @@ class ModelRunner:
     def __init__(self, model: Decoder, n_slots: int, max_len: int, cuda_graphs: bool = True,
                  compile_decode: bool = False, selection: AdapterSelection | None = None,
                  fused_attention: bool = False, static_prefill_tokens: int = 0, fused_decode: bool = False,
-                 dependent_launch: bool = True) -> None:
+                 dependent_launch: bool = True, key_bias: bool = False) -> None:
         """static_prefill_tokens: the most padded tokens (rows x tokens) a packed prefill runs as a static-shape
         bucket (a CUDA graph with `cuda_graphs` on CUDA); larger ones, and all with 0, run eagerly as they come.
         fused_decode: one-row decode steps through `FusedDecodeStep` (Triton) where the model allows it, its kernels
-        programmatic dependent launches with `dependent_launch` (sm90+)."""
+        programmatic dependent launches with `dependent_launch` (sm90+). key_bias: the cache holds a per-key
+        attention bias for installed contexts (superposition's attenuation)."""
         self.model = model
         self.device = model.embed.weight.device
         kv_heads = [block.attn.n_kv for block in model.layers]
         self.cache = SlotKVCache(kv_heads, model.cfg.head_dim, n_slots, max_len, model.embed.weight.dtype,
-                                 self.device, fused_attention, scratch_slot=static_prefill_tokens > 0)
+                                 self.device, fused_attention, scratch_slot=static_prefill_tokens > 0,
+                                 key_bias=key_bias)
         self.n_slots, self.max_len = n_slots, max_len
         self.widths = width_buckets(n_slots)
         self.lengths = sorted({min(max_len, MIN_LENGTH_BUCKET << i) for i in range(max_len.bit_length())})
@@ -169,9 +171,11 @@ class ModelRunner:
             hidden = self.model.hidden(x, cache=self.cache)  # (B, T, d)
         return self.model.logits(hidden[torch.arange(len(chunks), device=self.device), last])  # (B, V)
 
-    def install(self, slot: int, keys: list[torch.Tensor], values: list[torch.Tensor], first: int, end: int) -> None:
-        """Copy KV computed elsewhere (per layer (n_kv, C, hd)) into `slot` at indices first..end-1."""
-        self.cache.write(slot, keys, values, first, end)
+    def install(self, slot: int, keys: list[torch.Tensor], values: list[torch.Tensor], first: int, end: int,
+                bias: torch.Tensor | None = None) -> None:
+        """Copy KV computed elsewhere (per layer (n_kv, C, hd)), and its keys' (C,) attention bias when given, into
+        `slot` at indices first..end-1."""
+        self.cache.write(slot, keys, values, first, end, bias)
 
     # ---- decode -----------------------------------------------------------------------------------------------
 
@@ -191,6 +195,7 @@ class ModelRunner:
         self.write_index[slot] = self.max_len
         self.rope_offset[slot] = 0.0
         self.offset_slots.discard(slot)
+        self.cache.free(slot)
 
     def decode_shape(self, highest_slot: int, longest: int) -> tuple[int, int]:
         """(W, L) buckets for a batch whose highest busy slot is `highest_slot` and longest row `longest` tokens."""

@@ -115,12 +115,19 @@ class PathAttention(CachedAttention):
     """Attention of a batch of new segments over the rows of `inputs.kv`, their new keys and values written there
     first: each layer's keys are then a strided view of that one tensor, never concatenated. With `track`, the
     attention the new tokens pay their row's own past segment is summed into `inputs.mass` (mean over layers' heads,
-    summed over token pairs and layers): the attention saliency."""
+    summed over token pairs and layers): the attention saliency. `shared_bias` (S,) is added to the attention
+    logits of the shared past's keys (superposition's attenuation)."""
 
-    def __init__(self, inputs: PathInputs, layout: KVLayout, track: bool) -> None:
+    def __init__(self, inputs: PathInputs, layout: KVLayout, track: bool,
+                 shared_bias: torch.Tensor | None = None) -> None:
         self.inputs, self.layout, self.track = inputs, layout, track
         T = inputs.ids.shape[1]
         self.mask = path_mask(inputs.lengths, inputs.shared, inputs.past - inputs.shared, T)
+        self.attend_mask = self.mask
+        if shared_bias is not None:  # an additive float mask: the bias on the shared columns, -inf where masked
+            bias = torch.zeros(self.mask.shape[-1], device=self.mask.device)
+            bias[:len(shared_bias)] = shared_bias
+            self.attend_mask = bias.masked_fill(~self.mask, float("-inf")).to(inputs.kv.dtype)
         self.own = slice(inputs.shared, inputs.past)
         self.real = torch.arange(T, device=inputs.ids.device)[None] < inputs.lengths[:, 2:]  # (B, T): unpadded
 
@@ -131,7 +138,7 @@ class PathAttention(CachedAttention):
         values[:, :, self.inputs.past:].copy_(v)
         if self.track:
             self.inputs.mass += self._own_attention(q, keys)
-        return keys, values, self.mask, False
+        return keys, values, self.attend_mask, False
 
     def _own_attention(self, q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """(B,) attention probability the real queries put on their own past segment, summed over queries and keys,
@@ -164,10 +171,11 @@ class PathForward:
         self.pool = None
 
     def __call__(self, tokens: list[list[int]], positions: list[torch.Tensor], shared: Segment | None = None,
-                 rows: list[Segment] | None = None,
-                 track: bool = False) -> tuple[list[Segment], torch.Tensor, torch.Tensor]:
+                 rows: list[Segment] | None = None, track: bool = False,
+                 shared_bias: torch.Tensor | None = None) -> tuple[list[Segment], torch.Tensor, torch.Tensor]:
         """New segments over their pasts -> each row's Segment, hidden states (B, T, d) and attention mass (B,) (all
-        on the device; `hidden` and `mass` are valid until the next call)."""
+        on the device; `hidden` and `mass` are valid until the next call). `shared_bias` (S,) float32: added to the
+        attention logits of the shared past's keys; such a forward runs eagerly (an ablation's, not worth graphs)."""
         B, T = len(tokens), max(map(len, tokens))
         S = len(shared.tokens) if shared is not None else 0
         R = max(len(r.tokens) for r in rows) if rows is not None else 0
@@ -178,7 +186,7 @@ class PathForward:
             pos[b, :len(row)] = p
         lengths = torch.tensor([[S, len(rows[b].tokens) if rows is not None else 0, len(row)]
                                 for b, row in enumerate(tokens)])
-        static = 0 < B * T <= self.graph_tokens
+        static = 0 < B * T <= self.graph_tokens and shared_bias is None
         key = self._bucket(B, T, S, R, track) if static else None
         inputs = self._inputs(*key[:4]) if static else self._allocate(B, T, S, R)
         self._load(inputs, ids, pos, lengths, shared, rows)
@@ -187,7 +195,7 @@ class PathForward:
                 self.graphs[key] = self._capture(inputs, track)
             self.graphs[key].replay()
         else:
-            inputs.hidden.copy_(self._run(inputs, track))
+            inputs.hidden.copy_(self._run(inputs, track, shared_bias))
         kv = [torch.empty(len(row), self.layout.width, dtype=self.dtype, device=self.device) for row in tokens]
         torch._foreach_copy_(kv, [inputs.new[b, :len(row)] for b, row in enumerate(tokens)])  # one launch, not B
         segments = [Segment(row, p, k) for row, p, k in zip(tokens, positions, kv)]
@@ -236,9 +244,9 @@ class PathForward:
             if padding:
                 torch._foreach_zero_(padding)
 
-    def _run(self, inputs: PathInputs, track: bool) -> torch.Tensor:
+    def _run(self, inputs: PathInputs, track: bool, shared_bias: torch.Tensor | None = None) -> torch.Tensor:
         inputs.mass.zero_()
-        return self.model.hidden(inputs.ids, cache=PathAttention(inputs, self.layout, track),
+        return self.model.hidden(inputs.ids, cache=PathAttention(inputs, self.layout, track, shared_bias),
                                  positions=inputs.positions)
 
     def _view(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

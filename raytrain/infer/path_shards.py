@@ -122,7 +122,8 @@ def join_kept(superposer: Superposer, prompt: ForkJoinPrompt, scores: list[Shard
     selection = Selection(kept=[d for i in chosen for d in groups[i]], moved=[],
                           scores=[x for s in scores for x in s.scores], paths=len(paths),
                           cached=sum(s.cached for s in scores))
-    return KeptPaths([s for part in taken for s in part], fork.query_start + len(prompt.query), selection)
+    return KeptPaths([s for part in taken for s in part], [selection.scores[i] for i in chosen],
+                     fork.query_start + len(prompt.query), selection)
 
 
 def _starts(scores: list[ShardScores]) -> list[int]:

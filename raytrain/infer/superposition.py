@@ -14,7 +14,9 @@ One request (`Superposer.prefill`: the paper's Alg. 2 and 3, with path caching a
    ties to the lower index, and the others' KV is dropped;
 5. the context is KV_p + (KV_di + KV_qi for each kept i, in document order); the postamble t runs over it, its last
    logits give the first response token, and decoding continues over that context, token m at position
-   q0 + |q| + |t| + m (the engine's decode batch, `Context.next_position`).
+   q0 + |q| + |t| + m (the engine's decode batch, `Context.next_position`). With `attenuation` T (an ablation of
+   the official code, off by default) the postamble and every answer token add (score_i - best) / T to the attention
+   logits of kept path i's keys (`Context.key_bias`, carried into the engine's KV slot).
 With `hops` > 1 (iterative superposition) every round but the last moves its best path's documents into the prefix,
 where they keep their positions, and the next fork starts one past the prefix's highest position (the official
 MuSiQue flow, one document per round); only the first round uses the path cache, since later forks are conditioned
@@ -71,6 +73,9 @@ class SuperpositionConfig:
     # running requests decode between stages; false: the whole prefill in one step
     graph_tokens: int = 4096  # batched forwards of at most this many padded new tokens (rows x tokens) run padded to
     # a shape bucket, each bucket a CUDA graph (GPU only); 0 = every forward eager
+    attenuation: float | None = None  # an ablation, off (null) for the paper's method: the official code's score
+    # temperature T; every kept path's keys then get the bias log softmax(score / T) - max = (score - best) / T in
+    # the attention of the postamble and the answer (T = 0.01 in its attenuation configs; no effect at top_k = 1)
 
     def check(self, key: str = "superposition") -> None:
         if self.top_k < 0:
@@ -90,6 +95,11 @@ class SuperpositionConfig:
             raise ConfigError(f"{key}.cache_mb={self.cache_mb} must be >= 0")
         if self.method == "prompt_cache" and self.hops != 1:
             raise ConfigError(f"{key}.hops={self.hops}: method=prompt_cache has no hops (it prunes nothing)")
+        if self.attenuation is not None and not self.attenuation > 0:
+            raise ConfigError(f"{key}.attenuation={self.attenuation} must be > 0 (a temperature), or null (off)")
+        if self.attenuation is not None and self.method == "prompt_cache":
+            raise ConfigError(f"{key}.attenuation={self.attenuation}: method=prompt_cache scores no paths to "
+                              "attenuate")
 
 
 @dataclass
@@ -125,9 +135,10 @@ class Selection:
 @dataclass
 class KeptPaths:
     """A fork scored and pruned outside the engine (a sharded document store, `path_shards.py`): each kept path's
-    document and query copy KV, in path order, and where the postamble starts."""
+    document and query copy KV, in path order, the kept paths' scores, and where the postamble starts."""
 
     segments: list[Segment]
+    scores: list[float]
     query_end: float
     selection: Selection
 
@@ -143,6 +154,7 @@ class Context:
     logits: torch.Tensor  # (1, vocab_rows)
     next_position: float
     selection: Selection
+    key_bias: torch.Tensor | None = None  # (C,) float32 on the device: each context key's attenuation (or None)
 
     @property
     def rope_offset(self) -> float:
@@ -234,11 +246,12 @@ class Superposer:
             prefix = Segment.cat([prefix, result.documents[best].segment])
             moved.append(remaining.pop(best))
         kept = top_k(result.scores, self.keep(prompt))
-        context = Segment.cat([prefix, *(s for i in kept for s in (result.documents[i].segment, result.queries[i]))])
+        pairs = [(result.documents[i].segment, result.queries[i]) for i in kept]
         selection = Selection(kept=[d for i in kept for d in groups[remaining[i]]],
                               moved=[d for i in moved for d in groups[i]], scores=result.scores.tolist(),
                               paths=len(paths), cached=cached)
-        return self._join(context, prompt.postamble, result.fork.query_start + len(prompt.query), selection)
+        return self._join(prefix, pairs, result.scores[kept].tolist(), prompt.postamble,
+                          result.fork.query_start + len(prompt.query), selection)
 
     def _modules(self, prompt: ForkJoinPrompt) -> Generator[None, None, Context]:
         """The Prompt Cache baseline (spec section 6): the preamble and each path are modules computed alone, the
@@ -254,8 +267,8 @@ class Superposer:
             yield
         selection = Selection(kept=list(range(len(prompt.documents))), moved=[], scores=[], paths=len(paths),
                               cached=cached)
-        return self._join(Segment.cat([preamble, *(m.segment for m in modules)]), prompt.query + prompt.postamble,
-                          fork.query_start, selection)
+        return self._join(Segment.cat([preamble, *(m.segment for m in modules)]), [], [],
+                          prompt.query + prompt.postamble, fork.query_start, selection)
 
     def _rejoin(self, prompt: ForkJoinPrompt) -> Generator[None, None, Context]:
         """A fork scored and pruned elsewhere (`path_shards`: a sharded document store) joined here: the preamble
@@ -265,15 +278,32 @@ class Superposer:
         if computed:
             yield
         moved = [Segment(s.tokens, s.positions, s.kv.to(self.device)) for s in kept.segments]
-        return self._join(Segment.cat([prefix, *moved]), prompt.postamble, kept.query_end, kept.selection)
+        return self._join(prefix, list(zip(moved[::2], moved[1::2])), kept.scores, prompt.postamble, kept.query_end,
+                          kept.selection)
 
-    def _join(self, context: Segment, tail: list[int], start: float, selection: Selection) -> Context:
-        """`tail` (the postamble; for the Prompt Cache, the query and the postamble) in one forward over `context`
-        from position `start`: the context to decode from, its first generated token at start + |tail|."""
-        joined, hidden, _ = self.forward([tail], [start + _arange(len(tail))], shared=context)
+    def _join(self, prefix: Segment, paths: list[tuple[Segment, Segment]], scores: list[float], tail: list[int],
+              start: float, selection: Selection) -> Context:
+        """`tail` (the postamble; for the Prompt Cache, the query and the postamble) in one forward over the prefix
+        and the kept paths (each a document and its query copy, with its score) from position `start`: the context
+        to decode from, its first generated token at start + |tail|."""
+        context = Segment.cat([prefix, *(s for pair in paths for s in pair)])
+        bias = self._key_bias(len(prefix.tokens), paths, scores)
+        joined, hidden, _ = self.forward([tail], [start + _arange(len(tail))], shared=context, shared_bias=bias)
+        if bias is not None:
+            bias = torch.cat([bias, bias.new_zeros(len(tail))])
         context = Segment.cat([context, joined[0]])
         return Context(context.tokens, *self.layout.unpack(context.kv), self.model.logits(hidden[:, -1]),
-                       start + len(tail), selection)
+                       start + len(tail), selection, bias)
+
+    def _key_bias(self, prefix: int, paths: list[tuple[Segment, Segment]], scores: list[float]) -> torch.Tensor | None:
+        """With `attenuation` T, (C,) float32: 0 on the prefix, (score - best) / T on each kept path's keys (the
+        official code's log softmax(score / T) - max); None when off."""
+        if self.config.attenuation is None or not paths:
+            return None
+        best, temperature = max(scores), self.config.attenuation
+        parts = [torch.zeros(prefix), *(torch.full((len(d.tokens) + len(q.tokens),), (s - best) / temperature)
+                                        for (d, q), s in zip(paths, scores))]
+        return torch.cat(parts).to(self.device)
 
     def fork(self, prefix: Segment, paths: list[list[int]], query: list[int], cacheable: bool = True) -> ForkResult:
         """The paths over `prefix`, forking one past its highest position, each with a query copy, scored."""

@@ -34,9 +34,14 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
-    """softmax(scale * scores) in fp32 over the last dim, False entries of `mask` excluded, cast to `dtype`."""
-    return (scores.float() * scale).masked_fill(~mask, float("-inf")).softmax(-1).to(dtype)
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, scale: float, dtype: torch.dtype,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(scale * scores + bias) in fp32 over the last dim, False entries of `mask` excluded, cast to
+    `dtype`."""
+    logits = scores.float() * scale
+    if bias is not None:
+        logits = logits + bias
+    return logits.masked_fill(~mask, float("-inf")).softmax(-1).to(dtype)
 
 
 _EAGER = {fn.__name__: fn for fn in (rms_norm, rope, swiglu, masked_softmax)}

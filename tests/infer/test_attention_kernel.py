@@ -24,14 +24,16 @@ import raytrain.infer.attention_kernel as attention_kernel  # noqa: E402 (under 
 from raytrain.infer.attention_kernel import decode_attention, tree_attention  # noqa: E402
 
 
-def reference(q, k, v, keys, values, positions, write_index):
-    """The slot cache's eager decode: write k, v at write_index, attend to keys 0..position."""
+def reference(q, k, v, keys, values, positions, write_index, key_bias=None):
+    """The slot cache's eager decode: write k, v at write_index, attend to keys 0..position (with a per-key logit
+    bias when given)."""
     rows = torch.arange(q.shape[0])
     keys[rows, :, write_index] = k[:, :, 0]
     values[rows, :, write_index] = v[:, :, 0]
     length = int(positions.max()) + 1
     mask = (torch.arange(length)[None, :] <= positions[:, None])[:, None, None]
-    return reference_attention(q, keys[:q.shape[0], :, :length], values[:q.shape[0], :, :length], mask)
+    bias = key_bias[:q.shape[0], None, None, :length] if key_bias is not None else None
+    return reference_attention(q, keys[:q.shape[0], :, :length], values[:q.shape[0], :, :length], mask, bias)
 
 
 @pytest.mark.parametrize("n_q, n_kv", [(8, 2), (2, 2)])  # grouped query heads, and one query head per KV head
@@ -127,6 +129,21 @@ def test_split_keys_rotate_and_normalise_the_new_key_once(small_splits: None, qk
     torch.testing.assert_close(got, single, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(dev[3].cpu(), want_keys, atol=1e-6, rtol=1e-6)
     assert torch.equal(dev[4].cpu(), want_values)
+
+
+def test_a_key_bias_shifts_the_logits_of_each_rows_keys(small_splits: None) -> None:
+    """Superposition's attenuation: a per-slot, per-key fp32 bias on the cached keys' logits (0 on the new key),
+    split and not, equal to the eager ops with the bias, and different from attending without it."""
+    case = split_case(4, 2, [64, 45, 0])
+    key_bias = -3 * torch.rand(4, case[3].shape[2])
+    key_bias[:, 45:] = 0  # the rows' new keys carry none (generated tokens belong to no path)
+    want_keys, want_values = case[3].clone(), case[4].clone()
+    want = reference(*case[:3], want_keys, want_values, *case[5:], key_bias=key_bias)
+    unbiased = reference(*case[:3], case[3].clone(), case[4].clone(), *case[5:])
+    got, single, _ = split_and_single(case, 100, key_bias=key_bias.to(DEVICE))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(single, want, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got[:2], unbiased[:2], atol=1e-3)
 
 
 def test_a_row_past_max_position_is_still_attended_exactly(small_splits: None) -> None:

@@ -130,6 +130,31 @@ def test_a_runner_with_the_fused_step_decodes_the_same_logits_and_cache(qk_norm:
                                    **TOL)
 
 
+def test_the_fused_step_adds_each_keys_bias_like_the_eager_decode() -> None:
+    """Superposition's attenuation: a per-key logit bias in the cache, read by the fused step's attention as by the
+    runner's eager (SDPA) decode, at a real-valued position; it changes the logits, and leaving the slot clears it."""
+    model = llama_like(True).to(DEVICE)
+    prompt = list(range(3, 70))
+    bias = -2 * torch.rand(len(prompt), generator=torch.Generator().manual_seed(0))
+    steps = []
+    for fused, biased in ((False, True), (True, True), (True, False)):
+        runner = ModelRunner(model, n_slots=2, max_len=96, cuda_graphs=False, fused_attention=fused,
+                             fused_decode=fused, key_bias=biased)
+        first = runner.prefill(0, prompt, 0).argmax(-1)
+        if biased:
+            runner.cache.key_bias[0, :len(prompt)] = bias.to(DEVICE)
+        runner.join(0, first, len(prompt), 0.5)
+        logits = []
+        for _ in range(3):
+            logits.append(runner.decode(1, 96).clone())
+            runner.advance(1, logits[-1].argmax(-1))
+        steps.append(torch.stack(logits))
+        runner.leave(0)
+        assert runner.cache.key_bias is None or not runner.cache.key_bias.any()
+    torch.testing.assert_close(steps[1], steps[0], **TOL)
+    assert not torch.allclose(steps[2][0], steps[1][0], atol=1e-3)
+
+
 def test_the_fused_step_refuses_what_it_cannot_run() -> None:
     assert fused_decode_unsupported(llama_like(qk_norm=True)) is None
     assert "after RoPE" in fused_decode_unsupported(llama_like(qk_norm=True, after_rope=True))

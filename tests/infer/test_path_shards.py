@@ -48,10 +48,11 @@ def test_shard_ranges_are_contiguous_and_balanced() -> None:
     assert shard_ranges(6, 1) == [range(0, 6)]
 
 
-@pytest.mark.parametrize("count, top_k, factor", [(1, 2, None), (2, 2, None), (3, 1, None), (3, 0, None),
-                                                  (2, 1, 3)])
-def test_a_sharded_fork_answers_as_one_process(lm, tokenizer, count, top_k, factor) -> None:
-    config = SuperpositionConfig(enabled=True, top_k=top_k, factor=factor)
+@pytest.mark.parametrize("count, top_k, factor, attenuation", [(1, 2, None, None), (2, 2, None, None),
+                                                               (3, 1, None, None), (3, 0, None, None),
+                                                               (2, 1, 3, None), (3, 2, None, 1.0)])
+def test_a_sharded_fork_answers_as_one_process(lm, tokenizer, count, top_k, factor, attenuation) -> None:
+    config = SuperpositionConfig(enabled=True, top_k=top_k, factor=factor, attenuation=attenuation)
     prompt = random_prompt([3, 7, 4, 6, 5, 2], seed=20 + count)
     engine = Engine(lm, tokenizer, EngineConfig(superposition=config))
     alone = engine.superposer.prefill(prompt)
@@ -60,6 +61,8 @@ def test_a_sharded_fork_answers_as_one_process(lm, tokenizer, count, top_k, fact
     assert joined.selection.scores == pytest.approx(alone.selection.scores, abs=ATOL)
     assert joined.tokens == alone.tokens and joined.next_position == alone.next_position
     assert torch.allclose(joined.logits, alone.logits, atol=ATOL)
+    if attenuation is not None:  # the kept paths' scores came from the shards: the same bias
+        assert alone.key_bias.min() < 0 and torch.allclose(joined.key_bias, alone.key_bias, atol=ATOL)
     assert all(torch.allclose(a, b, atol=ATOL) for a, b in zip(joined.keys + joined.values, alone.keys + alone.values))
     tokens = engine.generate([Request(params=GREEDY, forkjoin=prompt)])[0].token_ids
     again = sharded(engine, shards_of(lm, config, prompt, count), prompt)

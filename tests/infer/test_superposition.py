@@ -111,9 +111,9 @@ def decode_against_oracle(model, prompt: ForkJoinPrompt, context, kept: list[int
     checked against the oracle's with the response so far (`layout(response)`, by default the superposition DAG's
     with `kept`); returns the tokens."""
     layout = layout or (lambda response: oracle_layout(prompt, kept=kept, response=response))
-    runner = ModelRunner(model, 1, 128, cuda_graphs=False)
+    runner = ModelRunner(model, 1, 128, cuda_graphs=False, key_bias=context.key_bias is not None)
     n = len(context.tokens)
-    runner.install(0, context.keys, context.values, 0, n)
+    runner.install(0, context.keys, context.values, 0, n, context.key_bias)
     token = context.logits.argmax(-1)
     runner.join(0, token, n, context.rope_offset)
     response = [int(token)]
@@ -147,6 +147,37 @@ def test_pruning_drops_the_paths_that_masking_hides(lm) -> None:
     layout = oracle_layout(prompt, kept=kept)
     torch.testing.assert_close(context.logits[0], oracle_logits(lm, layout)[-1], rtol=0, atol=ATOL)
     decode_against_oracle(lm, prompt, context, kept, steps=4)
+
+
+def attenuated_layout(prompt: ForkJoinPrompt, context, temperature: float):
+    """The oracle of an attenuated context: its kept paths masked in, each biased by (score - best) / T."""
+    kept, scores = context.selection.kept, torch.tensor(context.selection.scores)
+    bias = {i: float(scores[i] - scores.max()) / temperature for i in kept}
+    return lambda response=None: oracle_layout(prompt, kept=kept, response=response, path_bias=bias)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.05])
+def test_attenuation_biases_the_kept_paths_as_the_oracle_does(lm, temperature: float) -> None:
+    """The official code's attenuation (an ablation): from the postamble on, each kept path's document and query
+    keys get (score - best) / T added to their attention logits; the postamble's logits and every decode step
+    equal the oracle's with that bias, and differ from unattenuated top-2."""
+    prompt = random_prompt([3, 7, 4, 6], seed=2)
+    context = superposer(lm, top_k=2, attenuation=temperature).prefill(prompt)
+    layout = attenuated_layout(prompt, context, temperature)
+    assert sorted(layout().bias.unique().tolist())[-1] == 0 and layout().bias.min() < 0
+    assert context.key_bias.shape == (len(context.tokens),) and context.key_bias[:5].eq(0).all()
+    torch.testing.assert_close(context.logits[0], oracle_logits(lm, layout())[-1], rtol=0, atol=ATOL)
+    plain = superposer(lm, top_k=2).prefill(prompt)
+    assert plain.selection.kept == context.selection.kept and plain.key_bias is None
+    assert not torch.allclose(context.logits, plain.logits, atol=1e-2)
+    decode_against_oracle(lm, prompt, context, context.selection.kept, steps=4, layout=layout)
+
+
+def test_attenuation_changes_nothing_with_one_path_kept(lm) -> None:
+    prompt = random_prompt([3, 7, 4, 6], seed=2)
+    context = superposer(lm, top_k=1, attenuation=0.01).prefill(prompt)
+    plain = superposer(lm, top_k=1).prefill(prompt)
+    assert context.key_bias.eq(0).all() and torch.equal(context.logits, plain.logits)
 
 
 def test_path_order_and_document_order_do_not_change_the_answer(lm) -> None:
@@ -374,6 +405,21 @@ def test_running_requests_decode_between_the_stages_of_a_superposed_prefill(lm, 
                                                steps=len(rag.output) - 1)
 
 
+def test_attenuated_requests_decode_in_the_engine_and_leave_their_slot_unbiased(lm, tokenizer) -> None:
+    """In the engine's batch (its cache holds the per-key bias) an attenuated request answers as the oracle; when it
+    ends its slot's bias is zero again, and a plain request in that slot answers as on an engine without a bias."""
+    sp = SuperpositionConfig(enabled=True, top_k=2, attenuation=1.0)
+    engine = Engine(lm, tokenizer, EngineConfig(superposition=sp, max_batch_size=1))
+    prompt = random_prompt([3, 7, 4, 6], seed=13)
+    rag = engine.generate([Request(params=GREEDY, forkjoin=prompt)])[0]
+    context = superposer(lm, top_k=2, attenuation=1.0).prefill(prompt)
+    assert rag.token_ids == decode_against_oracle(lm, prompt, context, context.selection.kept, steps=5,
+                                                  layout=attenuated_layout(prompt, context, 1.0))
+    assert not engine.runner.cache.key_bias.any()
+    plain = Request("The if statement", GREEDY)
+    assert engine.generate([plain])[0].token_ids == Engine(lm, tokenizer).generate([plain])[0].token_ids
+
+
 def test_naive_rag_is_the_flat_prompt_and_superposition_is_per_request(lm, tokenizer) -> None:
     engine = Engine(lm, tokenizer)  # superposition off: RAG requests read every document in one prompt
     prompt = random_prompt([3, 7, 4], seed=14)
@@ -396,6 +442,10 @@ def test_bad_superposition_input_fails_before_any_compute(lm, tokenizer) -> None
         Engine(lm, tokenizer, EngineConfig(superposition=SuperpositionConfig(method="prompt_cache", hops=2)))
     with pytest.raises(ConfigError, match=r"generation\.superposition\.graph_tokens=-1 must be >= 0"):
         Engine(lm, tokenizer, EngineConfig(superposition=SuperpositionConfig(graph_tokens=-1)))
+    with pytest.raises(ConfigError, match=r"generation\.superposition\.attenuation=0\.0 must be > 0"):
+        Engine(lm, tokenizer, EngineConfig(superposition=SuperpositionConfig(attenuation=0.0)))
+    with pytest.raises(ConfigError, match=r"superposition\.attenuation=1\.0: method=prompt_cache scores no paths"):
+        Engine(lm, tokenizer, EngineConfig(superposition=SuperpositionConfig(method="prompt_cache", attenuation=1.0)))
     engine = Engine(lm, tokenizer, EngineConfig(superposition=SuperpositionConfig(enabled=True, hops=3)))
     prompt = random_prompt([3, 7, 4])
     cases = {r"documents\[1\]: the segment is empty": ForkJoinPrompt([5], [[6], []], [7], [8]),
