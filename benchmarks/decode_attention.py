@@ -57,7 +57,7 @@ from benchmarks.timing import capture, cold_copies, median_seconds, replay_ms, s
 SHAPES = {"smollm2_135m": (9, 3, 64), "tinyllama_1_1b": (32, 4, 64), "llama2_7b": (32, 32, 128),
           "tiny": (4, 2, 16)}  # tiny: the interpreter's smoke test
 GPU_SHAPES, INTERPRET_SHAPES = "smollm2_135m,tinyllama_1_1b,llama2_7b", "tiny"
-GPU_KEYS, INTERPRET_KEYS = "256,1024,2048,5600,16384,32000", "40,300"  # 300: past the default SPLIT_KEYS (256)
+GPU_KEYS, INTERPRET_KEYS = "256,1024,2048,5600,16384,32000", "40,300"  # 300: past the default SPLIT_KEYS (128)
 GPU_CHUNKS, INTERPRET_CHUNKS = "128,256,512,1024", "32,128"
 EPS = 1e-5
 TOLERANCE = {torch.bfloat16: 1e-2, torch.float32: 1e-4}  # relative error (norms), split against single

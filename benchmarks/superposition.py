@@ -9,7 +9,9 @@ a key's owner: one document names the owner, another gives the owner's code). Ev
 - superposition without pruning (every path kept), and with top-k pruning;
 - the Prompt Cache baseline (`superposition.method=prompt_cache`: documents cached as modules that attend only to
   themselves, one query over all of them, nothing pruned);
-- on the multi-hop set also iterative superposition (hops=2: the best path moves into the prefix, then top-k).
+- on the multi-hop set also iterative superposition (hops=2: the best path moves into the prefix, then top-k);
+- with `--attenuation T`, the official code's attenuation ablation: top-k for each k > 1 with the kept paths' keys
+  biased by (score - best) / T (`superposition.attenuation`; at k = 1 it changes nothing).
 
 Documents are `--doc-words` words long (28 by default, about 50 tokens; 100 is the paper's NaturalQuestions passage
 length). A question that some method's engine cannot hold (a prompt past the context window) is skipped for every
@@ -248,10 +250,13 @@ def answer(engine: Engine, request: Request, device: str) -> tuple[Any, float]:
 
 
 def methods(args: argparse.Namespace, multihop: bool) -> dict[str, dict]:
-    """name -> {engine: naive | sp | pc | hops2, top_k}. Single-hop: naive, top-k, every path, Prompt Cache.
-    Multi-hop: naive, top-k, Prompt Cache and two hops (the best path into the prefix, then the top-1)."""
+    """name -> {engine: naive | sp | att | pc | hops2, top_k}. Single-hop: naive, top-k (attenuated too for k > 1
+    with `--attenuation`), every path, Prompt Cache. Multi-hop: naive, top-k, Prompt Cache and two hops (the best path
+    into the prefix, then the top-1)."""
     out = {"naive": {"engine": "naive", "top_k": None}}  # the first superposition method of a set computes its documents
     out |= {f"superposition_top{k}": {"engine": "sp", "top_k": k} for k in args.top_k}
+    if args.attenuation is not None:
+        out |= {f"superposition_top{k}_attenuated": {"engine": "att", "top_k": k} for k in args.top_k if k > 1}
     out["prompt_cache"] = {"engine": "pc", "top_k": None}
     if multihop:
         out["iterative_hops2_top1"] = {"engine": "hops2", "top_k": 1}
@@ -559,6 +564,8 @@ def main() -> None:
     p.add_argument("--checkpoint", default=CHECKPOINT)
     p.add_argument("--sets", type=int, default=50, help="single-hop document sets (20-50 documents each)")
     p.add_argument("--multihop-sets", type=int, default=0)
+    p.add_argument("--attenuation", type=float, default=None, help="also top-k (k > 1) with the attenuation "
+                   "ablation at this temperature (the official code's attenuation configs: 0.01)")
     p.add_argument("--questions-per-set", type=int, default=4)
     p.add_argument("--top-k", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2])
     p.add_argument("--max-new-tokens", type=int, default=16)
@@ -611,6 +618,9 @@ def main() -> None:
                    max_batch_size=1, superposition=replace(superposition, method="prompt_cache"))),
                "hops2": Engine(model, tokenizer, EngineConfig(max_batch_size=1,
                                                               superposition=replace(superposition, hops=2)))}
+    if args.attenuation is not None:
+        engines["att"] = Engine(model, tokenizer, EngineConfig(
+            max_batch_size=1, superposition=replace(superposition, attenuation=args.attenuation)))
     warm = forkjoin_prompt(tokenizer, ["Document 1: a warm-up.", "Document 2: another."], "What is this?", INSTRUCTION)
     for engine in engines.values():  # allocations, kernels and (CUDA) graphs before anything is timed
         engine.generate([Request(params=SamplingParams(max_new_tokens=4, temperature=0), forkjoin=warm)])
@@ -627,7 +637,7 @@ def main() -> None:
                    "sets": args.sets, "multihop_sets": args.multihop_sets, "questions_per_set": args.questions_per_set,
                    "minutes": args.minutes,
                    "top_k": args.top_k, "max_new_tokens": args.max_new_tokens, "decoding": f"greedy, stop: {args.stop}",
-                   "instruction": INSTRUCTION, "superposition": vars(superposition),
+                   "instruction": INSTRUCTION, "superposition": vars(superposition), "attenuation": args.attenuation,
                    "dtype": str(model.embed.weight.dtype), "threads": torch.get_num_threads(),
                    "torch": torch.__version__},
         "results": {"single_hop": single, "multihop": multi,

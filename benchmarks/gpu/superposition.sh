@@ -8,8 +8,8 @@
 # smollm2: accuracy and time on SmolLM2-135M-Instruct (single-hop and multi-hop, every method, Prompt Cache too; the
 #   README's H200 command, with a 3.5-minute budget for questions in place of 4 so that loading and warm-up fit too).
 # speed: time only, on a random-weight decoder of the llama2_7b shape (SmolLM2's tokenizer and vocabulary), 16
-#   questions over 8 document sets: naive RAG against superposition top-1 and top-2 and the Prompt Cache baseline,
-#   warm and cold, answers forced to 16 tokens.
+#   questions over 8 document sets: naive RAG against superposition top-1 and top-2 and the Prompt Cache baseline
+#   (top-1 alone on a card of under 100 GB), warm and cold, answers forced to 16 tokens.
 # DOC_WORDS (default 28, about 50 tokens): words per document; 100 is the paper's NaturalQuestions passage length,
 # about 160 tokens here and 3.4k-7.8k-token flat prompts. Files of other lengths than 28 carry _wN in their names.
 # CHECKPOINT (default /tmp/smollm2): the converted SmolLM2 checkpoint; when missing it is converted from the GGUF
@@ -37,9 +37,13 @@ if [[ $stage == smollm2 || $stage == all ]]; then
     --multihop-sets 25 --minutes 3.5 --doc-words "$words" > "$out/superposition_smollm2_${gpu}_$day$tag.jsonl" \
     2> "$out/superposition_smollm2_${gpu}_$day$tag.log"
 fi
+# an 80 GB card (H100) holds the 7B model, naive RAG's engine and one warm path cache of a whole store (4.5 GB at
+# 100-word documents), not also top-2's and the Prompt Cache's engines (an H100 ran out of memory on 2026-12-05)
+small=$(python -c 'import torch; print(int(torch.cuda.get_device_properties(0).total_memory < 100 * 2**30))')
+engines=$([[ $small == 1 ]] && echo "--top-k 1 --cache-mb 4608 --no-prompt-cache" || echo "--top-k 1,2")
 if [[ $stage == speed || $stage == all ]]; then
   python benchmarks/superposition.py --shape llama2_7b --device cuda --checkpoint "$ckpt" --sets 8 \
-    --questions-per-set 2 --top-k 1,2 --max-new-tokens 16 --minutes 3 --doc-words "$words" \
+    --questions-per-set 2 $engines --max-new-tokens 16 --minutes 3 --doc-words "$words" \
     > "$out/superposition_speed_llama2_7b_${gpu}_$day$tag.jsonl" \
     2> "$out/superposition_speed_llama2_7b_${gpu}_$day$tag.log"
 fi

@@ -34,10 +34,11 @@ import triton
 import triton.language as tl
 
 BLOCK_KEYS = 128  # keys per online-softmax step (decode: 5.5 against 6.0 us for 64, 320 keys, H200 2026-12-04)
-# keys per split: a program spends a few us fixed (5.5 us at 320 keys) and ~1.9 us a block of keys (the 2.5 ms that
-# 5,600 keys add to a 30-layer step, H200), so two blocks keep a split near its fixed cost, and the combine's extra
-# launch is paid only where one program would stream three blocks or more (an estimate: not yet timed against one)
-SPLIT_KEYS = 256
+# keys per split: one block a program. Swept on an H100 (2026-12-05, `python benchmarks/decode_attention.py --device
+# cuda`, one row, 256-32,000 keys), 128 had the best geometric-mean speedup over the single kernel on every shape:
+# SmolLM2 8.6x (256: 7.2x), TinyLlama 7.6x (6.5x), Llama-2-7B 2.21x (2.20x); at 5,600 keys SmolLM2's layer took 5.4 us
+# against 81 us for one program a KV head. Even at 256 keys two splits beat one (3.7 against 4.8 us).
+SPLIT_KEYS = 128
 # past this many splits the chunks grow instead: the combine holds a (splits, hd) fp32 tile in registers (64 x 128
 # is 64 a thread at 4 warps), and a few KV heads x 64 splits already fill 132 SMs
 MAX_SPLITS = 64

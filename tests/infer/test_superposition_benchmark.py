@@ -4,6 +4,7 @@ cache and cold ones none; and the JSON line's ratios are the naive figures over 
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import sys
@@ -75,6 +76,15 @@ def test_speed_methods_leave_the_prompt_cache_out_when_asked() -> None:
     assert set(bench.speed_methods([1], prompt_cache=False)) == {"naive", "superposition_top1_warm",
                                                                  "superposition_top1_cold"}
     assert bench.speed_methods([2], prompt_cache=True)["prompt_cache_cold"] == ("pc_cold", None)
+
+
+def test_attenuation_adds_attenuated_top_k_for_k_above_one() -> None:
+    args = argparse.Namespace(top_k=[1, 2, 4], attenuation=0.01)
+    methods = bench.methods(args, multihop=False)
+    assert {name for name in methods if name.endswith("_attenuated")} == {"superposition_top2_attenuated",
+                                                                          "superposition_top4_attenuated"}
+    assert methods["superposition_top4_attenuated"] == {"engine": "att", "top_k": 4}
+    assert not any(name.endswith("_attenuated") for name in bench.methods(argparse.Namespace(top_k=[2], attenuation=None), False))
 
 
 @pytest.mark.parametrize("doc_words", [28, 100])
