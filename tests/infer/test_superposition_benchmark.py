@@ -84,7 +84,8 @@ def test_attenuation_adds_attenuated_top_k_for_k_above_one() -> None:
     assert {name for name in methods if name.endswith("_attenuated")} == {"superposition_top2_attenuated",
                                                                           "superposition_top4_attenuated"}
     assert methods["superposition_top4_attenuated"] == {"engine": "att", "top_k": 4}
-    assert not any(name.endswith("_attenuated") for name in bench.methods(argparse.Namespace(top_k=[2], attenuation=None), False))
+    plain = bench.methods(argparse.Namespace(top_k=[2], attenuation=None), multihop=False)
+    assert not any(name.endswith("_attenuated") for name in plain)
 
 
 @pytest.mark.parametrize("doc_words", [28, 100])
