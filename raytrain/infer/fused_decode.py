@@ -24,7 +24,7 @@ computed once a step and handed to every layer's attention kernel as a one-row t
 same five kernels a layer as a row at an integer position; before, its q and k were normalised and rotated by the
 model's own ops between kernels 1 and 2, a few more small kernels a layer (not yet timed on a GPU against that). With
 the runner's length bucket as `max_position`, attention over a long context splits the keys across programs
-(`decode_attention`'s split-KV: one more kernel a layer past 256 keys).
+(`decode_attention`'s split-KV: one more kernel a layer past 128 keys (`SPLIT_KEYS`)).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ A superposed prompt's KV, computed outside the slots, is copied in with `write`;
 attenuation) the cache also holds a float32 bias per slot and key, added to decode attention's logits (zero except
 where a superposed context wrote it, and zeroed when its slot is freed).
 With `fused_attention` (CUDA, head_dim a power of two), a decode step's cache write and attention are one Triton
-kernel per layer (`raytrain/infer/attention_kernel.py`) that reads only each row's own keys; past 256 keys in the
+kernel per layer (`raytrain/infer/attention_kernel.py`) that reads only each row's own keys; past 128 keys in the
 length bucket it splits them across programs (split-KV: a second, combining kernel).
 """
 
