@@ -261,20 +261,24 @@ def test_factor_one_is_naive_rag(lm) -> None:
     assert context.tokens == prompt.flat() and context.rope_offset == 0
 
 
-def test_iterative_superposition_moves_the_best_path_into_the_prefix(lm) -> None:
+@pytest.mark.parametrize("attenuation", [None, 1.0])  # attenuated: the last round's kept paths, the moved one not
+def test_iterative_superposition_moves_the_best_path_into_the_prefix(lm, attenuation) -> None:
     prompt = random_prompt([3, 7, 4, 6], seed=11)
     probe = superposer(lm, cache_policy="off")
     first = probe.fork(probe.preamble(prompt.preamble), prompt.documents, prompt.query)
     best = top_k(first.scores, 1)[0]
-    sp = superposer(lm, hops=2, top_k=2)
+    sp = superposer(lm, hops=2, top_k=2, attenuation=attenuation)
     context = sp.prefill(prompt)
     rest = [i for i in range(4) if i != best]
     assert context.selection.moved == [best] and set(context.selection.kept) <= set(rest)
     extended = ForkJoinPrompt(prompt.preamble + prompt.documents[best], [prompt.documents[i] for i in rest],
                               prompt.query, prompt.postamble)
     start = torch.arange(len(prompt.preamble), dtype=torch.float64)
-    layout = oracle_layout(extended, kept=[rest.index(i) for i in context.selection.kept],
-                           preamble_positions=torch.cat([start, first.fork.paths[best]]))
+    kept, scores = [rest.index(i) for i in context.selection.kept], context.selection.scores
+    bias = {j: (scores[j] - max(scores)) / attenuation for j in kept} if attenuation else None
+    assert bias is None or min(bias.values()) < 0 == max(bias.values())
+    layout = oracle_layout(extended, kept=kept, preamble_positions=torch.cat([start, first.fork.paths[best]]),
+                           path_bias=bias)
     torch.testing.assert_close(context.logits[0], oracle_logits(lm, layout)[-1], rtol=0, atol=ATOL)
     again = sp.prefill(prompt)  # the first round from the cache, the second recomputed: the same answer
     assert (context.selection.cached, again.selection.cached) == (0, 4) and torch.equal(again.logits, context.logits)
