@@ -581,10 +581,8 @@ class Engine:
         self.lazy_waiting.clear()
         self.superposing.clear()
         self.lazy_running = self._inflight = None
-        self.runner.live.zero_()
-        self.runner.write_index.fill_(self.runner.max_len)
-        for slot in range(self.n_slots):
-            self.runner.cache.free(slot)
+        for slot in range(self.n_slots):  # out of the decode batch, at no position or offset, bias cleared
+            self.runner.leave(slot)
         for slot in range(self.n_slots + 1):
             self.sampling.release(slot)
         return [seq for seq in dropped if seq.finish_reason is None]

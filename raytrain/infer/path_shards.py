@@ -104,6 +104,7 @@ class PathShard:
                                 "requests were scored after it)")
         return [_on_host(s) for i in kept for s in (result.documents[i].segment, result.queries[i])]
 
+
 def prune(scores: list[ShardScores], k: int) -> list[list[int]]:
     """Each shard's kept paths, as indices within it: the top k over every shard's scores (k = 0: all), ties to the
     lower path, as one process picks them."""

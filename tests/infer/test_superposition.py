@@ -424,6 +424,25 @@ def test_attenuated_requests_decode_in_the_engine_and_leave_their_slot_unbiased(
     assert engine.generate([plain])[0].token_ids == Engine(lm, tokenizer).generate([plain])[0].token_ids
 
 
+def test_a_failed_step_clears_the_attenuated_slots(lm, tokenizer, monkeypatch) -> None:
+    """A step that raises ends the requests in flight; their slots' bias is zeroed with them, and the next
+    attenuated request answers as on a fresh engine."""
+    sp = SuperpositionConfig(enabled=True, top_k=2, attenuation=1.0)
+    engine = Engine(lm, tokenizer, EngineConfig(superposition=sp, overlap=False))
+    prompt = random_prompt([3, 7, 4, 6], seed=13)
+    failing = engine.add_request(Request(params=GREEDY, forkjoin=prompt), lambda items: None)
+    while failing.context is None or failing.slot is None or not engine.runner.cache.key_bias.any():
+        engine.step()
+    monkeypatch.setattr(engine, "_decode", lambda decodes: (_ for _ in ()).throw(RuntimeError("device lost")))
+    with pytest.raises(RuntimeError, match="device lost"):
+        engine.generate([Request(params=GREEDY, forkjoin=prompt)])
+    monkeypatch.undo()
+    assert not engine.runner.cache.key_bias.any() and not engine.runner.live.any()
+    fresh = Engine(lm, tokenizer, EngineConfig(superposition=sp))
+    request = Request(params=GREEDY, forkjoin=prompt)
+    assert engine.generate([request])[0].token_ids == fresh.generate([request])[0].token_ids
+
+
 def test_naive_rag_is_the_flat_prompt_and_superposition_is_per_request(lm, tokenizer) -> None:
     engine = Engine(lm, tokenizer)  # superposition off: RAG requests read every document in one prompt
     prompt = random_prompt([3, 7, 4], seed=14)
