@@ -11,8 +11,9 @@
 #    to end, where split-KV should show;
 # 3. seedlm_kernel.py on 4096x4096 with the engine: SeedLM 4-bit openelm_1_1b against bf16, both through the fused
 #    decode step now;
-# 4. Nsight Compute on SeedLM's batch-1 kernel at 4096x14336, LFSR and table streams (seedlm_launch.py): issue and
-#    pipe utilisation, to hold against seedlm_sass.py's static model (README: "Issue is not the only limit"). A
+# 4. Nsight Compute on SeedLM's kernels at 4096x14336 (seedlm_launch.py, default tiles): batch 1 with the LFSR and
+#    table streams, batch 8 with LFSR; issue, pipe utilisation, stall reasons and occupancy (raw page, one CSV row
+#    per kernel), to hold against seedlm_sass.py's static model (README: "Issue is not the only limit"). A
 #    machine where ncu cannot read the counters leaves its error in the .log and the other results stand.
 # Random weights throughout; nothing is downloaded.
 set -euo pipefail
@@ -27,11 +28,12 @@ python benchmarks/decode.py --device cuda --no-hf --models tinyllama_1_1b --batc
   > "$out/decode_prompt3900_${gpu}_$day.jsonl" 2> "$out/decode_prompt3900_${gpu}_$day.log"
 python benchmarks/seedlm_kernel.py --device cuda --shapes 4096x4096 --streams lfsr --search-blocks 65536 \
   > "$out/seedlm_kernel_engine_${gpu}_$day.jsonl" 2> "$out/seedlm_kernel_engine_${gpu}_$day.log"
-for stream in lfsr table; do
-  ncu --kernel-name regex:_gemv_kernel --launch-skip 2 --launch-count 1 --section SpeedOfLight \
-    --section ComputeWorkloadAnalysis --section InstructionStats --section WarpStateStats --csv --page details \
-    python benchmarks/seedlm_launch.py --device cuda --stream "$stream" \
-    > "$out/seedlm_ncu_${stream}_${gpu}_$day.csv" 2> "$out/seedlm_ncu_${stream}_${gpu}_$day.log" \
-    || echo "ncu failed for the $stream stream: see $out/seedlm_ncu_${stream}_${gpu}_$day.log" >&2
+for spec in "lfsr 1 _gemv_kernel" "table 1 _gemv_kernel" "lfsr 8 _dot_kernel"; do
+  set -- $spec
+  ncu --kernel-name regex:$3 --launch-skip 2 --launch-count 1 --section SpeedOfLight --section ComputeWorkloadAnalysis \
+    --section InstructionStats --section WarpStateStats --section Occupancy --section LaunchStats \
+    --section SchedulerStats --csv --page raw python benchmarks/seedlm_launch.py --device cuda --stream "$1" --batch "$2" \
+    > "$out/seedlm_ncu_raw_${1}_b${2}_${gpu}_$day.csv" 2> "$out/seedlm_ncu_raw_${1}_b${2}_${gpu}_$day.log" \
+    || echo "ncu failed for $spec: see $out/seedlm_ncu_raw_${1}_b${2}_${gpu}_$day.log" >&2
 done
 tail -n 3 "$out"/*_"$day".log

@@ -92,14 +92,18 @@ def test_fused_matmul_rebuilds_the_weights_bitwise(bits, lfsr, stream, shape, ti
         torch.testing.assert_close(y, x.double() @ dense.double().T, rtol=2e-6, atol=2e-6 * y.abs().max().item())
 
 
-def test_the_default_batch_one_tile_rebuilds_the_weights_bitwise() -> None:
-    """default_config(1) (8 rows, prefetch) on a weight whose rows and blocks fill no whole tile."""
-    ct = random_weight(4, {}, (13, 72), seed=3)
+def test_the_default_tiles_rebuild_the_weights_bitwise() -> None:
+    """default_config(1) (8 rows, prefetch) and default_config(16) (32 rows by 32 blocks, prefetch, each row split
+    over 3 programs here) on a weight whose rows and blocks fill no whole tile."""
+    ct = random_weight(4, {}, (45, 8 * 80 - 3), seed=3)
     weight, dense = kernel.SeedLMWeight.from_compressed(ct, DEVICE), ct.dense()
     assert kernel.default_config(1).prefetch and kernel.default_config(1).block_m == 8
-    eye = torch.eye(72, device=DEVICE)
-    for col in (0, 71):
+    batched = kernel.default_config(16, weight.rows, weight.blocks_per_row)
+    assert (batched.block_m, batched.block_n, batched.split_k, batched.prefetch) == (32, 32, 3, True)
+    eye = torch.eye(dense.shape[1], device=DEVICE)
+    for col in (0, dense.shape[1] - 1):
         assert torch.equal(kernel.seedlm_matmul(eye[col:col + 1], weight)[0].cpu(), dense[:, col])
+    assert torch.equal(kernel.seedlm_matmul(eye[-16:], weight).T.cpu(), dense[:, -16:])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
