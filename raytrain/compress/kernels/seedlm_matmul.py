@@ -52,7 +52,7 @@ from raytrain.compress.lfsr import LFSRConfig, state_of_offset, stream_bits
 from raytrain.infer.gemv_kernel import fused_outputs
 
 MAX_BATCH = 16
-GEMV_PROGRAMS = 512  # about 4 batch-1 programs an SM on 132 SMs: no fewer while a smaller tile gets there
+GEMV_PROGRAMS = 1024  # batch-1 programs (about 8 an SM on 132 SMs) below which 4-row tiles beat 8-row ones
 STREAMS = ("lfsr", "table")
 DEFAULT_STREAM = "lfsr"  # fewer instructions with "table" (see benchmarks/seedlm_sass.py), but its gathers need L1
 TABLE_BITS = 49  # a table entry shifted by up to 15 leaves stream bits 0..48 of the block
@@ -70,13 +70,12 @@ class KernelConfig:
 
 def default_config(batch: int, rows: int = 4096, blocks_per_row: int = 512) -> KernelConfig:
     """Tiles for 1 and 2..16 rows of x, the fastest of the sweeps in `benchmarks/seedlm_kernel.py` on all three
-    shapes. Batch 1 (H200, 2026-12-05): 8 rows with prefetch, fewer where that leaves under GEMV_PROGRAMS programs
-    (most of a small model's weights: 2,048 rows are 4-row tiles). Batch 2..16 (H100, 2026-12-05 16:50): 32 rows by 32
+    shapes. Batch 1, with prefetch: 8 rows (H200, 2026-12-05) from 8,192 rows up, else 4 (H100 on openelm_1_1b's
+    shapes, 2026-12-05 18:15: 4 rows faster at 1,536-5,632 rows, within 2% of 8 at 14,336). Batch 2..16 (H100, 2026-12-05 16:50): 32 rows by 32
     blocks, prefetch, each row split over 4 programs (atomic fp32 sums): 1.6-2.0x faster than the previous default
     (16 rows, no split, no prefetch, one tl.dot per weight of a block; README)."""
     if batch == 1:
-        block_m = next(m for m in (8, 4, 2, 1) if m == 1 or triton.cdiv(rows, m) >= GEMV_PROGRAMS)
-        return KernelConfig(block_m=block_m, prefetch=True)
+        return KernelConfig(block_m=8 if triton.cdiv(rows, 8) >= GEMV_PROGRAMS else 4, prefetch=True)
     return KernelConfig(block_m=32, block_n=32, num_warps=4, split_k=max(1, min(4, triton.cdiv(blocks_per_row, 32))),
                         prefetch=True)
 
