@@ -280,7 +280,7 @@ def engine_decode(model_name: str, bits: int, new_tokens: int, device: str) -> d
     model = build_model(dataclasses.replace(preset, vocab_size=len(tokenizer)), device).to(dtype).eval()
     request = Request(list(range(3, 35)), SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True))
 
-    def tokens_per_s() -> tuple[float, str]:
+    def tokens_per_s() -> tuple[float, str, dict[str, float]]:
         engine = Engine(model, tokenizer)
         path = "fused_step" if engine.runner.fused_step is not None else "forward"
         if device == "cuda" and path != "fused_step":
@@ -288,18 +288,41 @@ def engine_decode(model_name: str, bits: int, new_tokens: int, device: str) -> d
         runs = []
         for _ in range(3):
             runs.append(new_tokens / synced(lambda: engine.generate([request]), device))
-        return statistics.median(runs), path
+        parts = projection_us(engine.runner.fused_step, model, dtype) if path == "fused_step" else {}
+        return statistics.median(runs), path, parts
 
-    bf16, bf16_path = tokens_per_s()
+    bf16, bf16_path, bf16_parts = tokens_per_s()
     cfg = seedlm.SeedLMConfig.for_bits(bits)
     linears = [(name, m) for name, m in model.named_modules()
                if isinstance(m, torch.nn.Linear) and m is not model.head and m.bias is None]
     replace_linears(model, {f"{name}.weight": random_weight(m.out_features, m.in_features, cfg, seed=i)
                             for i, (name, m) in enumerate(linears)}, device)
-    compressed, seedlm_path = tokens_per_s()
+    compressed, seedlm_path, seedlm_parts = tokens_per_s()
     return {"model": model_name, "new_tokens": new_tokens, "linears_compressed": len(linears),
             "bf16_tokens_per_s": bf16, "seedlm_tokens_per_s": compressed, "speedup": compressed / bf16,
-            "decode_path": {"bf16": bf16_path, "seedlm": seedlm_path}}
+            "decode_path": {"bf16": bf16_path, "seedlm": seedlm_path},
+            "projection_us_per_token": {"bf16": bf16_parts, "seedlm": seedlm_parts}}
+
+
+def projection_us(step: Any, model: torch.nn.Module, dtype: torch.dtype) -> dict[str, float]:
+    """Microseconds a decode token spends in each kind of the fused step's projections, all layers' calls of a kind
+    replayed back to back (`timed`, one CUDA graph): RMSNorm + QKV, output + residual, RMSNorm + gate/up + SwiGLU,
+    down + residual. Where the step's time goes, bf16 against SeedLM."""
+    device = model.embed.weight.device
+    d = model.embed.weight.shape[1]
+    x = torch.randn(1, d, device=device, dtype=dtype)
+
+    def row(layer: torch.nn.Module) -> torch.Tensor:
+        return torch.randn(1, layer.in_features, device=device, dtype=dtype)
+
+    kinds = {"qkv_norm": [lambda b=b: step._project(b.attn.qkv_proj, x, norm=b.attn_norm) for b in model.layers],
+             "out_residual": [lambda b=b, y=row(b.attn.out_proj): step._project(b.attn.out_proj, y, residual=x)
+                              for b in model.layers],
+             "gate_up_norm_swiglu": [lambda b=b: step._project(b.ffn.proj_1, x, norm=b.ffn_norm, swiglu=True)
+                                     for b in model.layers],
+             "down_residual": [lambda b=b, g=row(b.ffn.proj_2): step._project(b.ffn.proj_2, g, residual=x)
+                               for b in model.layers]}
+    return {kind: 1e6 * timed(calls) * len(calls) for kind, calls in kinds.items()}
 
 
 # ---- report ------------------------------------------------------------------------------------------------------
