@@ -1,0 +1,35 @@
+"""benchmarks/seedlm_fused_gemv.py's choice of what to time: a model's four fused-step projections per layer, with
+the variants `raytrain/infer/fused_decode.py` runs them with (the timing itself needs a GPU)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+from omegaconf import OmegaConf
+
+from raytrain.models.registry import build_model, model_config
+from tests.conftest import REPO
+
+spec = importlib.util.spec_from_file_location("seedlm_fused_gemv", REPO / "benchmarks" / "seedlm_fused_gemv.py")
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+
+
+def test_projections_are_the_fused_steps_with_their_variants() -> None:
+    model = build_model(model_config(OmegaConf.load(REPO / "conf" / "model" / "openelm_tiny.yaml")), "meta")
+    chosen = bench.projections("openelm_tiny", [0, len(model.layers) - 1])
+    assert [(p["layer"], p["kind"]) for p in chosen][:4] == [(0, "qkv_norm"), (0, "out_residual"),
+                                                            (0, "gate_up_norm_swiglu"), (0, "down_residual")]
+    last = model.layers[-1]
+    by_kind = {p["kind"]: p for p in chosen if p["layer"] == len(model.layers) - 1}
+    assert (by_kind["qkv_norm"]["rows"], by_kind["qkv_norm"]["cols"]) == (last.attn.qkv_proj.out_features,
+                                                                          last.attn.qkv_proj.in_features)
+    assert by_kind["gate_up_norm_swiglu"]["rows"] == 2 * by_kind["down_residual"]["cols"]  # gate and up halves
+    flags = {k: (p["norm"], p["swiglu"], p["residual"]) for k, p in by_kind.items()}
+    assert flags == {"qkv_norm": (True, False, False), "out_residual": (False, False, True),
+                     "gate_up_norm_swiglu": (True, True, False), "down_residual": (False, False, True)}
+
+
+def test_totals_sum_each_kind_over_layers() -> None:
+    results = [{"kind": "a", "t": 1.0}, {"kind": "b", "t": 2.0}, {"kind": "a", "t": 3.0}]
+    assert bench.totals(results, "t") == {"a": 4.0, "b": 2.0}
