@@ -68,9 +68,10 @@ def bench_projection(p: dict[str, Any], device: str, dtype: torch.dtype, tiles: 
     weight = km.SeedLMWeight.from_compressed(ct, device)
     dense = seedlm.decode(ct.to(device).codes(), cfg, cols).to(dtype)
     x = torch.randn(1, cols, device=device, dtype=dtype)
-    kwargs = {"norm": torch.rand(cols, device=device, dtype=dtype) + 0.5 if p["norm"] else None, "eps": EPS,
-              "swiglu": p["swiglu"], "residual": torch.randn(1, n, device=device, dtype=dtype) if p["residual"] else None,
-              "dependent_launch": device == "cuda"}
+    gain = torch.rand(cols, device=device, dtype=dtype) + 0.5
+    residual = torch.randn(1, n, device=device, dtype=dtype)
+    kwargs = {"norm": gain if p["norm"] else None, "eps": EPS, "swiglu": p["swiglu"],
+              "residual": residual if p["residual"] else None, "dependent_launch": device == "cuda"}
     reference = gemv(x, dense, **kwargs).float()
     error = float((km.seedlm_gemv(x, weight, **kwargs).float() - reference).abs().max() / reference.abs().max())
     if error > 2e-2:

@@ -26,8 +26,8 @@ for sm_90a (Triton 3.6 and 3.9, checked on CPU with ptxas), the batch-1 main loo
 the table stream and ~13.6 with the LFSR stream at block_m=4, with no shared memory, barriers or spills. Batch 1
 accumulates with FFMA and reduces the row at the end; batch 2..16 rebuilds a step's (rows, blocks x C) tile with each
 block's C weights joined in one thread (`_weight_stack`), so the tile reaches shared memory in 16-byte stores, not one
-2-byte store a weight, and feeds it to one `tl.dot` (tensor cores in bf16). `seedlm_dense` rebuilds W (bitwise `seedlm.decode`, then rounded to the requested dtype) with 8-byte stores for
-prefill. Under TRITON_INTERPRET=1 the kernels run on CPU tensors (slowly), which is how CPU tests check them.
+2-byte store a weight, and feeds it to one `tl.dot` (tensor cores in bf16). `seedlm_dense` rebuilds W (bitwise
+`seedlm.decode`, then rounded to the requested dtype) with 8-byte stores for prefill. Under TRITON_INTERPRET=1 the kernels run on CPU tensors (slowly), which is how CPU tests check them.
 
 `seedlm_gemv` is the batch-1 kernel with the fused variants of `raytrain/infer/gemv_kernel.py`, for the fused decode
 step (`raytrain/infer/fused_decode.py`), rounding where that kernel rounds: `norm` (x RMS-normalised with a gain: the
@@ -73,9 +73,9 @@ def default_config(batch: int, rows: int = 4096, blocks_per_row: int = 512) -> K
     shapes. Batch 1, with prefetch: 8 rows (H200, 2026-12-05) from 8,192 rows up, else 4 (H100 on openelm_1_1b's
     shapes, 2026-12-05 17:01: 4 rows faster at 1,536-5,632 rows, within 2% of 8 at 14,336); up to 2,048 rows of
     1,536 columns or more, 8 rows over 8 warps (H100, the fused step's variants, `benchmarks/seedlm_fused_gemv.py`,
-    17:18: 1.2-1.4x the 4-row tile on the output and down projections). Batch 2..16 (H100, 2026-12-05 16:50): 32 rows by 32
-    blocks, prefetch, each row split over 4 programs (atomic fp32 sums): 1.6-2.0x faster than the previous default
-    (16 rows, no split, no prefetch, one tl.dot per weight of a block; README)."""
+    17:18: 1.2-1.4x the 4-row tile on the output and down projections). Batch 2..16 (H100, 2026-12-05 16:50): 32
+    rows by 32 blocks, prefetch, each row split over 4 programs (atomic fp32 sums): 1.6-2.0x faster than the
+    previous default (16 rows, no split, no prefetch, one tl.dot per weight of a block; README)."""
     if batch == 1:
         if rows <= 2048 and blocks_per_row >= 192:  # few rows, long ones: 8 warps along the row, 8 rows a thread
             return KernelConfig(block_m=8, block_n=256, num_warps=8, prefetch=True)
