@@ -27,7 +27,8 @@ the table stream and ~13.6 with the LFSR stream at block_m=4, with no shared mem
 accumulates with FFMA and reduces the row at the end; batch 2..16 rebuilds a step's (rows, blocks x C) tile with each
 block's C weights joined in one thread (`_weight_stack`), so the tile reaches shared memory in 16-byte stores, not one
 2-byte store a weight, and feeds it to one `tl.dot` (tensor cores in bf16). `seedlm_dense` rebuilds W (bitwise
-`seedlm.decode`, then rounded to the requested dtype) with 8-byte stores for prefill. Under TRITON_INTERPRET=1 the kernels run on CPU tensors (slowly), which is how CPU tests check them.
+`seedlm.decode`, then rounded to the requested dtype) with 8-byte stores for prefill. Under TRITON_INTERPRET=1 the
+kernels run on CPU tensors (slowly), which is how CPU tests check them.
 
 `seedlm_gemv` is the batch-1 kernel with the fused variants of `raytrain/infer/gemv_kernel.py`, for the fused decode
 step (`raytrain/infer/fused_decode.py`), rounding where that kernel rounds: `norm` (x RMS-normalised with a gain: the
