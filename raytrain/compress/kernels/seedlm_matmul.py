@@ -74,9 +74,10 @@ def default_config(batch: int, rows: int = 4096, blocks_per_row: int = 512) -> K
     `benchmarks/seedlm_kernel.py` and `benchmarks/seedlm_fused_gemv.py`. Batch 1, with prefetch: 8 rows (H200,
     2026-12-05) from 8,192 rows up, else 4 (H100 on openelm_1_1b's shapes, 2026-12-05 17:01: 4 rows faster at
     1,536-5,632 rows, within 2% of 8 at 14,336); up to 2,048 rows of 1,536 columns or more, 8 rows over 8 warps
-    (H100, the fused step's variants, 17:18: 1.2-1.4x the 4-row tile on the output and down projections). Batch 2..16 (H100, 2026-12-05 16:50): 32
-    rows by 32 blocks, prefetch, each row split over 4 programs (atomic fp32 sums): 1.6-2.0x faster than the
-    previous default (16 rows, no split, no prefetch, one tl.dot per weight of a block; README)."""
+    (H100, the fused step's variants, 17:18: 1.2-1.4x the 4-row tile on the output and down projections). Batch
+    2..16 (H100, 2026-12-05 16:50): 32 rows by 32 blocks, prefetch, each row split over 4 programs (atomic fp32
+    sums): 1.6-2.0x faster than the previous default (16 rows, no split, no prefetch, one tl.dot per weight of a
+    block; README)."""
     if batch == 1:
         if rows <= 2048 and blocks_per_row >= 192:  # few rows, long ones: 8 warps along the row, 8 rows a thread
             return KernelConfig(block_m=8, block_n=256, num_warps=8, prefetch=True)
