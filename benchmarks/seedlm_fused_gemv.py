@@ -42,6 +42,9 @@ def projections(model_name: str, layers: list[int]) -> list[dict[str, Any]]:
     preset = model_config(OmegaConf.load(Path(__file__).resolve().parent.parent / "conf" / "model"
                                          / f"{model_name}.yaml"))
     model = build_model(preset, "meta")
+    missing = [i for i in layers if not 0 <= i < len(model.layers)]
+    if missing:
+        raise ValueError(f"--layers {missing}: {model_name} has layers 0..{len(model.layers) - 1}")
     out = []
     for i in layers:
         block = model.layers[i]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 
+import pytest
+
 from omegaconf import OmegaConf
 
 from raytrain.models.registry import build_model, model_config
@@ -33,3 +35,8 @@ def test_projections_are_the_fused_steps_with_their_variants() -> None:
 def test_totals_sum_each_kind_over_layers() -> None:
     results = [{"kind": "a", "t": 1.0}, {"kind": "b", "t": 2.0}, {"kind": "a", "t": 3.0}]
     assert bench.totals(results, "t") == {"a": 4.0, "b": 2.0}
+
+
+def test_a_layer_the_model_lacks_is_named() -> None:
+    with pytest.raises(ValueError, match=r"--layers \[9\]: openelm_tiny has layers 0\.\."):
+        bench.projections("openelm_tiny", [0, 9])
