@@ -32,6 +32,15 @@ TILES = [(1, 4), (2, 4), (4, 4), (8, 4), (2, 2), (4, 2), (8, 2), (4, 8), (8, 8)]
 EPS = 1e-5
 
 
+def block_projections(block: torch.nn.Module) -> list[tuple[str, torch.nn.Module, torch.nn.Module | None, bool, bool]]:
+    """A decoder block's four projections as `FusedDecodeStep._layer` runs them: (kind, linear, the RMSNorm fused
+    before it or None, SwiGLU after it, residual added after it)."""
+    return [("qkv_norm", block.attn.qkv_proj, block.attn_norm, False, False),
+            ("out_residual", block.attn.out_proj, None, False, True),
+            ("gate_up_norm_swiglu", block.ffn.proj_1, block.ffn_norm, True, False),
+            ("down_residual", block.ffn.proj_2, None, False, True)]
+
+
 def projections(model_name: str, layers: list[int]) -> list[dict[str, Any]]:
     """(layer, kind, rows, cols, variant flags) of the chosen layers of a `conf/model` preset, built on the meta
     device."""
@@ -47,13 +56,9 @@ def projections(model_name: str, layers: list[int]) -> list[dict[str, Any]]:
         raise ValueError(f"--layers {missing}: {model_name} has layers 0..{len(model.layers) - 1}")
     out = []
     for i in layers:
-        block = model.layers[i]
-        for kind, linear, norm, swiglu, residual in (("qkv_norm", block.attn.qkv_proj, True, False, False),
-                                                     ("out_residual", block.attn.out_proj, False, False, True),
-                                                     ("gate_up_norm_swiglu", block.ffn.proj_1, True, True, False),
-                                                     ("down_residual", block.ffn.proj_2, False, False, True)):
+        for kind, linear, norm, swiglu, residual in block_projections(model.layers[i]):
             out.append({"layer": i, "kind": kind, "rows": linear.out_features, "cols": linear.in_features,
-                        "norm": norm, "swiglu": swiglu, "residual": residual})
+                        "norm": norm is not None, "swiglu": swiglu, "residual": residual})
     return out
 
 
@@ -62,10 +67,10 @@ def bench_projection(p: dict[str, Any], device: str, dtype: torch.dtype, tiles: 
     from benchmarks.seedlm_kernel import copies_for, random_weight, timed
     from raytrain.compress import seedlm
     from raytrain.compress.kernels import seedlm_matmul as km
-    from raytrain.infer.gemv_kernel import gemv
+    from raytrain.infer.gemv_kernel import fused_outputs, gemv
 
     rows, cols = p["rows"], p["cols"]
-    n = rows // 2 if p["swiglu"] else rows
+    n = fused_outputs(rows, p["swiglu"], "seedlm_gemv")
     cfg = seedlm.SeedLMConfig.for_bits(4)
     ct = random_weight(rows, cols, cfg, seed=rows + cols)
     weight = km.SeedLMWeight.from_compressed(ct, device)

@@ -308,20 +308,16 @@ def projection_us(step: Any, model: torch.nn.Module, dtype: torch.dtype) -> dict
     """Microseconds a decode token spends in each kind of the fused step's projections, all layers' calls of a kind
     replayed back to back (`timed`, one CUDA graph): RMSNorm + QKV, output + residual, RMSNorm + gate/up + SwiGLU,
     down + residual. Where the step's time goes, bf16 against SeedLM."""
+    from benchmarks.seedlm_fused_gemv import block_projections
+
     device = model.embed.weight.device
-    d = model.embed.weight.shape[1]
-    x = torch.randn(1, d, device=device, dtype=dtype)
-
-    def row(layer: torch.nn.Module) -> torch.Tensor:
-        return torch.randn(1, layer.in_features, device=device, dtype=dtype)
-
-    kinds = {"qkv_norm": [lambda b=b: step._project(b.attn.qkv_proj, x, norm=b.attn_norm) for b in model.layers],
-             "out_residual": [lambda b=b, y=row(b.attn.out_proj): step._project(b.attn.out_proj, y, residual=x)
-                              for b in model.layers],
-             "gate_up_norm_swiglu": [lambda b=b: step._project(b.ffn.proj_1, x, norm=b.ffn_norm, swiglu=True)
-                                     for b in model.layers],
-             "down_residual": [lambda b=b, g=row(b.ffn.proj_2): step._project(b.ffn.proj_2, g, residual=x)
-                               for b in model.layers]}
+    kinds: dict[str, list[Callable[[], Any]]] = {}
+    for block in model.layers:
+        for kind, linear, norm, swiglu, residual in block_projections(block):
+            x = torch.randn(1, linear.in_features, device=device, dtype=dtype)
+            res = torch.randn(1, linear.out_features, device=device, dtype=dtype) if residual else None
+            kinds.setdefault(kind, []).append(lambda linear=linear, x=x, norm=norm, swiglu=swiglu, res=res:
+                                              step._project(linear, x, norm=norm, swiglu=swiglu, residual=res))
     return {kind: 1e6 * timed(calls) * len(calls) for kind, calls in kinds.items()}
 
 
