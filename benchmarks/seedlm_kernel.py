@@ -257,11 +257,11 @@ def synced(call: Callable[[], Any], device: str) -> float:
 
 # ---- end to end --------------------------------------------------------------------------------------------------
 
-def engine_decode(model_name: str, bits: int, new_tokens: int, device: str) -> dict[str, Any]:
+def engine_decode(model_name: str, bits: int, new_tokens: int, device: str, streams: list[str]) -> dict[str, Any]:
     """Batch-1 greedy decode tokens/s on today's engine: a `conf/model` preset with random bf16 weights, then the same
-    model with every linear layer of its blocks a CompressedLinear of random SeedLM codes. On CUDA both must decode
-    through the fused step (`FusedDecodeStep`: five Triton kernels a layer, SeedLM projections through `seedlm_gemv`);
-    `decode_path` records which path each ran (on CPU the engine runs the model's forward)."""
+    model with every linear layer of its blocks a CompressedLinear of random SeedLM codes, once per kernel stream. On
+    CUDA every model must decode through the fused step (`FusedDecodeStep`: five Triton kernels a layer, SeedLM
+    projections through `seedlm_gemv`); `decode_path` records which path each ran (on CPU the model's forward)."""
     from omegaconf import OmegaConf
 
     from raytrain.compress.linear import replace_linears
@@ -280,28 +280,28 @@ def engine_decode(model_name: str, bits: int, new_tokens: int, device: str) -> d
     model = build_model(dataclasses.replace(preset, vocab_size=len(tokenizer)), device).to(dtype).eval()
     request = Request(list(range(3, 35)), SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True))
 
-    def tokens_per_s() -> tuple[float, str, dict[str, float]]:
+    def tokens_per_s() -> dict[str, Any]:
         engine = Engine(model, tokenizer)
         path = "fused_step" if engine.runner.fused_step is not None else "forward"
         if device == "cuda" and path != "fused_step":
             raise RuntimeError(f"the engine decodes without the fused step: {fused_decode_unsupported(model)}")
-        runs = []
-        for _ in range(3):
-            runs.append(new_tokens / synced(lambda: engine.generate([request]), device))
+        runs = [new_tokens / synced(lambda: engine.generate([request]), device) for _ in range(3)]
         parts = projection_us(engine.runner.fused_step, model, dtype) if path == "fused_step" else {}
-        return statistics.median(runs), path, parts
+        return {"tokens_per_s": statistics.median(runs), "decode_path": path, "projection_us_per_token": parts}
 
-    bf16, bf16_path, bf16_parts = tokens_per_s()
+    bf16 = tokens_per_s()
     cfg = seedlm.SeedLMConfig.for_bits(bits)
     linears = [(name, m) for name, m in model.named_modules()
                if isinstance(m, torch.nn.Linear) and m is not model.head and m.bias is None]
-    replace_linears(model, {f"{name}.weight": random_weight(m.out_features, m.in_features, cfg, seed=i)
-                            for i, (name, m) in enumerate(linears)}, device)
-    compressed, seedlm_path, seedlm_parts = tokens_per_s()
-    return {"model": model_name, "new_tokens": new_tokens, "linears_compressed": len(linears),
-            "bf16_tokens_per_s": bf16, "seedlm_tokens_per_s": compressed, "speedup": compressed / bf16,
-            "decode_path": {"bf16": bf16_path, "seedlm": seedlm_path},
-            "projection_us_per_token": {"bf16": bf16_parts, "seedlm": seedlm_parts}}
+    codes = {f"{name}.weight": random_weight(m.out_features, m.in_features, cfg, seed=i)
+             for i, (name, m) in enumerate(linears)}
+    compressed = {}
+    for stream in streams:
+        replace_linears(model, codes, device, stream=stream)
+        compressed[stream] = tokens_per_s()
+        compressed[stream]["speedup"] = compressed[stream]["tokens_per_s"] / bf16["tokens_per_s"]
+    return {"model": model_name, "new_tokens": new_tokens, "linears_compressed": len(linears), "bf16": bf16,
+            "seedlm": compressed}
 
 
 def projection_us(step: Any, model: torch.nn.Module, dtype: torch.dtype) -> dict[str, float]:
@@ -400,7 +400,7 @@ def main() -> None:
     if kernels and args.engine_model:
         model = "openelm_tiny" if interpret else args.engine_model
         try:
-            results["engine"] = engine_decode(model, args.bits, args.engine_tokens, device)
+            results["engine"] = engine_decode(model, args.bits, args.engine_tokens, device, streams)
         except Exception as e:  # reported; the kernel figures above stand
             results["engine"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     shape_keys = [f"{r}x{c}" for r, c in shapes]

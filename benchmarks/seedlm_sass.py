@@ -42,11 +42,14 @@ from triton.compiler import ASTSource  # noqa: E402
 from raytrain.compress.kernels import seedlm_matmul as km  # noqa: E402
 from raytrain.compress.kernels import seedlm_search as ks  # noqa: E402
 from raytrain.compress.lfsr import LFSRConfig  # noqa: E402
+from raytrain.compress.seedlm import SeedLMConfig  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-WORDS = {"words_ptr": "*i32", "exps_ptr": "*u8", "table_ptr": "*i64", "masks_ptr": "*i32", "rows": "i32",
-         "cols": "i32", "bpr": "i32", "ebpr": "i32"}
+WORDS = {"words_ptr": "*i32", "exps_ptr": "*u8", "masks_ptr": "*i32", "rows": "i32", "cols": "i32", "bpr": "i32",
+         "ebpr": "i32"}
+ALIGNED_INTS = ("rows", "cols", "bpr", "stride_x", "stride_y")  # multiples of 16 at the budget's shape, as launches
+# specialise them (and 16-byte aligned pointers)
 ISSUE_BUDGET = 32 * 132 * 4 * 1.98e9 * 2 / 4.3e12  # thread-instructions per weight while bf16's 2 bytes stream in
 SHARED = ("STS", "LDS", "LDSM", "STSM", "BAR", "SHFL")
 ALU = ("LOP3", "LOP", "SHF", "SHL", "SHR", "IADD3", "LEA", "ISETP", "FSETP", "SEL", "FSEL", "PRMT", "FMNMX", "IMNMX",
@@ -56,8 +59,10 @@ FMA_HEAVY = ("IMAD", "IMUL", "IDP")
 
 
 def compile_sass(fn: Any, signature: dict[str, str], constexprs: dict[str, Any], num_warps: int) -> tuple[str, str]:
-    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=TARGET,
-                            options={"num_warps": num_warps, "num_stages": 1})
+    aligned = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name, kind in signature.items()
+               if kind.startswith("*") or name in ALIGNED_INTS}
+    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned),
+                            target=TARGET, options={"num_warps": num_warps, "num_stages": 1})
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
@@ -107,10 +112,11 @@ def measure(fn: Any, signature: dict[str, str], constexprs: dict[str, Any], num_
 def main() -> None:
     lfsr = LFSRConfig()
     stream = {"K": 16, "TAPS": sum(1 << t for t in lfsr.taps), "INV": sum(1 << k for k in km.inverse_shifts(lfsr))}
-    gemv_sig = {"x_ptr": "*bf16", "y_ptr": "*bf16", "gain_ptr": "*bf16", "res_ptr": "*bf16", **WORDS,
-                "steps_per_split": "i32", "inv_scale": "fp32", "eps": "fp32"}
     results: dict[str, Any] = {}
     for name in km.STREAMS:
+        words = {**WORDS, "table_ptr": f"*i{km.stream_operand(name, SeedLMConfig()).element_size() * 8}"}
+        gemv_sig = {"x_ptr": "*bf16", "y_ptr": "*bf16", "gain_ptr": "*bf16", "res_ptr": "*bf16", **words,
+                    "steps_per_split": "i32", "inv_scale": "fp32", "eps": "fp32"}
         for block_m in (1, 2, 4, 8):
             constexprs = {"C": 8, "P": 3, **stream, "STREAM": name, "XBITS": 16, "BM": block_m, "NB": 128,
                           "EVEN": True, "X_WORDS": True, "SPLIT": 1, "PREFETCH": km.KernelConfig().prefetch,
@@ -120,13 +126,13 @@ def main() -> None:
                                                          units=block_m * 128 * 8 / 128)
         dot = km.default_config(8)
         results[f"dot_{name}_m{dot.block_m}"] = measure(
-            km._dot_kernel, {"x_ptr": "*bf16", "y_ptr": "*bf16", **WORDS, "steps_per_split": "i32", "batch": "i32",
+            km._dot_kernel, {"x_ptr": "*bf16", "y_ptr": "*bf16", **words, "steps_per_split": "i32", "batch": "i32",
                              "stride_x": "i32", "stride_y": "i32", "inv_scale": "fp32"},
             {"C": 8, "P": 3, **stream, "STREAM": name, "BM": dot.block_m, "NB": dot.block_n, "BATCH": 16,
              "EVEN": True, "SPLIT": 1, "IEEE": False, "PREFETCH": dot.prefetch}, dot.num_warps,
             units=dot.block_m * dot.block_n * 8 / (32 * dot.num_warps))
         results[f"dense_{name}"] = measure(
-            km._dense_kernel, {"out_ptr": "*bf16", **WORDS, "inv_scale": "fp32"},
+            km._dense_kernel, {"out_ptr": "*bf16", **words, "inv_scale": "fp32"},
             {"C": 8, "P": 3, **stream, "STREAM": name, "OBITS": 16, "BM": 4, "NB": 128, "EVEN_M": True,
              "O_WORDS": True}, 4, units=4 * 128 * 8 / 128)
     search_sig = {"w_ptr": "*fp32", "table_ptr": "*fp32", "offset_ptr": "*i32", "exp_ptr": "*i8", "coef_ptr": "*i8",

@@ -20,10 +20,11 @@ from raytrain.compress.format import CompressedTensor
 
 
 class CompressedLinear(nn.Module):
-    def __init__(self, weight: CompressedTensor, device: torch.device | str = "cpu", kernel: bool | None = None
-                 ) -> None:
+    def __init__(self, weight: CompressedTensor, device: torch.device | str = "cpu", kernel: bool | None = None,
+                 stream: str | None = None) -> None:
         """kernel: lay a SeedLM weight with row blocking out for the Triton kernels (`kernel_weight`); None: on CUDA
-        only. True for any other weight is an error."""
+        only. True for any other weight is an error. stream: how the kernels regenerate the LFSR bits
+        (`seedlm_matmul.STREAMS`; None: its default)."""
         super().__init__()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.method, self.bits_per_weight = weight.method, weight.bits_per_weight
@@ -35,9 +36,9 @@ class CompressedLinear(nn.Module):
             raise ValueError(f"CompressedLinear(kernel=True) takes SeedLM weights with row blocking, not "
                              f"{weight.method}" + (" with flat blocking" if weight.method == "seedlm" else ""))
         if readable and (kernel if kernel is not None else self.device.type == "cuda"):
-            from raytrain.compress.kernels.seedlm_matmul import SeedLMWeight
+            from raytrain.compress.kernels.seedlm_matmul import DEFAULT_STREAM, SeedLMWeight
 
-            self.kernel_weight = SeedLMWeight.from_compressed(weight, self.device)
+            self.kernel_weight = SeedLMWeight.from_compressed(weight, self.device, stream or DEFAULT_STREAM)
         else:
             self.weight_ct = weight.to(device)
 
@@ -57,10 +58,11 @@ class CompressedLinear(nn.Module):
 
 
 def replace_linears(model: nn.Module, compressed: dict[str, CompressedTensor], device: torch.device | str,
-                    kernel: bool | None = None) -> None:
-    """Swap each module whose `<name>.weight` is in `compressed` for a CompressedLinear (`kernel`: its argument)."""
+                    kernel: bool | None = None, stream: str | None = None) -> None:
+    """Swap each module whose `<name>.weight` is in `compressed` for a CompressedLinear (`kernel`, `stream`: its
+    arguments)."""
     for name, ct in compressed.items():
         module_name = name.removesuffix(".weight")
         parent_name, _, child = module_name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, CompressedLinear(ct, device, kernel))
+        setattr(parent, child, CompressedLinear(ct, device, kernel, stream))

@@ -39,6 +39,9 @@ CASES = [
     (4, K8, "lfsr", (6, 37), KernelConfig(block_m=4, block_n=2, split_k=2, prefetch=True)),
     (4, K8, "table", (6, 37), KernelConfig(block_m=1, block_n=8)),
     (3, {}, "lfsr", (5, 50), KernelConfig(block_m=2, block_n=4, split_k=3)),
+    (4, {}, "bytes", (8, 64), KernelConfig(block_m=4, block_n=2, split_k=2, prefetch=True)),
+    (4, K8, "bytes", (6, 37), KernelConfig(block_m=2, block_n=8)),
+    (3, {}, "bytes", (5, 50), KernelConfig(block_m=2, block_n=4)),
 ]
 IDS = [f"{bits}bit-K{lf.get('K', 16)}-{stream}-{shape[0]}x{shape[1]}-n{tile.block_n}s{tile.split_k}"
        f"{'-prefetch' if tile.prefetch else ''}" for bits, lf, stream, shape, tile in CASES]
@@ -129,6 +132,7 @@ FUSED_CASES = [
     (4, "lfsr", (16, 64), KernelConfig(block_m=4, block_n=4)),
     (4, "table", (14, 37), KernelConfig(block_m=4, block_n=2, prefetch=True)),
     (3, "lfsr", (10, 50), None),
+    (4, "bytes", (14, 37), KernelConfig(block_m=4, block_n=2, prefetch=True)),
 ]
 FUSED_IDS = [f"{bits}bit-{stream}-{shape[0]}x{shape[1]}" for bits, stream, shape, _ in FUSED_CASES]
 

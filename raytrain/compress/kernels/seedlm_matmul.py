@@ -54,7 +54,7 @@ from raytrain.infer.gemv_kernel import fused_outputs
 
 MAX_BATCH = 16
 GEMV_PROGRAMS = 1024  # batch-1 programs (about 8 an SM on 132 SMs) below which 4-row tiles beat 8-row ones
-STREAMS = ("lfsr", "table")
+STREAMS = ("lfsr", "table", "bytes")
 DEFAULT_STREAM = "lfsr"  # fewer instructions with "table" (see benchmarks/seedlm_sass.py), but its gathers need L1
 TABLE_BITS = 49  # a table entry shifted by up to 15 leaves stream bits 0..48 of the block
 
@@ -92,7 +92,7 @@ class SeedLMWeight:
 
     words: torch.Tensor  # int32 (rows, bpr): q_p nibble at bits 4p, exponent at bits 12..15 (P <= 3), seed at 16..31
     exps: torch.Tensor  # uint8 (rows, ceil(bpr / 2)): exponent nibbles, low nibble first (P = 4); empty otherwise
-    table: torch.Tensor  # int64: m-sequence bits 16i .. 16i+63 per entry (stream="table"); empty otherwise
+    table: torch.Tensor  # stream="table": int64 m-sequence windows; "bytes": int32/int64 (ceil(K/8) * 256,); else empty
     masks: torch.Tensor  # int32 (9,): state masks (4), coefficient masks (4), exponent mask, kept in registers
     rows: int
     cols: int
@@ -120,7 +120,7 @@ class SeedLMWeight:
         else:
             seeds = state_of_offset(offsets.reshape(-1), cfg.lfsr).view(offsets.shape)
         words, exps = pack_words(seeds, codes["exponents"], codes["coefficients"])
-        table = stream_table(cfg.lfsr) if stream == "table" else torch.zeros(1, dtype=torch.int64)
+        table = stream_operand(stream, cfg)
         m0 = 24 - cfg.K - cfg.P
         masks = [((1 << cfg.K) - 1) << (m0 + p) for p in range(4)] + [15 << (4 * p) for p in range(4)] + [15 << 23]
         inv = float(torch.tensor(1.0 / (cfg.lfsr.centre - 1), dtype=torch.float32) * 2.0 ** (7 + cfg.K))
@@ -187,6 +187,30 @@ def pack_words(seeds: torch.Tensor, exponents: torch.Tensor, coefficients: torch
     return words.to(torch.int32).contiguous(), exps
 
 
+def stream_operand(stream: str, cfg: seedlm.SeedLMConfig) -> torch.Tensor:
+    """The table a stream gathers from (a placeholder for "lfsr", which computes its bits)."""
+    if stream == "table":
+        return stream_table(cfg.lfsr)
+    if stream == "bytes":
+        return byte_tables(cfg.lfsr, cfg.C * cfg.P)
+    return torch.zeros(1, dtype=torch.int64)
+
+
+def byte_tables(lfsr: LFSRConfig, nbits: int) -> torch.Tensor:
+    """Stream bits K .. K+nbits-1 of the seed v << 8i in entry 256i + v, for each byte i of a K-bit seed: the
+    register is linear over GF(2), so a seed's bits are the XOR of the entries of its bytes. int32 while the bits
+    fit 31 (no sign to extend), else int64; 1 KiB a table for (8,3), so that a warp's gathers touch few L1 lines."""
+    K = lfsr.K
+    seeds = ((torch.arange(256)[None, :] << (8 * torch.arange((K + 7) // 8))[:, None]) & lfsr.period).reshape(-1)
+    bits = torch.zeros(seeds.numel(), K + nbits, dtype=torch.int64)
+    bits[:, :K] = (seeds[:, None] >> torch.arange(K)) & 1
+    for m in range(K, K + nbits):
+        for t in lfsr.taps:
+            bits[:, m] ^= bits[:, m - K + t]
+    tail = (bits[:, K:] << torch.arange(nbits)).sum(1)
+    return tail.to(torch.int32 if nbits <= 31 else torch.int64)
+
+
 def stream_table(lfsr: LFSRConfig) -> torch.Tensor:
     """int64 entries i = 0 .. (N-1) >> 4: bits 16i .. 16i+63 of the m-sequence (the stream from seed 1). The block at
     cycle offset o has stream bits m[o + n], so entry o >> 4 shifted right by o & 15 holds its bits 0 .. 48."""
@@ -230,6 +254,16 @@ def _stream_lfsr(seed, K: tl.constexpr, TAPS: tl.constexpr, INV: tl.constexpr, N
 
 
 @triton.jit
+def _stream_bytes(seed, table_ptr, K: tl.constexpr):
+    """int64 stream bits of each seed: the seed, then the XOR of its bytes' `byte_tables` entries above it (one L1
+    gather a byte instead of the LFSR's ~25 shifts and XORs)."""
+    tail = tl.load(table_ptr + (seed & 255))
+    for i in tl.static_range(1, (K + 7) // 8):
+        tail ^= tl.load(table_ptr + 256 * i + (seed >> 8 * i & 255))
+    return seed.to(tl.int64) | tail.to(tl.int64) << K
+
+
+@triton.jit
 def _coefficient(w, masks, p: tl.constexpr):
     """q_p as fp32: the nibble lands in the mantissa of 2^(23-4p), its sign bit flipped to make it q + 8."""
     bits = (w & masks[4 + p]) ^ (((150 - 4 * p) << 23) | (8 << (4 * p)))
@@ -241,13 +275,18 @@ def _block_terms(w, e_nibble, table_ptr, masks, C: tl.constexpr, P: tl.constexpr
                  STREAM: tl.constexpr, TAPS: tl.constexpr, INV: tl.constexpr):
     """Per block: its stream bits (int64), 2^(e-7) (times inv_scale, 2^K times decode's scale 2^e / (2^(K-1) - 1)),
     and the offset that centres the states, sum_p q_p (2^(P-1-p) + 1/2)."""
-    if STREAM == "table":
+    field = w >> 16 & 0xFFFF  # the seed; the cycle offset for "table"
+    if STREAM == "lfsr":
+        s = _stream_lfsr(field, K, TAPS, INV, K + C * P)
+    else:
         # gathered as a 1-D tensor: a 2-D gather has no contiguous dimension, and Triton versions break that tie in
         # the coalescing pass differently (3.6 puts lanes along the rows); 1-D, it keeps the words' thread mapping
-        offset = tl.reshape(w >> 16 & 0xFFFF, (w.shape[0] * w.shape[1],))
-        s = tl.reshape(tl.load(table_ptr + (offset >> 4)) >> (offset & 15).to(tl.int64), w.shape)
-    else:
-        s = _stream_lfsr(w >> 16 & 0xFFFF, K, TAPS, INV, K + C * P)
+        flat = tl.reshape(field, (w.shape[0] * w.shape[1],))
+        if STREAM == "table":
+            s = tl.load(table_ptr + (flat >> 4)) >> (flat & 15).to(tl.int64)
+        else:
+            s = _stream_bytes(flat, table_ptr, K)
+        s = tl.reshape(s, w.shape)
     if P <= 3:
         ebits = (w << 11) & masks[8]
     else:
@@ -278,17 +317,28 @@ def _weight(w, s, off, masks, c: tl.constexpr, P: tl.constexpr, K: tl.constexpr)
 
 
 @triton.jit
+def _one_per_thread(ptr, offsets, mask, EVEN: tl.constexpr):
+    """tl.load of a 2-D tile as a flat tile whose offsets are declared non-contiguous: each thread gets its own
+    column for every row, the layout the rebuild computes in. A 2-D load of the row-contiguous words is vectorised 4
+    columns a thread, and converting that tile back costs shared-memory round trips and barriers every step."""
+    shape: tl.constexpr = offsets.shape
+    flat = tl.max_contiguous(tl.reshape(offsets, (shape[0] * shape[1],)), 1)
+    if EVEN:
+        v = tl.load(ptr + flat)
+    else:
+        v = tl.load(ptr + flat, mask=tl.reshape(mask, (shape[0] * shape[1],)), other=0)
+    return tl.reshape(v, shape)
+
+
+@triton.jit
 def _load_blocks(words_ptr, exps_ptr, r, j, rows, bpr, ebpr, P: tl.constexpr, EVEN: tl.constexpr):
     """The (BM, NB) words of rows r, block columns j, and their exponent nibbles (P = 4; else the word again)."""
     mask = (r < rows)[:, None] & (j < bpr)[None, :]
-    if EVEN:
-        w = tl.load(words_ptr + r[:, None] * bpr + j[None, :])
-    else:
-        w = tl.load(words_ptr + r[:, None] * bpr + j[None, :], mask=mask, other=0)  # a zero word decodes to zeros
+    w = _one_per_thread(words_ptr, r[:, None] * bpr + j[None, :], mask, EVEN)  # a masked word is 0: decodes to 0
     if P <= 3:
         e = w
     else:
-        byte = tl.load(exps_ptr + r[:, None] * ebpr + (j >> 1)[None, :], mask=mask, other=0).to(tl.int32)
+        byte = _one_per_thread(exps_ptr, r[:, None] * ebpr + (j >> 1)[None, :], mask, False).to(tl.int32)
         e = (byte >> ((j & 1) * 4)[None, :]) & 15
     return w, e
 
