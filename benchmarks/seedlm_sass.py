@@ -109,31 +109,43 @@ def measure(fn: Any, signature: dict[str, str], constexprs: dict[str, Any], num_
             "top_opcodes": dict(loop.most_common(8))}
 
 
-def main() -> None:
+def stream_constexprs(name: str) -> dict[str, Any]:
     lfsr = LFSRConfig()
-    stream = {"K": 16, "TAPS": sum(1 << t for t in lfsr.taps), "INV": sum(1 << k for k in km.inverse_shifts(lfsr))}
+    return {"C": 8, "P": 3, "K": 16, "STREAM": name, "TAPS": sum(1 << t for t in lfsr.taps),
+            "INV": sum(1 << k for k in km.inverse_shifts(lfsr))}
+
+
+def words_signature(name: str) -> dict[str, str]:
+    return {**WORDS, "table_ptr": f"*i{km.stream_operand(name, SeedLMConfig()).element_size() * 8}"}
+
+
+def gemv(name: str, block_m: int) -> dict[str, Any]:
+    """The batch-1 kernel's loop with the `name` stream, block_m rows a thread, 128 blocks a step (4 warps) and the
+    default tile's prefetch."""
+    signature = {"x_ptr": "*bf16", "y_ptr": "*bf16", "gain_ptr": "*bf16", "res_ptr": "*bf16", **words_signature(name),
+                 "steps_per_split": "i32", "inv_scale": "fp32", "eps": "fp32"}
+    constexprs = {**stream_constexprs(name), "XBITS": 16, "BM": block_m, "NB": 128, "EVEN": True, "X_WORDS": True,
+                  "SPLIT": 1, "PREFETCH": km.default_config(1).prefetch, "GBITS": 16, "G_WORDS": False,
+                  "NORM": False, "SWIGLU": False, "RESIDUAL": False, "PDL": False}
+    return measure(km._gemv_kernel, signature, constexprs, 4, units=block_m * 128 * 8 / 128)
+
+
+def main() -> None:
     results: dict[str, Any] = {}
     for name in km.STREAMS:
-        words = {**WORDS, "table_ptr": f"*i{km.stream_operand(name, SeedLMConfig()).element_size() * 8}"}
-        gemv_sig = {"x_ptr": "*bf16", "y_ptr": "*bf16", "gain_ptr": "*bf16", "res_ptr": "*bf16", **words,
-                    "steps_per_split": "i32", "inv_scale": "fp32", "eps": "fp32"}
+        words, stream = words_signature(name), stream_constexprs(name)
         for block_m in (1, 2, 4, 8):
-            constexprs = {"C": 8, "P": 3, **stream, "STREAM": name, "XBITS": 16, "BM": block_m, "NB": 128,
-                          "EVEN": True, "X_WORDS": True, "SPLIT": 1, "PREFETCH": km.KernelConfig().prefetch,
-                          "GBITS": 16, "G_WORDS": False, "NORM": False, "SWIGLU": False, "RESIDUAL": False,
-                          "PDL": False}
-            results[f"gemv_{name}_m{block_m}"] = measure(km._gemv_kernel, gemv_sig, constexprs, 4,
-                                                         units=block_m * 128 * 8 / 128)
+            results[f"gemv_{name}_m{block_m}"] = gemv(name, block_m)
         dot = km.default_config(8)
         results[f"dot_{name}_m{dot.block_m}"] = measure(
             km._dot_kernel, {"x_ptr": "*bf16", "y_ptr": "*bf16", **words, "steps_per_split": "i32", "batch": "i32",
                              "stride_x": "i32", "stride_y": "i32", "inv_scale": "fp32"},
-            {"C": 8, "P": 3, **stream, "STREAM": name, "BM": dot.block_m, "NB": dot.block_n, "BATCH": 16,
+            {**stream, "BM": dot.block_m, "NB": dot.block_n, "BATCH": 16,
              "EVEN": True, "SPLIT": 1, "IEEE": False, "PREFETCH": dot.prefetch}, dot.num_warps,
             units=dot.block_m * dot.block_n * 8 / (32 * dot.num_warps))
         results[f"dense_{name}"] = measure(
             km._dense_kernel, {"out_ptr": "*bf16", **words, "inv_scale": "fp32"},
-            {"C": 8, "P": 3, **stream, "STREAM": name, "OBITS": 16, "BM": 4, "NB": 128, "EVEN_M": True,
+            {**stream, "OBITS": 16, "BM": 4, "NB": 128, "EVEN_M": True,
              "O_WORDS": True}, 4, units=4 * 128 * 8 / 128)
     search_sig = {"w_ptr": "*fp32", "table_ptr": "*fp32", "offset_ptr": "*i32", "exp_ptr": "*i8", "coef_ptr": "*i8",
                   "nb": "i32"}

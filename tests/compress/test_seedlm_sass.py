@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 
@@ -43,3 +44,17 @@ def test_the_profiled_launches_run_and_say_what_they_launched() -> None:
     line = json.loads(run.stdout.strip().splitlines()[-1])
     assert line["shape"] == [8, 1024] and line["stream"] == "table" and line["launches"] == 2
     assert line["tile"]["block_m"] == 4 and line["median_us"] > 0  # 8 rows: a 4-row tile
+
+
+def test_the_batch_1_loop_stays_in_registers_at_an_aligned_launch() -> None:
+    """Compiled for sm_90a as a launch with 16-byte aligned pointers and shapes specialises it (in a process without
+    TRITON_INTERPRET): no shared memory, barrier or shuffle in the main loop of the default tile with either stream
+    (a vectorised load of the words put a layout conversion with 16 barriers into every step) and no spills."""
+    code = ("import json, sys; sys.path.insert(0, 'benchmarks'); import seedlm_sass as s; "
+            "print(json.dumps({n: s.gemv(n, 8) for n in ('lfsr', 'bytes')}))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for name, loop in json.loads(run.stdout.strip().splitlines()[-1]).items():
+        assert not loop["shared_or_shuffle_in_loop"] and loop["stack_bytes"] == 0, (name, loop)
+        assert loop["per_unit"] < 14, (name, loop)  # instructions a weight (13.2 with the LFSR, 12.0 with bytes)
