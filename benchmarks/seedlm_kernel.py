@@ -259,7 +259,8 @@ def synced(call: Callable[[], Any], device: str) -> float:
 
 def engine_decode(model_name: str, bits: int, new_tokens: int, device: str, streams: list[str]) -> dict[str, Any]:
     """Batch-1 greedy decode tokens/s on today's engine: a `conf/model` preset with random bf16 weights, then the same
-    model with every linear layer of its blocks a CompressedLinear of random SeedLM codes, once per kernel stream. On
+    model with every linear layer of its blocks a CompressedLinear of random SeedLM codes, once per kernel stream
+    ("auto": each weight's `default_stream`). On
     CUDA every model must decode through the fused step (`FusedDecodeStep`: five Triton kernels a layer, SeedLM
     projections through `seedlm_gemv`); `decode_path` records which path each ran (on CPU the model's forward)."""
     from omegaconf import OmegaConf
@@ -297,7 +298,7 @@ def engine_decode(model_name: str, bits: int, new_tokens: int, device: str, stre
              for i, (name, m) in enumerate(linears)}
     compressed = {}
     for stream in streams:
-        replace_linears(model, codes, device, stream=stream)
+        replace_linears(model, codes, device, stream=None if stream == "auto" else stream)
         compressed[stream] = tokens_per_s()
         compressed[stream]["speedup"] = compressed[stream]["tokens_per_s"] / bf16["tokens_per_s"]
     return {"model": model_name, "new_tokens": new_tokens, "linears_compressed": len(linears), "bf16": bf16,
@@ -361,6 +362,8 @@ def main() -> None:
     parser.add_argument("--engine-model", default="openelm_1_1b", help="conf/model preset of the end-to-end decode "
                                                                        "measure ('' skips it)")
     parser.add_argument("--engine-tokens", type=int, default=128)
+    parser.add_argument("--engine-streams", default="auto", help="kernel streams of the end-to-end measure, each a "
+                        "model ('auto': each weight's default_stream)")
     parser.add_argument("--out", default=None, help="also write the JSON line to DIR/seedlm_kernel.json")
     args = parser.parse_args()
     device, gpu, interpret = args.device, args.device == "cuda", args.interpret
@@ -369,6 +372,13 @@ def main() -> None:
             parser.error("--interpret runs on CPU, before anything imports triton")
         os.environ["TRITON_INTERPRET"] = "1"
     kernels = gpu or interpret
+    if kernels:
+        from raytrain.compress.kernels.seedlm_matmul import STREAMS
+
+        checks = (("--streams", args.streams, ()), ("--engine-streams", args.engine_streams, ("auto",)))
+        for flag, names, extra in checks:
+            if unknown := sorted(set(names.split(",")) - set(STREAMS) - set(extra) - {""}):
+                parser.error(f"{flag}: unknown stream {', '.join(unknown)}; known {', '.join(STREAMS + extra)}")
     shapes_arg = args.shapes or (GPU_SHAPES if gpu else "16x64,8x40" if interpret else CPU_SHAPES)
     shapes = [tuple(int(v) for v in s.split("x")) for s in shapes_arg.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
@@ -400,7 +410,8 @@ def main() -> None:
     if kernels and args.engine_model:
         model = "openelm_tiny" if interpret else args.engine_model
         try:
-            results["engine"] = engine_decode(model, args.bits, args.engine_tokens, device, streams)
+            results["engine"] = engine_decode(model, args.bits, args.engine_tokens, device,
+                                              args.engine_streams.split(","))
         except Exception as e:  # reported; the kernel figures above stand
             results["engine"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     shape_keys = [f"{r}x{c}" for r, c in shapes]

@@ -24,7 +24,7 @@ class CompressedLinear(nn.Module):
                  stream: str | None = None) -> None:
         """kernel: lay a SeedLM weight with row blocking out for the Triton kernels (`kernel_weight`); None: on CUDA
         only. True for any other weight is an error. stream: how the kernels regenerate the LFSR bits
-        (`seedlm_matmul.STREAMS`; None: its default)."""
+        (`seedlm_matmul.STREAMS`; None: `default_stream` of the shape)."""
         super().__init__()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.method, self.bits_per_weight = weight.method, weight.bits_per_weight
@@ -36,9 +36,9 @@ class CompressedLinear(nn.Module):
             raise ValueError(f"CompressedLinear(kernel=True) takes SeedLM weights with row blocking, not "
                              f"{weight.method}" + (" with flat blocking" if weight.method == "seedlm" else ""))
         if readable and (kernel if kernel is not None else self.device.type == "cuda"):
-            from raytrain.compress.kernels.seedlm_matmul import DEFAULT_STREAM, SeedLMWeight
+            from raytrain.compress.kernels.seedlm_matmul import SeedLMWeight
 
-            self.kernel_weight = SeedLMWeight.from_compressed(weight, self.device, stream or DEFAULT_STREAM)
+            self.kernel_weight = SeedLMWeight.from_compressed(weight, self.device, stream)
         else:
             self.weight_ct = weight.to(device)
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from raytrain.compress.format import CompressedTensor, compress_tensor
-from raytrain.compress.lfsr import LFSRConfig, stream_bits
+from raytrain.compress.lfsr import LFSRConfig, emit, stream_bits
 from raytrain.compress.seedlm import EXPONENT_RULES, SeedLMConfig, decode, search_torch
 from raytrain.models import ops
 from tests.conftest import triton_device
@@ -111,6 +111,24 @@ def test_the_default_tiles_rebuild_the_weights_bitwise() -> None:
         for tile in (None, kernel.default_config(1, 8192), kernel.default_config(1, 2048, 192)):
             assert torch.equal(kernel.seedlm_matmul(eye[col:col + 1], weight, tile)[0].cpu(), dense[:, col])
     assert torch.equal(kernel.seedlm_matmul(eye[-16:], weight).T.cpu(), dense[:, -16:])
+
+
+def test_byte_tables_xor_to_each_seeds_stream() -> None:
+    """Stream bits K.. of a seed (the top bits of the states it emits) are the XOR of its bytes' entries: int32 for
+    (8,3)'s 24 bits, int64 for (12,4)'s 48."""
+    cfg = LFSRConfig()
+    for nbits, dtype in ((24, torch.int32), (48, torch.int64)):
+        tables = kernel.byte_tables(cfg, nbits)
+        assert tables.dtype == dtype and tables.shape == (512,)
+        for seed in (1, 0x1234, 0x8000, 0xFFFF):
+            expected = sum(((state >> (cfg.K - 1)) & 1) << k for k, state in enumerate(emit(seed, nbits, cfg)))
+            assert int(tables[seed & 255]) ^ int(tables[256 + (seed >> 8)]) == expected
+
+
+def test_the_default_stream_gathers_for_large_weights() -> None:
+    assert [kernel.default_stream(*shape) for shape in ((4096, 4096), (4095, 4096), (14336, 4096))] == [
+        "bytes", "lfsr", "bytes"]
+    assert kernel.SeedLMWeight.from_compressed(random_weight(4, {}, (8, 64)), DEVICE).stream == "lfsr"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

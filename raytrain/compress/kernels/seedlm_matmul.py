@@ -55,7 +55,7 @@ from raytrain.infer.gemv_kernel import fused_outputs
 MAX_BATCH = 16
 GEMV_PROGRAMS = 1024  # batch-1 programs (about 8 an SM on 132 SMs) below which 4-row tiles beat 8-row ones
 STREAMS = ("lfsr", "table", "bytes")
-DEFAULT_STREAM = "lfsr"  # fewer instructions with "table" (see benchmarks/seedlm_sass.py), but its gathers need L1
+BYTES_FROM_WEIGHTS = 1 << 24  # weights from which `default_stream` gathers ("bytes") rather than computes the bits
 TABLE_BITS = 49  # a table entry shifted by up to 15 leaves stream bits 0..48 of the block
 
 
@@ -104,11 +104,13 @@ class SeedLMWeight:
     stream_args: dict[str, int | str]  # the constexprs of the stream: K, STREAM, TAPS, INV
 
     @classmethod
-    def from_compressed(cls, ct: CompressedTensor, device: torch.device | str, stream: str = DEFAULT_STREAM
+    def from_compressed(cls, ct: CompressedTensor, device: torch.device | str, stream: str | None = None
                         ) -> SeedLMWeight:
+        """stream: how the kernels regenerate the LFSR bits (STREAMS); None: `default_stream` of the shape."""
         if ct.method != "seedlm":
             raise ValueError(f"the SeedLM kernel takes seedlm tensors, not {ct.method}")
         cfg: seedlm.SeedLMConfig = ct.config
+        stream = stream or default_stream(*ct.shape)
         check_supported(cfg, stream)
         arrays = {k: v.cpu() for k, v in ct.arrays.items()}  # packed once on the host, then moved
         codes = seedlm.unpack(arrays, cfg, ct.shape)
@@ -137,6 +139,13 @@ class SeedLMWeight:
     @property
     def stored_bytes(self) -> int:
         return self.words.numel() * 4 + self.exps.numel()
+
+
+def default_stream(rows: int, cols: int) -> str:
+    """"bytes" for weights of 2^24 or more (H100, 2026-12-05 19:13: 8% faster than "lfsr" at 4096x14336 and
+    14336x4096, 4% at 4096x4096), "lfsr" below: on openelm_1_1b's 2048-wide QKV and output projections the gathers'
+    latency made "bytes" 12-13% slower (README, "Weight compression")."""
+    return "bytes" if rows * cols >= BYTES_FROM_WEIGHTS else "lfsr"
 
 
 def check_supported(cfg: seedlm.SeedLMConfig, stream: str) -> None:
