@@ -189,7 +189,7 @@ def bench_shape_kernels(rows: int, cols: int, batches: list[int], cfg: seedlm.Se
     x1 = torch.randn(1, cols, device=device, dtype=torch.bfloat16)
     out["batch1"]["dequant_matmul_us"] = 1e6 * synced(lambda: x1 @ ct_device.dense().to(torch.bfloat16).T, device)
     if usable:
-        weight = next(iter(usable.values()))
+        out["dense_stream"], weight = next(iter(usable.items()))
         copies = [weight] + [dataclasses.replace(weight, words=weight.words.clone()) for _ in range(n_fused - 1)]
         out["dense_decode_us"] = 1e6 * timed([lambda w=w: km.seedlm_dense(w, torch.bfloat16) for w in copies])
         x = torch.randn(PREFILL_TOKENS, cols, device=device, dtype=torch.bfloat16)

@@ -7,8 +7,11 @@ GEMV takes. So the kernel is built around instruction counts, with every weight 
 
 * The C*P states of a block are windows of its LFSR output bit stream s: state k is bits k+1 .. k+K. The stream comes
   from the seed in ~20 shift/XOR instructions (`stream="lfsr"`: the next K bits are an XOR of shifted copies of the
-  XOR of the tapped windows, see `inverse_shifts`), or from one 8-byte gather in a 32 KiB table of the m-sequence
-  indexed by the cycle offset (`stream="table"`, L1-resident). No 128 KiB state table, no per-state gathers.
+  XOR of the tapped windows, see `inverse_shifts`); from two 4-byte gathers in 1 KiB tables, one per seed byte, whose
+  entries XOR to the bits after the seed (`stream="bytes"`: the register is linear over GF(2), see `byte_tables`);
+  or from one 8-byte gather in a 32 KiB table of the m-sequence indexed by the cycle offset (`stream="table"`).
+  `default_stream` gathers for large weights, whose many warps hide the L1 latency, and computes for small ones. No
+  128 KiB state table, no per-state gathers.
 * A state becomes a float with one LOP3: a 32-bit copy of the stream is placed so that the state's K bits fall in the
   mantissa, and the exponent is ORed in (F = 2^E + V 2^-K). One copy serves all P states of a weight; the exponent
   E = P-1-p keeps every product q_p F exact, so the FFMA chain q_0 F_0 + ... - offset is the exact integer sum
@@ -17,13 +20,16 @@ GEMV takes. So the kernel is built around instruction counts, with every weight 
   block, applied after the block's dot product: for a one-hot x the result is bitwise `seedlm.decode`'s weight; for any
   x the sums differ from a dense fp32 GEMV only in rounding order.
 * Compressed arrays are reshaped at load time (`SeedLMWeight`, the file format is unchanged): one int32 word per block,
-  [q_0 .. q_P-1 nibbles | exponent | 16-bit seed], so each thread reads 4 bytes per block, coalesced along the row.
+  [q_0 .. q_P-1 nibbles | exponent | 16-bit seed], so each thread reads 4 bytes per block, coalesced along the row,
+  as a flat tile declared non-contiguous (`_one_per_thread`): a launch's alignment would otherwise vectorise the load
+  4 columns a thread and the tile would be converted back through shared memory every step.
 
 Threads own block columns and `block_m` rows (the x words for a column are loaded once per `block_m` rows). With
 `KernelConfig.prefetch` the words are double-buffered in registers: the next step's loads are issued before this
 step's rebuild, so that their latency overlaps it (the tile sweep of `benchmarks/seedlm_kernel.py` times both). Compiled
-for sm_90a (Triton 3.6 and 3.9, checked on CPU with ptxas), the batch-1 main loop is ~11.8 instructions per weight with
-the table stream and ~13.6 with the LFSR stream at block_m=4, with no shared memory, barriers or spills. Batch 1
+for sm_90a as launched (Triton 3.6 and 3.9, `benchmarks/seedlm_sass.py` on CPU), the batch-1 main loop at block_m=8 is
+~13.1 instructions per weight with the LFSR stream, ~11.8 with the byte tables and ~11.4 with the m-sequence table,
+with no shared memory, barriers or spills. Batch 1
 accumulates with FFMA and reduces the row at the end; batch 2..16 rebuilds a step's (rows, blocks x C) tile with each
 block's C weights joined in one thread (`_weight_stack`), so the tile reaches shared memory in 16-byte stores, not one
 2-byte store a weight, and feeds it to one `tl.dot` (tensor cores in bf16). `seedlm_dense` rebuilds W (bitwise
