@@ -25,16 +25,15 @@ GEMV takes. So the kernel is built around instruction counts, with every weight 
   4 columns a thread and the tile would be converted back through shared memory every step.
 
 Threads own block columns and `block_m` rows (the x words for a column are loaded once per `block_m` rows). With
-`KernelConfig.prefetch` the words are double-buffered in registers: the next step's loads are issued before this
-step's rebuild, so that their latency overlaps it (the tile sweep of `benchmarks/seedlm_kernel.py` times both). Compiled
-for sm_90a as launched (Triton 3.6 and 3.9, `benchmarks/seedlm_sass.py` on CPU), the batch-1 main loop at block_m=8 is
-~13.1 instructions per weight with the LFSR stream, ~11.8 with the byte tables and ~11.4 with the m-sequence table,
-with no shared memory, barriers or spills. Batch 1
-accumulates with FFMA and reduces the row at the end; batch 2..16 rebuilds a step's (rows, blocks x C) tile with each
-block's C weights joined in one thread (`_weight_stack`), so the tile reaches shared memory in 16-byte stores, not one
-2-byte store a weight, and feeds it to one `tl.dot` (tensor cores in bf16). `seedlm_dense` rebuilds W (bitwise
-`seedlm.decode`, then rounded to the requested dtype) with 8-byte stores for prefill. Under TRITON_INTERPRET=1 the
-kernels run on CPU tensors (slowly), which is how CPU tests check them.
+`KernelConfig.prefetch` the words are double-buffered in registers: the next step's loads are issued before this step's
+rebuild, so that their latency overlaps it (the tile sweep of `benchmarks/seedlm_kernel.py` times both). Compiled for
+sm_90a as launched (Triton 3.6 and 3.9, `benchmarks/seedlm_sass.py` on CPU), the batch-1 main loop at block_m=8 is ~13.1
+instructions per weight with the LFSR stream, ~11.8 with the byte tables and ~11.4 with the m-sequence table, with no
+shared memory, barriers or spills. Batch 1 accumulates with FFMA and reduces the row at the end; batch 2..16 rebuilds a
+step's (rows, blocks x C) tile with each block's C weights joined in one thread (`_weight_stack`), so the tile reaches
+shared memory in 16-byte stores, not one 2-byte store a weight, and feeds it to one `tl.dot` (tensor cores in bf16).
+`seedlm_dense` rebuilds W (bitwise `seedlm.decode`, then rounded to the requested dtype) with 8-byte stores for prefill.
+Under TRITON_INTERPRET=1 the kernels run on CPU tensors (slowly), which is how CPU tests check them.
 
 `seedlm_gemv` is the batch-1 kernel with the fused variants of `raytrain/infer/gemv_kernel.py`, for the fused decode
 step (`raytrain/infer/fused_decode.py`), rounding where that kernel rounds: `norm` (x RMS-normalised with a gain: the
