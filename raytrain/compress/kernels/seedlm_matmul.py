@@ -162,7 +162,7 @@ def check_supported(cfg: seedlm.SeedLMConfig, stream: str) -> None:
                          f"C={cfg.C}, P={cfg.P}")
     if stream == "table" and cfg.K + cfg.C * cfg.P > TABLE_BITS:
         raise ValueError(f"stream='table' reads {TABLE_BITS} stream bits per block; K + C*P = "
-                         f"{cfg.K + cfg.C * cfg.P} needs stream='lfsr'")
+                         f"{cfg.K + cfg.C * cfg.P} needs stream='lfsr' or 'bytes'")
 
 
 def inverse_shifts(lfsr: LFSRConfig) -> list[int]:
