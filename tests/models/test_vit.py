@@ -56,7 +56,7 @@ def test_clip_features_are_unit_and_pooled_at_the_last_real_token() -> None:
     tokens = torch.randint(0, 50, (2, 6))
     image, txt, scale = model(torch.rand(2, 3, 32, 32), tokens, torch.tensor([4, 6]))
     assert image.shape == txt.shape == (2, 8) and torch.allclose(txt.norm(dim=-1), torch.ones(2))
-    assert float(scale) == pytest.approx(1 / 0.07, rel=1e-5)
+    assert scale.item() == pytest.approx(1 / 0.07, rel=1e-5)
     padded = tokens.clone()
     padded[0, 4:] = 0  # whatever follows the last real token does not change its features
     assert torch.allclose(model.encode_text(padded, torch.tensor([4, 6])), txt, atol=1e-6)
