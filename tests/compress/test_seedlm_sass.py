@@ -1,5 +1,6 @@
-"""benchmarks/seedlm_sass.py's pipe model (which opcodes load which Hopper pipe, and the cycles each limit needs), and
-benchmarks/seedlm_launch.py, the kernel launches that Nsight Compute profiles on a GPU (interpreted here)."""
+"""benchmarks/seedlm_sass.py's pipe model (which opcodes load which Hopper pipe, and the cycles each limit needs) and
+the batch-1 loop it compiles (sm_90a code built on CPU), and benchmarks/seedlm_launch.py, the kernel launches that
+Nsight Compute profiles on a GPU (interpreted here)."""
 
 from __future__ import annotations
 
