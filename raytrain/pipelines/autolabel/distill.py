@@ -100,7 +100,7 @@ def train(frames: list[PointFrame], cfg: DistillConfig) -> tuple[PillarNet, list
         sched.step()
         losses.append(loss.item())
         if step % 50 == 0 or step == cfg.steps - 1:
-            log.info("distill step %d loss %.4f", step, loss)
+            log.info("distill step %d loss %.4f", step, losses[-1])
     return model.eval(), losses
 
 
