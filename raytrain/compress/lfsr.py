@@ -57,21 +57,22 @@ def emit(seed: int, n: int, cfg: LFSRConfig) -> Iterator[int]:
         yield x
 
 
-def stream_bits(cfg: LFSRConfig, n: int) -> np.ndarray:
-    """The first `n` output bits (uint8) of the register started at seed 1: bit j of the state at time t is bit t+j,
-    so the state at time t is bits t .. t+K-1 (seed 1 is bits 0 .. K-1). The stream obeys s[m+K] = XOR_j s[m+j] over
-    the taps, so it is filled K - max(taps) bits at a time."""
+def stream_bits(cfg: LFSRConfig, n: int, seeds: np.ndarray | None = None) -> np.ndarray:
+    """The first `n` output bits (uint8) of the register started at seed 1, or (len(seeds), n) for each of `seeds`:
+    bit j of the state at time t is bit t+j, so the state at time t is bits t .. t+K-1 (the seed is bits 0 .. K-1).
+    The stream obeys s[m+K] = XOR_j s[m+j] over the taps, so it is filled K - max(taps) bits at a time."""
     K = cfg.K
     lag = K - max(cfg.taps)
-    bits = np.zeros(max(n, K), dtype=np.uint8)
-    bits[0] = 1  # seed 1
-    for m in range(K, len(bits), lag):
-        stop = min(m + lag, len(bits))
-        acc = np.zeros(stop - m, dtype=np.uint8)
+    starts = np.array([1] if seeds is None else seeds, dtype=np.int64)
+    bits = np.zeros((len(starts), max(n, K)), dtype=np.uint8)
+    bits[:, :K] = (starts[:, None] >> np.arange(K)) & 1
+    for m in range(K, bits.shape[1], lag):
+        stop = min(m + lag, bits.shape[1])
+        acc = np.zeros((len(starts), stop - m), dtype=np.uint8)
         for j in cfg.taps:
-            acc ^= bits[m - K + j:stop - K + j]
-        bits[m:stop] = acc
-    return bits[:n]
+            acc ^= bits[:, m - K + j:stop - K + j]
+        bits[:, m:stop] = acc
+    return bits[0, :n] if seeds is None else bits[:, :n]
 
 
 @functools.lru_cache(maxsize=8)

@@ -216,13 +216,8 @@ def byte_tables(lfsr: LFSRConfig, nbits: int) -> torch.Tensor:
     fit 31 (no sign to extend), else int64; 1 KiB a table for (8,3), so that a warp's gathers touch few L1 lines."""
     K = lfsr.K
     seeds = ((torch.arange(256)[None, :] << (8 * torch.arange((K + 7) // 8))[:, None]) & lfsr.period).reshape(-1)
-    bits = torch.zeros(seeds.numel(), K + nbits, dtype=torch.int64)
-    bits[:, :K] = (seeds[:, None] >> torch.arange(K)) & 1
-    for m in range(K, K + nbits):
-        for t in lfsr.taps:
-            bits[:, m] ^= bits[:, m - K + t]
-    tail = (bits[:, K:] << torch.arange(nbits)).sum(1)
-    return tail.to(torch.int32 if nbits <= 31 else torch.int64)
+    tail = torch.from_numpy(stream_bits(lfsr, K + nbits, seeds.numpy())[:, K:].astype("int64"))
+    return (tail << torch.arange(nbits)).sum(1).to(torch.int32 if nbits <= 31 else torch.int64)
 
 
 def stream_table(lfsr: LFSRConfig) -> torch.Tensor:
