@@ -16,7 +16,6 @@ on the decoded weight. Prints one JSON line.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -64,7 +63,7 @@ def projections(model_name: str, layers: list[int]) -> list[dict[str, Any]]:
 
 def bench_projection(p: dict[str, Any], device: str, dtype: torch.dtype, tiles: list[tuple[int, int]]
                      ) -> dict[str, Any]:
-    from benchmarks.seedlm_kernel import copies_for, random_weight, timed
+    from benchmarks.seedlm_kernel import copies_for, random_weight, timed, weight_copies
     from raytrain.compress import seedlm
     from raytrain.compress.kernels import seedlm_matmul as km
     from raytrain.infer.gemv_kernel import fused_outputs, gemv
@@ -85,8 +84,7 @@ def bench_projection(p: dict[str, Any], device: str, dtype: torch.dtype, tiles: 
     if error > 2e-2:
         raise RuntimeError(f"layer {p['layer']} {p['kind']}: SeedLM differs from bf16 gemv by {error:.3g}")
     denses = [dense] + [dense.clone() for _ in range(copies_for(dense.numel() * dense.element_size()) - 1)]
-    weights = [weight] + [dataclasses.replace(weight, words=weight.words.clone())
-                          for _ in range(copies_for(weight.stored_bytes) - 1)]
+    weights = weight_copies(weight)
 
     def seedlm_us(config: Any) -> float:
         return 1e6 * timed([lambda w=w: km.seedlm_gemv(x, w, config=config, **kwargs) for w in weights])

@@ -88,6 +88,12 @@ def copies_for(nbytes: int) -> int:
     return cold_copies(nbytes, 64) if torch.cuda.is_available() else 3
 
 
+def weight_copies(weight: Any) -> list[Any]:
+    """A `SeedLMWeight` and copies of its words (the small table and masks shared), `copies_for` its bytes."""
+    return [weight] + [dataclasses.replace(weight, words=weight.words.clone())
+                       for _ in range(copies_for(weight.stored_bytes) - 1)]
+
+
 def copy_bandwidth(device: str) -> float:
     """Bytes read + written per second by a 2 GiB device-to-device copy: the memory ceiling of this run."""
     src = torch.empty(2 << 30 if device == "cuda" else 1 << 24, dtype=torch.uint8, device=device)
@@ -165,7 +171,7 @@ def bench_shape_kernels(rows: int, cols: int, batches: list[int], cfg: seedlm.Se
     usable = {s: w for s, w in variants.items() if out["checks"][s]["exact"]}
     out["exact"] = len(usable) == len(streams)
     weight_bytes = next(iter(variants.values())).stored_bytes if variants else 0
-    n_fused, n_dense = copies_for(max(weight_bytes, 1)), copies_for(dense.numel() * 2)
+    n_dense = copies_for(dense.numel() * 2)
     denses = [dense] + [dense.clone() for _ in range(n_dense - 1)]
     for batch in batches:
         xs_dense = [torch.randn(batch, cols, device=device, dtype=torch.bfloat16) for _ in range(n_dense)]
@@ -175,8 +181,8 @@ def bench_shape_kernels(rows: int, cols: int, batches: list[int], cfg: seedlm.Se
         row["bf16_bandwidth_fraction"] = (dense.numel() * 2 + x_bytes) / (row["bf16_matmul_us"] / 1e6) / ceiling
         best = None
         for stream, weight in usable.items():
-            copies = [weight] + [dataclasses.replace(weight, words=weight.words.clone()) for _ in range(n_fused - 1)]
-            xs = [torch.randn(batch, cols, device=device, dtype=torch.bfloat16) for _ in range(n_fused)]
+            copies = weight_copies(weight)
+            xs = [torch.randn(batch, cols, device=device, dtype=torch.bfloat16) for _ in copies]
             fastest, attempts = sweep(km, copies, xs, (GEMV_TILES if batch == 1 else DOT_TILES)[:tiles])
             row[f"{stream}_tiles"] = attempts
             if fastest and (best is None or fastest["us"] < best["us"]):
@@ -190,7 +196,7 @@ def bench_shape_kernels(rows: int, cols: int, batches: list[int], cfg: seedlm.Se
     out["batch1"]["dequant_matmul_us"] = 1e6 * synced(lambda: x1 @ ct_device.dense().to(torch.bfloat16).T, device)
     if usable:
         out["dense_stream"], weight = next(iter(usable.items()))
-        copies = [weight] + [dataclasses.replace(weight, words=weight.words.clone()) for _ in range(n_fused - 1)]
+        copies = weight_copies(weight)
         out["dense_decode_us"] = 1e6 * timed([lambda w=w: km.seedlm_dense(w, torch.bfloat16) for w in copies])
         x = torch.randn(PREFILL_TOKENS, cols, device=device, dtype=torch.bfloat16)
         bf16 = 1e6 * timed([lambda: x @ dense.T], reps=10)
@@ -260,9 +266,9 @@ def synced(call: Callable[[], Any], device: str) -> float:
 def engine_decode(model_name: str, bits: int, new_tokens: int, device: str, streams: list[str]) -> dict[str, Any]:
     """Batch-1 greedy decode tokens/s on today's engine: a `conf/model` preset with random bf16 weights, then the same
     model with every linear layer of its blocks a CompressedLinear of random SeedLM codes, once per kernel stream
-    ("auto": each weight's `default_stream`). On
-    CUDA every model must decode through the fused step (`FusedDecodeStep`: five Triton kernels a layer, SeedLM
-    projections through `seedlm_gemv`); `decode_path` records which path each ran (on CPU the model's forward)."""
+    ("auto": each weight's `default_stream`). On CUDA every model must decode through the fused step
+    (`FusedDecodeStep`: five Triton kernels a layer, SeedLM projections through `seedlm_gemv`); `decode_path` records
+    which path each ran (on CPU the model's forward)."""
     from omegaconf import OmegaConf
 
     from raytrain.compress.linear import replace_linears
