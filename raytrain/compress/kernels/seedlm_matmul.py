@@ -46,6 +46,7 @@ waits, x, the gain and the residual after.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -210,6 +211,7 @@ def stream_operand(stream: str, cfg: seedlm.SeedLMConfig) -> torch.Tensor:
     return torch.zeros(1, dtype=torch.int64)
 
 
+@functools.lru_cache(maxsize=8)  # the same for every weight of a model: built once, not per layer
 def byte_tables(lfsr: LFSRConfig, nbits: int) -> torch.Tensor:
     """Stream bits K .. K+nbits-1 of the seed v << 8i in entry 256i + v, for each byte i of a K-bit seed: the
     register is linear over GF(2), so a seed's bits are the XOR of the entries of its bytes. int32 while the bits
@@ -220,6 +222,7 @@ def byte_tables(lfsr: LFSRConfig, nbits: int) -> torch.Tensor:
     return (tail << torch.arange(nbits)).sum(1).to(torch.int32 if nbits <= 31 else torch.int64)
 
 
+@functools.lru_cache(maxsize=8)  # 46 ms a build on CPU, the same for every weight of a model
 def stream_table(lfsr: LFSRConfig) -> torch.Tensor:
     """int64 entries i = 0 .. (N-1) >> 4: bits 16i .. 16i+63 of the m-sequence (the stream from seed 1). The block at
     cycle offset o has stream bits m[o + n], so entry o >> 4 shifted right by o & 15 holds its bits 0 .. 48."""
