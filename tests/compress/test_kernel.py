@@ -97,7 +97,7 @@ def test_fused_matmul_rebuilds_the_weights_bitwise(bits, lfsr, stream, shape, ti
 
 def test_the_default_tiles_rebuild_the_weights_bitwise() -> None:
     """default_config(1) (prefetch; 8 rows from 8,192 rows up, else 4; 8 rows by 8 warps for short, long weights)
-    and default_config(16) (32 rows by 32 blocks, prefetch, each row split over 3 programs here) on a weight whose
+    and default_config(16) (64 rows by 16 blocks, prefetch, each row split over 5 programs here) on a weight whose
     rows and blocks fill no whole tile."""
     ct = random_weight(4, {}, (45, 8 * 80 - 3), seed=3)
     weight, dense = kernel.SeedLMWeight.from_compressed(ct, DEVICE), ct.dense()
@@ -105,7 +105,7 @@ def test_the_default_tiles_rebuild_the_weights_bitwise() -> None:
     assert [kernel.default_config(1, rows, 128).block_m for rows in (8184, 2304, 45)] == [4, 4, 4]
     assert kernel.default_config(1, 2048, 192).num_warps == 8 and kernel.default_config(1, 2048, 191).num_warps == 4
     batched = kernel.default_config(16, weight.rows, weight.blocks_per_row)
-    assert (batched.block_m, batched.block_n, batched.split_k, batched.prefetch) == (32, 32, 3, True)
+    assert (batched.block_m, batched.block_n, batched.split_k, batched.prefetch) == (64, 16, 5, True)
     eye = torch.eye(dense.shape[1], device=DEVICE)
     for col in (0, dense.shape[1] - 1):
         for tile in (None, kernel.default_config(1, 8192), kernel.default_config(1, 2048, 192)):
