@@ -106,6 +106,7 @@ def measure(fn: Any, signature: dict[str, str], constexprs: dict[str, Any], num_
     return {"per_unit": round(total / units, 2), "cycles": cycles, "bound": max(cycles, key=cycles.get),
             "bound_per_unit": max(cycles.values()), "loop_instructions": total, "registers": int(regs.group(1)),
             "stack_bytes": int(regs.group(2)), "shared_or_shuffle_in_loop": any(op.startswith(SHARED) for op in loop),
+            "mma_in_loop": sorted({op.split(".")[0] for op in loop if op.startswith(("HMMA", "HGMMA"))}),
             "top_opcodes": dict(loop.most_common(8))}
 
 
@@ -130,19 +131,24 @@ def gemv(name: str, block_m: int) -> dict[str, Any]:
     return measure(km._gemv_kernel, signature, constexprs, 4, units=block_m * 128 * 8 / 128)
 
 
+def dot(name: str) -> dict[str, Any]:
+    """The batch 2..16 kernel's loop with the `name` stream at `default_config(8)`'s tile, bf16 x."""
+    cfg = km.default_config(8)
+    signature = {"x_ptr": "*bf16", "y_ptr": "*bf16", **words_signature(name), "steps_per_split": "i32", "batch": "i32",
+                 "stride_x": "i32", "stride_y": "i32", "inv_scale": "fp32"}
+    constexprs = {**stream_constexprs(name), "BM": cfg.block_m, "NB": cfg.block_n, "BATCH": 16, "EVEN": True,
+                  "SPLIT": 1, "IEEE": False, "PREFETCH": cfg.prefetch}
+    return measure(km._dot_kernel, signature, constexprs, cfg.num_warps,
+                   units=cfg.block_m * cfg.block_n * 8 / (32 * cfg.num_warps))
+
+
 def main() -> None:
     results: dict[str, Any] = {}
     for name in km.STREAMS:
         words, stream = words_signature(name), stream_constexprs(name)
         for block_m in (1, 2, 4, 8):
             results[f"gemv_{name}_m{block_m}"] = gemv(name, block_m)
-        dot = km.default_config(8)
-        results[f"dot_{name}_m{dot.block_m}"] = measure(
-            km._dot_kernel, {"x_ptr": "*bf16", "y_ptr": "*bf16", **words, "steps_per_split": "i32", "batch": "i32",
-                             "stride_x": "i32", "stride_y": "i32", "inv_scale": "fp32"},
-            {**stream, "BM": dot.block_m, "NB": dot.block_n, "BATCH": 16,
-             "EVEN": True, "SPLIT": 1, "IEEE": False, "PREFETCH": dot.prefetch}, dot.num_warps,
-            units=dot.block_m * dot.block_n * 8 / (32 * dot.num_warps))
+        results[f"dot_{name}_m{km.default_config(8).block_m}"] = dot(name)
         results[f"dense_{name}"] = measure(
             km._dense_kernel, {"out_ptr": "*bf16", **words, "inv_scale": "fp32"},
             {**stream, "OBITS": 16, "BM": 4, "NB": 128, "EVEN_M": True,

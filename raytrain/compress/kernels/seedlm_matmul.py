@@ -83,8 +83,8 @@ def default_config(batch: int, rows: int = 4096, blocks_per_row: int = 512) -> K
     (H100, the fused step's variants, 17:18: 1.2-1.4x the 4-row tile on the output and down projections). Batch
     2..16 (H100, 2026-12-05 22:06): 64 rows by 16 blocks over one warp group, prefetch, each row split over up to
     8 programs (atomic fp32 sums). 64 rows let Hopper's wgmma take the rebuilt tile; at 32 rows mma.sync needed its
-    operands shuffled out of shared memory (15.2 against 13.0 instructions a weight): 7-13% faster than 32 rows by
-    32 blocks on the three large shapes (README)."""
+    operands shuffled out of shared memory (15.2 against 13.0 instructions a weight): 6-12% less time than 32 rows
+    by 32 blocks on the three large shapes (README)."""
     if batch == 1:
         if rows <= 2048 and blocks_per_row >= 192:  # few rows, long ones: 8 warps along the row, 8 rows a thread
             return KernelConfig(block_m=8, block_n=256, num_warps=8, prefetch=True)
