@@ -46,7 +46,8 @@ GEMV_TILES = [(4, 4, 1), (8, 4, 1), (4, 8, 1), (8, 8, 1), (4, 2, 1), (8, 2, 1), 
 # 64 rows or more a warp group: Hopper's wgmma takes the rebuilt tile (fewer instructions a weight than mma.sync's
 # operand shuffles at 32 rows; benchmarks/seedlm_sass.py)
 DOT_TILES = [(16, 32, 4, 1), (32, 32, 4, 4), (64, 32, 4, 8), (64, 16, 8, 4), (64, 16, 8, 8), (64, 16, 8, 16),
-             (64, 16, 4, 8), (64, 16, 4, 16), (128, 16, 8, 8), (128, 16, 8, 16), (128, 8, 8, 16)]
+             (64, 16, 4, 8), (64, 16, 4, 16), (64, 8, 4, 8), (64, 8, 4, 16), (64, 8, 4, 32), (128, 16, 8, 8),
+             (128, 16, 8, 16), (128, 8, 8, 16)]
 SEARCH_TILES = [(256, 4), (512, 4), (512, 8), (1024, 8)]
 PREFILL_TOKENS = 2048
 
