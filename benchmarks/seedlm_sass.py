@@ -1,7 +1,8 @@
 """Static cost of the SeedLM kernels on Hopper, without a GPU: each kernel is compiled by Triton for sm_90a on this
 machine, disassembled with the cuobjdump that Triton's wheel ships, and its main loop (the body of the backward branch)
 is counted by opcode. Prints one JSON line: instructions per weight (fused matmul, dense decode) or per candidate and
-block (search), registers, spills, and whether the loop touches shared memory.
+block (search), registers, spills, whether the loop touches shared memory and which MMA it issues (the batched
+kernel: HGMMA, Hopper's wgmma, from 64 rows a tile; HMMA, mma.sync, below).
 
     python benchmarks/seedlm_sass.py
 
