@@ -10,12 +10,24 @@ import json
 import os
 import subprocess
 import sys
+from typing import Any
 
 from tests.conftest import REPO
 
 spec = importlib.util.spec_from_file_location("seedlm_sass", REPO / "benchmarks" / "seedlm_sass.py")
 sass = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(sass)
+
+
+def compiled(expression: str) -> Any:
+    """`expression` over benchmarks/seedlm_sass.py (as `s`), evaluated in a process without TRITON_INTERPRET, where
+    Triton compiles for sm_90a instead of interpreting."""
+    code = ("import json, sys; sys.path.insert(0, 'benchmarks'); import seedlm_sass as s; "
+            f"print(json.dumps({expression}))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 def test_pipe_cycles_count_half_rate_integer_pipes_twice() -> None:
@@ -51,12 +63,7 @@ def test_the_batch_1_loop_stays_in_registers_at_an_aligned_launch() -> None:
     """Compiled for sm_90a as a launch with 16-byte aligned pointers and shapes specialises it (in a process without
     TRITON_INTERPRET): no shared memory, barrier or shuffle in the main loop of the default tile with either stream
     (a vectorised load of the words put a layout conversion with 16 barriers into every step) and no spills."""
-    code = ("import json, sys; sys.path.insert(0, 'benchmarks'); import seedlm_sass as s; "
-            "print(json.dumps({n: s.gemv(n, 8) for n in ('lfsr', 'bytes')}))")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    for name, loop in json.loads(run.stdout.strip().splitlines()[-1]).items():
+    for name, loop in compiled("{n: s.gemv(n, 8) for n in ('lfsr', 'bytes')}").items():
         assert not loop["shared_or_shuffle_in_loop"] and loop["stack_bytes"] == 0, (name, loop)
         assert loop["per_unit"] < 14, (name, loop)  # instructions a weight (13.2 with the LFSR, 12.0 with bytes)
 
@@ -64,11 +71,6 @@ def test_the_batch_1_loop_stays_in_registers_at_an_aligned_launch() -> None:
 def test_the_batched_default_tile_reads_the_rebuilt_tile_with_wgmma() -> None:
     """default_config(2..16) compiled as launched: Hopper's wgmma (HGMMA) takes the rebuilt tile, where a 32-row tile
     gets mma.sync (HMMA) and moves each operand register out of shared memory (15 instructions a weight)."""
-    code = ("import json, sys; sys.path.insert(0, 'benchmarks'); import seedlm_sass as s; "
-            "print(json.dumps(s.dot('bytes')))")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    loop = json.loads(run.stdout.strip().splitlines()[-1])
+    loop = compiled("s.dot('bytes')")
     assert loop["mma_in_loop"] == ["HGMMA"] and loop["stack_bytes"] == 0, loop
     assert loop["per_unit"] < 14, loop  # instructions a weight (13.4 on Triton 3.9, 13.0 on 3.6)
