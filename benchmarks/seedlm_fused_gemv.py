@@ -2,6 +2,7 @@
 there, at one model's projection shapes: where a compressed model's decode step gains or loses, kind by kind.
 
     python benchmarks/seedlm_fused_gemv.py --device cuda --model openelm_1_1b --layers 0,13,27
+    python benchmarks/seedlm_fused_gemv.py --device cuda --layers all --tiles m4w4,m8w8   # every layer, fewer tiles
     python benchmarks/seedlm_fused_gemv.py --device cpu --interpret --model openelm_tiny --layers 0   # smoke test
 
 For each chosen layer, its four projections as `raytrain/infer/fused_decode.py` runs them: RMSNorm + QKV, output +
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -40,9 +42,9 @@ def block_projections(block: torch.nn.Module) -> list[tuple[str, torch.nn.Module
             ("down_residual", block.ffn.proj_2, None, False, True)]
 
 
-def projections(model_name: str, layers: list[int]) -> list[dict[str, Any]]:
-    """(layer, kind, rows, cols, variant flags) of the chosen layers of a `conf/model` preset, built on the meta
-    device."""
+def projections(model_name: str, layers: list[int] | None) -> list[dict[str, Any]]:
+    """(layer, kind, rows, cols, variant flags) of the chosen layers (None: all) of a `conf/model` preset, built on
+    the meta device."""
     from omegaconf import OmegaConf
 
     from raytrain.models.registry import build_model, model_config
@@ -50,6 +52,7 @@ def projections(model_name: str, layers: list[int]) -> list[dict[str, Any]]:
     preset = model_config(OmegaConf.load(Path(__file__).resolve().parent.parent / "conf" / "model"
                                          / f"{model_name}.yaml"))
     model = build_model(preset, "meta")
+    layers = range(len(model.layers)) if layers is None else layers
     missing = [i for i in layers if not 0 <= i < len(model.layers)]
     if missing:
         raise ValueError(f"--layers {missing}: {model_name} has layers 0..{len(model.layers) - 1}")
@@ -59,6 +62,17 @@ def projections(model_name: str, layers: list[int]) -> list[dict[str, Any]]:
             out.append({"layer": i, "kind": kind, "rows": linear.out_features, "cols": linear.in_features,
                         "norm": norm is not None, "swiglu": swiglu, "residual": residual})
     return out
+
+
+def parse_tiles(text: str) -> list[tuple[int, int]]:
+    """"m8w4,m4w4" -> [(8, 4), (4, 4)]: the swept tiles as (block_m, num_warps)."""
+    tiles = []
+    for name in filter(None, text.split(",")):
+        match = re.fullmatch(r"m(\d+)w(\d+)", name.strip())
+        if match is None:
+            raise ValueError(f"--tiles {name!r}: expected mROWSwWARPS, e.g. m8w4")
+        tiles.append((int(match[1]), int(match[2])))
+    return tiles
 
 
 def bench_projection(p: dict[str, Any], device: str, dtype: torch.dtype, tiles: list[tuple[int, int]]
@@ -115,7 +129,10 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--interpret", action="store_true", help="CPU: the kernels under Triton's interpreter")
     parser.add_argument("--model", default="openelm_1_1b", help="conf/model preset whose projections are timed")
-    parser.add_argument("--layers", default="0,13,27", help="layer indices (layer-wise scaling: shapes differ)")
+    parser.add_argument("--layers", default="0,13,27",
+                        help="layer indices (layer-wise scaling: shapes differ), or 'all'")
+    parser.add_argument("--tiles", default=",".join(f"m{m}w{w}" for m, w in TILES),
+                        help="swept batch-1 tiles besides the default, mROWSwWARPS comma-separated ('' for none)")
     args = parser.parse_args()
     if args.interpret:
         if args.device != "cpu":
@@ -125,9 +142,13 @@ def main() -> None:
         parser.error("the kernels need --device cuda, or --interpret on CPU")
     started = time.time()
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    tiles = TILES if args.device == "cuda" else TILES[:2]
+    try:
+        tiles = parse_tiles(args.tiles)
+    except ValueError as error:
+        parser.error(str(error))
+    tiles = tiles if args.device == "cuda" else tiles[:2]
     results = []
-    for p in projections(args.model, [int(i) for i in args.layers.split(",")]):
+    for p in projections(args.model, None if args.layers == "all" else [int(i) for i in args.layers.split(",")]):
         results.append(bench_projection(p, args.device, dtype, tiles))
         r = results[-1]
         print(f"[{time.time() - started:.0f}s] layer {r['layer']} {r['kind']} {r['rows']}x{r['cols']}: bf16 "

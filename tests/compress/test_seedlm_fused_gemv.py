@@ -40,3 +40,16 @@ def test_totals_sum_each_kind_over_layers() -> None:
 def test_a_layer_the_model_lacks_is_named() -> None:
     with pytest.raises(ValueError, match=r"--layers \[9\]: openelm_tiny has layers 0\.\."):
         bench.projections("openelm_tiny", [0, 9])
+
+
+def test_all_layers_are_every_layer_in_order() -> None:
+    model = build_model(model_config(OmegaConf.load(REPO / "conf" / "model" / "openelm_tiny.yaml")), "meta")
+    layers = [p["layer"] for p in bench.projections("openelm_tiny", None)]
+    assert layers == [i for i in range(len(model.layers)) for _ in range(4)]
+
+
+def test_tiles_parse_and_a_malformed_one_is_named() -> None:
+    assert bench.parse_tiles("m8w4, m4w2") == [(8, 4), (4, 2)]
+    assert bench.parse_tiles("") == []
+    with pytest.raises(ValueError, match=r"--tiles 'm8': expected mROWSwWARPS"):
+        bench.parse_tiles("m4w4,m8")
