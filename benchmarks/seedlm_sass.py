@@ -107,6 +107,7 @@ def measure(fn: Any, signature: dict[str, str], constexprs: dict[str, Any], num_
     return {"per_unit": round(total / units, 2), "cycles": cycles, "bound": max(cycles, key=cycles.get),
             "bound_per_unit": max(cycles.values()), "loop_instructions": total, "registers": int(regs.group(1)),
             "stack_bytes": int(regs.group(2)), "shared_or_shuffle_in_loop": any(op.startswith(SHARED) for op in loop),
+            "shared_ops_in_loop": sorted(op for op in loop if op.startswith(SHARED)),
             "mma_in_loop": sorted({op.split(".")[0] for op in loop if op.startswith(("HMMA", "HGMMA"))}),
             "top_opcodes": dict(loop.most_common(8))}
 
@@ -138,7 +139,7 @@ def dot(name: str) -> dict[str, Any]:
     signature = {"x_ptr": "*bf16", "y_ptr": "*bf16", **words_signature(name), "steps_per_split": "i32", "batch": "i32",
                  "stride_x": "i32", "stride_y": "i32", "inv_scale": "fp32"}
     constexprs = {**stream_constexprs(name), "BM": cfg.block_m, "NB": cfg.block_n, "BATCH": 16, "EVEN": True,
-                  "SPLIT": 1, "IEEE": False, "PREFETCH": cfg.prefetch}
+                  "SPLIT": 1, "IEEE": False, "PREFETCH": cfg.prefetch, "FRAGMENT": km.fragment_fits(8, cfg)}
     return measure(km._dot_kernel, signature, constexprs, cfg.num_warps,
                    units=cfg.block_m * cfg.block_n * 8 / (32 * cfg.num_warps))
 

@@ -8,6 +8,7 @@ outputs are checked bitwise on GPUs only."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -77,8 +78,9 @@ def test_dense_decode_rounds_to_half_precision_like_the_reference() -> None:
 @pytest.mark.parametrize("bits, lfsr, stream, shape, tile", CASES, ids=IDS)
 def test_fused_matmul_rebuilds_the_weights_bitwise(bits, lfsr, stream, shape, tile) -> None:
     """One-hot rows of x pick single columns of W: exact equality with the reference decoder through the batch-1
-    kernel (first column, last column of the last, padded block) and the tl.dot kernel (16 columns at once); a random
-    x agrees with the float64 product to fp32 rounding."""
+    kernel (first column, last column of the last, padded block) and the tl.dot kernel (16 columns at once), with
+    its tile in row order and, for 8-weight blocks, in the MMA fragment order (16 rows over one warp); a random x
+    agrees with the float64 product to fp32 rounding."""
     ct = random_weight(bits, lfsr, shape)
     dense = ct.dense()
     weight = kernel.SeedLMWeight.from_compressed(ct, DEVICE, stream)
@@ -86,10 +88,13 @@ def test_fused_matmul_rebuilds_the_weights_bitwise(bits, lfsr, stream, shape, ti
     for col in (0, shape[1] - 1):
         assert torch.equal(kernel.seedlm_matmul(eye[col:col + 1], weight, tile)[0].cpu(), dense[:, col])
     dot_tile = KernelConfig(block_m=16, block_n=tile.block_n, split_k=tile.split_k, prefetch=tile.prefetch)
-    picked = kernel.seedlm_matmul(eye[-16:], weight, dot_tile)
-    assert torch.equal(picked.T.cpu(), dense[:, -16:])
+    fragment_tile = dataclasses.replace(dot_tile, block_n=4 * -(-tile.block_n // 4), num_warps=1)
+    assert kernel.fragment_fits(weight.C, fragment_tile) == (weight.C == 8)
+    assert not kernel.fragment_fits(weight.C, dot_tile)
+    for cfg in (dot_tile, fragment_tile):
+        assert torch.equal(kernel.seedlm_matmul(eye[-16:], weight, cfg).T.cpu(), dense[:, -16:])
     g = torch.Generator().manual_seed(2)
-    for batch, cfg in ((1, tile), (3, dot_tile)):
+    for batch, cfg in ((1, tile), (3, dot_tile), (5, fragment_tile)):
         x = torch.randn(batch, shape[1], generator=g)
         y = kernel.seedlm_matmul(x.to(DEVICE), weight, cfg).cpu().double()
         torch.testing.assert_close(y, x.double() @ dense.double().T, rtol=2e-6, atol=2e-6 * y.abs().max().item())

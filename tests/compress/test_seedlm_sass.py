@@ -68,9 +68,12 @@ def test_the_batch_1_loop_stays_in_registers_at_an_aligned_launch() -> None:
         assert loop["per_unit"] < 14, (name, loop)  # instructions a weight (13.2 with the LFSR, 12.0 with bytes)
 
 
-def test_the_batched_default_tile_reads_the_rebuilt_tile_with_wgmma() -> None:
+def test_the_batched_default_tile_reads_the_rebuilt_tile_with_wgmma_from_registers() -> None:
     """default_config(2..16) compiled as launched: Hopper's wgmma (HGMMA) takes the rebuilt tile, where a 32-row tile
-    gets mma.sync (HMMA) and moves each operand register out of shared memory (15 instructions a weight)."""
+    gets mma.sync (HMMA) and moves each operand register out of shared memory (15 instructions a weight). Dealt in
+    the A operand's fragment order, the tile goes to the MMA from registers: no ldmatrix reads it back from shared
+    memory (only x is staged there, as wgmma's B operand must be)."""
     loop = compiled("s.dot('bytes')")
     assert loop["mma_in_loop"] == ["HGMMA"] and loop["stack_bytes"] == 0, loop
     assert loop["per_unit"] < 14, loop  # instructions a weight (13.4 on Triton 3.9, 13.0 on 3.6)
+    assert not any(op.startswith("LDSM") for op in loop["shared_ops_in_loop"]), loop

@@ -73,6 +73,7 @@ class KernelConfig:
     num_stages: int = 1
     split_k: int = 1  # programs per row tile, each over a share of the blocks; > 1 adds partial sums atomically
     prefetch: bool = False  # load the next step's words before rebuilding this step's weights (to hide HBM latency)
+    fragment_order: bool = True  # batch 2..16: rebuild straight into the MMA's A registers where the tile allows
 
 
 def default_config(batch: int, rows: int = 4096, blocks_per_row: int = 512) -> KernelConfig:
@@ -345,42 +346,45 @@ def _one_per_thread(ptr, offsets, mask, EVEN: tl.constexpr):
 
 @triton.jit
 def _load_blocks(words_ptr, exps_ptr, r, j, rows, bpr, ebpr, P: tl.constexpr, EVEN: tl.constexpr):
-    """The (BM, NB) words of rows r, block columns j, and their exponent nibbles (P = 4; else the word again)."""
-    mask = (r < rows)[:, None] & (j < bpr)[None, :]
-    w = _one_per_thread(words_ptr, r[:, None] * bpr + j[None, :], mask, EVEN)  # a masked word is 0: decodes to 0
+    """The words at rows r, block columns j (2-D, broadcast to one tile), and their exponent nibbles (P = 4; else
+    the word again)."""
+    mask = (r < rows) & (j < bpr)
+    w = _one_per_thread(words_ptr, r * bpr + j, mask, EVEN)  # a masked word is 0: decodes to 0
     if P <= 3:
         e = w
     else:
-        byte = _one_per_thread(exps_ptr, r[:, None] * ebpr + (j >> 1)[None, :], mask, False).to(tl.int32)
-        e = (byte >> ((j & 1) * 4)[None, :]) & 15
+        byte = _one_per_thread(exps_ptr, r * ebpr + (j >> 1), mask, False).to(tl.int32)
+        e = (byte >> ((j & 1) * 4)) & 15
     return w, e
 
 
 @triton.jit
-def _first_blocks(words_ptr, exps_ptr, r, start, rows, bpr, ebpr, P: tl.constexpr, EVEN: tl.constexpr,
+def _first_blocks(words_ptr, exps_ptr, r, lane, start, rows, bpr, ebpr, P: tl.constexpr, EVEN: tl.constexpr,
                   NB: tl.constexpr, PREFETCH: tl.constexpr):
-    """The first step's words and exponents, loaded before the loop with PREFETCH (else placeholders). A split past
-    the row's end (split_k > steps) has no step: its unmasked load is moved onto the last tile, in bounds."""
+    """The first step's words and exponents (rows r, block columns start + lane), loaded before the loop with
+    PREFETCH (else placeholders). A split past the row's end (split_k > steps) has no step: its unmasked load is
+    moved onto the last tile, in bounds."""
     if PREFETCH:
         first = tl.minimum(start, bpr - NB) if EVEN else start
-        w, e = _load_blocks(words_ptr, exps_ptr, r, first + tl.arange(0, NB), rows, bpr, ebpr, P, EVEN)
+        w, e = _load_blocks(words_ptr, exps_ptr, r, first + lane, rows, bpr, ebpr, P, EVEN)
     else:
-        w = tl.zeros((r.shape[0], NB), tl.int32)
+        w = tl.zeros_like(r + lane)
         e = w
     return w, e
 
 
 @triton.jit
-def _next_blocks(words_ptr, exps_ptr, r, j, end, w_next, e_next, rows, bpr, ebpr, P: tl.constexpr,
+def _next_blocks(words_ptr, exps_ptr, r, lane, j0, end, w_next, e_next, rows, bpr, ebpr, P: tl.constexpr,
                  EVEN: tl.constexpr, NB: tl.constexpr, PREFETCH: tl.constexpr):
-    """This step's words and exponents, and the ones the next step will use. With PREFETCH the next step's loads
-    are issued now, so that their HBM latency overlaps this step's rebuild (the last step loads its own tile again,
-    which keeps every load in bounds); otherwise this step's are loaded here and waited for."""
+    """This step's words and exponents (rows r, block columns j0 + lane), and the ones the next step will use. With
+    PREFETCH the next step's loads are issued now, so that their HBM latency overlaps this step's rebuild (the last
+    step loads its own tile again, which keeps every load in bounds); otherwise this step's are loaded here and
+    waited for."""
     if PREFETCH:
-        ahead = tl.minimum(j + NB, end - NB + tl.arange(0, NB)) if EVEN else j + NB
+        ahead = tl.minimum(j0 + NB, end - NB) + lane if EVEN else j0 + NB + lane
         w2, e2 = _load_blocks(words_ptr, exps_ptr, r, ahead, rows, bpr, ebpr, P, EVEN)
         return w_next, e_next, w2, e2
-    w, e = _load_blocks(words_ptr, exps_ptr, r, j, rows, bpr, ebpr, P, EVEN)
+    w, e = _load_blocks(words_ptr, exps_ptr, r, j0 + lane, rows, bpr, ebpr, P, EVEN)
     return w, e, w_next, e_next
 
 
@@ -418,8 +422,8 @@ def _row_sums(x_ptr, gain_ptr, words_ptr, exps_ptr, table_ptr, masks, r, start, 
     squares = tl.zeros((NB,), tl.float32)
     for j0 in range(start, end, NB):
         j = j0 + tl.arange(0, NB)
-        w, e, w_next, e_next = _next_blocks(words_ptr, exps_ptr, r, j, end, w_next, e_next, rows, bpr, ebpr, P, EVEN,
-                                            NB, PREFETCH)
+        w, e, w_next, e_next = _next_blocks(words_ptr, exps_ptr, r[:, None], tl.arange(0, NB)[None, :], j0, end,
+                                            w_next, e_next, rows, bpr, ebpr, P, EVEN, NB, PREFETCH)
         s, exp2, off = _block_terms(w, e, table_ptr, masks, C, P, K, STREAM, TAPS, INV)
         blk = tl.zeros((r.shape[0], NB), tl.float32)
         for c in tl.static_range(C):
@@ -454,10 +458,13 @@ def _gemv_kernel(x_ptr, y_ptr, gain_ptr, res_ptr, words_ptr, exps_ptr, table_ptr
     masks = _load_masks(masks_ptr)
     start = tl.program_id(1) * steps_per_split * NB
     end = tl.minimum(start + steps_per_split * NB, bpr)
-    w_next, e_next = _first_blocks(words_ptr, exps_ptr, r, start, rows, bpr, ebpr, P, EVEN, NB, PREFETCH)
+    lane = tl.arange(0, NB)[None, :]
+    w_next, e_next = _first_blocks(words_ptr, exps_ptr, r[:, None], lane, start, rows, bpr, ebpr, P, EVEN, NB,
+                                   PREFETCH)
     if SWIGLU:  # the up half: the same row tiles, `rows` rows further on
         up_words, up_exps = words_ptr + rows * bpr, exps_ptr + rows * ebpr
-        wu_next, eu_next = _first_blocks(up_words, up_exps, r, start, rows, bpr, ebpr, P, EVEN, NB, PREFETCH)
+        wu_next, eu_next = _first_blocks(up_words, up_exps, r[:, None], lane, start, rows, bpr, ebpr, P, EVEN, NB,
+                                         PREFETCH)
     if PDL:  # x and the residual are the previous kernels' outputs; every store comes after this wait
         tl.extra.cuda.gdc_wait()
     y, squares = _row_sums(x_ptr, gain_ptr, words_ptr, exps_ptr, table_ptr, masks, r, start, end, w_next, e_next, rows,
@@ -501,34 +508,79 @@ def _weight_stack(w, s, off, scale, masks, c0: tl.constexpr, STRIDE: tl.constexp
 
 
 @triton.jit
+def _fragment_order(BM: tl.constexpr, NB: tl.constexpr):
+    """Rows (BM*NB, 1) and block columns (BM*NB, 1) of a step's blocks, dealt to threads in the order that puts each
+    block's C = 8 rebuilt weights where an MMA's A operand (m16 x k16 per warp, BM/16 warps along the rows) wants
+    them: lane 4g + q holds rows g and g + 8 and, per 16-column chunk, columns 2q, 2q + 1, 2q + 8, 2q + 9. The flat
+    index e = q + 4g + 32w + BM*2 h + BM*4 jj (lane, warp, then each thread's registers) holds row g + 8h + 16w and
+    block column q + 4jj, whose weights go to k = 32jj + 16c2 + 8c1 + 2q + c0 (`_fragment_tile`)."""
+    e = tl.arange(0, BM * NB)
+    q, g, w = e % 4, e // 4 % 8, e // 32 % (BM // 16)
+    h, jj = e // (2 * BM) % 2, e // (4 * BM)
+    return (g + 8 * h + 16 * w)[:, None], (q + 4 * jj)[:, None]
+
+
+@triton.jit
+def _fragment_tile(wt, BM: tl.constexpr, NB: tl.constexpr):
+    """(BM*NB, 1, 2, 2, 2) weights in `_fragment_order` -> the (BM, NB*8) A tile in k order: the same registers,
+    relabelled, so the MMA takes them without a trip through shared memory."""
+    t = tl.reshape(wt, (NB // 4, 2, BM // 16, 8, 4, 2, 2, 2))  # jj, h, w, g, q, c2, c1, c0
+    return tl.reshape(tl.permute(t, (2, 1, 3, 0, 5, 6, 4, 7)), (BM, NB * 8))  # rows (w, h, g), k (jj, c2, c1, q, c0)
+
+
+@triton.jit
+def _fragment_x(x_ptr, j0, n, batch, stride_x, cols, NB: tl.constexpr, EVEN: tl.constexpr):
+    """x's (NB*8, BATCH) tile in `_fragment_tile`'s k order, read as whole blocks (8 contiguous columns)."""
+    blk, c = tl.arange(0, NB), tl.arange(0, 8)
+    col = (j0 + blk)[:, None, None] * 8 + c[None, :, None]
+    ok = (n < batch)[None, None, :]
+    if not EVEN:
+        ok = ok & (col < cols)
+    t = tl.load(x_ptr + n[None, None, :] * stride_x + col, mask=ok, other=0.0)
+    t = tl.reshape(t, (NB // 4, 4, 2, 2, 2, n.shape[0]))  # jj, q, c2, c1, c0, batch
+    return tl.reshape(tl.permute(t, (0, 2, 3, 1, 4, 5)), (NB * 8, n.shape[0]))
+
+
+@triton.jit
 def _dot_kernel(x_ptr, y_ptr, words_ptr, exps_ptr, table_ptr, masks_ptr, rows, cols, bpr, ebpr, steps_per_split,
                 batch, stride_x, stride_y, inv_scale, C: tl.constexpr, P: tl.constexpr, K: tl.constexpr,
                 STREAM: tl.constexpr, TAPS: tl.constexpr, INV: tl.constexpr, BM: tl.constexpr, NB: tl.constexpr,
                 BATCH: tl.constexpr, EVEN: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
-                PREFETCH: tl.constexpr):
+                PREFETCH: tl.constexpr, FRAGMENT: tl.constexpr):
     """Y = X W^T for 2..16 rows of x: each step's rebuilt (BM, NB * C) tile, rounded to x's dtype, goes through
-    one tl.dot with x's matching columns, fp32 accumulation (what F.linear does with the dense weights)."""
+    one tl.dot with x's matching columns, fp32 accumulation (what F.linear does with the dense weights). With
+    FRAGMENT (C = 8, BM = 16 x warps, NB a multiple of 4) the blocks are dealt in `_fragment_order` and the dot's k
+    is permuted to match, in the tile and in x alike."""
     CP: tl.constexpr = triton.next_power_of_2(C)
     r = tl.program_id(0) * BM + tl.arange(0, BM)
     n = tl.arange(0, BATCH)
     k = tl.arange(0, NB * CP)
+    if FRAGMENT:
+        tile_rows, lane = _fragment_order(BM, NB)
+        tile_rows += tl.program_id(0) * BM
+    else:
+        tile_rows, lane = r[:, None], tl.arange(0, NB)[None, :]
     masks = _load_masks(masks_ptr)
     acc = tl.zeros((BM, BATCH), tl.float32)
     start = tl.program_id(1) * steps_per_split * NB
     end = tl.minimum(start + steps_per_split * NB, bpr)
-    w_next, e_next = _first_blocks(words_ptr, exps_ptr, r, start, rows, bpr, ebpr, P, EVEN, NB, PREFETCH)
+    w_next, e_next = _first_blocks(words_ptr, exps_ptr, tile_rows, lane, start, rows, bpr, ebpr, P, EVEN, NB,
+                                   PREFETCH)
     for j0 in range(start, end, NB):
-        j = j0 + tl.arange(0, NB)
-        w, e, w_next, e_next = _next_blocks(words_ptr, exps_ptr, r, j, end, w_next, e_next, rows, bpr, ebpr, P, EVEN,
-                                            NB, PREFETCH)
+        w, e, w_next, e_next = _next_blocks(words_ptr, exps_ptr, tile_rows, lane, j0, end, w_next, e_next, rows, bpr,
+                                            ebpr, P, EVEN, NB, PREFETCH)
         s, exp2, off = _block_terms(w, e, table_ptr, masks, C, P, K, STREAM, TAPS, INV)
-        col = (j0 + k // CP) * C + k % CP
-        x_ok = (n < batch)[None, :]
-        if CP != C or not EVEN:  # EVEN and C a power of two: no column mask (a compare and an add per element)
-            x_ok = x_ok & ((k % CP < C) & (col < cols))[:, None]
-        xt = tl.load(x_ptr + n[None, :] * stride_x + col[:, None], mask=x_ok, other=0.0)
         wt = _weight_stack(w, s, off, exp2 * inv_scale, masks, 0, 1, CP, C, P, K)
-        wt = tl.reshape(wt, (BM, NB * CP)).to(xt.dtype)
+        if FRAGMENT:
+            xt = _fragment_x(x_ptr, j0, n, batch, stride_x, cols, NB, EVEN)
+            wt = _fragment_tile(wt.to(xt.dtype), BM, NB)
+        else:
+            col = (j0 + k // CP) * C + k % CP
+            x_ok = (n < batch)[None, :]
+            if CP != C or not EVEN:  # EVEN and C a power of two: no column mask (a compare and an add per element)
+                x_ok = x_ok & ((k % CP < C) & (col < cols))[:, None]
+            xt = tl.load(x_ptr + n[None, :] * stride_x + col[:, None], mask=x_ok, other=0.0)
+            wt = tl.reshape(wt, (BM, NB * CP)).to(xt.dtype)
         if IEEE:
             acc = tl.dot(wt, xt, acc, input_precision="ieee")
         else:
@@ -551,7 +603,7 @@ def _dense_kernel(out_ptr, words_ptr, exps_ptr, table_ptr, masks_ptr, rows, cols
     r = tl.program_id(0) * BM + tl.arange(0, BM)
     j = tl.program_id(1) * NB + tl.arange(0, NB)
     masks = _load_masks(masks_ptr)
-    w, e = _load_blocks(words_ptr, exps_ptr, r, j, rows, bpr, ebpr, P, EVEN_M and O_WORDS)
+    w, e = _load_blocks(words_ptr, exps_ptr, r[:, None], j[None, :], rows, bpr, ebpr, P, EVEN_M and O_WORDS)
     s, exp2, off = _block_terms(w, e, table_ptr, masks, C, P, K, STREAM, TAPS, INV)
     scale = exp2 * inv_scale
     row_ok = (r < rows)[:, None]
@@ -609,6 +661,12 @@ def _check_x(x: torch.Tensor, weight: SeedLMWeight) -> None:
         raise ValueError(f"the fused kernel takes fp32, bf16 or fp16 x, not {x.dtype}")
 
 
+def fragment_fits(C: int, cfg: KernelConfig) -> bool:
+    """The batched tile can be dealt in `_fragment_order`: 8-weight blocks, 16 rows a warp, whole groups of 4
+    blocks."""
+    return cfg.fragment_order and C == 8 and cfg.block_m == 16 * cfg.num_warps and cfg.block_n % 4 == 0
+
+
 def _steps(weight: SeedLMWeight, cfg: KernelConfig) -> int:
     """Steps of block_n blocks per program along a row."""
     return triton.cdiv(triton.cdiv(weight.blocks_per_row, cfg.block_n), cfg.split_k)
@@ -657,7 +715,7 @@ def seedlm_matmul(x: torch.Tensor, weight: SeedLMWeight, config: KernelConfig | 
         x, y, *_common_args(weight), weight.rows, weight.cols, weight.blocks_per_row, _exps_row_bytes(weight),
         _steps(weight, cfg), batch, x.stride(0), y.stride(0), weight.inv_scale,
         BATCH=max(16, triton.next_power_of_2(batch)), IEEE=x.dtype == torch.float32,
-        **_common_constexprs(weight, cfg, weight.rows))
+        FRAGMENT=fragment_fits(weight.C, cfg), **_common_constexprs(weight, cfg, weight.rows))
     return y.to(x.dtype)
 
 
