@@ -44,10 +44,11 @@ GPU_SHAPES = "4096x4096,4096x14336,14336x4096"
 CPU_SHAPES = "1024x1024,1024x3584,3584x1024"
 GEMV_TILES = [(4, 4, 1), (8, 4, 1), (4, 8, 1), (8, 8, 1), (4, 2, 1), (8, 2, 1), (1, 4, 1), (4, 4, 4)]
 # 64 rows or more a warp group: Hopper's wgmma takes the rebuilt tile (fewer instructions a weight than mma.sync's
-# operand shuffles at 32 rows; benchmarks/seedlm_sass.py)
+# operand shuffles at 32 rows; benchmarks/seedlm_sass.py); 16 rows a warp: dealt in the MMA's fragment order unless
+# a fifth entry says False (the default tile in row order, for comparison)
 DOT_TILES = [(16, 32, 4, 1), (32, 32, 4, 4), (64, 32, 4, 8), (64, 16, 8, 4), (64, 16, 8, 8), (64, 16, 8, 16),
-             (64, 16, 4, 8), (64, 16, 4, 16), (64, 8, 4, 8), (64, 8, 4, 16), (64, 8, 4, 32), (128, 16, 8, 8),
-             (128, 16, 8, 16), (128, 8, 8, 16)]
+             (64, 16, 4, 8), (64, 16, 4, 8, False), (64, 16, 4, 16), (64, 8, 4, 8), (64, 8, 4, 16), (64, 8, 4, 32),
+             (128, 16, 8, 8), (128, 16, 8, 16), (128, 8, 8, 16)]
 SEARCH_TILES = [(256, 4), (512, 4), (512, 8), (1024, 8)]
 PREFILL_TOKENS = 2048
 
@@ -143,7 +144,7 @@ def sweep(km: Any, weights: list[Any], xs: list[torch.Tensor], tiles: list[Any])
                                   prefetch=prefetch)
         else:
             cfg = km.KernelConfig(block_m=tile[0], block_n=tile[1], num_warps=tile[2], split_k=tile[3],
-                                  prefetch=prefetch)
+                                  prefetch=prefetch, fragment_order=tile[4] if len(tile) > 4 else True)
         entry = {"tile": dataclasses.asdict(cfg)}
         try:
             calls = [lambda w=w, x=x: km.seedlm_matmul(x, w, cfg) for w, x in zip(weights, xs)]
@@ -346,7 +347,8 @@ def table(results: dict[str, Any], batches: list[int]) -> str:
                 t = row["fused_tile"]
                 lines.append(f"{shape} | {b} | {row['bf16_matmul_us']:.1f} | {row['fused_us']:.1f} "
                              f"({row['fused_stream']}, m{t['block_m']} n{t['block_n']} w{t['num_warps']} "
-                             f"k{t['split_k']}{' prefetch' if t.get('prefetch') else ''}) | "
+                             f"k{t['split_k']}{' prefetch' if t.get('prefetch') else ''}"
+                             f"{'' if t.get('fragment_order', True) else ' row order'}) | "
                              f"{row['speedup_vs_bf16']:.2f}x | {row['bandwidth_fraction']:.2f} / "
                              f"{row['bf16_bandwidth_fraction']:.2f}")
             elif "bf16_matmul_us" in row:
