@@ -108,12 +108,12 @@ def test_the_default_tiles_rebuild_the_weights_bitwise() -> None:
     weight, dense = kernel.SeedLMWeight.from_compressed(ct, DEVICE), ct.dense()
     assert kernel.default_config(1, 8192).prefetch and kernel.default_config(1, 8192).block_m == 8
     assert [kernel.default_config(1, rows, 128).block_m for rows in (8184, 2304, 45)] == [4, 4, 4]
-    assert kernel.default_config(1, 2048, 192).num_warps == 8 and kernel.default_config(1, 2048, 191).num_warps == 4
+    assert kernel.default_config(1, 2048, 129).num_warps == 8 and kernel.default_config(1, 2048, 128).num_warps == 4
     batched = kernel.default_config(16, weight.rows, weight.blocks_per_row)
     assert (batched.block_m, batched.block_n, batched.split_k, batched.prefetch) == (64, 16, 5, True)
     eye = torch.eye(dense.shape[1], device=DEVICE)
     for col in (0, dense.shape[1] - 1):
-        for tile in (None, kernel.default_config(1, 8192), kernel.default_config(1, 2048, 192)):
+        for tile in (None, kernel.default_config(1, 8192), kernel.default_config(1, 2048, 129)):
             assert torch.equal(kernel.seedlm_matmul(eye[col:col + 1], weight, tile)[0].cpu(), dense[:, col])
     assert torch.equal(kernel.seedlm_matmul(eye[-16:], weight).T.cpu(), dense[:, -16:])
 

@@ -30,8 +30,10 @@ rebuild, so that their latency overlaps it (the tile sweep of `benchmarks/seedlm
 sm_90a as launched (Triton 3.6 and 3.9, `benchmarks/seedlm_sass.py` on CPU), the batch-1 main loop at block_m=8 is ~13.1
 instructions per weight with the LFSR stream, ~11.8 with the byte tables and ~11.4 with the m-sequence table, with no
 shared memory, barriers or spills. Batch 1 accumulates with FFMA and reduces the row at the end; batch 2..16 rebuilds a
-step's (rows, blocks x C) tile with each block's C weights joined in one thread (`_weight_stack`), so the tile reaches
-shared memory in 16-byte stores, not one 2-byte store a weight, and feeds it to one `tl.dot` (tensor cores in bf16).
+step's (rows, blocks x C) tile with each block's C weights joined in one thread (`_weight_stack`) and feeds it to one
+`tl.dot` (tensor cores in bf16). With 8-weight blocks and 16 rows a warp the blocks are dealt to threads in the MMA's
+A-operand fragment order and the dot's k is permuted to match (`_fragment_order`), so the rebuilt registers are the
+operand and only x goes through shared memory; other tiles reach shared memory in 16-byte stores.
 `seedlm_dense` rebuilds W (bitwise `seedlm.decode`, then rounded to the requested dtype) with 8-byte stores for prefill.
 Under TRITON_INTERPRET=1 the kernels run on CPU tensors (slowly), which is how CPU tests check them.
 
@@ -80,14 +82,16 @@ def default_config(batch: int, rows: int = 4096, blocks_per_row: int = 512) -> K
     """Tiles for 1 and 2..16 rows of x of a (rows, blocks_per_row) weight, from the GPU sweeps of
     `benchmarks/seedlm_kernel.py` and `benchmarks/seedlm_fused_gemv.py`. Batch 1, with prefetch: 8 rows (H200,
     2026-12-05) from 8,192 rows up, else 4 (H100 on openelm_1_1b's shapes, 2026-12-05 17:01: 4 rows faster at
-    1,536-5,632 rows, within 2% of 8 at 14,336); up to 2,048 rows of 1,536 columns or more, 8 rows over 8 warps
-    (H100, the fused step's variants, 17:18: 1.2-1.4x the 4-row tile on the output and down projections). Batch
+    1,536-5,632 rows, within 2% of 8 at 14,336); up to 2,048 rows of more than 128 blocks (one 4-warp step), 8
+    rows over 8 warps (H100, the fused step's variants, 17:18: 1.2-1.4x the 4-row tile on the output and down
+    projections; H200, 2026-12-06, every layer of openelm_1_1b: a step costs about 3 us at these shapes, and
+    2,048 x 1,280 weights took 6.1 us in two 4-warp steps, 2,048 x 1,536 ones 3.9 in one 8-warp step). Batch
     2..16 (H100, 2026-12-05 22:06): 64 rows by 16 blocks over one warp group, prefetch, each row split over up to
     8 programs (atomic fp32 sums). 64 rows let Hopper's wgmma take the rebuilt tile; at 32 rows mma.sync needed its
     operands shuffled out of shared memory (15.2 against 13.0 instructions a weight): 6-12% less time than 32 rows
     by 32 blocks on the three large shapes (README)."""
     if batch == 1:
-        if rows <= 2048 and blocks_per_row >= 192:  # few rows, long ones: 8 warps along the row, 8 rows a thread
+        if rows <= 2048 and blocks_per_row > 128:  # few rows, long ones: 8 warps along the row, 8 rows a thread
             return KernelConfig(block_m=8, block_n=256, num_warps=8, prefetch=True)
         return KernelConfig(block_m=8 if triton.cdiv(rows, 8) >= GEMV_PROGRAMS else 4, prefetch=True)
     return KernelConfig(block_m=64, block_n=16, num_warps=4, split_k=max(1, min(8, triton.cdiv(blocks_per_row, 16))),
