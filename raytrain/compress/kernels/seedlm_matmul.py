@@ -558,7 +558,6 @@ def _dot_kernel(x_ptr, y_ptr, words_ptr, exps_ptr, table_ptr, masks_ptr, rows, c
     CP: tl.constexpr = triton.next_power_of_2(C)
     r = tl.program_id(0) * BM + tl.arange(0, BM)
     n = tl.arange(0, BATCH)
-    k = tl.arange(0, NB * CP)
     if FRAGMENT:
         tile_rows, lane = _fragment_order(BM, NB)
         tile_rows += tl.program_id(0) * BM
@@ -579,6 +578,7 @@ def _dot_kernel(x_ptr, y_ptr, words_ptr, exps_ptr, table_ptr, masks_ptr, rows, c
             xt = _fragment_x(x_ptr, j0, n, batch, stride_x, cols, NB, EVEN)
             wt = _fragment_tile(wt.to(xt.dtype), BM, NB)
         else:
+            k = tl.arange(0, NB * CP)
             col = (j0 + k // CP) * C + k % CP
             x_ok = (n < batch)[None, :]
             if CP != C or not EVEN:  # EVEN and C a power of two: no column mask (a compare and an add per element)
