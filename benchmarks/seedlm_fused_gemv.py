@@ -146,9 +146,12 @@ def main() -> None:
         tiles = parse_tiles(args.tiles)
     except ValueError as error:
         parser.error(str(error))
+    if args.layers != "all" and not re.fullmatch(r"\d+(,\d+)*", args.layers):
+        parser.error(f"--layers {args.layers!r}: expected indices like 0,13,27 or 'all'")
+    layers = None if args.layers == "all" else [int(i) for i in args.layers.split(",")]
     tiles = tiles if args.device == "cuda" else tiles[:2]
     results = []
-    for p in projections(args.model, None if args.layers == "all" else [int(i) for i in args.layers.split(",")]):
+    for p in projections(args.model, layers):
         results.append(bench_projection(p, args.device, dtype, tiles))
         r = results[-1]
         print(f"[{time.time() - started:.0f}s] layer {r['layer']} {r['kind']} {r['rows']}x{r['cols']}: bf16 "
