@@ -104,10 +104,10 @@ def measure(fn: Any, signature: dict[str, str], constexprs: dict[str, Any], num_
     regs = re.search(r"REG:(\d+) STACK:(\d+)", usage)
     total = sum(loop.values())
     cycles = pipe_cycles(loop, units)
+    shared = sorted(op for op in loop if op.startswith(SHARED))
     return {"per_unit": round(total / units, 2), "cycles": cycles, "bound": max(cycles, key=cycles.get),
             "bound_per_unit": max(cycles.values()), "loop_instructions": total, "registers": int(regs.group(1)),
-            "stack_bytes": int(regs.group(2)), "shared_or_shuffle_in_loop": any(op.startswith(SHARED) for op in loop),
-            "shared_ops_in_loop": sorted(op for op in loop if op.startswith(SHARED)),
+            "stack_bytes": int(regs.group(2)), "shared_or_shuffle_in_loop": bool(shared), "shared_ops_in_loop": shared,
             "mma_in_loop": sorted({op.split(".")[0] for op in loop if op.startswith(("HMMA", "HGMMA"))}),
             "top_opcodes": dict(loop.most_common(8))}
 
