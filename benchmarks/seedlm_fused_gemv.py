@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-TILES = [(1, 4), (2, 4), (4, 4), (8, 4), (2, 2), (4, 2), (8, 2), (4, 8), (8, 8)]  # (block_m, warps), prefetch on
+TILES = ["m1w4", "m2w4", "m4w4", "m8w4", "m2w2", "m4w2", "m8w2", "m4w8", "m8w8"]  # prefetch on
 EPS = 1e-5
 
 
@@ -64,18 +64,24 @@ def projections(model_name: str, layers: list[int] | None) -> list[dict[str, Any
     return out
 
 
-def parse_tiles(text: str) -> list[tuple[int, int]]:
-    """"m8w4,m4w4" -> [(8, 4), (4, 4)]: the swept tiles as (block_m, num_warps)."""
+def parse_tiles(text: str) -> list[tuple[int, int, int | None]]:
+    """"m8w4,m4w4r64" -> [(8, 4, None), (4, 4, 64)]: the swept tiles as (block_m, num_warps, register cap)."""
     tiles = []
     for name in filter(None, text.split(",")):
-        match = re.fullmatch(r"m(\d+)w(\d+)", name.strip())
+        match = re.fullmatch(r"m(\d+)w(\d+)(?:r(\d+))?", name.strip())
         if match is None:
-            raise ValueError(f"--tiles {name!r}: expected mROWSwWARPS, e.g. m8w4")
-        tiles.append((int(match[1]), int(match[2])))
+            raise ValueError(f"--tiles {name!r}: expected mROWSwWARPS or mROWSwWARPSrREGISTERS, e.g. m8w4, m4w4r64")
+        tiles.append((int(match[1]), int(match[2]), int(match[3]) if match[3] else None))
     return tiles
 
 
-def bench_projection(p: dict[str, Any], device: str, dtype: torch.dtype, tiles: list[tuple[int, int]]
+def tile_name(config: Any) -> str:
+    """A batch-1 KernelConfig as --tiles names it."""
+    cap = f"r{config.max_registers}" if config.max_registers else ""
+    return f"m{config.block_m}w{config.num_warps}{cap}"
+
+
+def bench_projection(p: dict[str, Any], device: str, dtype: torch.dtype, tiles: list[tuple[int, int, int | None]]
                      ) -> dict[str, Any]:
     from benchmarks.seedlm_kernel import copies_for, random_weight, timed, weight_copies
     from raytrain.compress import seedlm
@@ -103,14 +109,14 @@ def bench_projection(p: dict[str, Any], device: str, dtype: torch.dtype, tiles: 
     def seedlm_us(config: Any) -> float:
         return 1e6 * timed([lambda w=w: km.seedlm_gemv(x, w, config=config, **kwargs) for w in weights])
 
-    default = km.default_config(1, n, weight.blocks_per_row)
-    configs = {f"m{m}w{w}": km.KernelConfig(block_m=m, block_n=32 * w, num_warps=w, prefetch=True) for m, w in tiles}
-    configs[f"m{default.block_m}w{default.num_warps}"] = default  # the same tile as a swept one, when it is one
+    default = km.default_config(1, n, weight.blocks_per_row, weight.stream)
+    configs = [km.KernelConfig(block_m=m, block_n=32 * w, num_warps=w, prefetch=True, max_registers=r)
+               for m, w, r in tiles]
+    configs = {tile_name(config): config for config in configs + [default]}  # the default may be a swept one
     swept = {name: seedlm_us(config) for name, config in configs.items()}
     best = min(swept, key=swept.get)
     result = {**p, "error_vs_bf16": error, "bf16_us": 1e6 * timed([lambda d=d: gemv(x, d, **kwargs) for d in denses]),
-              "seedlm_default_tile": f"m{default.block_m}w{default.num_warps}",
-              "seedlm_default_us": swept[f"m{default.block_m}w{default.num_warps}"],
+              "seedlm_default_tile": tile_name(default), "seedlm_default_us": swept[tile_name(default)],
               "seedlm_best_tile": best, "seedlm_best_us": swept[best], "seedlm_tiles_us": swept}
     result["default_speedup"] = result["bf16_us"] / result["seedlm_default_us"]
     result["best_speedup"] = result["bf16_us"] / result["seedlm_best_us"]
@@ -131,8 +137,9 @@ def main() -> None:
     parser.add_argument("--model", default="openelm_1_1b", help="conf/model preset whose projections are timed")
     parser.add_argument("--layers", default="0,13,27",
                         help="layer indices (layer-wise scaling: shapes differ), or 'all'")
-    parser.add_argument("--tiles", default=",".join(f"m{m}w{w}" for m, w in TILES),
-                        help="swept batch-1 tiles besides the default, mROWSwWARPS comma-separated ('' for none)")
+    parser.add_argument("--tiles", default=",".join(TILES),
+                        help="swept batch-1 tiles besides the default, mROWSwWARPS comma-separated ('' for none), "
+                             "rREGISTERS appended caps the registers a thread (e.g. m4w4r64)")
     args = parser.parse_args()
     if args.interpret:
         if args.device != "cpu":

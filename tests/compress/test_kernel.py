@@ -101,19 +101,23 @@ def test_fused_matmul_rebuilds_the_weights_bitwise(bits, lfsr, stream, shape, ti
 
 
 def test_the_default_tiles_rebuild_the_weights_bitwise() -> None:
-    """default_config(1) (prefetch; 8 rows from 8,192 rows up, else 4; 8 rows by 8 warps for short, long weights)
-    and default_config(16) (64 rows by 16 blocks, prefetch, each row split over 5 programs here) on a weight whose
-    rows and blocks fill no whole tile."""
+    """default_config(1) (prefetch; 8 rows from 8,192 rows up, from 4,096 with the byte tables, else 4; 8 warps along
+    short, long weights: 8 rows up to 2,048 rows, 4 above) and default_config(16) (64 rows by 16 blocks, prefetch,
+    each row split over 5 programs here) on a weight whose rows and blocks fill no whole tile."""
     ct = random_weight(4, {}, (45, 8 * 80 - 3), seed=3)
     weight, dense = kernel.SeedLMWeight.from_compressed(ct, DEVICE), ct.dense()
     assert kernel.default_config(1, 8192).prefetch and kernel.default_config(1, 8192).block_m == 8
     assert [kernel.default_config(1, rows, 128).block_m for rows in (8184, 2304, 45)] == [4, 4, 4]
+    assert [kernel.default_config(1, rows, 128, "bytes").block_m for rows in (4096, 4088)] == [8, 4]
     assert kernel.default_config(1, 2048, 129).num_warps == 8 and kernel.default_config(1, 2048, 128).num_warps == 4
+    wide = [kernel.default_config(1, rows, 256) for rows in (2048, 3328, 3584)]
+    assert [(c.block_m, c.num_warps) for c in wide] == [(8, 8), (4, 8), (4, 4)]
     batched = kernel.default_config(16, weight.rows, weight.blocks_per_row)
     assert (batched.block_m, batched.block_n, batched.split_k, batched.prefetch) == (64, 16, 5, True)
     eye = torch.eye(dense.shape[1], device=DEVICE)
+    capped = kernel.KernelConfig(block_m=4, prefetch=True, max_registers=64)  # a launch option: the same sums
     for col in (0, dense.shape[1] - 1):
-        for tile in (None, kernel.default_config(1, 8192), kernel.default_config(1, 2048, 129)):
+        for tile in (None, kernel.default_config(1, 8192), *wide[:2], capped):
             assert torch.equal(kernel.seedlm_matmul(eye[col:col + 1], weight, tile)[0].cpu(), dense[:, col])
     assert torch.equal(kernel.seedlm_matmul(eye[-16:], weight).T.cpu(), dense[:, -16:])
 

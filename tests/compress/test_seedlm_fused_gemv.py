@@ -9,6 +9,7 @@ import pytest
 
 from omegaconf import OmegaConf
 
+from raytrain.compress.kernels.seedlm_matmul import KernelConfig
 from raytrain.models.registry import build_model, model_config
 from tests.conftest import REPO
 
@@ -49,7 +50,10 @@ def test_all_layers_are_every_layer_in_order() -> None:
 
 
 def test_tiles_parse_and_a_malformed_one_is_named() -> None:
-    assert bench.parse_tiles("m8w4, m4w2") == [(8, 4), (4, 2)]
+    assert bench.parse_tiles("m8w4, m4w2r64") == [(8, 4, None), (4, 2, 64)]
     assert bench.parse_tiles("") == []
-    with pytest.raises(ValueError, match=r"--tiles 'm8': expected mROWSwWARPS"):
-        bench.parse_tiles("m4w4,m8")
+    assert [bench.tile_name(c) for c in (KernelConfig(4, 128, 4), KernelConfig(8, 256, 8, max_registers=96))] == [
+        "m4w4", "m8w8r96"]
+    for bad in ("m8", "m4w4r"):
+        with pytest.raises(ValueError, match=rf"--tiles '{bad}': expected mROWSwWARPS"):
+            bench.parse_tiles(f"m4w4,{bad}")

@@ -62,6 +62,8 @@ from raytrain.infer.gemv_kernel import fused_outputs
 
 MAX_BATCH = 16
 GEMV_PROGRAMS = 1024  # batch-1 programs (about 8 an SM on 132 SMs) below which 4-row tiles beat 8-row ones
+BYTES_GEMV_PROGRAMS = 512  # the same with the byte tables, whose 4-row tile fits only 7 programs an SM
+WIDE_ROWS = 3328  # batch-1 rows up to which 8 warps along a row of more than 128 blocks beat 4 (H200, 2026-12-06)
 STREAMS = ("lfsr", "table", "bytes")
 BYTES_FROM_WEIGHTS = 1 << 24  # weights from which `default_stream` gathers ("bytes") rather than computes the bits
 TABLE_BITS = 49  # a table entry shifted by up to 15 leaves stream bits 0..48 of the block
@@ -76,24 +78,31 @@ class KernelConfig:
     split_k: int = 1  # programs per row tile, each over a share of the blocks; > 1 adds partial sums atomically
     prefetch: bool = False  # load the next step's words before rebuilding this step's weights (to hide HBM latency)
     fragment_order: bool = True  # batch 2..16: rebuild straight into the MMA's A registers where the tile allows
+    max_registers: int | None = None  # ptxas register cap per thread (None: the compiler's choice)
 
 
-def default_config(batch: int, rows: int = 4096, blocks_per_row: int = 512) -> KernelConfig:
+def default_config(batch: int, rows: int = 4096, blocks_per_row: int = 512, stream: str = "lfsr") -> KernelConfig:
     """Tiles for 1 and 2..16 rows of x of a (rows, blocks_per_row) weight, from the GPU sweeps of
     `benchmarks/seedlm_kernel.py` and `benchmarks/seedlm_fused_gemv.py`. Batch 1, with prefetch: 8 rows (H200,
     2026-12-05) from 8,192 rows up, else 4 (H100 on openelm_1_1b's shapes, 2026-12-05 17:01: 4 rows faster at
     1,536-5,632 rows, within 2% of 8 at 14,336); up to 2,048 rows of more than 128 blocks (one 4-warp step), 8
     rows over 8 warps (H100, the fused step's variants, 17:18: 1.2-1.4x the 4-row tile on the output and down
     projections; H200, 2026-12-06, every layer of openelm_1_1b: a step costs about 3 us at these shapes, and
-    2,048 x 1,280 weights took 6.1 us in two 4-warp steps, 2,048 x 1,536 ones 3.9 in one 8-warp step). Batch
-    2..16 (H100, 2026-12-05 22:06): 64 rows by 16 blocks over one warp group, prefetch, each row split over up to
-    8 programs (atomic fp32 sums). 64 rows let Hopper's wgmma take the rebuilt tile; at 32 rows mma.sync needed its
-    operands shuffled out of shared memory (15.2 against 13.0 instructions a weight): 6-12% less time than 32 rows
-    by 32 blocks on the three large shapes (README)."""
+    2,048 x 1,280 weights took 6.1 us in two 4-warp steps, 2,048 x 1,536 ones 3.9 in one 8-warp step), and 4 rows
+    over 8 warps up to WIDE_ROWS (H200, 03:55, the same sweep: QKV at 2,304-3,072 rows 4.8-5.6 us against 7.0 at
+    4 rows over 4 warps, gate/up at 2,304-3,328 outputs 8.8-12.0 against 11.8-12.3; from 3,584 up 4 warps won).
+    With the byte tables 8 rows from 4,096 rows: their 4-row tile takes 72 registers, 7 programs an SM, so 1,024
+    programs leave a second wave of 100 on 132 SMs (Nsight Compute, H200, 2026-12-06), while LFSR's takes 64 and
+    fits (H100, 04:16: at 4,096 x 4,096 and 4,096 x 14,336, bytes 8 rows 12.5 / 36.5 us against 4 rows 13.3 /
+    40.8, LFSR 4 rows 12.7 against 8 rows 13.1). Batch 2..16 (H100, 2026-12-05 22:06): 64 rows by 16 blocks over
+    one warp group, prefetch, each row split over up to 8 programs (atomic fp32 sums). 64 rows let Hopper's wgmma
+    take the rebuilt tile; at 32 rows mma.sync needed its operands shuffled out of shared memory (15.2 against 13.0
+    instructions a weight): 6-12% less time than 32 rows by 32 blocks on the three large shapes (README)."""
     if batch == 1:
-        if rows <= 2048 and blocks_per_row > 128:  # few rows, long ones: 8 warps along the row, 8 rows a thread
-            return KernelConfig(block_m=8, block_n=256, num_warps=8, prefetch=True)
-        return KernelConfig(block_m=8 if triton.cdiv(rows, 8) >= GEMV_PROGRAMS else 4, prefetch=True)
+        if rows <= WIDE_ROWS and blocks_per_row > 128:  # few rows, long ones: 8 warps along the row
+            return KernelConfig(block_m=8 if rows <= 2048 else 4, block_n=256, num_warps=8, prefetch=True)
+        programs = BYTES_GEMV_PROGRAMS if stream == "bytes" else GEMV_PROGRAMS
+        return KernelConfig(block_m=8 if triton.cdiv(rows, 8) >= programs else 4, prefetch=True)
     return KernelConfig(block_m=64, block_n=16, num_warps=4, split_k=max(1, min(8, triton.cdiv(blocks_per_row, 16))),
                         prefetch=True)
 
@@ -678,8 +687,10 @@ def _steps(weight: SeedLMWeight, cfg: KernelConfig) -> int:
 
 def _common_constexprs(weight: SeedLMWeight, cfg: KernelConfig, rows: int) -> dict:
     even = rows % cfg.block_m == 0 and _even_k(weight, cfg.block_n)
+    launch = {"maxnreg": cfg.max_registers} if cfg.max_registers else {}
     return dict(C=weight.C, P=weight.P, **weight.stream_args, BM=cfg.block_m, NB=cfg.block_n, EVEN=even,
-                SPLIT=cfg.split_k, PREFETCH=cfg.prefetch, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                SPLIT=cfg.split_k, PREFETCH=cfg.prefetch, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                **launch)
 
 
 def _output(x: torch.Tensor, rows: int, cfg: KernelConfig) -> torch.Tensor:
@@ -710,7 +721,7 @@ def seedlm_matmul(x: torch.Tensor, weight: SeedLMWeight, config: KernelConfig | 
     """x (batch, cols) with batch <= 16 -> y (batch, rows) = x @ W^T in x's dtype (fp32 accumulation)."""
     _check_x(x, weight)
     batch = x.shape[0]
-    cfg = config or default_config(batch, weight.rows, weight.blocks_per_row)
+    cfg = config or default_config(batch, weight.rows, weight.blocks_per_row, weight.stream)
     x = x.contiguous()
     if batch == 1:
         return _gemv(x, weight, cfg)
@@ -738,7 +749,7 @@ def seedlm_gemv(x: torch.Tensor, weight: SeedLMWeight, norm: torch.Tensor | None
     row = x.reshape(1, cols)
     _check_x(row, weight)
     n = fused_outputs(weight.rows, swiglu, "seedlm_gemv")
-    cfg = config or default_config(1, n, weight.blocks_per_row)
+    cfg = config or default_config(1, n, weight.blocks_per_row, weight.stream)
     if cfg.split_k > 1 and (norm is not None or swiglu or residual is not None):
         raise ValueError(f"seedlm_gemv's norm, swiglu and residual need the whole row in one program; got "
                          f"split_k={cfg.split_k}")
