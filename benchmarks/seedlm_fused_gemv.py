@@ -3,6 +3,7 @@ there, at one model's projection shapes: where a compressed model's decode step 
 
     python benchmarks/seedlm_fused_gemv.py --device cuda --model openelm_1_1b --layers 0,13,27
     python benchmarks/seedlm_fused_gemv.py --device cuda --layers all --tiles m4w4,m8w8   # every layer, fewer tiles
+    python benchmarks/seedlm_fused_gemv.py --device cuda --layers all --tiles m4w4,m4w4r64  # r: a register cap
     python benchmarks/seedlm_fused_gemv.py --device cpu --interpret --model openelm_tiny --layers 0   # smoke test
 
 For each chosen layer, its four projections as `raytrain/infer/fused_decode.py` runs them: RMSNorm + QKV, output +
