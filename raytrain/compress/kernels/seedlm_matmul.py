@@ -93,11 +93,12 @@ def default_config(batch: int, rows: int = 4096, blocks_per_row: int = 512, stre
     4 rows over 4 warps, gate/up at 2,304-3,328 outputs 8.8-12.0 against 11.8-12.3; from 3,584 up 4 warps won).
     With the byte tables 8 rows from 4,096 rows: their 4-row tile takes 72 registers, 7 programs an SM, so 1,024
     programs leave a second wave of 100 on 132 SMs (Nsight Compute, H200, 2026-12-06), while LFSR's takes 64 and
-    fits (H100, 04:16: at 4,096 x 4,096 and 4,096 x 14,336, bytes 8 rows 12.5 / 36.5 us against 4 rows 13.3 /
-    40.8, LFSR 4 rows 12.7 against 8 rows 13.1). Batch 2..16 (H100, 2026-12-05 22:06): 64 rows by 16 blocks over
-    one warp group, prefetch, each row split over up to 8 programs (atomic fp32 sums). 64 rows let Hopper's wgmma
-    take the rebuilt tile; at 32 rows mma.sync needed its operands shuffled out of shared memory (15.2 against 13.0
-    instructions a weight): 6-12% less time than 32 rows by 32 blocks on the three large shapes (README)."""
+    fits (H100, 04:16-04:23: at 4,096 x 4,096 and 4,096 x 14,336, bytes 8 rows 12.5 / 36.4 us against 4 rows 13.3
+    / 40.6; LFSR at 4,096 x 4,096 4 rows 12.7 against 8 rows 13.1). Batch 2..16 (H100, 2026-12-05 22:06): 64 rows
+    by 16 blocks over one warp group, prefetch, each row split over up to 8 programs (atomic fp32 sums). 64 rows let
+    Hopper's wgmma take the rebuilt tile; at 32 rows mma.sync needed its operands shuffled out of shared memory (15.2
+    against 13.0 instructions a weight): 6-12% less time than 32 rows by 32 blocks on the three large shapes
+    (README)."""
     if batch == 1:
         if rows <= WIDE_ROWS and blocks_per_row > 128:  # few rows, long ones: 8 warps along the row
             return KernelConfig(block_m=8 if rows <= 2048 else 4, block_n=256, num_warps=8, prefetch=True)
