@@ -103,7 +103,7 @@ def test_fused_matmul_rebuilds_the_weights_bitwise(bits, lfsr, stream, shape, ti
 def test_the_default_tiles_rebuild_the_weights_bitwise() -> None:
     """default_config(1) (prefetch; 8 rows from 8,192 rows up, from 4,096 with the byte tables, else 4; 8 warps along
     short, long weights: 8 rows up to 2,048 rows, 4 above) and default_config(16) (64 rows by 16 blocks, prefetch,
-    each row split over 5 programs here) on a weight whose rows and blocks fill no whole tile."""
+    each row split over 5 programs here, 16 above 1,024 blocks) on a weight whose rows and blocks fill no whole tile."""
     ct = random_weight(4, {}, (45, 8 * 80 - 3), seed=3)
     weight, dense = kernel.SeedLMWeight.from_compressed(ct, DEVICE), ct.dense()
     assert kernel.default_config(1, 8192).prefetch and kernel.default_config(1, 8192).block_m == 8
@@ -114,6 +114,7 @@ def test_the_default_tiles_rebuild_the_weights_bitwise() -> None:
     assert [(c.block_m, c.num_warps) for c in wide] == [(8, 8), (4, 8), (4, 4)]
     batched = kernel.default_config(16, weight.rows, weight.blocks_per_row)
     assert (batched.block_m, batched.block_n, batched.split_k, batched.prefetch) == (64, 16, 5, True)
+    assert [kernel.default_config(8, 4096, blocks).split_k for blocks in (1024, 1025, 1792)] == [8, 16, 16]
     eye = torch.eye(dense.shape[1], device=DEVICE)
     capped = kernel.KernelConfig(block_m=4, prefetch=True, max_registers=64)  # a launch option: the same sums
     for col in (0, dense.shape[1] - 1):

@@ -64,6 +64,7 @@ MAX_BATCH = 16
 GEMV_PROGRAMS = 1024  # batch-1 programs (about 8 an SM on 132 SMs) below which 4-row tiles beat 8-row ones
 BYTES_GEMV_PROGRAMS = 512  # the same with the byte tables, whose 4-row tile fits only 7 programs an SM
 WIDE_ROWS = 3328  # batch-1 rows up to which 8 warps along a row of more than 128 blocks beat 4 (H200, 2026-12-06)
+LONG_ROW_BLOCKS = 1024  # batch 2..16: blocks a row above which 16 splits beat 8
 STREAMS = ("lfsr", "table", "bytes")
 BYTES_FROM_WEIGHTS = 1 << 24  # weights from which `default_stream` gathers ("bytes") rather than computes the bits
 TABLE_BITS = 49  # a table entry shifted by up to 15 leaves stream bits 0..48 of the block
@@ -98,14 +99,17 @@ def default_config(batch: int, rows: int = 4096, blocks_per_row: int = 512, stre
     by 16 blocks over one warp group, prefetch, each row split over up to 8 programs (atomic fp32 sums). 64 rows let
     Hopper's wgmma take the rebuilt tile; at 32 rows mma.sync needed its operands shuffled out of shared memory (15.2
     against 13.0 instructions a weight): 6-12% less time than 32 rows by 32 blocks on the three large shapes
-    (README)."""
+    (README). Rows of more than LONG_ROW_BLOCKS blocks are split 16 ways (4,096 x 14,336: 45.8 against 47.6 us on an
+    H100, 2026-12-06 04:23; 47.2 against 48.3 and 46.9 against 48.0 on an H200, 03:53 and 02:19; on 512-block rows
+    16 splits lost 4-12%)."""
     if batch == 1:
         if rows <= WIDE_ROWS and blocks_per_row > 128:  # few rows, long ones: 8 warps along the row
             return KernelConfig(block_m=8 if rows <= 2048 else 4, block_n=256, num_warps=8, prefetch=True)
         programs = BYTES_GEMV_PROGRAMS if stream == "bytes" else GEMV_PROGRAMS
         return KernelConfig(block_m=8 if triton.cdiv(rows, 8) >= programs else 4, prefetch=True)
-    return KernelConfig(block_m=64, block_n=16, num_warps=4, split_k=max(1, min(8, triton.cdiv(blocks_per_row, 16))),
-                        prefetch=True)
+    splits = 16 if blocks_per_row > LONG_ROW_BLOCKS else 8
+    return KernelConfig(block_m=64, block_n=16, num_warps=4,
+                        split_k=max(1, min(splits, triton.cdiv(blocks_per_row, 16))), prefetch=True)
 
 
 @dataclass
