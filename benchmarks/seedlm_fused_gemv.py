@@ -111,9 +111,9 @@ def bench_projection(p: dict[str, Any], device: str, dtype: torch.dtype, tiles: 
         return 1e6 * timed([lambda w=w: km.seedlm_gemv(x, w, config=config, **kwargs) for w in weights])
 
     default = km.default_config(1, n, weight.blocks_per_row, weight.stream)
-    configs = [km.KernelConfig(block_m=m, block_n=32 * w, num_warps=w, prefetch=True, max_registers=r)
-               for m, w, r in tiles]
-    configs = {tile_name(config): config for config in configs + [default]}  # the default may be a swept one
+    swept_tiles = [km.KernelConfig(block_m=m, block_n=32 * w, num_warps=w, prefetch=True, max_registers=r)
+                   for m, w, r in tiles]
+    configs = {tile_name(config): config for config in swept_tiles + [default]}  # the default may be a swept one
     swept = {name: seedlm_us(config) for name, config in configs.items()}
     best = min(swept, key=swept.get)
     result = {**p, "error_vs_bf16": error, "bf16_us": 1e6 * timed([lambda d=d: gemv(x, d, **kwargs) for d in denses]),
