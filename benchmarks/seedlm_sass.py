@@ -50,6 +50,7 @@ CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuob
 WORDS = {"words_ptr": "*i32", "exps_ptr": "*u8", "masks_ptr": "*i32", "rows": "i32", "cols": "i32", "bpr": "i32",
          "ebpr": "i32"}
 # A launch specialises 16-byte aligned pointers and integers divisible by 16; these are at the budget's shape
+SPLIT_SUMS = {"partial_ptr": "*fp32", "counts_ptr": "*i32"}
 ALIGNED_INTS = ("rows", "cols", "bpr", "stride_x", "stride_y")
 ISSUE_BUDGET = 32 * 132 * 4 * 1.98e9 * 2 / 4.3e12  # thread-instructions per weight while bf16's 2 bytes stream in
 SHARED = ("STS", "LDS", "LDSM", "STSM", "BAR", "SHFL")
@@ -125,8 +126,8 @@ def words_signature(name: str) -> dict[str, str]:
 def gemv(name: str, block_m: int) -> dict[str, Any]:
     """The batch-1 kernel's loop with the `name` stream, block_m rows a thread, 128 blocks a step (4 warps) and the
     default tile's prefetch."""
-    signature = {"x_ptr": "*bf16", "y_ptr": "*bf16", "gain_ptr": "*bf16", "res_ptr": "*bf16", **words_signature(name),
-                 "steps_per_split": "i32", "inv_scale": "fp32", "eps": "fp32"}
+    signature = {"x_ptr": "*bf16", "y_ptr": "*bf16", **SPLIT_SUMS, "gain_ptr": "*bf16", "res_ptr": "*bf16",
+                 **words_signature(name), "steps_per_split": "i32", "inv_scale": "fp32", "eps": "fp32"}
     constexprs = {**stream_constexprs(name), "XBITS": 16, "BM": block_m, "NB": 128, "EVEN": True, "X_WORDS": True,
                   "SPLIT": 1, "PREFETCH": km.default_config(1).prefetch, "GBITS": 16, "G_WORDS": False,
                   "NORM": False, "SWIGLU": False, "RESIDUAL": False, "PDL": False}
@@ -136,8 +137,8 @@ def gemv(name: str, block_m: int) -> dict[str, Any]:
 def dot(name: str) -> dict[str, Any]:
     """The batch 2..16 kernel's loop with the `name` stream at `default_config(8)`'s tile, bf16 x."""
     cfg = km.default_config(8)
-    signature = {"x_ptr": "*bf16", "y_ptr": "*bf16", **words_signature(name), "steps_per_split": "i32", "batch": "i32",
-                 "stride_x": "i32", "stride_y": "i32", "inv_scale": "fp32"}
+    signature = {"x_ptr": "*bf16", "y_ptr": "*bf16", **SPLIT_SUMS, **words_signature(name), "steps_per_split": "i32",
+                 "batch": "i32", "stride_x": "i32", "stride_y": "i32", "inv_scale": "fp32"}
     constexprs = {**stream_constexprs(name), "BM": cfg.block_m, "NB": cfg.block_n, "BATCH": 16, "EVEN": True,
                   "SPLIT": 1, "IEEE": False, "PREFETCH": cfg.prefetch, "FRAGMENT": km.fragment_fits(8, cfg)}
     return measure(km._dot_kernel, signature, constexprs, cfg.num_warps,

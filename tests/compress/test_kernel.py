@@ -98,6 +98,22 @@ def test_fused_matmul_rebuilds_the_weights_bitwise(bits, lfsr, stream, shape, ti
         x = torch.randn(batch, shape[1], generator=g)
         y = kernel.seedlm_matmul(x.to(DEVICE), weight, cfg).cpu().double()
         torch.testing.assert_close(y, x.double() @ dense.double().T, rtol=2e-6, atol=2e-6 * y.abs().max().item())
+    assert not weight.split_counts.any()  # each split launch's last program reset its row tile's count
+
+
+def test_split_rows_sum_in_order_the_same_every_launch() -> None:
+    """With split_k > 1 the last program of a row tile adds the partial sums in split order: two launches give the
+    same bits (atomic adds need not), equal to one program's sum up to rounding, and leave the counts at 0."""
+    weight = kernel.SeedLMWeight.from_compressed(random_weight(4, {}, (8, 64), seed=4), DEVICE)
+    g = torch.Generator().manual_seed(5)
+    for batch, split in ((1, KernelConfig(block_m=4, block_n=2, split_k=3)),
+                         (3, KernelConfig(block_m=16, block_n=2, split_k=3))):
+        x = torch.randn(batch, 64, generator=g).to(DEVICE)
+        first, second = kernel.seedlm_matmul(x, weight, split), kernel.seedlm_matmul(x, weight, split)
+        assert torch.equal(first, second)
+        whole = kernel.seedlm_matmul(x, weight, dataclasses.replace(split, split_k=1))
+        torch.testing.assert_close(first, whole, rtol=1e-6, atol=1e-6 * whole.abs().max().item())
+        assert not weight.split_counts.any()
 
 
 def test_the_default_tiles_rebuild_the_weights_bitwise() -> None:

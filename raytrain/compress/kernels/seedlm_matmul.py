@@ -34,6 +34,10 @@ step's (rows, blocks x C) tile with each block's C weights joined in one thread 
 `tl.dot` (tensor cores in bf16). With 8-weight blocks and 16 rows a warp the blocks are dealt to threads in the MMA's
 A-operand fragment order and the dot's k is permuted to match (`_fragment_order`), so the rebuilt registers are the
 operand and only x goes through shared memory; other tiles reach shared memory in 16-byte stores.
+With `split_k` > 1 the programs of a row tile each sum a share of the row; the last one to finish adds their fp32
+partial sums in split order and stores y (`_store_sums`), so a split launch is one kernel and its sums are the same
+every run. Its arrival counts live in the weight (`SeedLMWeight.split_counts`): launches on one weight must be ordered
+on one stream, as a model's layers are.
 `seedlm_dense` rebuilds W (bitwise `seedlm.decode`, then rounded to the requested dtype) with 8-byte stores for prefill.
 Under TRITON_INTERPRET=1 the kernels run on CPU tensors (slowly), which is how CPU tests check them.
 
@@ -76,7 +80,7 @@ class KernelConfig:
     block_n: int = 128  # SeedLM blocks per row per step: 32 lanes x num_warps, one block column per thread
     num_warps: int = 4
     num_stages: int = 1
-    split_k: int = 1  # programs per row tile, each over a share of the blocks; > 1 adds partial sums atomically
+    split_k: int = 1  # programs per row tile, each over a share of the blocks; the last to finish adds them up
     prefetch: bool = False  # load the next step's words before rebuilding this step's weights (to hide HBM latency)
     fragment_order: bool = True  # batch 2..16: rebuild straight into the MMA's A registers where the tile allows
     max_registers: int | None = None  # ptxas register cap per thread (None: the compiler's choice)
@@ -96,7 +100,7 @@ def default_config(batch: int, rows: int = 4096, blocks_per_row: int = 512, stre
     programs leave a second wave of 100 on 132 SMs (Nsight Compute, H200, 2026-12-06), while LFSR's takes 64 and
     fits (H100, 04:16-04:23: at 4,096 x 4,096 and 4,096 x 14,336, bytes 8 rows 12.5 / 36.4 us against 4 rows 13.3
     / 40.6; LFSR at 4,096 x 4,096 4 rows 12.7 against 8 rows 13.1). Batch 2..16 (H100, 2026-12-05 22:06): 64 rows
-    by 16 blocks over one warp group, prefetch, each row split over up to 8 programs (atomic fp32 sums). 64 rows let
+    by 16 blocks over one warp group, prefetch, each row split over up to 8 programs (`_store_sums`). 64 rows let
     Hopper's wgmma take the rebuilt tile; at 32 rows mma.sync needed its operands shuffled out of shared memory (15.2
     against 13.0 instructions a weight): 6-12% less time than 32 rows by 32 blocks on the three large shapes
     (README). Rows of more than LONG_ROW_BLOCKS blocks are split 16 ways (4,096 x 14,336: 45.8 against 47.6 us on an
@@ -128,6 +132,7 @@ class SeedLMWeight:
     stream: str
     inv_scale: float  # 2^(7+K) / (2^(K-1) - 1) in fp32: with the kernel's 2^(e-7), 2^K times seedlm.decode's scale
     stream_args: dict[str, int | str]  # the constexprs of the stream: K, STREAM, TAPS, INV
+    split_counts: torch.Tensor  # int32 (rows,): per row tile, split programs done (`_store_sums`); 0 between launches
 
     @classmethod
     def from_compressed(cls, ct: CompressedTensor, device: torch.device | str, stream: str | None = None
@@ -156,7 +161,7 @@ class SeedLMWeight:
                        "INV": sum(1 << k for k in inverse_shifts(cfg.lfsr))}
         return cls(words.to(device), exps.to(device), table.to(device),
                    torch.tensor(masks, dtype=torch.int32, device=device), ct.shape[0], ct.shape[1], cfg.C, cfg.P,
-                   cfg.lfsr, stream, inv, stream_args)
+                   cfg.lfsr, stream, inv, stream_args, torch.zeros(ct.shape[0], dtype=torch.int32, device=device))
 
     @property
     def blocks_per_row(self) -> int:
@@ -458,9 +463,30 @@ def _row_sums(x_ptr, gain_ptr, words_ptr, exps_ptr, table_ptr, masks, r, start, 
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, y_ptr, gain_ptr, res_ptr, words_ptr, exps_ptr, table_ptr, masks_ptr, rows, cols, bpr, ebpr,
-                 steps_per_split, inv_scale, eps, C: tl.constexpr, P: tl.constexpr, K: tl.constexpr,
-                 STREAM: tl.constexpr, TAPS: tl.constexpr, INV: tl.constexpr, XBITS: tl.constexpr,
+def _store_sums(y_ptr, partial_ptr, counts_ptr, acc, y_offsets, tile_offsets, tile_size, mask, SPLIT: tl.constexpr):
+    """acc (fp32 sums) into y in y's dtype. With SPLIT programs a row tile, each stores its partial sums in its own
+    slice of partial_ptr (tile_size elements a split) and counts itself in; the last to arrive adds the slices in
+    split order, stores y and resets the count for the next launch. Unlike atomic adds into a zeroed fp32 y, this
+    needs no fill and no cast kernel around the launch, and gives the same sums every run."""
+    if SPLIT == 1:
+        tl.store(y_ptr + y_offsets, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(partial_ptr + tl.program_id(1) * tile_size + tile_offsets, acc, mask=mask)
+        tl.debug_barrier()  # every thread's stores before the count, which the atomic (acq_rel, gpu) releases
+        count = counts_ptr + tl.program_id(0)
+        if tl.atomic_add(count, 1) == SPLIT - 1:
+            total = tl.load(partial_ptr + tile_offsets, mask=mask, other=0.0, cache_modifier=".cg")
+            for split in tl.static_range(1, SPLIT):  # .cg: from L2, where the other programs' stores are
+                total += tl.load(partial_ptr + split * tile_size + tile_offsets, mask=mask, other=0.0,
+                                 cache_modifier=".cg")
+            tl.store(y_ptr + y_offsets, total.to(y_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(count, 0)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, y_ptr, partial_ptr, counts_ptr, gain_ptr, res_ptr, words_ptr, exps_ptr, table_ptr, masks_ptr,
+                 rows, cols, bpr, ebpr, steps_per_split, inv_scale, eps, C: tl.constexpr, P: tl.constexpr,
+                 K: tl.constexpr, STREAM: tl.constexpr, TAPS: tl.constexpr, INV: tl.constexpr, XBITS: tl.constexpr,
                  GBITS: tl.constexpr, BM: tl.constexpr, NB: tl.constexpr, EVEN: tl.constexpr, X_WORDS: tl.constexpr,
                  G_WORDS: tl.constexpr, SPLIT: tl.constexpr, PREFETCH: tl.constexpr, NORM: tl.constexpr,
                  SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr):
@@ -502,10 +528,7 @@ def _gemv_kernel(x_ptr, y_ptr, gain_ptr, res_ptr, words_ptr, exps_ptr, table_ptr
         y = gate * tl.sigmoid(gate) * up.to(dtype).to(tl.float32)
     if RESIDUAL:
         y = y.to(dtype).to(tl.float32) + tl.load(res_ptr + r, mask=r < rows, other=0.0).to(tl.float32)
-    if SPLIT == 1:
-        tl.store(y_ptr + r, y.to(dtype), mask=r < rows)
-    else:
-        tl.atomic_add(y_ptr + r, y, mask=r < rows)
+    _store_sums(y_ptr, partial_ptr, counts_ptr, y, r, r, rows, r < rows, SPLIT)
 
 
 @triton.jit
@@ -560,10 +583,10 @@ def _fragment_x(x_ptr, j0, n, batch, stride_x, cols, NB: tl.constexpr, EVEN: tl.
 
 
 @triton.jit
-def _dot_kernel(x_ptr, y_ptr, words_ptr, exps_ptr, table_ptr, masks_ptr, rows, cols, bpr, ebpr, steps_per_split,
-                batch, stride_x, stride_y, inv_scale, C: tl.constexpr, P: tl.constexpr, K: tl.constexpr,
-                STREAM: tl.constexpr, TAPS: tl.constexpr, INV: tl.constexpr, BM: tl.constexpr, NB: tl.constexpr,
-                BATCH: tl.constexpr, EVEN: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
+def _dot_kernel(x_ptr, y_ptr, partial_ptr, counts_ptr, words_ptr, exps_ptr, table_ptr, masks_ptr, rows, cols, bpr, ebpr,
+                steps_per_split, batch, stride_x, stride_y, inv_scale, C: tl.constexpr, P: tl.constexpr,
+                K: tl.constexpr, STREAM: tl.constexpr, TAPS: tl.constexpr, INV: tl.constexpr, BM: tl.constexpr,
+                NB: tl.constexpr, BATCH: tl.constexpr, EVEN: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
                 PREFETCH: tl.constexpr, FRAGMENT: tl.constexpr):
     """Y = X W^T for 2..16 rows of x: each step's rebuilt (BM, NB * C) tile, rounded to x's dtype, goes through
     one tl.dot with x's matching columns, fp32 accumulation (what F.linear does with the dense weights). With
@@ -603,12 +626,9 @@ def _dot_kernel(x_ptr, y_ptr, words_ptr, exps_ptr, table_ptr, masks_ptr, rows, c
             acc = tl.dot(wt, xt, acc, input_precision="ieee")
         else:
             acc = tl.dot(wt, xt, acc)
-    ptrs = y_ptr + n[None, :] * stride_y + r[:, None]
     mask = (r < rows)[:, None] & (n < batch)[None, :]
-    if SPLIT == 1:
-        tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.atomic_add(ptrs, acc, mask=mask)
+    _store_sums(y_ptr, partial_ptr, counts_ptr, acc, n[None, :] * stride_y + r[:, None], n[None, :] * rows + r[:, None],
+                batch * rows, mask, SPLIT)
 
 
 @triton.jit
@@ -698,11 +718,13 @@ def _common_constexprs(weight: SeedLMWeight, cfg: KernelConfig, rows: int) -> di
                 **launch)
 
 
-def _output(x: torch.Tensor, rows: int, cfg: KernelConfig) -> torch.Tensor:
-    """y (batch, rows) for the kernels to write: zeroed fp32 when split_k programs add partial sums atomically."""
-    split = cfg.split_k > 1
-    return (torch.zeros if split else torch.empty)(x.shape[0], rows, device=x.device,
-                                                   dtype=torch.float32 if split else x.dtype)
+def _outputs(x: torch.Tensor, weight: SeedLMWeight, rows: int, cfg: KernelConfig) -> tuple[torch.Tensor, ...]:
+    """y (batch, rows) in x's dtype, the split programs' fp32 partial sums (split_k, batch, rows; y itself when
+    split_k is 1) and the weight's arrival counts (`_store_sums`)."""
+    y = torch.empty(x.shape[0], rows, device=x.device, dtype=x.dtype)
+    partial = y if cfg.split_k == 1 else torch.empty(cfg.split_k, x.shape[0], rows, device=x.device,
+                                                     dtype=torch.float32)
+    return y, partial, weight.split_counts
 
 
 def _gemv(x: torch.Tensor, weight: SeedLMWeight, cfg: KernelConfig, norm: torch.Tensor | None = None,
@@ -710,16 +732,16 @@ def _gemv(x: torch.Tensor, weight: SeedLMWeight, cfg: KernelConfig, norm: torch.
           dependent_launch: bool = False) -> torch.Tensor:
     """The batch-1 kernel on a checked, contiguous x (1, cols) -> y (1, rows, or rows / 2 with swiglu)."""
     n = fused_outputs(weight.rows, swiglu, "seedlm_gemv")
-    y = _output(x, n, cfg)
+    y, partial, counts = _outputs(x, weight, n, cfg)
     gain = norm if norm is not None else x
     _gemv_kernel[(triton.cdiv(n, cfg.block_m), cfg.split_k)](
-        x, y, gain, residual if residual is not None else y, *_common_args(weight), n, weight.cols,
+        x, y, partial, counts, gain, residual if residual is not None else y, *_common_args(weight), n, weight.cols,
         weight.blocks_per_row, _exps_row_bytes(weight), _steps(weight, cfg), weight.inv_scale, eps,
         XBITS=8 * x.element_size(), GBITS=8 * gain.element_size(), X_WORDS=_whole_words(weight, x, cfg.block_n),
         G_WORDS=norm is not None and _whole_words(weight, norm, cfg.block_n), NORM=norm is not None, SWIGLU=swiglu,
         RESIDUAL=residual is not None, PDL=dependent_launch, launch_pdl=dependent_launch,
         **_common_constexprs(weight, cfg, n))
-    return y.to(x.dtype)
+    return y
 
 
 def seedlm_matmul(x: torch.Tensor, weight: SeedLMWeight, config: KernelConfig | None = None) -> torch.Tensor:
@@ -730,13 +752,13 @@ def seedlm_matmul(x: torch.Tensor, weight: SeedLMWeight, config: KernelConfig | 
     x = x.contiguous()
     if batch == 1:
         return _gemv(x, weight, cfg)
-    y = _output(x, weight.rows, cfg)
+    y, partial, counts = _outputs(x, weight, weight.rows, cfg)
     _dot_kernel[(triton.cdiv(weight.rows, cfg.block_m), cfg.split_k)](
-        x, y, *_common_args(weight), weight.rows, weight.cols, weight.blocks_per_row, _exps_row_bytes(weight),
-        _steps(weight, cfg), batch, x.stride(0), y.stride(0), weight.inv_scale,
+        x, y, partial, counts, *_common_args(weight), weight.rows, weight.cols, weight.blocks_per_row,
+        _exps_row_bytes(weight), _steps(weight, cfg), batch, x.stride(0), y.stride(0), weight.inv_scale,
         BATCH=max(16, triton.next_power_of_2(batch)), IEEE=x.dtype == torch.float32,
         FRAGMENT=fragment_fits(weight.C, cfg), **_common_constexprs(weight, cfg, weight.rows))
-    return y.to(x.dtype)
+    return y
 
 
 @torch.compiler.disable
