@@ -49,8 +49,8 @@ TARGET = GPUTarget("cuda", 90, 32)
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 WORDS = {"words_ptr": "*i32", "exps_ptr": "*u8", "masks_ptr": "*i32", "rows": "i32", "cols": "i32", "bpr": "i32",
          "ebpr": "i32"}
+SPLIT_SUMS = {"partial_ptr": "*fp32", "counts_ptr": "*i32"}  # the split programs' scratch sums and arrival counts
 # A launch specialises 16-byte aligned pointers and integers divisible by 16; these are at the budget's shape
-SPLIT_SUMS = {"partial_ptr": "*fp32", "counts_ptr": "*i32"}
 ALIGNED_INTS = ("rows", "cols", "bpr", "stride_x", "stride_y")
 ISSUE_BUDGET = 32 * 132 * 4 * 1.98e9 * 2 / 4.3e12  # thread-instructions per weight while bf16's 2 bytes stream in
 SHARED = ("STS", "LDS", "LDSM", "STSM", "BAR", "SHFL")
