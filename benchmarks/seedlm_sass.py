@@ -124,13 +124,14 @@ def words_signature(name: str) -> dict[str, str]:
 
 
 def gemv(name: str, block_m: int) -> dict[str, Any]:
-    """The batch-1 kernel's loop with the `name` stream, block_m rows a thread, 128 blocks a step (4 warps) and the
-    default tile's prefetch."""
+    """The batch-1 kernel's loop with the `name` stream, block_m rows a thread, 128 blocks a step (4 warps), the
+    default tile's prefetch and the block sums of a launch of two steps (grouped by state from BY_STATE_STEPS)."""
     signature = {"x_ptr": "*bf16", "y_ptr": "*bf16", **SPLIT_SUMS, "gain_ptr": "*bf16", "res_ptr": "*bf16",
                  **words_signature(name), "steps_per_split": "i32", "inv_scale": "fp32", "eps": "fp32"}
     constexprs = {**stream_constexprs(name), "XBITS": 16, "BM": block_m, "NB": 128, "EVEN": True, "X_WORDS": True,
                   "SPLIT": 1, "PREFETCH": km.default_config(1).prefetch, "GBITS": 16, "G_WORDS": False,
-                  "NORM": False, "SWIGLU": False, "RESIDUAL": False, "PDL": False}
+                  "NORM": False, "SWIGLU": False, "RESIDUAL": False, "PDL": False,
+                  "BY_STATE": km.BY_STATE_STEPS <= 2}
     return measure(km._gemv_kernel, signature, constexprs, 4, units=block_m * 128 * 8 / 128)
 
 

@@ -17,8 +17,11 @@ GEMV takes. So the kernel is built around instruction counts, with every weight 
   E = P-1-p keeps every product q_p F exact, so the FFMA chain q_0 F_0 + ... - offset is the exact integer sum
   2^-K sum_p q_p (V_p - 2^(K-1)): about two instructions per state, no integer multiply, no int->float conversion.
 * The shared exponent becomes 2^(e-7) with one LOP3 and is folded with 2^(7+K) / (2^(K-1) - 1) into one scale per
-  block, applied after the block's dot product: for a one-hot x the result is bitwise `seedlm.decode`'s weight; for any
-  x the sums differ from a dense fp32 GEMV only in rounding order.
+  block, applied after the block's dot product: for a one-hot x the result is bitwise `seedlm.decode`'s weight.
+* Batch 1 need not build the weights: sum_c d_c x_c = sum_p q_p (sum_c F_cp x_c) - offset sum_c x_c takes P FFMAs a
+  weight where the weights take P + 1 (`_state_sums`; one-hot x still bitwise, other x to about 2^-21 of sum |x| a
+  block). It runs where a program takes two steps or more; one-step launches sum a weight at a time (`_weight_sums`,
+  which differs from a dense fp32 GEMV only in rounding order): see `BY_STATE_STEPS`.
 * Compressed arrays are reshaped at load time (`SeedLMWeight`, the file format is unchanged): one int32 word per block,
   [q_0 .. q_P-1 nibbles | exponent | 16-bit seed], so each thread reads 4 bytes per block, coalesced along the row,
   as a flat tile declared non-contiguous (`_one_per_thread`): a launch's alignment would otherwise vectorise the load
@@ -27,13 +30,14 @@ GEMV takes. So the kernel is built around instruction counts, with every weight 
 Threads own block columns and `block_m` rows (the x words for a column are loaded once per `block_m` rows). With
 `KernelConfig.prefetch` the words are double-buffered in registers: the next step's loads are issued before this step's
 rebuild, so that their latency overlaps it (the tile sweep of `benchmarks/seedlm_kernel.py` times both). Compiled for
-sm_90a as launched (Triton 3.6 and 3.9, `benchmarks/seedlm_sass.py` on CPU), the batch-1 main loop at block_m=8 is ~13.1
-instructions per weight with the LFSR stream, ~11.8 with the byte tables and ~11.4 with the m-sequence table, with no
-shared memory, barriers or spills. Batch 1 accumulates with FFMA and reduces the row at the end; batch 2..16 rebuilds a
-step's (rows, blocks x C) tile with each block's C weights joined in one thread (`_weight_stack`) and feeds it to one
-`tl.dot` (tensor cores in bf16). With 8-weight blocks and 16 rows a warp the blocks are dealt to threads in the MMA's
-A-operand fragment order and the dot's k is permuted to match (`_fragment_order`), so the rebuilt registers are the
-operand and only x goes through shared memory; other tiles reach shared memory in 16-byte stores.
+sm_90a as launched (Triton 3.9, `benchmarks/seedlm_sass.py` on CPU), the batch-1 main loop at block_m=8, summed by
+state, is ~12.9 instructions per weight with the LFSR stream, ~11.7 with the byte tables and ~11.1 with the m-sequence
+table (13.3 / 12.0 / 11.5 a weight at a time), with no shared memory, barriers or spills. Batch 1 accumulates with FFMA
+and reduces the row at the end; batch 2..16 rebuilds a step's (rows, blocks x C) tile with each block's C weights joined
+in one thread (`_weight_stack`) and feeds it to one `tl.dot` (tensor cores in bf16). With 8-weight blocks and 16 rows a
+warp the blocks are dealt to threads in the MMA's A-operand fragment order and the dot's k is permuted to match
+(`_fragment_order`), so the rebuilt registers are the operand and only x goes through shared memory; other tiles reach
+shared memory in 16-byte stores.
 With `split_k` > 1 the programs of a row tile each sum a share of the row; the last one to finish adds their fp32
 partial sums in split order and stores y (`_store_sums`), so a split launch is one kernel and its sums are the same
 every run. Its arrival counts live in the weight (`SeedLMWeight.split_counts`): launches on one weight must be ordered
@@ -68,7 +72,13 @@ MAX_BATCH = 16
 GEMV_PROGRAMS = 1024  # batch-1 programs (about 8 an SM on 132 SMs) below which 4-row tiles beat 8-row ones
 BYTES_GEMV_PROGRAMS = 512  # the same with the byte tables, whose 4-row tile fits only 7 programs an SM
 WIDE_ROWS = 3328  # batch-1 rows up to which 8 warps along a row of more than 128 blocks beat 4 (H200, 2026-12-06)
-LONG_ROW_BLOCKS = 1024  # batch 2..16: blocks a row above which 16 splits beat 8
+LONG_ROW_BLOCKS = 1024  # blocks a row above which batch 1 takes 8 rows over 8 warps, batch 2..16 16 splits over 8
+# Batch 1: steps a program from which the block sums are grouped by state (`_state_sums`). H100, 2026-12-06, every
+# fused-step projection of openelm_1_1b by state against a weight at a time: one-step launches 14.6% slower (the
+# 2,048-row ones at 8 rows over 8 warps 3.8 -> 5.1 us; they compile to 80 registers against 111, and capping the
+# other form at 80 slowed it the same way), two steps even, 3-4 steps 1-2% faster, 4096 x 14336 and 14336 x 4096
+# 3-5% faster (`benchmarks/results/seedlm_*_2026-12-06_06{44,46,47}*`).
+BY_STATE_STEPS = 2
 STREAMS = ("lfsr", "table", "bytes")
 BYTES_FROM_WEIGHTS = 1 << 24  # weights from which `default_stream` gathers ("bytes") rather than computes the bits
 TABLE_BITS = 49  # a table entry shifted by up to 15 leaves stream bits 0..48 of the block
@@ -96,6 +106,8 @@ def default_config(batch: int, rows: int = 4096, blocks_per_row: int = 512, stre
     2,048 x 1,280 weights took 6.1 us in two 4-warp steps, 2,048 x 1,536 ones 3.9 in one 8-warp step), and 4 rows
     over 8 warps up to WIDE_ROWS (H200, 03:55, the same sweep: QKV at 2,304-3,072 rows 4.8-5.6 us against 7.0 at
     4 rows over 4 warps, gate/up at 2,304-3,328 outputs 8.8-12.0 against 11.8-12.3; from 3,584 up 4 warps won).
+    More rows with rows of more than LONG_ROW_BLOCKS blocks: 8 rows over 8 warps (H100, 4,096 x 14,336 at 04:23,
+    06:24 and 06:58: 35.0 / 35.5 / 33.7 us against 36.4 / 37.0 / 35.6 at 8 rows over 4 warps).
     With the byte tables 8 rows from 4,096 rows: their 4-row tile takes 72 registers, 7 programs an SM, so 1,024
     programs leave a second wave of 100 on 132 SMs (Nsight Compute, H200, 2026-12-06), while LFSR's takes 64 and
     fits (H100, 04:16-04:23: at 4,096 x 4,096 and 4,096 x 14,336, bytes 8 rows 12.5 / 36.4 us against 4 rows 13.3
@@ -109,6 +121,8 @@ def default_config(batch: int, rows: int = 4096, blocks_per_row: int = 512, stre
     if batch == 1:
         if rows <= WIDE_ROWS and blocks_per_row > 128:  # few rows, long ones: 8 warps along the row
             return KernelConfig(block_m=8 if rows <= 2048 else 4, block_n=256, num_warps=8, prefetch=True)
+        if blocks_per_row > LONG_ROW_BLOCKS:
+            return KernelConfig(block_m=8, block_n=256, num_warps=8, prefetch=True)
         programs = BYTES_GEMV_PROGRAMS if stream == "bytes" else GEMV_PROGRAMS
         return KernelConfig(block_m=8 if triton.cdiv(rows, 8) >= programs else 4, prefetch=True)
     splits = 16 if blocks_per_row > LONG_ROW_BLOCKS else 8
@@ -336,21 +350,83 @@ def _block_terms(w, e_nibble, table_ptr, masks, C: tl.constexpr, P: tl.constexpr
 
 
 @triton.jit
-def _weight(w, s, off, masks, c: tl.constexpr, P: tl.constexpr, K: tl.constexpr):
-    """2^-K sum_p q_p (V_p - 2^(K-1)) for weight c of each block, exactly: state p of weight c (stream bits
-    cP+p+1 .. cP+p+K) is moved to mantissa bits M0+p .. M0+p+K-1 of a float with exponent P-1-p, F = 2^(P-1-p) +
-    V 2^-K, so each q_p F has at most 24 - M0 - p + 3 <= 24 significant bits and every partial sum is exact."""
+def _state(s, masks, c: tl.constexpr, p: tl.constexpr, P: tl.constexpr, K: tl.constexpr):
+    """State p of weight c of each block as F = 2^(P-1-p) + V 2^-K: its stream bits cP+p+1 .. cP+p+K moved to
+    mantissa bits M0+p .. M0+p+K-1 of a float with exponent P-1-p (the P states of a weight share one shift)."""
     M0: tl.constexpr = 24 - K - P
     SHIFT: tl.constexpr = c * P + 1 - M0
     if SHIFT >= 0:
         x = (s >> SHIFT).to(tl.int32)
     else:
         x = (s << -SHIFT).to(tl.int32)
+    return ((x & masks[p]) | ((127 + P - 1 - p) << 23)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _weight(w, s, off, masks, c: tl.constexpr, P: tl.constexpr, K: tl.constexpr):
+    """2^-K sum_p q_p (V_p - 2^(K-1)) for weight c of each block, exactly: each q_p F has at most 24 - M0 - p + 3
+    <= 24 significant bits (`_state`) and every partial sum is exact."""
     d = -off
     for p in tl.static_range(P):
-        f = ((x & masks[p]) | ((127 + P - 1 - p) << 23)).to(tl.float32, bitcast=True)
-        d = _coefficient(w, masks, p) * f + d
+        d = _coefficient(w, masks, p) * _state(s, masks, c, p, P, K) + d
     return d
+
+
+@triton.jit
+def _x_column(x_ptr, gain_ptr, j, cols, c: tl.constexpr, squares, C: tl.constexpr, XBITS: tl.constexpr,
+              GBITS: tl.constexpr, X_WORDS: tl.constexpr, G_WORDS: tl.constexpr, NORM: tl.constexpr):
+    """Element c of x's block columns j as fp32; with NORM times the gain, its square added to `squares` (the row's
+    scale multiplies the sums at the end: no pass over x before the weights)."""
+    xc = _x_element(x_ptr, j, cols, c, C, XBITS, X_WORDS)
+    if NORM:
+        squares += xc * xc
+        xc = xc * _x_element(gain_ptr, j, cols, c, C, GBITS, G_WORDS)
+    return xc, squares
+
+
+@triton.jit
+def _weight_sums(x_ptr, gain_ptr, j, cols, w, s, off, masks, squares, C: tl.constexpr, P: tl.constexpr,
+                 K: tl.constexpr, XBITS: tl.constexpr, GBITS: tl.constexpr, X_WORDS: tl.constexpr,
+                 G_WORDS: tl.constexpr, NORM: tl.constexpr):
+    """sum_c d_c x_c for each block, a weight at a time: P + 1 FFMAs a weight (`_weight`, then x)."""
+    blk = tl.zeros(w.shape, tl.float32)
+    for c in tl.static_range(C):
+        xc, squares = _x_column(x_ptr, gain_ptr, j, cols, c, squares, C, XBITS, GBITS, X_WORDS, G_WORDS, NORM)
+        blk += _weight(w, s, off, masks, c, P, K) * xc[None, :]
+    return blk, squares
+
+
+@triton.jit
+def _state_sums(x_ptr, gain_ptr, j, cols, w, s, off, masks, squares, C: tl.constexpr, P: tl.constexpr,
+                K: tl.constexpr, XBITS: tl.constexpr, GBITS: tl.constexpr, X_WORDS: tl.constexpr,
+                G_WORDS: tl.constexpr, NORM: tl.constexpr):
+    """sum_c d_c x_c for each block, grouped by state: sum_p q_p (sum_c F_cp x_c) - off sum_c x_c, P FFMAs a weight
+    and fewer live registers. For a one-hot x this is `_weight`'s chain, bitwise; otherwise the state sums carry the
+    floats' 2^(P-1-p) parts until off cancels them, which costs fp32 bits (about 2^-21 of sum |x| a block against
+    2^-24), far below x's bf16 rounding."""
+    a0 = tl.zeros(w.shape, tl.float32)
+    a1 = tl.zeros(w.shape, tl.float32)
+    a2 = tl.zeros(w.shape, tl.float32)
+    a3 = tl.zeros(w.shape, tl.float32)
+    total = tl.zeros((w.shape[1],), tl.float32)
+    for c in tl.static_range(C):
+        xc, squares = _x_column(x_ptr, gain_ptr, j, cols, c, squares, C, XBITS, GBITS, X_WORDS, G_WORDS, NORM)
+        total += xc
+        a0 += _state(s, masks, c, 0, P, K) * xc[None, :]
+        if P > 1:
+            a1 += _state(s, masks, c, 1, P, K) * xc[None, :]
+        if P > 2:
+            a2 += _state(s, masks, c, 2, P, K) * xc[None, :]
+        if P > 3:
+            a3 += _state(s, masks, c, 3, P, K) * xc[None, :]
+    blk = _coefficient(w, masks, 0) * a0 - off * total[None, :]
+    if P > 1:
+        blk = _coefficient(w, masks, 1) * a1 + blk
+    if P > 2:
+        blk = _coefficient(w, masks, 2) * a2 + blk
+    if P > 3:
+        blk = _coefficient(w, masks, 3) * a3 + blk
+    return blk, squares
 
 
 @triton.jit
@@ -437,10 +513,12 @@ def _x_element(x_ptr, j, cols, c: tl.constexpr, C: tl.constexpr, XBITS: tl.const
 def _row_sums(x_ptr, gain_ptr, words_ptr, exps_ptr, table_ptr, masks, r, start, end, w_next, e_next, rows, cols, bpr,
               ebpr, C: tl.constexpr, P: tl.constexpr, K: tl.constexpr, STREAM: tl.constexpr, TAPS: tl.constexpr,
               INV: tl.constexpr, XBITS: tl.constexpr, GBITS: tl.constexpr, NB: tl.constexpr, EVEN: tl.constexpr,
-              X_WORDS: tl.constexpr, G_WORDS: tl.constexpr, NORM: tl.constexpr, PREFETCH: tl.constexpr):
+              X_WORDS: tl.constexpr, G_WORDS: tl.constexpr, NORM: tl.constexpr, PREFETCH: tl.constexpr,
+              BY_STATE: tl.constexpr):
     """Rows r of W x over block columns start .. end, short of the constant factor inv_scale, from the first step's
-    words w_next, e_next: per block sum_c d_c x_c (FFMA), times 2^(e-7), rows reduced at the end. With NORM x is
-    multiplied by the gain and the sum of its squares is returned too (else 0)."""
+    words w_next, e_next: per block sum_c d_c x_c (BY_STATE: `_state_sums`, else `_weight_sums`), times 2^(e-7),
+    rows reduced at the end. With NORM x is multiplied by the gain and the sum of its squares is returned too (else
+    0)."""
     acc = tl.zeros((r.shape[0], NB), tl.float32)
     squares = tl.zeros((NB,), tl.float32)
     for j0 in range(start, end, NB):
@@ -448,13 +526,12 @@ def _row_sums(x_ptr, gain_ptr, words_ptr, exps_ptr, table_ptr, masks, r, start, 
         w, e, w_next, e_next = _next_blocks(words_ptr, exps_ptr, r[:, None], tl.arange(0, NB)[None, :], j0, end,
                                             w_next, e_next, rows, bpr, ebpr, P, EVEN, NB, PREFETCH)
         s, exp2, off = _block_terms(w, e, table_ptr, masks, C, P, K, STREAM, TAPS, INV)
-        blk = tl.zeros((r.shape[0], NB), tl.float32)
-        for c in tl.static_range(C):
-            xc = _x_element(x_ptr, j, cols, c, C, XBITS, X_WORDS)
-            if NORM:  # the row's scale multiplies the sums at the end: no pass over x before the weights
-                squares += xc * xc
-                xc = xc * _x_element(gain_ptr, j, cols, c, C, GBITS, G_WORDS)
-            blk += _weight(w, s, off, masks, c, P, K) * xc[None, :]
+        if BY_STATE:
+            blk, squares = _state_sums(x_ptr, gain_ptr, j, cols, w, s, off, masks, squares, C, P, K, XBITS, GBITS,
+                                       X_WORDS, G_WORDS, NORM)
+        else:
+            blk, squares = _weight_sums(x_ptr, gain_ptr, j, cols, w, s, off, masks, squares, C, P, K, XBITS, GBITS,
+                                        X_WORDS, G_WORDS, NORM)
         acc += blk * exp2  # exact (a power of two); the constant factor of the scale is applied once per row
     total = 0.0
     if NORM:
@@ -489,7 +566,7 @@ def _gemv_kernel(x_ptr, y_ptr, partial_ptr, counts_ptr, gain_ptr, res_ptr, words
                  K: tl.constexpr, STREAM: tl.constexpr, TAPS: tl.constexpr, INV: tl.constexpr, XBITS: tl.constexpr,
                  GBITS: tl.constexpr, BM: tl.constexpr, NB: tl.constexpr, EVEN: tl.constexpr, X_WORDS: tl.constexpr,
                  G_WORDS: tl.constexpr, SPLIT: tl.constexpr, PREFETCH: tl.constexpr, NORM: tl.constexpr,
-                 SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr):
+                 SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr, BY_STATE: tl.constexpr):
     """y = W x for one row of x (for a one-hot x still a single rounding of decode's weight), `rows` outputs. The
     fused variants round where `raytrain/infer/gemv_kernel.py` does: NORM scales the sums by x's rsqrt(mean square +
     eps) at the end (x times the gain in fp32); SWIGLU reads up rows r + rows after gate rows r and gives silu(gate)
@@ -513,7 +590,7 @@ def _gemv_kernel(x_ptr, y_ptr, partial_ptr, counts_ptr, gain_ptr, res_ptr, words
         tl.extra.cuda.gdc_wait()
     y, squares = _row_sums(x_ptr, gain_ptr, words_ptr, exps_ptr, table_ptr, masks, r, start, end, w_next, e_next, rows,
                            cols, bpr, ebpr, C, P, K, STREAM, TAPS, INV, XBITS, GBITS, NB, EVEN, X_WORDS, G_WORDS,
-                           NORM, PREFETCH)
+                           NORM, PREFETCH, BY_STATE)
     y = y * inv_scale
     if NORM:
         scale = tl.rsqrt(squares / cols + eps)
@@ -521,7 +598,7 @@ def _gemv_kernel(x_ptr, y_ptr, partial_ptr, counts_ptr, gain_ptr, res_ptr, words
     if SWIGLU:  # gate and up rounded as the unfused projection's output is, the product in fp32
         up = _row_sums(x_ptr, gain_ptr, up_words, up_exps, table_ptr, masks, r, start, end, wu_next, eu_next, rows,
                        cols, bpr, ebpr, C, P, K, STREAM, TAPS, INV, XBITS, GBITS, NB, EVEN, X_WORDS, G_WORDS, NORM,
-                       PREFETCH)[0] * inv_scale
+                       PREFETCH, BY_STATE)[0] * inv_scale
         if NORM:
             up = up * scale
         gate = y.to(dtype).to(tl.float32)
@@ -740,7 +817,7 @@ def _gemv(x: torch.Tensor, weight: SeedLMWeight, cfg: KernelConfig, norm: torch.
         XBITS=8 * x.element_size(), GBITS=8 * gain.element_size(), X_WORDS=_whole_words(weight, x, cfg.block_n),
         G_WORDS=norm is not None and _whole_words(weight, norm, cfg.block_n), NORM=norm is not None, SWIGLU=swiglu,
         RESIDUAL=residual is not None, PDL=dependent_launch, launch_pdl=dependent_launch,
-        **_common_constexprs(weight, cfg, n))
+        BY_STATE=_steps(weight, cfg) >= BY_STATE_STEPS, **_common_constexprs(weight, cfg, n))
     return y
 
 
