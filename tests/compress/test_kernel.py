@@ -52,10 +52,10 @@ IDS = [f"{bits}bit-K{lf.get('K', 16)}-{stream}-{shape[0]}x{shape[1]}-n{tile.bloc
 
 def test_the_cases_run_both_batch_one_block_sums() -> None:
     """Each of `_weight_sums` and `_state_sums` is checked below, for both block sizes."""
-    def grouped(bits: int, lfsr: dict, cols: int, tile: KernelConfig) -> bool:
-        blocks = math.ceil(cols / SeedLMConfig.for_bits(bits, **lfsr).C)
-        return math.ceil(math.ceil(blocks / tile.block_n) / tile.split_k) >= kernel.BY_STATE_STEPS
-    seen = {(bits, grouped(bits, lfsr, shape[1], tile)) for bits, lfsr, _, shape, tile in CASES}
+    seen = set()
+    for bits, lfsr, stream, shape, tile in CASES:
+        weight = kernel.SeedLMWeight.from_compressed(random_weight(bits, lfsr, shape), DEVICE, stream)
+        seen.add((bits, kernel._steps(weight, tile) >= kernel.BY_STATE_STEPS))
     assert seen == {(4, True), (4, False), (3, True), (3, False)}
 
 

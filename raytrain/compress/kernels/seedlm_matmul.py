@@ -108,7 +108,8 @@ def default_config(batch: int, rows: int = 4096, blocks_per_row: int = 512, stre
     4 rows over 4 warps, gate/up at 2,304-3,328 outputs 8.8-12.0 against 11.8-12.3; from 3,584 up 4 warps won).
     Above WIDE_ROWS, rows of more than LONG_ROW_BLOCKS blocks take 8 rows over 8 warps (H100, 4,096 x 14,336 at
     04:23, 06:24 and 06:58: 35.0 / 35.5 / 33.7 us against 36.4 / 37.0 / 35.6 at 8 rows over 4 warps).
-    With the byte tables 8 rows from 4,096 rows: their 4-row tile takes 72 registers, 7 programs an SM, so 1,024
+    With the byte tables 8 rows from 4,096 rows (measured summing a weight at a time, before `_state_sums`, whose
+    4-row tile compiles to 64 registers on Triton 3.9): their 4-row tile took 72 registers, 7 programs an SM, so 1,024
     programs leave a second wave of 100 on 132 SMs (Nsight Compute, H200, 2026-12-06), while LFSR's takes 64 and
     fits (H100, 04:16-04:23: at 4,096 x 4,096 and 4,096 x 14,336, bytes 8 rows 12.5 / 36.4 us against 4 rows 13.3
     / 40.6; LFSR at 4,096 x 4,096 4 rows 12.7 against 8 rows 13.1). Batch 2..16 (H100, 2026-12-05 22:06): 64 rows
