@@ -110,7 +110,7 @@ def bench_projection(p: dict[str, Any], device: str, dtype: torch.dtype, tiles: 
     def seedlm_us(config: Any) -> float:
         return 1e6 * timed([lambda w=w: km.seedlm_gemv(x, w, config=config, **kwargs) for w in weights])
 
-    default = km.default_config(1, n, weight.blocks_per_row, weight.stream)
+    default = km.default_config(1, n, weight.blocks_per_row)
     swept_tiles = [km.KernelConfig(block_m=m, block_n=32 * w, num_warps=w, prefetch=True, max_registers=r)
                    for m, w, r in tiles]
     configs = {tile_name(config): config for config in swept_tiles + [default]}  # the default may be a swept one

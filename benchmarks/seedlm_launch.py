@@ -40,7 +40,7 @@ def main() -> None:
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     x = torch.randn(args.batch, cols, device=args.device, dtype=dtype)
     times = [synced_seconds(lambda: seedlm_matmul(x, weight), args.device) for _ in range(args.launches)]
-    tile = default_config(args.batch, rows, weight.blocks_per_row, weight.stream)
+    tile = default_config(args.batch, rows, weight.blocks_per_row)
     print(json.dumps({"benchmark": "seedlm_launch", "device": args.device, "shape": [rows, cols],
                       "stream": args.stream, "batch": args.batch, "tile": vars(tile), "launches": args.launches,
                       "median_us": 1e6 * statistics.median(times), "command": " ".join(["python", *sys.argv])}))

@@ -116,7 +116,7 @@ def measure(fn: Any, signature: dict[str, str], constexprs: dict[str, Any], num_
 def stream_constexprs(name: str) -> dict[str, Any]:
     lfsr = LFSRConfig()
     return {"C": 8, "P": 3, "K": 16, "STREAM": name, "TAPS": sum(1 << t for t in lfsr.taps),
-            "INV": sum(1 << k for k in km.inverse_shifts(lfsr))}
+            "INV": sum(1 << k for k in km.inverse_shifts(lfsr)), "LOW": km.stream_low(name, SeedLMConfig())}
 
 
 def words_signature(name: str) -> dict[str, str]:

@@ -32,7 +32,8 @@ K8 = {"K": 8, "taps": [0, 2, 3, 4]}
 # not whole tiles, partial last blocks (37 % 8, 50 % 12), 3-bit blocks (P = 4, exponents in their own array), and
 # the next step's words prefetched: whole tiles split over programs (each split's last step prefetches inside its
 # range; a split with no step), and partial ones; programs of one step (batch 1 sums a weight at a time) and of two
-# or more (grouped by state, `BY_STATE_STEPS`), for 4- and 3-bit blocks
+# or more (grouped by state, `BY_STATE_STEPS`), for 4- and 3-bit blocks; the byte stream built on the word (4-bit,
+# K = 16 and 8) and from bit 0 (3-bit: its 64 stream bits leave no room, `stream_low`)
 CASES = [
     (4, {}, "lfsr", (8, 64), KernelConfig(block_m=4, block_n=4)),
     (4, {}, "lfsr", (8, 64), KernelConfig(block_m=4, block_n=2, split_k=2, prefetch=True)),
@@ -50,13 +51,17 @@ IDS = [f"{bits}bit-K{lf.get('K', 16)}-{stream}-{shape[0]}x{shape[1]}-n{tile.bloc
 
 
 
-def test_the_cases_run_both_batch_one_block_sums() -> None:
-    """Each of `_weight_sums` and `_state_sums` is checked below, for both block sizes."""
-    seen = set()
+def test_the_cases_run_both_batch_one_block_sums_and_byte_stream_places() -> None:
+    """Each of `_weight_sums` and `_state_sums` is checked below, for both block sizes, and the byte stream both
+    built on the word (bit 0 at SEED_BIT) and from bit 0 (`stream_low`)."""
+    sums, places = set(), set()
     for bits, lfsr, stream, shape, tile in CASES:
         weight = kernel.SeedLMWeight.from_compressed(random_weight(bits, lfsr, shape), DEVICE, stream)
-        seen.add((bits, kernel._steps(weight, tile) >= kernel.BY_STATE_STEPS))
-    assert seen == {(4, True), (4, False), (3, True), (3, False)}
+        sums.add((bits, kernel._steps(weight, tile) >= kernel.BY_STATE_STEPS))
+        if stream == "bytes":
+            places.add(weight.stream_args["LOW"])
+    assert sums == {(4, True), (4, False), (3, True), (3, False)}
+    assert places == {0, kernel.SEED_BIT}
 
 
 def random_weight(bits: int, lfsr: dict, shape: tuple[int, int], seed: int = 0) -> CompressedTensor:
@@ -127,23 +132,23 @@ def test_split_rows_sum_in_order_the_same_every_launch() -> None:
 
 
 def test_the_default_tiles_rebuild_the_weights_bitwise() -> None:
-    """default_config(1) (prefetch; 8 rows from 8,192 rows up, from 4,096 with the byte tables, else 4; 8 warps along
+    """default_config(1) (prefetch; 8 rows from 8,192 rows up, else 4; 8 warps along
     short, long weights: 8 rows up to 2,048 rows, 4 above; 8 rows over 8 warps for rows of more than 1,024 blocks)
-    and default_config(16) (64 rows by 16 blocks, prefetch,
-    each row split over 5 programs here, 16 above 1,024 blocks) on a weight whose rows and blocks fill no whole tile."""
+    and default_config(16) (64 rows by 8 blocks, prefetch, each row split over 8 programs; 16 blocks and 16 programs
+    above 1,024 blocks) on a weight whose rows and blocks fill no whole tile."""
     ct = random_weight(4, {}, (45, 8 * 80 - 3), seed=3)
     weight, dense = kernel.SeedLMWeight.from_compressed(ct, DEVICE), ct.dense()
     assert kernel.default_config(1, 8192).prefetch and kernel.default_config(1, 8192).block_m == 8
-    assert [kernel.default_config(1, rows, 128).block_m for rows in (8184, 2304, 45)] == [4, 4, 4]
-    assert [kernel.default_config(1, rows, 128, "bytes").block_m for rows in (4096, 4088)] == [8, 4]
+    assert [kernel.default_config(1, rows, 128).block_m for rows in (8184, 4096, 2304, 45)] == [4, 4, 4, 4]
     assert kernel.default_config(1, 2048, 129).num_warps == 8 and kernel.default_config(1, 2048, 128).num_warps == 4
     wide = [kernel.default_config(1, rows, 256) for rows in (2048, 3328, 3584)]
     assert [(c.block_m, c.num_warps) for c in wide] == [(8, 8), (4, 8), (4, 4)]
-    long_rows = [kernel.default_config(1, rows, blocks, "bytes") for rows, blocks in ((4096, 1792), (14336, 512))]
+    long_rows = [kernel.default_config(1, rows, blocks) for rows, blocks in ((4096, 1792), (14336, 512))]
     assert [(c.block_m, c.num_warps) for c in long_rows] == [(8, 8), (8, 4)]
     batched = kernel.default_config(16, weight.rows, weight.blocks_per_row)
-    assert (batched.block_m, batched.block_n, batched.split_k, batched.prefetch) == (64, 16, 5, True)
-    assert [kernel.default_config(8, 4096, blocks).split_k for blocks in (1024, 1025, 1792)] == [8, 16, 16]
+    assert (batched.block_m, batched.block_n, batched.split_k, batched.prefetch) == (64, 8, 8, True)
+    assert [(c.block_n, c.split_k) for c in (kernel.default_config(8, 4096, b) for b in (1024, 1025, 1792, 40))] == [
+        (8, 8), (16, 16), (16, 16), (8, 5)]
     eye = torch.eye(dense.shape[1], device=DEVICE)
     capped = kernel.KernelConfig(block_m=4, prefetch=True, max_registers=64)  # a launch option: the same sums
     for col in (0, dense.shape[1] - 1):

@@ -8,7 +8,8 @@ GEMV takes. So the kernel is built around instruction counts, with every weight 
 * The C*P states of a block are windows of its LFSR output bit stream s: state k is bits k+1 .. k+K. The stream comes
   from the seed in ~20 shift/XOR instructions (`stream="lfsr"`: the next K bits are an XOR of shifted copies of the
   XOR of the tapped windows, see `inverse_shifts`); from two 4-byte gathers in 1 KiB tables, one per seed byte, whose
-  entries XOR to the bits after the seed (`stream="bytes"`: the register is linear over GF(2), see `byte_tables`);
+  entries XOR to the bits after the seed (`stream="bytes"`: the register is linear over GF(2), see `byte_tables`;
+  the block's word, seed in its top half, is the stream's low 32 bits as loaded, `stream_low`);
   or from one 8-byte gather in a 32 KiB table of the m-sequence indexed by the cycle offset (`stream="table"`).
   `default_stream` gathers for large weights, whose many warps hide the L1 latency, and computes for small ones. No
   128 KiB state table, no per-state gathers.
@@ -18,10 +19,11 @@ GEMV takes. So the kernel is built around instruction counts, with every weight 
   2^-K sum_p q_p (V_p - 2^(K-1)): about two instructions per state, no integer multiply, no int->float conversion.
 * The shared exponent becomes 2^(e-7) with one LOP3 and is folded with 2^(7+K) / (2^(K-1) - 1) into one scale per
   block, applied after the block's dot product: for a one-hot x the result is bitwise `seedlm.decode`'s weight.
-* Batch 1 need not build the weights: sum_c d_c x_c = sum_p q_p (sum_c F_cp x_c) - offset sum_c x_c takes P FFMAs a
-  weight where the weights take P + 1 (`_state_sums`; one-hot x still bitwise, other x to about 2^-21 of sum |x| a
-  block). It runs where a program takes two steps or more; one-step launches sum a weight at a time (`_weight_sums`,
-  which differs from a dense fp32 GEMV only in rounding order): see `BY_STATE_STEPS`.
+* Batch 1 need not build the weights: sum_c d_c x_c = sum_p q_p sum_c (F_cp - 2^(P-1-p) - 1/2) x_c takes P FFMAs a
+  weight where the weights take P + 1, and each state's sum starts at -(2^(P-1-p) + 1/2) sum_c x_c, which a
+  column's rows share, so the centring costs nothing a block (`_state_sums`; one-hot x still bitwise, other x to
+  about 2^-21 of sum |x| a block). It runs where a program takes two steps or more; one-step launches sum a weight
+  at a time (`_weight_sums`, which differs from a dense fp32 GEMV only in rounding order): see `BY_STATE_STEPS`.
 * Compressed arrays are reshaped at load time (`SeedLMWeight`, the file format is unchanged): one int32 word per block,
   [q_0 .. q_P-1 nibbles | exponent | 16-bit seed], so each thread reads 4 bytes per block, coalesced along the row,
   as a flat tile declared non-contiguous (`_one_per_thread`): a launch's alignment would otherwise vectorise the load
@@ -31,8 +33,10 @@ Threads own block columns and `block_m` rows (the x words for a column are loade
 `KernelConfig.prefetch` the words are double-buffered in registers: the next step's loads are issued before this step's
 rebuild, so that their latency overlaps it (the tile sweep of `benchmarks/seedlm_kernel.py` times both). Compiled for
 sm_90a as launched (Triton 3.9, `benchmarks/seedlm_sass.py` on CPU), the batch-1 main loop at block_m=8, summed by
-state, is ~12.9 instructions per weight with the LFSR stream, ~11.7 with the byte tables and ~11.1 with the m-sequence
-table (13.3 / 12.0 / 11.5 a weight at a time), with no shared memory, barriers or spills. Batch 1 accumulates with FFMA
+state, is ~12.4 instructions per weight with the LFSR stream, ~10.8 with the byte tables and ~10.7 with the m-sequence
+table (13.3 / 11.6 / 11.5 a weight at a time), with no shared memory, barriers or spills. Fewer instructions do not
+mean less time here: the batch-1 kernel waits more than it issues, and where ptxas places the next step's word loads
+moves it by up to 40% (README, "Weight compression"). Batch 1 accumulates with FFMA
 and reduces the row at the end; batch 2..16 rebuilds a step's (rows, blocks x C) tile with each block's C weights joined
 in one thread (`_weight_stack`) and feeds it to one `tl.dot` (tensor cores in bf16). With 8-weight blocks and 16 rows a
 warp the blocks are dealt to threads in the MMA's A-operand fragment order and the dot's k is permuted to match
@@ -70,9 +74,8 @@ from raytrain.infer.gemv_kernel import fused_outputs
 
 MAX_BATCH = 16
 GEMV_PROGRAMS = 1024  # batch-1 programs (about 8 an SM on 132 SMs) below which 4-row tiles beat 8-row ones
-BYTES_GEMV_PROGRAMS = 512  # the same with the byte tables, whose 4-row tile fits only 7 programs an SM
 WIDE_ROWS = 3328  # batch-1 rows up to which 8 warps along a row of more than 128 blocks beat 4 (H200, 2026-12-06)
-LONG_ROW_BLOCKS = 1024  # blocks a row above which batch 1 takes 8 rows over 8 warps, batch 2..16 16 splits over 8
+LONG_ROW_BLOCKS = 1024  # blocks a row above which batch 1 takes 8 rows over 8 warps, batch 2..16 16 splits, not 8
 # Batch 1: steps a program from which the block sums are grouped by state (`_state_sums`). H100, 2026-12-06, every
 # fused-step projection of openelm_1_1b by state against a weight at a time: one-step launches 14.6% slower (the
 # 2,048-row ones at 8 rows over 8 warps 3.8 -> 5.1 us; they compile to 80 registers against 111, and capping the
@@ -81,6 +84,7 @@ LONG_ROW_BLOCKS = 1024  # blocks a row above which batch 1 takes 8 rows over 8 w
 BY_STATE_STEPS = 2
 STREAMS = ("lfsr", "table", "bytes")
 BYTES_FROM_WEIGHTS = 1 << 24  # weights from which `default_stream` gathers ("bytes") rather than computes the bits
+SEED_BIT = 16  # a word's seed (cycle offset for "table") is its bits 16..31 (`pack_words`)
 TABLE_BITS = 49  # a table entry shifted by up to 15 leaves stream bits 0..48 of the block
 
 
@@ -96,7 +100,7 @@ class KernelConfig:
     max_registers: int | None = None  # ptxas register cap per thread (None: the compiler's choice)
 
 
-def default_config(batch: int, rows: int = 4096, blocks_per_row: int = 512, stream: str = "lfsr") -> KernelConfig:
+def default_config(batch: int, rows: int = 4096, blocks_per_row: int = 512) -> KernelConfig:
     """Tiles for 1 and 2..16 rows of x of a (rows, blocks_per_row) weight, from the GPU sweeps of
     `benchmarks/seedlm_kernel.py` and `benchmarks/seedlm_fused_gemv.py`. Batch 1, with prefetch: 8 rows (H200,
     2026-12-05) from 8,192 rows up, else 4 (H100 on openelm_1_1b's shapes, 2026-12-05 17:01: 4 rows faster at
@@ -108,27 +112,27 @@ def default_config(batch: int, rows: int = 4096, blocks_per_row: int = 512, stre
     4 rows over 4 warps, gate/up at 2,304-3,328 outputs 8.8-12.0 against 11.8-12.3; from 3,584 up 4 warps won).
     Above WIDE_ROWS, rows of more than LONG_ROW_BLOCKS blocks take 8 rows over 8 warps (H100, 4,096 x 14,336 at
     04:23, 06:24 and 06:58: 35.0 / 35.5 / 33.7 us against 36.4 / 37.0 / 35.6 at 8 rows over 4 warps).
-    With the byte tables 8 rows from 4,096 rows (measured summing a weight at a time, before `_state_sums`, whose
-    4-row tile compiles to 64 registers on Triton 3.9): their 4-row tile took 72 registers, 7 programs an SM, so 1,024
-    programs leave a second wave of 100 on 132 SMs (Nsight Compute, H200, 2026-12-06), while LFSR's takes 64 and
-    fits (H100, 04:16-04:23: at 4,096 x 4,096 and 4,096 x 14,336, bytes 8 rows 12.5 / 36.4 us against 4 rows 13.3
-    / 40.6; LFSR at 4,096 x 4,096 4 rows 12.7 against 8 rows 13.1). Batch 2..16 (H100, 2026-12-05 22:06): 64 rows
-    by 16 blocks over one warp group, prefetch, each row split over up to 8 programs (`_store_sums`). 64 rows let
-    Hopper's wgmma take the rebuilt tile; at 32 rows mma.sync needed its operands shuffled out of shared memory (15.2
-    against 13.0 instructions a weight): 6-12% less time than 32 rows by 32 blocks on the three large shapes
-    (README). Rows of more than LONG_ROW_BLOCKS blocks are split 16 ways (4,096 x 14,336: 45.8 against 47.6 us on an
-    H100, 2026-12-06 04:23; 47.2 against 48.3 and 46.9 against 48.0 on an H200, 03:53 and 02:19; on 512-block rows
-    16 splits lost 4-12%)."""
+    The byte tables follow the same rule since their 4-row tile compiles to 48 registers, not 72 (the stream built
+    on the word, the state sums started from x): at 4,096 x 4,096 as the fused step launches it (PDL), 4 rows took
+    11.0 / 11.1 us against 8 rows' 13.1 / 13.2, and through `seedlm_matmul` 11.84 against 11.87 (H100, 2026-12-06
+    09:28-09:36, `benchmarks/results/seedlm_candidates_h100_2026-12-06.log`). Batch 2..16 (H100, 2026-12-05 22:06):
+    64 rows over one warp group, prefetch, each row split over up to 8 programs (`_store_sums`). 64 rows let Hopper's
+    wgmma take the rebuilt tile; at 32 rows mma.sync needed its operands shuffled out of shared memory (15.2 against
+    13.0 instructions a weight): 6-12% less time than 32 rows by 32 blocks on the three large shapes (README). 8
+    blocks a step (bytes, H100, 2026-12-06 09:16 and 09:40: 4,096 x 4,096 17.0 / 17.0 us against 17.7 / 17.7 at 16
+    blocks, 14,336 x 4,096 43.6 / 43.9 against 48.0 / 48.3). Rows of more than LONG_ROW_BLOCKS blocks take 16 blocks
+    a step, split 16 ways (4,096 x 14,336: 45.8 against 47.6 us on an H100, 2026-12-06 04:23; 47.2 against 48.3 and
+    46.9 against 48.0 on an H200, 03:53 and 02:19; on 512-block rows 16 splits lost 4-12%; 8 blocks a step 46.5 /
+    48.4 against 45.9 / 48.7, 09:16 and 09:40)."""
     if batch == 1:
         if rows <= WIDE_ROWS and blocks_per_row > 128:  # few rows, long ones: 8 warps along the row
             return KernelConfig(block_m=8 if rows <= 2048 else 4, block_n=256, num_warps=8, prefetch=True)
         if blocks_per_row > LONG_ROW_BLOCKS:
             return KernelConfig(block_m=8, block_n=256, num_warps=8, prefetch=True)
-        programs = BYTES_GEMV_PROGRAMS if stream == "bytes" else GEMV_PROGRAMS
-        return KernelConfig(block_m=8 if triton.cdiv(rows, 8) >= programs else 4, prefetch=True)
-    splits = 16 if blocks_per_row > LONG_ROW_BLOCKS else 8
-    return KernelConfig(block_m=64, block_n=16, num_warps=4,
-                        split_k=max(1, min(splits, triton.cdiv(blocks_per_row, 16))), prefetch=True)
+        return KernelConfig(block_m=8 if triton.cdiv(rows, 8) >= GEMV_PROGRAMS else 4, prefetch=True)
+    steps = 16 if blocks_per_row > LONG_ROW_BLOCKS else 8  # blocks a step, and programs a row
+    return KernelConfig(block_m=64, block_n=steps, num_warps=4,
+                        split_k=max(1, min(steps, triton.cdiv(blocks_per_row, steps))), prefetch=True)
 
 
 @dataclass
@@ -146,7 +150,7 @@ class SeedLMWeight:
     lfsr: LFSRConfig
     stream: str
     inv_scale: float  # 2^(7+K) / (2^(K-1) - 1) in fp32: with the kernel's 2^(e-7), 2^K times seedlm.decode's scale
-    stream_args: dict[str, int | str]  # the constexprs of the stream: K, STREAM, TAPS, INV
+    stream_args: dict[str, int | str]  # the constexprs of the stream: K, STREAM, TAPS, INV, LOW
     split_counts: torch.Tensor  # int32 (rows,): per row tile, split programs done (`_store_sums`); 0 between launches
 
     @classmethod
@@ -173,7 +177,7 @@ class SeedLMWeight:
         masks = [((1 << cfg.K) - 1) << (m0 + p) for p in range(4)] + [15 << (4 * p) for p in range(4)] + [15 << 23]
         inv = float(torch.tensor(1.0 / (cfg.lfsr.centre - 1), dtype=torch.float32) * 2.0 ** (7 + cfg.K))
         stream_args = {"K": cfg.K, "STREAM": stream, "TAPS": sum(1 << t for t in cfg.taps),
-                       "INV": sum(1 << k for k in inverse_shifts(cfg.lfsr))}
+                       "INV": sum(1 << k for k in inverse_shifts(cfg.lfsr)), "LOW": stream_low(stream, cfg)}
         return cls(words.to(device), exps.to(device), table.to(device),
                    torch.tensor(masks, dtype=torch.int32, device=device), ct.shape[0], ct.shape[1], cfg.C, cfg.P,
                    cfg.lfsr, stream, inv, stream_args, torch.zeros(ct.shape[0], dtype=torch.int32, device=device))
@@ -192,6 +196,12 @@ def default_stream(rows: int, cols: int) -> str:
     14336x4096, 4% at 4096x4096), "lfsr" below: on openelm_1_1b's 2048-wide QKV and output projections the gathers'
     latency made "bytes" 12-13% slower (README, "Weight compression")."""
     return "bytes" if rows * cols >= BYTES_FROM_WEIGHTS else "lfsr"
+
+
+def stream_low(stream: str, cfg: seedlm.SeedLMConfig) -> int:
+    """Where the kernels' 64-bit stream of a block holds its bit 0: SEED_BIT for "bytes" when the K + C*P bits fit
+    above it, so that the word, seed in place, is its low half as loaded; else 0."""
+    return SEED_BIT if stream == "bytes" and SEED_BIT + cfg.K + cfg.C * cfg.P <= 64 else 0
 
 
 def check_supported(cfg: seedlm.SeedLMConfig, stream: str) -> None:
@@ -228,7 +238,7 @@ def pack_words(seeds: torch.Tensor, exponents: torch.Tensor, coefficients: torch
     """int32 words (rows, bpr) [q nibbles | exponent (P <= 3) | seed << 16] and, for P = 4, the exponents as a
     row-padded nibble stream (rows, ceil(bpr / 2)); two's complement nibbles as in the file."""
     rows, bpr, P = coefficients.shape
-    words = seeds.to(torch.int64) << 16
+    words = seeds.to(torch.int64) << SEED_BIT
     for p in range(P):
         words |= (coefficients[..., p].to(torch.int64) & 15) << (4 * p)
     e = exponents.to(torch.int64) & 15
@@ -306,12 +316,16 @@ def _stream_lfsr(seed, K: tl.constexpr, TAPS: tl.constexpr, INV: tl.constexpr, N
 
 
 @triton.jit
-def _stream_bytes(seed, table_ptr, K: tl.constexpr):
-    """int64 stream bits of each seed: the seed, then the XOR of its bytes' `byte_tables` entries above it (one L1
-    gather a byte instead of the LFSR's ~25 shifts and XORs)."""
+def _stream_bytes(w, table_ptr, K: tl.constexpr, LOW: tl.constexpr):
+    """int64 stream bits of each word's seed from bit LOW: the seed, then the XOR of its bytes' `byte_tables` entries
+    above it (one L1 gather a byte instead of the LFSR's ~25 shifts and XORs). With LOW = SEED_BIT the word itself
+    is the low half, seed in place: no instruction joins the two halves, and no state reaches the bits below."""
+    seed = w >> 16 & 0xFFFF
     tail = tl.load(table_ptr + (seed & 255))
     for i in tl.static_range(1, (K + 7) // 8):
         tail ^= tl.load(table_ptr + 256 * i + (seed >> 8 * i & 255))
+    if LOW > 0:
+        return w.to(tl.uint32).to(tl.int64) | tail.to(tl.int64) << (LOW + K)
     return seed.to(tl.int64) | tail.to(tl.int64) << K
 
 
@@ -324,20 +338,20 @@ def _coefficient(w, masks, p: tl.constexpr):
 
 @triton.jit
 def _block_terms(w, e_nibble, table_ptr, masks, C: tl.constexpr, P: tl.constexpr, K: tl.constexpr,
-                 STREAM: tl.constexpr, TAPS: tl.constexpr, INV: tl.constexpr):
-    """Per block: its stream bits (int64), 2^(e-7) (times inv_scale, 2^K times decode's scale 2^e / (2^(K-1) - 1)),
-    and the offset that centres the states, sum_p q_p (2^(P-1-p) + 1/2)."""
-    field = w >> 16 & 0xFFFF  # the seed; the cycle offset for "table"
+                 STREAM: tl.constexpr, TAPS: tl.constexpr, INV: tl.constexpr, LOW: tl.constexpr):
+    """Per block: its stream bits (int64, bit 0 at bit LOW: `stream_low`), 2^(e-7) (times inv_scale, 2^K times
+    decode's scale 2^e / (2^(K-1) - 1)), and the offset that centres the states, sum_p q_p (2^(P-1-p) + 1/2)."""
     if STREAM == "lfsr":
-        s = _stream_lfsr(field, K, TAPS, INV, K + C * P)
+        s = _stream_lfsr(w >> 16 & 0xFFFF, K, TAPS, INV, K + C * P)
     else:
         # gathered as a 1-D tensor: a 2-D gather has no contiguous dimension, and Triton versions break that tie in
         # the coalescing pass differently (3.6 puts lanes along the rows); 1-D, it keeps the words' thread mapping
-        flat = tl.reshape(field, (w.shape[0] * w.shape[1],))
+        flat = tl.reshape(w, (w.shape[0] * w.shape[1],))
         if STREAM == "table":
-            s = tl.load(table_ptr + (flat >> 4)) >> (flat & 15).to(tl.int64)
+            offset = flat >> 16 & 0xFFFF
+            s = tl.load(table_ptr + (offset >> 4)) >> (offset & 15).to(tl.int64)
         else:
-            s = _stream_bytes(flat, table_ptr, K)
+            s = _stream_bytes(flat, table_ptr, K, LOW)
         s = tl.reshape(s, w.shape)
     if P <= 3:
         ebits = (w << 11) & masks[8]
@@ -351,12 +365,18 @@ def _block_terms(w, e_nibble, table_ptr, masks, C: tl.constexpr, P: tl.constexpr
 
 
 @triton.jit
-def _state(s, masks, c: tl.constexpr, p: tl.constexpr, P: tl.constexpr, K: tl.constexpr):
-    """State p of weight c of each block as F = 2^(P-1-p) + V 2^-K: its stream bits cP+p+1 .. cP+p+K moved to
-    mantissa bits M0+p .. M0+p+K-1 of a float with exponent P-1-p (the P states of a weight share one shift)."""
+def _state(s, masks, c: tl.constexpr, p: tl.constexpr, P: tl.constexpr, K: tl.constexpr, LOW: tl.constexpr):
+    """State p of weight c of each block as F = 2^(P-1-p) + V 2^-K: its stream bits cP+p+1 .. cP+p+K (at bit LOW
+    on of s) moved to mantissa bits M0+p .. M0+p+K-1 of a float with exponent P-1-p (the P states of a weight share
+    one shift)."""
     M0: tl.constexpr = 24 - K - P
-    SHIFT: tl.constexpr = c * P + 1 - M0
-    if SHIFT >= 0:
+    SHIFT: tl.constexpr = c * P + 1 - M0 + LOW
+    if SHIFT + M0 >= 32:  # all of the weight's bits in the high word: a 32-bit shift, a left one on the FMA pipe
+        if SHIFT <= 32:
+            x = (s >> 32).to(tl.int32) << (32 - SHIFT)
+        else:
+            x = (s >> 32).to(tl.int32) >> (SHIFT - 32)
+    elif SHIFT >= 0:
         x = (s >> SHIFT).to(tl.int32)
     else:
         x = (s << -SHIFT).to(tl.int32)
@@ -364,12 +384,12 @@ def _state(s, masks, c: tl.constexpr, p: tl.constexpr, P: tl.constexpr, K: tl.co
 
 
 @triton.jit
-def _weight(w, s, off, masks, c: tl.constexpr, P: tl.constexpr, K: tl.constexpr):
+def _weight(w, s, off, masks, c: tl.constexpr, P: tl.constexpr, K: tl.constexpr, LOW: tl.constexpr):
     """2^-K sum_p q_p (V_p - 2^(K-1)) for weight c of each block, exactly: each q_p F has at most 24 - M0 - p + 3
     <= 24 significant bits (`_state`) and every partial sum is exact."""
     d = -off
     for p in tl.static_range(P):
-        d = _coefficient(w, masks, p) * _state(s, masks, c, p, P, K) + d
+        d = _coefficient(w, masks, p) * _state(s, masks, c, p, P, K, LOW) + d
     return d
 
 
@@ -387,40 +407,49 @@ def _x_column(x_ptr, gain_ptr, j, cols, c: tl.constexpr, squares, C: tl.constexp
 
 @triton.jit
 def _weight_sums(x_ptr, gain_ptr, j, cols, w, s, off, masks, squares, C: tl.constexpr, P: tl.constexpr,
-                 K: tl.constexpr, XBITS: tl.constexpr, GBITS: tl.constexpr, X_WORDS: tl.constexpr,
+                 K: tl.constexpr, LOW: tl.constexpr, XBITS: tl.constexpr, GBITS: tl.constexpr, X_WORDS: tl.constexpr,
                  G_WORDS: tl.constexpr, NORM: tl.constexpr):
     """sum_c d_c x_c for each block, a weight at a time: P + 1 FFMAs a weight (`_weight`, then x)."""
     blk = tl.zeros(w.shape, tl.float32)
     for c in tl.static_range(C):
         xc, squares = _x_column(x_ptr, gain_ptr, j, cols, c, squares, C, XBITS, GBITS, X_WORDS, G_WORDS, NORM)
-        blk += _weight(w, s, off, masks, c, P, K) * xc[None, :]
+        blk += _weight(w, s, off, masks, c, P, K, LOW) * xc[None, :]
     return blk, squares
 
 
 @triton.jit
-def _state_sums(x_ptr, gain_ptr, j, cols, w, s, off, masks, squares, C: tl.constexpr, P: tl.constexpr,
-                K: tl.constexpr, XBITS: tl.constexpr, GBITS: tl.constexpr, X_WORDS: tl.constexpr,
+def _state_start(total, shape: tl.constexpr, p: tl.constexpr, P: tl.constexpr):
+    """-(2^(P-1-p) + 1/2) sum_c x_c for every row: where state p's sums start (`_state_sums`)."""
+    return tl.zeros(shape, tl.float32) - (total * (2.0 ** (P - 1 - p) + 0.5))[None, :]
+
+
+@triton.jit
+def _state_sums(x_ptr, gain_ptr, j, cols, w, s, masks, squares, C: tl.constexpr, P: tl.constexpr, K: tl.constexpr,
+                LOW: tl.constexpr, XBITS: tl.constexpr, GBITS: tl.constexpr, X_WORDS: tl.constexpr,
                 G_WORDS: tl.constexpr, NORM: tl.constexpr):
-    """sum_c d_c x_c for each block, grouped by state: sum_p q_p (sum_c F_cp x_c) - off sum_c x_c, P FFMAs a weight
-    and fewer live registers. For a one-hot x this is `_weight`'s chain, bitwise; otherwise the state sums carry the
-    floats' 2^(P-1-p) parts until off cancels them, which costs fp32 bits (about 2^-21 of sum |x| a block against
-    2^-24), far below x's bf16 rounding."""
-    a0 = tl.zeros(w.shape, tl.float32)
-    a1 = tl.zeros(w.shape, tl.float32)
-    a2 = tl.zeros(w.shape, tl.float32)
-    a3 = tl.zeros(w.shape, tl.float32)
+    """sum_c d_c x_c for each block, grouped by state: sum_p q_p sum_c (F_cp - 2^(P-1-p) - 1/2) x_c, P FFMAs a
+    weight and fewer live registers. State p's sums start at -(2^(P-1-p) + 1/2) sum_c x_c, which a column's rows
+    share, so the centring costs no instruction a block. For a one-hot x each q_p's factor is exact and the sum is
+    `_weight`'s, bitwise; otherwise the state sums carry the floats' 2^(P-1-p) parts, which costs fp32 bits (about
+    2^-21 of sum |x| a block against 2^-24), far below x's bf16 rounding."""
     total = tl.zeros((w.shape[1],), tl.float32)
     for c in tl.static_range(C):
         xc, squares = _x_column(x_ptr, gain_ptr, j, cols, c, squares, C, XBITS, GBITS, X_WORDS, G_WORDS, NORM)
         total += xc
-        a0 += _state(s, masks, c, 0, P, K) * xc[None, :]
+    a0 = _state_start(total, w.shape, 0, P)
+    a1 = _state_start(total, w.shape, 1, P)
+    a2 = _state_start(total, w.shape, 2, P)
+    a3 = _state_start(total, w.shape, 3, P)
+    for c in tl.static_range(C):  # x's loads and conversions again: the compiler keeps the first ones
+        xc = _x_column(x_ptr, gain_ptr, j, cols, c, total, C, XBITS, GBITS, X_WORDS, G_WORDS, NORM)[0][None, :]
+        a0 += _state(s, masks, c, 0, P, K, LOW) * xc
         if P > 1:
-            a1 += _state(s, masks, c, 1, P, K) * xc[None, :]
+            a1 += _state(s, masks, c, 1, P, K, LOW) * xc
         if P > 2:
-            a2 += _state(s, masks, c, 2, P, K) * xc[None, :]
+            a2 += _state(s, masks, c, 2, P, K, LOW) * xc
         if P > 3:
-            a3 += _state(s, masks, c, 3, P, K) * xc[None, :]
-    blk = _coefficient(w, masks, 0) * a0 - off * total[None, :]
+            a3 += _state(s, masks, c, 3, P, K, LOW) * xc
+    blk = _coefficient(w, masks, 0) * a0
     if P > 1:
         blk = _coefficient(w, masks, 1) * a1 + blk
     if P > 2:
@@ -513,9 +542,9 @@ def _x_element(x_ptr, j, cols, c: tl.constexpr, C: tl.constexpr, XBITS: tl.const
 @triton.jit
 def _row_sums(x_ptr, gain_ptr, words_ptr, exps_ptr, table_ptr, masks, r, start, end, w_next, e_next, rows, cols, bpr,
               ebpr, C: tl.constexpr, P: tl.constexpr, K: tl.constexpr, STREAM: tl.constexpr, TAPS: tl.constexpr,
-              INV: tl.constexpr, XBITS: tl.constexpr, GBITS: tl.constexpr, NB: tl.constexpr, EVEN: tl.constexpr,
-              X_WORDS: tl.constexpr, G_WORDS: tl.constexpr, NORM: tl.constexpr, PREFETCH: tl.constexpr,
-              BY_STATE: tl.constexpr):
+              INV: tl.constexpr, LOW: tl.constexpr, XBITS: tl.constexpr, GBITS: tl.constexpr, NB: tl.constexpr,
+              EVEN: tl.constexpr, X_WORDS: tl.constexpr, G_WORDS: tl.constexpr, NORM: tl.constexpr,
+              PREFETCH: tl.constexpr, BY_STATE: tl.constexpr):
     """Rows r of W x over block columns start .. end, short of the constant factor inv_scale, from the first step's
     words w_next, e_next: per block sum_c d_c x_c (BY_STATE: `_state_sums`, else `_weight_sums`), times 2^(e-7),
     rows reduced at the end. With NORM x is multiplied by the gain and the sum of its squares is returned too (else
@@ -526,13 +555,13 @@ def _row_sums(x_ptr, gain_ptr, words_ptr, exps_ptr, table_ptr, masks, r, start, 
         j = j0 + tl.arange(0, NB)
         w, e, w_next, e_next = _next_blocks(words_ptr, exps_ptr, r[:, None], tl.arange(0, NB)[None, :], j0, end,
                                             w_next, e_next, rows, bpr, ebpr, P, EVEN, NB, PREFETCH)
-        s, exp2, off = _block_terms(w, e, table_ptr, masks, C, P, K, STREAM, TAPS, INV)
+        s, exp2, off = _block_terms(w, e, table_ptr, masks, C, P, K, STREAM, TAPS, INV, LOW)
         if BY_STATE:
-            blk, squares = _state_sums(x_ptr, gain_ptr, j, cols, w, s, off, masks, squares, C, P, K, XBITS, GBITS,
+            blk, squares = _state_sums(x_ptr, gain_ptr, j, cols, w, s, masks, squares, C, P, K, LOW, XBITS, GBITS,
                                        X_WORDS, G_WORDS, NORM)
         else:
-            blk, squares = _weight_sums(x_ptr, gain_ptr, j, cols, w, s, off, masks, squares, C, P, K, XBITS, GBITS,
-                                        X_WORDS, G_WORDS, NORM)
+            blk, squares = _weight_sums(x_ptr, gain_ptr, j, cols, w, s, off, masks, squares, C, P, K, LOW, XBITS,
+                                        GBITS, X_WORDS, G_WORDS, NORM)
         acc += blk * exp2  # exact (a power of two); the constant factor of the scale is applied once per row
     total = 0.0
     if NORM:
@@ -564,10 +593,11 @@ def _store_sums(y_ptr, partial_ptr, counts_ptr, acc, y_offsets, tile_offsets, ti
 @triton.jit
 def _gemv_kernel(x_ptr, y_ptr, partial_ptr, counts_ptr, gain_ptr, res_ptr, words_ptr, exps_ptr, table_ptr, masks_ptr,
                  rows, cols, bpr, ebpr, steps_per_split, inv_scale, eps, C: tl.constexpr, P: tl.constexpr,
-                 K: tl.constexpr, STREAM: tl.constexpr, TAPS: tl.constexpr, INV: tl.constexpr, XBITS: tl.constexpr,
-                 GBITS: tl.constexpr, BM: tl.constexpr, NB: tl.constexpr, EVEN: tl.constexpr, X_WORDS: tl.constexpr,
-                 G_WORDS: tl.constexpr, SPLIT: tl.constexpr, PREFETCH: tl.constexpr, NORM: tl.constexpr,
-                 SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr, BY_STATE: tl.constexpr):
+                 K: tl.constexpr, STREAM: tl.constexpr, TAPS: tl.constexpr, INV: tl.constexpr, LOW: tl.constexpr,
+                 XBITS: tl.constexpr, GBITS: tl.constexpr, BM: tl.constexpr, NB: tl.constexpr, EVEN: tl.constexpr,
+                 X_WORDS: tl.constexpr, G_WORDS: tl.constexpr, SPLIT: tl.constexpr, PREFETCH: tl.constexpr,
+                 NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr,
+                 BY_STATE: tl.constexpr):
     """y = W x for one row of x (for a one-hot x still a single rounding of decode's weight), `rows` outputs. The
     fused variants round where `raytrain/infer/gemv_kernel.py` does: NORM scales the sums by x's rsqrt(mean square +
     eps) at the end (x times the gain in fp32); SWIGLU reads up rows r + rows after gate rows r and gives silu(gate)
@@ -590,7 +620,7 @@ def _gemv_kernel(x_ptr, y_ptr, partial_ptr, counts_ptr, gain_ptr, res_ptr, words
     if PDL:  # x and the residual are the previous kernels' outputs; every store comes after this wait
         tl.extra.cuda.gdc_wait()
     y, squares = _row_sums(x_ptr, gain_ptr, words_ptr, exps_ptr, table_ptr, masks, r, start, end, w_next, e_next, rows,
-                           cols, bpr, ebpr, C, P, K, STREAM, TAPS, INV, XBITS, GBITS, NB, EVEN, X_WORDS, G_WORDS,
+                           cols, bpr, ebpr, C, P, K, STREAM, TAPS, INV, LOW, XBITS, GBITS, NB, EVEN, X_WORDS, G_WORDS,
                            NORM, PREFETCH, BY_STATE)
     y = y * inv_scale
     if NORM:
@@ -598,7 +628,7 @@ def _gemv_kernel(x_ptr, y_ptr, partial_ptr, counts_ptr, gain_ptr, res_ptr, words
         y = y * scale
     if SWIGLU:  # gate and up rounded as the unfused projection's output is, the product in fp32
         up = _row_sums(x_ptr, gain_ptr, up_words, up_exps, table_ptr, masks, r, start, end, wu_next, eu_next, rows,
-                       cols, bpr, ebpr, C, P, K, STREAM, TAPS, INV, XBITS, GBITS, NB, EVEN, X_WORDS, G_WORDS, NORM,
+                       cols, bpr, ebpr, C, P, K, STREAM, TAPS, INV, LOW, XBITS, GBITS, NB, EVEN, X_WORDS, G_WORDS, NORM,
                        PREFETCH, BY_STATE)[0] * inv_scale
         if NORM:
             up = up * scale
@@ -611,18 +641,18 @@ def _gemv_kernel(x_ptr, y_ptr, partial_ptr, counts_ptr, gain_ptr, res_ptr, words
 
 @triton.jit
 def _weight_stack(w, s, off, scale, masks, c0: tl.constexpr, STRIDE: tl.constexpr, N: tl.constexpr, C: tl.constexpr,
-                  P: tl.constexpr, K: tl.constexpr):
+                  P: tl.constexpr, K: tl.constexpr, LOW: tl.constexpr):
     """Weights c0, c0 + STRIDE, .. (N of them, N a power of two; zeros past C) times scale, joined along new
     trailing dimensions (BM, NB, 2, .., 2) that a row-major reshape flattens in that order. tl.join keeps each new
     dimension in the thread's registers, so the C weights of a block stay together."""
     if N == 1:
         if c0 < C:
-            d = _weight(w, s, off, masks, c0, P, K) * scale
+            d = _weight(w, s, off, masks, c0, P, K, LOW) * scale
         else:
             d = tl.zeros_like(off)
     else:
-        d = tl.join(_weight_stack(w, s, off, scale, masks, c0, 2 * STRIDE, N // 2, C, P, K),
-                    _weight_stack(w, s, off, scale, masks, c0 + STRIDE, 2 * STRIDE, N // 2, C, P, K))
+        d = tl.join(_weight_stack(w, s, off, scale, masks, c0, 2 * STRIDE, N // 2, C, P, K, LOW),
+                    _weight_stack(w, s, off, scale, masks, c0 + STRIDE, 2 * STRIDE, N // 2, C, P, K, LOW))
     return d
 
 
@@ -663,7 +693,8 @@ def _fragment_x(x_ptr, j0, n, batch, stride_x, cols, NB: tl.constexpr, EVEN: tl.
 @triton.jit
 def _dot_kernel(x_ptr, y_ptr, partial_ptr, counts_ptr, words_ptr, exps_ptr, table_ptr, masks_ptr, rows, cols, bpr, ebpr,
                 steps_per_split, batch, stride_x, stride_y, inv_scale, C: tl.constexpr, P: tl.constexpr,
-                K: tl.constexpr, STREAM: tl.constexpr, TAPS: tl.constexpr, INV: tl.constexpr, BM: tl.constexpr,
+                K: tl.constexpr, STREAM: tl.constexpr, TAPS: tl.constexpr, INV: tl.constexpr, LOW: tl.constexpr,
+                BM: tl.constexpr,
                 NB: tl.constexpr, BATCH: tl.constexpr, EVEN: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
                 PREFETCH: tl.constexpr, FRAGMENT: tl.constexpr):
     """Y = X W^T for 2..16 rows of x: each step's rebuilt (BM, NB * C) tile, rounded to x's dtype, goes through
@@ -687,8 +718,8 @@ def _dot_kernel(x_ptr, y_ptr, partial_ptr, counts_ptr, words_ptr, exps_ptr, tabl
     for j0 in range(start, end, NB):
         w, e, w_next, e_next = _next_blocks(words_ptr, exps_ptr, tile_rows, lane, j0, end, w_next, e_next, rows, bpr,
                                             ebpr, P, EVEN, NB, PREFETCH)
-        s, exp2, off = _block_terms(w, e, table_ptr, masks, C, P, K, STREAM, TAPS, INV)
-        wt = _weight_stack(w, s, off, exp2 * inv_scale, masks, 0, 1, CP, C, P, K)
+        s, exp2, off = _block_terms(w, e, table_ptr, masks, C, P, K, STREAM, TAPS, INV, LOW)
+        wt = _weight_stack(w, s, off, exp2 * inv_scale, masks, 0, 1, CP, C, P, K, LOW)
         if FRAGMENT:
             xt = _fragment_x(x_ptr, j0, n, batch, stride_x, cols, NB, EVEN)
             wt = _fragment_tile(wt.to(xt.dtype), BM, NB)
@@ -712,21 +743,21 @@ def _dot_kernel(x_ptr, y_ptr, partial_ptr, counts_ptr, words_ptr, exps_ptr, tabl
 @triton.jit
 def _dense_kernel(out_ptr, words_ptr, exps_ptr, table_ptr, masks_ptr, rows, cols, bpr, ebpr, inv_scale,
                   C: tl.constexpr, P: tl.constexpr, K: tl.constexpr, STREAM: tl.constexpr, TAPS: tl.constexpr,
-                  INV: tl.constexpr, OBITS: tl.constexpr, BM: tl.constexpr, NB: tl.constexpr, EVEN_M: tl.constexpr,
-                  O_WORDS: tl.constexpr):
+                  INV: tl.constexpr, LOW: tl.constexpr, OBITS: tl.constexpr, BM: tl.constexpr, NB: tl.constexpr,
+                  EVEN_M: tl.constexpr, O_WORDS: tl.constexpr):
     """W in out's dtype (bitwise seedlm.decode in fp32, then rounded): each block's C weights packed into 8-byte
     words when the row is whole words, else stored one by one."""
     r = tl.program_id(0) * BM + tl.arange(0, BM)
     j = tl.program_id(1) * NB + tl.arange(0, NB)
     masks = _load_masks(masks_ptr)
     w, e = _load_blocks(words_ptr, exps_ptr, r[:, None], j[None, :], rows, bpr, ebpr, P, EVEN_M and O_WORDS)
-    s, exp2, off = _block_terms(w, e, table_ptr, masks, C, P, K, STREAM, TAPS, INV)
+    s, exp2, off = _block_terms(w, e, table_ptr, masks, C, P, K, STREAM, TAPS, INV, LOW)
     scale = exp2 * inv_scale
     row_ok = (r < rows)[:, None]
     PER: tl.constexpr = 64 // OBITS
     word = tl.zeros_like(s)
     for c in tl.static_range(C):
-        v = (_weight(w, s, off, masks, c, P, K) * scale).to(out_ptr.dtype.element_ty)
+        v = (_weight(w, s, off, masks, c, P, K, LOW) * scale).to(out_ptr.dtype.element_ty)
         if O_WORDS:
             if OBITS == 32:
                 word |= v.to(tl.uint32, bitcast=True).to(tl.int64) << (32 * (c % PER))
@@ -826,7 +857,7 @@ def seedlm_matmul(x: torch.Tensor, weight: SeedLMWeight, config: KernelConfig | 
     """x (batch, cols) with batch <= 16 -> y (batch, rows) = x @ W^T in x's dtype (fp32 accumulation)."""
     _check_x(x, weight)
     batch = x.shape[0]
-    cfg = config or default_config(batch, weight.rows, weight.blocks_per_row, weight.stream)
+    cfg = config or default_config(batch, weight.rows, weight.blocks_per_row)
     x = x.contiguous()
     if batch == 1:
         return _gemv(x, weight, cfg)
@@ -854,7 +885,7 @@ def seedlm_gemv(x: torch.Tensor, weight: SeedLMWeight, norm: torch.Tensor | None
     row = x.reshape(1, cols)
     _check_x(row, weight)
     n = fused_outputs(weight.rows, swiglu, "seedlm_gemv")
-    cfg = config or default_config(1, n, weight.blocks_per_row, weight.stream)
+    cfg = config or default_config(1, n, weight.blocks_per_row)
     if cfg.split_k > 1 and (norm is not None or swiglu or residual is not None):
         raise ValueError(f"seedlm_gemv's norm, swiglu and residual need the whole row in one program; got "
                          f"split_k={cfg.split_k}")
