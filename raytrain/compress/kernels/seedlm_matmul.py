@@ -440,7 +440,9 @@ def _state_sums(x_ptr, gain_ptr, j, cols, w, s, masks, squares, C: tl.constexpr,
     a1 = _state_start(total, w.shape, 1, P)
     a2 = _state_start(total, w.shape, 2, P)
     a3 = _state_start(total, w.shape, 3, P)
-    for c in tl.static_range(C):  # x's loads and conversions again (the compiler keeps the first), squares unused
+    # weights outer, states inner: each weight's shifted stream copy dies after its P states (states outer kept all C
+    # copies live: 120 registers against 80 at 8 rows, sm_90a). x's loads again: the compiler keeps the first ones.
+    for c in tl.static_range(C):
         xc = _x_column(x_ptr, gain_ptr, j, cols, c, squares, C, XBITS, GBITS, X_WORDS, G_WORDS, NORM)[0][None, :]
         a0 += _state(s, masks, c, 0, P, K, LOW) * xc
         if P > 1:
