@@ -14,8 +14,9 @@ fails a check is reported and not timed.
 Timing: each call runs inside a CUDA graph (the way a decode step runs in a graph-captured engine: no launch
 overhead), cycling over enough copies of the weight to exceed 3x the L2 cache, so every call reads its weight from
 HBM as in a multi-layer decode step; the figure is the median over replays, per call. Each (shape, batch) sweeps the
-stream variant and tile configs and keeps the fastest; `bandwidth_fraction` is the bytes a call must read (compressed
-weight, x) over its time, relative to a device-to-device copy measured in the same run.
+stream variant and tile configs and keeps the fastest; `default_us` times what `seedlm_matmul(x, weight)` runs
+(`default_stream`, `default_config`), as the engine calls it; `bandwidth_fraction` is the bytes a call must read
+(compressed weight, x) over its time, relative to a device-to-device copy measured in the same run.
 """
 
 from __future__ import annotations
@@ -190,6 +191,10 @@ def bench_shape_kernels(rows: int, cols: int, batches: list[int], cfg: seedlm.Se
             xs = [torch.randn(batch, cols, device=device, dtype=torch.bfloat16) for _ in copies]
             fastest, attempts = sweep(km, copies, xs, (GEMV_TILES if batch == 1 else DOT_TILES)[:tiles])
             row[f"{stream}_tiles"] = attempts
+            if stream == km.default_stream(rows, cols):  # what seedlm_matmul(x, weight) runs, as the engine calls it
+                row["default_us"] = 1e6 * timed([lambda w=w, x=x: km.seedlm_matmul(x, w) for w, x in zip(copies, xs)])
+                row["default_tile"] = dataclasses.asdict(km.default_config(batch, rows, weight.blocks_per_row))
+                row["default_speedup_vs_bf16"] = row["bf16_matmul_us"] / row["default_us"]
             if fastest and (best is None or fastest["us"] < best["us"]):
                 best = {**fastest, "stream": stream}
         if best:
@@ -338,8 +343,8 @@ def projection_us(step: Any, model: torch.nn.Module, dtype: torch.dtype) -> dict
 # ---- report ------------------------------------------------------------------------------------------------------
 
 def table(results: dict[str, Any], batches: list[int]) -> str:
-    lines = ["shape | batch | bf16 us | fused us (stream, tile) | fused/bf16 | HBM fraction fused / bf16",
-             "--- | --- | --- | --- | --- | ---"]
+    lines = ["shape | batch | bf16 us | fused us (stream, tile) | fused/bf16 | default tile us | default/bf16 | "
+             "HBM fraction fused / bf16", "--- | --- | --- | --- | --- | --- | --- | ---"]
     for shape, r in results.items():
         for b in batches:
             row = r.get(f"batch{b}", {})
@@ -349,10 +354,11 @@ def table(results: dict[str, Any], batches: list[int]) -> str:
                              f"({row['fused_stream']}, m{t['block_m']} n{t['block_n']} w{t['num_warps']} "
                              f"k{t['split_k']}{' prefetch' if t.get('prefetch') else ''}"
                              f"{'' if t.get('fragment_order', True) else ' row order'}) | "
-                             f"{row['speedup_vs_bf16']:.2f}x | {row['bandwidth_fraction']:.2f} / "
+                             f"{row['speedup_vs_bf16']:.2f}x | {row.get('default_us', math.nan):.1f} | "
+                             f"{row.get('default_speedup_vs_bf16', math.nan):.2f}x | {row['bandwidth_fraction']:.2f} / "
                              f"{row['bf16_bandwidth_fraction']:.2f}")
             elif "bf16_matmul_us" in row:
-                lines.append(f"{shape} | {b} | {row['bf16_matmul_us']:.1f} | - | - | -")
+                lines.append(f"{shape} | {b} | {row['bf16_matmul_us']:.1f} | - | - | - | - | -")
         if "dense_decode_us" in r:
             p = r[f"prefill_{PREFILL_TOKENS}"]
             lines.append(f"{shape} | dense decode {r['dense_decode_us']:.1f} us; prefill {PREFILL_TOKENS} tokens: "

@@ -116,21 +116,23 @@ def measure(fn: Any, signature: dict[str, str], constexprs: dict[str, Any], num_
 def stream_constexprs(name: str) -> dict[str, Any]:
     lfsr = LFSRConfig()
     return {"C": 8, "P": 3, "K": 16, "STREAM": name, "TAPS": sum(1 << t for t in lfsr.taps),
-            "INV": sum(1 << k for k in km.inverse_shifts(lfsr)), "LOW": km.stream_low(name, SeedLMConfig())}
+            "INV": sum(1 << k for k in km.inverse_shifts(lfsr)), "LOW": km.stream_low(name, SeedLMConfig()),
+            "SHARED_TABLES": False}
 
 
 def words_signature(name: str) -> dict[str, str]:
     return {**WORDS, "table_ptr": f"*i{km.stream_operand(name, SeedLMConfig()).element_size() * 8}"}
 
 
-def gemv(name: str, block_m: int) -> dict[str, Any]:
+def gemv(name: str, block_m: int, shared_tables: bool = False) -> dict[str, Any]:
     """The batch-1 kernel's loop with the `name` stream, block_m rows a thread, 128 blocks a step (4 warps), the
-    default tile's prefetch and the block sums of a launch of two steps (grouped by state from BY_STATE_STEPS)."""
+    default tile's prefetch and the block sums of a launch of two steps (grouped by state from BY_STATE_STEPS);
+    `shared_tables`: the byte tables gathered from shared memory."""
     signature = {"x_ptr": "*bf16", "y_ptr": "*bf16", **SPLIT_SUMS, "gain_ptr": "*bf16", "res_ptr": "*bf16",
                  **words_signature(name), "steps_per_split": "i32", "inv_scale": "fp32", "eps": "fp32"}
-    constexprs = {**stream_constexprs(name), "XBITS": 16, "BM": block_m, "NB": 128, "EVEN": True, "X_WORDS": True,
-                  "SPLIT": 1, "PREFETCH": km.default_config(1).prefetch, "GBITS": 16, "G_WORDS": False,
-                  "NORM": False, "SWIGLU": False, "RESIDUAL": False, "PDL": False,
+    constexprs = {**stream_constexprs(name), "SHARED_TABLES": shared_tables, "XBITS": 16, "BM": block_m, "NB": 128,
+                  "EVEN": True, "X_WORDS": True, "SPLIT": 1, "PREFETCH": km.default_config(1).prefetch, "GBITS": 16,
+                  "G_WORDS": False, "NORM": False, "SWIGLU": False, "RESIDUAL": False, "PDL": False,
                   "BY_STATE": km.BY_STATE_STEPS <= 2}
     return measure(km._gemv_kernel, signature, constexprs, 4, units=block_m * 128 * 8 / 128)
 
@@ -152,6 +154,8 @@ def main() -> None:
         words, stream = words_signature(name), stream_constexprs(name)
         for block_m in (1, 2, 4, 8):
             results[f"gemv_{name}_m{block_m}"] = gemv(name, block_m)
+        if name == "bytes":
+            results["gemv_bytes_m8_shared_tables"] = gemv(name, 8, shared_tables=True)
         results[f"dot_{name}_m{km.default_config(8).block_m}"] = dot(name)
         results[f"dense_{name}"] = measure(
             km._dense_kernel, {"out_ptr": "*bf16", **words, "inv_scale": "fp32"},

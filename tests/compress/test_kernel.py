@@ -33,7 +33,8 @@ K8 = {"K": 8, "taps": [0, 2, 3, 4]}
 # the next step's words prefetched: whole tiles split over programs (each split's last step prefetches inside its
 # range; a split with no step), and partial ones; programs of one step (batch 1 sums a weight at a time) and of two
 # or more (grouped by state, `BY_STATE_STEPS`), for 4- and 3-bit blocks; the byte stream built on the word (4-bit,
-# K = 16 and 8) and from bit 0 (3-bit: its 64 stream bits leave no room, `stream_low`)
+# K = 16 and 8) and from bit 0 (3-bit: its 64 stream bits leave no room, `stream_low`), its tables gathered through
+# L1 and from shared memory (`shared_tables`)
 CASES = [
     (4, {}, "lfsr", (8, 64), KernelConfig(block_m=4, block_n=4)),
     (4, {}, "lfsr", (8, 64), KernelConfig(block_m=4, block_n=2, split_k=2, prefetch=True)),
@@ -43,25 +44,28 @@ CASES = [
     (4, K8, "table", (6, 37), KernelConfig(block_m=1, block_n=8)),
     (3, {}, "lfsr", (5, 50), KernelConfig(block_m=2, block_n=4, split_k=3)),
     (4, {}, "bytes", (8, 64), KernelConfig(block_m=4, block_n=2, split_k=2, prefetch=True)),
+    (4, {}, "bytes", (6, 37), KernelConfig(block_m=4, block_n=4, prefetch=True, shared_tables=True)),
     (4, K8, "bytes", (6, 37), KernelConfig(block_m=2, block_n=8)),
     (3, {}, "bytes", (5, 50), KernelConfig(block_m=2, block_n=4)),
 ]
 IDS = [f"{bits}bit-K{lf.get('K', 16)}-{stream}-{shape[0]}x{shape[1]}-n{tile.block_n}s{tile.split_k}"
-       f"{'-prefetch' if tile.prefetch else ''}" for bits, lf, stream, shape, tile in CASES]
+       f"{'-prefetch' if tile.prefetch else ''}{'-shared' if tile.shared_tables else ''}"
+       for bits, lf, stream, shape, tile in CASES]
 
 
 
 def test_the_cases_run_both_batch_one_block_sums_and_byte_stream_places() -> None:
     """Each of `_weight_sums` and `_state_sums` is checked below, for both block sizes, and the byte stream both
-    built on the word (bit 0 at SEED_BIT) and from bit 0 (`stream_low`)."""
-    sums, places = set(), set()
+    built on the word (bit 0 at SEED_BIT) and from bit 0 (`stream_low`), its tables read both ways."""
+    sums, places, gathers = set(), set(), set()
     for bits, lfsr, stream, shape, tile in CASES:
         weight = kernel.SeedLMWeight.from_compressed(random_weight(bits, lfsr, shape), DEVICE, stream)
         sums.add((bits, kernel._steps(weight, tile) >= kernel.BY_STATE_STEPS))
         if stream == "bytes":
             places.add(weight.stream_args["LOW"])
+            gathers.add(tile.shared_tables)
     assert sums == {(4, True), (4, False), (3, True), (3, False)}
-    assert places == {0, kernel.SEED_BIT}
+    assert places == {0, kernel.SEED_BIT} and gathers == {False, True}
 
 
 def random_weight(bits: int, lfsr: dict, shape: tuple[int, int], seed: int = 0) -> CompressedTensor:
@@ -102,7 +106,8 @@ def test_fused_matmul_rebuilds_the_weights_bitwise(bits, lfsr, stream, shape, ti
     eye = torch.eye(shape[1], device=DEVICE)
     for col in (0, shape[1] - 1):
         assert torch.equal(kernel.seedlm_matmul(eye[col:col + 1], weight, tile)[0].cpu(), dense[:, col])
-    dot_tile = KernelConfig(block_m=16, block_n=tile.block_n, split_k=tile.split_k, prefetch=tile.prefetch)
+    dot_tile = KernelConfig(block_m=16, block_n=tile.block_n, split_k=tile.split_k, prefetch=tile.prefetch,
+                            shared_tables=tile.shared_tables)
     fragment_tile = dataclasses.replace(dot_tile, block_n=4 * -(-tile.block_n // 4), num_warps=1)
     assert kernel.fragment_fits(weight.C, fragment_tile) == (weight.C == 8)
     assert not kernel.fragment_fits(weight.C, dot_tile)
@@ -132,19 +137,19 @@ def test_split_rows_sum_in_order_the_same_every_launch() -> None:
 
 
 def test_the_default_tiles_rebuild_the_weights_bitwise() -> None:
-    """default_config(1) (prefetch; 8 rows from 8,192 rows up, else 4; 8 warps along
-    short, long weights: 8 rows up to 2,048 rows, 4 above; 8 rows over 8 warps for rows of more than 1,024 blocks)
-    and default_config(16) (64 rows by 8 blocks, prefetch, each row split over 8 programs; 16 blocks and 16 programs
-    above 1,024 blocks) on a weight whose rows and blocks fill no whole tile."""
+    """default_config(1) (prefetch; 8 rows from 8,192 rows up, with the byte tables in shared memory, else 4; 8 warps
+    along short, long weights: 8 rows up to 2,048 rows, 4 above; 8 rows over 8 warps for rows of more than 1,024
+    blocks) and default_config(16) (64 rows by 8 blocks, prefetch, each row split over 8 programs; 16 blocks and 16
+    programs above 1,024 blocks) on a weight whose rows and blocks fill no whole tile."""
     ct = random_weight(4, {}, (45, 8 * 80 - 3), seed=3)
     weight, dense = kernel.SeedLMWeight.from_compressed(ct, DEVICE), ct.dense()
-    assert kernel.default_config(1, 8192).prefetch and kernel.default_config(1, 8192).block_m == 8
+    assert kernel.default_config(1, 8192) == KernelConfig(block_m=8, prefetch=True, shared_tables=True)
     assert [kernel.default_config(1, rows, 128).block_m for rows in (8184, 4096, 2304, 45)] == [4, 4, 4, 4]
     assert kernel.default_config(1, 2048, 129).num_warps == 8 and kernel.default_config(1, 2048, 128).num_warps == 4
     wide = [kernel.default_config(1, rows, 256) for rows in (2048, 3328, 3584)]
     assert [(c.block_m, c.num_warps) for c in wide] == [(8, 8), (4, 8), (4, 4)]
     long_rows = [kernel.default_config(1, rows, blocks) for rows, blocks in ((4096, 1792), (14336, 512))]
-    assert [(c.block_m, c.num_warps) for c in long_rows] == [(8, 8), (8, 4)]
+    assert [(c.block_m, c.num_warps, c.shared_tables) for c in long_rows] == [(8, 8, False), (8, 4, True)]
     batched = kernel.default_config(16, weight.rows, weight.blocks_per_row)
     assert (batched.block_m, batched.block_n, batched.split_k, batched.prefetch) == (64, 8, 8, True)
     assert [(c.block_n, c.split_k) for c in (kernel.default_config(8, 4096, b) for b in (1024, 1025, 1792, 40))] == [
@@ -189,12 +194,13 @@ def test_half_precision_x_is_read_from_whole_words(dtype: torch.dtype) -> None:
 
 # (bits, stream, shape, tile) of the fused batch-1 variants: whole tiles (x and the gain read as words; with swiglu 8
 # rows a half), rows and swiglu halves that are not whole tiles with partial last blocks (14 and 7 rows, 37 % 8),
-# and 3-bit blocks (their exponents' array offset for the up half) at the default tile (8 rows, prefetch)
+# and 3-bit blocks (their exponents' array offset for the up half) at the default tile (8 rows, prefetch); the
+# byte tables from shared memory
 FUSED_CASES = [
     (4, "lfsr", (16, 64), KernelConfig(block_m=4, block_n=4)),
     (4, "table", (14, 37), KernelConfig(block_m=4, block_n=2, prefetch=True)),
     (3, "lfsr", (10, 50), None),
-    (4, "bytes", (14, 37), KernelConfig(block_m=4, block_n=2, prefetch=True)),
+    (4, "bytes", (14, 37), KernelConfig(block_m=4, block_n=2, prefetch=True, shared_tables=True)),
 ]
 FUSED_IDS = [f"{bits}bit-{stream}-{shape[0]}x{shape[1]}" for bits, stream, shape, _ in FUSED_CASES]
 

@@ -9,6 +9,7 @@ GEMV takes. So the kernel is built around instruction counts, with every weight 
   from the seed in ~20 shift/XOR instructions (`stream="lfsr"`: the next K bits are an XOR of shifted copies of the
   XOR of the tapped windows, see `inverse_shifts`); from two 4-byte gathers in 1 KiB tables, one per seed byte, whose
   entries XOR to the bits after the seed (`stream="bytes"`: the register is linear over GF(2), see `byte_tables`;
+  through L1, or from shared memory with `KernelConfig.shared_tables`;
   the block's word, seed in its top half, is the stream's low 32 bits as loaded, `stream_low`);
   or from one 8-byte gather in a 32 KiB table of the m-sequence indexed by the cycle offset (`stream="table"`).
   `default_stream` gathers for large weights, whose many warps hide the L1 latency, and computes for small ones. No
@@ -34,10 +35,11 @@ Threads own block columns and `block_m` rows (the x words for a column are loade
 rebuild, so that their latency overlaps it (the tile sweep of `benchmarks/seedlm_kernel.py` times both). Compiled for
 sm_90a as launched (Triton 3.9, `benchmarks/seedlm_sass.py` on CPU), the batch-1 main loop at block_m=8, summed by
 state, is ~12.4 instructions per weight with the LFSR stream, ~10.8 with the byte tables and ~10.7 with the m-sequence
-table (13.3 / 11.6 / 11.5 a weight at a time), with no shared memory, barriers or spills. Fewer instructions do not
-mean less time here: the batch-1 kernel waits more than it issues, and where ptxas places the next step's word loads
-moves it by up to 40% (README, "Weight compression"). Batch 1 accumulates with FFMA
-and reduces the row at the end; batch 2..16 rebuilds a step's (rows, blocks x C) tile with each block's C weights joined
+table (13.3 / 11.6 / 11.5 a weight at a time), with no spills, and no shared memory or barriers but the byte
+tables' when they are gathered from shared memory (2 stores, 4 barriers and an LDS a table and row a step). Fewer
+instructions do not mean less time here: the batch-1 kernel waits more than it issues, and where ptxas places the
+next step's word loads moves it by up to 40% (docs/seedlm_kernel.md). Batch 1 accumulates with FFMA and reduces the
+row at the end; batch 2..16 rebuilds a step's (rows, blocks x C) tile with each block's C weights joined
 in one thread (`_weight_stack`) and feeds it to one `tl.dot` (tensor cores in bf16). With 8-weight blocks and 16 rows a
 warp the blocks are dealt to threads in the MMA's A-operand fragment order and the dot's k is permuted to match
 (`_fragment_order`), so the rebuilt registers are the operand and only x goes through shared memory; other tiles reach
@@ -98,6 +100,7 @@ class KernelConfig:
     prefetch: bool = False  # load the next step's words before rebuilding this step's weights (to hide HBM latency)
     fragment_order: bool = True  # batch 2..16: rebuild straight into the MMA's A registers where the tile allows
     max_registers: int | None = None  # ptxas register cap per thread (None: the compiler's choice)
+    shared_tables: bool = False  # stream="bytes": gather from a shared-memory copy of the tables (tl.gather), not L1
 
 
 def default_config(batch: int, rows: int = 4096, blocks_per_row: int = 512) -> KernelConfig:
@@ -115,21 +118,29 @@ def default_config(batch: int, rows: int = 4096, blocks_per_row: int = 512) -> K
     The byte tables follow the same rule since their 4-row tile compiles to 48 registers, not 72 (the stream built
     on the word, the state sums started from x): at 4,096 x 4,096 as the fused step launches it (PDL), 4 rows took
     11.0 / 11.1 us against 8 rows' 13.1 / 13.2, and through `seedlm_matmul` 11.84 against 11.87 (H100, 2026-12-06
-    09:28-09:36, `benchmarks/results/seedlm_candidates_h100_2026-12-06.log`). Batch 2..16 (H100, 2026-12-05 22:06):
+    09:28-09:36, `benchmarks/results/seedlm_candidates_h100_2026-12-06.log`). The 8-row, 4-warp tile gathers the
+    byte tables from shared memory (`shared_tables`): at 14,336 x 4,096, 32.85 / 32.93 us against 34.05 / 34.13
+    through L1; the other two defaults were even or slower with it (4,096 x 4,096 11.63 / 12.00 against 11.58 /
+    11.98, 4,096 x 14,336 34.34 / 33.93 against 33.78 / 33.79; H100, 2026-12-06 11:51,
+    `benchmarks/results/seedlm_shared_tables_ab_h100_2026-12-06.log`). Batch 2..16 (H100, 2026-12-05 22:06):
     64 rows over one warp group, prefetch, each row split over up to 8 programs (`_store_sums`). 64 rows let Hopper's
     wgmma take the rebuilt tile; at 32 rows mma.sync needed its operands shuffled out of shared memory (15.2 against
-    13.0 instructions a weight): 6-12% less time than 32 rows by 32 blocks on the three large shapes (README). 8
-    blocks a step (bytes, H100, 2026-12-06 09:16 and 09:40: 4,096 x 4,096 17.0 / 17.0 us against 17.7 / 17.7 at 16
-    blocks, 14,336 x 4,096 43.6 / 43.9 against 48.0 / 48.3). Rows of more than LONG_ROW_BLOCKS blocks take 16 blocks
-    a step, split 16 ways (4,096 x 14,336: 45.8 against 47.6 us on an H100, 2026-12-06 04:23; 47.2 against 48.3 and
-    46.9 against 48.0 on an H200, 03:53 and 02:19; on 512-block rows 16 splits lost 4-12%; 8 blocks a step 46.5 /
-    48.4 against 45.9 / 48.7, 09:16 and 09:40)."""
+    13.0 instructions a weight): 6-12% less time than 32 rows by 32 blocks on the three large shapes
+    (docs/seedlm_kernel.md). 8 blocks a step (bytes, H100, 2026-12-06 09:16 and 09:40: 4,096 x 4,096 17.0 / 17.0 us
+    against 17.7 / 17.7 at 16 blocks, 14,336 x 4,096 43.6 / 43.9 against 48.0 / 48.3). Rows of more than
+    LONG_ROW_BLOCKS blocks take 16 blocks a step, split 16 ways (4,096 x 14,336: 45.8 against 47.6 us on an H100,
+    2026-12-06 04:23; 47.2 against 48.3 and 46.9 against 48.0 on an H200, 03:53 and 02:19; on 512-block rows 16
+    splits lost 4-12%; 8 blocks a step 46.5 / 48.4 against 45.9 / 48.7, 09:16 and 09:40). Around this default, 17
+    batch-8 tiles were none more than 1% faster on any of the three shapes (H100, 2026-12-06 11:26,
+    `benchmarks/results/seedlm_b8_tiles_h100_2026-12-06.log`)."""
     if batch == 1:
         if rows <= WIDE_ROWS and blocks_per_row > 128:  # few rows, long ones: 8 warps along the row
             return KernelConfig(block_m=8 if rows <= 2048 else 4, block_n=256, num_warps=8, prefetch=True)
         if blocks_per_row > LONG_ROW_BLOCKS:
             return KernelConfig(block_m=8, block_n=256, num_warps=8, prefetch=True)
-        return KernelConfig(block_m=8 if triton.cdiv(rows, 8) >= GEMV_PROGRAMS else 4, prefetch=True)
+        if triton.cdiv(rows, 8) >= GEMV_PROGRAMS:
+            return KernelConfig(block_m=8, prefetch=True, shared_tables=True)
+        return KernelConfig(block_m=4, prefetch=True)
     steps = 16 if blocks_per_row > LONG_ROW_BLOCKS else 8  # blocks a step, and programs a row
     return KernelConfig(block_m=64, block_n=steps, num_warps=4,
                         split_k=max(1, min(steps, triton.cdiv(blocks_per_row, steps))), prefetch=True)
@@ -194,7 +205,7 @@ class SeedLMWeight:
 def default_stream(rows: int, cols: int) -> str:
     """"bytes" for weights of 2^24 or more (H100, 2026-12-05 19:13: 8% faster than "lfsr" at 4096x14336 and
     14336x4096, 4% at 4096x4096), "lfsr" below: on openelm_1_1b's 2048-wide QKV and output projections the gathers'
-    latency made "bytes" 12-13% slower (README, "Weight compression")."""
+    latency made "bytes" 12-13% slower (docs/seedlm_kernel.md)."""
     return "bytes" if rows * cols >= BYTES_FROM_WEIGHTS else "lfsr"
 
 
@@ -316,14 +327,24 @@ def _stream_lfsr(seed, K: tl.constexpr, TAPS: tl.constexpr, INV: tl.constexpr, N
 
 
 @triton.jit
-def _stream_bytes(w, table_ptr, K: tl.constexpr, LOW: tl.constexpr):
+def _table_entry(table_ptr, index, SHARED_TABLES: tl.constexpr):
+    """table_ptr[index] for a 256-entry table: an L1 gather, or with SHARED_TABLES tl.gather from the table loaded
+    whole, which Triton stages in shared memory every step (two stores and four barriers a step at 8 rows)."""
+    if SHARED_TABLES:
+        return tl.gather(tl.load(table_ptr + tl.arange(0, 256)), index, 0)
+    return tl.load(table_ptr + index)
+
+
+@triton.jit
+def _stream_bytes(w, table_ptr, K: tl.constexpr, LOW: tl.constexpr, SHARED_TABLES: tl.constexpr):
     """int64 stream bits of each word's seed from bit LOW: the seed, then the XOR of its bytes' `byte_tables` entries
-    above it (one L1 gather a byte instead of the LFSR's ~25 shifts and XORs). With LOW = SEED_BIT the word itself
-    is the low half, seed in place: no instruction joins the two halves, and no state reaches the bits below."""
+    above it (one gather a byte instead of the LFSR's ~25 shifts and XORs: through L1, or with SHARED_TABLES from a
+    copy of each table that tl.gather stages in shared memory). With LOW = SEED_BIT the word itself is the low half,
+    seed in place: no instruction joins the two halves, and no state reaches the bits below."""
     seed = w >> 16 & 0xFFFF
-    tail = tl.load(table_ptr + (seed & 255))
+    tail = _table_entry(table_ptr, seed & 255, SHARED_TABLES)
     for i in tl.static_range(1, (K + 7) // 8):
-        tail ^= tl.load(table_ptr + 256 * i + (seed >> 8 * i & 255))
+        tail ^= _table_entry(table_ptr + 256 * i, seed >> 8 * i & 255, SHARED_TABLES)
     if LOW > 0:
         return w.to(tl.uint32).to(tl.int64) | tail.to(tl.int64) << (LOW + K)
     return seed.to(tl.int64) | tail.to(tl.int64) << K
@@ -338,7 +359,8 @@ def _coefficient(w, masks, p: tl.constexpr):
 
 @triton.jit
 def _block_terms(w, e_nibble, table_ptr, masks, C: tl.constexpr, P: tl.constexpr, K: tl.constexpr,
-                 STREAM: tl.constexpr, TAPS: tl.constexpr, INV: tl.constexpr, LOW: tl.constexpr):
+                 STREAM: tl.constexpr, TAPS: tl.constexpr, INV: tl.constexpr, LOW: tl.constexpr,
+                 SHARED_TABLES: tl.constexpr):
     """Per block: its stream bits (int64, bit 0 at bit LOW: `stream_low`), 2^(e-7) (times inv_scale, 2^K times
     decode's scale 2^e / (2^(K-1) - 1)), and the offset that centres the states, sum_p q_p (2^(P-1-p) + 1/2)."""
     if STREAM == "lfsr":
@@ -351,7 +373,7 @@ def _block_terms(w, e_nibble, table_ptr, masks, C: tl.constexpr, P: tl.constexpr
             offset = flat >> 16 & 0xFFFF
             s = tl.load(table_ptr + (offset >> 4)) >> (offset & 15).to(tl.int64)
         else:
-            s = _stream_bytes(flat, table_ptr, K, LOW)
+            s = _stream_bytes(flat, table_ptr, K, LOW, SHARED_TABLES)
         s = tl.reshape(s, w.shape)
     if P <= 3:
         ebits = (w << 11) & masks[8]
@@ -546,7 +568,7 @@ def _row_sums(x_ptr, gain_ptr, words_ptr, exps_ptr, table_ptr, masks, r, start, 
               ebpr, C: tl.constexpr, P: tl.constexpr, K: tl.constexpr, STREAM: tl.constexpr, TAPS: tl.constexpr,
               INV: tl.constexpr, LOW: tl.constexpr, XBITS: tl.constexpr, GBITS: tl.constexpr, NB: tl.constexpr,
               EVEN: tl.constexpr, X_WORDS: tl.constexpr, G_WORDS: tl.constexpr, NORM: tl.constexpr,
-              PREFETCH: tl.constexpr, BY_STATE: tl.constexpr):
+              PREFETCH: tl.constexpr, BY_STATE: tl.constexpr, SHARED_TABLES: tl.constexpr):
     """Rows r of W x over block columns start .. end, short of the constant factor inv_scale, from the first step's
     words w_next, e_next: per block sum_c d_c x_c (BY_STATE: `_state_sums`, else `_weight_sums`), times 2^(e-7),
     rows reduced at the end. With NORM x is multiplied by the gain and the sum of its squares is returned too (else
@@ -557,7 +579,7 @@ def _row_sums(x_ptr, gain_ptr, words_ptr, exps_ptr, table_ptr, masks, r, start, 
         j = j0 + tl.arange(0, NB)
         w, e, w_next, e_next = _next_blocks(words_ptr, exps_ptr, r[:, None], tl.arange(0, NB)[None, :], j0, end,
                                             w_next, e_next, rows, bpr, ebpr, P, EVEN, NB, PREFETCH)
-        s, exp2, off = _block_terms(w, e, table_ptr, masks, C, P, K, STREAM, TAPS, INV, LOW)
+        s, exp2, off = _block_terms(w, e, table_ptr, masks, C, P, K, STREAM, TAPS, INV, LOW, SHARED_TABLES)
         if BY_STATE:
             blk, squares = _state_sums(x_ptr, gain_ptr, j, cols, w, s, masks, squares, C, P, K, LOW, XBITS, GBITS,
                                        X_WORDS, G_WORDS, NORM)
@@ -599,7 +621,7 @@ def _gemv_kernel(x_ptr, y_ptr, partial_ptr, counts_ptr, gain_ptr, res_ptr, words
                  XBITS: tl.constexpr, GBITS: tl.constexpr, BM: tl.constexpr, NB: tl.constexpr, EVEN: tl.constexpr,
                  X_WORDS: tl.constexpr, G_WORDS: tl.constexpr, SPLIT: tl.constexpr, PREFETCH: tl.constexpr,
                  NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr,
-                 BY_STATE: tl.constexpr):
+                 BY_STATE: tl.constexpr, SHARED_TABLES: tl.constexpr):
     """y = W x for one row of x (for a one-hot x still a single rounding of decode's weight), `rows` outputs. The
     fused variants round where `raytrain/infer/gemv_kernel.py` does: NORM scales the sums by x's rsqrt(mean square +
     eps) at the end (x times the gain in fp32); SWIGLU reads up rows r + rows after gate rows r and gives silu(gate)
@@ -623,7 +645,7 @@ def _gemv_kernel(x_ptr, y_ptr, partial_ptr, counts_ptr, gain_ptr, res_ptr, words
         tl.extra.cuda.gdc_wait()
     y, squares = _row_sums(x_ptr, gain_ptr, words_ptr, exps_ptr, table_ptr, masks, r, start, end, w_next, e_next, rows,
                            cols, bpr, ebpr, C, P, K, STREAM, TAPS, INV, LOW, XBITS, GBITS, NB, EVEN, X_WORDS, G_WORDS,
-                           NORM, PREFETCH, BY_STATE)
+                           NORM, PREFETCH, BY_STATE, SHARED_TABLES)
     y = y * inv_scale
     if NORM:
         scale = tl.rsqrt(squares / cols + eps)
@@ -631,7 +653,7 @@ def _gemv_kernel(x_ptr, y_ptr, partial_ptr, counts_ptr, gain_ptr, res_ptr, words
     if SWIGLU:  # gate and up rounded as the unfused projection's output is, the product in fp32
         up = _row_sums(x_ptr, gain_ptr, up_words, up_exps, table_ptr, masks, r, start, end, wu_next, eu_next, rows,
                        cols, bpr, ebpr, C, P, K, STREAM, TAPS, INV, LOW, XBITS, GBITS, NB, EVEN, X_WORDS, G_WORDS, NORM,
-                       PREFETCH, BY_STATE)[0] * inv_scale
+                       PREFETCH, BY_STATE, SHARED_TABLES)[0] * inv_scale
         if NORM:
             up = up * scale
         gate = y.to(dtype).to(tl.float32)
@@ -698,7 +720,7 @@ def _dot_kernel(x_ptr, y_ptr, partial_ptr, counts_ptr, words_ptr, exps_ptr, tabl
                 K: tl.constexpr, STREAM: tl.constexpr, TAPS: tl.constexpr, INV: tl.constexpr, LOW: tl.constexpr,
                 BM: tl.constexpr,
                 NB: tl.constexpr, BATCH: tl.constexpr, EVEN: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
-                PREFETCH: tl.constexpr, FRAGMENT: tl.constexpr):
+                PREFETCH: tl.constexpr, FRAGMENT: tl.constexpr, SHARED_TABLES: tl.constexpr):
     """Y = X W^T for 2..16 rows of x: each step's rebuilt (BM, NB * C) tile, rounded to x's dtype, goes through
     one tl.dot with x's matching columns, fp32 accumulation (what F.linear does with the dense weights). With
     FRAGMENT (C = 8, BM = 16 x warps, NB a multiple of 4) the blocks are dealt in `_fragment_order` and the dot's k
@@ -720,7 +742,7 @@ def _dot_kernel(x_ptr, y_ptr, partial_ptr, counts_ptr, words_ptr, exps_ptr, tabl
     for j0 in range(start, end, NB):
         w, e, w_next, e_next = _next_blocks(words_ptr, exps_ptr, tile_rows, lane, j0, end, w_next, e_next, rows, bpr,
                                             ebpr, P, EVEN, NB, PREFETCH)
-        s, exp2, off = _block_terms(w, e, table_ptr, masks, C, P, K, STREAM, TAPS, INV, LOW)
+        s, exp2, off = _block_terms(w, e, table_ptr, masks, C, P, K, STREAM, TAPS, INV, LOW, SHARED_TABLES)
         wt = _weight_stack(w, s, off, exp2 * inv_scale, masks, 0, 1, CP, C, P, K, LOW)
         if FRAGMENT:
             xt = _fragment_x(x_ptr, j0, n, batch, stride_x, cols, NB, EVEN)
@@ -746,14 +768,14 @@ def _dot_kernel(x_ptr, y_ptr, partial_ptr, counts_ptr, words_ptr, exps_ptr, tabl
 def _dense_kernel(out_ptr, words_ptr, exps_ptr, table_ptr, masks_ptr, rows, cols, bpr, ebpr, inv_scale,
                   C: tl.constexpr, P: tl.constexpr, K: tl.constexpr, STREAM: tl.constexpr, TAPS: tl.constexpr,
                   INV: tl.constexpr, LOW: tl.constexpr, OBITS: tl.constexpr, BM: tl.constexpr, NB: tl.constexpr,
-                  EVEN_M: tl.constexpr, O_WORDS: tl.constexpr):
+                  EVEN_M: tl.constexpr, O_WORDS: tl.constexpr, SHARED_TABLES: tl.constexpr):
     """W in out's dtype (bitwise seedlm.decode in fp32, then rounded): each block's C weights packed into 8-byte
     words when the row is whole words, else stored one by one."""
     r = tl.program_id(0) * BM + tl.arange(0, BM)
     j = tl.program_id(1) * NB + tl.arange(0, NB)
     masks = _load_masks(masks_ptr)
     w, e = _load_blocks(words_ptr, exps_ptr, r[:, None], j[None, :], rows, bpr, ebpr, P, EVEN_M and O_WORDS)
-    s, exp2, off = _block_terms(w, e, table_ptr, masks, C, P, K, STREAM, TAPS, INV, LOW)
+    s, exp2, off = _block_terms(w, e, table_ptr, masks, C, P, K, STREAM, TAPS, INV, LOW, SHARED_TABLES)
     scale = exp2 * inv_scale
     row_ok = (r < rows)[:, None]
     PER: tl.constexpr = 64 // OBITS
@@ -825,8 +847,8 @@ def _common_constexprs(weight: SeedLMWeight, cfg: KernelConfig, rows: int) -> di
     even = rows % cfg.block_m == 0 and _even_k(weight, cfg.block_n)
     launch = {"maxnreg": cfg.max_registers} if cfg.max_registers else {}
     return dict(C=weight.C, P=weight.P, **weight.stream_args, BM=cfg.block_m, NB=cfg.block_n, EVEN=even,
-                SPLIT=cfg.split_k, PREFETCH=cfg.prefetch, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                **launch)
+                SPLIT=cfg.split_k, PREFETCH=cfg.prefetch, SHARED_TABLES=cfg.shared_tables and weight.stream == "bytes",
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch)
 
 
 def _outputs(x: torch.Tensor, weight: SeedLMWeight, rows: int, cfg: KernelConfig) -> tuple[torch.Tensor, ...]:
@@ -913,7 +935,8 @@ def seedlm_dense(weight: SeedLMWeight, dtype: torch.dtype = torch.float32, confi
     _dense_kernel[grid](out, *_common_args(weight), weight.rows, weight.cols, bpr, _exps_row_bytes(weight),
                         weight.inv_scale, C=weight.C, P=weight.P, **weight.stream_args, OBITS=obits,
                         BM=cfg.block_m, NB=cfg.block_n, EVEN_M=weight.rows % cfg.block_m == 0,
-                        O_WORDS=_whole_words(weight, out, cfg.block_n), num_warps=cfg.num_warps,
+                        O_WORDS=_whole_words(weight, out, cfg.block_n),
+                        SHARED_TABLES=cfg.shared_tables and weight.stream == "bytes", num_warps=cfg.num_warps,
                         num_stages=cfg.num_stages)
     return out
 
