@@ -1,8 +1,8 @@
-"""A sharded document store against the replica alone (README: "Sharded document stores"), on SmolLM2 and the
-single-hop question sets of `benchmarks/superposition.py`: each set's documents are one store of the model; the same
-questions go to a model replica whose engine holds every store's KV and to one whose stores are split over
-`--shards` Ray actors, both warmed as they start (superposition top-1, the question sets' instruction as the model's
-`rag_instruction`).
+"""A sharded document store against the replica alone (docs/superposition.md: "Sharded document stores"), on
+SmolLM2 and the single-hop question sets of `benchmarks/superposition.py`: each set's documents are one store of the
+model; the same questions go to a model replica whose engine holds every store's KV and to one whose stores are
+split over `--shards` Ray actors, both warmed as they start (superposition top-1, the question sets' instruction as
+the model's `rag_instruction`).
 
     python benchmarks/store_shards.py --checkpoint /tmp/smollm2 --sets 3 --questions-per-set 2 --shards 2
 

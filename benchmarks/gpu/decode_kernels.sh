@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The decode kernels built on 2026-12-05 without a GPU, timed on one (README: "Split-KV decode attention", "SeedLM
-# inside the fused decode step"). Four commands, about 7 minutes on an H100/H200, each writing one JSON line (ncu: a
-# CSV) to OUT (its table and per-point lines to a .log beside it):
+# The decode kernels built on 2026-12-05 without a GPU, timed on one (docs/engine.md: "Split-KV decode attention";
+# docs/seedlm_kernel.md: "SeedLM inside the fused decode step"). Four commands, about 7 minutes on an H100/H200,
+# each writing one JSON line (ncu: a CSV) to OUT (its table and per-point lines to a .log beside it):
 #
 #   bash benchmarks/gpu/decode_kernels.sh [OUT]
 #
@@ -13,9 +13,9 @@
 #    decode step, SeedLM with each weight's default stream and with the LFSR stream everywhere;
 # 4. Nsight Compute on SeedLM's kernels at 4096x14336 (seedlm_launch.py, default tiles): batch 1 with the LFSR and
 #    byte-table streams, batch 8 with the byte tables; issue, pipe utilisation, stall reasons, occupancy and L1
-#    traffic (raw page, one CSV row per kernel), to hold against seedlm_sass.py's static model (README: "Issue is
-#    not the only limit"). A
-#    machine where ncu cannot read the counters leaves its error in the .log and the other results stand.
+#    traffic (raw page, one CSV row per kernel), to hold against seedlm_sass.py's static model
+#    (docs/seedlm_kernel.md: "Issue is not the only limit"). A machine where ncu cannot read the counters leaves its
+#    error in the .log and the other results stand.
 # Random weights throughout; nothing is downloaded.
 set -euo pipefail
 out=${1:-outputs/decode_kernels}

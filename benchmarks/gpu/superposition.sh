@@ -6,7 +6,8 @@
 #   bash benchmarks/gpu/superposition.sh [smollm2|speed|all] [OUT]
 #
 # smollm2: accuracy and time on SmolLM2-135M-Instruct (single-hop and multi-hop, every method, Prompt Cache too; the
-#   README's H200 command, with a 3.5-minute budget for questions in place of 4 so that loading and warm-up fit too).
+#   H200 command of docs/superposition.md (2026-12-04), with a 3.5-minute budget for questions in place of 4 so that
+#   loading and warm-up fit too).
 # speed: time only, on a random-weight decoder of the llama2_7b shape (SmolLM2's tokenizer and vocabulary), 16
 #   questions over 8 document sets: naive RAG against superposition top-1 and top-2 and the Prompt Cache baseline
 #   (top-1 alone on a card of under 100 GB), warm and cold, answers forced to 16 tokens.
