@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -37,6 +39,24 @@ def triton_device(missing: str) -> str:
                         allow_module_level=True)
         os.environ["TRITON_INTERPRET"] = "1"
     return device
+
+
+def raytrain_at_once(*argvs: Sequence[str], envs: Sequence[Mapping[str, str]] | None = None,
+                     timeout: float = 300) -> list[subprocess.CompletedProcess]:
+    """`python -m raytrain ARGV` (in the repository) for each argv, all started at once, as finished processes with
+    their exit status, stdout and stderr (text); `envs`: each one's environment (default: this one's). A CLI spends
+    most of its seconds importing torch and Ray on one core, so the second core runs another meanwhile."""
+    procs = [subprocess.Popen([sys.executable, "-m", "raytrain", *argv], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+             for argv, env in zip(argvs, envs or [None] * len(argvs), strict=True)]
+    try:
+        outputs = [p.communicate(timeout=timeout) for p in procs]
+        return [subprocess.CompletedProcess(p.args, p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
 
 
 def compose(config_name: str, overrides: list[str] | None = None) -> DictConfig:

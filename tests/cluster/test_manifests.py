@@ -6,8 +6,6 @@ from __future__ import annotations
 import copy
 import json
 import re
-import subprocess
-import sys
 from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
@@ -18,7 +16,7 @@ import yaml
 
 from raytrain.cluster.jobs import plan
 from raytrain.cluster.manifests import ManifestError, check_document, check_path
-from tests.conftest import REPO
+from tests.conftest import REPO, raytrain_at_once
 
 CLUSTER = REPO / "cluster"
 
@@ -131,12 +129,9 @@ def test_a_field_that_does_not_validate_is_named(name: str, edit: Callable[[dict
 
 
 def test_cluster_check_cli(tmp_path) -> None:
-    ok = subprocess.run([sys.executable, "-m", "raytrain", "cluster-check"], capture_output=True, text=True,
-                        timeout=120, cwd=REPO)
-    assert ok.returncode == 0 and len(json.loads(ok.stdout)["checked"]) == 6
     (tmp_path / "bad.yaml").write_text("cluster_name: x\nprovider: {type: aws\n")
-    bad = subprocess.run([sys.executable, "-m", "raytrain", "cluster-check", f"path={tmp_path / 'bad.yaml'}"],
-                         capture_output=True, text=True, timeout=120, cwd=REPO)
+    ok, bad = raytrain_at_once(["cluster-check"], ["cluster-check", f"path={tmp_path / 'bad.yaml'}"])
+    assert ok.returncode == 0 and len(json.loads(ok.stdout)["checked"]) == 6
     lines = bad.stderr.strip().splitlines()
     assert bad.returncode == 2 and len(lines) == 1
     assert lines[0].startswith(f"raytrain: error: {tmp_path / 'bad.yaml'}: line ") and "not valid YAML" in lines[0]

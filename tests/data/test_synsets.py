@@ -5,15 +5,13 @@ vocabularies, and the bad-input cases."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 from raytrain.data import synsets
 from raytrain.data.synsets import Vocabulary, VocabularyError
 from raytrain.train.tasks import Labeler
-from tests.conftest import REPO
+from tests.conftest import raytrain_at_once
 
 GOLDEN = [  # spec section 5.1: unpadded keys in order
     ("An image of black dog.", ["n5928118", "n4960277", "n2084071"]),
@@ -151,13 +149,12 @@ def test_caption_without_known_nouns_gives_an_empty_target_and_is_counted() -> N
 
 
 def test_labels_command_prints_one_json_object(tmp_path) -> None:
-    run = subprocess.run([sys.executable, "-m", "raytrain", "labels", "a black dog riding a bicycle"],
-                         capture_output=True, text=True, timeout=300, cwd=REPO, check=True)
-    assert json.loads(run.stdout) == {"labels": [
+    Vocabulary(["n02834778", "n02084071"], [2, 1], "x").save(tmp_path / "v.json")
+    plain, given = raytrain_at_once(["labels", "a black dog riding a bicycle"],
+                                    ["labels", "the dog's 'bicycle'", f"vocab={tmp_path}/v.json"])
+    assert plain.returncode == 0 and given.returncode == 0, (plain.stderr, given.stderr)
+    assert json.loads(plain.stdout) == {"labels": [
         {"id": "n04960277", "name": "black.n.01"}, {"id": "n02084071", "name": "dog.n.01"},
         {"id": "n00450335", "name": "riding.n.01"}, {"id": "n02834778", "name": "bicycle.n.01"}]}
-    Vocabulary(["n02834778", "n02084071"], [2, 1], "x").save(tmp_path / "v.json")
-    run = subprocess.run([sys.executable, "-m", "raytrain", "labels", "the dog's 'bicycle'", f"vocab={tmp_path}/v.json"],
-                         capture_output=True, text=True, timeout=300, cwd=REPO, check=True)
-    assert [(x["name"], x["index"]) for x in json.loads(run.stdout)["labels"]] == [("dog.n.01", 1),
-                                                                                  ("bicycle.n.01", 0)]
+    assert [(x["name"], x["index"]) for x in json.loads(given.stdout)["labels"]] == [("dog.n.01", 1),
+                                                                                    ("bicycle.n.01", 0)]

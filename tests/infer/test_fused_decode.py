@@ -34,8 +34,9 @@ TOL = {"atol": 1e-4, "rtol": 1e-4}
 
 def llama_like(qk_norm: bool, after_rope: bool = False, **sizes) -> torch.nn.Module:
     """Two layers with different head counts and FFN widths, 4 query heads per KV head in the first (`sizes`:
-    other DecoderConfig sizes)."""
-    cfg = DecoderConfig(**{"name": "fused", "vocab_size": 300, "d_model": 64, "n_layers": 2, "head_dim": 16,
+    other DecoderConfig sizes). Small otherwise: the interpreter runs each GEMV program (two output rows) in Python,
+    so a fused step's time follows its rows (97 vocabulary rows: the head's last program half live)."""
+    cfg = DecoderConfig(**{"name": "fused", "vocab_size": 97, "d_model": 32, "n_layers": 2, "head_dim": 16,
                            "q_heads": [4, 2], "kv_heads": [1, 2], "ffn_dim": [96, 160], "max_seq_len": 128,
                            "qk_norm": qk_norm, "qk_norm_after_rope": after_rope, "norm_eps": 1e-5, **sizes})
     torch.manual_seed(0)

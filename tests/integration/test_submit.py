@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ import pytest
 from raytrain.cli import main
 from raytrain.cluster.jobs import JobClient
 from raytrain.cluster.local_head import LocalHead, free_ports
-from tests.conftest import REPO
+from tests.conftest import raytrain_at_once
 from tests.integration.test_train import overrides, registered_step
 
 pytestmark = pytest.mark.integration
@@ -34,11 +33,13 @@ class Head:
 @pytest.fixture(scope="module")
 def head(tmp_path_factory) -> Iterator[Head]:
     """A head with token authentication and its own token file (`raytrain.cluster.local_head`: explicit ports,
-    private temp dir, ended by SIGTERM to the process it started)."""
+    private temp dir, ended by SIGTERM to the process it started). On SIGTERM a head first drains its node for up
+    to RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S (30 s, for Serve replicas); after this module's jobs it never finishes
+    draining and waits all of it (a head that ran nothing stops in 2 s). Nothing here is served: no drain."""
     token_path = tmp_path_factory.mktemp("head") / "token"
     token_path.write_text(secrets.token_hex(16))
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path))
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path), RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
     with LocalHead(num_cpus=4, object_store_bytes=200 * 2**20, env=env) as url:
         yield Head(url, token_path)
 
@@ -103,20 +104,20 @@ def test_a_stopped_run_resubmitted_resumes(client_env, capsys, tmp_path, monkeyp
     assert {j["job"]: j["status"] for j in json.loads(out)["jobs"]} == {"sub-a1": "STOPPED", "sub-a2": "SUCCEEDED"}
 
 
-def test_cluster_errors_are_one_line(client_env, tmp_path, monkeypatch) -> None:
-    def fails(*argv: str, env: dict[str, str] | None = None) -> str:
-        out = subprocess.run([sys.executable, "-m", "raytrain", "submit", *argv], capture_output=True, text=True,
-                             timeout=120, cwd=REPO, env={**os.environ, **(env or {})})
-        lines = out.stderr.strip().splitlines()
-        assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith("raytrain: error: "), out.stderr
-        return lines[0]
-
+def test_cluster_errors_are_one_line(client_env, tmp_path) -> None:
     url = client_env.url
-    assert f"no job 'nope-a1' on {url}" in fails("status", "nope-a1", "--address", url)
-    assert "no job 'nope-a1'" in fails("stop", "nope-a1", "--address", url)
-    assert "no job of run 'nope'" in fails("resume", "nope", "--address", url)
     unreachable = f"http://127.0.0.1:{free_ports(1)[0]}"
-    assert f"cannot reach the Ray dashboard at {unreachable}" in fails("list", "--address", unreachable)
-    assert "rejected the token" in fails("list", "--address", url, env={"RAY_AUTH_TOKEN": "wrong"})
-    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH")
-    assert "requires a token" in fails("list", "--address", url, env={"HOME": str(tmp_path)})
+    no_token = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_TOKEN_PATH"} | {"HOME": str(tmp_path)}
+    cases = [  # (arguments of `raytrain submit`, its environment, what its one line says); none changes the head
+        (["status", "nope-a1", "--address", url], os.environ, f"no job 'nope-a1' on {url}"),
+        (["stop", "nope-a1", "--address", url], os.environ, "no job 'nope-a1'"),
+        (["resume", "nope", "--address", url], os.environ, "no job of run 'nope'"),
+        (["list", "--address", unreachable], os.environ, f"cannot reach the Ray dashboard at {unreachable}"),
+        (["list", "--address", url], {**os.environ, "RAY_AUTH_TOKEN": "wrong"}, "rejected the token"),
+        (["list", "--address", url], no_token, "requires a token"),
+    ]
+    runs = raytrain_at_once(*(["submit", *argv] for argv, _, _ in cases), envs=[env for _, env, _ in cases])
+    for (argv, _, message), out in zip(cases, runs):
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith("raytrain: error: "), (argv, out.stderr)
+        assert message in lines[0], (argv, lines[0])

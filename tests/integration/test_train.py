@@ -1,5 +1,7 @@
 """Pretraining through Ray Train + DeepSpeed with 2 CPU workers (gloo): loss, ZeRO-2/3, exact resume after a
-crash, NaN handling and bad input. Runs use the micro preset on the embedded corpus."""
+crash, NaN handling and bad input. Runs use the micro preset on the embedded corpus. A Ray Train run costs ~40 s on
+2 cores, nearly all of it start-up, so one uninterrupted ZeRO-2 run (`z2_run`) serves every test that only reads it
+or is refused a resume of it."""
 
 from __future__ import annotations
 
@@ -9,7 +11,9 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -20,8 +24,9 @@ from raytrain.commands import train
 from raytrain.data.text import DataError
 from raytrain.infer.engine import Engine, Request
 from raytrain.infer.sampling import SamplingParams
+from raytrain.train.checkpoint import checkpoint_name
 from raytrain.train.trainer import TrainingError
-from tests.conftest import REPO, compose
+from tests.conftest import REPO, compose, local_ray, raytrain_at_once
 
 pytestmark = pytest.mark.integration
 
@@ -49,9 +54,24 @@ def registered_step(run_dir: Path) -> int | None:
     return int(latest["checkpoint_dir_name"].removeprefix("step")) if latest else None
 
 
-def test_zero2_loss_falls_checkpoints_are_complete_and_nan_keeps_the_last_good_one(ray_cluster, tmp_path,
+@dataclass(frozen=True)
+class Run:
+    storage: Path  # trainer.storage_path; the run is storage / "z2"
+    result: Any  # Ray Train's Result
+
+
+@pytest.fixture(scope="module")
+def z2_run(tmp_path_factory, tokenizer_dir) -> Run:
+    """24 ZeRO-2 steps without interruption, a checkpoint every 8 (all kept). Tests that use it may try to resume
+    it, and are refused (NaN, another shape, another worker count), but never add to it."""
+    local_ray()  # module-scoped, so not the function-scoped `ray_cluster` fixture
+    storage = tmp_path_factory.mktemp("shared")
+    return Run(storage, run_train(storage, tokenizer_dir, "z2", "trainer.max_steps=24", "trainer.checkpoint_every=8"))
+
+
+def test_zero2_loss_falls_checkpoints_are_complete_and_nan_keeps_the_last_good_one(z2_run: Run,
                                                                                  tokenizer_dir) -> None:
-    result = run_train(tmp_path, tokenizer_dir, "z2", "trainer.max_steps=24", "trainer.checkpoint_every=8")
+    result, storage = z2_run.result, z2_run.storage
     losses = result.metrics_dataframe["loss"].tolist()
     assert len(losses) == 3 and losses[-1] < losses[0] - 0.5, losses
     step = Path(result.checkpoint.path)
@@ -60,21 +80,21 @@ def test_zero2_loss_falls_checkpoints_are_complete_and_nan_keeps_the_last_good_o
     assert (step / "ds" / "latest").read_text().strip() == "step000000024"
     assert json.loads((step / "raytrain.json").read_text())["world_size"] == 2
 
-    model = load_pretrained(tmp_path / "z2")  # the run directory resolves to its latest checkpoint
+    model = load_pretrained(storage / "z2")  # the run directory resolves to its latest checkpoint
     assert model.meta["step"] == 24
     request = Request("The if", SamplingParams(max_new_tokens=8, temperature=0))
     text = Engine(model.model, model.tokenizer).generate([request])[0].text
     assert text.strip()
-    cli = subprocess.run([sys.executable, "-m", "raytrain", "generate", f"checkpoint={tmp_path / 'z2'}",
+    cli = subprocess.run([sys.executable, "-m", "raytrain", "generate", f"checkpoint={storage / 'z2'}",
                           "prompt=The if", "temperature=0", "max_new_tokens=8"], capture_output=True, text=True,
                          timeout=120, cwd=REPO)
     assert cli.returncode == 0 and cli.stdout.strip() == "The if" + text
 
     with pytest.raises(TrainingError, match="NaN/inf at step 25"):
-        run_train(tmp_path, tokenizer_dir, "z2", "trainer.max_steps=32", "trainer.checkpoint_every=1",
+        run_train(storage, tokenizer_dir, "z2", "trainer.max_steps=32", "trainer.checkpoint_every=1",
                   "trainer.z_loss=inf")
-    assert checkpoints(tmp_path / "z2") == ["step000000008", "step000000016", "step000000024"]
-    assert registered_step(tmp_path / "z2") == 24
+    assert checkpoints(storage / "z2") == ["step000000008", "step000000016", "step000000024"]
+    assert registered_step(storage / "z2") == 24
 
 
 def test_zero3_stops_and_resumes(ray_cluster, tmp_path, tokenizer_dir) -> None:
@@ -90,10 +110,12 @@ def test_zero3_stops_and_resumes(ray_cluster, tmp_path, tokenizer_dir) -> None:
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
-def test_a_killed_run_resumes_to_the_parameters_of_an_uninterrupted_one(ray_cluster, tmp_path,
-                                                                        tokenizer_dir) -> None:
+def test_a_killed_run_resumes_to_the_parameters_of_an_uninterrupted_one(ray_cluster, tmp_path, tokenizer_dir,
+                                                                        z2_run: Run) -> None:
     """Kill the driver of a run after its first checkpoint, rerun the same name to step k + 8, and compare with
-    a run that went to step k + 8 without interruption: data position, optimizer, schedule and RNG all resume."""
+    a run that went to step k + 8 without interruption: data position, optimizer, schedule and RNG all resume.
+    That run is `z2_run` (same config; trainer.max_steps only ends a run, the schedule's length is total_steps)
+    where it saved step k + 8, else one run here."""
     address = ray_cluster.get_runtime_context().gcs_address
     cmd = [sys.executable, "-m", "raytrain", "train", f"ray.address={address}",
            *overrides(tmp_path, tokenizer_dir, "killed", "trainer.max_steps=400", "trainer.checkpoint_every=8")]
@@ -108,35 +130,47 @@ def test_a_killed_run_resumes_to_the_parameters_of_an_uninterrupted_one(ray_clus
     assert killed_at is not None and killed_at < 400
     target = [f"trainer.max_steps={killed_at + 8}", "trainer.checkpoint_every=8"]
     resumed = run_train(tmp_path, tokenizer_dir, "killed", *target)
-    straight = run_train(tmp_path, tokenizer_dir, "straight", *target)
+    straight = z2_run.storage / "z2" / checkpoint_name(killed_at + 8)
+    if not straight.is_dir():  # killed after step 16: past what the shared run saved
+        straight = Path(run_train(tmp_path, tokenizer_dir, "straight", *target).checkpoint.path)
     a = load_file(Path(resumed.checkpoint.path) / "model" / "model.safetensors")
-    b = load_file(Path(straight.checkpoint.path) / "model" / "model.safetensors")
+    b = load_file(straight / "model" / "model.safetensors")
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
 
 
-def test_bad_input_is_reported_before_training(ray_cluster, tmp_path, tokenizer_dir) -> None:
+def test_bad_input_is_reported_before_training(ray_cluster, tmp_path, tokenizer_dir, z2_run: Run) -> None:
     (tmp_path / "short.jsonl").write_text('{"text": "too short"}\n{"body": "wrong field"}\nnot json\n')
     with pytest.raises(DataError, match="no usable documents"):
         run_train(tmp_path, tokenizer_dir, "nodocs", f"data.path={tmp_path / 'short.jsonl'}")
-    run_train(tmp_path, tokenizer_dir, "shape", "trainer.max_steps=2", "trainer.checkpoint_every=2")
-    with pytest.raises(CheckpointError, match="another shape or config"):
-        run_train(tmp_path, tokenizer_dir, "shape", "trainer.max_steps=4", "model.d_model=32")
+    with pytest.raises(CheckpointError, match="another shape or config"):  # resuming the shared run to step 32
+        run_train(z2_run.storage, tokenizer_dir, "z2", "trainer.max_steps=32", "model.d_model=32")
     with pytest.raises(CheckpointError, match="written by 2 workers; this run has 1"):
-        run_train(tmp_path, tokenizer_dir, "shape", "trainer.max_steps=4", "trainer.num_workers=1")
+        run_train(z2_run.storage, tokenizer_dir, "z2", "trainer.max_steps=32", "trainer.num_workers=1")
 
 
-@pytest.mark.parametrize("override, message", [
+CLI_ERRORS = [
     ("data.path={tmp}/missing", "data.path={tmp}/missing: no such file or directory"),
     ("data.path={tmp}", "no .txt, .jsonl, .parquet or .arrow files"),
     ("trainer.storage_path={tmp}/file/runs", "is not a writable directory"),
     ("trainer.init_from={tmp}", "trainer.init_from: checkpoint {tmp}: no config.json"),
     ("trainer.run_name=a/b", "trainer.run_name='a/b'"),
-])
-def test_cli_errors_are_one_line_with_exit_status_2(tmp_path, override: str, message: str) -> None:
-    (tmp_path / "file").write_text("")
-    out = subprocess.run([sys.executable, "-m", "raytrain", "train", override.format(tmp=tmp_path)],
-                         capture_output=True, text=True, timeout=120, cwd=REPO)
+]
+
+
+@pytest.fixture(scope="module")
+def cli_errors(tmp_path_factory) -> tuple[Path, dict[str, subprocess.CompletedProcess]]:
+    """`raytrain train OVERRIDE` of every case, all at once (`raytrain_at_once`), in one directory none writes to."""
+    tmp = tmp_path_factory.mktemp("cli")
+    (tmp / "file").write_text("")
+    runs = raytrain_at_once(*(["train", override.format(tmp=tmp)] for override, _ in CLI_ERRORS))
+    return tmp, {override: run for (override, _), run in zip(CLI_ERRORS, runs)}
+
+
+@pytest.mark.parametrize("override, message", CLI_ERRORS)
+def test_cli_errors_are_one_line_with_exit_status_2(cli_errors, override: str, message: str) -> None:
+    tmp, runs = cli_errors
+    out = runs[override]
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2 and len(lines) == 1, out.stderr
-    assert lines[0].startswith("raytrain: error: ") and message.format(tmp=tmp_path) in lines[0]
+    assert lines[0].startswith("raytrain: error: ") and message.format(tmp=tmp) in lines[0]
