@@ -23,6 +23,15 @@ from raytrain.cli import CONF_DIR  # noqa: E402
 from raytrain.models.decoder import DecoderConfig, LayerScaling  # noqa: E402
 
 os.environ.setdefault("WANDB_MODE", "disabled")
+# Ray clusters and run drivers started from here inherit these two. A Ray Train run in a test is ~40 s, nearly all of
+# it start-up, on 2 cores:
+# - its controller polls the workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s), and only then registers a reported
+#   checkpoint or sees that training finished: poll every 0.5 s;
+# - a raylet kills idle workers while it runs more workers than RAY_num_workers_soft_limit (default: its CPUs, 4
+#   here); a run holds ~10 actor processes, so each run killed the idle workers whose data tasks had imported the
+#   tokenizer and data code, and the next run's data tasks started cold: 16 keeps them (a run: ~38 -> ~28 s).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+os.environ.setdefault("RAY_num_workers_soft_limit", "16")
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -99,6 +108,12 @@ def local_ray():
 @pytest.fixture
 def ray_cluster():
     return local_ray()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests that shut the session's cluster down (`two_nodes` starts one of its own) last, so that the session
+    starts Ray once rather than again (cold) for the Ray tests after them."""
+    items.sort(key=lambda item: "two_nodes" in getattr(item, "fixturenames", ()))
 
 
 def preset(name: str):

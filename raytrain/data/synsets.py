@@ -302,14 +302,25 @@ class _KeyMiner:
 def build_vocabulary(captions: Any, source: str, top_k: int | None, min_count: int = 1,
                      counting: str = "caption", actors: int = 1, noun_only: bool = False) -> Vocabulary:
     """Count synset ids over a Ray Dataset with a `caption` column and keep the top-k / count >= min_count."""
-    import ray.data
-
     if counting not in ("caption", "occurrence"):
         raise VocabularyError(f"counting={counting!r}; expected caption or occurrence")
+    return vocabulary_of(count_synsets(captions, counting, actors, noun_only), source, top_k, min_count, counting,
+                         noun_only)
+
+
+def count_synsets(captions: Any, counting: str, actors: int = 1, noun_only: bool = False) -> dict[str, int]:
+    """Synset id -> captions naming it (`counting="caption"`) or its occurrences, over a Ray Dataset."""
+    import ray.data
+
     keys = captions.select_columns(["caption"]).map_batches(
         _KeyMiner, fn_constructor_kwargs={"per_occurrence": counting == "occurrence", "noun_only": noun_only},
         batch_size=256, compute=ray.data.ActorPoolStrategy(size=actors))
-    counts = {row["key"]: int(row["count()"]) for row in keys.groupby("key").count().take_all()}
+    return {row["key"]: int(row["count()"]) for row in keys.groupby("key").count().take_all()}
+
+
+def vocabulary_of(counts: dict[str, int], source: str, top_k: int | None, min_count: int, counting: str,
+                  noun_only: bool) -> Vocabulary:
+    """The vocabulary `select` keeps of synset counts; refused when it keeps nothing."""
     kept = select(counts, top_k, min_count)
     if not kept:
         raise VocabularyError(f"no synset occurs at least {min_count} times in the captions; lower the "

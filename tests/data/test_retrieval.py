@@ -5,12 +5,10 @@ from __future__ import annotations
 import json
 import random
 import re
-import subprocess
-import sys
 
 from raytrain.data.retrieval import (RetrievalConfig, _words, document_set, eval_records, example, multihop_question,
                                      multihop_set, training_texts)
-from tests.conftest import REPO
+from tests.conftest import raytrain_at_once
 
 
 def test_every_asked_code_is_stated_once_in_exactly_one_document() -> None:
@@ -36,13 +34,11 @@ def test_training_text_appends_answered_questions() -> None:
 
 
 def test_data_command_writes_the_task(tmp_path) -> None:
-    out = subprocess.run([sys.executable, "-m", "raytrain", "data", "make=retrieval", f"out={tmp_path}",
-                          "retrieval.train=5", "retrieval.eval=2", "retrieval.eval_words=[400]"],
-                         capture_output=True, text=True, timeout=120, cwd=REPO, check=True)
+    out, bad = raytrain_at_once(["data", "make=retrieval", f"out={tmp_path}", "retrieval.train=5", "retrieval.eval=2",
+                                 "retrieval.eval_words=[400]"], ["data", "make=nope", f"out={tmp_path / 'nope'}"])
+    assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["records"] == {"train.jsonl": 5, "eval_400.jsonl": 2}
     assert len((tmp_path / "train.jsonl").read_text().splitlines()) == 5
-    bad = subprocess.run([sys.executable, "-m", "raytrain", "data", "make=nope", f"out={tmp_path}"],
-                         capture_output=True, text=True, timeout=120, cwd=REPO)
     assert bad.returncode == 2 and "make='nope' is unknown" in bad.stderr
 
 

@@ -5,6 +5,7 @@ vocabularies, and the bad-input cases."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import pytest
 
@@ -69,17 +70,22 @@ def test_top_k_and_threshold_with_tie_break() -> None:
 
 
 def test_vocabulary_count_on_ray_data(ray_cluster) -> None:
+    """Per caption through Ray Data (an actor pool, then a groupby); per occurrence and the refusal on the same
+    captions from the actor's own keys (one Ray pipeline: each costs ~8 s on 2 cores)."""
     import ray.data
 
     captions = ["a dog and a dog", "a dog on a sofa", "a cat", "a red cat", "a cat and a bicycle"]
-    ds = ray.data.from_items([{"caption": c} for c in captions])
     dog, cat = "n02084071", "n02121620"
-    per_caption = synsets.build_vocabulary(ds, "src", top_k=2, min_count=1)
+    per_caption = synsets.build_vocabulary(ray.data.from_items([{"caption": c} for c in captions]), "src", top_k=2,
+                                           min_count=1)
     assert per_caption.ids == [cat, dog] and per_caption.counts == [3, 2]
-    per_occurrence = synsets.build_vocabulary(ds, "src", top_k=None, min_count=3, counting="occurrence")
+    occurrences = Counter(synsets._KeyMiner(per_occurrence=True, noun_only=False)({"caption": captions})["key"])
+    per_occurrence = synsets.vocabulary_of(occurrences, "src", None, 3, "occurrence", False)
     assert per_occurrence.ids == [dog, cat] and per_occurrence.counts == [3, 3]  # tie: id ascending
     with pytest.raises(VocabularyError, match="min_count"):
-        synsets.build_vocabulary(ds, "src", top_k=None, min_count=10)
+        synsets.vocabulary_of(occurrences, "src", None, 10, "occurrence", False)
+    with pytest.raises(VocabularyError, match="counting='words'"):
+        synsets.build_vocabulary(None, "src", None, counting="words")
 
 
 def test_vocabulary_file_round_trip_and_bad_files(tmp_path) -> None:

@@ -35,11 +35,15 @@ def head(tmp_path_factory) -> Iterator[Head]:
     """A head with token authentication and its own token file (`raytrain.cluster.local_head`: explicit ports,
     private temp dir, ended by SIGTERM to the process it started). On SIGTERM a head first drains its node for up
     to RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S (30 s, for Serve replicas); after this module's jobs it never finishes
-    draining and waits all of it (a head that ran nothing stops in 2 s). Nothing here is served: no drain."""
+    draining and waits all of it (a head that ran nothing stops in 2 s). Nothing here is served: no drain. Its jobs
+    keep Ray Train's default 2 s controller poll, which tests/conftest.py shortens: a worker's report of a checkpoint
+    waits for the poll to take the one before, so at 2 s the 16-step run below is still training when it is
+    stopped after its first checkpoint, as a long run would be (at 0.5 s it finished before the stop landed)."""
     token_path = tmp_path_factory.mktemp("head") / "token"
     token_path.write_text(secrets.token_hex(16))
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path), RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path), RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
+               RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="2")
     with LocalHead(num_cpus=4, object_store_bytes=200 * 2**20, env=env) as url:
         yield Head(url, token_path)
 
