@@ -26,7 +26,8 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 # Ray clusters and run drivers started from here inherit these two. A Ray Train run in a test is ~40 s, nearly all of
 # it start-up, on 2 cores:
 # - its controller polls the workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s), and only then registers a reported
-#   checkpoint or sees that training finished: poll every 0.5 s;
+#   checkpoint or sees that training finished; a worker's next report waits for that poll (a result queue of one):
+#   poll every 0.5 s;
 # - a raylet kills idle workers while it runs more workers than RAY_num_workers_soft_limit (default: its CPUs, 4
 #   here); a run holds ~10 actor processes, so each run killed the idle workers whose data tasks had imported the
 #   tokenizer and data code, and the next run's data tasks started cold: 16 keeps them (a run: ~38 -> ~28 s).

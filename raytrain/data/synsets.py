@@ -302,8 +302,6 @@ class _KeyMiner:
 def build_vocabulary(captions: Any, source: str, top_k: int | None, min_count: int = 1,
                      counting: str = "caption", actors: int = 1, noun_only: bool = False) -> Vocabulary:
     """Count synset ids over a Ray Dataset with a `caption` column and keep the top-k / count >= min_count."""
-    if counting not in ("caption", "occurrence"):
-        raise VocabularyError(f"counting={counting!r}; expected caption or occurrence")
     return vocabulary_of(count_synsets(captions, counting, actors, noun_only), source, top_k, min_count, counting,
                          noun_only)
 
@@ -312,6 +310,8 @@ def count_synsets(captions: Any, counting: str, actors: int = 1, noun_only: bool
     """Synset id -> captions naming it (`counting="caption"`) or its occurrences, over a Ray Dataset."""
     import ray.data
 
+    if counting not in ("caption", "occurrence"):
+        raise VocabularyError(f"counting={counting!r}; expected caption or occurrence")
     keys = captions.select_columns(["caption"]).map_batches(
         _KeyMiner, fn_constructor_kwargs={"per_occurrence": counting == "occurrence", "noun_only": noun_only},
         batch_size=256, compute=ray.data.ActorPoolStrategy(size=actors))
